@@ -3,4 +3,7 @@
 Layer 1 (this namespace) is pure PyTorch: the optimizers import nothing from HuggingFace.
 """
 
+from mgpo.optim import GGPO, MGPO, MSAM, SAM, RandomPerturbation
+
 __version__ = "0.1.0"
+__all__ = ["MGPO", "MSAM", "SAM", "RandomPerturbation", "GGPO", "__version__"]

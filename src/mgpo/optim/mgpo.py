@@ -1,0 +1,198 @@
+"""MGPO: momentum-guided perturbation with adaptive perturbation normalization (paper Section 3.2, eqs. 3-8).
+
+One forward/backward per step. The perturbation of step t+1 is ``eps = c_l * v`` with ``v`` the momentum
+after step t and ``c_l`` one scalar per layer; only those scalars are stored (``state[p]["coef"]``), so with
+``momentum="optimizer"`` no tensor is allocated beyond the base optimizer's own state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
+
+APN_MODES = ("off", "inverse", "normalized")
+_TINY = 1e-12  # added to every denominator (method-spec)
+
+
+class MGPO(PerturbedOptimizer):
+    """LoRA-MGPO around any ``torch.optim`` optimizer.
+
+    Args:
+        params: parameters, param groups, or the model itself (then its LoRA layers are found by name and the
+            perturbation is applied by a forward pre-hook on the model).
+        base_optimizer: the optimizer class that does the update (AdamW by default); ``**base_kwargs`` go to it.
+        rho: perturbation radius (>= 0). 0 gives exactly the base optimizer.
+        beta: EMA factor of the per-layer gradient norm, in [0, 1) (eq. 8).
+        apn: adaptive perturbation normalization: "off" (Momentum-SAM), "inverse" (eq. 4 literally) or
+            "normalized" (per-layer 1/gbar re-weighting with the total radius kept at rho).
+        momentum: "optimizer" to reuse the base optimizer's first moment, or a float mu in [0, 1) for MGPO's own
+            buffer ``v_t = mu v_{t-1} + g_t`` (eq. 5).
+        eps: floor of the EMA before it divides (> 0).
+        model: the model, when ``params`` are tensors or groups; enables LoRA-aware layers and auto-perturb.
+        auto_perturb: apply the pending perturbation automatically at the first training-mode forward of each
+            step. Without it, call ``opt.perturb()`` before the forward yourself.
+        exact_restore: keep a copy of the clean weights while perturbed and copy it back, instead of
+            subtracting the perturbation again (exact to rounding only). Default: on for fp16/bf16 weights.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict] | nn.Module,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        *,
+        rho: float = 0.05,
+        beta: float = 0.9,
+        apn: str = "normalized",
+        momentum: str | float = "optimizer",
+        eps: float = 1e-8,
+        model: nn.Module | None = None,
+        auto_perturb: bool = True,
+        exact_restore: bool | None = None,
+        **base_kwargs,
+    ):
+        check_range("rho", rho, 0.0, float("inf"))
+        check_range("beta", beta, 0.0, 1.0)
+        check_range("eps", eps, 0.0, float("inf"), low_open=True)
+        if apn not in APN_MODES:
+            raise ValueError(f"apn={apn!r} is invalid: choose one of {', '.join(map(repr, APN_MODES))}.")
+        if momentum != "optimizer":
+            if isinstance(momentum, str):
+                raise ValueError(
+                    f"momentum={momentum!r} is invalid: use 'optimizer' (reuse the base optimizer's momentum) "
+                    "or a float mu in [0, 1)."
+                )
+            check_range("momentum", momentum, 0.0, 1.0)
+        defaults = dict(rho=rho, beta=beta, apn=apn, momentum=momentum, eps=eps)
+        super().__init__(params, base_optimizer, defaults, model=model, auto_perturb=auto_perturb, **base_kwargs)
+        self._moment = moment_key(self.base_optimizer) if momentum == "optimizer" else "momentum"
+        self._moment_owner = self.base_optimizer.state if momentum == "optimizer" else self.state
+        self._layer_index = {id(p): i for i, ts in enumerate(self.layers.values()) for p in ts}
+        self._exact = exact_restore
+        self._clean: list[torch.Tensor] | None = None
+        self.gbar: torch.Tensor | None = None  # per-layer EMA of gradient norms (eq. 8); None before step 1
+        self._seen: torch.Tensor | None = None  # which layers have had a first gradient
+
+    # ------------------------------------------------------------------------------- perturbation, eq. (6)
+    def _pending(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+        params, moments, coefs = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                coef = self.state[p].get("coef", 0.0) if p in self.state else 0.0
+                if coef != 0.0:
+                    params.append(p)
+                    moments.append(self._moment_owner[p][self._moment])
+                    coefs.append(coef)
+        return params, moments, coefs
+
+    def _apply(self) -> None:
+        params, moments, coefs = self._pending()
+        if not params:
+            return
+        exact = self._exact if self._exact is not None else any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
+        self._clean = [p.detach().clone() for p in params] if exact else None
+        # eq. (6): W~_t = W_t + eps_t with eps_t = coef * v (coef carries -rho, the norms and APN of eq. 4)
+        torch._foreach_add_(params, torch._foreach_mul(moments, coefs))
+
+    def _remove(self) -> None:
+        params, moments, coefs = self._pending()
+        if not params:
+            return
+        if self._clean is not None:
+            torch._foreach_copy_(params, self._clean)
+            self._clean = None
+        else:  # W_t = W~_t - eps_t: exact to rounding (a few ulp per step in fp32), documented in docs/method.md
+            torch._foreach_sub_(params, torch._foreach_mul(moments, coefs))
+
+    # ------------------------------------------------------------------------------- the step
+    def _update(self, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        layer = torch.tensor([self._layer_index[id(p)] for p in params], dtype=torch.long)
+        device = params[0].device
+        layer = layer.to(device)
+        n_layers = len(self.layers)
+
+        # eq. (8), with the layer's gradient norm n_l standing in for ||grad_{Delta W_l} L|| (method-spec step 2)
+        grad_sq = torch.stack(torch._foreach_norm(grads)).float().square()
+        n_l = torch.zeros(n_layers, device=device).index_add_(0, layer, grad_sq).sqrt()
+        has_grad = torch.zeros(n_layers, dtype=torch.bool, device=device).index_fill_(0, layer, True)
+        if self.gbar is None:
+            self.gbar = torch.zeros(n_layers, device=device)
+            self._seen = torch.zeros(n_layers, dtype=torch.bool, device=device)
+        beta = self.defaults["beta"]
+        ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n_l, n_l)
+        self.gbar = torch.where(has_grad, ema, self.gbar)
+        self._seen |= has_grad
+
+        self.base_optimizer.step()  # method-spec step 3: the base update of the clean weights with g_t
+
+        # eq. (5): the momentum v_t
+        mu = self.defaults["momentum"]
+        if mu == "optimizer":
+            try:
+                moments = [self.base_optimizer.state[p][self._moment] for p in params]
+            except KeyError:
+                raise TypeError(
+                    f"{type(self.base_optimizer).__name__} kept no '{self._moment}' state, so momentum='optimizer' "
+                    "has nothing to reuse. Fix: pass momentum=0.9 so MGPO keeps its own buffer."
+                ) from None
+        else:
+            moments = []
+            for p in params:
+                if "momentum" not in self.state[p]:
+                    self.state[p]["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                moments.append(self.state[p]["momentum"])
+            torch._foreach_mul_(moments, mu)
+            torch._foreach_add_(moments, grads)
+
+        # eq. (4): the next perturbation eps_{t+1,p} = coef_p * v_p
+        v_sq = torch.stack(torch._foreach_norm(moments)).float().square()
+        v_norm = v_sq.sum().sqrt()
+        apn = self.defaults["apn"]
+        inv_gbar = 1.0 / self.gbar.clamp_min(self.defaults["eps"])
+        if apn == "off":  # Momentum-SAM: -rho v / ||v||
+            coef = -torch.ones_like(v_sq) / (v_norm + _TINY)
+        elif apn == "inverse":  # eq. (4) literally: -rho v / ||v|| / gbar_l
+            coef = -inv_gbar[layer] / (v_norm + _TINY)
+        else:  # normalized: u = v / gbar_l, -rho u / ||u||
+            u_norm = (v_sq * inv_gbar[layer].square()).sum().sqrt()
+            coef = -inv_gbar[layer] / (u_norm + _TINY)
+        rho = torch.tensor([g["rho"] for g in self.param_groups for p in g["params"] if p.grad is not None])
+        coef = coef * rho.to(coef)
+        coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))  # zero/non-finite norm -> no eps
+        for group in self.param_groups:  # a tensor without a gradient this step is not perturbed next step
+            for p in group["params"]:
+                if p in self.state:
+                    self.state[p]["coef"] = 0.0
+        for p, c in zip(params, coef.tolist()):
+            self.state[p]["coef"] = c
+
+        eps_norm = (coef.square() * v_sq).sum().sqrt()
+        self.last_stats.update(
+            perturbation_norm=float(eps_norm),
+            momentum_norm=float(v_norm),
+            gbar_min=float(self.gbar[self._seen].min()) if bool(self._seen.any()) else 0.0,
+            gbar_mean=float(self.gbar[self._seen].mean()) if bool(self._seen.any()) else 0.0,
+            gbar_max=float(self.gbar[self._seen].max()) if bool(self._seen.any()) else 0.0,
+        )
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "gbar": self.gbar, "seen": self._seen}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self.gbar, self._seen = extra["gbar"], extra["seen"]
+
+
+class MSAM(MGPO):
+    """Momentum-SAM (Becker et al. 2024): MGPO with ``apn="off"`` and the base optimizer's momentum."""
+
+    def __init__(self, params, base_optimizer=torch.optim.AdamW, *, rho: float = 0.05, **kwargs):
+        for fixed in ("apn", "momentum", "beta"):
+            if fixed in kwargs:
+                raise ValueError(f"MSAM fixes {fixed}; use mgpo.MGPO to choose {fixed}={kwargs[fixed]!r}.")
+        super().__init__(params, base_optimizer, rho=rho, apn="off", momentum="optimizer", **kwargs)
