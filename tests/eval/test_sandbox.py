@@ -1,0 +1,243 @@
+"""Hostile programs must only cost their own result; the test process must survive each of them."""
+
+import os
+import textwrap
+import time
+
+import pytest
+
+from mgpo.eval.sandbox import (
+    RunResult,
+    SandboxLimits,
+    describe_isolation,
+    run_program,
+    run_programs,
+    switches_user,
+)
+
+FAST = SandboxLimits(timeout_s=5, cpu_s=3, memory_mb=256, max_processes=8, max_file_mb=2)
+
+needs_user_switch = pytest.mark.skipif(
+    not switches_user(FAST),
+    reason=f"only meaningful when programs run as another user; here: {describe_isolation(FAST)}",
+)
+
+
+def src(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+def test_correct_program_passes_and_output_is_captured():
+    result = run_program(src("""
+        def add(a, b):
+            return a + b
+        assert add(2, 3) == 5
+        print("hello from the sandbox")
+    """), FAST)
+    assert isinstance(result, RunResult)
+    assert result.passed and result.status == "passed", result.detail
+    assert result.output.strip() == "hello from the sandbox"
+    assert result.duration_s > 0
+
+
+def test_failed_assertion_and_exceptions_are_failures():
+    failed = run_program("assert 1 + 1 == 3\n", FAST)
+    assert (failed.passed, failed.status) == (False, "failed")
+    assert "AssertionError" in failed.detail
+    error = run_program("raise ValueError('boom')\n", FAST)
+    assert (error.passed, error.status) == (False, "error")
+    assert "ValueError: boom" in error.detail
+    syntax = run_program("def broken(:\n", FAST)
+    assert (syntax.passed, syntax.status) == (False, "error")
+    assert "SyntaxError" in syntax.detail
+
+
+@pytest.mark.parametrize("exit_code", ["import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit"])
+def test_premature_exit_does_not_count_as_pass(exit_code):
+    result = run_program(src(f"""
+        def solution():
+            return 1
+        {exit_code}
+        assert solution() == 2
+    """), FAST)
+    assert not result.passed
+    assert result.status == "failed"
+    assert "before its code finished" in result.detail
+
+
+def test_infinite_loop_hits_the_wall_clock_timeout():
+    limits = SandboxLimits(timeout_s=1.0, cpu_s=30, memory_mb=256, max_processes=8)
+    start = time.monotonic()
+    result = run_program("import time\nwhile True:\n    time.sleep(0.01)\n", limits)
+    assert time.monotonic() - start < 10
+    assert (result.passed, result.status) == (False, "timeout")
+    assert "wall-clock" in result.detail
+
+
+def test_busy_loop_hits_the_cpu_limit():
+    limits = SandboxLimits(timeout_s=20, cpu_s=1, memory_mb=256, max_processes=8)
+    result = run_program("while True:\n    pass\n", limits)
+    assert (result.passed, result.status) == (False, "timeout")
+    assert "CPU" in result.detail
+    assert result.duration_s < 15
+
+
+def test_unbounded_allocation_hits_the_memory_limit():
+    limits = SandboxLimits(timeout_s=20, cpu_s=10, memory_mb=200, max_processes=8)
+    result = run_program(src("""
+        blocks = []
+        while True:
+            blocks.append(bytearray(10 * 2**20))
+    """), limits)
+    assert (result.passed, result.status) == (False, "memory")
+
+
+def test_huge_output_is_bounded():
+    result = run_program("while True:\n    print('x' * 10000)\n", FAST)
+    assert not result.passed and result.status == "file_limit"
+    assert len(result.output) <= FAST.max_output_chars + 50
+
+
+def test_fork_bomb_is_blocked_by_the_guard():
+    result = run_program(src("""
+        import os
+        while True:
+            os.fork()
+    """), FAST)
+    assert (result.passed, result.status) == (False, "error")
+    assert "os.fork is disabled" in result.detail
+    blocked = run_program("import subprocess\nsubprocess.run(['true'])\n", FAST)
+    assert blocked.status == "error" and "disabled" in blocked.detail
+
+
+def _alive_with_args(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in args:
+            pids.append(int(entry))
+    return pids
+
+
+@needs_user_switch
+def test_fork_bomb_without_guard_is_bounded_by_rlimit_nproc_and_cleaned_up():
+    # Unusual memory size: its byte count appears in every forked child's command line.
+    limits = SandboxLimits(timeout_s=3, cpu_s=2, memory_mb=237, max_processes=6, guard=False)
+    marker = str(237 * 2**20)
+    result = run_program(src("""
+        import os, time
+        children = 0
+        while True:
+            try:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                children += 1
+            except OSError:
+                print("fork refused after", children, "children", flush=True)
+                time.sleep(60)
+    """), limits)
+    assert not result.passed and result.status == "timeout"
+    assert "fork refused after" in result.output
+    refused_after = int(result.output.split("after")[1].split()[0])
+    assert refused_after < limits.max_processes
+    for _ in range(50):  # killed processes may take a moment to disappear
+        if not _alive_with_args(marker):
+            break
+        time.sleep(0.1)
+    assert _alive_with_args(marker) == []
+
+
+def test_writing_outside_the_working_directory_is_blocked(tmp_path):
+    target = tmp_path / "escaped.txt"
+    for code in (f"open({str(target)!r}, 'w').write('x')\n",
+                 f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')\n",
+                 f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))\n",
+                 f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})\n"):
+        (tmp_path / "keep.txt").write_text("keep")
+        result = run_program(code, FAST)
+        assert not result.passed and result.status == "error", code
+        assert not target.exists()
+        assert (tmp_path / "keep.txt").read_text() == "keep"
+    inside = run_program(src("""
+        import os, pathlib
+        open("a.txt", "w").write("data")
+        pathlib.Path("sub").mkdir()
+        pathlib.Path("sub/b.txt").write_text("more")
+        assert open("a.txt").read() == "data"
+        os.remove("a.txt")
+    """), FAST)
+    assert inside.passed, inside.detail
+
+
+@needs_user_switch
+def test_writing_outside_without_guard_is_refused_by_the_os(tmp_path):
+    target = tmp_path / "escaped.txt"
+    result = run_program(f"open({str(target)!r}, 'w').write('x')\n", SandboxLimits(timeout_s=5, guard=False))
+    assert not result.passed and "PermissionError" in result.detail
+    assert not target.exists()
+
+
+def test_working_directory_is_fresh_and_removed():
+    first = run_program("import os\nprint(os.getcwd())\nprint(os.listdir('.'))\nopen('left.txt', 'w').write('x')\n", FAST)
+    assert first.passed, first.detail
+    workdir, listing = first.output.split("\n")[:2]
+    assert listing == "[]"  # launcher files are gone before the program runs
+    assert not os.path.exists(workdir)
+    second = run_program("import os\nprint(os.getcwd())\nassert not os.path.exists('left.txt')\n", FAST)
+    assert second.passed and second.output.strip() != workdir
+
+
+def test_killing_the_parent_or_itself_costs_only_its_own_result():
+    parent = run_program("import os\nos.kill(os.getppid(), 9)\n", FAST)
+    assert not parent.passed and parent.status == "error" and "os.kill is disabled" in parent.detail
+    own = run_program("import os\nos.kill(os.getpid(), 9)\nprint('unreachable')\n",
+                      SandboxLimits(timeout_s=5, guard=False))
+    assert not own.passed and own.status == "killed" and "SIGKILL" in own.detail
+    assert os.getpid() > 0  # still here
+
+
+@needs_user_switch
+def test_killing_the_parent_without_guard_is_refused_by_the_os():
+    result = run_program("import os\nos.kill(os.getppid(), 9)\n", SandboxLimits(timeout_s=5, guard=False))
+    assert not result.passed and "PermissionError" in result.detail
+
+
+def test_parent_environment_secrets_are_not_visible(monkeypatch):
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2-do-not-leak")
+    result = run_program(src("""
+        import os
+        print(sorted(os.environ))
+        assert "SECRET_TOKEN" not in os.environ
+        assert all("hunter2" not in v for v in os.environ.values())
+    """), FAST)
+    assert result.passed, result.detail
+    assert "SECRET_TOKEN" not in result.output
+
+
+@needs_user_switch
+def test_parent_environment_cannot_be_read_through_proc(monkeypatch):
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2-do-not-leak")
+    result = run_program("import os\nprint(open(f'/proc/{os.getppid()}/environ', 'rb').read())\n", FAST)
+    assert not result.passed
+    assert "hunter2" not in result.output and "hunter2" not in result.detail
+
+
+def test_run_programs_keeps_order():
+    results = run_programs(["assert True\n", "assert False\n", "while True: pass\n", "print(6 * 7)\n"],
+                           SandboxLimits(timeout_s=1.5, cpu_s=5, max_processes=8), workers=2)
+    assert [r.status for r in results] == ["passed", "failed", "timeout", "passed"]
+    assert results[3].output.strip() == "42"
+
+
+def test_bad_limits_are_rejected():
+    with pytest.raises(ValueError, match="timeout_s"):
+        SandboxLimits(timeout_s=0)
+    with pytest.raises(TypeError, match="str"):
+        run_program(b"print(1)")
