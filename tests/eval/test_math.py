@@ -1,0 +1,110 @@
+import json
+
+import pytest
+
+from mgpo.eval.math import evaluate_math, extract_answer, is_correct, normalize_number
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("3 * 4 = 12\n12 - 5 = 7\n#### 7", "7"),
+        ("#### 1,234", "1234"),
+        ("She pays $5 in total.", "5"),
+        ("The answer is 5.0", "5"),
+        ("The answer is 7.", "7"),
+        ("It costs $1,234.50 now", "1234.5"),
+        ("#### 12\nQ: Tom has 5 apples", "12"),  # the #### line wins over later numbers
+        ("10-3=7", "7"),
+        ("10 - 13 = -3", "-3"),
+        ("The answer is: 18", "18"),
+        ("1, 2, 3", "3"),  # a list, not a thousands group
+        ("no digits here", None),
+        ("", None),
+        (None, None),
+        ("#### \nso 42", "42"),  # empty #### line: fall back to the last number
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_normalize_number():
+    assert normalize_number("$2,000.00") == "2000"
+    assert normalize_number("0.250") == "0.25"
+    assert normalize_number("abc") is None
+
+
+@pytest.mark.parametrize(
+    "pred,gold,ok",
+    [
+        ("5.0", "5", True),
+        ("1,000", "1000", True),
+        ("$12", "12", True),
+        (12, "12", True),
+        ("0.5", "0.50", True),
+        ("6", "5", False),
+        (None, "5", False),
+        ("5", None, False),
+        ("x", "5", False),
+    ],
+)
+def test_is_correct(pred, gold, ok):
+    assert is_correct(pred, gold) is ok
+
+
+def test_evaluate_math_scores_and_writes_jsonl(tmp_path):
+    examples = [
+        {"prompt": "Ava has 2 cards and finds 3 more. How many?", "answer": "5"},
+        {"prompt": "Ben has 10 and loses 4. How many?", "response": "10 - 4 = 6\n#### 6"},
+        {"prompt": "Cleo has 3 rows of 3. How many?", "answer": "9"},
+        {"prompt": "Dan is 7. How old is Dan?", "answer": "7"},
+    ]
+    replies = {
+        "Q: Ava has 2 cards and finds 3 more. How many?\nA: ": "2 + 3 = 5\n#### 5",
+        "Q: Ben has 10 and loses 4. How many?\nA: ": "10 - 4 = 7",  # wrong
+        "Q: Cleo has 3 rows of 3. How many?\nA: ": "I do not know",  # no number
+        "Q: Dan is 7. How old is Dan?\nA: ": "He is 7.0 years old",
+    }
+    calls = []
+
+    def fake_generate(prompts):
+        calls.append(list(prompts))
+        return [replies[p] for p in prompts]
+
+    out = tmp_path / "sub" / "preds.jsonl"
+    result = evaluate_math(fake_generate, examples, "math", out, progress=False, chunk_size=3)
+    assert result == {"accuracy": 0.5, "correct": 2, "total": 4, "no_answer": 1}
+    assert [len(c) for c in calls] == [3, 1]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True, False, False, True]
+    assert [r["extracted"] for r in rows] == ["5", "7", None, "7"]
+    assert [r["gold"] for r in rows] == ["5", "6", "9", "7"]
+    assert rows[0]["prompt"] == "Q: Ava has 2 cards and finds 3 more. How many?\nA: "
+    assert rows[1]["output"] == "10 - 4 = 7"
+
+
+def test_evaluate_math_custom_template_and_no_file():
+    seen = []
+
+    def echo(prompts):
+        seen.extend(prompts)
+        return ["#### 3" for _ in prompts]
+
+    result = evaluate_math(echo, [{"prompt": "one plus two", "answer": "3"}], "Question: {query}\nAnswer:", None, progress=False)
+    assert result["accuracy"] == 1.0
+    assert seen == ["Question: one plus two\nAnswer:"]
+
+
+def test_evaluate_math_bad_input():
+    good = [{"prompt": "q", "answer": "1"}]
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate_math(lambda p: p, [], "math", None, progress=False)
+    with pytest.raises(KeyError, match="'prompt'"):
+        evaluate_math(lambda p: p, [{"question": "q", "answer": "1"}], "math", None, progress=False)
+    with pytest.raises(ValueError, match="one completion per prompt"):
+        evaluate_math(lambda p: [], good, "math", None, progress=False)
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        evaluate_math(lambda p: p, good, "poem", None, progress=False)
+    with pytest.raises(KeyError, match="gold answer|no 'answer'"):
+        evaluate_math(lambda p: p, [{"prompt": "q"}], "math", None, progress=False)
