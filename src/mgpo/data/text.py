@@ -1,0 +1,476 @@
+"""Text classification and regression data for the training pipeline.
+
+One entry point, :func:`load_text_data`, turns a dataset name into train /
+validation / test splits with the columns ``text``, optional ``text_pair`` and
+``label``. A name is one of:
+
+* a built-in offline corpus: ``movie-reviews`` or ``tweets`` (see
+  :mod:`mgpo.data.sentiment`);
+* a local ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` file, or a directory
+  holding ``train.*`` and optionally ``validation.*`` (or ``valid``/``val``/
+  ``dev``) and ``test.*`` files;
+* a HuggingFace hub dataset (needs network), written ``repo`` or ``repo/config``
+  for GLUE-style names (``glue/sst2``) or ``owner/repo/config``. The GLUE
+  tasks' column names are known, so they need no column arguments.
+
+Splits that the source lacks are carved out of ``train`` with a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+SPLITS = ("train", "validation", "test")
+TASKS = ("classification", "regression")
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# File stems accepted for each split inside a data directory.
+SPLIT_FILE_STEMS = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
+# A name with one of these suffixes is taken as a local path, never a hub name.
+PATH_LIKE_SUFFIXES = set(FILE_BUILDERS) | {".tsv", ".txt", ".gz", ".zip", ".arrow", ".xls", ".xlsx"}
+# The argument of load_text_data that names each standard column.
+COLUMN_ARGS = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
+HUB_TIMEOUT_S = 5.0
+OFFLINE_ALTERNATIVES = (
+    "offline you can use a built-in corpus ('movie-reviews' or 'tweets') "
+    "or a local .csv, .jsonl or .parquet file"
+)
+
+
+class DataError(ValueError):
+    """A dataset could not be loaded or does not have the expected shape."""
+
+
+@dataclass
+class TextData:
+    """Splits ready for tokenisation, plus what the model head needs to know."""
+
+    splits: datasets.DatasetDict
+    """Keys "train", "validation", "test"; columns "text", optional "text_pair", "label"."""
+    task: str
+    """"classification" (integer labels) or "regression" (float labels)."""
+    num_labels: int
+    """Number of classes; 1 for regression."""
+    label_names: list[str] | None
+    """Class names indexed by label id, when known."""
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where the text lives in one GLUE task."""
+
+    text: str
+    text_pair: str | None = None
+    task: str = "classification"
+    validation: str = "validation"
+
+
+GLUE_REPOS = ("glue", "nyu-mll/glue")
+GLUE_TASKS = {
+    "cola": GlueTask("sentence"),
+    "sst2": GlueTask("sentence"),
+    "mrpc": GlueTask("sentence1", "sentence2"),
+    "qqp": GlueTask("question1", "question2"),
+    "stsb": GlueTask("sentence1", "sentence2", task="regression"),
+    "mnli": GlueTask("premise", "hypothesis", validation="validation_matched"),
+    "qnli": GlueTask("question", "sentence"),
+    "rte": GlueTask("sentence1", "sentence2"),
+    "wnli": GlueTask("sentence1", "sentence2"),
+}
+
+
+def load_text_data(
+    name: str,
+    *,
+    task: str = "classification",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    cache_dir: str | None = None,
+) -> TextData:
+    """Load ``name`` as train/validation/test splits for classification or regression.
+
+    The column arguments name the source columns that become ``text``,
+    ``text_pair`` and ``label``; other columns are dropped. String class labels
+    become ids in sorted order of their names. Missing validation/test splits
+    are carved out of train: ``val_fraction``/``test_fraction`` of its rows,
+    shuffled with ``seed``. ``max_train_examples``/``max_eval_examples`` keep a
+    seeded random subset of train / of validation and test. ``cache_dir``
+    (default ``$MGPO_CACHE`` or ``~/.cache/mgpo``) holds the built-in corpora;
+    when given, datasets' own cache for files and hub data goes below it too.
+    GLUE test labels are hidden, so GLUE validation becomes the test split and
+    validation is carved from train; ``glue/stsb`` is always regression.
+    """
+    _check_options(task, seed, val_fraction, test_fraction, max_train_examples, max_eval_examples)
+    columns = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
+    hf_cache = str(Path(cache_dir) / "hf-datasets") if cache_dir else None
+
+    from mgpo.data.sentiment import CORPORA, load_sentiment_corpus
+
+    if name in CORPORA:
+        raw = {"train": load_sentiment_corpus(name, task=task, cache_dir=cache_dir)}
+    elif _is_local_name(name):
+        raw = _load_local(Path(name).expanduser(), hf_cache)
+    else:
+        raw, glue = _load_hub(name, hf_cache)
+        if glue is not None:
+            task = "regression" if glue.task == "regression" else task
+            columns = {
+                "text": text_column or glue.text,
+                "text_pair": text_pair_column or glue.text_pair,
+                "label": label_column,
+            }
+        raw = _drop_unlabelled_test(raw, columns["label"] or "label")
+
+    raw = {split: _select_columns(ds, columns, _where(name, split, raw)) for split, ds in raw.items()}
+    raw, num_labels, label_names = _encode_labels(raw, task, name)
+    splits = _fill_missing_splits(raw, seed, val_fraction, test_fraction, name)
+    limits = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
+    for split in SPLITS:
+        splits[split] = _subsample(splits[split], limits[split], seed)
+        if len(splits[split]) == 0:
+            raise DataError(f"split {split!r} of {name!r} is empty; provide rows for it or use a larger dataset")
+    return TextData(datasets.DatasetDict(splits), task, num_labels, label_names)
+
+
+def split_dataset(
+    ds: datasets.Dataset, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> datasets.DatasetDict:
+    """Split one dataset into train/validation/test with a seeded shuffle."""
+    _check_fractions(val_fraction, test_fraction)
+    pieces = _carve(ds, {"validation": val_fraction, "test": test_fraction}, seed, "dataset")
+    return datasets.DatasetDict({split: pieces[split] for split in SPLITS})
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _check_options(
+    task: str, seed: int, val_fraction: float, test_fraction: float, max_train: int | None, max_eval: int | None
+) -> None:
+    if task not in TASKS:
+        raise DataError(f"task={task!r} is not supported; use one of {', '.join(TASKS)}")
+    if not isinstance(seed, int):
+        raise DataError(f"seed={seed!r} must be an integer")
+    _check_fractions(val_fraction, test_fraction)
+    for arg, value in (("max_train_examples", max_train), ("max_eval_examples", max_eval)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise DataError(f"{arg}={value!r} must be a positive integer or None")
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for arg, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise DataError(f"{arg}={value!r} must be a number strictly between 0 and 1")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction + test_fraction = {val_fraction + test_fraction:g} leaves no training rows; "
+            "make their sum smaller than 1"
+        )
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _is_local_name(name: str) -> bool:
+    return (
+        os.path.exists(os.path.expanduser(name))
+        or name.startswith((".", "/", "~"))
+        or Path(name).suffix.lower() in PATH_LIKE_SUFFIXES
+    )
+
+
+def _load_local(path: Path, hf_cache: str | None) -> dict[str, datasets.Dataset]:
+    if not path.exists():
+        raise DataError(f"no such file or directory: {path}; check the path (built-in corpora: movie-reviews, tweets)")
+    if path.is_file():
+        return {"train": _read_file(path, hf_cache)}
+    files = {}
+    for split, stems in SPLIT_FILE_STEMS.items():
+        found = sorted(
+            p for p in path.iterdir() if p.is_file() and p.stem in stems and p.suffix.lower() in FILE_BUILDERS
+        )
+        if len(found) > 1:
+            raise DataError(f"{path} has several {split} files ({', '.join(p.name for p in found)}); keep one")
+        if found:
+            files[split] = found[0]
+    if "train" not in files:
+        present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise DataError(
+            f"directory {path} has no train file (found: {present}); add train.csv, train.jsonl or train.parquet"
+        )
+    return {split: _read_file(file, hf_cache) for split, file in files.items()}
+
+
+def _read_file(path: Path, hf_cache: str | None) -> datasets.Dataset:
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"unsupported file type {path.suffix!r} for {path}; use .csv, .json, .jsonl or .parquet")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=hf_cache)
+    except Exception as err:
+        raise DataError(f"could not read {path}: {_read_failure(path, builder, err)}") from err
+    if len(ds) == 0:
+        raise DataError(f"{path} has no rows")
+    return ds
+
+
+def _read_failure(path: Path, builder: str, err: Exception) -> str:
+    """Say why datasets could not read ``path``, as precisely as we can."""
+    if builder != "parquet":
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        if len(lines) <= (1 if builder == "csv" else 0):
+            return "the file has no data rows"
+    if builder == "json":
+        bad = _bad_json_line(path)
+        if bad:
+            return bad
+    while err.__cause__ is not None:  # the innermost error says the most
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def _bad_json_line(path: Path) -> str | None:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None  # one JSON document: not a line problem
+    except ValueError:
+        pass
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            return f"line {number} is not valid JSON ({err})"
+        if not isinstance(row, dict):
+            return f"line {number} is not a JSON object"
+    return None
+
+
+# ----------------------------------------------------------------------------- hub
+
+
+def _load_hub(name: str, hf_cache: str | None) -> tuple[dict[str, datasets.Dataset], GlueTask | None]:
+    repo, config = _hub_id(name)
+    reason = _hub_offline_reason()
+    if reason:
+        raise DataError(
+            f"{name!r} is not a built-in corpus or a local file, and the HuggingFace hub is unreachable "
+            f"({reason}); {OFFLINE_ALTERNATIVES}"
+        )
+    try:
+        loaded = _download_hub(repo, config, hf_cache)
+    except Exception as err:
+        raise DataError(
+            f"could not load hub dataset {name!r} ({type(err).__name__}: {err}); {OFFLINE_ALTERNATIVES}"
+        ) from err
+    glue = GLUE_TASKS.get(config) if repo in GLUE_REPOS else None
+    if glue is not None:
+        raw = {"train": loaded["train"], "validation": loaded[glue.validation]}
+    else:
+        raw = {split: loaded[split] for split in SPLITS if split in loaded}
+    if "train" not in raw:
+        raise DataError(f"hub dataset {name!r} has no train split (splits: {', '.join(loaded)})")
+    return raw, glue
+
+
+def _hub_id(name: str) -> tuple[str, str | None]:
+    """``glue/sst2`` -> ("glue", "sst2"); ``owner/repo/config`` -> ("owner/repo", "config")."""
+    parts = name.split("/")
+    if len(parts) == 3:
+        return f"{parts[0]}/{parts[1]}", parts[2]
+    if len(parts) == 2 and parts[0] in ("glue", "super_glue"):
+        return parts[0], parts[1]
+    return name, None
+
+
+def _hub_offline_reason() -> str | None:
+    """Why the hub cannot be used right now, or None; answers within a few seconds."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered
+    except (urllib.error.URLError, OSError) as err:
+        return f"cannot reach {endpoint}: {getattr(err, 'reason', err)}"
+    return None
+
+
+def _download_hub(repo: str, config: str | None, hf_cache: str | None) -> datasets.DatasetDict:
+    return datasets.load_dataset(repo, config, cache_dir=hf_cache)
+
+
+def _drop_unlabelled_test(raw: dict, label: str) -> dict:
+    """Hub test splits often hide their labels (all -1 or null): then validation serves as test."""
+    test = raw.get("test")
+    if test is not None and label in test.column_names:
+        if any(value not in (None, -1) for value in test.with_format("arrow")[label].to_pylist()):
+            return raw  # a labelled test split
+    raw = {split: ds for split, ds in raw.items() if split != "test"}
+    if "validation" in raw:
+        raw["test"] = raw.pop("validation")
+    return raw
+
+
+# ----------------------------------------------------------------------------- columns and labels
+
+
+def _where(name: str, split: str, raw: dict) -> str:
+    return name if len(raw) == 1 else f"{name} ({split} split)"
+
+
+def _select_columns(ds: datasets.Dataset, columns: dict[str, str | None], where: str) -> datasets.Dataset:
+    """Keep the text/text_pair/label columns, renamed to those standard names."""
+    chosen = {}
+    for target, source in columns.items():
+        column = source or target
+        if column in ds.column_names:
+            if column in chosen:
+                raise DataError(f"{where}: column {column!r} is chosen both as {chosen[column]} and as {target}")
+            chosen[column] = target
+        elif source is not None or target != "text_pair":
+            raise DataError(
+                f"{where} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
+                f"pass {COLUMN_ARGS[target]}=<name> to say which column holds the {target}"
+            )
+    ds = ds.select_columns(list(chosen))
+    renames = {source: target for source, target in chosen.items() if source != target}
+    if renames:
+        ds = ds.rename_columns(renames)
+    for column in ("text", "text_pair"):
+        if column in ds.column_names:
+            values = ds.with_format("arrow")[column]
+            if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+                raise DataError(f"{where}: column {column!r} holds {values.type}, not strings; pick a text column")
+            _check_no_nulls(values, column, where)
+    return ds
+
+
+def _check_no_nulls(values: pa.ChunkedArray, column: str, where: str) -> None:
+    if values.null_count:
+        row = values.to_pylist().index(None) + 1
+        raise DataError(f"{where}: row {row} has no {column}; fill or remove that row")
+
+
+def _encode_labels(raw: dict, task: str, name: str) -> tuple[dict, int, list[str] | None]:
+    """Make labels int64 class ids (classification) or float32 targets (regression)."""
+    columns = {}
+    label_names = None
+    feature = raw["train"].features["label"]
+    for split, ds in raw.items():
+        values = ds.with_format("arrow")["label"]
+        _check_no_nulls(values, "label", _where(name, split, raw))
+        columns[split] = values
+    if task == "regression":
+        encoded = {split: _as_floats(values, _where(name, split, raw)) for split, values in columns.items()}
+        num_labels = 1
+    elif isinstance(feature, datasets.ClassLabel):
+        label_names = list(feature.names)
+        encoded = {split: values.to_pylist() for split, values in columns.items()}
+        num_labels = len(label_names)
+    elif all(pa.types.is_string(v.type) or pa.types.is_large_string(v.type) for v in columns.values()):
+        label_names = sorted({label for values in columns.values() for label in values.to_pylist()})
+        ids = {label: i for i, label in enumerate(label_names)}
+        encoded = {split: [ids[label] for label in values.to_pylist()] for split, values in columns.items()}
+        num_labels = len(label_names)
+    else:
+        encoded = {split: _as_class_ids(values, _where(name, split, raw)) for split, values in columns.items()}
+        num_labels = max(max(ids) for ids in encoded.values()) + 1
+    for split, labels in encoded.items():
+        bad = [row for row, label in enumerate(labels, start=1) if not 0 <= label < num_labels]
+        if task == "classification" and bad:
+            raise DataError(
+                f"{_where(name, split, raw)}: row {bad[0]} has label {labels[bad[0] - 1]}, outside "
+                f"0..{num_labels - 1} (hidden test labels?); give every row a real class label"
+            )
+    dtype = "float32" if task == "regression" else "int64"
+    out = {
+        split: ds.remove_columns("label").add_column("label", encoded[split], feature=datasets.Value(dtype))
+        for split, ds in raw.items()
+    }
+    return out, num_labels, label_names
+
+
+def _as_floats(values: pa.ChunkedArray, where: str) -> list[float]:
+    out = []
+    for row, value in enumerate(values.to_pylist(), start=1):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"{where}: row {row} has label {value!r}, which is not a number; "
+                "task='regression' needs numeric labels"
+            ) from None
+        if not np.isfinite(number):
+            raise DataError(f"{where}: row {row} has label {value!r}; regression labels must be finite")
+        out.append(number)
+    return out
+
+
+def _as_class_ids(values: pa.ChunkedArray, where: str) -> list[int]:
+    out = []
+    for row, value in enumerate(values.to_pylist(), start=1):
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and float(value).is_integer() and value >= 0):
+            out.append(int(value))
+        else:
+            raise DataError(
+                f"{where}: row {row} has label {value!r}; class labels must be non-negative integers or "
+                "strings (use task='regression' for numeric targets)"
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def _fill_missing_splits(raw: dict, seed: int, val_fraction: float, test_fraction: float, name: str) -> dict:
+    fractions = {"validation": val_fraction, "test": test_fraction}
+    missing = {split: fraction for split, fraction in fractions.items() if split not in raw}
+    if not missing:
+        return dict(raw)
+    return {**raw, **_carve(raw["train"], missing, seed, name)}
+
+
+def _carve(ds: datasets.Dataset, fractions: dict[str, float], seed: int, name: str) -> dict[str, datasets.Dataset]:
+    """Shuffle ``ds`` with ``seed``; cut off each fraction of its rows in order; the rest is train."""
+    order = np.random.default_rng(seed).permutation(len(ds))
+    pieces, start = {}, 0
+    for split, fraction in fractions.items():
+        size = int(round(len(ds) * fraction))
+        if size == 0:
+            raise DataError(
+                f"{name!r} has {len(ds)} training rows, too few to carve a {split} split of {fraction:g}; "
+                "use more data or a larger fraction"
+            )
+        pieces[split] = ds.select(order[start : start + size])
+        start += size
+    pieces["train"] = ds.select(order[start:])
+    return pieces
+
+
+def _subsample(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    if limit is None or len(ds) <= limit:
+        return ds
+    return ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit]))
