@@ -58,23 +58,31 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[torch.Tensor] | Iterable[dict] | nn.Module,
         base_optimizer: type[torch.optim.Optimizer],
-        defaults: dict,
+        hparams: dict,
         *,
         model: nn.Module | None = None,
         auto_perturb: bool = True,
-        **base_kwargs,
+        base_kwargs: dict | None = None,
+        **more_base_kwargs,
     ):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
                 f"base_optimizer={base_optimizer!r} is not a torch.optim.Optimizer class; pass the class itself, "
                 "e.g. base_optimizer=torch.optim.AdamW, and its arguments (lr=...) as keywords."
             )
+        clash = set(base_kwargs or {}) & set(more_base_kwargs)
+        if clash:
+            raise ValueError(f"{sorted(clash)} given both as keywords and in base_kwargs; give each once.")
+        base_kwargs = {**(base_kwargs or {}), **more_base_kwargs}
         params, model = _split_model(params, model)
-        super().__init__(params, defaults)
-        # Share param_groups with the base optimizer (as davda54/sam does), so schedulers act on both.
+        super().__init__(params, {})
+        # Share param_groups with the base optimizer (as davda54/sam does), so schedulers act on both. The
+        # method's own hyper-parameters live in self.hparams, not in the groups, where names like "eps",
+        # "momentum" or "rho" would collide with the base optimizer's (Adam's eps, SGD's momentum, Adadelta's rho).
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        self.defaults = self.base_optimizer.defaults
+        self.hparams = hparams
         self.model = model
         self.layers = discover_layers(self.param_groups, model)
         self._applied = False
@@ -208,8 +216,6 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             return super().add_param_group(param_group)
-        for key, value in self.defaults.items():
-            param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
         self.layers = discover_layers(self.param_groups, self.model)
 

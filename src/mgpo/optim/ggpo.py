@@ -30,7 +30,9 @@ def delta_grad_row_norms(module: nn.Module) -> torch.Tensor | None:
         return None if grad is None else grad.float().norm(dim=1)
     total = None
     for adapter in module.active_adapters:
-        a, b = module.lora_A.get(adapter), module.lora_B.get(adapter)
+        if adapter not in module.lora_A:
+            continue
+        a, b = module.lora_A[adapter], module.lora_B[adapter]
         if not (hasattr(a, "weight") and hasattr(b, "weight")):
             return None  # not a plain A/B pair (e.g. AdaLoRA): no gradient term for this layer
         ga, gb = a.weight.grad, b.weight.grad
@@ -60,14 +62,14 @@ class GGPO(RandomPerturbation):
         self._warned_no_grad_term = False
 
     def _row_sigma(self, index: int, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        sigma = self.defaults["sigma"] * weight.float().norm(dim=1)
+        sigma = self.hparams["sigma"] * weight.float().norm(dim=1)
         grad_rows = self._grad_rows.get(index)
-        if grad_rows is not None and self.defaults["beta_g"] != 0:
-            sigma = sigma + self.defaults["beta_g"] * grad_rows
+        if grad_rows is not None and self.hparams["beta_g"] != 0:
+            sigma = sigma + self.hparams["beta_g"] * grad_rows
         return sigma / math.sqrt(weight.shape[1])
 
     def _update(self, params: list[torch.Tensor]) -> None:
-        if self.defaults["beta_g"] != 0:  # gn_i of this step, used by the next step's noise
+        if self.hparams["beta_g"] != 0:  # gn_i of this step, used by the next step's noise
             with torch.no_grad():
                 for index, module in enumerate(self.targets.values()):
                     rows = delta_grad_row_norms(module)

@@ -25,6 +25,7 @@ class MGPO(PerturbedOptimizer):
         params: parameters, param groups, or the model itself (then its LoRA layers are found by name and the
             perturbation is applied by a forward pre-hook on the model).
         base_optimizer: the optimizer class that does the update (AdamW by default); ``**base_kwargs`` go to it.
+            A base argument whose name MGPO uses too (SGD's ``momentum``) goes in ``base_kwargs={...}``.
         rho: perturbation radius (>= 0). 0 gives exactly the base optimizer.
         beta: EMA factor of the per-layer gradient norm, in [0, 1) (eq. 8).
         apn: adaptive perturbation normalization: "off" (Momentum-SAM), "inverse" (eq. 4 literally) or
@@ -66,15 +67,18 @@ class MGPO(PerturbedOptimizer):
                     "or a float mu in [0, 1)."
                 )
             check_range("momentum", momentum, 0.0, 1.0)
-        defaults = dict(rho=rho, beta=beta, apn=apn, momentum=momentum, eps=eps)
-        super().__init__(params, base_optimizer, defaults, model=model, auto_perturb=auto_perturb, **base_kwargs)
+        hparams = dict(rho=rho, beta=beta, apn=apn, momentum=momentum, eps=eps)
+        super().__init__(params, base_optimizer, hparams, model=model, auto_perturb=auto_perturb, **base_kwargs)
         self._moment = moment_key(self.base_optimizer) if momentum == "optimizer" else "momentum"
-        self._moment_owner = self.base_optimizer.state if momentum == "optimizer" else self.state
         self._layer_index = {id(p): i for i, ts in enumerate(self.layers.values()) for p in ts}
         self._exact = exact_restore
         self._clean: list[torch.Tensor] | None = None
         self.gbar: torch.Tensor | None = None  # per-layer EMA of gradient norms (eq. 8); None before step 1
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
+
+    @property
+    def _moment_owner(self) -> dict:  # a property: load_state_dict replaces the state dicts
+        return self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
     def _pending(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
@@ -122,7 +126,7 @@ class MGPO(PerturbedOptimizer):
         if self.gbar is None:
             self.gbar = torch.zeros(n_layers, device=device)
             self._seen = torch.zeros(n_layers, dtype=torch.bool, device=device)
-        beta = self.defaults["beta"]
+        beta = self.hparams["beta"]
         ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n_l, n_l)
         self.gbar = torch.where(has_grad, ema, self.gbar)
         self._seen |= has_grad
@@ -130,7 +134,7 @@ class MGPO(PerturbedOptimizer):
         self.base_optimizer.step()  # method-spec step 3: the base update of the clean weights with g_t
 
         # eq. (5): the momentum v_t
-        mu = self.defaults["momentum"]
+        mu = self.hparams["momentum"]
         if mu == "optimizer":
             try:
                 moments = [self.base_optimizer.state[p][self._moment] for p in params]
@@ -151,8 +155,8 @@ class MGPO(PerturbedOptimizer):
         # eq. (4): the next perturbation eps_{t+1,p} = coef_p * v_p
         v_sq = torch.stack(torch._foreach_norm(moments)).float().square()
         v_norm = v_sq.sum().sqrt()
-        apn = self.defaults["apn"]
-        inv_gbar = 1.0 / self.gbar.clamp_min(self.defaults["eps"])
+        apn = self.hparams["apn"]
+        inv_gbar = 1.0 / self.gbar.clamp_min(self.hparams["eps"])
         if apn == "off":  # Momentum-SAM: -rho v / ||v||
             coef = -torch.ones_like(v_sq) / (v_norm + _TINY)
         elif apn == "inverse":  # eq. (4) literally: -rho v / ||v|| / gbar_l
@@ -160,8 +164,7 @@ class MGPO(PerturbedOptimizer):
         else:  # normalized: u = v / gbar_l, -rho u / ||u||
             u_norm = (v_sq * inv_gbar[layer].square()).sum().sqrt()
             coef = -inv_gbar[layer] / (u_norm + _TINY)
-        rho = torch.tensor([g["rho"] for g in self.param_groups for p in g["params"] if p.grad is not None])
-        coef = coef * rho.to(coef)
+        coef = coef * self.hparams["rho"]
         coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))  # zero/non-finite norm -> no eps
         for group in self.param_groups:  # a tensor without a gradient this step is not perturbed next step
             for p in group["params"]:

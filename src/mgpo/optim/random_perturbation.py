@@ -73,7 +73,7 @@ class RandomPerturbation(PerturbedOptimizer):
         check_range("rho", rho, 0.0, float("inf"))
         self._init_noise(params, base_optimizer, dict(rho=rho), total_steps, seed, model, auto_perturb, base_kwargs)
 
-    def _init_noise(self, params, base_optimizer, defaults, total_steps, seed, model, auto_perturb, base_kwargs):
+    def _init_noise(self, params, base_optimizer, hparams, total_steps, seed, model, auto_perturb, base_kwargs):
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f"total_steps={total_steps!r} is invalid: use a positive int (the run's optimizer "
@@ -85,7 +85,7 @@ class RandomPerturbation(PerturbedOptimizer):
                 f"{type(self).__name__} adds noise inside the model's forward, so it needs the model: pass it "
                 f"as the first argument ({type(self).__name__}(model, ...)) or as model=model."
             )
-        super().__init__(params, base_optimizer, dict(defaults, total_steps=total_steps, seed=seed),
+        super().__init__(params, base_optimizer, dict(hparams, total_steps=total_steps, seed=seed),
                          model=model, auto_perturb=auto_perturb, **base_kwargs)
         trainable = {id(p) for g in self.param_groups for p in g["params"]}
         self.targets = noise_targets(self.model, trainable)
@@ -108,20 +108,20 @@ class RandomPerturbation(PerturbedOptimizer):
             if not bool(sigma.any()):
                 return None
             self._noise_sq[index] = sigma.float().square().sum() * module.in_features
-            seed = ((self.defaults["seed"] * 1_000_003 + self._t + 1) * 10_007 + index) % (2**63)
+            seed = ((self.hparams["seed"] * 1_000_003 + self._t + 1) * 10_007 + index) % (2**63)
             return output + _NoiseMatmul.apply(args[0], sigma, module.in_features, seed)
 
         return hook
 
     def _ramp(self) -> float:
-        total = self.defaults["total_steps"]
+        total = self.hparams["total_steps"]
         if total is None:
             return 1.0
         return (1 - math.cos(math.pi * min(self._t + 1, total) / total)) / 2
 
     def _row_sigma(self, index: int, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         # sigma_i = ramp_t * rho / sqrt(in) * ||W'_i,:||
-        return self._ramp() * self.defaults["rho"] / math.sqrt(weight.shape[1]) * weight.float().norm(dim=1)
+        return self._ramp() * self.hparams["rho"] / math.sqrt(weight.shape[1]) * weight.float().norm(dim=1)
 
     def _apply(self) -> None:  # the hooks read self._applied; no weight is touched
         pass

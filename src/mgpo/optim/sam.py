@@ -43,14 +43,12 @@ class SAM(PerturbedOptimizer):
         if not self._grads_finite(params):
             return False
         grads = [p.grad for p in params]
-        adaptive = self.defaults["adaptive"]
+        adaptive = self.hparams["adaptive"]
         # SAM: eps = rho g / ||g||;  ASAM: eps = rho w^2 g / ||w g||
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if adaptive else grads
         norm = torch.stack(torch._foreach_norm(scaled)).float().norm()
         eps = torch._foreach_mul(scaled, torch._foreach_abs(params)) if adaptive else [g.clone() for g in grads]
-        rho = [g["rho"] for g in self.param_groups for p in g["params"] if p.grad is not None]
-        scale = [r / (float(norm) + _TINY) for r in rho]
-        torch._foreach_mul_(eps, scale)
+        torch._foreach_mul_(eps, self.hparams["rho"] / (float(norm) + _TINY))
         for p, e in zip(params, eps):
             self.state[p]["clean"] = p.detach().clone()
         torch._foreach_add_(params, eps)

@@ -1,0 +1,269 @@
+"""The guarantees at the end of shared/design/method-spec.md, checked for every method alike."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mgpo
+from tests.optim.helpers import (
+    METHODS, assert_same, batches, loss_fn, make_model, raw_params, snapshot, train_step,
+)
+
+NAMES = list(METHODS)
+
+
+def build(name, model, *, off=False, base=torch.optim.AdamW, **base_kwargs):
+    cls, on_kwargs, off_kwargs = METHODS[name]
+    kwargs = dict(off_kwargs if off else on_kwargs)
+    base_kwargs.setdefault("lr", 1e-2)
+    return cls(model, base, **kwargs, **base_kwargs)
+
+
+def run(name, steps=6, *, off=False, accum=1, clip=None, sched=False, base=torch.optim.AdamW, **base_kwargs):
+    model = make_model()
+    opt = build(name, model, off=off, base=base, **base_kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if sched else None
+    data = batches(steps * accum)
+    for s in range(steps):
+        train_step(model, opt, data[s * accum:(s + 1) * accum], clip=clip, scheduler=scheduler)
+    return model, opt
+
+
+def run_base(steps=6, *, accum=1, clip=None, sched=False, base=torch.optim.AdamW, **base_kwargs):
+    model = make_model()
+    base_kwargs.setdefault("lr", 1e-2)
+    opt = base([p for p in model.parameters() if p.requires_grad], **base_kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if sched else None
+    data = batches(steps * accum)
+    for s in range(steps):
+        train_step(model, opt, data[s * accum:(s + 1) * accum], clip=clip, scheduler=scheduler)
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_strength_is_the_base_optimizer_bit_for_bit(name):
+    model, _ = run(name, off=True)
+    assert_same(snapshot(model), snapshot(run_base()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_with_strength_the_trajectory_differs(name):
+    """Guards the test above: a method that perturbs nothing would pass it trivially."""
+    model, _ = run(name)
+    reference = snapshot(run_base())
+    assert any(not torch.equal(v, reference[k]) for k, v in snapshot(model).items())
+
+
+def assert_clean(opt, now: dict, clean: dict):
+    """MGPO restores fp32 weights by subtracting the perturbation again: exact to a few ulp (method-spec step 1,
+    documented in docs/method.md). Everything else, and MGPO with exact_restore=True, must be bit-identical."""
+    if isinstance(opt, mgpo.MGPO) and not opt._exact:
+        for k in clean:
+            torch.testing.assert_close(now[k], clean[k], rtol=4 * torch.finfo(torch.float32).eps, atol=1e-9)
+    else:
+        assert_same(now, clean)
+
+
+def assert_clean_output(opt, now: torch.Tensor, clean: torch.Tensor):
+    if isinstance(opt, mgpo.MGPO) and not opt._exact:
+        torch.testing.assert_close(now, clean, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(now, clean)
+
+
+@pytest.mark.parametrize("name", NAMES + ["mgpo-exact"])
+def test_weights_are_clean_outside_the_window(name):
+    model = make_model()
+    opt = build(name, model) if name != "mgpo-exact" else mgpo.MGPO(model, lr=1e-2, exact_restore=True)
+    data = batches(5)
+    probe = data[0][0]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    for step, batch in enumerate(data):
+        clean = raw_params(model)
+        model.eval()
+        with torch.no_grad():
+            clean_eval = model(probe)
+        model.train()
+        loss = loss_fn(model, batch)  # window opens: the perturbation is applied
+        if step >= 1 and not opt.two_pass:
+            assert opt.is_perturbed
+            if isinstance(opt, mgpo.MGPO):
+                assert any(not torch.equal(p, clean[n]) for n, p in raw_params(model).items())
+        loss.backward()
+        # inside the window: eval forwards, state_dict() and unperturbed() all see clean weights
+        with opt.unperturbed():
+            assert_clean(opt, raw_params(model), clean)
+        model.eval()
+        with torch.no_grad():
+            assert_clean_output(opt, model(probe), clean_eval)
+        model.train()
+        assert_clean(opt, {n: p for n, p in model.state_dict().items() if n in clean}, clean)
+        if opt.two_pass:
+            opt.step(lambda: loss_fn(model, batch).backward())
+        else:
+            opt.step()
+        opt.zero_grad()
+        assert not opt.is_perturbed
+    for n, p in model.named_parameters():  # frozen weights never change, bit for bit
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_resumes_bit_identically(name):
+    full, _ = run(name, steps=6)
+    model, opt = run(name, steps=3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    fresh = make_model(seed=123)  # different init: everything must come from the checkpoint
+    fresh.load_state_dict(saved_model)
+    fresh_opt = build(name, fresh)
+    fresh_opt.load_state_dict(saved_opt)
+    assert fresh_opt.param_groups is fresh_opt.base_optimizer.param_groups
+    for batch in batches(6)[3:]:
+        train_step(fresh, fresh_opt, [batch])
+    assert_same(snapshot(fresh), snapshot(full))
+
+
+def test_resume_in_a_fresh_process(tmp_path):
+    full, _ = run("mgpo", steps=6)
+    model, opt = run("mgpo", steps=3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from tests.optim.helpers import METHODS, batches, make_model, train_step
+        ckpt = torch.load({str(tmp_path / 'ckpt.pt')!r}, weights_only=False)
+        model = make_model(seed=7); model.load_state_dict(ckpt["model"])
+        cls, kwargs, _ = METHODS["mgpo"]
+        opt = cls(model, torch.optim.AdamW, lr=1e-2, **kwargs); opt.load_state_dict(ckpt["opt"])
+        for batch in batches(6)[3:]:
+            train_step(model, opt, [batch])
+        torch.save(model.state_dict(), {str(tmp_path / 'final.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    resumed = torch.load(tmp_path / "final.pt")
+    assert_same({k: v for k, v in resumed.items()}, snapshot(full))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schedulers_act_on_the_shared_param_groups(name):
+    model, opt = run(name, steps=4, sched=True)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+    off_model, _ = run(name, steps=4, sched=True, off=True)
+    assert_same(snapshot(off_model), snapshot(run_base(steps=4, sched=True)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loraplus_style_param_groups(name):
+    model = make_model()
+    a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    cls, kwargs, _ = METHODS[name]
+    opt = cls([{"params": a, "lr": 1e-3}, {"params": b, "lr": 1.6e-2}], torch.optim.AdamW, model=model, **kwargs)
+    assert any("[default]" in layer for layer in opt.layers)  # A and B of one module form one layer
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for batch in batches(3):
+        train_step(model, opt, [batch])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_accumulation_holds_one_perturbation_per_step(name):
+    model = make_model()
+    opt = build(name, model)
+    x, y = batches(1)[0]
+    per_step = []
+    for _ in range(4):
+        outputs = []
+        model.train()
+        for _ in range(3):  # three identical micro-batches: identical perturbation => identical outputs
+            out = model(x)
+            outputs.append(out.detach().clone())
+            (torch.nn.functional.cross_entropy(out, y) / 3).backward()
+        assert all(torch.equal(o, outputs[0]) for o in outputs)
+        per_step.append(outputs[0])
+        if opt.two_pass:
+            opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y).backward())
+        else:
+            opt.step()
+        opt.zero_grad()
+    assert not torch.equal(per_step[-1], per_step[-2])
+    off, _ = run(name, steps=3, accum=3, off=True)
+    assert_same(snapshot(off), snapshot(run_base(steps=3, accum=3)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_clipping_between_backward_and_step(name):
+    off, _ = run(name, steps=4, clip=0.05, off=True)
+    assert_same(snapshot(off), snapshot(run_base(steps=4, clip=0.05)))
+    on, _ = run(name, steps=4, clip=0.05)
+    assert all(torch.isfinite(p).all() for p in on.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sgd_with_momentum_as_base(name):
+    off, _ = run(name, steps=3, off=True, base=torch.optim.SGD, base_kwargs=dict(momentum=0.9))
+    assert_same(snapshot(off), snapshot(run_base(steps=3, base=torch.optim.SGD, momentum=0.9)))
+    on, _ = run(name, steps=3, base=torch.optim.SGD, base_kwargs=dict(momentum=0.9))
+    assert all(torch.isfinite(p).all() for p in on.parameters())
+
+
+INVALID = {
+    "mgpo": [("rho", -0.1), ("rho", float("nan")), ("beta", 1.0), ("beta", -0.5), ("apn", "sqrt"),
+             ("momentum", 1.0), ("momentum", "adam"), ("eps", 0.0)],
+    "msam": [("rho", -1.0)],
+    "sam": [("rho", -0.01), ("adaptive", "yes")],
+    "random": [("rho", -0.1), ("total_steps", 0), ("total_steps", 2.5), ("seed", "x")],
+    "ggpo": [("sigma", -0.1), ("beta_g", float("inf")), ("seed", 1.5)],
+}
+INVALID_CASES = [(n, k, v) for n, cases in INVALID.items() for k, v in cases]
+
+
+@pytest.mark.parametrize("name,key,value", INVALID_CASES)
+def test_invalid_hyper_parameters_raise_value_error_naming_them(name, key, value):
+    cls = METHODS[name][0]
+    with pytest.raises(ValueError, match=key) as err:
+        cls(make_model(), torch.optim.AdamW, lr=1e-3, **{key: value})
+    assert repr(value) in str(err.value) or str(value) in str(err.value)
+
+
+def test_optimizer_momentum_without_momentum_state_is_a_type_error_naming_the_fix():
+    with pytest.raises(TypeError, match="momentum=0.9"):
+        mgpo.MGPO(make_model(), torch.optim.SGD, lr=0.1, momentum="optimizer")
+    with pytest.raises(TypeError, match="momentum=0.9"):
+        mgpo.MGPO(make_model(), torch.optim.Adagrad, lr=0.1)
+    mgpo.MGPO(make_model(), torch.optim.SGD, lr=0.1, momentum=0.9)  # own buffer: fine
+    with pytest.raises(ValueError, match="base_kwargs"):
+        mgpo.MGPO(make_model(), torch.optim.SGD, lr=0.1, base_kwargs=dict(lr=0.2))
+
+
+def test_hyper_parameters_do_not_leak_into_the_base_optimizer():
+    opt = mgpo.MGPO(make_model(), torch.optim.AdamW, lr=1e-3, eps=1e-3, base_kwargs=dict(eps=1e-6))
+    assert opt.base_optimizer.param_groups[0]["eps"] == 1e-6 and opt.hparams["eps"] == 1e-3
+
+
+@pytest.mark.parametrize("name", ["random", "ggpo"])
+def test_noise_methods_need_the_model(name):
+    model = make_model()
+    with pytest.raises(TypeError, match="model=model"):
+        METHODS[name][0](model.parameters(), torch.optim.AdamW, lr=1e-3)
+
+
+def test_base_optimizer_must_be_a_class():
+    with pytest.raises(TypeError, match="base_optimizer"):
+        mgpo.MGPO(make_model(), torch.optim.AdamW(make_model().parameters()))
+
+
+def test_loading_a_foreign_state_dict_names_the_fix():
+    model = make_model()
+    opt = mgpo.MGPO(model, lr=1e-3)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="base_optimizer.load_state_dict"):
+        opt.load_state_dict(plain.state_dict())
