@@ -160,14 +160,19 @@ def _normalise_columns(
     keep_answer = "answer" in ds.column_names and "answer" not in (prompt_column, response_column)
 
     def convert(batch):
-        out = {"prompt": batch[prompt_column], "response": batch[response_column]}
+        def text(values):  # csv may parse "12" as a number; keep everything as text
+            return [None if v is None else str(v) for v in values]
+
+        out = {"prompt": text(batch[prompt_column]), "response": text(batch[response_column])}
         if keep_answer:
             out["answer"] = [None if a is None else str(a) for a in batch["answer"]]
         elif math:
             out["answer"] = [extract_answer(r) if r else None for r in batch[response_column]]
         return out
 
-    ds = ds.map(convert, batched=True, remove_columns=ds.column_names)
+    columns = ["prompt", "response"] + (["answer"] if keep_answer or math else [])
+    features = datasets.Features({c: datasets.Value("string") for c in columns})
+    ds = ds.map(convert, batched=True, remove_columns=ds.column_names, features=features)
     ds = ds.filter(lambda row: bool(row["prompt"]) and bool(row["response"]))
     if len(ds) == 0:
         raise ValueError(f"{where} has no rows with a non-empty {prompt_column!r} and {response_column!r}")

@@ -18,7 +18,10 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])-?\d+(
 
 
 def normalize_number(text: str) -> str | None:
-    """``"1,234"`` -> ``"1234"``, ``"$5"`` -> ``"5"``, ``"5.0"`` -> ``"5"``, ``"7."`` -> ``"7"``; None if not a number."""
+    """Canonical text of a number, or None if ``text`` is not one.
+
+    ``"1,234"`` -> ``"1234"``, ``"$5"`` -> ``"5"``, ``"5.0"`` -> ``"5"``, ``"7."`` -> ``"7"``.
+    """
     cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
     try:
         value = Decimal(cleaned)
@@ -109,7 +112,9 @@ def evaluate_math(
         raise ValueError("evaluate_math got no examples; pass a non-empty dataset or list of dicts")
     for i, row in enumerate(rows):
         if "prompt" not in row:
-            raise KeyError(f"example {i} has no 'prompt' key (keys: {sorted(row)}); rename the question column to 'prompt'")
+            raise KeyError(
+                f"example {i} has no 'prompt' key (keys: {sorted(row)}); rename the question column to 'prompt'"
+            )
     golds = [_gold(row) for row in rows]
     prompts = [format_prompt(template, str(row["prompt"])) for row in rows]
 
