@@ -86,6 +86,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.model = model
         self.layers = discover_layers(self.param_groups, model)
         self._applied = False
+        self._held = False
         self.skipped_steps = 0
         self.last_stats: dict[str, float] = {}
         self._hooks: list = []
@@ -110,11 +111,13 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def unperturbed(self):
         """``with opt.unperturbed():`` clean weights inside the block; the perturbation comes back after it."""
-        was_applied = self._applied
+        was_applied, was_held = self._applied, self._held
         self.restore()
+        self._held = True  # forwards inside the block do not re-apply it
         try:
             yield
         finally:
+            self._held = was_held
             if was_applied:
                 self.perturb()
 
@@ -123,6 +126,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         return self._applied
 
     def _on_forward(self, module: nn.Module) -> None:
+        if self._held:
+            return
         if module.training and torch.is_grad_enabled():
             self.perturb()
         elif not module.training:
