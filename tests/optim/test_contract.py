@@ -267,3 +267,28 @@ def test_loading_a_foreign_state_dict_names_the_fix():
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="base_optimizer.load_state_dict"):
         opt.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_after_construction(name):
+    model = make_model()
+    head = [p for n, p in model.named_parameters() if "head" in n and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if "head" not in n and p.requires_grad]
+    cls, kwargs, _ = METHODS[name]
+    opt = cls(rest, torch.optim.AdamW, model=model, lr=1e-2, **kwargs)
+    for batch in batches(4)[:2]:
+        train_step(model, opt, [batch])
+    opt.add_param_group({"params": head, "lr": 1e-3})
+    before = [p.detach().clone() for p in head]
+    for batch in batches(4)[2:]:
+        train_step(model, opt, [batch])
+    assert any(not torch.equal(p, q) for p, q in zip(head, before))
+
+
+@pytest.mark.parametrize("name", ["random", "ggpo"])
+def test_noise_seed_is_part_of_the_state(name):
+    model = make_model()
+    opt = METHODS[name][0](model, torch.optim.AdamW, lr=1e-2, seed=11)
+    fresh = METHODS[name][0](make_model(), torch.optim.AdamW, lr=1e-2, seed=0)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.hparams["seed"] == 11

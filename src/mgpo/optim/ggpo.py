@@ -75,7 +75,9 @@ class GGPO(RandomPerturbation):
                     rows = delta_grad_row_norms(module)
                     if rows is None:
                         self._grad_rows.pop(index, None)
-                        if is_lora_linear(module) and not self._warned_no_grad_term:
+                        plain_pair = all(hasattr(module.lora_A[a], "weight") for a in module.lora_A) \
+                            if is_lora_linear(module) else True
+                        if not plain_pair and not self._warned_no_grad_term:
                             self._warned_no_grad_term = True
                             warnings.warn("GGPO: a LoRA layer without a plain A/B pair (e.g. AdaLoRA) gets the "
                                           "weight-norm term only.", RuntimeWarning, stacklevel=3)

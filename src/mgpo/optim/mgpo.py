@@ -70,7 +70,6 @@ class MGPO(PerturbedOptimizer):
         hparams = dict(rho=rho, beta=beta, apn=apn, momentum=momentum, eps=eps)
         super().__init__(params, base_optimizer, hparams, model=model, auto_perturb=auto_perturb, **base_kwargs)
         self._moment = moment_key(self.base_optimizer) if momentum == "optimizer" else "momentum"
-        self._layer_index = {id(p): i for i, ts in enumerate(self.layers.values()) for p in ts}
         self._exact = exact_restore
         self._clean: list[torch.Tensor] | None = None
         self.gbar: torch.Tensor | None = None  # per-layer EMA of gradient norms (eq. 8); None before step 1
@@ -114,7 +113,8 @@ class MGPO(PerturbedOptimizer):
     # ------------------------------------------------------------------------------- the step
     def _update(self, params: list[torch.Tensor]) -> None:
         grads = [p.grad for p in params]
-        layer = torch.tensor([self._layer_index[id(p)] for p in params], dtype=torch.long)
+        index = {id(p): i for i, ts in enumerate(self.layers.values()) for p in ts}  # add_param_group may grow it
+        layer = torch.tensor([index[id(p)] for p in params], dtype=torch.long)
         device = params[0].device
         layer = layer.to(device)
         n_layers = len(self.layers)
@@ -123,9 +123,12 @@ class MGPO(PerturbedOptimizer):
         grad_sq = torch.stack(torch._foreach_norm(grads)).float().square()
         n_l = torch.zeros(n_layers, device=device).index_add_(0, layer, grad_sq).sqrt()
         has_grad = torch.zeros(n_layers, dtype=torch.bool, device=device).index_fill_(0, layer, True)
-        if self.gbar is None:
-            self.gbar = torch.zeros(n_layers, device=device)
-            self._seen = torch.zeros(n_layers, dtype=torch.bool, device=device)
+        if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
+            grow = n_layers - (0 if self.gbar is None else len(self.gbar))
+            old_gbar = self.gbar if self.gbar is not None else torch.zeros(0, device=device)
+            old_seen = self._seen if self._seen is not None else torch.zeros(0, dtype=torch.bool, device=device)
+            self.gbar = torch.cat([old_gbar, torch.zeros(grow, device=device)])
+            self._seen = torch.cat([old_seen, torch.zeros(grow, dtype=torch.bool, device=device)])
         beta = self.hparams["beta"]
         ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n_l, n_l)
         self.gbar = torch.where(has_grad, ema, self.gbar)

@@ -137,8 +137,8 @@ class RandomPerturbation(PerturbedOptimizer):
             self._noise_sq.clear()
 
     def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "t": self._t}
+        return {**super()._extra_state(), "t": self._t, "seed": self.hparams["seed"]}
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
-        self._t = extra["t"]
+        self._t, self.hparams["seed"] = extra["t"], extra["seed"]
