@@ -159,13 +159,12 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=t.lr_scheduler,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        logging_dir=str(out / "tensorboard"),
         report_to=["tensorboard"],
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -187,6 +186,8 @@ def _cuda() -> bool:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    # TensorBoard events go to <output_dir>/tensorboard (transformers 5 reads the folder from this variable)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training.output_dir) / "tensorboard")
     """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``."""
     from mgpo.integrations.peft_variants import apply_adapter
     from mgpo.integrations.trainer import PerturbationTrainer
