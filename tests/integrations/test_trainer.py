@@ -1,0 +1,392 @@
+"""The perturbation methods inside transformers.Trainer / trl.SFTTrainer, on tiny random models (no downloads)."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+import mgpo
+from mgpo.integrations.peft_variants import AdapterConfig, apply_adapter, optimizer_param_groups
+from mgpo.integrations.trainer import (
+    METHODS,
+    PerturbationConfig,
+    PerturbationTrainer,
+    PerturbationTrainerMixin,
+    build_optimizer,
+    perturbed,
+    unwrap_optimizer,
+)
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+SEQ = 8
+BATCH = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_gc():
+    """Every Trainer.train() runs gc.collect() (accelerate's free_memory); with torch, transformers and TRL
+    imported that walks ~0.5 M objects each time. Freezing what exists now keeps the file fast."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+def tiny_bert(adapter: AdapterConfig | None = None, total_steps: int | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=32, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config)
+    adapter = adapter or AdapterConfig(rank=4, alpha=8)
+    model = apply_adapter(model, adapter, task="classification", total_steps=total_steps)
+    with torch.no_grad():  # B != 0 from the start, so every LoRA tensor has a gradient at step 1
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def cls_data(n: int = 32, seed: int = 0) -> datasets.Dataset:
+    gen = torch.Generator().manual_seed(seed)
+    return datasets.Dataset.from_dict(dict(
+        input_ids=torch.randint(1, 100, (n, SEQ), generator=gen).tolist(),
+        attention_mask=[[1] * SEQ] * n,
+        labels=torch.randint(0, 2, (n,), generator=gen).tolist(),
+    ))
+
+
+def make_args(out, **overrides) -> TrainingArguments:
+    settings = dict(max_steps=4, per_device_train_batch_size=BATCH, gradient_accumulation_steps=2, learning_rate=1e-2,
+                    lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential",
+                    report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                    dataloader_num_workers=0)
+    settings.update(overrides)
+    return TrainingArguments(str(out), **settings)
+
+
+def summed_ce(outputs, labels, num_items_in_batch=None):
+    """Sum of the micro-batch's losses over the window's example count: the window's gradient is its mean's."""
+    return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_all_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    bad = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def cfg_for(method: str, **kw) -> PerturbationConfig:
+    return PerturbationConfig(method=method, rho=0.1, sigma=0.05, beta_g=0.05, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@pytest.mark.parametrize("name, value", [
+    ("method", "adam"), ("rho", -0.1), ("rho", float("nan")), ("beta", 1.0), ("apn", "sqrt"), ("momentum", "fast"),
+    ("momentum", 1.5), ("adaptive", "yes"), ("sigma", -1.0), ("beta_g", -0.5), ("seed", 1.5), ("exact_restore", "no"),
+])
+def test_invalid_config_names_the_field_and_value(name, value, tmp_path):
+    cfg = PerturbationConfig(**{name: value})
+    with pytest.raises(ValueError, match=rf"perturbation\.{name}=") as info:
+        cfg.validate()
+    assert repr(value) in str(info.value)
+    with pytest.raises(ValueError, match=rf"perturbation\.{name}="):
+        PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path), perturbation=cfg)
+
+
+@pytest.mark.parametrize("given, expected", [("optimizer", "optimizer"), ("0.9", 0.9), (0.8, 0.8), (0, 0.0)])
+def test_momentum_accepts_optimizer_or_a_number(given, expected):
+    cfg = PerturbationConfig(momentum=given)
+    cfg.validate()
+    assert cfg.momentum_value() == expected
+    opt = build_optimizer(tiny_bert(), cfg, [{"params": [torch.nn.Parameter(torch.ones(2))]}], lr=0.1)
+    assert opt.hparams["momentum"] == expected
+
+
+def test_build_optimizer_gives_each_method_its_class_and_settings():
+    model = tiny_bert()
+    groups = optimizer_param_groups(model, AdapterConfig(), lr=0.01, weight_decay=0.1)
+    expected = {"adamw": torch.optim.AdamW, "mgpo": mgpo.MGPO, "msam": mgpo.MSAM, "sam": mgpo.SAM,
+                "random": mgpo.RandomPerturbation, "ggpo": mgpo.GGPO}
+    assert set(expected) == set(METHODS)
+    for method, cls in expected.items():
+        cfg = PerturbationConfig(method=method, rho=0.2, beta=0.5, apn="inverse", momentum="0.9", adaptive=True,
+                                 sigma=0.1, beta_g=0.2, seed=7)
+        opt = build_optimizer(model, cfg, groups, lr=0.01, weight_decay=0.1, total_steps=9, betas=(0.8, 0.9))
+        assert type(opt) is cls
+        base = opt if method == "adamw" else opt.base_optimizer
+        assert type(base) is torch.optim.AdamW and base.defaults["betas"] == (0.8, 0.9)
+        assert [g["lr"] for g in opt.param_groups] == [0.01] and opt.param_groups[0]["weight_decay"] == 0.1
+        if method != "adamw":
+            assert opt.model is model
+        hp = getattr(opt, "hparams", {})
+        if method == "mgpo":
+            assert (hp["rho"], hp["beta"], hp["apn"], hp["momentum"]) == (0.2, 0.5, "inverse", 0.9)
+        if method == "sam":
+            assert (hp["rho"], hp["adaptive"]) == (0.2, True)
+        if method == "random":
+            assert (hp["rho"], hp["total_steps"], hp["seed"]) == (0.2, 9, 7)
+        if method == "ggpo":
+            assert (hp["sigma"], hp["beta_g"], hp["seed"]) == (0.1, 0.2, 7)
+    assert "initial_lr" not in groups[0] and "betas" not in groups[0]  # the caller's groups are left alone
+
+
+def test_perturbed_needs_a_trainer_class():
+    with pytest.raises(TypeError, match="transformers.Trainer subclass"):
+        perturbed(torch.optim.AdamW)
+    cls = perturbed(Trainer)
+    assert issubclass(cls, Trainer) and issubclass(cls, PerturbationTrainerMixin)
+    assert perturbed(cls) is cls
+
+
+# ------------------------------------------------------------------------------------------------ the training loop
+def manual_run(method: str, steps: int, data: datasets.Dataset, accumulation: int = 2) -> dict:
+    """The reference: the same optimizer driven by hand, one perturbation per window of micro-batches."""
+    model = tiny_bert()
+    groups = optimizer_param_groups(model, AdapterConfig(), lr=1e-2)
+    opt = build_optimizer(model, cfg_for(method), groups, lr=1e-2, total_steps=steps)
+    rows = data.with_format("torch")
+    window = BATCH * accumulation
+    for step in range(steps):
+        micro = [rows[step * window + i * BATCH: step * window + (i + 1) * BATCH] for i in range(accumulation)]
+
+        def forward_backward():
+            for batch in micro:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                summed_ce(out, batch["labels"], torch.tensor(window)).backward()
+
+        model.train()
+        forward_backward()
+        if method == "sam":
+            opt.step(forward_backward)
+        else:
+            opt.step()
+        opt.zero_grad()
+    return trainable(model)
+
+
+@pytest.mark.parametrize("method, how", [(m, "PerturbationTrainer") for m in METHODS]
+                         + [(m, "plain Trainer") for m in ("mgpo", "random")])
+def test_trainer_with_accumulation_matches_the_hand_loop(method, how, tmp_path):
+    steps, data = 3, cls_data(24)
+    model = tiny_bert()
+    args = make_args(tmp_path, max_steps=steps)
+    common = dict(model=model, args=args, train_dataset=data, compute_loss_func=summed_ce)
+    if how == "plain Trainer":  # the one-or-two-line usage: our optimizer handed to an unmodified Trainer
+        opt = build_optimizer(model, cfg_for(method), [{"params": [p for p in model.parameters() if p.requires_grad]}],
+                              lr=1e-2, total_steps=steps)
+        trainer = Trainer(optimizers=(opt, None), **common)
+    else:
+        trainer = PerturbationTrainer(perturbation=cfg_for(method), **common)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, _: forwards.append(module.training))
+    trainer.train()
+    assert_all_equal(trainable(model), manual_run(method, steps, data))
+    assert forwards.count(True) == steps * 2 * (2 if method == "sam" else 1)  # SAM replays the whole window
+    real = trainer.perturbation_optimizer if how == "PerturbationTrainer" else unwrap_optimizer(trainer.optimizer)
+    assert real is not trainer.optimizer and type(real).__name__ != "AcceleratedOptimizer"
+    if method != "adamw":
+        assert real.last_stats["perturbation_norm"] > 0 and not real.is_perturbed
+
+
+def test_plain_trainer_with_sam_says_how_to_fix(tmp_path):
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=cls_data(8),
+                      optimizers=(mgpo.SAM(model, lr=1e-2), None))
+    with pytest.raises(RuntimeError, match="two forward/backward"):
+        trainer.train()
+
+
+def test_sam_second_pass_is_clipped_like_the_first(tmp_path):
+    model = tiny_bert()
+    trainer = PerturbationTrainer(model=model, args=make_args(tmp_path, max_steps=1, max_grad_norm=1e-3),
+                                  train_dataset=cls_data(8), perturbation=cfg_for("sam"))
+    trainer.create_optimizer()
+    base = trainer.optimizer.base_optimizer
+    norms, base_step = [], base.step
+
+    def spy(*args, **kwargs):  # the base step sees the second gradient, clipped
+        norms.append(float(torch.stack([p.grad.norm() for g in base.param_groups for p in g["params"]]).norm()))
+        return base_step(*args, **kwargs)
+
+    base.step = spy
+    trainer.train()
+    assert len(norms) == 1 and norms[0] == pytest.approx(1e-3, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ clean weights
+class CleanProbe(TrainerCallback):
+    """At step 2: remember the clean weights, then force the perturbation on before evaluation and before saving."""
+
+    def __init__(self):
+        self.events, self.clean, self.clean_saved, self.moved = [], {}, {}, False
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == 2:
+            opt = unwrap_optimizer(optimizer)
+            self.clean = trainable(model)
+            self.clean_saved = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+            opt.perturb()
+            self.moved = any(not torch.equal(p, self.clean[n]) for n, p in trainable(model).items())
+
+    def on_evaluate(self, args, state, control, model=None, optimizer=None, **kwargs):
+        opt = unwrap_optimizer(optimizer)
+        self.events.append(("evaluate", state.global_step, opt.is_perturbed, trainable(model)))
+        opt.perturb()  # on again, so that the checkpoint has to take it off
+
+    def on_save(self, args, state, control, optimizer=None, **kwargs):
+        self.events.append(("save", state.global_step, unwrap_optimizer(optimizer).is_perturbed, None))
+
+
+@pytest.mark.parametrize("method, exact", [("mgpo", None), ("mgpo", True), ("sam", None), ("random", None),
+                                           ("ggpo", None)])
+def test_evaluation_and_checkpoints_see_clean_weights(method, exact, tmp_path):
+    model = tiny_bert()
+    probe = CleanProbe()
+    args = make_args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                     train_sampling_strategy="random")
+    trainer = PerturbationTrainer(model=model, args=args, train_dataset=cls_data(24), eval_dataset=cls_data(8, seed=1),
+                                  perturbation=cfg_for(method, exact_restore=exact), callbacks=[probe])
+    trainer.train()
+    # evaluated and saved at step 2 and again at the end of the epoch (step 3), never with a perturbation on
+    assert [e[:3] for e in probe.events] == [("evaluate", 2, False), ("save", 2, False), ("evaluate", 3, False),
+                                             ("save", 3, False)]
+    assert probe.moved == (method == "mgpo")  # only MGPO's perturbation lives in the weights between steps
+    saved = load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
+    assert saved.keys() == probe.clean_saved.keys()
+    at_eval = probe.events[0][3]
+    if method == "mgpo" and not exact:  # subtracting what was added: exact to a few ulp
+        for name in saved:
+            torch.testing.assert_close(saved[name], probe.clean_saved[name], rtol=0, atol=1e-6)
+        for name in at_eval:
+            torch.testing.assert_close(at_eval[name], probe.clean[name], rtol=0, atol=1e-6)
+    else:
+        assert_all_equal(saved, probe.clean_saved)
+        assert_all_equal(at_eval, probe.clean)
+    final = {k: v for k, v in get_peft_model_state_dict(model).items()}
+    assert any(not torch.equal(final[k], saved[k]) for k in saved)  # step 3 trained on after the checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("method", ["mgpo", "sam", "ggpo"])  # ggpo: also the noise methods' step counter
+def test_resume_from_checkpoint_is_bit_identical(method, tmp_path):
+    common = dict(max_steps=4, train_sampling_strategy="random", lr_scheduler_type="cosine", warmup_steps=1,
+                  max_grad_norm=1.0)
+    straight = tiny_bert()
+    PerturbationTrainer(model=straight, args=make_args(tmp_path / "a", save_strategy="steps", save_steps=2, **common),
+                        train_dataset=cls_data(24), perturbation=cfg_for(method)).train()
+    resumed = tiny_bert()
+    trainer = PerturbationTrainer(model=resumed, args=make_args(tmp_path / "b", **common), train_dataset=cls_data(24),
+                                  perturbation=cfg_for(method))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    assert_all_equal(trainable(resumed), trainable(straight))
+    saved = torch.load(tmp_path / "a" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"base", "own", "extra"}
+
+
+# ------------------------------------------------------------------------------------------------ AdaLoRA, logging
+def test_adalora_allocates_after_every_step_before_zero_grad(tmp_path):
+    steps = 10
+    adapter = AdapterConfig(method="adalora", adalora_init_rank=4, adalora_target_rank=2, adalora_delta_t=1,
+                            adalora_tinit_frac=0.1, adalora_tfinal_frac=0.2)
+    model = tiny_bert(adapter, total_steps=steps)
+    calls = []
+    allocate = model.base_model.update_and_allocate
+
+    def spy(global_step):
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+        calls.append((global_step, all(g is not None for g in grads)))
+        return allocate(global_step)
+
+    model.base_model.update_and_allocate = spy
+    trainer = PerturbationTrainer(model=model, args=make_args(tmp_path, max_steps=steps, gradient_accumulation_steps=1),
+                                  train_dataset=cls_data(40), perturbation=cfg_for("mgpo"), adapter=adapter)
+    trainer.train()
+    assert calls == [(step, True) for step in range(steps)]
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern is not None
+    assert sum(sum(keep) for keep in pattern.values()) < 4 * len(pattern)  # ranks were pruned
+
+
+class StatsProbe(TrainerCallback):
+    def __init__(self):
+        self.stats = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.stats.append(dict(unwrap_optimizer(optimizer).last_stats))
+
+
+def test_statistics_reach_the_logs_and_loraplus_groups_are_used(tmp_path):
+    adapter = AdapterConfig(method="loraplus", rank=4, alpha=8, loraplus_lr_ratio=4.0)
+    model = tiny_bert(adapter)
+    probe = StatsProbe()
+    trainer = PerturbationTrainer(model=model, args=make_args(tmp_path, logging_steps=2, weight_decay=0.01),
+                                  train_dataset=cls_data(32), perturbation=cfg_for("mgpo"), adapter=adapter,
+                                  callbacks=[probe])
+    trainer.train()
+    opt = trainer.perturbation_optimizer
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == [pytest.approx(1e-2), pytest.approx(4e-2)]
+    assert {g["weight_decay"] for g in opt.param_groups} <= {0.0, 0.01} and opt.param_groups[0]["weight_decay"] == 0.01
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4] and len(probe.stats) == 4
+    for i, entry in enumerate(logs):
+        window = probe.stats[2 * i: 2 * i + 2]
+        for key in ("perturbation_norm", "momentum_norm", "gbar_mean"):
+            assert entry[key] == pytest.approx(sum(s[key] for s in window) / 2, rel=1e-6)
+        assert entry["skipped_steps"] == 0
+    assert logs[0]["perturbation_norm"] == pytest.approx(0.1, rel=1e-4)  # apn="normalized" keeps the radius at rho
+
+
+def test_random_ramp_spans_the_runs_steps(tmp_path):
+    trainer = PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path, max_steps=2), train_dataset=cls_data(16),
+                                  perturbation=cfg_for("random"))
+    trainer.train()
+    assert trainer.perturbation_optimizer.hparams["total_steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+def test_sft_trainer_with_mgpo_on_a_tiny_llama(tmp_path):
+    trl = pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = "the cat dog sat on mat ran to a big red blue house".split()
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3)
+    model = apply_adapter(LlamaForCausalLM(config), AdapterConfig(rank=4), task="causal-lm")
+    gen = torch.Generator().manual_seed(0)
+    rows = [" ".join(words[i] for i in torch.randint(0, len(words), (5 + k % 4,), generator=gen)) for k in range(12)]
+    before = trainable(model)
+    args = trl.SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                         logging_steps=1, save_strategy="no", disable_tqdm=True, max_length=16, learning_rate=1e-2)
+    trainer = perturbed(trl.SFTTrainer)(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": rows}),
+                                        processing_class=tokenizer, perturbation=cfg_for("mgpo"))
+    trainer.train()
+    opt = trainer.perturbation_optimizer
+    assert isinstance(opt, mgpo.MGPO) and not opt.is_perturbed
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(entry["perturbation_norm"] == pytest.approx(0.1, rel=1e-4) for entry in logs)
+    assert all("mean_token_accuracy" in entry for entry in logs)  # TRL's own logging still there
+    after = trainable(model)
+    assert all(not torch.equal(after[n], before[n]) for n in before)
