@@ -7,6 +7,10 @@ Building the optimizer with the model is the one or two lines it takes::
     opt = mgpo.MGPO(model, lr=2e-4, rho=0.05)                     # or build_optimizer(model, cfg, groups, lr=...)
     Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None)).train()
 
+SAM needs its second forward/backward run by the trainer, and AdaLoRA its per-step rank allocation: for those
+(and for statistics in the logs) use :class:`PerturbationTrainer`. A plain Trainer with SAM stops with an error
+that says so.
+
 :class:`PerturbationTrainer` (or ``perturbed(trl.SFTTrainer)``) does more, and is what the CLI uses:
 
 * builds the optimizer from a :class:`PerturbationConfig` and the adapter's param groups (LoRA+ groups for
