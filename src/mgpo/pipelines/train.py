@@ -243,6 +243,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         compute_metrics=compute_metrics,
         callbacks=[StepLog(out), GracefulStop()],
     )
+    if task != "causal-lm":
+        # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
+        trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
     trainer.train(resume_from_checkpoint=checkpoint)
     if stopper.requested:
