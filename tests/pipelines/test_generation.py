@@ -1,0 +1,68 @@
+"""``mgpo train`` with data.task=causal-lm: a tiny random Llama saved locally, the generated arithmetic data,
+math accuracy before and after, and every sample written for inspection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mgpo.data.arithmetic import make_arithmetic
+from mgpo.pipelines.config import load_config
+from mgpo.pipelines.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [r["prompt"] + " " + r["response"] for r in make_arithmetic(n_train=200, n_test=20)["train"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["mgpo", "sam"])
+def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_dir, tmp_path, method):
+    out = tmp_path / "run"
+    cfg = load_config(None, [
+        f"model.name={tiny_llama_dir}", "model.max_length=96", "data.name=arithmetic", "data.task=causal-lm",
+        "data.max_train_examples=64", "data.max_eval_examples=8", f"perturbation.method={method}",
+        f"training.output_dir={out}", "training.max_steps=4", "training.batch_size=8", "training.lr=3e-3",
+        "training.progress=false", "generation.max_new_tokens=12", "generation.before_training=true",
+    ])
+    metrics = train(cfg)
+    for prefix in ("before", "after"):
+        assert 0.0 <= metrics[f"{prefix}_accuracy"] <= 1.0
+        rows = [json.loads(line) for line in (out / f"{prefix}_math.jsonl").read_text().splitlines()]
+        assert len(rows) == 8 and {"prompt", "output", "extracted", "gold", "correct"} <= set(rows[0])
+    assert metrics["train_examples"] + metrics["dropped_examples"] == 64 and "truncated_examples" in metrics
+    assert (out / "adapter").is_dir() and (out / "loss.png").is_file()
+
+
+def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}", "response": "1 + 1 = 2. " * (40 if i % 2 else 1)}) + "\n"
+                            for i in range(16)))
+    cfg = load_config(None, [
+        f"model.name={tiny_llama_dir}", "model.max_length=32", f"data.name={data}", "data.task=causal-lm",
+        "data.template=math", f"training.output_dir={tmp_path / 'run'}", "training.max_steps=2",
+        "training.batch_size=4", "training.progress=false", "generation.benchmark=none",
+    ])
+    metrics = train(cfg)
+    assert metrics["truncated_examples"] == 8
