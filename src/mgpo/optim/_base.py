@@ -4,7 +4,7 @@ A method subclasses :class:`PerturbedOptimizer` and fills in three hooks:
 
 * ``_apply()``   put the pending perturbation on (weights or forward hooks);
 * ``_remove()``  take it off again, leaving clean weights;
-* ``_update()``  the method's ``step()`` body, run on clean weights with finite gradients.
+* ``_update()``  the method's ``step()`` body, run on clean weights with finite gradients (their norms given).
 
 The base class owns the state machine. A perturbation is *pending* after ``step()`` and *applied* from the
 first training-mode forward (or an explicit ``perturb()``) until ``step()``, an eval-mode forward, the model's
@@ -176,12 +176,14 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
-    def _grads_finite(self, params: list[torch.Tensor]) -> bool:
+    def _check_grads(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Per-tensor gradient norms (float32, one vector), or None when any gradient is NaN/Inf (the step
+        is then skipped, counted, and warned about once)."""
         if not params:
-            return True
-        norms = torch._foreach_norm([p.grad for p in params])
-        if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-            return True
+            return torch.zeros(0)
+        norms = torch.stack(torch._foreach_norm([p.grad for p in params])).float()
+        if bool(torch.isfinite(norms).all()):
+            return norms
         self.skipped_steps += 1
         if self.skipped_steps == 1:
             warnings.warn(
@@ -190,7 +192,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return False
+        return None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -201,8 +203,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.restore()  # eq. (7) / method-spec step 1: the base step always sees clean weights
         params = self._params_with_grad()
-        if self._grads_finite(params):
-            self._update(params)
+        grad_norms = self._check_grads(params)
+        if grad_norms is not None:
+            self._update(params, grad_norms)
         self.last_stats["skipped_steps"] = float(self.skipped_steps)
         return loss
 
@@ -212,7 +215,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _remove(self) -> None:
         raise NotImplementedError
 
-    def _update(self, params: list[torch.Tensor]) -> None:
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
         raise NotImplementedError
 
     def zero_grad(self, set_to_none: bool = True) -> None:

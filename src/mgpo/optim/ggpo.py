@@ -68,7 +68,7 @@ class GGPO(RandomPerturbation):
             sigma = sigma + self.hparams["beta_g"] * grad_rows
         return sigma / math.sqrt(weight.shape[1])
 
-    def _update(self, params: list[torch.Tensor]) -> None:
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
         if self.hparams["beta_g"] != 0:  # gn_i of this step, used by the next step's noise
             with torch.no_grad():
                 for index, module in enumerate(self.targets.values()):
@@ -83,7 +83,7 @@ class GGPO(RandomPerturbation):
                                           "weight-norm term only.", RuntimeWarning, stacklevel=3)
                     else:
                         self._grad_rows[index] = rows
-        super()._update(params)
+        super()._update(params, grad_norms)
 
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "grad_rows": dict(self._grad_rows)}

@@ -80,38 +80,41 @@ class MGPO(PerturbedOptimizer):
         return self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
-    def _pending(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-        params, moments, coefs = [], [], []
+    def _pending(self) -> dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """The pending perturbation as {coef: (params, momenta)}: one entry per layer (one for apn="off")."""
+        groups: dict[float, tuple[list, list]] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 coef = self.state[p].get("coef", 0.0) if p in self.state else 0.0
                 if coef != 0.0:
+                    params, moments = groups.setdefault(coef, ([], []))
                     params.append(p)
                     moments.append(self._moment_owner[p][self._moment])
-                    coefs.append(coef)
-        return params, moments, coefs
+        return groups
 
     def _apply(self) -> None:
-        params, moments, coefs = self._pending()
-        if not params:
-            return
-        exact = self._exact if self._exact is not None else any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
-        self._clean = [p.detach().clone() for p in params] if exact else None
-        # eq. (6): W~_t = W_t + eps_t with eps_t = coef * v (coef carries -rho, the norms and APN of eq. 4)
-        torch._foreach_add_(params, torch._foreach_mul(moments, coefs))
+        pending = self._pending()
+        params = [p for ps, _ in pending.values() for p in ps]
+        exact = self._exact if self._exact is not None else any(p.dtype in (torch.float16, torch.bfloat16)
+                                                                 for p in params)
+        self._clean = [p.detach().clone() for p in params] if exact and params else None
+        # eq. (6): W~_t = W_t + eps_t with eps_t = coef * v (coef carries -rho, the norms and APN of eq. 4);
+        # added in place with alpha=coef, so no perturbation-sized temporary is allocated
+        for coef, (ps, moments) in pending.items():
+            torch._foreach_add_(ps, moments, alpha=coef)
 
     def _remove(self) -> None:
-        params, moments, coefs = self._pending()
-        if not params:
-            return
+        pending = self._pending()
         if self._clean is not None:
-            torch._foreach_copy_(params, self._clean)
+            torch._foreach_copy_([p for ps, _ in pending.values() for p in ps], self._clean)
             self._clean = None
-        else:  # W_t = W~_t - eps_t: exact to rounding (a few ulp per step in fp32), documented in docs/method.md
-            torch._foreach_sub_(params, torch._foreach_mul(moments, coefs))
+            return
+        # W_t = W~_t - eps_t: exact to rounding (a few ulp per step in fp32), documented in docs/method.md
+        for coef, (ps, moments) in pending.items():
+            torch._foreach_add_(ps, moments, alpha=-coef)
 
     # ------------------------------------------------------------------------------- the step
-    def _update(self, params: list[torch.Tensor]) -> None:
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
         grads = [p.grad for p in params]
         index = {id(p): i for i, ts in enumerate(self.layers.values()) for p in ts}  # add_param_group may grow it
         layer = torch.tensor([index[id(p)] for p in params], dtype=torch.long)
@@ -120,7 +123,7 @@ class MGPO(PerturbedOptimizer):
         n_layers = len(self.layers)
 
         # eq. (8), with the layer's gradient norm n_l standing in for ||grad_{Delta W_l} L|| (method-spec step 2)
-        grad_sq = torch.stack(torch._foreach_norm(grads)).float().square()
+        grad_sq = grad_norms.to(device).square()
         n_l = torch.zeros(n_layers, device=device).index_add_(0, layer, grad_sq).sqrt()
         has_grad = torch.zeros(n_layers, dtype=torch.bool, device=device).index_fill_(0, layer, True)
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since

@@ -129,7 +129,7 @@ class RandomPerturbation(PerturbedOptimizer):
     def _remove(self) -> None:
         pass
 
-    def _update(self, params: list[torch.Tensor]) -> None:
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
         self.base_optimizer.step()
         self._t += 1
         if self._noise_sq:

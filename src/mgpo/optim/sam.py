@@ -40,7 +40,7 @@ class SAM(PerturbedOptimizer):
         """Move to ``W + eps`` computed from the gradients in ``.grad``. Returns False (and moves nothing) if
         those gradients are not finite."""
         params = self._params_with_grad()
-        if not self._grads_finite(params):
+        if self._check_grads(params) is None:
             return False
         grads = [p.grad for p in params]
         adaptive = self.hparams["adaptive"]
@@ -63,7 +63,7 @@ class SAM(PerturbedOptimizer):
         """Restore ``W`` exactly and step the base optimizer with the gradients at ``W + eps``."""
         self.restore()
         params = self._params_with_grad()
-        if self._grads_finite(params):
+        if self._check_grads(params) is not None:
             self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
