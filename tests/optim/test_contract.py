@@ -292,3 +292,16 @@ def test_noise_seed_is_part_of_the_state(name):
     fresh = METHODS[name][0](make_model(), torch.optim.AdamW, lr=1e-2, seed=0)
     fresh.load_state_dict(opt.state_dict())
     assert fresh.hparams["seed"] == 11
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_without_any_gradient_does_nothing(name):
+    model = make_model()
+    opt = build(name, model)
+    train_step(model, opt, batches(1))
+    before = snapshot(model)
+    if opt.two_pass:
+        opt.step(lambda: None)
+    else:
+        opt.step()
+    assert_same(snapshot(model), before)

@@ -203,6 +203,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.restore()  # eq. (7) / method-spec step 1: the base step always sees clean weights
         params = self._params_with_grad()
+        if not params:  # nothing has a gradient: like the base optimizer, do nothing
+            return loss
         grad_norms = self._check_grads(params)
         if grad_norms is not None:
             self._update(params, grad_norms)

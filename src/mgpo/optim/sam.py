@@ -38,9 +38,9 @@ class SAM(PerturbedOptimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> bool:
         """Move to ``W + eps`` computed from the gradients in ``.grad``. Returns False (and moves nothing) if
-        those gradients are not finite."""
+        those gradients are not finite, or there are none."""
         params = self._params_with_grad()
-        if self._check_grads(params) is None:
+        if not params or self._check_grads(params) is None:
             return False
         grads = [p.grad for p in params]
         adaptive = self.hparams["adaptive"]
