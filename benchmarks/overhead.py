@@ -51,7 +51,7 @@ class Settings:
     batch: int = 2  # sequences per batch
     seq_len: int = 64  # tokens per sequence
     warmup: int = 5  # round-robin rounds dropped before timing
-    rounds: int = 60  # timed round-robin rounds (one step of every method each)
+    rounds: int = 80  # timed round-robin rounds (one step of every method each)
     memory_steps: int = 2  # measured steps per method for peak memory (after `warmup` unmeasured ones)
     opt_layers: int = 8  # decoder layers of the optimizer-only model (LoRA on all 7 projections)
     opt_rank: int = 128  # LoRA rank of the optimizer-only model
