@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mgpo.hub import offline_reason
+
 TASKS = ("classification", "regression", "causal-lm")
 
 BUILTIN_MODELS = {
@@ -193,13 +195,6 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
-
-
 def _hub_dir(repo_id: str) -> str:
     from huggingface_hub import HfApi, snapshot_download
 
@@ -207,7 +202,7 @@ def _hub_dir(repo_id: str) -> str:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:
         pass
-    if _hub_offline():
+    if offline_reason(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"), probe=False):  # model_info below probes
         raise ModelError(f"Model {repo_id!r} is not a local folder nor in the Hugging Face cache, and the hub is "
                          f"offline (HF_HUB_OFFLINE is set). {_OFFLINE_HINT}")
     try:  # one quick probe, so that no network fails in seconds rather than after retries

@@ -3,9 +3,8 @@ import json
 import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
+from tests.tiny import bpe_tokenizer
 from mgpo.data.instruct import (
     TEMPLATES,
     CausalLMCollator,
@@ -23,18 +22,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE tokenizer trained on the fly (no downloads), with <eos> and <pad>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return bpe_tokenizer(CORPUS * 5)
 
 
 def _write_jsonl(path, rows):

