@@ -305,3 +305,9 @@ def test_step_without_any_gradient_does_nothing(name):
     else:
         opt.step()
     assert_same(snapshot(model), before)
+
+
+def test_the_optimizer_layer_imports_no_huggingface_package():
+    code = "import sys, mgpo; bad = [m for m in ('transformers', 'peft', 'datasets', 'accelerate') if m in sys.modules]; " \
+           "assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
