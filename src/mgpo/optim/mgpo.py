@@ -72,6 +72,7 @@ class MGPO(PerturbedOptimizer):
         self._moment = moment_key(self.base_optimizer) if momentum == "optimizer" else "momentum"
         self._exact = exact_restore
         self._clean: list[torch.Tensor] | None = None
+        self._pending_cache: dict | None = None
         self.gbar: torch.Tensor | None = None  # per-layer EMA of gradient norms (eq. 8); None before step 1
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
 
@@ -81,7 +82,13 @@ class MGPO(PerturbedOptimizer):
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
     def _pending(self) -> dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """The pending perturbation as {coef: (params, momenta)}: one entry per layer (one for apn="off")."""
+        """The pending perturbation as {coef: (params, momenta)}: one entry per layer (one for apn="off").
+        Built once per step (perturb and restore both use it); rebuilt after a load or a new param group."""
+        if self._pending_cache is None:
+            self._pending_cache = self._collect_pending()
+        return self._pending_cache
+
+    def _collect_pending(self) -> dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]]:
         groups: dict[float, tuple[list, list]] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -172,6 +179,7 @@ class MGPO(PerturbedOptimizer):
             coef = -inv_gbar[layer] / (u_norm + _TINY)
         coef = coef * self.hparams["rho"]
         coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))  # zero/non-finite norm -> no eps
+        self._pending_cache = None
         new = dict(zip(map(id, params), coef.tolist()))
         for group in self.param_groups:  # a tensor without a gradient this step is not perturbed next step
             for p in group["params"]:
@@ -190,6 +198,11 @@ class MGPO(PerturbedOptimizer):
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         self.gbar, self._seen = extra["gbar"], extra["seen"]
+        self._pending_cache = None  # the loaded state holds new momentum tensors
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._pending_cache = None
 
 
 class MSAM(MGPO):
