@@ -12,3 +12,5 @@ py=${PYTHON:-python3}
 extras="hf"
 if [[ "${1:-}" == "--test" ]]; then extras="hf,trl,test"; fi
 "$py" -m pip install -q -e ".[${extras}]" "torch==2.13.0"
+# pyenv only exposes new console scripts (the `mgpo` command) after a rehash
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
