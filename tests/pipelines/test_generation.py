@@ -60,3 +60,25 @@ def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):
     ])
     metrics = train(cfg)
     assert metrics["truncated_examples"] == 8
+
+
+@pytest.mark.parametrize("bench,extra,expected", [
+    ("humaneval", ["generation.num_samples=2"], {"after_pass@1", "after_pass@2"}),
+    ("mtbench", [], {"after_judged"}),
+])
+def test_code_and_dialogue_benchmarks_run_end_to_end(tiny_llama_dir, tmp_path, bench, extra, expected):
+    data = tmp_path / "instruct.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}"}) + "\n" for i in range(16)))
+    out = tmp_path / "run"
+    cfg = load_config(None, [
+        f"model.name={tiny_llama_dir}", "model.max_length=200", f"data.name={data}", "data.task=causal-lm",
+        "data.template=alpaca", f"training.output_dir={out}", "training.max_steps=2", "training.batch_size=4",
+        "training.progress=false", f"generation.benchmark={bench}", "generation.max_examples=2",
+        "generation.max_new_tokens=8", *extra,
+    ])
+    metrics = train(cfg)
+    assert expected <= set(metrics), sorted(metrics)
+    rows = (out / f"after_{bench}.jsonl").read_text().splitlines()
+    assert len(rows) >= 2
+    if bench == "mtbench":
+        assert metrics["after_judged"] is False and "not judged" in metrics["after_message"]

@@ -82,6 +82,9 @@ class GenerationEvalConfig:
     before_training: bool = _help("causal-lm: also evaluate the model before fine-tuning.", False)
     benchmark: str = _help("causal-lm evaluation: auto, none, math, humaneval or mtbench (auto: math for data "
                            "with final answers, else none).", "auto")
+    num_samples: int = _help("humaneval: completions per problem; > 1 samples at `temperature` and reports pass@k "
+                             "(unbiased estimator) for k = 1 and num_samples.", 1)
+    temperature: float = _help("Sampling temperature when num_samples > 1 (greedy otherwise).", 0.8)
     judge_url: str | None = _help("mtbench: base URL of an OpenAI-compatible judge API; unset = answers are "
                                   "written but not judged.", None)
     judge_model: str = _help("mtbench: judge model name.", "gpt-4")
@@ -151,6 +154,8 @@ def validate(cfg: TrainConfig) -> None:
     g = cfg.generation
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", g.max_new_tokens, "use an integer >= 1")
     _check(g.batch_size >= 1, "generation.batch_size", g.batch_size, "use an integer >= 1")
+    _check(g.num_samples >= 1, "generation.num_samples", g.num_samples, "use an integer >= 1")
+    _check(g.temperature > 0, "generation.temperature", g.temperature, "use a positive temperature")
     benchmarks = ("auto", "none", "math", "humaneval", "mtbench")
     _check(g.benchmark in benchmarks, "generation.benchmark", g.benchmark, f"choose one of {', '.join(benchmarks)}")
     for section, obj in (("adapter", cfg.adapter), ("perturbation", cfg.perturbation)):

@@ -66,7 +66,9 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
         from mgpo.eval import humaneval
 
         problems = humaneval.load_problems(limit=g.max_examples)
-        result = humaneval.evaluate(functools.partial(gen, stop=list(humaneval.STOP_SEQUENCES)), problems,
+        sampling = dict(do_sample=True, temperature=g.temperature) if g.num_samples > 1 else {}
+        result = humaneval.evaluate(functools.partial(gen, stop=list(humaneval.STOP_SEQUENCES), **sampling),
+                                    problems, samples_per_problem=g.num_samples, k=sorted({1, g.num_samples}),
                                     out_jsonl=samples, progress=cfg.training.progress)
     else:
         from mgpo.eval import mtbench
