@@ -72,9 +72,14 @@ def demo(
 def show_config(
     config: Optional[str] = typer.Argument(None, help="YAML config to resolve."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides: section.field=value ..."),
+    explain: bool = typer.Option(False, "--explain", help="List every field with its default and help text."),
 ):
     """Print the resolved configuration (defaults <- file <- overrides), validated."""
     from mgpo.pipelines.config import load_config, to_yaml
+
+    if explain:
+        _explain_fields()
+        return
 
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides, config = [config, *(overrides or [])], None
@@ -82,6 +87,24 @@ def show_config(
         console.print(to_yaml(load_config(config, overrides or [])), highlight=False, markup=False)
     except _user_errors() as err:
         _fail(err)
+
+
+def _explain_fields() -> None:
+    import dataclasses
+
+    from rich.table import Table
+
+    from mgpo.pipelines.config import TrainConfig
+
+    table = Table(title="mgpo train configuration (override any field as section.field=value)")
+    table.add_column("field", no_wrap=True)
+    table.add_column("default", overflow="fold")
+    table.add_column("help", overflow="fold")
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            table.add_row(f"{section.name}.{f.name}", repr(default), f.metadata.get("help", ""))
+    console.print(table)
 
 
 def main() -> None:

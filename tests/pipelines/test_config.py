@@ -63,3 +63,16 @@ def test_cli_config_prints_the_resolved_yaml():
     result = CliRunner().invoke(app, ["config", str(CONFIGS[0]), "training.lr=0.002"])
     assert result.exit_code == 0, result.output
     assert "lr: 0.002" in result.output
+
+
+def test_cli_explains_every_field_with_its_help():
+    import dataclasses
+
+    from mgpo.pipelines.config import TrainConfig
+
+    result = CliRunner().invoke(app, ["config", "--explain"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f.metadata.get("help"), f"{section.name}.{f.name} has no help text"
+            assert f"{section.name}.{f.name}" in result.output
