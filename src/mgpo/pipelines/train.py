@@ -122,23 +122,24 @@ def classification_metrics(task: str, num_labels: int):
     return compute
 
 
-def _prepare_classification(cfg: TrainConfig, tokenizer):
+def _load_classification(cfg: TrainConfig):
     from mgpo.data.text import load_text_data
 
     d = cfg.data
-    data = load_text_data(d.name, task=d.task, text_column=d.text_column, text_pair_column=d.text_pair_column,
+    return load_text_data(d.name, task=d.task, text_column=d.text_column, text_pair_column=d.text_pair_column,
                           label_column=d.label_column, seed=d.seed, val_fraction=d.val_fraction,
                           test_fraction=d.test_fraction, max_train_examples=d.max_train_examples,
                           max_eval_examples=d.max_eval_examples)
-    pair = "text_pair" in data.splits["train"].column_names
+
+
+def _encode_classification(cfg: TrainConfig, data, tokenizer):
+    text_columns = [c for c in ("text", "text_pair") if c in data.splits["train"].column_names]
 
     def encode(batch):
-        return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
-                         max_length=cfg.model.max_length)
+        pair = batch["text_pair"] if "text_pair" in text_columns else None
+        return tokenizer(batch["text"], pair, truncation=True, max_length=cfg.model.max_length)
 
-    splits = data.splits.map(encode, batched=True, remove_columns=[c for c in ("text", "text_pair")
-                                                                   if c in data.splits["train"].column_names])
-    return data, splits
+    return data.splits.map(encode, batched=True, remove_columns=text_columns)
 
 
 def total_optimizer_steps(cfg: TrainConfig, n_train: int) -> int:
@@ -210,8 +211,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     started = time.time()
 
     task = cfg.data.task
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=2)
     if task == "causal-lm":
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name, task)
         from mgpo.pipelines.generation import prepare_causal_lm
 
         data, splits, collator, info = prepare_causal_lm(cfg, tokenizer)
@@ -221,9 +222,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
             info.update(evaluate_generation(cfg, model, tokenizer, data, out, prefix="before"))
     else:
-        data, splits = _prepare_classification(cfg, tokenizer)
-        if data.num_labels != 2 or task == "regression":  # reload with the right head size
-            model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels)
+        data = _load_classification(cfg)  # first, so the model is built with the right head size
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels)
+        splits = _encode_classification(cfg, data, tokenizer)
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
         compute_metrics = classification_metrics(task, data.num_labels)
         info = {}
