@@ -96,6 +96,7 @@ class RandomPerturbation(PerturbedOptimizer):
             )
         self._t = 0  # optimizer steps completed
         self._noise_sq: dict[int, torch.Tensor] = {}
+        self._sigma: dict[int, torch.Tensor] = {}  # per-row std of this step's noise, per target
         for index, module in enumerate(self.targets.values()):
             self._hooks.append(module.register_forward_hook(self._make_hook(index)))
 
@@ -103,8 +104,10 @@ class RandomPerturbation(PerturbedOptimizer):
         def hook(module, args, output):
             if not self._applied or not args:
                 return None
-            with torch.no_grad():
-                sigma = self._row_sigma(index, module, merged_weight(module).detach())
+            sigma = self._sigma.get(index)
+            if sigma is None:  # once per step: every micro-batch of a step sees the same weights and noise scale
+                with torch.no_grad():
+                    sigma = self._sigma[index] = self._row_sigma(index, module, merged_weight(module).detach())
             if not bool(sigma.any()):
                 return None
             self._noise_sq[index] = sigma.float().square().sum() * module.in_features
@@ -132,6 +135,7 @@ class RandomPerturbation(PerturbedOptimizer):
     def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
         self.base_optimizer.step()
         self._t += 1
+        self._sigma.clear()
         if self._noise_sq:
             self.last_stats["perturbation_norm"] = float(torch.stack(list(self._noise_sq.values())).sum().sqrt())
             self._noise_sq.clear()
@@ -142,3 +146,4 @@ class RandomPerturbation(PerturbedOptimizer):
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         self._t, self.hparams["seed"] = extra["t"], extra["seed"]
+        self._sigma.clear()
