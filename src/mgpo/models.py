@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mgpo.cache import default_cache_dir
 from mgpo.hub import offline_reason
 
 TASKS = ("classification", "regression", "causal-lm")
@@ -51,11 +52,6 @@ HUB_PROBE_TIMEOUT_S = 10.0
 
 class ModelError(ValueError):
     """A model name that cannot be resolved or loaded; the message says what to do instead."""
-
-
-def default_cache_dir() -> Path:
-    """The cache root: ``$MGPO_CACHE`` if set, else ``~/.cache/mgpo``."""
-    return Path(os.environ.get("MGPO_CACHE") or Path.home() / ".cache" / "mgpo").expanduser()
 
 
 def resolve_model(name: str, cache_dir: str | None = None) -> str:

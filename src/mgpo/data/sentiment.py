@@ -33,6 +33,7 @@ from pathlib import Path
 
 import datasets
 
+from mgpo.cache import default_cache_dir
 from mgpo.data.text import TASKS, DataError
 
 SDIST_REQUIREMENT = "vadersentiment==3.3.2"
@@ -46,11 +47,6 @@ CORPORA = {
 PARSED_DIR = "vader-3.3.2"  # parsed rows live in <cache>/vader-3.3.2/<corpus>.jsonl
 LABEL_NAMES = ["negative", "positive"]
 PIP_TIMEOUT_S = 900
-
-
-def default_cache_dir() -> Path:
-    """``$MGPO_CACHE`` if set, else ``~/.cache/mgpo``."""
-    return Path(os.environ.get("MGPO_CACHE") or Path.home() / ".cache" / "mgpo").expanduser()
 
 
 def load_sentiment_corpus(
