@@ -52,7 +52,7 @@ from transformers import TrainerCallback
 
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step, optimizer_param_groups
 from mgpo.optim import GGPO, MGPO, MSAM, SAM, RandomPerturbation
-from mgpo.optim._base import PerturbedOptimizer
+from mgpo.optim._base import PerturbedOptimizer, check_range
 from mgpo.optim.mgpo import APN_MODES
 
 METHODS = ("adamw", "mgpo", "msam", "sam", "random", "ggpo")
@@ -109,15 +109,10 @@ class PerturbationConfig:
         if self.apn not in APN_MODES:
             raise ValueError(f"perturbation.apn={self.apn!r} is unknown: choose one of {', '.join(APN_MODES)}.")
         self.momentum_value()
-
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
+        inf = float("inf")
+        for name, low, high in (("rho", 0.0, inf), ("beta", 0.0, 1.0), ("sigma", 0.0, inf), ("beta_g", 0.0, inf)):
+            check_range(f"perturbation.{name}", getattr(self, name), low, high)
         checks = [
-            ("rho", number(self.rho) and self.rho >= 0, "a finite number >= 0"),
-            ("beta", number(self.beta) and 0 <= self.beta < 1, "a number in [0, 1)"),
-            ("sigma", number(self.sigma) and self.sigma >= 0, "a finite number >= 0"),
-            ("beta_g", number(self.beta_g) and self.beta_g >= 0, "a finite number >= 0"),
             ("adaptive", isinstance(self.adaptive, bool), "true or false"),
             ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer"),
             ("exact_restore", self.exact_restore is None or isinstance(self.exact_restore, bool),
