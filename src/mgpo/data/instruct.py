@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from mgpo.data.text import FILE_BUILDERS, read_data_file
 from mgpo.eval.math import extract_answer
 from mgpo.hub import offline_reason
 
@@ -70,8 +71,6 @@ HUB_DATASETS: dict[str, HubSpec] = {
     "WizardLMTeam/WizardLM_evol_instruct_70k": HubSpec(None, "instruction", "output", "alpaca", None),
 }
 
-_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
 
 @dataclass
 class InstructData:
@@ -101,19 +100,15 @@ def resolve_template(template: str) -> str:
 
 
 def _load_file(path: Path) -> datasets.Dataset:
-    loader = _LOADERS.get(path.suffix.lower())
-    if loader is None:
-        raise ValueError(f"unsupported data file {str(path)!r}: use one of {sorted(_LOADERS)}")
-    try:
-        return datasets.load_dataset(loader, data_files=str(path), split="train")
-    except Exception as err:  # parse errors from pyarrow/pandas are obscure: say which file
-        raise ValueError(f"could not read {str(path)!r} as {loader}: {err}") from err
+    if path.suffix.lower() not in FILE_BUILDERS:
+        raise ValueError(f"unsupported data file {str(path)!r}: use one of {sorted(FILE_BUILDERS)}")
+    return read_data_file(path)
 
 
 def _load_local(path: Path) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     if path.is_file():
         return _load_file(path), None
-    files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix.lower() in _LOADERS}
+    files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix.lower() in FILE_BUILDERS}
     if "train" not in files:
         raise FileNotFoundError(
             f"folder {str(path)!r} has no train file; put train.jsonl (or .json/.csv/.parquet) there, "
@@ -220,7 +215,7 @@ def load_instruct_data(
     if path.exists():
         train, test = _load_local(path)
         default_template = "math"
-    elif path.suffix.lower() in _LOADERS or name.startswith((".", "/", "~")):
+    elif path.suffix.lower() in FILE_BUILDERS or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"data file {name!r} does not exist; check the path")
     elif name in HUB_DATASETS:
         spec = HUB_DATASETS[name]

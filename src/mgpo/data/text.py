@@ -201,7 +201,7 @@ def _load_local(path: Path, hf_cache: str | None) -> dict[str, datasets.Dataset]
     if not path.exists():
         raise DataError(f"no such file or directory: {path}; check the path (built-in corpora: movie-reviews, tweets)")
     if path.is_file():
-        return {"train": _read_file(path, hf_cache)}
+        return {"train": read_data_file(path, hf_cache)}
     files = {}
     for split, stems in SPLIT_FILE_STEMS.items():
         found = sorted(
@@ -216,10 +216,11 @@ def _load_local(path: Path, hf_cache: str | None) -> dict[str, datasets.Dataset]
         raise DataError(
             f"directory {path} has no train file (found: {present}); add train.csv, train.jsonl or train.parquet"
         )
-    return {split: _read_file(file, hf_cache) for split, file in files.items()}
+    return {split: read_data_file(file, hf_cache) for split, file in files.items()}
 
 
-def _read_file(path: Path, hf_cache: str | None) -> datasets.Dataset:
+def read_data_file(path: Path, hf_cache: str | None = None) -> datasets.Dataset:
+    """One local .csv/.json/.jsonl/.parquet file as a Dataset; a DataError says precisely why it cannot be read."""
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"unsupported file type {path.suffix!r} for {path}; use .csv, .json, .jsonl or .parquet")
