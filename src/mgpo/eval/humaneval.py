@@ -14,6 +14,8 @@ import re
 from collections import Counter
 from typing import Callable, Iterable
 
+from tqdm.auto import tqdm
+
 from .sandbox import RunResult, SandboxLimits, run_program, run_programs
 
 __all__ = ["STOP_SEQUENCES", "load_problems", "build_prompt", "extract_completion", "build_program", "check",
@@ -102,16 +104,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def _progress(items: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, total=total, desc=desc)
-
-
 def evaluate(
     generate: Callable[[list[str]], list[str]],
     problems: list[dict],
@@ -147,7 +139,7 @@ def evaluate(
     prompts = [build_prompt(problem) for problem, _ in jobs]
     outputs: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    for start in _progress(starts, len(starts), "humaneval: generating", progress):
+    for start in tqdm(starts, total=len(starts), desc="humaneval: generating", disable=not progress):
         batch = prompts[start:start + batch_size]
         got = list(generate(batch))
         if len(got) != len(batch) or not all(isinstance(g, str) for g in got):
@@ -159,8 +151,8 @@ def evaluate(
     programs = [build_program(problem, comp) for (problem, _), comp in zip(jobs, completions)]
     results: list[RunResult] = []
     chunk = max(1, 4 * workers)
-    for start in _progress(range(0, len(programs), chunk), math.ceil(len(programs) / chunk),
-                           "humaneval: running tests", progress):
+    for start in tqdm(range(0, len(programs), chunk), total=math.ceil(len(programs) / chunk),
+                      desc="humaneval: running tests", disable=not progress):
         results.extend(run_programs(programs[start:start + chunk], limits or SandboxLimits(), workers=workers))
 
     if out_jsonl is not None:

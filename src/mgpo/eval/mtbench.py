@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 __all__ = ["NEED_REFERENCE", "JudgeConfig", "JudgeError", "load_questions", "load_reference_answers",
            "load_judge_prompts", "generate_answers", "parse_rating", "judge"]
 
@@ -107,15 +109,8 @@ def generate_answers(chat: Callable[[list[dict]], str], questions: list[dict], p
 
     ``chat(messages)`` gets a list of {"role": "user"|"assistant", "content": str} and returns the reply.
     """
-    items = questions
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            items = tqdm(questions, desc="mt-bench: answering")
-        except ImportError:
-            pass
     answers = []
-    for q in items:
+    for q in tqdm(questions, desc="mt-bench: answering", disable=not progress):
         messages: list[dict] = []
         replies = []
         for turn in q["turns"]:
