@@ -20,6 +20,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, ValueError, FileNotFoundError, FileExistsError, TypeError)
 
 
+def _config_and_overrides(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """The optional first argument may already be an override (``mgpo train training.lr=1e-3``)."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *(overrides or [])]
+    return config, list(overrides or [])
+
+
 def _fail(err: BaseException) -> None:
     err_console.print(f"[bold red]error:[/] {err}")
     raise typer.Exit(code=2)
@@ -36,10 +43,9 @@ def train(
     from mgpo.pipelines.config import load_config
     from mgpo.pipelines.train import train as run
 
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides, config = [config, *(overrides or [])], None
+    config, overrides = _config_and_overrides(config, overrides)
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, overrides)
         metrics = run(cfg, resume=resume)
     except _user_errors() as err:
         _fail(err)
@@ -81,10 +87,9 @@ def show_config(
         _explain_fields()
         return
 
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides, config = [config, *(overrides or [])], None
+    config, overrides = _config_and_overrides(config, overrides)
     try:
-        console.print(to_yaml(load_config(config, overrides or [])), highlight=False, markup=False)
+        console.print(to_yaml(load_config(config, overrides)), highlight=False, markup=False)
     except _user_errors() as err:
         _fail(err)
 
