@@ -9,9 +9,10 @@ import mgpo
 
 # name -> (class, kwargs giving a real perturbation, kwargs giving none at all)
 METHODS = {
-    "mgpo": (mgpo.MGPO, dict(rho=0.05), dict(rho=0.0)),
-    "mgpo-inverse": (mgpo.MGPO, dict(rho=0.05, apn="inverse"), dict(rho=0.0, apn="inverse")),
+    "mgpo": (mgpo.MGPO, dict(rho=0.05), dict(rho=0.0)),  # the paper: weight space, apn inverse, per layer
+    "mgpo-global": (mgpo.MGPO, dict(rho=0.05, norm="global", apn="normalized"), dict(rho=0.0, norm="global")),
     "mgpo-mu": (mgpo.MGPO, dict(rho=0.05, momentum=0.9), dict(rho=0.0, momentum=0.9)),
+    "mgpo-factors": (mgpo.MGPO, dict(rho=0.05, space="factors"), dict(rho=0.0, space="factors")),
     "msam": (mgpo.MSAM, dict(rho=0.05), dict(rho=0.0)),
     "sam": (mgpo.SAM, dict(rho=0.05), dict(rho=0.0)),
     "asam": (mgpo.SAM, dict(rho=0.5, adaptive=True), dict(rho=0.0, adaptive=True)),

@@ -217,7 +217,8 @@ def test_sgd_with_momentum_as_base(name):
 
 INVALID = {
     "mgpo": [("rho", -0.1), ("rho", float("nan")), ("beta", 1.0), ("beta", -0.5), ("apn", "sqrt"),
-             ("momentum", 1.0), ("momentum", "adam"), ("eps", 0.0)],
+             ("momentum", 1.0), ("momentum", "adam"), ("max_scale", 0.0),
+             ("space", "dense"), ("norm", "row"), ("exact_restore", "yes")],
     "msam": [("rho", -1.0)],
     "sam": [("rho", -0.01), ("adaptive", "yes")],
     "random": [("rho", -0.1), ("total_steps", 0), ("total_steps", 2.5), ("seed", "x")],
@@ -245,8 +246,9 @@ def test_optimizer_momentum_without_momentum_state_is_a_type_error_naming_the_fi
 
 
 def test_hyper_parameters_do_not_leak_into_the_base_optimizer():
-    opt = mgpo.MGPO(make_model(), torch.optim.AdamW, lr=1e-3, eps=1e-3, base_kwargs=dict(eps=1e-6))
-    assert opt.base_optimizer.param_groups[0]["eps"] == 1e-6 and opt.hparams["eps"] == 1e-3
+    opt = mgpo.MGPO(make_model(), torch.optim.AdamW, lr=1e-3, rho=0.1, beta=0.5, eps=1e-6)
+    assert opt.base_optimizer.param_groups[0]["eps"] == 1e-6 and opt.hparams["rho"] == 0.1
+    assert "rho" not in opt.base_optimizer.param_groups[0] and "beta" not in opt.base_optimizer.param_groups[0]
 
 
 @pytest.mark.parametrize("name", ["random", "ggpo"])

@@ -75,7 +75,17 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{sorted(clash)} given both as keywords and in base_kwargs; give each once.")
         base_kwargs = {**(base_kwargs or {}), **more_base_kwargs}
         params, model = _split_model(params, model)
+        if auto_perturb and not self.two_pass and model is None:
+            name = type(self).__name__
+            raise TypeError(
+                f"{name} puts its perturbation on inside the model's forward, so it needs the model: pass it as "
+                f"the first argument ({name}(model, lr=...)) or as model=model next to param groups. Without a "
+                "model, pass auto_perturb=False and call opt.perturb() yourself before each training forward."
+            )
+        self._hooks: list = []
+        self._closed = False
         super().__init__(params, {})
+        refuse_unsupported(self.param_groups, model)
         # Share param_groups with the base optimizer (as davda54/sam does), so schedulers act on both. The
         # method's own hyper-parameters live in self.hparams, not in the groups, where names like "eps",
         # "momentum" or "rho" would collide with the base optimizer's (Adam's eps, SGD's momentum, Adadelta's rho).
@@ -87,9 +97,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.layers = discover_layers(self.param_groups, model)
         self._applied = False
         self._held = False
-        self.skipped_steps = 0
-        self.last_stats: dict[str, float] = {}
-        self._hooks: list = []
+        self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
+        self._skip_seen: tuple | None = None  # (host copy of the counter, CUDA event or None), read a step later
+        self._warned = False
+        self._stats: dict[str, torch.Tensor] = {}  # device scalars of the last step; floats on request
         if auto_perturb and not self.two_pass:
             self._install_hooks(model)
 
@@ -97,6 +108,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def perturb(self) -> None:
         """Apply the pending perturbation now. A no-op if it is already applied (or there is none yet)."""
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} was closed; build a new one to perturb again.")
         if not self._applied:
             self._apply()
             self._applied = True
@@ -133,66 +146,134 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         elif not module.training:
             self.restore()
 
-    def _install_hooks(self, model: nn.Module | None) -> None:
+    def _install_hooks(self, model: nn.Module) -> None:
+        """A forward pre-hook (apply at a training forward, restore at an eval one) and a state_dict pre-hook
+        (restore) on the model. They hold the optimizer weakly: dropping it ends its effect."""
         ref = weakref.ref(self)
+
+        def forward_hook(module, _args):
+            opt = ref()
+            if opt is not None:
+                opt._on_forward(module)
 
         def restore_hook(*_):
             opt = ref()
             if opt is not None:
                 opt.restore()
 
-        if model is not None:
+        self._hooks.append(model.register_forward_pre_hook(forward_hook))
+        self._hooks.append(model.register_state_dict_pre_hook(restore_hook))
 
-            def forward_hook(module, _args):
-                opt = ref()
-                if opt is not None:
-                    opt._on_forward(module)
-
-            self._hooks.append(model.register_forward_pre_hook(forward_hook))
-            self._hooks.append(model.register_state_dict_pre_hook(restore_hook))
+    def close(self) -> None:
+        """Take the perturbation off and remove every hook this optimizer installed. Idempotent; garbage
+        collection does the same. The base optimizer stays usable (``opt.base_optimizer``)."""
+        if self._closed:
             return
-        # Only tensors were given: watch every module's forward, and act on the first one owning our tensors.
-        # The ownership check runs once per module and is cached by identity.
-        ours = {id(p) for g in self.param_groups for p in g["params"]}
-        owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-        def global_hook(module, _args):
-            opt = ref()
-            if opt is None or not (opt._applied or module.training):
-                return
-            owns = owners.get(module)
-            if owns is None:
-                owns = owners[module] = any(id(p) in ours for p in module.parameters())
-            if owns:
-                opt._on_forward(module)
-
-        self._hooks.append(nn.modules.module.register_module_forward_pre_hook(global_hook))
+        self.restore()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._closed = True
 
     def __del__(self):
-        for handle in getattr(self, "_hooks", []):
-            handle.remove()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
 
     # ----------------------------------------------------------------------------------------- the step
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
-    def _check_grads(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        """Per-tensor gradient norms (float32, one vector), or None when any gradient is NaN/Inf (the step
-        is then skipped, counted, and warned about once)."""
-        if not params:
-            return torch.zeros(0)
-        norms = torch.stack(torch._foreach_norm([p.grad for p in params])).float()
-        if bool(torch.isfinite(norms).all()):
-            return norms
-        self.skipped_steps += 1
-        if self.skipped_steps == 1:
+    def _grad_norms(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tensor gradient norms (float32 at least, one vector) and ``ok``: a device bool, False when any
+        gradient is NaN/Inf. Nothing is read back to the host."""
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        norms = torch.stack(torch._foreach_norm([p.grad for p in params], dtype=dtype))
+        ok = torch.isfinite(norms).all()
+        bad = (~ok).to(torch.int64)
+        self._skipped = bad if self._skipped is None else self._skipped + bad
+        if not self._warned:  # copy the counter to the host without waiting; read it at the next step
+            if self._skipped.is_cuda:
+                host = torch.empty((), dtype=torch.int64, pin_memory=True).copy_(self._skipped, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._skip_seen = (host, event)
+            else:
+                self._skip_seen = (self._skipped, None)
+        return norms, ok
+
+    def _poll_skips(self) -> None:
+        """Warn once about skipped steps, from a host copy made a step earlier (never waits for the device)."""
+        if self._warned or self._skip_seen is None:
+            return
+        host, event = self._skip_seen
+        if event is not None and not event.query():
+            return
+        if host.numpy() > 0:  # a host tensor: no device synchronisation
+            self._warned = True
             warnings.warn(
-                f"{type(self).__name__}: non-finite gradient (NaN/Inf); this step is skipped and the weights are "
-                "left unchanged. Further skips are counted in opt.skipped_steps without another warning.",
+                f"{type(self).__name__}: non-finite gradient (NaN/Inf); that step was skipped and the weights left "
+                "unchanged. Further skips are counted in opt.skipped_steps without another warning.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        return None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reading it waits for the device)."""
+        return 0 if self._skipped is None else int(self._skipped)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The last step's statistics as floats. Computed on the device during the step; converting them here
+        (one transfer for all) is the only host synchronisation, and happens only when you ask."""
+        stats = dict(zip(self._stats, torch.stack([v.float() for v in self._stats.values()]).tolist())) \
+            if self._stats else {}
+        stats["skipped_steps"] = float(self.skipped_steps)
+        return stats
+
+    @property
+    def stats_tensors(self) -> dict[str, torch.Tensor]:
+        """The last step's statistics as device scalars (for loggers that average without syncing)."""
+        return dict(self._stats)
+
+    def _base_step(self, params: list[torch.Tensor], ok: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
+        """The base optimizer's step, skipped on the device when ``ok`` is False.
+
+        A fused base optimizer (``AdamW(fused=True)``, ...) skips inside its kernel through ``found_inf``. Any other
+        one steps on sanitised gradients and its parameters and state (and ``extra`` tensors the method updates
+        itself, e.g. its own momentum) are blended back to their old values with weight ``not ok``: exact (a lerp
+        with weight 0 or 1), no host synchronisation, at the cost of one copy of the trainable tensors and their
+        state during the step.
+        """
+        base = self.base_optimizer
+        if getattr(base, "_step_supports_amp_scaling", False) and not extra:
+            base.grad_scale, base.found_inf = None, (~ok).float()
+            try:
+                base.step()
+            finally:
+                del base.grad_scale, base.found_inf
+            return
+        for p in params:  # NaN/Inf -> 0, so the (discarded) update is finite and the blend below is exact
+            p.grad.nan_to_num_(0.0, 0.0, 0.0)
+        state = base.state
+        had = {p: [k for k, v in state[p].items() if torch.is_tensor(v) and v.is_floating_point()]
+               for p in params if p in state}
+        saved_from = list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)
+        saved = torch._foreach_mul(saved_from, 1.0)  # an exact copy (keeps -0.0)
+        base.step()
+        now = list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)
+        fresh = [v for p in params if p not in had and p in state
+                 for v in state[p].values() if torch.is_tensor(v) and v.is_floating_point()]
+        bad = (~ok).float()
+        # Non-capturable optimizers keep step counters on the CPU beside CUDA parameters: reverting those would
+        # need the flag on the host, so they are left advanced by one on a skipped step (docs/method.md).
+        keep = [i for i, t in enumerate(now) if t.device == bad.device]
+        torch._foreach_lerp_([now[i] for i in keep], [saved[i] for i in keep], bad)
+        fresh = [t for t in fresh if t.device == bad.device]
+        if fresh:  # state created by this step: back to the zeros a first step starts from
+            torch._foreach_mul_(fresh, ok.float())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -201,14 +282,13 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.restore()  # eq. (7) / method-spec step 1: the base step always sees clean weights
+        self._poll_skips()
+        self.restore()  # method-spec: the base step always sees clean weights
         params = self._params_with_grad()
         if not params:  # nothing has a gradient: like the base optimizer, do nothing
             return loss
-        grad_norms = self._check_grads(params)
-        if grad_norms is not None:
-            self._update(params, grad_norms)
-        self.last_stats["skipped_steps"] = float(self.skipped_steps)
+        grad_norms, ok = self._grad_norms(params)
+        self._update(params, grad_norms, ok)
         return loss
 
     def _apply(self) -> None:
@@ -217,7 +297,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _remove(self) -> None:
         raise NotImplementedError
 
-    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
         raise NotImplementedError
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -227,15 +307,29 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             return super().add_param_group(param_group)
         self.base_optimizer.add_param_group(param_group)
+        refuse_unsupported(self.param_groups, self.model)
         self.layers = discover_layers(self.param_groups, self.model)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:
         """Method-specific scalars/tensors not kept per parameter in ``self.state`` (override to add)."""
-        return {"skipped_steps": self.skipped_steps}
+        return {"skipped_steps": self._skipped, "hparams": dict(self.hparams)}
 
     def _load_extra_state(self, extra: dict) -> None:
-        self.skipped_steps = extra["skipped_steps"]
+        saved = extra.get("hparams")
+        if saved is not None:
+            for key in sorted(set(saved) | set(self.hparams)):
+                if key in ("seed",):  # the noise seed is state: it is restored, not compared
+                    continue
+                if saved.get(key) != self.hparams.get(key):
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: the state was saved with {key}="
+                        f"{saved.get(key)!r} but this optimizer has {key}={self.hparams.get(key)!r}. Build the "
+                        f"optimizer with {key}={saved.get(key)!r} to resume that run (a resume never changes the "
+                        "method silently)."
+                    )
+        skipped = extra["skipped_steps"]
+        self._skipped = torch.as_tensor(skipped) if skipped is not None and not torch.is_tensor(skipped) else skipped
 
     def state_dict(self) -> dict:
         return {
@@ -252,13 +346,34 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 f"{type(self.base_optimizer).__name__} state, use opt.base_optimizer.load_state_dict(...)."
             )
         self.restore()
+        self._load_extra_state(state_dict["extra"])  # first: a mismatch raises before anything is changed
         super().load_state_dict(state_dict["own"])
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # both loads made new group dicts: share again
-        self._load_extra_state(state_dict["extra"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, layers={len(self.layers)})"
+
+
+def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> None:
+    """Refuse, at construction, set-ups the optimizers would train wrongly (method-spec, Distributed)."""
+    if model is not None and (type(model).__name__ == "DeepSpeedEngine" or hasattr(model, "zero_optimization")):
+        raise ValueError(
+            "DeepSpeed is not supported: ZeRO shards parameters and optimizer state behind its own engine, so the "
+            "perturbation's norms and momenta would be per-rank fragments. Use PyTorch DDP or FSDP "
+            "(torch.distributed.fsdp.fully_shard), e.g. through accelerate, instead."
+        )
+    params = [p for g in param_groups for p in g["params"]]
+    if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
+        raise ValueError("These parameters are partitioned by DeepSpeed ZeRO, which is not supported; use PyTorch "
+                         "DDP or FSDP (fully_shard) instead.")
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) > 1:
+        raise ValueError(
+            f"The parameters are on several devices ({', '.join(devices)}), e.g. from device_map='auto'. The "
+            "optimizer computes its norms on one device and does not support this; load the model on one device "
+            "(device_map={'': 0}) or shard it with FSDP."
+        )
 
 
 def moment_key(base: torch.optim.Optimizer) -> str:

@@ -19,28 +19,20 @@ import torch
 from torch import nn
 
 from mgpo.optim._base import check_range
-from mgpo.optim.layers import is_lora_linear
-from mgpo.optim.random_perturbation import RandomPerturbation
+from mgpo.optim.layers import is_lora_linear, lowrank_row_sq_norms
+from mgpo.optim.random_perturbation import RandomPerturbation, _lowrank_delta
 
 
 def delta_grad_row_norms(module: nn.Module) -> torch.Tensor | None:
-    """Row norms of ``s (B grad_A + grad_B A)`` summed over active adapters (or of ``weight.grad``)."""
+    """Row norms of ``s (B grad_A + grad_B A)`` summed over active adapters (or of ``weight.grad``), from
+    ``rowsum((U (V V^T)) * U)`` with ``U = [sB, s gB]``, ``V = [gA; A]``: no out x in matrix."""
     if not is_lora_linear(module):
         grad = module.weight.grad
         return None if grad is None else grad.float().norm(dim=1)
-    total = None
-    for adapter in module.active_adapters:
-        if adapter not in module.lora_A:
-            continue
-        a, b = module.lora_A[adapter], module.lora_B[adapter]
-        if not (hasattr(a, "weight") and hasattr(b, "weight")):
-            return None  # not a plain A/B pair (e.g. AdaLoRA): no gradient term for this layer
-        ga, gb = a.weight.grad, b.weight.grad
-        if ga is None or gb is None:
-            continue
-        delta = module.scaling[adapter] * (b.weight.float() @ ga.float() + gb.float() @ a.weight.float())
-        total = delta if total is None else total + delta
-    return None if total is None else total.norm(dim=1)
+    delta = _lowrank_delta(module, grads=True)
+    if delta is None or delta == "empty":
+        return None  # not a plain A/B pair (e.g. AdaLoRA), or no gradient: no gradient term for this layer
+    return lowrank_row_sq_norms(*delta).clamp_min(0).sqrt()
 
 
 class GGPO(RandomPerturbation):
@@ -61,14 +53,15 @@ class GGPO(RandomPerturbation):
         self._grad_rows: dict[int, torch.Tensor] = {}
         self._warned_no_grad_term = False
 
-    def _row_sigma(self, index: int, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        sigma = self.hparams["sigma"] * weight.float().norm(dim=1)
+    def _row_sigma(self, index: int, module: nn.Module) -> torch.Tensor:
+        sigma = self.hparams["sigma"] * self._merged_row_norms(index, module)
         grad_rows = self._grad_rows.get(index)
         if grad_rows is not None and self.hparams["beta_g"] != 0:
             sigma = sigma + self.hparams["beta_g"] * grad_rows
-        return sigma / math.sqrt(weight.shape[1])
+        in_features = (module.get_base_layer() if is_lora_linear(module) else module).weight.shape[1]
+        return sigma / math.sqrt(in_features)
 
-    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
         if self.hparams["beta_g"] != 0:  # gn_i of this step, used by the next step's noise
             with torch.no_grad():
                 for index, module in enumerate(self.targets.values()):
@@ -81,9 +74,10 @@ class GGPO(RandomPerturbation):
                             self._warned_no_grad_term = True
                             warnings.warn("GGPO: a LoRA layer without a plain A/B pair (e.g. AdaLoRA) gets the "
                                           "weight-norm term only.", RuntimeWarning, stacklevel=3)
-                    else:
-                        self._grad_rows[index] = rows
-        super()._update(params, grad_norms)
+                    else:  # a skipped (non-finite) step keeps the previous rows
+                        prev = self._grad_rows.get(index)
+                        self._grad_rows[index] = torch.where(ok, rows, prev if prev is not None else 0.0)
+        super()._update(params, grad_norms, ok)
 
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "grad_rows": dict(self._grad_rows)}

@@ -66,3 +66,61 @@ def noise_targets(model: nn.Module, trainable: set[int]) -> dict[str, nn.Module]
     return {
         name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in trainable
     }
+
+
+def is_plain_lora(module: nn.Module, adapter: str) -> bool:
+    """``adapter`` of ``module`` is vanilla LoRA: ``W0 + s B A`` with ``A``, ``B`` plain linear weights (not DoRA,
+    not AdaLoRA's SVD form), so its weight-space term can be applied as a low-rank addition to the output."""
+    if not is_lora_linear(module) or adapter not in module.lora_A:
+        return False
+    if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+        return False
+    a, b = module.lora_A[adapter], module.lora_B[adapter]
+    return isinstance(a, nn.Linear) and isinstance(b, nn.Linear) and hasattr(module, "scaling")
+
+
+def lora_pairs(model: nn.Module, trainable: set[int]) -> list[tuple[str, nn.Module, str]]:
+    """``(layer key, module, adapter)`` of every vanilla LoRA adapter whose A and B are both trained."""
+    pairs = []
+    for name, module in model.named_modules():
+        if not is_lora_linear(module):
+            continue
+        for adapter in module.lora_A:
+            if is_plain_lora(module, adapter) and id(module.lora_A[adapter].weight) in trainable \
+                    and id(module.lora_B[adapter].weight) in trainable:
+                pairs.append((f"{name}[{adapter}]", module, adapter))
+    return pairs
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes (or other packed) base layer whose weight is not a plain floating tensor."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    weight = getattr(base, "weight", None)
+    return type(base).__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq") or (
+        weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params")))
+
+
+def stacked_lowrank(us: list[tuple[torch.Tensor, torch.Tensor]], vs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Products ``U_l V_l`` with ``U_l = [u1 | u2]`` (out x 2r) and ``V_l = [v1; v2]`` (2r x in), batched.
+
+    Pairs of one shape are stacked into ``U`` (n, out, 2r) and ``V`` (n, 2r, in). Returns
+    ``[(indices, U, V, sq)]`` per shape, with ``sq = ||U_l V_l||_F^2 = sum((U^T U) * (V V^T))`` from the 2r x 2r
+    Gram matrices (float32 at least): a few kernels per shape, never an out x in tensor.
+    """
+    by_shape: dict[tuple, list[int]] = {}
+    for i, ((u1, u2), (v1, v2)) in enumerate(zip(us, vs)):
+        by_shape.setdefault((u1.shape, u2.shape, v1.shape, v2.shape, u1.dtype, u1.device), []).append(i)
+    out = []
+    for index in by_shape.values():
+        u = torch.cat([torch.stack([us[i][0] for i in index]), torch.stack([us[i][1] for i in index])], 2)
+        v = torch.cat([torch.stack([vs[i][0] for i in index]), torch.stack([vs[i][1] for i in index])], 1)
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        uf, vf = u.to(acc), v.to(acc)
+        out.append((index, u, v, (uf.mT @ uf).mul_(vf @ vf.mT).sum((1, 2))))
+    return out
+
+
+def lowrank_row_sq_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Squared row norms of ``U V`` (out x in) without forming it: ``rowsum((U (V V^T)) * U)``."""
+    u, v = u.float() if u.dtype != torch.float64 else u, v.float() if v.dtype != torch.float64 else v
+    return ((u @ (v @ v.mT)) * u).sum(1)

@@ -1,43 +1,89 @@
 """MGPO: momentum-guided perturbation with adaptive perturbation normalization (paper Section 3.2, eqs. 3-8).
 
-One forward/backward per step. The perturbation of step t+1 is ``eps = c_l * v`` with ``v`` the momentum
-after step t and ``c_l`` one scalar per layer; only those scalars are stored (``state[p]["coef"]``), so with
-``momentum="optimizer"`` no tensor is allocated beyond the base optimizer's own state.
+One forward/backward per step. ``space="weight"`` (the default, the paper's algorithm): for every vanilla LoRA
+layer ``l`` (one module and adapter, ``W0 + s B A``) the forward of step t+1 runs at ``W0 + s B A + eps_l`` with
+
+    D_l   = s (m_B A + B m_A)                                  (momentum direction in weight space, eq. 6)
+    eps_l = -rho k_l D_l / ||D_l||,  k_l = min(1/gbar_l, max_scale)           (eq. 4, norm="layer")
+
+``eps_l x = c_l s (m_B (A x) + B (m_A x))`` is added to the layer's output by a forward hook: a rank-2r term, so
+nothing of size out x in is formed and no weight is written. Its Frobenius norm comes from the 2r x 2r Gram
+matrices of ``[m_B, B]`` and ``[A; m_A]``. Every other trainable tensor (a head, DoRA/AdaLoRA factors, full
+fine-tuning) is a layer of its own with ``D = m``, moved in place and restored exactly from a copy.
+
+``space="factors"`` moves the trainable tensors themselves along their momentum: Momentum-SAM's algorithm
+(:class:`MSAM`). docs/method.md has every equation next to the line implementing it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
+from mgpo.optim.layers import lora_pairs, stacked_lowrank
 
-APN_MODES = ("off", "inverse", "normalized")
+APN_MODES = ("inverse", "off", "normalized")
+SPACES = ("weight", "factors")
+NORMS = ("layer", "global")
 _TINY = 1e-12  # added to every denominator (method-spec)
+
+# The paper's ablation arms (Figure 4) and Momentum-SAM, by name; None means the plain base optimizer.
+PRESETS: dict[str, dict | None] = {
+    "lora": None,
+    "mgpo-no-apn": {"apn": "off"},
+    "lora-mgpo": {},
+    "msam": {"space": "factors", "apn": "off", "norm": "global"},
+}
+# The paper's hyper-parameters (Section 4.1). mu is AdamW's beta1 in the authors' code (momentum = exp_avg).
+PROFILES: dict[str, dict[str, float]] = {
+    "nlu": {"rho": 0.05, "beta": 0.9, "mu": 0.9},
+    "nlg": {"rho": 0.01, "beta": 0.8, "mu": 0.8},
+}
+
+
+def profile(name: str, beta2: float = 0.999) -> dict:
+    """MGPO keywords for a paper profile, AdamW's ``betas=(mu, beta2)`` included: ``MGPO(model, **profile("nlg"))``."""
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r} is unknown: choose one of {', '.join(map(repr, PROFILES))}.")
+    p = PROFILES[name]
+    return {"rho": p["rho"], "beta": p["beta"], "betas": (p["mu"], beta2)}
+
+
+def preset(name: str) -> dict | None:
+    """MGPO keywords of an ablation arm (``None``: train with the plain base optimizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: choose one of {', '.join(map(repr, PRESETS))}.")
+    return None if PRESETS[name] is None else dict(PRESETS[name])
 
 
 class MGPO(PerturbedOptimizer):
-    """LoRA-MGPO around any ``torch.optim`` optimizer.
+    """LoRA-MGPO around any ``torch.optim`` optimizer. Defaults are the paper's.
 
     Args:
-        params: parameters, param groups, or the model itself (then its LoRA layers are found by name and the
-            perturbation is applied by a forward pre-hook on the model).
-        base_optimizer: the optimizer class that does the update (AdamW by default); ``**base_kwargs`` go to it.
-            A base argument whose name MGPO uses too (SGD's ``momentum``) goes in ``base_kwargs={...}``.
+        params: the model (recommended: its LoRA layers are found and the perturbation is applied in its
+            forward), or parameters / param groups together with ``model=``.
+        base_optimizer: the optimizer class doing the update (AdamW); ``**base_kwargs`` go to it. A base argument
+            whose name MGPO uses too (SGD's ``momentum``) goes in ``base_kwargs={...}``.
         rho: perturbation radius (>= 0). 0 gives exactly the base optimizer.
-        beta: EMA factor of the per-layer gradient norm, in [0, 1) (eq. 8).
-        apn: adaptive perturbation normalization: "off" (Momentum-SAM), "inverse" (eq. 4 literally) or
-            "normalized" (per-layer 1/gbar re-weighting with the total radius kept at rho).
-        momentum: "optimizer" to reuse the base optimizer's first moment, or a float mu in [0, 1) for MGPO's own
-            buffer ``v_t = mu v_{t-1} + g_t`` (eq. 5).
-        eps: floor of the EMA before it divides (> 0).
-        model: the model, when ``params`` are tensors or groups; enables LoRA-aware layers and auto-perturb.
-        auto_perturb: apply the pending perturbation automatically at the first training-mode forward of each
-            step. Without it, call ``opt.perturb()`` before the forward yourself.
-        exact_restore: keep a copy of the clean weights while perturbed and copy it back, instead of
-            subtracting the perturbation again (exact to rounding only). Default: on for fp16/bf16 weights.
+        beta: EMA factor of the per-layer weight-space gradient norm, in [0, 1) (eq. 8).
+        apn: adaptive perturbation normalization: "inverse" (eq. 4: radius scaled by min(1/gbar_l, max_scale)),
+            "off" (no APN: Momentum-SAM's radius) or "normalized" (1/gbar_l re-weighting, total radius rho).
+        norm: "layer" (each layer its own radius rho k_l, the authors' code) or "global" (total radius rho).
+        max_scale: cap of the APN factor 1/gbar_l (> 0; None: no cap).
+        momentum: "optimizer" to use the base optimizer's first moment (AdamW's exp_avg: set ``betas=(mu, ...)``),
+            or a float mu in [0, 1) for MGPO's own buffer ``v = mu v + g`` (eq. 5).
+        space: "weight" (the paper: eps in each LoRA layer's weight space) or "factors" (move A and B).
+        model: the model, when ``params`` are tensors or groups.
+        auto_perturb: apply the pending perturbation at the first training-mode forward of each step (needs the
+            model). Without it call ``opt.perturb()`` before the forward yourself.
+        exact_restore: tensors moved in place are restored from a copy (bit-exact). Default: on, except for full
+            fine-tuning in fp32/fp64, where a copy would double the model's memory and the perturbation is
+            subtracted again instead (exact to a few ulp; docs/method.md).
     """
 
     def __init__(
@@ -47,9 +93,11 @@ class MGPO(PerturbedOptimizer):
         *,
         rho: float = 0.05,
         beta: float = 0.9,
-        apn: str = "normalized",
+        apn: str = "inverse",
+        norm: str = "layer",
+        max_scale: float | None = 10.0,
         momentum: str | float = "optimizer",
-        eps: float = 1e-8,
+        space: str = "weight",
         model: nn.Module | None = None,
         auto_perturb: bool = True,
         exact_restore: bool | None = None,
@@ -57,9 +105,11 @@ class MGPO(PerturbedOptimizer):
     ):
         check_range("rho", rho, 0.0, float("inf"))
         check_range("beta", beta, 0.0, 1.0)
-        check_range("eps", eps, 0.0, float("inf"), low_open=True)
-        if apn not in APN_MODES:
-            raise ValueError(f"apn={apn!r} is invalid: choose one of {', '.join(map(repr, APN_MODES))}.")
+        if max_scale is not None:
+            check_range("max_scale", max_scale, 0.0, float("inf"), low_open=True)
+        for name, value, allowed in (("apn", apn, APN_MODES), ("norm", norm, NORMS), ("space", space, SPACES)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is invalid: choose one of {', '.join(map(repr, allowed))}.")
         if momentum != "optimizer":
             if isinstance(momentum, str):
                 raise ValueError(
@@ -67,149 +117,277 @@ class MGPO(PerturbedOptimizer):
                     "or a float mu in [0, 1)."
                 )
             check_range("momentum", momentum, 0.0, 1.0)
-        hparams = dict(rho=rho, beta=beta, apn=apn, momentum=momentum, eps=eps)
+        if exact_restore is not None and not isinstance(exact_restore, bool):
+            raise ValueError(f"exact_restore={exact_restore!r} is invalid: use True, False or None (automatic).")
+        hparams = dict(rho=rho, beta=beta, apn=apn, norm=norm, max_scale=max_scale, momentum=momentum, space=space)
         super().__init__(params, base_optimizer, hparams, model=model, auto_perturb=auto_perturb, **base_kwargs)
         self._moment = moment_key(self.base_optimizer) if momentum == "optimizer" else "momentum"
-        self._exact = exact_restore
-        self._clean: list[torch.Tensor] | None = None
-        self._pending_cache: dict | None = None
-        self.gbar: torch.Tensor | None = None  # per-layer EMA of gradient norms (eq. 8); None before step 1
+        self._exact_arg = exact_restore
+        self.gbar: torch.Tensor | None = None  # per-layer EMA of weight-space gradient norms (eq. 8)
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
+        self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
+        self._terms: dict[int, list] | None = None  # module id -> [(adapter, c s [m_B, B], [A; m_A])]
+        self._clean: list[torch.Tensor] | None = None
+        self._setup_layers()
 
-    @property
-    def _moment_owner(self) -> dict:  # a property: load_state_dict replaces the state dicts
-        return self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
+    # ------------------------------------------------------------------------------- which tensor is where
+    def _setup_layers(self) -> None:
+        trainable = {id(p) for g in self.param_groups for p in g["params"]}
+        index = {key: i for i, key in enumerate(self.layers)}
+        pairs = lora_pairs(self.model, trainable) if self.model is not None and self.hparams["space"] == "weight" \
+            else []
+        pairs = [pr for pr in pairs if pr[0] in index]
+        # (layer index, module, adapter, A, B, scaling s) of every layer perturbed in weight space
+        self._pairs = [(index[key], m, a, m.lora_A[a].weight, m.lora_B[a].weight, float(m.scaling[a]))
+                       for key, m, a in pairs]
+        in_pairs = {id(t) for pr in self._pairs for t in pr[3:5]}
+        # every other tensor is moved in place: (layer index, tensor)
+        self._inplace = [(index[key], p) for key, ps in self.layers.items() for p in ps if id(p) not in in_pairs]
+        self._layer_of = {id(p): i for i, p in self._inplace}
+        lora = bool(self._pairs) or any("[" in key for key in self.layers)
+        full_ft = self.model is not None and not lora
+        self._exact = self._exact_arg if self._exact_arg is not None else not (
+            full_ft and all(p.dtype in (torch.float32, torch.float64) for _, p in self._inplace))
+        self._terms = None
+        self._index_cache: dict = {}
+        self._device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        if self._pairs:
+            self._install_term_hooks()
+
+    def _install_term_hooks(self) -> None:
+        ref = weakref.ref(self)
+        for handle in getattr(self, "_term_hooks", []):
+            handle.remove()
+            self._hooks.remove(handle)
+        self._term_hooks = []
+        for module in {id(m): m for _, m, *_ in self._pairs}.values():
+
+            def hook(module, args, kwargs, output):
+                opt = ref()
+                if opt is None or not opt._applied or getattr(module, "disable_adapters", False):
+                    return None
+                terms = opt._terms.get(id(module)) if opt._terms is not None else None
+                if not terms:
+                    return None
+                x = args[0] if args else kwargs["x"]
+                active = module.active_adapters
+                for adapter, u, v in terms:
+                    if adapter in active:  # eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
+                        output = output + F.linear(F.linear(x.to(v.dtype), v), u).to(output.dtype)
+                return output
+
+            handle = module.register_forward_hook(hook, with_kwargs=True)
+            self._term_hooks.append(handle)
+            self._hooks.append(handle)
+
+    def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
+        return [owner[p].get(self._moment) if p in owner else None for p in tensors]
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
-    def _pending(self) -> dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """The pending perturbation as {coef: (params, momenta)}: one entry per layer (one for apn="off").
-        Built once per step (perturb and restore both use it); rebuilt after a load or a new param group."""
-        if self._pending_cache is None:
-            self._pending_cache = self._collect_pending()
-        return self._pending_cache
+    def _build_terms(self, stacks=None) -> None:
+        """The weight-space terms ``(c_l s [m_B, B], [A; m_A])`` of the pending perturbation, per module."""
+        self._terms = {}
+        if self._coef is None or not self._pairs:
+            return
+        if stacks is None:
+            stacks = self._direction_stacks()[0]
+        scale = self._coef[[pr[0] for pr in self._pairs]] * torch.tensor(
+            [pr[5] for pr in self._pairs], device=self._coef.device, dtype=self._coef.dtype)
+        for index, u, v, _ in stacks:
+            u = u * scale[index].to(u.dtype)[:, None, None]
+            for j, i in enumerate(index):
+                _, module, adapter, *_ = self._pairs[i]
+                self._terms.setdefault(id(module), []).append((adapter, u[j], v[j]))
 
-    def _collect_pending(self) -> dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        groups: dict[float, tuple[list, list]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                coef = self.state[p].get("coef", 0.0) if p in self.state else 0.0
-                if coef != 0.0:
-                    params, moments = groups.setdefault(coef, ([], []))
-                    params.append(p)
-                    moments.append(self._moment_owner[p][self._moment])
-        return groups
+    def _direction_stacks(self):
+        """``D_l / s = [m_B, B] [A; m_A]`` for every pair with momentum, batched; and which pairs have it."""
+        ok = []
+        us, vs = [], []
+        for i, (_, _, _, a, b, _) in enumerate(self._pairs):
+            m_a, m_b = self._moments([a, b])
+            if m_a is None or m_b is None:
+                continue
+            ok.append(i)
+            us.append((m_b, b))
+            vs.append((a, m_a))
+        stacks = stacked_lowrank(us, vs) if us else []
+        return [([ok[j] for j in index], u, v, sq) for index, u, v, sq in stacks], ok
+
+    def _inplace_pending(self):
+        ps = [p for _, p in self._inplace]
+        moments = self._moments(ps)
+        keep = [j for j, m in enumerate(moments) if m is not None]
+        layer = self._cached_index(tuple(self._inplace[j][0] for j in keep))
+        coefs = self._coef[layer].unbind() if keep else []
+        return [ps[j] for j in keep], [moments[j] for j in keep], list(coefs)
+
+    def _cached_index(self, layers: tuple) -> torch.Tensor:
+        if layers not in self._index_cache:
+            self._index_cache[layers] = torch.tensor(layers, dtype=torch.long, device=self._device)
+        return self._index_cache[layers]
 
     def _apply(self) -> None:
-        pending = self._pending()
-        params = [p for ps, _ in pending.values() for p in ps]
-        exact = self._exact if self._exact is not None else any(p.dtype in (torch.float16, torch.bfloat16)
-                                                                 for p in params)
-        self._clean = [p.detach().clone() for p in params] if exact and params else None
-        # eq. (6): W~_t = W_t + eps_t with eps_t = coef * v (coef carries -rho, the norms and APN of eq. 4);
-        # added in place with alpha=coef, so no perturbation-sized temporary is allocated
-        for coef, (ps, moments) in pending.items():
-            torch._foreach_add_(ps, moments, alpha=coef)
+        if self._coef is None:  # first step: no momentum yet, no perturbation
+            return
+        if self._terms is None:  # after a load: rebuilt from the current factors and momenta
+            self._build_terms()
+        ps, moments, coefs = self._inplace_pending()
+        if not ps:
+            return
+        self._clean = torch._foreach_mul(ps, 1.0) if self._exact else None  # exact copy of the clean values
+        torch._foreach_addcmul_(ps, moments, [c.to(p.dtype) for c, p in zip(coefs, ps)])  # W~ = W + c_l m
 
     def _remove(self) -> None:
-        pending = self._pending()
-        if self._clean is not None:
-            torch._foreach_copy_([p for ps, _ in pending.values() for p in ps], self._clean)
-            self._clean = None
+        if self._coef is None:
             return
-        # W_t = W~_t - eps_t: exact to rounding (a few ulp per step in fp32), documented in docs/method.md
-        for coef, (ps, moments) in pending.items():
-            torch._foreach_add_(ps, moments, alpha=-coef)
+        ps, moments, coefs = self._inplace_pending()
+        if not ps:
+            return
+        if self._clean is not None:
+            torch._foreach_copy_(ps, self._clean)
+            self._clean = None
+        else:  # full fine-tuning in fp32 (docs/method.md): W = W~ - c_l m, exact to a few ulp
+            torch._foreach_addcmul_(ps, moments, [-c.to(p.dtype) for c, p in zip(coefs, ps)])
 
     # ------------------------------------------------------------------------------- the step
-    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
-        grads = [p.grad for p in params]
-        index = {id(p): i for i, ts in enumerate(self.layers.values()) for p in ts}  # add_param_group may grow it
-        layer = torch.tensor([index[id(p)] for p in params], dtype=torch.long)
-        device = params[0].device
-        layer = layer.to(device)
-        n_layers = len(self.layers)
+    def _layer_sq_sums(self, layers: list[int], norms: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """Per-layer sums of squared tensor norms (``norms[j]`` belongs to layer ``layers[j]``)."""
+        out = torch.zeros(n_layers, device=norms.device, dtype=norms.dtype)
+        if layers:
+            out.index_add_(0, self._cached_index(tuple(layers)), norms.square())
+        return out
 
-        # eq. (8), with the layer's gradient norm n_l standing in for ||grad_{Delta W_l} L|| (method-spec step 2)
-        grad_sq = grad_norms.to(device).square()
-        n_l = torch.zeros(n_layers, device=device).index_add_(0, layer, grad_sq).sqrt()
-        has_grad = torch.zeros(n_layers, dtype=torch.bool, device=device).index_fill_(0, layer, True)
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
+        hp = self.hparams
+        device, dtype = grad_norms.device, grad_norms.dtype
+        n_layers = len(self.layers)
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
             grow = n_layers - (0 if self.gbar is None else len(self.gbar))
-            old_gbar = self.gbar if self.gbar is not None else torch.zeros(0, device=device)
-            old_seen = self._seen if self._seen is not None else torch.zeros(0, dtype=torch.bool, device=device)
-            self.gbar = torch.cat([old_gbar, torch.zeros(grow, device=device)])
-            self._seen = torch.cat([old_seen, torch.zeros(grow, dtype=torch.bool, device=device)])
-        beta = self.hparams["beta"]
-        ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n_l, n_l)
+            old = (self.gbar, self._seen) if self.gbar is not None else (
+                torch.zeros(0, device=device, dtype=dtype), torch.zeros(0, dtype=torch.bool, device=device))
+            self.gbar = torch.cat([old[0], torch.zeros(grow, device=device, dtype=dtype)])
+            self._seen = torch.cat([old[1], torch.zeros(grow, dtype=torch.bool, device=device)])
+            self._coef = None if self._coef is None else torch.cat([self._coef, torch.zeros(grow, device=device,
+                                                                                               dtype=dtype)])
+
+        # eq. (8): n_l = ||grad of Delta W_l||; for a pair s ||g_B A + B g_A||, from Gram matrices
+        where = {id(p): j for j, p in enumerate(params)}
+        sel = [j for j, p in enumerate(params) if id(p) in self._layer_of]
+        layers = [self._layer_of[id(params[j])] for j in sel]
+        grad_sq = self._layer_sq_sums(layers, grad_norms[self._cached_index(tuple(sel))] if sel
+                                      else grad_norms[:0], n_layers)
+        has_grad = [False] * n_layers
+        for i in layers:
+            has_grad[i] = True
+        us, vs, owners = [], [], []
+        for i, (layer, _, _, a, b, s) in enumerate(self._pairs):
+            if id(a) in where or id(b) in where:
+                g_a = a.grad if a.grad is not None else torch.zeros_like(a)
+                g_b = b.grad if b.grad is not None else torch.zeros_like(b)
+                us.append((g_b, b))
+                vs.append((a, g_a))
+                owners.append(i)
+                has_grad[layer] = True
+        for index, _, _, sq in stacked_lowrank(us, vs):
+            pairs = [self._pairs[owners[j]] for j in index]
+            scale = torch.tensor([pr[5] ** 2 for pr in pairs], device=device, dtype=dtype)
+            grad_sq.index_add_(0, self._cached_index(tuple(pr[0] for pr in pairs)), sq.to(dtype) * scale)
+        n = grad_sq.sqrt()
+        has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
+        beta = hp["beta"]
+        ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n, n)
         self.gbar = torch.where(has_grad, ema, self.gbar)
-        self._seen |= has_grad
+        self._seen = self._seen | has_grad
 
-        self.base_optimizer.step()  # method-spec step 3: the base update of the clean weights with g_t
+        own = hp["momentum"] != "optimizer"
+        if own:  # a skipped step must leave the own buffer as it was: blend with a finite gradient
+            for p in params:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+        self._base_step(params, ok)  # method-spec: the base update of the clean weights with g_t
 
-        # eq. (5): the momentum v_t
-        mu = self.hparams["momentum"]
-        if mu == "optimizer":
-            try:
-                moments = [self.base_optimizer.state[p][self._moment] for p in params]
-            except KeyError:
-                raise TypeError(
-                    f"{type(self.base_optimizer).__name__} kept no '{self._moment}' state, so momentum='optimizer' "
-                    "has nothing to reuse. Fix: pass momentum=0.9 so MGPO keeps its own buffer."
-                ) from None
-        else:
+        if own:  # eq. (5): v_t = mu v_{t-1} + g_t (unchanged on a skipped step)
             moments = []
             for p in params:
                 if "momentum" not in self.state[p]:
                     self.state[p]["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 moments.append(self.state[p]["momentum"])
-            torch._foreach_mul_(moments, mu)
-            torch._foreach_add_(moments, grads)
+            mu = torch.full((), hp["momentum"], dtype=dtype, device=device)
+            torch._foreach_mul_(moments, torch.where(ok, mu, 1.0))
+            torch._foreach_add_(moments, torch._foreach_mul([p.grad for p in params], ok.to(dtype)))
 
-        # eq. (4): the next perturbation eps_{t+1,p} = coef_p * v_p
-        v_sq = torch.stack(torch._foreach_norm(moments)).float().square()
-        v_norm = v_sq.sum().sqrt()
-        apn = self.hparams["apn"]
-        inv_gbar = 1.0 / self.gbar.clamp_min(self.hparams["eps"])
-        if apn == "off":  # Momentum-SAM: -rho v / ||v||
-            coef = -torch.ones_like(v_sq) / (v_norm + _TINY)
-        elif apn == "inverse":  # eq. (4) literally: -rho v / ||v|| / gbar_l
-            coef = -inv_gbar[layer] / (v_norm + _TINY)
-        else:  # normalized: u = v / gbar_l, -rho u / ||u||
-            u_norm = (v_sq * inv_gbar[layer].square()).sum().sqrt()
-            coef = -inv_gbar[layer] / (u_norm + _TINY)
-        coef = coef * self.hparams["rho"]
-        coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))  # zero/non-finite norm -> no eps
-        self._pending_cache = None
-        new = dict(zip(map(id, params), coef.tolist()))
-        for group in self.param_groups:  # a tensor without a gradient this step is not perturbed next step
-            for p in group["params"]:
-                if id(p) in new or p in self.state:
-                    self.state[p]["coef"] = new.get(id(p), 0.0)
+        # eq. (4)/(6): the direction D_l and its norm d_l for every layer
+        stacks, with_m = self._direction_stacks()
+        d_sq = torch.zeros(n_layers, device=device, dtype=dtype)
+        for index, _, _, sq in stacks:
+            pairs = [self._pairs[i] for i in index]
+            scale = torch.tensor([pr[5] ** 2 for pr in pairs], device=device, dtype=dtype)
+            d_sq.index_add_(0, self._cached_index(tuple(pr[0] for pr in pairs)), sq.to(dtype) * scale)
+        has_m = [False] * n_layers
+        for i in with_m:
+            has_m[self._pairs[i][0]] = True
+        inplace = [(i, p) for i, p in self._inplace]
+        moments = self._moments([p for _, p in inplace])
+        m_norm = [(i, m) for (i, _), m in zip(inplace, moments) if m is not None]
+        if m_norm:
+            norms = torch.stack(torch._foreach_norm([m for _, m in m_norm], dtype=dtype))
+            d_sq += self._layer_sq_sums([i for i, _ in m_norm], norms, n_layers)
+            for i, _ in m_norm:
+                has_m[i] = True
+        d = d_sq.sqrt()
 
-        seen = self.gbar[self._seen]  # non-empty: this step's layers were just marked seen
-        stats = torch.stack([(coef.square() * v_sq).sum().sqrt(), v_norm, seen.min(), seen.mean(), seen.max()])
-        keys = ("perturbation_norm", "momentum_norm", "gbar_min", "gbar_mean", "gbar_max")
-        self.last_stats.update(zip(keys, stats.tolist()))  # one host sync for all five
+        rho, apn = hp["rho"], hp["apn"]
+        inv = 1.0 / (self.gbar + _TINY)
+        if apn == "inverse":  # k_l = min(1/gbar_l, max_scale); 1 before the layer's first EMA value
+            k = inv if hp["max_scale"] is None else inv.clamp(max=hp["max_scale"])
+            k = torch.where(self._seen, k, torch.ones_like(k))
+        else:
+            k = torch.ones_like(d)
+        if apn == "normalized":  # u_l = D_l / gbar_l, total radius rho
+            ku = torch.where(self._seen, inv, torch.ones_like(inv))
+            coef = -rho * ku / (((ku * d) ** 2).sum().sqrt() + _TINY)
+        elif hp["space"] == "factors" and (apn == "off" or hp["norm"] == "global"):  # -rho k_l v / ||v||_all
+            coef = -rho * k / (d_sq.sum().sqrt() + _TINY)
+        elif hp["norm"] == "global":  # -rho k_l D_l / sqrt(sum ||k_l D_l||^2)
+            coef = -rho * k / (((k * d) ** 2).sum().sqrt() + _TINY)
+        else:  # -rho k_l D_l / ||D_l||: each layer its own radius
+            coef = -rho * k / (d + _TINY)
+        perturbed = torch.tensor(has_m, device=device) & (d > _TINY) & torch.isfinite(coef)
+        self._coef = torch.where(perturbed, coef, torch.zeros_like(coef))
+        self._build_terms(stacks)
+
+        seen = self._seen
+        count = seen.sum().clamp_min(1)
+        self._stats = {
+            "perturbation_norm": (self._coef * d).square().sum().sqrt(),
+            "momentum_norm": d_sq.sum().sqrt(),
+            "gbar_min": torch.where(seen, self.gbar, torch.full_like(self.gbar, float("inf"))).min(),
+            "gbar_mean": (self.gbar * seen).sum() / count,
+            "gbar_max": (self.gbar * seen).max(),
+        }
 
     # ------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "gbar": self.gbar, "seen": self._seen}
+        return {**super()._extra_state(), "gbar": self.gbar, "seen": self._seen, "coef": self._coef}
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
-        self.gbar, self._seen = extra["gbar"], extra["seen"]
-        self._pending_cache = None  # the loaded state holds new momentum tensors
+        self.gbar, self._seen, self._coef = extra["gbar"], extra["seen"], extra.get("coef")
+        self._terms = None  # rebuilt at the next perturb() from the loaded factors and momenta
+        self._index_cache = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._pending_cache = None
+        if hasattr(self, "_moment"):
+            self._setup_layers()
 
 
 class MSAM(MGPO):
-    """Momentum-SAM (Becker et al. 2024): MGPO with ``apn="off"`` and the base optimizer's momentum."""
+    """Momentum-SAM (Becker et al. 2024): MGPO in factor space, no APN, one global norm, the optimizer's momentum."""
 
     def __init__(self, params, base_optimizer=torch.optim.AdamW, *, rho: float = 0.05, **kwargs):
-        for fixed in ("apn", "momentum", "beta"):
+        for fixed in ("apn", "momentum", "beta", "space", "norm", "max_scale"):
             if fixed in kwargs:
                 raise ValueError(f"MSAM fixes {fixed}; use mgpo.MGPO to choose {fixed}={kwargs[fixed]!r}.")
-        super().__init__(params, base_optimizer, rho=rho, apn="off", momentum="optimizer", **kwargs)
+        super().__init__(params, base_optimizer, rho=rho, apn="off", momentum="optimizer", space="factors",
+                         norm="global", **kwargs)

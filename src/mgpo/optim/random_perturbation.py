@@ -4,48 +4,57 @@ For every LoRA linear layer with merged weight ``W' = W0 + s B A`` (out x in), t
 sees ``W' + noise`` with ``noise_ij ~ N(0, sigma_i^2)``, ``sigma_i = ramp_t * rho / sqrt(in) * ||W'_i,:||`` and
 ``ramp_t = (1 - cos(pi t / T)) / 2``.
 
-The noise is never written into a weight. A forward hook adds ``x @ noise^T`` to the layer's output, which is
-the same function as a forward with ``W' + noise`` but leaves the frozen ``W0`` bit-identical. The noise is
-drawn from a private generator seeded by ``(seed, step, layer)``: it is the same for every micro-batch of a
-step, is drawn again (not stored) for the backward, and never touches the global RNG used for dropout or
-data order.
+Cost, as the Flat-LoRA authors' code: the noise is drawn once per optimizer step (at the layer's first forward of
+the step, from a private generator seeded by ``(seed, step, layer)``), held across the step's micro-batches and
+dropped by ``step()``. It is never written into a weight: the base layer's own matmul uses ``W0 + noise`` (formed
+on the fly in forward and again in backward, nothing dense saved), so there is no extra matmul, ``W0`` stays
+bit-identical and the global RNG (dropout, data order) is untouched. The row norms of ``W'`` come from low-rank
+products (``W0`` row norms are cached), never from a dense ``W'``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range
-from mgpo.optim.layers import is_lora_linear, noise_targets
+from mgpo.optim.layers import is_lora_linear, is_plain_lora, is_quantized, lowrank_row_sq_norms, noise_targets
 
 
-def _draw(sigma: torch.Tensor, in_features: int, seed: int, like: torch.Tensor) -> torch.Tensor:
-    gen = torch.Generator(device=like.device).manual_seed(seed)
-    noise = torch.randn(sigma.numel(), in_features, generator=gen, device=like.device, dtype=torch.float32)
-    return (noise * sigma.float()[:, None]).to(like.dtype)
-
-
-class _NoiseMatmul(torch.autograd.Function):
-    """``x @ noise^T`` whose backward draws the noise again from its seed instead of keeping it in memory."""
+class _NoisyLinear(torch.autograd.Function):
+    """``F.linear(x, W + noise, b)`` for a frozen ``W``: saves only references to ``W`` and the held noise."""
 
     @staticmethod
-    def forward(ctx, x, sigma, in_features, seed):
-        ctx.save_for_backward(sigma)
-        ctx.in_features, ctx.seed = in_features, seed
-        return F.linear(x, _draw(sigma, in_features, seed, x))
+    def forward(ctx, x, weight, noise, bias):
+        ctx.save_for_backward(weight, noise, bias)
+        return F.linear(x, weight + noise, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (sigma,) = ctx.saved_tensors
-        return grad_out @ _draw(sigma, ctx.in_features, ctx.seed, grad_out), None, None, None
+        weight, noise, bias = ctx.saved_tensors
+        grad_x = grad_out @ (weight + noise).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_b
+
+
+class _ForwardOverride:
+    """Handle of an instance-level ``forward`` replacement; ``remove()`` puts the class's forward back."""
+
+    def __init__(self, module: nn.Module, forward):
+        self.module, self.forward = module, forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.forward:
+            del self.module.forward
 
 
 def merged_weight(module: nn.Module) -> torch.Tensor:
-    """``W' = W0 + sum of the active adapters' delta weights`` for a PEFT LoRA layer, else the weight itself."""
+    """``W' = W0 + sum of the active adapters' delta weights`` (dense; used by tests and for non-plain adapters)."""
     if not is_lora_linear(module):
         return module.weight
     weight = module.get_base_layer().weight
@@ -53,6 +62,29 @@ def merged_weight(module: nn.Module) -> torch.Tensor:
         if adapter in module.lora_A:
             weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
     return weight
+
+
+def _lowrank_delta(module: nn.Module, grads: bool = False):
+    """``(U, V)`` with ``U V = sum_k s_k B_k A_k`` over the active plain adapters (or, with ``grads``, the
+    weight-space gradient ``sum_k s_k (B_k gA_k + gB_k A_k)``). None if an adapter is not plain LoRA."""
+    us, vs = [], []
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        if not is_plain_lora(module, adapter):
+            return None
+        a, b, s = module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
+        if not grads:
+            us.append(s * b)
+            vs.append(a)
+        elif a.grad is not None or b.grad is not None:
+            ga = a.grad if a.grad is not None else torch.zeros_like(a)
+            gb = b.grad if b.grad is not None else torch.zeros_like(b)
+            us += [s * b, s * gb]
+            vs += [ga, a]
+    if not us:
+        return "empty"
+    return torch.cat(us, 1), torch.cat(vs, 0)
 
 
 class RandomPerturbation(PerturbedOptimizer):
@@ -94,27 +126,65 @@ class RandomPerturbation(PerturbedOptimizer):
                 f"{type(self).__name__} found no layer to perturb: the model has no PEFT LoRA linear layer and "
                 "no nn.Linear whose weight is being optimized. Wrap the model with peft.get_peft_model first."
             )
+        quantized = [name for name, m in self.targets.items() if is_quantized(m)]
+        if quantized:
+            raise ValueError(
+                f"{type(self).__name__} cannot add weight-space noise to quantized base layers ({quantized[0]}"
+                f"{' and others' if len(quantized) > 1 else ''}): their weights are packed integers. Load the "
+                "base model in bf16/fp16, or use mgpo.MGPO, whose perturbation never touches the base weight."
+            )
         self._t = 0  # optimizer steps completed
+        self._noise: dict[int, torch.Tensor] = {}  # this step's noise per target, dropped by step()
         self._noise_sq: dict[int, torch.Tensor] = {}
-        self._sigma: dict[int, torch.Tensor] = {}  # per-row std of this step's noise, per target
+        self._w0_rows: dict[int, torch.Tensor] = {}  # ||W0_i||^2 of each frozen base weight, computed once
+        ref = weakref.ref(self)
         for index, module in enumerate(self.targets.values()):
-            self._hooks.append(module.register_forward_hook(self._make_hook(index)))
+            linear = module.get_base_layer() if is_lora_linear(module) else module
+            owner = module if is_lora_linear(module) else None
+            self._hooks.append(_ForwardOverride(linear, self._make_forward(ref, index, linear, owner)))
 
-    def _make_hook(self, index: int):
-        def hook(module, args, output):
-            if not self._applied or not args:
-                return None
-            sigma = self._sigma.get(index)
-            if sigma is None:  # once per step: every micro-batch of a step sees the same weights and noise scale
-                with torch.no_grad():
-                    sigma = self._sigma[index] = self._row_sigma(index, module, merged_weight(module).detach())
-            if not bool(sigma.any()):
-                return None
-            self._noise_sq[index] = sigma.float().square().sum() * module.in_features
+    @staticmethod
+    def _make_forward(ref, index: int, linear: nn.Linear, owner: nn.Module | None):
+        linear_forward = type(linear).forward
+
+        def forward(x, *args, **kwargs):
+            opt = ref()
+            if opt is None or not opt._applied or (owner is not None and owner.disable_adapters):
+                return linear_forward(linear, x, *args, **kwargs)
+            noise = opt._noise_for(index, owner or linear)
+            if linear.weight.requires_grad:  # full fine-tuning: W's own gradient is needed
+                return F.linear(x, linear.weight + noise, linear.bias)
+            return _NoisyLinear.apply(x, linear.weight, noise, linear.bias)
+
+        return forward
+
+    @torch.no_grad()
+    def _noise_for(self, index: int, module: nn.Module) -> torch.Tensor:
+        if index not in self._noise:  # once per step: every micro-batch of a step sees the same noise
+            sigma = self._row_sigma(index, module)
+            weight = module.get_base_layer().weight if is_lora_linear(module) else module.weight
             seed = ((self.hparams["seed"] * 1_000_003 + self._t + 1) * 10_007 + index) % (2**63)
-            return output + _NoiseMatmul.apply(args[0], sigma, module.in_features, seed)
+            gen = torch.Generator(device=weight.device).manual_seed(seed)
+            noise = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
+            self._noise[index] = noise.mul_(sigma[:, None]).to(weight.dtype)
+            self._noise_sq[index] = sigma.square().sum() * weight.shape[1]  # E||noise||^2
+        return self._noise[index]
 
-        return hook
+    def _merged_row_norms(self, index: int, module: nn.Module) -> torch.Tensor:
+        """``||W'_i,:||`` without a dense ``W'``: ``||W0_i||^2 + 2 <W0_i, (U V)_i> + ||(U V)_i||^2``."""
+        if not is_lora_linear(module):
+            return module.weight.float().norm(dim=1)
+        w0 = module.get_base_layer().weight
+        if index not in self._w0_rows:
+            self._w0_rows[index] = w0.float().square().sum(1)
+        delta = _lowrank_delta(module)
+        if delta is None:  # DoRA / AdaLoRA: their delta is not U V; form W' densely
+            return merged_weight(module).float().norm(dim=1)
+        if delta == "empty":
+            return self._w0_rows[index].sqrt()
+        u, v = delta[0].float(), delta[1].float()
+        cross = (u * (w0.to(v.dtype) @ v.mT)).sum(1)
+        return (self._w0_rows[index] + 2 * cross + lowrank_row_sq_norms(u, v)).clamp_min(0).sqrt()
 
     def _ramp(self) -> float:
         total = self.hparams["total_steps"]
@@ -122,23 +192,25 @@ class RandomPerturbation(PerturbedOptimizer):
             return 1.0
         return (1 - math.cos(math.pi * min(self._t + 1, total) / total)) / 2
 
-    def _row_sigma(self, index: int, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    def _row_sigma(self, index: int, module: nn.Module) -> torch.Tensor:
         # sigma_i = ramp_t * rho / sqrt(in) * ||W'_i,:||
-        return self._ramp() * self.hparams["rho"] / math.sqrt(weight.shape[1]) * weight.float().norm(dim=1)
+        rows = self._merged_row_norms(index, module)
+        in_features = (module.get_base_layer() if is_lora_linear(module) else module).weight.shape[1]
+        return self._ramp() * self.hparams["rho"] / math.sqrt(in_features) * rows
 
-    def _apply(self) -> None:  # the hooks read self._applied; no weight is touched
+    def _apply(self) -> None:  # the forwards read self._applied; no weight is touched
         pass
 
     def _remove(self) -> None:
         pass
 
-    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor) -> None:
-        self.base_optimizer.step()
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
+        self._base_step(params, ok)
         self._t += 1
-        self._sigma.clear()
         if self._noise_sq:
-            self.last_stats["perturbation_norm"] = float(torch.stack(list(self._noise_sq.values())).sum().sqrt())
-            self._noise_sq.clear()
+            self._stats = {"perturbation_norm": torch.stack(list(self._noise_sq.values())).sum().sqrt()}
+        self._noise.clear()
+        self._noise_sq.clear()
 
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "t": self._t, "seed": self.hparams["seed"]}
@@ -146,4 +218,5 @@ class RandomPerturbation(PerturbedOptimizer):
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         self._t, self.hparams["seed"] = extra["t"], extra["seed"]
-        self._sigma.clear()
+        self._noise.clear()
+        self._noise_sq.clear()

@@ -33,64 +33,72 @@ class SAM(PerturbedOptimizer):
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive={adaptive!r} is invalid: use True (ASAM) or False (SAM).")
         self.closure: Callable | None = None  # default second pass, for trainers that call step() bare
+        self._clean = None
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), model=model, **base_kwargs)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> bool:
-        """Move to ``W + eps`` computed from the gradients in ``.grad``. Returns False (and moves nothing) if
-        those gradients are not finite, or there are none."""
+        """Move to ``W + eps`` computed from the gradients in ``.grad``. Returns False (and moves nothing) when
+        no tensor has a gradient. A non-finite gradient gives ``eps = 0`` (decided on the device)."""
         params = self._params_with_grad()
-        if not params or self._check_grads(params) is None:
+        if not params:
             return False
         grads = [p.grad for p in params]
-        adaptive = self.hparams["adaptive"]
         # SAM: eps = rho g / ||g||;  ASAM: eps = rho w^2 g / ||w g||
-        scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if adaptive else grads
-        norm = torch.stack(torch._foreach_norm(scaled)).float().norm()
-        eps = torch._foreach_mul(scaled, torch._foreach_abs(params)) if adaptive else [g.clone() for g in grads]
-        torch._foreach_mul_(eps, self.hparams["rho"] / (float(norm) + _TINY))
-        for p, e in zip(params, eps):
-            self.state[p]["clean"] = p.detach().clone()
+        scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if self.hparams["adaptive"] else grads
+        norm = torch.stack(torch._foreach_norm(scaled, dtype=torch.float32)).norm()
+        scale = torch.where(torch.isfinite(norm), self.hparams["rho"] / (norm + _TINY), 0.0)
+        eps = torch._foreach_mul(scaled, torch._foreach_abs(params)) if self.hparams["adaptive"] else grads
+        eps = torch._foreach_mul(eps, scale)
+        for e in eps:  # NaN * 0 is NaN: a non-finite first gradient must move nothing
+            e.nan_to_num_(0.0, 0.0, 0.0)
+        self._clean = (params, torch._foreach_mul(params, 1.0))  # exact copies of W
         torch._foreach_add_(params, eps)
         self._applied = True
-        self.last_stats["perturbation_norm"] = float(torch.stack(torch._foreach_norm(eps)).float().norm())
+        self._stats = {"perturbation_norm": torch.stack(torch._foreach_norm(eps, dtype=torch.float32)).norm()}
         if zero_grad:
             self.zero_grad()
         return True
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``W`` exactly and step the base optimizer with the gradients at ``W + eps``."""
+        """Restore ``W`` exactly and step the base optimizer with the gradients at ``W + eps`` (skipped on the
+        device when they are not finite)."""
         self.restore()
         params = self._params_with_grad()
-        if self._check_grads(params) is not None:
-            self.base_optimizer.step()
+        if params:
+            _, ok = self._grad_norms(params)
+            self._base_step(params, ok)
         if zero_grad:
             self.zero_grad()
 
     def _remove(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in self.state and "clean" in self.state[p]:
-                    p.copy_(self.state[p].pop("clean"))
+        params, clean = self._clean
+        torch._foreach_copy_(params, clean)
+        self._clean = None
 
     def _apply(self) -> None:  # SAM's perturbation only exists inside step(); nothing is pending
         pass
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
+        """One SAM step. The closure recomputes the loss and calls ``backward()``. If no gradient is present
+        yet (no first backward was done), the closure is run first for it, so the torch convention
+        ``opt.step(closure)`` alone trains as expected."""
         closure = closure or self.closure
         if closure is None:
             raise RuntimeError(
                 "SAM needs two forward/backward passes per step: call opt.step(closure) with a closure that "
-                "recomputes the loss and calls backward() (the first backward must already be done), or set "
-                "opt.closure, or use the single-pass mgpo.MGPO."
+                "recomputes the loss and calls backward(), or set opt.closure, or use the single-pass mgpo.MGPO."
             )
+        self._poll_skips()
+        first_loss = None
+        if not self._params_with_grad():  # no first pass yet: the closure gives it
+            with torch.enable_grad():
+                first_loss = closure()
         if not self.first_step(zero_grad=True):
-            self.last_stats["skipped_steps"] = float(self.skipped_steps)
-            return None
+            return first_loss
         with torch.enable_grad():
             loss = closure()
         self.second_step()
-        self.last_stats["skipped_steps"] = float(self.skipped_steps)
-        return loss
+        return first_loss if first_loss is not None else loss
