@@ -100,12 +100,14 @@ def is_quantized(module: nn.Module) -> bool:
         weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params")))
 
 
-def stacked_lowrank(us: list[tuple[torch.Tensor, torch.Tensor]], vs: list[tuple[torch.Tensor, torch.Tensor]]):
+def stacked_lowrank(us: list[tuple[torch.Tensor, torch.Tensor]], vs: list[tuple[torch.Tensor, torch.Tensor]],
+                    keep: bool = True):
     """Products ``U_l V_l`` with ``U_l = [u1 | u2]`` (out x 2r) and ``V_l = [v1; v2]`` (2r x in), batched.
 
     Pairs of one shape are stacked into ``U`` (n, out, 2r) and ``V`` (n, 2r, in). Returns
     ``[(indices, U, V, sq)]`` per shape, with ``sq = ||U_l V_l||_F^2 = sum((U^T U) * (V V^T))`` from the 2r x 2r
-    Gram matrices (float32 at least): a few kernels per shape, never an out x in tensor.
+    Gram matrices (float32 at least): a few kernels per shape, never an out x in tensor. ``keep=False`` drops
+    ``U`` and ``V`` as soon as the norms are known (returned as None).
     """
     by_shape: dict[tuple, list[int]] = {}
     for i, ((u1, u2), (v1, v2)) in enumerate(zip(us, vs)):
@@ -116,7 +118,9 @@ def stacked_lowrank(us: list[tuple[torch.Tensor, torch.Tensor]], vs: list[tuple[
         v = torch.cat([torch.stack([vs[i][0] for i in index]), torch.stack([vs[i][1] for i in index])], 1)
         acc = torch.float64 if u.dtype == torch.float64 else torch.float32
         uf, vf = u.to(acc), v.to(acc)
-        out.append((index, u, v, (uf.mT @ uf).mul_(vf @ vf.mT).sum((1, 2))))
+        sq = (uf.mT @ uf).mul_(vf @ vf.mT).sum((1, 2))
+        out.append((index, u, v, sq) if keep else (index, None, None, sq))
+        del u, v, uf, vf
     return out
 
 

@@ -261,6 +261,7 @@ class MGPO(PerturbedOptimizer):
     def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
         hp = self.hparams
         device, dtype = grad_norms.device, grad_norms.dtype
+        self._terms = None  # the old term's copies are not needed any more (the window is closed)
         n_layers = len(self.layers)
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
             grow = n_layers - (0 if self.gbar is None else len(self.gbar))
@@ -289,7 +290,7 @@ class MGPO(PerturbedOptimizer):
                 vs.append((a, g_a))
                 owners.append(i)
                 has_grad[layer] = True
-        for index, _, _, sq in stacked_lowrank(us, vs):
+        for index, _, _, sq in stacked_lowrank(us, vs, keep=False):
             pairs = [self._pairs[owners[j]] for j in index]
             scale = torch.tensor([pr[5] ** 2 for pr in pairs], device=device, dtype=dtype)
             grad_sq.index_add_(0, self._cached_index(tuple(pr[0] for pr in pairs)), sq.to(dtype) * scale)
