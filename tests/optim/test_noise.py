@@ -108,7 +108,7 @@ def test_frozen_weights_bit_identical_and_global_rng_untouched(cls):
             assert torch.equal(p, frozen[n]), n
 
 
-def test_noise_is_drawn_again_in_backward_not_stored():
+def test_the_layers_own_matmul_sees_w_plus_noise():
     """The custom autograd function's gradient equals that of an explicit x @ noise^T."""
     model = lora_layer()
     opt = mgpo.RandomPerturbation(model, lr=1e-3, rho=0.2, seed=5)
@@ -134,3 +134,43 @@ def test_full_fine_tuning_targets_trainable_linears():
 def test_no_target_layer_is_a_clear_error():
     with pytest.raises(ValueError, match="found no layer to perturb"):
         mgpo.RandomPerturbation(nn.Sequential(nn.Conv1d(2, 2, 1)), lr=1e-3)
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", [mgpo.RandomPerturbation, mgpo.GGPO])
+def test_one_draw_per_step_and_no_extra_matmul(cls):
+    """3 micro-batches: the noise is drawn once for the step, and each forward/backward runs as many matrix
+    products as the clean one (W0 + noise goes through the layer's own matmul)."""
+    model = lora_layer()
+    opt = cls(model, lr=1e-3, seed=0)
+    x = torch.randn(4, IN)
+    model.train()
+    model(x).pow(2).mean().backward()  # step 1: learn gradient rows (GGPO)
+    opt.step()
+    opt.zero_grad()
+
+    def matmuls(ops):
+        return sum(op in ("mm", "addmm", "bmm", "matmul", "linear") for op in ops)
+
+    with opt.unperturbed(), OpCounter() as clean:
+        model(x).pow(2).mean().backward()
+    opt.zero_grad()
+    counters = []
+    for _ in range(3):
+        with OpCounter() as counter:
+            model(x).pow(2).mean().backward()
+        counters.append(counter)
+    assert opt.is_perturbed
+    draws = [sum(op in ("randn", "normal", "normal_") for op in c.ops) for c in counters]
+    assert draws == [1, 0, 0], draws  # drawn at the step's first forward, held for the others
+    # after the draw, a micro-batch costs exactly the clean number of matrix products
+    assert [matmuls(c.ops) for c in counters[1:]] == [matmuls(clean.ops)] * 2
