@@ -27,8 +27,8 @@ def main(argv=None):
                                                        task_type="SEQ_CLS"))
     train = load_text_data("movie-reviews", max_train_examples=args.steps * args.batch_size).splits["train"]
 
-    opt = mgpo.MGPO(model, base_optimizer=torch.optim.AdamW, lr=5e-4, weight_decay=0.0,
-                    rho=0.05, beta=0.9, apn="normalized", momentum="optimizer")
+    # the paper's MGPO (weight space, APN) with its NLU profile: rho 0.05, beta 0.9, AdamW betas (0.9, 0.999)
+    opt = mgpo.MGPO(model, base_optimizer=torch.optim.AdamW, lr=5e-4, weight_decay=0.0, **mgpo.profile("nlu"))
     model.train()
     for step in range(args.steps):
         rows = train[step * args.batch_size:(step + 1) * args.batch_size]

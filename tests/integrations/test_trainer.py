@@ -96,6 +96,7 @@ def cfg_for(method: str, **kw) -> PerturbationConfig:
 @pytest.mark.parametrize("name, value", [
     ("method", "adam"), ("rho", -0.1), ("rho", float("nan")), ("beta", 1.0), ("apn", "sqrt"), ("momentum", "fast"),
     ("momentum", 1.5), ("adaptive", "yes"), ("sigma", -1.0), ("beta_g", -0.5), ("seed", 1.5), ("exact_restore", "no"),
+    ("space", "dense"), ("norm", "row"), ("max_scale", 0.0), ("preset", "mgpo"), ("profile", "glue"),
 ])
 def test_invalid_config_names_the_field_and_value(name, value, tmp_path):
     cfg = PerturbationConfig(**{name: value})
@@ -334,8 +335,8 @@ def test_statistics_reach_the_logs_and_loraplus_groups_are_used(tmp_path):
     model = tiny_bert(adapter)
     probe = StatsProbe()
     trainer = PerturbationTrainer(model=model, args=make_args(tmp_path, logging_steps=2, weight_decay=0.01),
-                                  train_dataset=cls_data(32), perturbation=cfg_for("mgpo"), adapter=adapter,
-                                  callbacks=[probe])
+                                  train_dataset=cls_data(32), perturbation=cfg_for("mgpo", apn="normalized"),
+                                  adapter=adapter, callbacks=[probe])
     trainer.train()
     opt = trainer.perturbation_optimizer
     lrs = sorted({g["lr"] for g in opt.param_groups})
@@ -381,7 +382,7 @@ def test_sft_trainer_with_mgpo_on_a_tiny_llama(tmp_path):
     args = trl.SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
                          logging_steps=1, save_strategy="no", disable_tqdm=True, max_length=16, learning_rate=1e-2)
     trainer = perturbed(trl.SFTTrainer)(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": rows}),
-                                        processing_class=tokenizer, perturbation=cfg_for("mgpo"))
+                                        processing_class=tokenizer, perturbation=cfg_for("mgpo", apn="normalized"))
     trainer.train()
     opt = trainer.perturbation_optimizer
     assert isinstance(opt, mgpo.MGPO) and not opt.is_perturbed
@@ -390,3 +391,22 @@ def test_sft_trainer_with_mgpo_on_a_tiny_llama(tmp_path):
     assert all("mean_token_accuracy" in entry for entry in logs)  # TRL's own logging still there
     after = trainable(model)
     assert all(not torch.equal(after[n], before[n]) for n in before)
+
+
+def test_presets_and_profiles_build_the_papers_arms():
+    model = tiny_bert()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    lora = build_optimizer(model, PerturbationConfig(preset="lora"), groups, lr=1e-3)
+    assert type(lora) is torch.optim.AdamW
+    no_apn = build_optimizer(model, PerturbationConfig(preset="mgpo-no-apn", profile="nlg"), groups, lr=1e-3,
+                             betas=(0.9, 0.95))
+    assert isinstance(no_apn, mgpo.MGPO) and no_apn.hparams["apn"] == "off" and no_apn.hparams["space"] == "weight"
+    assert (no_apn.hparams["rho"], no_apn.hparams["beta"]) == (0.01, 0.8)
+    assert no_apn.base_optimizer.defaults["betas"] == (0.8, 0.95)  # mu is AdamW's beta1, beta2 kept
+    full = build_optimizer(model, PerturbationConfig(preset="lora-mgpo"), groups, lr=1e-3)
+    assert {k: full.hparams[k] for k in ("apn", "space", "norm", "max_scale")} == dict(
+        apn="inverse", space="weight", norm="layer", max_scale=10.0)
+    msam = build_optimizer(model, PerturbationConfig(preset="msam"), groups, lr=1e-3)
+    assert (msam.hparams["space"], msam.hparams["apn"], msam.hparams["norm"]) == ("factors", "off", "global")
+    for o in (no_apn, full, msam):
+        o.close()

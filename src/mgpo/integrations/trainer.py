@@ -42,6 +42,7 @@ import contextlib
 import math
 import weakref
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,28 +54,46 @@ from transformers import TrainerCallback
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step, optimizer_param_groups
 from mgpo.optim import GGPO, MGPO, MSAM, SAM, RandomPerturbation
 from mgpo.optim._base import PerturbedOptimizer, check_range
-from mgpo.optim.mgpo import APN_MODES
+from mgpo.optim.mgpo import APN_MODES, NORMS, PRESETS, PROFILES, SPACES, preset
 
 METHODS = ("adamw", "mgpo", "msam", "sam", "random", "ggpo")
 
 
 @dataclass
 class PerturbationConfig:
-    """Which weight-perturbation method to train with, and its hyper-parameters."""
+    """Which weight-perturbation method to train with, and its hyper-parameters (defaults: the paper's MGPO)."""
 
     method: str = field(default="mgpo", metadata={
         "help": f"Perturbation method, one of: {', '.join(METHODS)}. 'adamw' is the plain base optimizer "
                 "(no perturbation)."})
+    preset: str | None = field(default=None, metadata={
+        "help": f"Named arm of the paper's ablation (Figure 4), one of: {', '.join(PRESETS)}. 'lora' = plain "
+                "AdamW, 'mgpo-no-apn' = MGPO with apn=off, 'lora-mgpo' = the paper's MGPO, 'msam' = Momentum-SAM "
+                "(factor space). Sets method, apn, space and norm; unset: use those fields as given."})
+    profile: str | None = field(default=None, metadata={
+        "help": f"The paper's hyper-parameter profile, one of: {', '.join(PROFILES)} (nlu: rho 0.05, beta 0.9, "
+                "mu 0.9; nlg: rho 0.01, beta 0.8, mu 0.8). Sets rho, beta and AdamW's beta1 = mu (the authors' "
+                "momentum is AdamW's exp_avg); unset: use rho, beta and the training betas as given."})
     rho: float = field(default=0.05, metadata={
         "help": "Perturbation radius (>= 0) of mgpo, msam and sam; noise scale relative to the weight row norm "
                 "for random. 0 gives the plain base optimizer."})
     beta: float = field(default=0.9, metadata={
-        "help": "mgpo: EMA factor of the per-layer gradient norm used by the normalization, in [0, 1)."})
-    apn: str = field(default="normalized", metadata={
-        "help": f"mgpo: adaptive perturbation normalization, one of: {', '.join(APN_MODES)}."})
+        "help": "mgpo: EMA factor of the per-layer weight-space gradient norm (APN), in [0, 1)."})
+    apn: str = field(default="inverse", metadata={
+        "help": f"mgpo: adaptive perturbation normalization, one of: {', '.join(APN_MODES)} (inverse: the paper, "
+                "radius scaled by min(1/gbar, max_scale); off: no APN; normalized: 1/gbar re-weighting at total "
+                "radius rho)."})
+    space: str = field(default="weight", metadata={
+        "help": f"mgpo: where the perturbation lives, one of: {', '.join(SPACES)} (weight: each LoRA layer's "
+                "weight space, the paper; factors: the LoRA factors A, B themselves, Momentum-SAM's way)."})
+    norm: str = field(default="layer", metadata={
+        "help": f"mgpo: one of: {', '.join(NORMS)} (layer: each layer its own radius, as the authors' code; "
+                "global: total radius rho)."})
+    max_scale: float | None = field(default=10.0, metadata={
+        "help": "mgpo: cap of the APN factor 1/gbar (> 0); null: no cap."})
     momentum: str = field(default="optimizer", metadata={
-        "help": "mgpo: 'optimizer' to reuse the base optimizer's first moment, or a number mu in [0, 1) (e.g. 0.9) "
-                "for mgpo's own momentum buffer."})
+        "help": "mgpo: 'optimizer' to reuse the base optimizer's first moment (AdamW's exp_avg), or a number mu in "
+                "[0, 1) (e.g. 0.9) for mgpo's own momentum buffer."})
     adaptive: bool = field(default=False, metadata={
         "help": "sam: scale the perturbation by |w| (ASAM)."})
     sigma: float = field(default=0.03, metadata={
@@ -84,8 +103,26 @@ class PerturbationConfig:
     seed: int = field(default=0, metadata={
         "help": "random, ggpo: seed of the noise generator (the global RNG is left alone)."})
     exact_restore: bool | None = field(default=None, metadata={
-        "help": "mgpo, msam: keep a copy of the clean weights while perturbed instead of subtracting the "
-                "perturbation again (exact instead of exact to rounding). Unset: on for fp16/bf16 weights only."})
+        "help": "mgpo, msam: tensors moved in place are restored from a copy (bit-exact). Unset: on, except full "
+                "fine-tuning in fp32, where the perturbation is subtracted again (exact to a few ulp)."})
+
+    def resolved(self) -> PerturbationConfig:
+        """A copy with ``preset`` and ``profile`` applied to the fields they set."""
+        out = dataclasses.replace(self)
+        if out.preset is not None:
+            arm = preset(out.preset)
+            out.method = "adamw" if arm is None else "mgpo"
+            for key, value in (arm or {}).items():
+                setattr(out, key, value)
+        if out.profile is not None:
+            p = PROFILES[out.profile]
+            out.rho, out.beta = p["rho"], p["beta"]
+        return out
+
+    @property
+    def adam_beta1(self) -> float | None:
+        """AdamW's beta1 the profile asks for (mu), or None."""
+        return None if self.profile is None else PROFILES[self.profile]["mu"]
 
     def momentum_value(self) -> str | float:
         """``momentum`` as the optimizer takes it: the string 'optimizer' or a float."""
@@ -104,10 +141,13 @@ class PerturbationConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is not allowed, and the allowed values."""
-        if self.method not in METHODS:
-            raise ValueError(f"perturbation.method={self.method!r} is unknown: choose one of {', '.join(METHODS)}.")
-        if self.apn not in APN_MODES:
-            raise ValueError(f"perturbation.apn={self.apn!r} is unknown: choose one of {', '.join(APN_MODES)}.")
+        for name, allowed in (("method", METHODS), ("apn", APN_MODES), ("space", SPACES), ("norm", NORMS),
+                              ("preset", tuple(PRESETS) + (None,)), ("profile", tuple(PROFILES) + (None,))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"perturbation.{name}={getattr(self, name)!r} is unknown: choose one of "
+                                 f"{', '.join(str(a) for a in allowed)}.")
+        if self.max_scale is not None:
+            check_range("perturbation.max_scale", self.max_scale, 0.0, float("inf"), low_open=True)
         self.momentum_value()
         inf = float("inf")
         for name, low, high in (("rho", 0.0, inf), ("beta", 0.0, 1.0), ("sigma", 0.0, inf), ("beta_g", 0.0, inf)):
@@ -143,14 +183,20 @@ def build_optimizer(
     ``weight_decay``.
     """
     cfg.validate()
+    cfg = cfg.resolved()
     groups = [dict(group) for group in param_groups]  # the optimizers add keys; leave the caller's dicts alone
+    if cfg.adam_beta1 is not None and "betas" in base_kwargs:  # the profile's mu is AdamW's beta1
+        base_kwargs = {**base_kwargs, "betas": (cfg.adam_beta1, base_kwargs["betas"][1])}
+    elif cfg.adam_beta1 is not None and issubclass(base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        base_kwargs = {**base_kwargs, "betas": (cfg.adam_beta1, 0.999)}
     base = dict(lr=lr, weight_decay=weight_decay, **base_kwargs)
     method = cfg.method
     if method == "adamw":
         return base_optimizer(groups, **base)
     common = dict(model=model, base_kwargs=base)
     if method == "mgpo":
-        return MGPO(groups, base_optimizer, rho=cfg.rho, beta=cfg.beta, apn=cfg.apn, momentum=cfg.momentum_value(),
+        return MGPO(groups, base_optimizer, rho=cfg.rho, beta=cfg.beta, apn=cfg.apn, norm=cfg.norm,
+                    max_scale=cfg.max_scale, momentum=cfg.momentum_value(), space=cfg.space,
                     exact_restore=cfg.exact_restore, **common)
     if method == "msam":
         return MSAM(groups, base_optimizer, rho=cfg.rho, exact_restore=cfg.exact_restore, **common)
@@ -188,7 +234,7 @@ class _PerturbationCallback(TrainerCallback):
             return
         trainer._sam_window.clear()
         if not trainer.accelerator.optimizer_step_was_skipped:  # e.g. an fp16 overflow: no new statistics
-            trainer._add_stats(getattr(trainer.perturbation_optimizer, "last_stats", None))
+            trainer._add_stats(trainer.perturbation_optimizer)
         if trainer.adapter is not None:
             # Gradients are still there (zero_grad comes later); global_step is the 0-based number of this step,
             # the counter PEFT's own AdaLoRA examples pass.
@@ -216,8 +262,7 @@ class PerturbationTrainerMixin:
         self.adapter = adapter
         self.base_optimizer = base_optimizer
         self._sam_window: list[tuple[nn.Module, Any, Any]] = []
-        self._stats_sum: dict[str, float] = {}
-        self._stats_last: dict[str, float] = {}
+        self._stats_sum: dict[str, torch.Tensor] = {}
         self._stats_count = 0
         self._total_steps: int | None = None
         super().__init__(*args, **kwargs)
@@ -300,20 +345,25 @@ class PerturbationTrainerMixin:
 
     # ------------------------------------------------------------------------------------------- logging
     def _reset_stats(self) -> None:
-        self._stats_sum, self._stats_last, self._stats_count = {}, {}, 0
+        self._stats_sum, self._stats_count = {}, 0
 
-    def _add_stats(self, stats: dict | None) -> None:
+    def _add_stats(self, opt) -> None:
+        """Sums the step's statistics on the device; they are read back only when the Trainer logs."""
+        stats = getattr(opt, "stats_tensors", None)
         if not stats:
             return
         for key, value in stats.items():
-            self._stats_sum[key] = self._stats_sum.get(key, 0.0) + float(value)
-            self._stats_last[key] = float(value)
+            self._stats_sum[key] = value.detach().float() + self._stats_sum.get(key, 0.0)
         self._stats_count += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._stats_count:
-            for key, total in self._stats_sum.items():
-                logs[key] = self._stats_last[key] if key == "skipped_steps" else total / self._stats_count
+            keys = list(self._stats_sum)
+            values = torch.stack([self._stats_sum[k] for k in keys]).tolist()  # one transfer per log
+            logs.update({k: v / self._stats_count for k, v in zip(keys, values)})
+            opt = self.perturbation_optimizer
+            if isinstance(opt, PerturbedOptimizer):
+                logs["skipped_steps"] = float(opt.skipped_steps)
             self._reset_stats()
         return super().log(logs, *args, **kwargs)
 

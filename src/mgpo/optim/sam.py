@@ -73,6 +73,8 @@ class SAM(PerturbedOptimizer):
             self.zero_grad()
 
     def _remove(self) -> None:
+        if self._clean is None:  # perturb() outside step(): SAM has nothing pending
+            return
         params, clean = self._clean
         torch._foreach_copy_(params, clean)
         self._clean = None
