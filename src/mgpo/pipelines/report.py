@@ -36,6 +36,7 @@ ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "pissa": "P
                  "adalora": "AdaLoRA", "lora-ga": "LoRA-GA", "full": "Full FT"}
 METHOD_SUFFIX = {"adamw": "", "mgpo": "-MGPO", "msam": " + MSAM", "sam": " + SAM", "random": " + random noise",
                  "ggpo": "-GGPO"}
+PRESET_SUFFIX = {"lora": "", "lora-mgpo": "-MGPO", "mgpo-no-apn": "-MGPO w/o APN", "msam": " + MSAM"}
 # Grid axes that name the method when a sweep has no `method:` axis (the label then comes from the config).
 METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
 
@@ -68,9 +69,9 @@ def higher_is_better(metric: str) -> bool:
 def method_label(cfg: dict) -> str:
     """'LoRA', 'LoRA-MGPO', 'DoRA + SAM', ... from a run's config.yaml (a preset, when set, names itself)."""
     p, a = cfg.get("perturbation", {}), cfg.get("adapter", {})
-    if p.get("preset"):
-        return str(p["preset"])
     adapter = ADAPTER_NAMES.get(a.get("method", "lora"), a.get("method", "?"))
+    if p.get("preset"):
+        return adapter + PRESET_SUFFIX.get(p["preset"], f" + {p['preset']}")
     method = p.get("method", "adamw")
     return adapter + METHOD_SUFFIX.get(method, f" + {method}")
 
@@ -332,8 +333,8 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
         ax.set_ylim(lo - pad, hi + pad)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(series), 3), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
-    ax.set_title(f"{exp.title}: {metric} ({'higher' if result['better'] else 'lower'} is better; "
-                 "bars = mean, whiskers = std over seeds)", fontsize=10)
+    ax.set_title(f"{exp.title}: {metric} ({'higher' if result['better'] else 'lower'} is better)\n"
+                 "bars: mean over seeds, whiskers: std", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
 
