@@ -4,7 +4,7 @@
 Per experiment (one sweep folder, or all loose run folders together):
 
 - loss curves, one panel per grid value other than method and seed (e.g. rank or learning rate), methods overlaid,
-  raw (first seed) faint and smoothed (mean over seeds) bold, shared axes (paper Figures 2-3);
+  raw (each seed) faint and smoothed (mean over seeds) bold, shared axes (paper Figures 2-3);
 - the double-descent measure and instability count per method and panel (definitions in docs/experiments.md);
 - the method table: the primary metric, mean +- std over seeds, best in bold (paper Tables 1, 2, 4), with a bar
   chart of the same numbers (paper Figure 4);
@@ -270,7 +270,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
 # ---------------------------------------------------------------- figures
 
 def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
-    """One panel per panel value, methods overlaid: raw first-seed loss faint, seed-mean of the smoothed loss bold."""
+    """One panel per panel value, methods overlaid: raw loss of each seed faint, seed-mean of the smoothed loss bold."""
     panels, series = result["panels"], result["series"]
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
@@ -285,7 +285,8 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
             color = colors[i % len(colors)]
             first = runs[0]
             window = result["smooth"] or measures.default_window(len(first.losses))
-            ax.plot(first.steps, first.losses, color=color, alpha=0.25, linewidth=0.8)
+            for r in runs:
+                ax.plot(r.steps, r.losses, color=color, alpha=0.2, linewidth=0.7)
             same = [r for r in runs if r.steps == first.steps]
             mean = np.mean([measures.smooth(r.losses, window) for r in same], axis=0)
             ax.plot(first.steps, mean, color=color, linewidth=2,
@@ -300,7 +301,8 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
         ax.set_visible(False)
     handles, labels = _legend_entries(axes)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False, fontsize=9)
-    fig.suptitle(f"{exp.title}: training loss (faint: raw, first seed; bold: moving average)", fontsize=11)
+    fig.suptitle(f"{exp.title}: training loss (faint: raw, each seed; bold: moving average, mean over seeds)",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
     return _save(fig, out_png)
 
@@ -319,18 +321,19 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(panels) * len(series) * 0.55 + 2), 3.8), dpi=110)
     width = 0.8 / len(series)
     x = np.arange(len(panels))
+    extents = []
     for i, s in enumerate(series):
         stats = [_mean_std([r["value"] for r in result["per_run"] if r["series"] == s and r["panel"] == p
                             and r["value"] is not None] or [np.nan]) for p in panels]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, [m for m, _ in stats], width, yerr=[e for _, e in stats],
                capsize=3, label=s)
+        extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
     ax.set_xticks(x, [p or metric for p in panels], fontsize=9)
     ax.set_ylabel(metric)
-    finite = [m for m in result["means"].values() if m is not None]
-    if finite:  # zoom on the differences, as the paper's bars do
-        lo, hi = min(finite), max(finite)
-        pad = max(hi - lo, abs(hi) * 0.02, 1e-6)
-        ax.set_ylim(lo - pad, hi + pad)
+    if extents:  # zoom on the differences, as the paper's bars do (never below 0 for non-negative metrics)
+        lo, hi = min(extents), max(extents)
+        pad = max(hi - lo, abs(hi) * 0.02, 1e-6) / 2
+        ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(series), 3), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     ax.set_title(f"{exp.title}: {metric} ({'higher' if result['better'] else 'lower'} is better)\n"
