@@ -1,4 +1,4 @@
-"""The ``mgpo`` command line (typer): ``mgpo train``, ``mgpo demo``, ``mgpo sweep``, ``mgpo report``, ``mgpo config``."""
+"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``report`` and ``config``."""
 
 from __future__ import annotations
 

@@ -481,8 +481,8 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
         figs = [(plot_curves(exp, result, out_dir / "figures" / f"{exp.slug}-loss.png"),
                  f"{exp.title}: training loss per {'panel' if any(result['panels']) else 'method'}")]
         if any(r["value"] is not None for r in result["per_run"]):
-            figs.append((plot_metric_bars(exp, result, out_dir / "figures" / f"{exp.slug}-{_file(result['metric'])}.png"),
-                         f"{exp.title}: {result['metric']} per method"))
+            bars = out_dir / "figures" / f"{exp.slug}-{_file(result['metric'])}.png"
+            figs.append((plot_metric_bars(exp, result, bars), f"{exp.title}: {result['metric']} per method"))
         if len(result["panels"]) > 1:
             figs.append((plot_dd(exp, result, out_dir / "figures" / f"{exp.slug}-double-descent.png"),
                          f"{exp.title}: double-descent measure per panel"))

@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -53,7 +53,6 @@ class Run:
     status: str = "pending"
     error: str | None = None
     wall_s: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
