@@ -377,8 +377,12 @@ def _md_table(table: dict) -> str:
 
 def _html_table(table: dict) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table["header"])
-    body = "".join("<tr>" + "".join(f"<td>{'<strong>' if b else ''}{html.escape(t)}{'</strong>' if b else ''}</td>"
-                                    for t, b in row) + "</tr>" for row in table["rows"])
+    def cell(text: str, bold: bool) -> str:
+        numeric = text[:1].isdigit() or text[:2].lstrip("+-−")[:1].isdigit() or text == "-"
+        inner = f"<strong>{html.escape(text)}</strong>" if bold else html.escape(text)
+        return f"<td>{inner}</td>" if numeric else f"<td class='text'>{inner}</td>"
+
+    body = "".join("<tr>" + "".join(cell(t, b) for t, b in row) + "</tr>" for row in table["rows"])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -430,7 +434,7 @@ def write_markdown(blocks: list[tuple], out: Path, title: str) -> Path:
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;
-text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+text-align:right}th{background:#f3f3f3}td.text,th:first-child{text-align:left}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}code{background:#f3f3f3;padding:0 .2em}"""
 
