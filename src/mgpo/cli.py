@@ -1,4 +1,4 @@
-"""The ``mgpo`` command line (typer): ``mgpo train``, ``mgpo demo``, ``mgpo config``."""
+"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``report`` and ``config``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,71 @@ def demo(
         run_demo(name, output_dir, overrides or [], console=console)
     except _user_errors() as err:
         _fail(err)
+
+
+@app.command()
+def sweep(
+    spec: str = typer.Argument(..., help="Sweep spec YAML (see configs/experiments/ and docs/experiments.md)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides applied to every run: "
+                                                                "section.field=value ..."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Sweep folder (default: the spec's "
+                                                                          "output_dir)."),
+    plan_only: bool = typer.Option(False, "--plan", help="Validate every run's config and print the run plan; "
+                                                          "train nothing."),
+):
+    """Run a grid of training runs, one folder each, plus index.csv/json; rerun to resume after an interruption."""
+    from rich.table import Table
+
+    from mgpo.pipelines.sweep import load_sweep, plan, run_sweep, run_state
+
+    try:
+        grid = load_sweep(spec, overrides or [], output_dir)
+        plan(grid)
+        if plan_only:
+            table = Table(title=f"{grid.title}: {len(grid.runs)} runs -> {grid.output_dir}")
+            for column in ("#", "run", *grid.runs[0].labels, "state"):
+                table.add_column(column)
+            for r in grid.runs:
+                table.add_row(str(r.index), r.name, *map(str, r.labels.values()), run_state(r.output_dir))
+            console.print(table)
+            return
+        run_sweep(grid)
+    except _user_errors() as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: rerun the same command to continue (finished runs are skipped, "
+                          "the interrupted one resumes from its checkpoint).")
+        raise typer.Exit(code=130)
+    failed = [r for r in grid.runs if r.status == "failed"]
+    console.print(f"{len(grid.runs) - len(failed)} of {len(grid.runs)} runs finished; index: "
+                  f"{grid.output_dir / 'index.csv'}")
+    if failed:
+        err_console.print(f"[red]{len(failed)} failed[/]: {', '.join(r.name for r in failed)} (errors in index.csv)")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def report(
+    dirs: list[str] = typer.Argument(..., help="Sweep folders (from mgpo sweep) and/or run folders (mgpo train)."),
+    out: str = typer.Option("report", "--out", help="Folder for report.md, report.html, runs.csv, figures/."),
+    title: str = typer.Option("mgpo experiments", help="Report title."),
+    metric: Optional[str] = typer.Option(None, help="Metric of the method tables (default: test_accuracy, "
+                                                     "test_pearson, after_accuracy, ... whichever the runs have)."),
+    baseline: Optional[str] = typer.Option(None, help="Method the differences are taken against (default: LoRA)."),
+    smooth: Optional[int] = typer.Option(None, help="Moving-average window in logged points (default: 5% of "
+                                                     "the points)."),
+    spike_factor: Optional[float] = typer.Option(None, help="Instability count: loss > this x running median "
+                                                             "(default 1.5)."),
+):
+    """Figures, method/ablation/cost tables with bootstrap intervals and the double-descent measure."""
+    from mgpo.pipelines.report import make_report
+
+    try:
+        paths = make_report(dirs, out, title=title, metric=metric, baseline=baseline, smooth=smooth,
+                            spike_factor=spike_factor)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"report: [bold]{paths['markdown']}[/], [bold]{paths['html']}[/], {len(paths['figures'])} figures")
 
 
 @app.command("config")

@@ -248,13 +248,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
         trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
+    train_started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
+    cost = cost_metrics(trainer, checkpoint, time.time() - train_started)
     if stopper.requested:
         print(f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
               f"the same command and --resume.", flush=True)
         return {"interrupted": True, "step": trainer.state.global_step}
 
-    metrics: dict = {"steps": trainer.state.global_step, **info}
+    metrics: dict = {"steps": trainer.state.global_step, **info, **cost}
     for split in ("validation", "test"):
         if splits.get(split) is not None:
             metrics.update(trainer.evaluate(splits[split], metric_key_prefix=split))
@@ -272,6 +274,33 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     plot_loss_curves({cfg.perturbation.method: out / "log.jsonl"}, out / "loss.png",
                      title=f"{cfg.model.name} on {cfg.data.name}")
     return metrics
+
+
+def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
+    """What a run costs (the report's cost table): parameters, peak memory, seconds per optimizer step.
+
+    ``time_per_step_s`` is the wall time of ``trainer.train`` (checkpoint writes and periodic evaluation
+    included) over the steps run in this invocation (after a ``--resume``, only the resumed part).
+    ``peak_memory_mb``: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident set size.
+    """
+    import resource
+
+    import torch
+
+    first = int(checkpoint.rstrip("/").rsplit("-", 1)[1]) if checkpoint else 0
+    steps_run = max(1, trainer.state.global_step - first)
+    if torch.cuda.is_available():
+        peak_mb, source = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    else:  # ru_maxrss is in KiB on Linux
+        peak_mb, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+    params = list(trainer.model.parameters())
+    return {
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "total_params": sum(p.numel() for p in params),
+        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_source": source,
+        "time_per_step_s": round(train_seconds / steps_run, 4),
+    }
 
 
 def _grad_batches(train_split, collator, batch_size: int):

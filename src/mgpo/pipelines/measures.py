@@ -1,0 +1,84 @@
+"""Numbers for the report: the double-descent measure of a loss curve, an instability count, and paired
+bootstrap intervals. Plain numpy/scipy; the exact definitions are in docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SMOOTH_FRACTION = 0.05   # default smoothing window: 5% of the logged points (at least 1)
+SPIKE_FACTOR = 1.5       # default instability threshold: loss > 1.5 x the running median
+CONFIDENCE = 0.95
+
+
+def default_window(n_points: int) -> int:
+    return max(1, int(round(n_points * SMOOTH_FRACTION)))
+
+
+def smooth(values, window: int) -> np.ndarray:
+    """Trailing moving average: point i is the mean of the last ``window`` points up to i (fewer at the start)."""
+    v = np.asarray(values, dtype=float)
+    if window < 1:
+        raise ValueError(f"smoothing window={window!r} is invalid: use an integer >= 1.")
+    total = np.cumsum(v)
+    shifted = np.concatenate([np.zeros(window), total[:-window]]) if len(v) > window else np.zeros(len(v))
+    counts = np.minimum(np.arange(1, len(v) + 1), window)
+    return (total - shifted[: len(v)]) / counts
+
+
+def double_descent(steps, losses, window: int | None = None) -> dict:
+    """The largest rise of the smoothed training loss above its running minimum.
+
+    With S the smoothed loss and m_i = min(S_0..S_i) its running minimum:
+    ``rise`` = max_i (S_i - m_i) at the peak point p; ``rise_rel`` = rise / m_p; ``peak_step`` = step of p;
+    ``onset_step`` = step where m_p was reached; ``recover_steps`` = steps from the peak until S first gets back
+    to <= m_p (None if it never does). A curve that never rises has rise 0 and no peak.
+    """
+    steps, losses = np.asarray(steps, dtype=float), np.asarray(losses, dtype=float)
+    if len(steps) != len(losses) or len(losses) == 0:
+        raise ValueError(f"double_descent needs equally long, non-empty steps and losses "
+                         f"(got {len(steps)} and {len(losses)}).")
+    window = window or default_window(len(losses))
+    s = smooth(losses, window)
+    running_min = np.minimum.accumulate(s)
+    rises = s - running_min
+    p = int(np.argmax(rises))
+    result = {"window": window, "rise": float(rises[p]), "rise_rel": 0.0, "peak_step": None, "onset_step": None,
+              "recover_steps": None, "recovered": True}
+    if rises[p] <= 0:
+        return result
+    floor = running_min[p]
+    onset = int(np.flatnonzero(s[: p + 1] == floor)[-1])
+    back = np.flatnonzero(s[p + 1:] <= floor)
+    result.update(rise_rel=float(rises[p] / floor) if floor > 0 else float("inf"), peak_step=int(steps[p]),
+                  onset_step=int(steps[onset]), recovered=bool(len(back)),
+                  recover_steps=int(steps[p + 1 + back[0]] - steps[p]) if len(back) else None)
+    return result
+
+
+def instability_count(losses, window: int | None = None, factor: float = SPIKE_FACTOR) -> int:
+    """How many logged losses exceed ``factor`` x the median of the (up to) ``window`` losses logged before them."""
+    v = np.asarray(losses, dtype=float)
+    window = window or default_window(len(v))
+    if factor <= 0:
+        raise ValueError(f"instability factor={factor!r} is invalid: use a positive multiple of the median.")
+    return int(sum(v[i] > factor * np.median(v[max(0, i - window):i]) for i in range(1, len(v))))
+
+
+def paired_bootstrap(a, b, *, confidence: float = CONFIDENCE, resamples: int = 10_000, seed: int = 0) -> dict:
+    """Mean of the paired differences a - b and its percentile bootstrap interval (pairs resampled).
+
+    With fewer than two pairs there is no interval (``low``/``high`` None). ``significant``: the interval
+    excludes 0.
+    """
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    out = {"n": int(len(d)), "mean": float(d.mean()) if len(d) else float("nan"), "low": None, "high": None,
+           "significant": False}
+    if len(d) < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    out.update(low=float(low), high=float(high), significant=bool(low > 0 or high < 0))
+    return out

@@ -1,0 +1,502 @@
+"""``mgpo report DIR...``: figures, tables and statistics from sweep folders (or single run folders), written as
+``report.md``, a self-contained ``report.html`` (figures embedded), ``runs.csv`` and ``figures/*.png``.
+
+Per experiment (one sweep folder, or all loose run folders together):
+
+- loss curves, one panel per grid value other than method and seed (e.g. rank or learning rate), methods overlaid,
+  raw (each seed) faint and smoothed (mean over seeds) bold, shared axes (paper Figures 2-3);
+- the double-descent measure and instability count per method and panel (definitions in docs/experiments.md);
+- the method table: the primary metric, mean +- std over seeds, best in bold (paper Tables 1, 2, 4), with a bar
+  chart of the same numbers (paper Figure 4);
+- each method minus the baseline, paired by panel and seed, with a 95% bootstrap interval;
+- the cost table: trainable parameters, peak memory, time per step, each relative to the baseline (Table 3).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from mgpo.pipelines import measures
+from mgpo.pipelines.plots import plt
+from mgpo.pipelines.sweep import SEED_FIELD
+from mgpo.pipelines.train import read_log
+
+# The first of these a run's metrics.json holds is its primary metric (override with --metric).
+PRIMARY_METRICS = ("test_accuracy", "test_pearson", "after_accuracy", "after_pass@1", "after_score",
+                   "validation_accuracy", "validation_pearson", "test_loss", "validation_loss", "final_loss")
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "pissa": "PiSSA", "loraplus": "LoRA+",
+                 "adalora": "AdaLoRA", "lora-ga": "LoRA-GA", "full": "Full FT"}
+METHOD_SUFFIX = {"adamw": "", "mgpo": "-MGPO", "msam": " + MSAM", "sam": " + SAM", "random": " + random noise",
+                 "ggpo": "-GGPO"}
+PRESET_SUFFIX = {"lora": "", "lora-mgpo": "-MGPO", "mgpo-no-apn": "-MGPO w/o APN", "msam": " + MSAM"}
+# Grid axes that name the method when a sweep has no `method:` axis (the label then comes from the config).
+METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
+
+
+@dataclass
+class RunResult:
+    path: Path
+    series: str
+    panel: str
+    seed: int
+    status: str
+    metrics: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Experiment:
+    title: str
+    slug: str
+    runs: list[RunResult]
+    options: dict
+
+
+def higher_is_better(metric: str) -> bool:
+    return "loss" not in metric
+
+
+def method_label(cfg: dict) -> str:
+    """'LoRA', 'LoRA-MGPO', 'DoRA + SAM', ... from a run's config.yaml (a preset, when set, names itself)."""
+    p, a = cfg.get("perturbation", {}), cfg.get("adapter", {})
+    adapter = ADAPTER_NAMES.get(a.get("method", "lora"), a.get("method", "?"))
+    if p.get("preset"):
+        return adapter + PRESET_SUFFIX.get(p["preset"], f" + {p['preset']}")
+    method = p.get("method", "adamw")
+    return adapter + METHOD_SUFFIX.get(method, f" + {method}")
+
+
+def _panel_label(axis: str, value) -> str:
+    section, _, name = axis.rpartition(".")
+    short = section if name == "name" else (name or axis)
+    return f"{short}={value}"
+
+
+def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -> RunResult:
+    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").is_file() else {}
+    labels = labels or {}
+    if "method" in labels:
+        series = str(labels["method"])
+    else:
+        series = method_label(cfg)
+    panel_axes = [a for a in labels if a not in ("method", SEED_FIELD, *METHOD_FIELDS)]
+    panel = ", ".join(_panel_label(a, labels[a]) for a in panel_axes)
+    seed = labels.get(SEED_FIELD, cfg.get("training", {}).get("seed", 0))
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    rows = [r for r in read_log(path / "log.jsonl") if "loss" in r]
+    return RunResult(path, series, panel, int(seed), status if metrics else (status or "unfinished"), metrics,
+                     [r["step"] for r in rows], [r["loss"] for r in rows], error)
+
+
+def collect(dirs: list[str | Path]) -> list[Experiment]:
+    """Sweep folders (with index.json) become one experiment each; loose run folders are gathered into one."""
+    experiments, loose = [], []
+    for d in map(Path, dirs):
+        if (d / "index.json").is_file():
+            index = json.loads((d / "index.json").read_text())
+            spec = OmegaConf.to_container(OmegaConf.load(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
+            varying = {a for a in index["runs"][0]["labels"]
+                       if len({json.dumps(r["labels"][a]) for r in index["runs"]}) > 1} if index["runs"] else set()
+            runs = [_load_run(Path(r["output_dir"]) if Path(r["output_dir"]).is_dir() else d / r["name"],
+                              {a: v for a, v in r["labels"].items() if a in varying or a in ("method", SEED_FIELD)},
+                              r["status"], r.get("error")) for r in index["runs"]]
+            experiments.append(Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {}))
+        elif (d / "config.yaml").is_file():
+            loose.append(_load_run(d, None, "done", None))
+        else:
+            raise FileNotFoundError(f"{d} is neither a sweep folder (index.json) nor a run folder (config.yaml): "
+                                    "pass folders written by `mgpo sweep` or `mgpo train`.")
+    if loose:
+        experiments.append(Experiment("runs", "runs", loose, {}))
+    return experiments
+
+
+def _order(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def _mean_std(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def mean_std_cell(values, digits: int = 4) -> str:
+    """'mean ± std' over seeds (sample std, ddof 1); the mean alone for a single run."""
+    if not len(values):
+        return "-"
+    mean, std = _mean_std(values)
+    return _fmt(mean, digits) if len(values) == 1 else f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
+
+
+def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None = None,
+            smooth: int | None = None, spike_factor: float | None = None) -> dict:
+    """Every number the report shows for one experiment (tables as header + rows of (text, bold) cells)."""
+    opts = exp.options
+    metric = metric or opts.get("metric")
+    smooth = smooth or opts.get("smooth")
+    spike_factor = spike_factor or opts.get("spike_factor") or measures.SPIKE_FACTOR
+    finished = [r for r in exp.runs if r.metrics]
+    if metric is None:
+        present = [m for m in PRIMARY_METRICS if finished and all(m in r.metrics for r in finished)]
+        metric = present[0] if present else "final_loss"
+    series = _order(r.series for r in exp.runs)
+    panels = _order(r.panel for r in exp.runs)
+    baseline = baseline or opts.get("baseline") or ("LoRA" if "LoRA" in series else series[0])
+    if baseline not in series:
+        raise ValueError(f"baseline {baseline!r} is not one of the methods in {exp.title!r}: "
+                         f"{', '.join(series)}; pass --baseline with one of them.")
+    per_run = []
+    for r in exp.runs:
+        row = {"experiment": exp.title, "series": r.series, "panel": r.panel, "seed": r.seed, "status": r.status,
+               "path": str(r.path), "metric": metric, "value": r.metrics.get(metric)}
+        if r.losses:
+            window = smooth or measures.default_window(len(r.losses))
+            row.update({f"dd_{k}": v for k, v in measures.double_descent(r.steps, r.losses, window).items()})
+            row["spikes"] = measures.instability_count(r.losses, window, spike_factor)
+        for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "final_loss", "best_loss"):
+            row[k] = r.metrics.get(k)
+        per_run.append(row)
+
+    def values(s, p, key, rows=per_run):
+        return [x[key] for x in rows if x["series"] == s and (p is None or x["panel"] == p)
+                and x.get(key) is not None]
+
+    better = higher_is_better(metric)
+    # method table: mean ± std per panel, plus the average over panels
+    cols = panels + (["avg"] if len(panels) > 1 else [])
+    means = {}
+    for s in series:
+        for p in panels:
+            v = values(s, p, "value")
+            means[s, p] = float(np.mean(v)) if v else None
+        if len(panels) > 1:
+            got = [means[s, p] for p in panels]
+            means[s, "avg"] = float(np.mean(got)) if None not in got else None
+    best = {}
+    for c in cols:
+        got = [means[s, c] for s in series if means[s, c] is not None]
+        best[c] = (max(got) if better else min(got)) if got else None
+    method_rows = []
+    for s in series:
+        cells = [(s, False)]
+        for c in cols:
+            text = mean_std_cell(values(s, c, "value")) if c != "avg" else _fmt(means[s, c])
+            cells.append((text, means[s, c] is not None and means[s, c] == best[c]))
+        method_rows.append(cells)
+    method_table = {"header": ["method", *[c or metric for c in cols]], "rows": method_rows}
+
+    # paired differences vs the baseline, paired by (panel, seed)
+    diff_cols = panels + (["all"] if len(panels) > 1 else [])
+    diff_rows, diffs = [], {}
+    for s in series:
+        if s == baseline:
+            continue
+        cells = [(f"{s} − {baseline}", False)]
+        for c in diff_cols:
+            keys = panels if c == "all" else [c]
+            mine = {(x["panel"], x["seed"]): x["value"] for x in per_run if x["series"] == s and x["value"] is not None
+                    and x["panel"] in keys}
+            base = {(x["panel"], x["seed"]): x["value"] for x in per_run
+                    if x["series"] == baseline and x["value"] is not None and x["panel"] in keys}
+            pairs = sorted(set(mine) & set(base))
+            d = measures.paired_bootstrap([mine[k] for k in pairs], [base[k] for k in pairs])
+            diffs[s, c] = d
+            if not d["n"]:
+                text = "-"
+            elif d["low"] is None:
+                text = f"{d['mean']:+.4f} (n=1)"
+            else:
+                text = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{' *' if d['significant'] else ''}"
+            cells.append((text, d["significant"]))
+        diff_rows.append(cells)
+    diff_table = {"header": ["difference", *[c or metric for c in diff_cols]], "rows": diff_rows}
+
+    # double descent: per panel and method, averaged over seeds
+    dd_rows = []
+    for p in panels:
+        for s in series:
+            rows = [x for x in per_run if x["series"] == s and x["panel"] == p and "dd_rise" in x]
+            if not rows:
+                continue
+            rec = [x["dd_recover_steps"] for x in rows if x["dd_recover_steps"] is not None]
+            dd_rows.append([(p or "-", False), (s, False),
+                            (mean_std_cell([x["dd_rise"] for x in rows]), False),
+                            (mean_std_cell([100 * x["dd_rise_rel"] for x in rows], 1), False),
+                            (_fmt(np.mean([x["dd_peak_step"] for x in rows if x["dd_peak_step"] is not None]), 0)
+                             if any(x["dd_peak_step"] is not None for x in rows) else "-", False),
+                            (_fmt(np.mean(rec), 0) if rec else "-", False),
+                            (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
+                            (mean_std_cell([x["spikes"] for x in rows], 1), False)])
+    dd_table = {"header": ["panel", "method", "rise (loss)", "rise (% of min)", "peak step", "steps to recover",
+                           "not recovered", f"spikes (> {spike_factor:g}× median)"], "rows": dd_rows}
+
+    # cost, relative to the baseline
+    cost_rows = []
+    base_cost = {k: values(baseline, None, k) for k in ("trainable_params", "peak_memory_mb", "time_per_step_s")}
+    for s in series:
+        cells = [(s, False)]
+        for k, digits in (("trainable_params", 0), ("peak_memory_mb", 0), ("time_per_step_s", 3)):
+            v, b = values(s, None, k), base_cost[k]
+            mean = float(np.mean(v)) if v else None
+            ratio = mean / float(np.mean(b)) if v and b and np.mean(b) > 0 else None
+            cells += [(f"{mean:,.{digits}f}" if mean is not None else "-", False),
+                      (f"{ratio:.2f}×" if ratio is not None else "-", False)]
+        cost_rows.append(cells)
+    cost_table = {"header": ["method", "trainable params", "× " + baseline, "peak memory (MB)", "× " + baseline,
+                             "time / step (s)", "× " + baseline], "rows": cost_rows}
+    failed = [(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics]
+    return {"metric": metric, "better": better, "baseline": baseline, "series": series, "panels": panels,
+            "per_run": per_run, "means": means, "diffs": diffs, "method_table": method_table,
+            "diff_table": diff_table, "dd_table": dd_table, "cost_table": cost_table, "failed": failed,
+            "smooth": smooth, "spike_factor": spike_factor}
+
+
+# ---------------------------------------------------------------- figures
+
+def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
+    """One panel per panel value, methods overlaid: raw loss of each seed faint, seed-mean of the smoothed loss bold."""
+    panels, series = result["panels"], result["series"]
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.8), dpi=110, sharex=True,
+                             sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels):
+        for i, s in enumerate(series):
+            runs = [r for r in exp.runs if r.series == s and r.panel == panel and r.losses]
+            if not runs:
+                continue
+            color = colors[i % len(colors)]
+            first = runs[0]
+            window = result["smooth"] or measures.default_window(len(first.losses))
+            for r in runs:
+                ax.plot(r.steps, r.losses, color=color, alpha=0.2, linewidth=0.7)
+            same = [r for r in runs if r.steps == first.steps]
+            mean = np.mean([measures.smooth(r.losses, window) for r in same], axis=0)
+            ax.plot(first.steps, mean, color=color, linewidth=2,
+                    label=f"{s}" + (f" (mean of {len(same)} seeds)" if len(same) > 1 else ""))
+        ax.set_title(panel or exp.title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = _legend_entries(axes)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False, fontsize=9)
+    fig.suptitle(f"{exp.title}: training loss (faint: raw, each seed; bold: moving average, mean over seeds)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
+    return _save(fig, out_png)
+
+
+def _legend_entries(axes):
+    seen = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    return list(seen.values()), list(seen)
+
+
+def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
+    """Grouped bars (paper Figure 4): one group per panel, one bar per method, error bars = std over seeds."""
+    panels, series, metric = result["panels"], result["series"], result["metric"]
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(panels) * len(series) * 0.55 + 2), 3.8), dpi=110)
+    width = 0.8 / len(series)
+    x = np.arange(len(panels))
+    extents = []
+    for i, s in enumerate(series):
+        stats = [_mean_std([r["value"] for r in result["per_run"] if r["series"] == s and r["panel"] == p
+                            and r["value"] is not None] or [np.nan]) for p in panels]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [m for m, _ in stats], width, yerr=[e for _, e in stats],
+               capsize=3, label=s)
+        extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
+    ax.set_xticks(x, [p or metric for p in panels], fontsize=9)
+    ax.set_ylabel(metric)
+    if extents:  # zoom on the differences, as the paper's bars do (never below 0 for non-negative metrics)
+        lo, hi = min(extents), max(extents)
+        pad = max(hi - lo, abs(hi) * 0.02, 1e-6) / 2
+        ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(len(series), 3), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.set_title(f"{exp.title}: {metric} ({'higher' if result['better'] else 'lower'} is better)\n"
+                 "bars: mean over seeds, whiskers: std", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
+    """Relative double-descent rise per panel (e.g. rank or learning rate), one line per method."""
+    panels, series = result["panels"], result["series"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
+    for s in series:
+        stats = [_mean_std([100 * r["dd_rise_rel"] for r in result["per_run"] if r["series"] == s
+                            and r["panel"] == p and "dd_rise_rel" in r] or [np.nan]) for p in panels]
+        ax.errorbar(range(len(panels)), [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3,
+                    label=s)
+    ax.set_xticks(range(len(panels)), panels, fontsize=9)
+    ax.set_ylabel("double-descent rise (% of running min)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{exp.title}: double-descent measure (lower = smoother)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def _save(fig, out_png: Path) -> Path:
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+# ---------------------------------------------------------------- documents
+
+def _md_table(table: dict) -> str:
+    head = "| " + " | ".join(table["header"]) + " |\n|" + "---|" * len(table["header"]) + "\n"
+    body = "".join("| " + " | ".join(f"**{t}**" if b else t for t, b in row) + " |\n" for row in table["rows"])
+    return head + body
+
+
+def _html_table(table: dict) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table["header"])
+    def cell(text: str, bold: bool) -> str:
+        numeric = text[:1].isdigit() or text[:2].lstrip("+-−")[:1].isdigit() or text == "-"
+        inner = f"<strong>{html.escape(text)}</strong>" if bold else html.escape(text)
+        return f"<td>{inner}</td>" if numeric else f"<td class='text'>{inner}</td>"
+
+    body = "".join("<tr>" + "".join(cell(t, b) for t, b in row) + "</tr>" for row in table["rows"])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> list[tuple]:
+    n_done = sum(1 for r in exp.runs if r.metrics)
+    m, base = result["metric"], result["baseline"]
+    blocks = [("h2", exp.title),
+              ("p", f"{n_done} of {len(exp.runs)} runs finished; methods: {', '.join(result['series'])}; "
+                    f"primary metric `{m}` ({'higher' if result['better'] else 'lower'} is better); baseline: "
+                    f"{base}.")]
+    for png, caption in figures:
+        blocks.append(("img", png, caption))
+    blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"]),
+               ("h3", f"Difference to {base}, paired by seed: mean [95% bootstrap interval]"),
+               ("p", "Bold and * : the interval excludes 0. With 3 seeds a bootstrap interval is coarse; "
+                     "n=1: no interval."),
+               ("table", result["diff_table"]),
+               ("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
+               ("table", result["dd_table"]),
+               ("h3", f"Cost relative to {base}"), ("table", result["cost_table"])]
+    if result["failed"]:
+        blocks += [("h3", "Runs without results"),
+                   ("table", {"header": ["run", "status", "error"],
+                              "rows": [[(a, False), (b, False), (c.splitlines()[-1][:200], False)]
+                                       for a, b, c in result["failed"]]})]
+    return blocks
+
+
+def _inline(text: str) -> str:
+    """Markdown's `code` as <code> in HTML."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_markdown(blocks: list[tuple], out: Path, title: str) -> Path:
+    lines = [f"# {title}\n"]
+    for b in blocks:
+        if b[0] in ("h2", "h3"):
+            lines.append(f"{'#' * int(b[0][1])} {b[1]}\n")
+        elif b[0] == "p":
+            lines.append(b[1] + "\n")
+        elif b[0] == "img":
+            lines.append(f"![{b[2]}]({b[1].relative_to(out.parent).as_posix()})\n")
+        else:
+            lines.append(_md_table(b[1]))
+    out.write_text("\n".join(lines))
+    return out
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}th{background:#f3f3f3}td.text,th:first-child{text-align:left}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}code{background:#f3f3f3;padding:0 .2em}"""
+
+
+def write_html(blocks: list[tuple], out: Path, title: str) -> Path:
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<link rel='icon' href='data:,'><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for b in blocks:
+        if b[0] in ("h2", "h3"):
+            parts.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            parts.append(f"<p>{_inline(b[1])}</p>")
+        elif b[0] == "img":
+            data = base64.b64encode(b[1].read_bytes()).decode()
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
+                         f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        else:
+            parts.append(_html_table(b[1]))
+    parts.append("</body></html>")
+    out.write_text("\n".join(parts))
+    return out
+
+
+def write_runs_csv(results: list[dict], out: Path) -> Path:
+    rows = [r for res in results for r in res["per_run"]]
+    keys = _order(k for r in rows for k in r)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title: str = "mgpo experiments",
+                metric: str | None = None, baseline: str | None = None, smooth: int | None = None,
+                spike_factor: float | None = None) -> dict:
+    """Write report.md, report.html, runs.csv and figures/ under ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    experiments = collect(dirs)
+    blocks, results, figures_all = [], [], []
+    for exp in experiments:
+        if not any(r.metrics or r.losses for r in exp.runs):
+            blocks += [("h2", exp.title), ("p", "No run of this experiment has produced a log yet.")]
+            continue
+        result = analyse(exp, metric=metric, baseline=baseline, smooth=smooth, spike_factor=spike_factor)
+        results.append(result)
+        figs = [(plot_curves(exp, result, out_dir / "figures" / f"{exp.slug}-loss.png"),
+                 f"{exp.title}: training loss per {'panel' if any(result['panels']) else 'method'}")]
+        if any(r["value"] is not None for r in result["per_run"]):
+            bars = out_dir / "figures" / f"{exp.slug}-{_file(result['metric'])}.png"
+            figs.append((plot_metric_bars(exp, result, bars), f"{exp.title}: {result['metric']} per method"))
+        if len(result["panels"]) > 1:
+            figs.append((plot_dd(exp, result, out_dir / "figures" / f"{exp.slug}-double-descent.png"),
+                         f"{exp.title}: double-descent measure per panel"))
+        figures_all += [p for p, _ in figs]
+        blocks += _blocks(exp, result, figs)
+    md = write_markdown(blocks, out_dir / "report.md", title)
+    page = write_html(blocks, out_dir / "report.html", title)
+    csv_path = write_runs_csv(results, out_dir / "runs.csv")
+    return {"markdown": md, "html": page, "csv": csv_path, "figures": figures_all, "results": results}
+
+
+def _file(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

@@ -1,0 +1,282 @@
+"""``mgpo sweep SPEC``: run a grid of ``mgpo train`` configurations, one folder per run, resumable.
+
+A sweep spec is a YAML file (format in docs/experiments.md)::
+
+    title: LoRA vs LoRA-MGPO across ranks      # shown in the report
+    base: ../movie-reviews-mgpo.yaml           # a config path (relative to this file) or an inline config
+    set: {training.max_steps: 60}              # overrides applied to every run (optional)
+    grid:                                      # the cartesian product of all axes, first axis outermost
+      method:                                  # a named axis: label -> overrides
+        LoRA: {perturbation.method: adamw}
+        LoRA-MGPO: {perturbation.method: mgpo}
+      training.seed: [0, 1, 2]                 # a field axis: dotted field -> list of values
+    name: "{method}-s{training.seed}"          # run folder name (optional)
+    output_dir: runs/experiments/example       # the sweep folder (optional; default runs/sweeps/<spec name>)
+    report: {baseline: LoRA}                   # options for `mgpo report` (optional)
+
+Each run trains in its own ``python -m mgpo train`` process (a crash or out-of-memory does not end the sweep,
+and the peak memory measured is that run's). The sweep folder holds ``sweep.yaml`` (the spec),
+``index.json`` / ``index.csv`` (one row per run: its axis values, status, error, time) and one folder per run.
+Rerunning the same command skips finished runs (``metrics.json`` present), resumes half-finished ones from their
+last complete checkpoint and retries failed ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mgpo.pipelines.config import ConfigError, load_config
+from mgpo.pipelines.train import write_json
+
+SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
+SEED_FIELD = "training.seed"
+
+
+@dataclass
+class Run:
+    index: int
+    name: str
+    labels: dict            # axis -> label (named axes) or value (field axes)
+    overrides: list[str]    # section.field=value, output_dir last
+    output_dir: Path
+    status: str = "pending"
+    error: str | None = None
+    wall_s: float | None = None
+
+
+@dataclass
+class Sweep:
+    title: str
+    base: Path | None        # config file the runs start from (None: defaults only)
+    base_overrides: list[str]
+    output_dir: Path
+    runs: list[Run]
+    spec: dict
+
+
+def _fail(spec_path, message: str):
+    raise ConfigError(f"sweep {str(spec_path)!r}: {message}")
+
+
+def _as_override(key: str, value) -> str:
+    if isinstance(value, (list, dict)):
+        return f"{key}={json.dumps(value)}"
+    if value is None:
+        return f"{key}=null"
+    return f"{key}={value}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_") or "run"
+
+
+def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | Path | None = None) -> Sweep:
+    """Read a sweep spec and expand its grid into runs (nothing is trained or downloaded)."""
+    spec_path = Path(spec_path)
+    if not spec_path.is_file():
+        raise ConfigError(f"sweep spec {str(spec_path)!r} does not exist; see configs/experiments/ for examples.")
+    spec = OmegaConf.to_container(OmegaConf.load(spec_path), resolve=True)
+    if not isinstance(spec, dict):
+        _fail(spec_path, "the file must be a mapping with at least `grid:` (see docs/experiments.md).")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        _fail(spec_path, f"unknown key {unknown[0]!r}; allowed keys: {', '.join(SPEC_KEYS)}.")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not grid:
+        _fail(spec_path, "`grid:` must map axes to values, e.g. `grid: {training.seed: [0, 1, 2]}`.")
+
+    base, base_overrides = spec.get("base"), []
+    if isinstance(base, str):
+        base = (spec_path.parent / base).resolve()
+        if not base.is_file():
+            _fail(spec_path, f"base config {str(base)!r} does not exist (paths are relative to the spec file).")
+    elif isinstance(base, dict):  # an inline config: flattened to overrides
+        base_overrides = [_as_override(k, v) for k, v in _flatten(base).items()]
+        base = None
+    elif base is not None:
+        _fail(spec_path, f"`base:` must be a config path or an inline config mapping, not {base!r}.")
+    set_ = spec.get("set") or {}
+    if not isinstance(set_, dict):
+        _fail(spec_path, f"`set:` must map dotted fields to values, not {set_!r}.")
+    base_overrides += [_as_override(k, v) for k, v in _flatten(set_).items()] + list(extra)
+
+    axes = []  # (axis name, [(label, {field: value})])
+    for axis, values in grid.items():
+        if isinstance(values, dict) and "." not in axis:
+            choices = []
+            for label, fields in values.items():
+                if not isinstance(fields, dict):
+                    _fail(spec_path, f"grid axis {axis!r}, choice {label!r}: give a mapping of fields, e.g. "
+                                     "{perturbation.method: mgpo}.")
+                choices.append((str(label), _flatten(fields)))
+        elif isinstance(values, list) and "." in axis and values:
+            choices = [(v, {axis: v}) for v in values]
+        else:
+            _fail(spec_path, f"grid axis {axis!r}: use `section.field: [values...]` or a named axis "
+                             "`name: {label: {section.field: value}}`.")
+        axes.append((axis, choices))
+
+    out_root = Path(output_dir or spec.get("output_dir") or Path("runs/sweeps") / spec_path.stem)
+    template = spec.get("name")
+    runs, names = [], set()
+    for i, combo in enumerate(itertools.product(*(choices for _, choices in axes))):
+        labels = {axis: label for (axis, _), (label, _) in zip(axes, combo)}
+        fields: dict = {}
+        for _, fs in combo:
+            fields.update(fs)
+        if template:
+            name = re.sub(r"\{([^}]+)\}", lambda m: _label_for(spec_path, labels, m.group(1)), template)
+        else:
+            name = "-".join(f"{axis.rsplit('.', 1)[-1]}{label}" if "." in axis else str(label)
+                            for axis, label in labels.items())
+        name = _slug(name)
+        if name in names:
+            _fail(spec_path, f"two runs are both named {name!r}: include every axis in `name:`.")
+        names.add(name)
+        out = out_root / name
+        overrides = [*base_overrides, *(_as_override(k, v) for k, v in fields.items()),
+                     f"training.output_dir={out}"]
+        runs.append(Run(i, name, labels, overrides, out))
+    return Sweep(title=str(spec.get("title") or spec_path.stem), base=base, base_overrides=base_overrides,
+                 output_dir=out_root, runs=runs, spec=spec)
+
+
+def _label_for(spec_path, labels: dict, key: str) -> str:
+    if key not in labels:
+        _fail(spec_path, f"`name:` uses {{{key}}}, which is not a grid axis; axes: {', '.join(labels)}.")
+    return str(labels[key])
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    """{'training': {'lr': 1}} and {'training.lr': 1} both become {'training.lr': 1}."""
+    flat = {}
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and not full.count("."):
+            flat.update(_flatten(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def plan(sweep: Sweep) -> list:
+    """Resolve and validate every run's configuration (no training, no downloads): the list of TrainConfigs."""
+    configs = []
+    for run in sweep.runs:
+        try:
+            configs.append(load_config(sweep.base, run.overrides))
+        except ConfigError as err:
+            raise ConfigError(f"run {run.name!r}: {err}") from None
+    return configs
+
+
+def run_state(out: Path) -> str:
+    """done (metrics.json written), partial (a complete checkpoint to resume from) or new."""
+    if (out / "metrics.json").is_file():
+        return "done"
+    return "partial" if _complete_checkpoints(out) else "new"
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints the Trainer finished writing (trainer_state.json is written last)."""
+    folder = out / "checkpoints"
+    found = folder.glob("checkpoint-*") if folder.is_dir() else []
+    return [c for c in found if (c / "trainer_state.json").is_file()]
+
+
+def _prepare_resume(out: Path, state: str) -> None:
+    """Remove what a killed run left half-written, inside its own run folder only."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return
+    for c in folder.glob("checkpoint-*"):
+        if not (c / "trainer_state.json").is_file():  # killed while writing this checkpoint
+            shutil.rmtree(c)
+    if state == "new":  # started but killed before its first checkpoint: start afresh
+        shutil.rmtree(folder)
+
+
+def write_index(sweep: Sweep) -> None:
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"index": r.index, "name": r.name, "status": r.status, "output_dir": str(r.output_dir),
+             "labels": r.labels, "overrides": r.overrides, "error": r.error, "wall_s": r.wall_s} for r in sweep.runs]
+    write_json(sweep.output_dir / "index.json", {"title": sweep.title, "runs": rows})
+    axes = list(sweep.runs[0].labels) if sweep.runs else []
+    tmp = sweep.output_dir / "index.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "name", *axes, "status", "wall_s", "error", "output_dir"])
+        for r in sweep.runs:
+            writer.writerow([r.index, r.name, *(r.labels[a] for a in axes), r.status, r.wall_s,
+                             (r.error or "").replace("\n", " "), r.output_dir])
+    tmp.replace(sweep.output_dir / "index.csv")
+
+
+def _error_tail(log: Path, lines: int = 6) -> str:
+    text = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+    useful = [line for line in text if line.strip() and "%|" not in line]  # drop progress bars
+    return "\n".join(useful[-lines:]) or "no output"
+
+
+def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executable) -> Sweep:
+    """Run the plan in order; returns the sweep with each run's status (done, skipped, failed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    plan(sweep)  # every configuration is valid before the first run starts
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    (sweep.output_dir / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(sweep.spec)))
+    write_index(sweep)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(sweep.title, total=len(sweep.runs))
+        for run in sweep.runs:
+            state = run_state(run.output_dir)
+            if state == "done":
+                run.status = "skipped"
+                bar.console.print(f"[dim]skip[/] {run.name} (finished before)")
+                bar.advance(task)
+                write_index(sweep)
+                continue
+            _prepare_resume(run.output_dir, state)
+            state = run_state(run.output_dir)
+            run.status = "running"
+            write_index(sweep)
+            bar.update(task, description=f"{sweep.title}: {run.name}")
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+            command = [python, "-m", "mgpo", "train", *([str(sweep.base)] if sweep.base else []),
+                       *run.overrides, "training.progress=false", *(["--resume"] if state == "partial" else [])]
+            started = time.time()
+            log = run.output_dir / "train.out"
+            with log.open("a") as f:
+                f.write(f"$ {' '.join(command)}\n")
+                f.flush()
+                proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+                try:
+                    code = proc.wait()
+                except KeyboardInterrupt:  # the run got the Ctrl-C too: let it write its checkpoint and stop
+                    proc.wait()
+                    run.status = "interrupted"
+                    write_index(sweep)
+                    raise
+            run.wall_s = round(time.time() - started, 1)
+            if (run.output_dir / "metrics.json").is_file():
+                run.status, run.error = ("resumed" if state == "partial" else "done"), None
+                bar.console.print(f"[green]done[/] {run.name} ({run.wall_s:.0f} s)")
+            else:
+                run.status = "failed"
+                run.error = f"exit code {code}: {_error_tail(log)}"
+                bar.console.print(f"[red]failed[/] {run.name}: {run.error.splitlines()[-1]} (see {log})")
+            write_index(sweep)
+            bar.advance(task)
+    return sweep

@@ -1,0 +1,77 @@
+"""The double-descent measure, the instability count and the paired bootstrap on inputs with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mgpo.pipelines.measures import double_descent, instability_count, paired_bootstrap, smooth
+
+
+def test_smooth_is_a_trailing_moving_average():
+    assert smooth([2, 4, 6, 8], 2).tolist() == [2, 3, 5, 7]
+    assert smooth([2, 4, 6], 5).tolist() == [2, 3, 4]
+    assert smooth([1.5, 7.0], 1).tolist() == [1.5, 7.0]
+    with pytest.raises(ValueError, match="window=0"):
+        smooth([1, 2], 0)
+
+
+def test_a_bump_after_convergence_is_measured_exactly():
+    steps = list(range(10, 110, 10))
+    losses = [5, 4, 3, 2, 1, 2, 3, 2, 1, 0.5]
+    dd = double_descent(steps, losses, window=1)
+    assert dd["rise"] == 2.0 and dd["rise_rel"] == 2.0      # back up to 3 from a minimum of 1
+    assert dd["onset_step"] == 50 and dd["peak_step"] == 70  # minimum at step 50, peak at step 70
+    assert dd["recover_steps"] == 20 and dd["recovered"]     # loss <= 1 again at step 90
+
+
+def test_the_smoothed_curve_is_measured_not_the_raw_one():
+    # window 2: smoothed = [4, 3.5, 2.5, 2, 3, 3, 1.5] -> min 2 at index 3, peak 3 at index 4, back at index 6
+    dd = double_descent(range(7), [4, 3, 2, 2, 4, 2, 1], window=2)
+    assert dd["rise"] == pytest.approx(1.0) and dd["rise_rel"] == pytest.approx(0.5)
+    assert (dd["onset_step"], dd["peak_step"], dd["recover_steps"]) == (3, 4, 2)
+
+
+def test_a_monotone_curve_has_no_double_descent():
+    dd = double_descent(range(50), np.linspace(3, 1, 50))
+    assert dd["rise"] == 0 and dd["rise_rel"] == 0 and dd["peak_step"] is None and dd["recovered"]
+
+
+def test_a_curve_that_never_comes_back_is_not_recovered():
+    dd = double_descent([1, 2, 3, 4, 5], [3, 2, 1, 2, 2.5], window=1)
+    assert dd["rise"] == 1.5 and dd["peak_step"] == 5 and dd["recover_steps"] is None and not dd["recovered"]
+
+
+def test_the_largest_of_two_bumps_wins():
+    losses = [4, 2, 2.5, 2, 1, 3, 1, 0.5]  # bumps of 0.5 (above 2) and 2.0 (above 1)
+    dd = double_descent(range(8), losses, window=1)
+    assert dd["rise"] == 2.0 and dd["peak_step"] == 5
+
+
+def test_a_larger_divergence_measures_larger():
+    t = np.arange(200)
+    base = 2 * np.exp(-t / 30) + 0.5
+    small, large = (base + h * np.exp(-((t - 120) / 10) ** 2) for h in (0.2, 0.8))
+    assert double_descent(t, large)["rise"] > double_descent(t, small)["rise"] > 0
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="equally long"):
+        double_descent([1, 2], [1.0])
+
+
+def test_instability_counts_spikes_above_k_times_the_running_median():
+    losses = [1.0] * 10 + [2.0] + [1.0] * 5 + [1.4] + [1.0] * 3
+    assert instability_count(losses, window=5, factor=1.5) == 1   # 2.0 > 1.5, 1.4 is not
+    assert instability_count(losses, window=5, factor=1.3) == 2
+    assert instability_count(np.linspace(3, 1, 40), window=5) == 0
+
+
+def test_paired_bootstrap():
+    up = paired_bootstrap([1.1, 1.2, 1.3, 1.25], [1.0, 1.0, 1.1, 1.05])
+    assert up["n"] == 4 and up["mean"] == pytest.approx(0.175) and up["significant"]
+    assert up["low"] <= up["mean"] <= up["high"] and up["low"] > 0
+    mixed = paired_bootstrap([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0])
+    assert mixed["mean"] == 0 and mixed["low"] < 0 < mixed["high"] and not mixed["significant"]
+    single = paired_bootstrap([2.0], [1.0])
+    assert single["mean"] == 1.0 and single["low"] is None and not single["significant"]

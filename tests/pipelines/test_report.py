@@ -1,0 +1,168 @@
+"""``mgpo report`` on a fixture of small run folders written by hand (no training): the tables hold the numbers
+computed from the fixture's logs and metrics, figures and a self-contained HTML page are written, and the page
+renders in a real headless browser with every figure shown and no console error."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mgpo.cli import app
+from mgpo.pipelines.measures import double_descent, instability_count, paired_bootstrap
+from mgpo.pipelines.report import make_report, mean_std_cell
+
+RANKS = (16, 64)
+SEEDS = (0, 1, 2)
+ACCURACY = {  # (method, rank) -> accuracy per seed
+    ("LoRA", 16): [0.80, 0.82, 0.81], ("LoRA", 64): [0.78, 0.74, 0.76],
+    ("LoRA-MGPO", 16): [0.83, 0.84, 0.82], ("LoRA-MGPO", 64): [0.85, 0.83, 0.84],
+}
+COST = {"LoRA": (1000, 500.0, 0.10), "LoRA-MGPO": (1000, 550.0, 0.12)}
+
+
+def curve(method: str, rank: int, seed: int) -> list[float]:
+    """A decaying loss; LoRA gets a bump after step 60 that grows with rank."""
+    t = np.arange(1, 101)
+    loss = 2.0 * np.exp(-t / 15) + 0.3 + 0.01 * np.sin(t + seed)
+    if method == "LoRA":
+        loss += (rank / 64) * 0.5 * np.exp(-((t - 70) / 6) ** 2)
+    return [round(float(x), 6) for x in loss]
+
+
+@pytest.fixture
+def sweep_dir(tmp_path) -> Path:
+    root = tmp_path / "rank-sweep"
+    rows = []
+    for rank in RANKS:
+        for method in ("LoRA", "LoRA-MGPO"):
+            for seed in SEEDS:
+                name = f"r{rank}-{method}-s{seed}"
+                out = root / name
+                out.mkdir(parents=True)
+                p_method = "mgpo" if method == "LoRA-MGPO" else "adamw"
+                (out / "config.yaml").write_text(f"adapter: {{method: lora, rank: {rank}}}\n"
+                                                 f"perturbation: {{method: {p_method}}}\ntraining: {{seed: {seed}}}\n")
+                (out / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                                       for i, v in enumerate(curve(method, rank, seed))))
+                params, mem, tps = COST[method]
+                (out / "metrics.json").write_text(json.dumps({
+                    "test_accuracy": ACCURACY[method, rank][seed], "trainable_params": params,
+                    "peak_memory_mb": mem, "time_per_step_s": tps}))
+                rows.append({"index": len(rows), "name": name, "status": "done", "output_dir": str(out),
+                             "labels": {"rank": str(rank), "method": method, "training.seed": seed}})
+    failed = root / "r64-LoRA-s3"
+    failed.mkdir()
+    rows.append({"index": len(rows), "name": failed.name, "status": "failed", "output_dir": str(failed),
+                 "labels": {"rank": "64", "method": "LoRA", "training.seed": 3},
+                 "error": "exit code 2\nerror: out of memory"})
+    (root / "index.json").write_text(json.dumps({"title": "rank sweep", "runs": rows}))
+    (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
+    return root
+
+
+def _md_row(md: str, first_cell: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
+    paths = make_report([sweep_dir], tmp_path / "report")
+    md = paths["markdown"].read_text()
+    for method in ("LoRA", "LoRA-MGPO"):
+        row = _md_row(md.split("## rank sweep")[1].split("### Difference")[0], method)
+        expected = [mean_std_cell(ACCURACY[method, r]) for r in RANKS]
+        assert [c.strip("*") for c in row[1:3]] == expected
+    # the best mean of each column is bold: LoRA-MGPO in both panels here
+    assert _md_row(md, "LoRA-MGPO")[1].startswith("**") and not _md_row(md, "LoRA")[1].startswith("**")
+    # paired differences with the bootstrap interval, pooled over ranks and seeds
+    diff = paired_bootstrap([a for r in RANKS for a in ACCURACY["LoRA-MGPO", r]],
+                            [a for r in RANKS for a in ACCURACY["LoRA", r]])
+    cell = _md_row(md, "LoRA-MGPO − LoRA")[-1]
+    assert f"{diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]" in cell
+    # per-run double-descent numbers in runs.csv equal the measure computed on the logs
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 2 * 2 * 3 + 1
+    for row in rows:
+        if row["status"] == "failed":
+            continue
+        method, rank, seed = row["series"], int(row["panel"].split("=")[1]), int(row["seed"])
+        losses = curve(method, rank, seed)
+        dd = double_descent(range(1, 101), losses)
+        assert float(row["dd_rise"]) == pytest.approx(dd["rise"])
+        assert float(row["dd_rise_rel"]) == pytest.approx(dd["rise_rel"])
+        assert int(row["spikes"]) == instability_count(losses, dd["window"])
+    rises = {(r["series"], r["panel"]): float(r["dd_rise"]) for r in rows if r["seed"] == "0"}
+    assert rises["LoRA", "rank=64"] > rises["LoRA", "rank=16"] > rises["LoRA-MGPO", "rank=64"]
+    # cost relative to LoRA
+    cost = _md_row(md.split("### Cost")[1], "LoRA-MGPO")
+    assert cost[1:] == ["1,000", "1.00×", "550", "1.10×", "0.120", "1.20×"]
+    # the failed run is listed with its error, not silently dropped
+    assert "r64-LoRA-s3" in md and "out of memory" in md
+    assert {p.name for p in paths["figures"]} == {"rank-sweep-loss.png", "rank-sweep-test_accuracy.png",
+                                                  "rank-sweep-double-descent.png"}
+    html = paths["html"].read_text()
+    assert html.count("src='data:image/png;base64,") == 3 and "<img src='figures" not in html
+
+
+def test_loose_run_folders_are_labelled_from_their_config(sweep_dir, tmp_path):
+    runs = [sweep_dir / "r16-LoRA-s0", sweep_dir / "r16-LoRA-MGPO-s0"]
+    result = CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert _md_row(md, "LoRA")[1] == "0.8000" and _md_row(md, "LoRA-MGPO")[1].strip("*") == "0.8300"
+
+
+def test_report_errors_name_the_bad_input(sweep_dir, tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "neither a sweep folder" in result.output
+    result = CliRunner().invoke(app, ["report", str(sweep_dir), "--baseline", "DoRA", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "DoRA" in result.output and "LoRA-MGPO" in result.output
+
+
+def chromium() -> str | None:
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+# Injected at the top of <head> in a copy of the page: records script errors, failed resource loads and
+# console.error calls, then, once loaded, whether every <img> decoded and is on screen with a size.
+PROBE = """<script>
+window.__problems = [];
+window.addEventListener('error', e => window.__problems.push('error: ' + (e.message || (e.target && e.target.src
+  || '').slice(0, 60))), true);
+const __ce = console.error; console.error = (...a) => { window.__problems.push('console.error: ' + a.join(' '));
+  __ce(...a); };
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const shown = imgs.filter(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 100);
+  const out = document.createElement('pre'); out.id = '__probe';
+  out.textContent = JSON.stringify({images: imgs.length, shown: shown.length, problems: window.__problems});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium binary on PATH: `bash scripts/install.sh --test` "
+                                                "installs Debian's chromium (apt-get install chromium)")
+def test_html_report_renders_in_a_headless_browser(sweep_dir, tmp_path):
+    paths = make_report([sweep_dir], tmp_path / "report")
+    page = paths["html"].read_text()
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
+    proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="__probe">(.*?)</pre>', proc.stdout, re.S)
+    assert found, proc.stderr[-2000:]
+    probe = json.loads(found.group(1).replace("&quot;", '"'))
+    assert probe["problems"] == []
+    assert probe["images"] == len(paths["figures"]) == probe["shown"]
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    assert console == []

@@ -1,0 +1,136 @@
+"""``mgpo sweep``: grid expansion and the run plan (fast), a failed run that does not stop the sweep, and a sweep
+killed mid-run that, rerun, skips its finished runs and resumes the half-finished one (tiny BERT, real training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mgpo.cli import app
+from mgpo.pipelines.config import ConfigError
+from mgpo.pipelines.sweep import load_sweep, plan, run_state, run_sweep
+from tests.pipelines.test_train import sentiment_csv, tiny_model_dir  # noqa: F401 (fixtures)
+
+
+def write_spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_is_the_product_of_its_axes_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("training: {lr: 1.0e-3}\n")
+    spec = write_spec(tmp_path, """
+title: demo
+base: base.yaml
+set: {training.max_steps: 7}
+grid:
+  method:
+    LoRA: {perturbation.method: adamw}
+    LoRA-MGPO: {perturbation.method: mgpo, perturbation.rho: 0.1}
+  training.seed: [0, 1, 2]
+name: "{method}-s{training.seed}"
+output_dir: out
+""")
+    sweep = load_sweep(spec, ["training.batch_size=4"], output_dir=tmp_path / "sweep")
+    assert [r.name for r in sweep.runs] == ["LoRA-s0", "LoRA-s1", "LoRA-s2", "LoRA-MGPO-s0", "LoRA-MGPO-s1",
+                                            "LoRA-MGPO-s2"]
+    assert sweep.runs[4].labels == {"method": "LoRA-MGPO", "training.seed": 1}
+    configs = plan(sweep)
+    c = configs[4]
+    assert (c.perturbation.method, c.perturbation.rho, c.training.seed) == ("mgpo", 0.1, 1)
+    assert (c.training.lr, c.training.max_steps, c.training.batch_size) == (1e-3, 7, 4)
+    assert c.training.output_dir == str(tmp_path / "sweep" / "LoRA-MGPO-s1")
+    assert {run_state(r.output_dir) for r in sweep.runs} == {"new"}
+
+
+def test_inline_base_and_default_names(tmp_path):
+    spec = write_spec(tmp_path, "base: {training: {lr: 0.002}, adapter: {method: dora}}\n"
+                                "grid: {adapter.rank: [4, 8]}\n")
+    sweep = load_sweep(spec)
+    assert [r.name for r in sweep.runs] == ["rank4", "rank8"]
+    assert sweep.output_dir == Path("runs/sweeps/spec")
+    assert [(c.adapter.method, c.adapter.rank, c.training.lr) for c in plan(sweep)] == [("dora", 4, 0.002),
+                                                                                        ("dora", 8, 0.002)]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("grid: {}", "grid:"),
+    ("grid: {training.seed: 3}", "training.seed"),
+    ("grid: {training.seed: [0]}\nbsae: x.yaml", "'bsae'"),
+    ("base: missing.yaml\ngrid: {training.seed: [0]}", "missing.yaml"),
+    ("grid: {training.seed: [0, 1]}\nname: run", "'run'"),
+    ("grid: {training.seed: [0]}\nname: '{seed}'", "{seed}"),
+    ("grid: {method: {A: adamw}}", "'A'"),
+])
+def test_bad_specs_are_clear_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        load_sweep(write_spec(tmp_path, text))
+
+
+def test_an_invalid_run_config_stops_the_sweep_before_any_training(tmp_path):
+    spec = write_spec(tmp_path, "grid: {training.lr: [0.001, -1]}\n")
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--output-dir", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "lr-1" in result.output and "training.lr" in result.output
+    assert not (tmp_path / "s" / "lr0.001").exists()
+
+
+def sweep_spec(tmp_path, model_dir, csv, grid: str) -> Path:
+    return write_spec(tmp_path, f"""
+title: tiny
+base:
+  model: {{name: {model_dir}, max_length: 16}}
+  data: {{name: {csv}, text_column: review, label_column: stars}}
+  training: {{batch_size: 8, lr: 5.0e-3, save_steps: 4, max_steps: 6}}
+grid: {grid}
+output_dir: {tmp_path / 'sweep'}
+""")
+
+
+def index(tmp_path) -> dict:
+    return {r["name"]: r for r in json.loads((tmp_path / "sweep" / "index.json").read_text())["runs"]}
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir, sentiment_csv):  # noqa: F811
+    spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{data.label_column: [no_such_column, stars]}")
+    sweep = run_sweep(load_sweep(spec), progress=False)
+    assert [r.status for r in sweep.runs] == ["failed", "done"]
+    runs = index(tmp_path)
+    assert runs["label_columnno_such_column"]["status"] == "failed"
+    assert "no_such_column" in runs["label_columnno_such_column"]["error"]
+    assert (tmp_path / "sweep" / "label_columnstars" / "metrics.json").is_file()
+    assert "failed" in (tmp_path / "sweep" / "index.csv").read_text()
+
+
+def test_a_killed_sweep_resumes(tmp_path, tiny_model_dir, sentiment_csv):  # noqa: F811
+    """Kill the whole sweep (SIGKILL) while its second run is past its first checkpoint; the rerun skips the first
+    run, resumes the second from its checkpoint and runs the third."""
+    spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.max_steps: [6, 40, 5]}")
+    second = tmp_path / "sweep" / "max_steps40"
+    proc = subprocess.Popen([sys.executable, "-m", "mgpo", "sweep", str(spec)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ})
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and run_state(second) != "partial":
+        time.sleep(0.1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert run_state(second) == "partial", "the second run did not reach a checkpoint in time"
+    first_metrics = tmp_path / "sweep" / "max_steps6" / "metrics.json"
+    written = first_metrics.stat().st_mtime_ns
+
+    sweep = run_sweep(load_sweep(spec), progress=False)
+    assert [r.status for r in sweep.runs] == ["skipped", "resumed", "done"]
+    assert first_metrics.stat().st_mtime_ns == written
+    rows = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # each step logged once, none missing
+    assert "--resume" in (second / "train.out").read_text()
+    assert json.loads((second / "metrics.json").read_text())["steps"] == 40
