@@ -3,14 +3,20 @@
 Three measurements, all printed as markdown tables (``--out FILE`` writes them too):
 
 1. Whole training step (forward, backward, ``step()``, ``zero_grad()``) of a small randomly initialised Llama
-   with PEFT LoRA, for AdamW, MGPO, MSAM, SAM, RandomPerturbation and GGPO, at two LoRA ranks. The methods are
+   with PEFT LoRA, for AdamW, MGPO (weight space, the default), the authors' dense MGPO, MSAM, Momentum-SAM's
+   fused AdamW update, SAM, RandomPerturbation and GGPO (the peers are in benchmarks/peers.py), at two LoRA
+   ranks, and AdamW / MGPO / dense MGPO on a wider model (hidden 2048), the low-rank term's worst case. The methods are
    timed round-robin (one step of each per round, the order rotated every round) so that slow drifts of the
    machine hit every method alike; warm-up rounds are dropped.
 2. Peak memory of one training step, each method alone in memory. CUDA: ``torch.cuda.max_memory_allocated``.
    CPU: live tensor bytes at the start of the step plus the highest point of the allocator's running balance
    during the step, read from torch's profiler (see benchmarks/README.md for why).
-3. The optimizer alone on ~10M LoRA parameters with gradients pre-filled: ``step()`` for AdamW, and
-   ``perturb(); step()`` for MGPO and MSAM (applying the perturbation is part of their cost).
+3. The optimizer alone on ~10M LoRA parameters with gradients pre-filled: ``step()`` for AdamW and the fused
+   Momentum-SAM, and ``perturb(); step()`` for MGPO, dense MGPO and MSAM (applying the perturbation is part of
+   their cost).
+
+Every AdamW (the baseline and the one inside each method) uses the same implementation (``--foreach``, on by
+default: the vectorised one, which the fused Momentum-SAM peer uses too).
 
 Run ``python benchmarks/overhead.py --help`` for the options; ``--quick`` is a one-minute smoke run.
 """
@@ -31,8 +37,12 @@ import torch
 
 import mgpo
 
-METHODS = ("AdamW", "MGPO", "MSAM", "SAM", "RandomPerturbation", "GGPO")
-OPTIMIZER_ONLY = ("AdamW", "MGPO", "MSAM")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import DenseMGPO, FusedMSAM  # noqa: E402
+
+METHODS = ("AdamW", "MGPO", "MGPO-dense", "MSAM", "MSAM-fused", "SAM", "RandomPerturbation", "GGPO")
+WIDE_METHODS = ("AdamW", "MGPO", "MGPO-dense")
+OPTIMIZER_ONLY = ("AdamW", "MGPO", "MGPO-dense", "MSAM", "MSAM-fused")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIB = 2**20
 
@@ -58,12 +68,18 @@ class Settings:
     opt_warmup: int = 3  # optimizer-only rounds dropped
     opt_rounds: int = 40  # optimizer-only timed rounds
     bootstrap: int = 2000  # bootstrap resamples for the ratio's 95% interval
+    wide_hidden: int = 2048  # the wide shape: where the low-rank term costs the most
+    wide_intermediate: int = 5504
+    wide_layers: int = 2
+    wide_rank: int = 64
+    wide_rounds: int = 20
     seed: int = 0
     lr: float = 1e-4
     rho: float = 0.05
+    foreach: bool = True  # the vectorised AdamW everywhere (baseline, inside every method, and the fused peer)
 
 
-QUICK = dict(warmup=2, rounds=8, memory_steps=1, opt_warmup=1, opt_rounds=5, bootstrap=500)
+QUICK = dict(warmup=2, rounds=8, memory_steps=1, opt_warmup=1, opt_rounds=5, bootstrap=500, wide_rounds=3)
 
 
 # --------------------------------------------------------------------------------------------- building blocks
@@ -91,18 +107,24 @@ def build_model(s: Settings, rank: int, layers: int) -> torch.nn.Module:
 
 
 def build_optimizer(name: str, model: torch.nn.Module, s: Settings, total_steps: int) -> torch.optim.Optimizer:
+    adamw = dict(lr=s.lr, foreach=s.foreach)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if name == "AdamW":
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+        return torch.optim.AdamW(trainable, **adamw)
     if name == "MGPO":
-        return mgpo.MGPO(model, torch.optim.AdamW, lr=s.lr, rho=s.rho)
+        return mgpo.MGPO(model, torch.optim.AdamW, rho=s.rho, **adamw)
+    if name == "MGPO-dense":
+        return DenseMGPO(model, rho=s.rho, **adamw)
     if name == "MSAM":
-        return mgpo.MSAM(model, torch.optim.AdamW, lr=s.lr, rho=s.rho)
+        return mgpo.MSAM(model, torch.optim.AdamW, rho=s.rho, **adamw)
+    if name == "MSAM-fused":
+        return FusedMSAM(trainable, lr=s.lr, rho=s.rho)
     if name == "SAM":
-        return mgpo.SAM(model, torch.optim.AdamW, lr=s.lr, rho=s.rho)
+        return mgpo.SAM(model, torch.optim.AdamW, rho=s.rho, **adamw)
     if name == "RandomPerturbation":
-        return mgpo.RandomPerturbation(model, lr=s.lr, rho=s.rho, total_steps=total_steps)
+        return mgpo.RandomPerturbation(model, rho=s.rho, total_steps=total_steps, **adamw)
     if name == "GGPO":
-        return mgpo.GGPO(model, lr=s.lr)
+        return mgpo.GGPO(model, **adamw)
     raise ValueError(f"method={name!r} is unknown: choose one of {', '.join(METHODS)}.")
 
 
@@ -175,14 +197,23 @@ def round_robin(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, 
     return {n: torch.tensor(t) for n, t in times.items()}
 
 
-def time_whole_step(s: Settings, rank: int) -> dict[str, torch.Tensor]:
+def time_whole_step(s: Settings, rank: int, methods=METHODS) -> dict[str, torch.Tensor]:
     batch = make_batch(s)
     total = s.warmup + s.rounds
     steps = {}
-    for name in METHODS:
+    for name in methods:
         model = build_model(s, rank, s.layers)
         steps[name] = make_step(name, model, build_optimizer(name, model, s, total), batch)
     return round_robin(steps, s.warmup, s.rounds, s.device)
+
+
+def term_share(s: Settings, rank: int) -> float:
+    """Share of the LoRA layers' matrix-product FLOPs (forward + backward, per token) that the weight-space term
+    adds: base ``2 in out`` (forward, input gradient), LoRA ``3 r (in + out)``, term ``4 r (in + out)``."""
+    shapes = [(s.hidden, s.hidden)] * 4 + [(s.hidden, s.intermediate)] * 2 + [(s.intermediate, s.hidden)]
+    term = sum(4 * rank * (i + o) for i, o in shapes)
+    rest = sum(2 * i * o + 3 * rank * (i + o) for i, o in shapes)
+    return term / (rest + term)
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -223,10 +254,10 @@ def cpu_step_peak(step: Callable[[], None]) -> int:
     return before + peak
 
 
-def peak_memory(s: Settings, rank: int) -> dict[str, int]:
+def peak_memory(s: Settings, rank: int, methods=METHODS) -> dict[str, int]:
     """Peak bytes of one training step for every method, each built and measured alone."""
     peaks = {}
-    for name in METHODS:
+    for name in methods:
         gc.collect()
         if s.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -263,7 +294,7 @@ def time_optimizer_only(s: Settings) -> tuple[dict[str, torch.Tensor], int]:
         for p in params:
             p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(s.device)
         opt = build_optimizer(name, model, s, s.opt_warmup + s.opt_rounds)
-        if name == "AdamW":
+        if name in ("AdamW", "MSAM-fused"):
             steps[name] = opt.step
         else:
 

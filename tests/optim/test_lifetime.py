@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mgpo
+from mgpo.optim._base import PerturbedOptimizer
 from tests.optim.helpers import METHODS, batches, loss_fn, make_model, raw_params, snapshot, train_step
 
 SINGLE_PASS = [n for n in METHODS if METHODS[n][0] is not mgpo.SAM]
@@ -147,7 +148,9 @@ class NoSync(Exception):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_step_reads_nothing_back_from_the_device(name, monkeypatch):
     """On CPU a host sync cannot be counted, so the step is run with every tensor-to-Python conversion
-    raising: statistics stay device tensors until someone reads ``last_stats``."""
+    raising: statistics stay device tensors until someone reads ``last_stats``. The skip decision takes the
+    path an accelerator takes (on CPU tensors it reads the flag, which stalls nothing)."""
+    monkeypatch.setattr(PerturbedOptimizer, "_decide_on_host", staticmethod(lambda ok: False))
     model = make_model()
     opt = build(name, model)
     data = batches(4)
@@ -178,6 +181,15 @@ def test_step_reads_nothing_back_from_the_device(name, monkeypatch):
         opt.zero_grad()
     monkeypatch.undo()
     assert opt.skipped_steps == 1
+    # the device-side skip left the weights exactly as a host-side skip does
+    model2 = make_model()
+    opt2 = build(name, model2)
+    train_step(model2, opt2, [data[0]])
+    for batch in data[1:]:
+        train_step(model2, opt2, [batch])
+    assert opt2.skipped_steps == 1
+    for (n, p), q in zip(snapshot(model).items(), snapshot(model2).values()):
+        assert torch.equal(p, q), n
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert isinstance(opt.last_stats["skipped_steps"], float)
 

@@ -238,9 +238,16 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         """The last step's statistics as device scalars (for loggers that average without syncing)."""
         return dict(self._stats)
 
-    def _base_step(self, params: list[torch.Tensor], ok: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
-        """The base optimizer's step, skipped on the device when ``ok`` is False.
+    @staticmethod
+    def _decide_on_host(ok: torch.Tensor) -> bool:
+        """Whether the skip decision may read ``ok`` on the host: only for CPU tensors, where there is no
+        asynchronous device to stall. Accelerators take the device-side path below."""
+        return ok.device.type == "cpu"
 
+    def _base_step(self, params: list[torch.Tensor], ok: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
+        """The base optimizer's step, skipped when ``ok`` is False (a non-finite gradient).
+
+        On an accelerator the decision stays on the device:
         A fused base optimizer (``AdamW(fused=True)``, ...) skips inside its kernel through ``found_inf``. Any other
         one steps on sanitised gradients and its parameters and state (and ``extra`` tensors the method updates
         itself, e.g. its own momentum) are blended back to their old values with weight ``not ok``: exact (a lerp
@@ -248,6 +255,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         state during the step.
         """
         base = self.base_optimizer
+        if self._decide_on_host(ok):  # CPU: execution is synchronous, reading the flag stalls nothing
+            if bool(ok):
+                base.step()
+            return
         if getattr(base, "_step_supports_amp_scaling", False) and not extra:
             base.grad_scale, base.found_inf = None, (~ok).float()
             try:
