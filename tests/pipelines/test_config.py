@@ -14,7 +14,8 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads_and_validates(path):
+def test_every_shipped_config_loads_and_validates(path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # configs name example data relative to the repository root
     cfg = load_config(path)
     assert cfg.training.output_dir
 
