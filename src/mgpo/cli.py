@@ -48,6 +48,7 @@ def _library_output(verbose: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     for category in (FutureWarning, DeprecationWarning, UserWarning):
