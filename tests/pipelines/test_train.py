@@ -71,6 +71,8 @@ def test_train_writes_everything_a_user_looks_at(tiny_model_dir, sentiment_csv, 
     out = tmp_path / "run"
     cfg = load_config(None, overrides(tiny_model_dir, sentiment_csv, out, f"perturbation.method={method}",
                                       f"adapter.method={adapter}"))
+    import sklearn  # noqa: F401  (its first import sets KMP_* variables: not ours to police)
+
     environment, handlers = dict(os.environ), [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     metrics = train(cfg)
     assert dict(os.environ) == environment  # TensorBoard's folder is passed, not put in the environment
