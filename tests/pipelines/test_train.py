@@ -220,12 +220,17 @@ def test_loss_plot_with_nothing_logged_says_so_without_warnings(tmp_path):
 
     from mgpo.pipelines.plots import plot_loss_curves
 
-    log = tmp_path / "log.jsonl"
-    log.write_text(json.dumps({"step": 3, "train_runtime": 1.0}) + "\n")  # fewer steps than logging_steps
+    from mgpo.pipelines.plots import _read_losses
+
+    summary, empty = tmp_path / "summary.jsonl", tmp_path / "empty.jsonl"
+    summary.write_text(json.dumps({"step": 3, "train_runtime": 1.0, "train_loss": 0.7}) + "\n")  # 3 < logging_steps
+    empty.write_text("")
+    assert _read_losses(summary) == ([3], [0.7])  # the run's mean loss, as one point
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        png = plot_loss_curves({"mgpo": log}, tmp_path / "loss.png")
-    assert png.stat().st_size > 0
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" warning included
+        for log in (summary, empty):
+            png = plot_loss_curves({"mgpo": log}, tmp_path / f"{log.stem}.png")
+            assert png.stat().st_size > 0
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _read_losses(path: Path) -> tuple[list[int], list[float]]:
-    steps, losses = [], []
+    """(steps, losses) of the logged training loss; when none was logged (fewer steps than logging_steps),
+    the run's mean loss from the Trainer's final summary, as one point."""
+    steps, losses, mean = [], [], None
     for line in Path(path).read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         if "loss" in row:
             steps.append(row["step"])
             losses.append(row["loss"])
+        elif "train_loss" in row:
+            mean = (row["step"], row["train_loss"])
+    if not steps and mean is not None:
+        return [mean[0]], [mean[1]]
     return steps, losses
 
 
