@@ -74,7 +74,8 @@ class TrainingConfig:
     logging_steps: int = _help("Log loss, learning rate, grad and perturbation norms every this many steps.", 1)
     eval_batch_size: int = _help("Examples per evaluation batch.", 64)
     seed: int = _help("Seed of initialisation, dropout and data order.", 0)
-    progress: bool = _help("Show progress bars.", True)
+    progress: bool = _help("Show progress: bars on a terminal, plain 'mgpo: step N/M' lines when the output goes "
+                           "to a file or pipe.", True)
 
 
 @dataclass
