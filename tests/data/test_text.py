@@ -127,16 +127,22 @@ def test_directory_with_all_splits_is_used_as_given(tmp_path, cache):
     write_jsonl(tmp_path / "validation.jsonl", sample(4, "val"))
     pd.DataFrame(sample(5, "test")).to_parquet(tmp_path / "test.parquet")
     (tmp_path / "notes.md").write_text("ignored")
-    got = texts(load_text_data(str(tmp_path), cache_dir=cache))
+    data = load_text_data(str(tmp_path), cache_dir=cache)
+    got = texts(data)
     assert got["train"] == [row["text"] for row in sample(12, "train")]
     assert got["validation"] == [row["text"] for row in sample(4, "val")]
     assert got["test"] == [row["text"] for row in sample(5, "test")]
+    assert data.sources == {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "validation.jsonl"),
+                            "test": str(tmp_path / "test.parquet")}
 
 
 def test_directory_missing_test_split_carves_it_from_train(tmp_path, cache):
     write_csv(tmp_path / "train.csv", sample(40, "train"))
     write_csv(tmp_path / "dev.csv", sample(6, "dev"))
-    got = texts(load_text_data(str(tmp_path), test_fraction=0.25, cache_dir=cache))
+    data = load_text_data(str(tmp_path), test_fraction=0.25, seed=3, cache_dir=cache)
+    got = texts(data)
+    assert data.sources == {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "dev.csv"),
+                            "test": "carved from train (25%, seed 3)"}
     assert got["validation"] == [row["text"] for row in sample(6, "dev")]
     assert len(got["test"]) == 10 and len(got["train"]) == 30
     assert sorted(got["train"] + got["test"]) == sorted(row["text"] for row in sample(40, "train"))
@@ -284,7 +290,8 @@ def test_unknown_extension(tmp_path, cache):
 
 def test_missing_column_lists_columns_and_argument(tmp_path, cache):
     path = write_csv(tmp_path / "data.csv", [{"sentence": "a", "label": 1}] * 10)
-    with pytest.raises(DataError, match=r"no column 'text' \(columns: sentence, label\); pass text_column="):
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: sentence, label\); pass text_column=<name> "
+                                        r"\(mgpo: data\.text_column=<name>\)"):
         load_text_data(str(path), cache_dir=cache)
     with pytest.raises(DataError, match=r"no column 'gold' \(columns: sentence, label\); pass label_column="):
         load_text_data(str(path), text_column="sentence", label_column="gold", cache_dir=cache)

@@ -13,7 +13,7 @@ from mgpo.eval.humaneval import (
     load_problems,
     pass_at_k,
 )
-from mgpo.eval.sandbox import SandboxLimits
+from mgpo.eval.sandbox import SandboxLimits, run_programs
 
 LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=8)
 
@@ -45,6 +45,15 @@ def test_canonical_solutions_pass(problems):
     for problem in problems:
         result = check(problem, problem["canonical_solution"], LIMITS)
         assert result.passed, (problem["task_id"], result.detail)
+
+
+def test_all_164_canonical_solutions_pass_in_the_default_sandbox():
+    """The reference solutions must pass with the default isolation (bubblewrap on CI), two at a time."""
+    everything = load_problems()
+    results = run_programs([build_program(p, p["canonical_solution"]) for p in everything], SandboxLimits(),
+                           workers=2)
+    failed = [(p["task_id"], r.status, r.detail[-300:]) for p, r in zip(everything, results) if not r.passed]
+    assert failed == []
 
 
 def test_wrong_solutions_fail(problems):

@@ -1,11 +1,23 @@
-"""Hostile programs must only cost their own result; the test process must survive each of them."""
+"""Hostile programs must only cost their own result; the test process must survive each of them.
 
+The default tests run with the default isolation (bubblewrap when installed, as on CI); the ``PROCESS`` tests
+pin the fallback (rlimits + user switch + Python guard), and the ``needs_bwrap`` tests turn the Python guard
+off so that only the namespaces stand between the program and the machine.
+"""
+
+import dataclasses
 import os
+import secrets
+import socket
+import subprocess
 import textwrap
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 
+import mgpo.eval.sandbox as sandbox
 from mgpo.eval.sandbox import (
     RunResult,
     SandboxLimits,
@@ -13,9 +25,16 @@ from mgpo.eval.sandbox import (
     run_program,
     run_programs,
     switches_user,
+    uses_namespaces,
 )
 
 FAST = SandboxLimits(timeout_s=5, cpu_s=3, memory_mb=256, max_processes=8, max_file_mb=2)
+PROCESS = dataclasses.replace(FAST, isolation="process")
+HOSTILE = dataclasses.replace(FAST, guard=False, isolation="bwrap")  # the namespaces alone
+PROJECT = Path(__file__).resolve().parents[2]
+
+needs_bwrap = pytest.mark.skipif(not uses_namespaces(FAST),
+                                 reason=f"bubblewrap is not usable here: {describe_isolation(FAST)}")
 
 needs_user_switch = pytest.mark.skipif(
     not switches_user(FAST),
@@ -126,9 +145,10 @@ def _alive_with_args(marker: str) -> list[int]:
 
 
 @needs_user_switch
-def test_fork_bomb_without_guard_is_bounded_by_rlimit_nproc_and_cleaned_up():
+@pytest.mark.parametrize("isolation", ["auto", "process"])
+def test_fork_bomb_without_guard_is_bounded_by_rlimit_nproc_and_cleaned_up(isolation):
     # Unusual memory size: its byte count appears in every forked child's command line.
-    limits = SandboxLimits(timeout_s=3, cpu_s=2, memory_mb=237, max_processes=6, guard=False)
+    limits = SandboxLimits(timeout_s=3, cpu_s=2, memory_mb=237, max_processes=6, guard=False, isolation=isolation)
     marker = str(237 * 2**20)
     result = run_program(src("""
         import os, time
@@ -179,7 +199,8 @@ def test_writing_outside_the_working_directory_is_blocked(tmp_path):
 @needs_user_switch
 def test_writing_outside_without_guard_is_refused_by_the_os(tmp_path):
     target = tmp_path / "escaped.txt"
-    result = run_program(f"open({str(target)!r}, 'w').write('x')\n", SandboxLimits(timeout_s=5, guard=False))
+    result = run_program(f"open({str(target)!r}, 'w').write('x')\n",
+                         SandboxLimits(timeout_s=5, guard=False, isolation="process"))
     assert not result.passed and "PermissionError" in result.detail
     assert not target.exists()
 
@@ -205,7 +226,8 @@ def test_killing_the_parent_or_itself_costs_only_its_own_result():
 
 @needs_user_switch
 def test_killing_the_parent_without_guard_is_refused_by_the_os():
-    result = run_program("import os\nos.kill(os.getppid(), 9)\n", SandboxLimits(timeout_s=5, guard=False))
+    result = run_program("import os\nos.kill(os.getppid(), 9)\n",
+                         SandboxLimits(timeout_s=5, guard=False, isolation="process"))
     assert not result.passed and "PermissionError" in result.detail
 
 
@@ -224,9 +246,9 @@ def test_parent_environment_secrets_are_not_visible(monkeypatch):
 @needs_user_switch
 def test_parent_environment_cannot_be_read_through_proc(monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2-do-not-leak")
-    result = run_program("import os\nprint(open(f'/proc/{os.getppid()}/environ', 'rb').read())\n", FAST)
-    assert not result.passed
-    assert "hunter2" not in result.output and "hunter2" not in result.detail
+    for limits in (FAST, PROCESS):  # bwrap: the parent is the namespace's init; process: permission denied
+        result = run_program("import os\nprint(open(f'/proc/{os.getppid()}/environ', 'rb').read())\n", limits)
+        assert "hunter2" not in result.output and "hunter2" not in result.detail
 
 
 def test_run_programs_keeps_order():
@@ -241,3 +263,146 @@ def test_bad_limits_are_rejected():
         SandboxLimits(timeout_s=0)
     with pytest.raises(TypeError, match="str"):
         run_program(b"print(1)")
+
+
+# ----------------------------------------------------------------------------- the fallback (no bubblewrap)
+
+
+def test_process_fallback_runs_programs_and_its_guard_blocks(tmp_path):
+    assert run_program("assert sum(range(4)) == 6\n", PROCESS).passed
+    fork = run_program("import os\nos.fork()\n", PROCESS)
+    assert fork.status == "error" and "os.fork is disabled" in fork.detail
+    target = tmp_path / "escaped.txt"
+    write = run_program(f"open({str(target)!r}, 'w').write('x')\n", PROCESS)
+    assert write.status == "error" and not target.exists()
+    loop = run_program("while True: pass\n", dataclasses.replace(PROCESS, timeout_s=1, cpu_s=30))
+    assert loop.status == "timeout"
+
+
+def test_missing_bwrap_warns_once_naming_it_and_falls_back(monkeypatch):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox._runner.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"bubblewrap \(bwrap\) is not installed.*WITHOUT network"):
+            result = run_program("print(1)\n", FAST)
+        assert result.passed and not uses_namespaces(FAST)
+        assert "process sandbox only" in describe_isolation(FAST)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per configuration, not once per program
+            assert run_program("print(2)\n", FAST).passed
+        with pytest.raises(RuntimeError, match="isolation='bwrap'.*apt-get install bubblewrap"):
+            run_program("print(3)\n", dataclasses.replace(FAST, isolation="bwrap"))
+    finally:
+        sandbox._runner.cache_clear()
+
+
+def test_bad_isolation_is_rejected():
+    with pytest.raises(ValueError, match="isolation='docker'.*auto, bwrap, process"):
+        SandboxLimits(isolation="docker")
+
+
+# ----------------------------------------------------------------------------- hostile code, bubblewrap alone
+
+
+@needs_bwrap
+def test_no_network_even_to_the_hosts_loopback():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        result = run_program(src(f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=2)
+                print("connected")
+            except OSError as err:
+                print("refused:", err)
+        """), HOSTILE)
+        server.settimeout(0.5)
+        with pytest.raises(OSError):  # nothing ever reached the server
+            server.accept()
+    assert result.passed, result.detail
+    assert "refused:" in result.output and "connected" not in result.output
+
+
+@needs_bwrap
+def test_secret_file_in_the_project_cannot_be_read():
+    secret = PROJECT / f".sandbox-secret-{secrets.token_hex(4)}"
+    value = secrets.token_hex(16)
+    secret.write_text(value)
+    secret.chmod(0o644)  # world-readable: only the hidden folder protects it
+    try:
+        result = run_program(f"print(open({str(secret)!r}).read())\n", HOSTILE)
+        at_home = run_program("import os\nprint(os.listdir(os.path.expanduser('~')))\n", HOSTILE)
+    finally:
+        secret.unlink()
+    assert not result.passed and "FileNotFoundError" in result.detail
+    assert value not in result.output and value not in result.detail
+    assert secret.name not in at_home.output
+
+
+@needs_bwrap
+def test_writes_outside_the_scratch_dir_fail_and_leave_nothing(tmp_path):
+    targets = [tmp_path / "escaped.txt", PROJECT / f".escaped-{secrets.token_hex(4)}", Path("/var/tmp/escaped"),
+               Path("/etc/escaped")]
+    result = run_program(src(f"""
+        for path in {[str(t) for t in targets]!r}:
+            try:
+                open(path, "w").write("x")
+                print("wrote", path)
+            except OSError as err:
+                print("refused", path, type(err).__name__)
+        open("/tmp/private.txt", "w").write("the private /tmp is writable")
+        open("scratch.txt", "w").write("so is the scratch dir")
+    """), HOSTILE)
+    assert result.passed, result.detail
+    assert result.output.count("refused") == len(targets), result.output
+    assert not any(t.exists() for t in targets)
+
+
+@needs_bwrap
+def test_memory_bomb_and_infinite_loop_are_stopped():
+    memory = run_program("b = []\nwhile True:\n    b.append(bytearray(10 * 2**20))\n",
+                         dataclasses.replace(HOSTILE, memory_mb=200, timeout_s=20))
+    assert memory.status == "memory", memory.detail
+    loop = run_program("while True: pass\n", dataclasses.replace(HOSTILE, cpu_s=1, timeout_s=20))
+    assert loop.status == "timeout" and "CPU" in loop.detail
+    sleeper = run_program("import time\ntime.sleep(60)\n", dataclasses.replace(HOSTILE, timeout_s=1))
+    assert sleeper.status == "timeout" and "wall-clock" in sleeper.detail
+
+
+@needs_bwrap
+def test_program_cannot_see_or_kill_the_parent_or_other_processes():
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        result = run_program(src(f"""
+            import os
+            print("pid", os.getpid(), "processes", sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
+            for pid in (os.getppid(), {os.getpid()}, {victim.pid}):
+                try:
+                    os.kill(pid, 9)
+                except OSError as err:
+                    print("refused", pid, type(err).__name__)
+        """), HOSTILE)
+        assert victim.poll() is None  # still running
+    finally:
+        victim.kill()
+        victim.wait()
+    assert result.passed, result.detail
+    assert result.output.startswith("pid 2 processes [1, 2]"), result.output
+
+
+@needs_bwrap
+def test_setsid_escape_is_killed_with_the_namespace():
+    marker = f"{secrets.randbelow(10**6) + 10**6}.5"  # a sleep duration no other process uses
+    result = run_program(src(f"""
+        import os
+        if os.fork() == 0:
+            os.setsid()
+            os.execv("/bin/sleep", ["sleep", "{marker}"])
+        print("parent done")
+    """), HOSTILE)
+    assert result.passed, result.detail
+    for _ in range(50):  # killed processes may take a moment to disappear
+        if not _alive_with_args(marker):
+            break
+        time.sleep(0.1)
+    assert _alive_with_args(marker) == []

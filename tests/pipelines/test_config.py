@@ -14,7 +14,8 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads_and_validates(path):
+def test_every_shipped_config_loads_and_validates(path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # configs name example data relative to the repository root
     cfg = load_config(path)
     assert cfg.training.output_dir
 
@@ -76,3 +77,24 @@ def test_cli_explains_every_field_with_its_help():
         for f in dataclasses.fields(section.default_factory()):
             assert f.metadata.get("help"), f"{section.name}.{f.name} has no help text"
             assert f"{section.name}.{f.name}" in result.output
+
+
+@pytest.mark.parametrize("overrides,suggestion", [
+    (["training.learning_rate=1e-3"], "training.lr"),     # Hugging Face's name
+    (["lr=1e-3"], "training.lr"),                         # section left out
+    (["lr"], "training.lr"),                              # not even an override
+    (["training.batchsize=8"], "training.batch_size"),    # misspelt
+])
+def test_unknown_fields_get_a_did_you_mean(overrides, suggestion):
+    with pytest.raises(ConfigError, match=rf"did you mean {suggestion.replace('.', chr(92) + '.')}\b"):
+        load_config(None, overrides)
+
+
+def test_a_data_path_that_does_not_exist_is_a_config_error(tmp_path):
+    missing = tmp_path / "nope" / "reviews.csv"
+    result = CliRunner().invoke(app, ["config", f"data.name={missing}"], terminal_width=300)
+    assert result.exit_code == 2, result.output
+    assert "data.name=" in result.output and "no such file or folder" in result.output
+    (tmp_path / "nope").mkdir()
+    missing.write_text("text,label\na,1\n")
+    assert CliRunner().invoke(app, ["config", f"data.name={missing}"]).exit_code == 0

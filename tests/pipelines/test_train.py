@@ -3,6 +3,7 @@ interruption + --resume, and one run on the real MiniLM (slow)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -69,13 +71,25 @@ def test_train_writes_everything_a_user_looks_at(tiny_model_dir, sentiment_csv, 
     out = tmp_path / "run"
     cfg = load_config(None, overrides(tiny_model_dir, sentiment_csv, out, f"perturbation.method={method}",
                                       f"adapter.method={adapter}"))
+    import sklearn  # noqa: F401  (its first import sets KMP_* variables: not ours to police)
+
+    environment, handlers = dict(os.environ), [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     metrics = train(cfg)
+    assert dict(os.environ) == environment  # TensorBoard's folder is passed, not put in the environment
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
     for name in ("config.yaml", "log.jsonl", "log.csv", "metrics.json", "loss.png"):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
     assert (out / "adapter").is_dir() and any(p.suffix == ".safetensors" for p in (out / "adapter").iterdir())
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["steps"] == 8 and 0.0 <= saved["test_accuracy"] <= 1.0 and "test_matthews" in saved
+    assert "test_f1" in saved and "test_macro_f1" in saved
+    assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["label2id"] == {"neg": 0, "pos": 1}
+    model_config = json.loads((out / "adapter" / "config.json").read_text())
+    assert model_config["id2label"] == {"0": "neg", "1": "pos"} and model_config["label2id"] == {"neg": 0, "pos": 1}
+    with (out / "log.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 8 and all(row["loss"] for row in csv_rows)  # no rows without a value
     assert saved == json.loads(json.dumps(metrics, default=float))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -124,8 +138,11 @@ def test_hub_model_offline_fails_fast_naming_alternatives(tiny_model_dir, sentim
     assert time.time() - started < 60
 
 
-def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, sentiment_csv, tmp_path):
-    """SIGINT mid-run: a checkpoint is written and the rerun with --resume finishes the same run."""
+@pytest.mark.parametrize("sig,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, sentiment_csv, tmp_path, capsys,
+                                                             sig, exit_code):
+    """SIGINT/SIGTERM mid-run: a checkpoint is written, the exit status says the run did not finish (so
+    `mgpo train ... && next-step` stops), and the rerun with --resume finishes the same run."""
     out = tmp_path / "run"
     args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=400", "training.save_steps=1000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -137,15 +154,22 @@ def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, sen
         if log.is_file() and len(log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=240)
-    assert "interrupted at step" in output, output[-2000:]
+    assert proc.returncode == exit_code, output[-2000:]
+    assert "interrupted at step" in output and "--resume" in output, output[-2000:]
     checkpoints = list((out / "checkpoints").glob("checkpoint-*"))
     assert checkpoints, output[-2000:]
     stopped_at = int(checkpoints[0].name.split("-")[1])
     assert 3 <= stopped_at < 400
+    if sig == signal.SIGTERM:
+        return  # the resume below is the same for both signals
+    first_session = json.loads((checkpoints[0] / "mgpo_wall_time.json").read_text())["wall_time_s"]
     cfg = load_config(None, [*args, "training.max_steps=" + str(stopped_at + 4)])
+    capsys.readouterr()
     metrics = train(cfg, resume=True)
+    assert f"resuming from checkpoint-{stopped_at}" in capsys.readouterr().out
+    assert metrics["wall_time_s"] > first_session  # both sessions count
     assert metrics["steps"] == stopped_at + 4
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
@@ -161,3 +185,106 @@ def test_real_minilm_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and "test_accuracy" in metrics
+
+
+def test_signal_handlers_are_restored_when_training_raises(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
+    import mgpo.pipelines.train as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline.StepLog, "on_log", broken)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(load_config(None, overrides(tiny_model_dir, sentiment_csv, tmp_path / "run")))
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before  # Ctrl-C works again
+
+
+def test_f1_is_named_for_the_positive_class_and_macro_f1_beside_it():
+    from types import SimpleNamespace
+
+    from mgpo.pipelines.train import classification_metrics
+
+    logits = np.eye(2)[[1, 1, 0, 0]]  # predicts 1, 1, 0, 0
+    binary = classification_metrics("classification", 2)(SimpleNamespace(predictions=logits,
+                                                                          label_ids=np.array([1, 0, 0, 0])))
+    assert binary["f1"] == pytest.approx(2 / 3)  # class 1: precision 1/2, recall 1
+    assert binary["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # class 0: precision 1, recall 2/3
+    three = classification_metrics("classification", 3)(SimpleNamespace(predictions=np.eye(3)[[0, 1, 2]],
+                                                                         label_ids=np.array([0, 1, 1])))
+    assert "f1" not in three and three["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def test_loss_plot_with_nothing_logged_says_so_without_warnings(tmp_path):
+    import warnings
+
+    from mgpo.pipelines.plots import plot_loss_curves
+
+    from mgpo.pipelines.plots import _read_losses
+
+    summary, empty = tmp_path / "summary.jsonl", tmp_path / "empty.jsonl"
+    summary.write_text(json.dumps({"step": 3, "train_runtime": 1.0, "train_loss": 0.7}) + "\n")  # 3 < logging_steps
+    empty.write_text("")
+    assert _read_losses(summary) == ([3], [0.7])  # the run's mean loss, as one point
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" warning included
+        for log in (summary, empty):
+            png = plot_loss_curves({"mgpo": log}, tmp_path / f"{log.stem}.png")
+            assert png.stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    """train/validation/test CSVs with string labels; every fifth train row is 20 words (over max_length)."""
+    folder = tmp_path_factory.mktemp("reviews")
+    for split, n in (("train", 60), ("validation", 20), ("test", 20)):
+        rows = ["review,sentiment"]
+        for i in range(n):
+            positive = i % 2 == 0
+            words = [WORDS[i % 4] if positive else WORDS[4 + i % 4], "movie"]
+            if split == "train" and i % 5 == 0:
+                words += ["the", "plot", "was"] * 6
+            rows.append(f"the {' '.join(words)},{'pos' if positive else 'neg'}")
+        (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_cli_on_a_data_folder_says_what_it_did_quietly(tiny_model_dir, data_folder, tmp_path):
+    """Output to a pipe: which file became which split, the label mapping, truncation, plain progress lines,
+    and none of the libraries' chatter."""
+    out = tmp_path / "run"
+    args = [f"model.name={tiny_model_dir}", "model.max_length=16", f"data.name={data_folder}",
+            "data.text_column=review", "data.label_column=sentiment", f"training.output_dir={out}",
+            "training.max_steps=6", "training.batch_size=8", "training.logging_steps=2", "training.save_steps=100"]
+    proc = subprocess.run([sys.executable, "-m", "mgpo", "train", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "COLUMNS": "300"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    for split in ("train", "validation", "test"):
+        assert f"{split} <- {data_folder / (split + '.csv')}" in output, output
+    assert "0 = 'neg', 1 = 'pos'" in output and "f1 is for class 1 ('pos')" in output
+    assert "truncated: train 12 of 60, validation 0 of 20, test 0 of 20" in output
+    assert "mgpo: step 6/6" in output  # plain progress lines, no carriage-return bars
+    for chatter in ("\r", "{'loss'", "LOAD REPORT", "Warning", "Map:"):
+        assert chatter not in output, (chatter, output[-3000:])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["truncated_examples"] == 12 and metrics["id2label"] == {"0": "neg", "1": "pos"}
+    assert metrics["data_splits"]["test"] == str(data_folder / "test.csv")
+
+
+def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    import mgpo.pipelines.demo as demo
+
+    titles = []
+    monkeypatch.setattr(demo, "plot_loss_curves", lambda runs, png, title: titles.append(title) or png)
+    console = Console(record=True, width=200)
+    demo.run_demo("sentiment", str(tmp_path), [f"model.name={tiny_model_dir}", f"data.name={data_folder}",
+                                               "data.text_column=review", "data.label_column=sentiment",
+                                               "training.max_steps=2", "training.progress=false"], console=console)
+    text = console.export_text()
+    assert titles == [f"{tiny_model_dir} + lora on {data_folder.name}"]
+    assert f"on {data_folder.name}" in text and "movie-reviews" not in text
+    help_text = CliRunner().invoke(app, ["--help"], terminal_width=200).output
+    assert "--set" in help_text and "configs/local-files.yaml" in help_text

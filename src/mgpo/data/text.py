@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -65,6 +65,8 @@ class TextData:
     """Number of classes; 1 for regression."""
     label_names: list[str] | None
     """Class names indexed by label id, when known."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each split came from: a file path, the hub, a built-in corpus, or "carved from train (10%, seed 0)"."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,11 @@ def load_text_data(
 
     if name in CORPORA:
         raw = {"train": load_sentiment_corpus(name, task=task, cache_dir=cache_dir)}
+        sources = {"train": f"built-in corpus {name}"}
     elif _is_local_name(name):
-        raw = _load_local(Path(name).expanduser(), hf_cache)
+        files = local_split_files(Path(name).expanduser())
+        raw = {split: read_data_file(file, hf_cache) for split, file in files.items()}
+        sources = {split: str(file) for split, file in files.items()}
     else:
         raw, glue = _load_hub(name, hf_cache)
         if glue is not None:
@@ -137,17 +142,24 @@ def load_text_data(
                 "text_pair": text_pair_column or glue.text_pair,
                 "label": label_column,
             }
+        had_validation = "validation" in raw
         raw = _drop_unlabelled_test(raw, columns["label"] or "label")
+        sources = {split: f"hub dataset {name} ({split} split)" for split in raw}
+        if had_validation and "validation" not in raw:
+            sources["test"] = f"hub dataset {name} (validation split: its test labels are hidden)"
 
     raw = {split: _select_columns(ds, columns, _where(name, split, raw)) for split, ds in raw.items()}
     raw, num_labels, label_names = _encode_labels(raw, task, name)
     splits = _fill_missing_splits(raw, seed, val_fraction, test_fraction, name)
+    fractions = {"validation": val_fraction, "test": test_fraction}
+    sources = {split: sources.get(split) or f"carved from train ({fractions[split]:.0%}, seed {seed})"
+               for split in SPLITS}
     limits = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
     for split in SPLITS:
         splits[split] = _subsample(splits[split], limits[split], seed)
         if len(splits[split]) == 0:
             raise DataError(f"split {split!r} of {name!r} is empty; provide rows for it or use a larger dataset")
-    return TextData(datasets.DatasetDict(splits), task, num_labels, label_names)
+    return TextData(datasets.DatasetDict(splits), task, num_labels, label_names, sources)
 
 
 def split_dataset(
@@ -197,11 +209,13 @@ def _is_local_name(name: str) -> bool:
     )
 
 
-def _load_local(path: Path, hf_cache: str | None) -> dict[str, datasets.Dataset]:
+def local_split_files(path: Path) -> dict[str, Path]:
+    """Which file holds which split: a single file is train; a folder holds train.* and optionally
+    validation.* (or valid/val/dev) and test.*."""
     if not path.exists():
         raise DataError(f"no such file or directory: {path}; check the path (built-in corpora: movie-reviews, tweets)")
     if path.is_file():
-        return {"train": read_data_file(path, hf_cache)}
+        return {"train": path}
     files = {}
     for split, stems in SPLIT_FILE_STEMS.items():
         found = sorted(
@@ -216,7 +230,7 @@ def _load_local(path: Path, hf_cache: str | None) -> dict[str, datasets.Dataset]
         raise DataError(
             f"directory {path} has no train file (found: {present}); add train.csv, train.jsonl or train.parquet"
         )
-    return {split: read_data_file(file, hf_cache) for split, file in files.items()}
+    return files
 
 
 def read_data_file(path: Path, hf_cache: str | None = None) -> datasets.Dataset:
@@ -343,7 +357,8 @@ def _select_columns(ds: datasets.Dataset, columns: dict[str, str | None], where:
         elif source is not None or target != "text_pair":
             raise DataError(
                 f"{where} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
-                f"pass {COLUMN_ARGS[target]}=<name> to say which column holds the {target}"
+                f"pass {COLUMN_ARGS[target]}=<name> (mgpo: data.{COLUMN_ARGS[target]}=<name>) to say which "
+                f"column holds the {target}"
             )
     ds = ds.select_columns(list(chosen))
     renames = {source: target for source, target in chosen.items() if source != target}

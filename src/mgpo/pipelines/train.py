@@ -19,11 +19,14 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from mgpo.pipelines.config import TrainConfig, to_yaml
@@ -52,14 +55,15 @@ class StepLog(TrainerCallback):
         with self.csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(r for r in kept if any(k in r for k in LOG_FIELDS[2:]))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         row = {"step": state.global_step, **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}}
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        with self.csv.open("a", newline="") as f:
-            csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore").writerow(row)
+        if any(k in row for k in LOG_FIELDS[2:]):  # the final summary and test metrics have no CSV column
+            with self.csv.open("a", newline="") as f:
+                csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore").writerow(row)
 
 
 class GracefulStop(TrainerCallback):
@@ -68,12 +72,14 @@ class GracefulStop(TrainerCallback):
 
     def __init__(self):
         self.requested = False
+        self.signal: int | None = None  # the signal that asked to stop
         self._previous = {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signum
         print("\nmgpo: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)...",
               flush=True)
 
@@ -90,8 +96,55 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the previous handlers back (also called when training raises)."""
+        while self._previous:
+            sig, handler = self._previous.popitem()
             signal.signal(sig, handler)
+
+
+class WallClock(TrainerCallback):
+    """Wall time of a run over all its sessions: stored with each checkpoint, picked up again by --resume."""
+
+    FILE = "mgpo_wall_time.json"
+
+    def __init__(self, checkpoint: str | None):
+        self.started = time.time()
+        saved = Path(checkpoint or "") / self.FILE
+        self.before = json.loads(saved.read_text())["wall_time_s"] if checkpoint and saved.is_file() else 0.0
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.started
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            write_json(folder / self.FILE, {"wall_time_s": self.elapsed()})
+
+
+class QuietProgress(ProgressCallback):
+    """tqdm bars on a terminal, without the log dicts Hugging Face prints under them (they are in log.jsonl)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class PlainProgress(TrainerCallback):
+    """Output to a file or a pipe: one plain line per ~5% of the steps instead of carriage-return bars."""
+
+    def __init__(self):
+        self.started = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = max(1, state.max_steps // 20)
+        if state.global_step % every and state.global_step != state.max_steps:
+            return
+        losses = [r["loss"] for r in state.log_history if "loss" in r]
+        loss = f", loss {losses[-1]:.4f}" if losses else ""
+        print(f"mgpo: step {state.global_step}/{state.max_steps}{loss}, {time.time() - self.started:.0f}s",
+              flush=True)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -112,12 +165,13 @@ def classification_metrics(task: str, num_labels: int):
             scores = np.asarray(logits).reshape(-1)
             return {"pearson": float(pearsonr(scores, labels)[0]), "spearman": float(spearmanr(scores, labels)[0])}
         guess = np.asarray(logits).argmax(-1)
-        average = "binary" if num_labels == 2 else "macro"
-        return {
-            "accuracy": float(accuracy_score(labels, guess)),
-            "f1": float(f1_score(labels, guess, average=average, zero_division=0)),
-            "matthews": float(matthews_corrcoef(labels, guess)),
-        }
+        out = {"accuracy": float(accuracy_score(labels, guess))}
+        if num_labels == 2:  # "f1": the positive class (id 1); "macro_f1": the mean over both classes
+            out["f1"] = float(f1_score(labels, guess, average="binary", zero_division=0))
+        out["macro_f1"] = float(f1_score(labels, guess, average="macro", labels=list(range(num_labels)),
+                                         zero_division=0))
+        out["matthews"] = float(matthews_corrcoef(labels, guess))
+        return out
 
     return compute
 
@@ -133,13 +187,36 @@ def _load_classification(cfg: TrainConfig):
 
 
 def _encode_classification(cfg: TrainConfig, data, tokenizer):
+    """Tokenized splits, and per split how many examples were longer than model.max_length (truncated)."""
     text_columns = [c for c in ("text", "text_pair") if c in data.splits["train"].column_names]
+    limit = cfg.model.max_length
 
     def encode(batch):
         pair = batch["text_pair"] if "text_pair" in text_columns else None
-        return tokenizer(batch["text"], pair, truncation=True, max_length=cfg.model.max_length)
+        full = tokenizer(batch["text"], pair, verbose=False)["input_ids"]
+        encoded = tokenizer(batch["text"], pair, truncation=True, max_length=limit)
+        encoded["truncated"] = [len(ids) > limit for ids in full]
+        return encoded
 
-    return data.splits.map(encode, batched=True, remove_columns=text_columns)
+    splits = data.splits.map(encode, batched=True, remove_columns=text_columns)
+    truncated = {split: int(sum(ds["truncated"])) for split, ds in splits.items()}
+    return splits.remove_columns("truncated"), truncated
+
+
+def _describe_data(data, truncated: dict[str, int], max_length: int) -> None:
+    """Say which file became which split, how labels map to ids, and how many inputs were cut."""
+    print("mgpo: data: " + "; ".join(f"{split} <- {data.sources.get(split, '?')} ({len(ds)} rows)"
+                                     for split, ds in data.splits.items()), flush=True)
+    if data.task == "classification":
+        names = ", ".join(f"{i} = {name!r}" for i, name in enumerate(_label_names(data)))
+        f1 = f"f1 is for class 1 ({_label_names(data)[1]!r}), " if data.num_labels == 2 else ""
+        print(f"mgpo: labels: {names} ({f1}macro_f1 is the mean over all classes)", flush=True)
+    cut = ", ".join(f"{split} {n} of {len(data.splits[split])}" for split, n in truncated.items())
+    print(f"mgpo: examples longer than model.max_length={max_length} tokens, truncated: {cut}", flush=True)
+
+
+def _label_names(data) -> list[str]:
+    return list(data.label_names) if data.label_names else [str(i) for i in range(data.num_labels)]
 
 
 def total_optimizer_steps(cfg: TrainConfig, n_train: int) -> int:
@@ -166,7 +243,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        report_to=["tensorboard"],
+        report_to="none",  # TensorBoard is added by train() with its folder set explicitly
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=2,
@@ -174,7 +251,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         eval_steps=t.eval_steps if eval_every else None,
         seed=t.seed,
         data_seed=t.seed,
-        disable_tqdm=not t.progress,
+        disable_tqdm=True,  # train() chooses the progress display
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
     )
@@ -187,9 +264,10 @@ def _cuda() -> bool:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    # TensorBoard events go to <output_dir>/tensorboard (transformers 5 reads the folder from this variable)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training.output_dir) / "tensorboard")
-    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``."""
+    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``.
+
+    Interrupted by SIGINT/SIGTERM, it writes a checkpoint and returns ``{"interrupted": True, "signal": N, ...}``.
+    """
     from mgpo.integrations.peft_variants import apply_adapter
     from mgpo.integrations.trainer import PerturbationTrainer
     from mgpo.models import load_model_and_tokenizer
@@ -202,13 +280,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume "
                                     "to start afresh (checkpoints are written every training.save_steps steps).")
+        print(f"mgpo: resuming from {Path(checkpoint).name} in {out / 'checkpoints'}", flush=True)
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
                               "training.output_dir.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     set_seed(cfg.training.seed)
-    started = time.time()
+    clock = WallClock(checkpoint)
 
     task = cfg.data.task
     if task == "causal-lm":
@@ -224,10 +303,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     else:
         data = _load_classification(cfg)  # first, so the model is built with the right head size
         model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels)
-        splits = _encode_classification(cfg, data, tokenizer)
+        splits, truncated = _encode_classification(cfg, data, tokenizer)
+        _describe_data(data, truncated, cfg.model.max_length)
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
         compute_metrics = classification_metrics(task, data.num_labels)
-        info = {}
+        info = {"data_splits": dict(data.sources), "truncated_examples": truncated["train"],
+                "truncated_eval_examples": sum(n for split, n in truncated.items() if split != "train")}
+        if task == "classification":  # the saved model config (and metrics.json) say what each class id means
+            model.config.id2label = dict(enumerate(_label_names(data)))
+            model.config.label2id = {name: i for i, name in enumerate(_label_names(data))}
+            info["id2label"] = {str(i): name for i, name in enumerate(_label_names(data))}
+            info["label2id"] = dict(model.config.label2id)
 
     total_steps = total_optimizer_steps(cfg, len(splits["train"]))
     grad_batches = _grad_batches(splits["train"], collator, cfg.training.batch_size)
@@ -242,19 +328,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         eval_dataset=eval_split,
         data_collator=collator,
         compute_metrics=compute_metrics,
-        callbacks=[StepLog(out), GracefulStop()],
+        callbacks=[StepLog(out), GracefulStop(), clock, _tensorboard(out / "tensorboard")],
     )
+    trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
+    if cfg.training.progress:
+        trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
     if task != "causal-lm":
         # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
         trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
     train_started = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        stopper.restore()
     cost = cost_metrics(trainer, checkpoint, time.time() - train_started)
     if stopper.requested:
         print(f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
               f"the same command and --resume.", flush=True)
-        return {"interrupted": True, "step": trainer.state.global_step}
+        return {"interrupted": True, "step": trainer.state.global_step, "signal": stopper.signal}
 
     metrics: dict = {"steps": trainer.state.global_step, **info, **cost}
     for split in ("validation", "test"):
@@ -266,10 +358,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         metrics.update(evaluate_generation(cfg, trainer.model, tokenizer, data, out, prefix="after"))
     trainer.model.save_pretrained(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))
+    if not (out / "adapter" / "config.json").exists():  # the base model's config: id2label/label2id, head size
+        trainer.model.config.save_pretrained(str(out / "adapter"))
     losses = [r for r in read_log(out / "log.jsonl") if "loss" in r]
     metrics["final_loss"] = losses[-1]["loss"] if losses else None
     metrics["best_loss"] = min(r["loss"] for r in losses) if losses else None
-    metrics["wall_time_s"] = round(time.time() - started, 1)
+    metrics["wall_time_s"] = round(clock.elapsed(), 1)  # all sessions of the run, resumed ones included
     write_json(out / "metrics.json", metrics)
     plot_loss_curves({cfg.perturbation.method: out / "log.jsonl"}, out / "loss.png",
                      title=f"{cfg.model.name} on {cfg.data.name}")
@@ -301,6 +395,12 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
         "peak_memory_source": source,
         "time_per_step_s": round(train_seconds / steps_run, 4),
     }
+
+
+def _tensorboard(folder: Path) -> TensorBoardCallback:
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(folder)  # instead of the TENSORBOARD_LOGGING_DIR variable (process-wide)
+    return callback
 
 
 def _grad_batches(train_split, collator, batch_size: int):

