@@ -173,7 +173,12 @@ class MGPO(PerturbedOptimizer):
                 active = module.active_adapters
                 for adapter, u, v in terms:
                     if adapter in active:  # eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
-                        output = output + F.linear(F.linear(x.to(v.dtype), v), u).to(output.dtype)
+                        h = F.linear(x.to(v.dtype), v).flatten(0, -2)  # (tokens, 2r)
+                        flat = output.flatten(0, -2)
+                        if flat.dtype == u.dtype:  # one fused kernel: output + h U^T
+                            output = torch.addmm(flat, h, u.T).view_as(output)
+                        else:
+                            output = output + (h @ u.T).to(output.dtype).view_as(output)
                 return output
 
             handle = module.register_forward_hook(hook, with_kwargs=True)
