@@ -1,4 +1,4 @@
-"""The optimizers: one module each, all held to shared/design/method-spec.md (pure PyTorch)."""
+"""The optimizers: one module each, all held to the contract in docs/method.md (pure PyTorch)."""
 
 from mgpo.optim.ggpo import GGPO
 from mgpo.optim.mgpo import MGPO, MSAM, PRESETS, PROFILES, preset, profile

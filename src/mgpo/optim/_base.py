@@ -141,7 +141,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _on_forward(self, module: nn.Module) -> None:
         if self._held:
             return
-        if module.training and torch.is_grad_enabled():
+        if module.training and torch.is_grad_enabled():  # eq. (3): the loss is taken at W + eps
             self.perturb()
         elif not module.training:
             self.restore()

@@ -172,7 +172,7 @@ class MGPO(PerturbedOptimizer):
                 x = args[0] if args else kwargs["x"]
                 active = module.active_adapters
                 for adapter, u, v in terms:
-                    if adapter in active:  # eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
+                    if adapter in active:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
                         h = F.linear(x.to(v.dtype), v).flatten(0, -2)  # (tokens, 2r)
                         flat = output.flatten(0, -2)
                         if flat.dtype == u.dtype:  # one fused kernel: output + h U^T
@@ -241,7 +241,7 @@ class MGPO(PerturbedOptimizer):
         if not ps:
             return
         self._clean = torch._foreach_mul(ps, 1.0) if self._exact else None  # exact copy of the clean values
-        torch._foreach_addcmul_(ps, moments, [c.to(p.dtype) for c, p in zip(coefs, ps)])  # W~ = W + c_l m
+        torch._foreach_addcmul_(ps, moments, [c.to(p.dtype) for c, p in zip(coefs, ps)])  # eq. (6): W~ = W + c_l m
 
     def _remove(self) -> None:
         if self._coef is None:
@@ -250,7 +250,7 @@ class MGPO(PerturbedOptimizer):
         if not ps:
             return
         if self._clean is not None:
-            torch._foreach_copy_(ps, self._clean)
+            torch._foreach_copy_(ps, self._clean)  # eq. (7): back to the clean W, exactly
             self._clean = None
         else:  # full fine-tuning in fp32 (docs/method.md): W = W~ - c_l m, exact to a few ulp
             torch._foreach_addcmul_(ps, moments, [-c.to(p.dtype) for c, p in zip(coefs, ps)])
@@ -344,7 +344,7 @@ class MGPO(PerturbedOptimizer):
 
         rho, apn = hp["rho"], hp["apn"]
         inv = 1.0 / (self.gbar + _TINY)
-        if apn == "inverse":  # k_l = min(1/gbar_l, max_scale); 1 before the layer's first EMA value
+        if apn == "inverse":  # eq. (4): k_l = min(1/gbar_l, max_scale); 1 before the layer's first EMA value
             k = inv if hp["max_scale"] is None else inv.clamp(max=hp["max_scale"])
             k = torch.where(self._seen, k, torch.ones_like(k))
         else:
