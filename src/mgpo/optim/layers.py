@@ -100,28 +100,31 @@ def is_quantized(module: nn.Module) -> bool:
         weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params")))
 
 
-def stacked_lowrank(us: list[tuple[torch.Tensor, torch.Tensor]], vs: list[tuple[torch.Tensor, torch.Tensor]],
-                    keep: bool = True):
-    """Products ``U_l V_l`` with ``U_l = [u1 | u2]`` (out x 2r) and ``V_l = [v1; v2]`` (2r x in), batched.
+def pair_sq_norms(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]):
+    """``||u1 v1 + u2 v2||_F^2`` for every ``(u1, v1, u2, v2)`` (u: out x r, v: r x in; u2/v2 may be None),
+    from r x r Gram blocks: ``<u1^T u1, v1 v1^T> + <u2^T u2, v2 v2^T> + 2 <u1^T u2, v1 v2^T>``.
 
-    Pairs of one shape are stacked into ``U`` (n, out, 2r) and ``V`` (n, 2r, in). Returns
-    ``[(indices, U, V, sq)]`` per shape, with ``sq = ||U_l V_l||_F^2 = sum((U^T U) * (V V^T))`` from the 2r x 2r
-    Gram matrices (float32 at least): a few kernels per shape, never an out x in tensor. ``keep=False`` drops
-    ``U`` and ``V`` as soon as the norms are known (returned as None).
+    Nothing of size out x in, and no copy of a factor, is made (float32 at least; for a bf16 factor a cast of
+    that one factor exists for the duration of its own products). One stack per term at the end: the per-layer
+    work is six small matrix products and three dot products.
     """
-    by_shape: dict[tuple, list[int]] = {}
-    for i, ((u1, u2), (v1, v2)) in enumerate(zip(us, vs)):
-        by_shape.setdefault((u1.shape, u2.shape, v1.shape, v2.shape, u1.dtype, u1.device), []).append(i)
-    out = []
-    for index in by_shape.values():
-        u = torch.cat([torch.stack([us[i][0] for i in index]), torch.stack([us[i][1] for i in index])], 2)
-        v = torch.cat([torch.stack([vs[i][0] for i in index]), torch.stack([vs[i][1] for i in index])], 1)
-        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-        uf, vf = u.to(acc), v.to(acc)
-        sq = (uf.mT @ uf).mul_(vf @ vf.mT).sum((1, 2))
-        out.append((index, u, v, sq) if keep else (index, None, None, sq))
-        del u, v, uf, vf
-    return out
+    def acc(t):
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+    first, second, cross = [], [], []
+    for u1, v1, u2, v2 in pairs:
+        u1, v1 = acc(u1), acc(v1)
+        first.append(torch.dot((u1.T @ u1).view(-1), (v1 @ v1.T).view(-1)))
+        if u2 is None:
+            second.append(first[-1].new_zeros(()))
+            cross.append(first[-1].new_zeros(()))
+            continue
+        u2, v2 = acc(u2), acc(v2)
+        second.append(torch.dot((u2.T @ u2).view(-1), (v2 @ v2.T).view(-1)))
+        cross.append(torch.dot((u1.T @ u2).view(-1), (v1 @ v2.T).view(-1)))
+    if not pairs:
+        return torch.zeros(0)
+    return torch.stack(first) + torch.stack(second) + 2 * torch.stack(cross)
 
 
 def lowrank_row_sq_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.layers import lora_pairs, stacked_lowrank
+from mgpo.optim.layers import lora_pairs, pair_sq_norms
 
 APN_MODES = ("inverse", "off", "normalized")
 SPACES = ("weight", "factors")
@@ -59,6 +59,37 @@ def preset(name: str) -> dict | None:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown: choose one of {', '.join(map(repr, PRESETS))}.")
     return None if PRESETS[name] is None else dict(PRESETS[name])
+
+
+class _WeightSpaceTerm(torch.autograd.Function):
+    """``out + c s (m_B (A x) + B (m_A x))`` as one autograd node.
+
+    ``A, m_A, B, m_B`` and ``c s`` are constants of the window (no gradient reaches them, so the factors' own
+    gradients stay those of the loss at the perturbed weight); only references to them are saved, nothing
+    activation- or weight-sized. Computed in the factors' dtype, outside autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, cs, a, m_a, b, m_b):
+        ctx.save_for_backward(cs, a, m_a, b, m_b)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
+            term = (x2 @ a.T) @ m_b.T
+            term.addmm_(x2 @ m_a.T, b.T).mul_(cs.to(term.dtype))
+        return out + term.view(out.shape).to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cs, a, m_a, b, m_b = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            with torch.autocast(grad.device.type, enabled=False):
+                g2 = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+                grad_x = (g2 @ m_b) @ a
+                grad_x.addmm_(g2 @ b, m_a).mul_(cs.to(grad_x.dtype))
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad, grad_x, None, None, None, None, None
 
 
 class MGPO(PerturbedOptimizer):
@@ -126,7 +157,7 @@ class MGPO(PerturbedOptimizer):
         self.gbar: torch.Tensor | None = None  # per-layer EMA of weight-space gradient norms (eq. 8)
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
         self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
-        self._terms: dict[int, list] | None = None  # module id -> [(adapter, c s [m_B, B], [A; m_A])]
+        self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s, A, m_A, B, m_B)]
         self._clean: list[torch.Tensor] | None = None
         self._setup_layers()
 
@@ -171,14 +202,9 @@ class MGPO(PerturbedOptimizer):
                     return None
                 x = args[0] if args else kwargs["x"]
                 active = module.active_adapters
-                for adapter, u, v in terms:
+                for adapter, *factors in terms:
                     if adapter in active:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
-                        h = F.linear(x.to(v.dtype), v).flatten(0, -2)  # (tokens, 2r)
-                        flat = output.flatten(0, -2)
-                        if flat.dtype == u.dtype:  # one fused kernel: output + h U^T
-                            output = torch.addmm(flat, h, u.T).view_as(output)
-                        else:
-                            output = output + (h @ u.T).to(output.dtype).view_as(output)
+                        output = _WeightSpaceTerm.apply(output, x, *factors)
                 return output
 
             handle = module.register_forward_hook(hook, with_kwargs=True)
@@ -190,34 +216,19 @@ class MGPO(PerturbedOptimizer):
         return [owner[p].get(self._moment) if p in owner else None for p in tensors]
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
-    def _build_terms(self, stacks=None) -> None:
-        """The weight-space terms ``(c_l s [m_B, B], [A; m_A])`` of the pending perturbation, per module."""
+    def _build_terms(self) -> None:
+        """The pending weight-space terms, per module: the scalar ``c_l s`` and references to ``A, m_A, B, m_B``
+        (no copies: within the window none of them changes)."""
         self._terms = {}
         if self._coef is None or not self._pairs:
             return
-        if stacks is None:
-            stacks = self._direction_stacks()[0]
-        scale = self._coef[[pr[0] for pr in self._pairs]] * torch.tensor(
-            [pr[5] for pr in self._pairs], device=self._coef.device, dtype=self._coef.dtype)
-        for index, u, v, _ in stacks:
-            u = u * scale[index].to(u.dtype)[:, None, None]
-            for j, i in enumerate(index):
-                _, module, adapter, *_ = self._pairs[i]
-                self._terms.setdefault(id(module), []).append((adapter, u[j], v[j]))
-
-    def _direction_stacks(self):
-        """``D_l / s = [m_B, B] [A; m_A]`` for every pair with momentum, batched; and which pairs have it."""
-        ok = []
-        us, vs = [], []
-        for i, (_, _, _, a, b, _) in enumerate(self._pairs):
+        index = self._cached_index(tuple(pr[0] for pr in self._pairs))
+        scale = torch.tensor([pr[5] for pr in self._pairs], device=self._coef.device, dtype=self._coef.dtype)
+        cs = (self._coef[index] * scale).unbind()
+        for (_, module, adapter, a, b, _), c in zip(self._pairs, cs):
             m_a, m_b = self._moments([a, b])
-            if m_a is None or m_b is None:
-                continue
-            ok.append(i)
-            us.append((m_b, b))
-            vs.append((a, m_a))
-        stacks = stacked_lowrank(us, vs) if us else []
-        return [([ok[j] for j in index], u, v, sq) for index, u, v, sq in stacks], ok
+            if m_a is not None and m_b is not None:
+                self._terms.setdefault(id(module), []).append((adapter, c, a, m_a, b, m_b))
 
     def _inplace_pending(self):
         ps = [p for _, p in self._inplace]
@@ -266,7 +277,6 @@ class MGPO(PerturbedOptimizer):
     def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
         hp = self.hparams
         device, dtype = grad_norms.device, grad_norms.dtype
-        self._terms = None  # the old term's copies are not needed any more (the window is closed)
         n_layers = len(self.layers)
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
             grow = n_layers - (0 if self.gbar is None else len(self.gbar))
@@ -286,19 +296,17 @@ class MGPO(PerturbedOptimizer):
         has_grad = [False] * n_layers
         for i in layers:
             has_grad[i] = True
-        us, vs, owners = [], [], []
+        pairs, owners = [], []
         for i, (layer, _, _, a, b, s) in enumerate(self._pairs):
-            if id(a) in where or id(b) in where:
-                g_a = a.grad if a.grad is not None else torch.zeros_like(a)
-                g_b = b.grad if b.grad is not None else torch.zeros_like(b)
-                us.append((g_b, b))
-                vs.append((a, g_a))
+            if a.grad is not None or b.grad is not None:  # ||g_B A + B g_A||^2 (a missing gradient is zero)
+                terms = [(t, v) for t, v in ((b.grad, a), (b, a.grad)) if t is not None and v is not None]
+                pairs.append((*terms[0], *(terms[1] if len(terms) > 1 else (None, None))))
                 owners.append(i)
                 has_grad[layer] = True
-        for index, _, _, sq in stacked_lowrank(us, vs, keep=False):
-            pairs = [self._pairs[owners[j]] for j in index]
-            scale = torch.tensor([pr[5] ** 2 for pr in pairs], device=device, dtype=dtype)
-            grad_sq.index_add_(0, self._cached_index(tuple(pr[0] for pr in pairs)), sq.to(dtype) * scale)
+        if pairs:
+            scale = torch.tensor([self._pairs[i][5] ** 2 for i in owners], device=device, dtype=dtype)
+            grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)),
+                               pair_sq_norms(pairs).to(dtype) * scale)
         n = grad_sq.sqrt()
         has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
         beta = hp["beta"]
@@ -323,12 +331,17 @@ class MGPO(PerturbedOptimizer):
             torch._foreach_add_(moments, torch._foreach_mul([p.grad for p in params], ok.to(dtype)))
 
         # eq. (4)/(6): the direction D_l and its norm d_l for every layer
-        stacks, with_m = self._direction_stacks()
+        pairs, with_m = [], []
+        for i, (_, _, _, a, b, _) in enumerate(self._pairs):
+            m_a, m_b = self._moments([a, b])
+            if m_a is not None and m_b is not None:  # ||D_l / s||^2 = ||m_B A + B m_A||^2
+                pairs.append((m_b, a, b, m_a))
+                with_m.append(i)
         d_sq = torch.zeros(n_layers, device=device, dtype=dtype)
-        for index, _, _, sq in stacks:
-            pairs = [self._pairs[i] for i in index]
-            scale = torch.tensor([pr[5] ** 2 for pr in pairs], device=device, dtype=dtype)
-            d_sq.index_add_(0, self._cached_index(tuple(pr[0] for pr in pairs)), sq.to(dtype) * scale)
+        if pairs:
+            scale = torch.tensor([self._pairs[i][5] ** 2 for i in with_m], device=device, dtype=dtype)
+            d_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in with_m)),
+                            pair_sq_norms(pairs).to(dtype) * scale)
         has_m = [False] * n_layers
         for i in with_m:
             has_m[self._pairs[i][0]] = True
@@ -360,7 +373,7 @@ class MGPO(PerturbedOptimizer):
             coef = -rho * k / (d + _TINY)
         perturbed = torch.tensor(has_m, device=device) & (d > _TINY) & torch.isfinite(coef)
         self._coef = torch.where(perturbed, coef, torch.zeros_like(coef))
-        self._build_terms(stacks)
+        self._build_terms()
 
         seen = self._seen
         count = seen.sum().clamp_min(1)
