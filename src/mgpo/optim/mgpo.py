@@ -62,34 +62,34 @@ def preset(name: str) -> dict | None:
 
 
 class _WeightSpaceTerm(torch.autograd.Function):
-    """``out + c s (m_B (A x) + B (m_A x))`` as one autograd node.
+    """``out + U (V x)`` as one autograd node, with ``U = c_l s [m_B, B]`` (out x 2r), ``V = [A; m_A]`` (2r x in).
 
-    ``A, m_A, B, m_B`` and ``c s`` are constants of the window (no gradient reaches them, so the factors' own
-    gradients stay those of the loss at the perturbed weight); only references to them are saved, nothing
-    activation- or weight-sized. Computed in the factors' dtype, outside autocast.
+    ``U`` and ``V`` are constants of the window (no gradient reaches them, so the factors' own gradients stay
+    those of the loss at the perturbed weight); nothing activation-sized is saved. Concatenating the factors
+    once per step makes the term two products per pass, each reading ``x`` (or the output gradient) once,
+    instead of four. Computed in the factors' dtype, outside autocast.
     """
 
     @staticmethod
-    def forward(ctx, out, x, cs, a, m_a, b, m_b):
-        ctx.save_for_backward(cs, a, m_a, b, m_b)
+    def forward(ctx, out, x, u, v):
+        ctx.save_for_backward(u, v)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
-            term = (x2 @ a.T) @ m_b.T
-            term.addmm_(x2 @ m_a.T, b.T).mul_(cs.to(term.dtype))
-        return out + term.view(out.shape).to(out.dtype)
+            h = x.reshape(-1, x.shape[-1]).to(v.dtype) @ v.T  # (tokens, 2r)
+            flat = out.reshape(-1, out.shape[-1])
+            if flat.dtype == u.dtype:
+                return torch.addmm(flat, h, u.T).view(out.shape)  # one fused kernel
+            return (flat + (h @ u.T).to(flat.dtype)).view(out.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        cs, a, m_a, b, m_b = ctx.saved_tensors
+        u, v = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[1]:
             with torch.autocast(grad.device.type, enabled=False):
-                g2 = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-                grad_x = (g2 @ m_b) @ a
-                grad_x.addmm_(g2 @ b, m_a).mul_(cs.to(grad_x.dtype))
+                grad_x = (grad.reshape(-1, grad.shape[-1]).to(u.dtype) @ u) @ v
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad, grad_x, None, None, None, None, None
+        return grad, grad_x, None, None
 
 
 class MGPO(PerturbedOptimizer):
@@ -157,7 +157,7 @@ class MGPO(PerturbedOptimizer):
         self.gbar: torch.Tensor | None = None  # per-layer EMA of weight-space gradient norms (eq. 8)
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
         self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
-        self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s, A, m_A, B, m_B)]
+        self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s [m_B, B], [A; m_A])]
         self._clean: list[torch.Tensor] | None = None
         self._setup_layers()
 
@@ -202,9 +202,9 @@ class MGPO(PerturbedOptimizer):
                     return None
                 x = args[0] if args else kwargs["x"]
                 active = module.active_adapters
-                for adapter, *factors in terms:
+                for adapter, u, v in terms:
                     if adapter in active:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
-                        output = _WeightSpaceTerm.apply(output, x, *factors)
+                        output = _WeightSpaceTerm.apply(output, x, u, v)
                 return output
 
             handle = module.register_forward_hook(hook, with_kwargs=True)
@@ -217,8 +217,8 @@ class MGPO(PerturbedOptimizer):
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
     def _build_terms(self) -> None:
-        """The pending weight-space terms, per module: the scalar ``c_l s`` and references to ``A, m_A, B, m_B``
-        (no copies: within the window none of them changes)."""
+        """The pending weight-space terms per module: ``U = c_l s [m_B, B]`` and ``V = [A; m_A]``, two copies
+        of a LoRA layer's size (never out x in), made once per step."""
         self._terms = {}
         if self._coef is None or not self._pairs:
             return
@@ -228,7 +228,8 @@ class MGPO(PerturbedOptimizer):
         for (_, module, adapter, a, b, _), c in zip(self._pairs, cs):
             m_a, m_b = self._moments([a, b])
             if m_a is not None and m_b is not None:
-                self._terms.setdefault(id(module), []).append((adapter, c, a, m_a, b, m_b))
+                u = torch.cat([m_b, b], 1).mul_(c.to(b.dtype))
+                self._terms.setdefault(id(module), []).append((adapter, u, torch.cat([a, m_a], 0)))
 
     def _inplace_pending(self):
         ps = [p for _, p in self._inplace]
@@ -277,6 +278,7 @@ class MGPO(PerturbedOptimizer):
     def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
         hp = self.hparams
         device, dtype = grad_norms.device, grad_norms.dtype
+        self._terms = None  # last step's U, V: not needed any more (the window is closed)
         n_layers = len(self.layers)
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
             grow = n_layers - (0 if self.gbar is None else len(self.gbar))
