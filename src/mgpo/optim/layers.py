@@ -100,31 +100,15 @@ def is_quantized(module: nn.Module) -> bool:
         weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params")))
 
 
-def pair_sq_norms(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]):
-    """``||u1 v1 + u2 v2||_F^2`` for every ``(u1, v1, u2, v2)`` (u: out x r, v: r x in; u2/v2 may be None),
-    from r x r Gram blocks: ``<u1^T u1, v1 v1^T> + <u2^T u2, v2 v2^T> + 2 <u1^T u2, v1 v2^T>``.
-
-    Nothing of size out x in, and no copy of a factor, is made (float32 at least; for a bf16 factor a cast of
-    that one factor exists for the duration of its own products). One stack per term at the end: the per-layer
-    work is six small matrix products and three dot products.
-    """
+def lowrank_sq_norms(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``||U V||_F^2 = <U^T U, V V^T>`` for every ``(U, V)`` (U: out x k, V: k x in), from the k x k Gram
+    matrices: nothing of size out x in is formed. Float32 at least; one small product pair per layer."""
     def acc(t):
         return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
-    first, second, cross = [], [], []
-    for u1, v1, u2, v2 in pairs:
-        u1, v1 = acc(u1), acc(v1)
-        first.append(torch.dot((u1.T @ u1).view(-1), (v1 @ v1.T).view(-1)))
-        if u2 is None:
-            second.append(first[-1].new_zeros(()))
-            cross.append(first[-1].new_zeros(()))
-            continue
-        u2, v2 = acc(u2), acc(v2)
-        second.append(torch.dot((u2.T @ u2).view(-1), (v2 @ v2.T).view(-1)))
-        cross.append(torch.dot((u1.T @ u2).view(-1), (v1 @ v2.T).view(-1)))
-    if not pairs:
+    if not factors:
         return torch.zeros(0)
-    return torch.stack(first) + torch.stack(second) + 2 * torch.stack(cross)
+    return torch.stack([torch.dot((acc(u).T @ acc(u)).view(-1), (acc(v) @ acc(v).T).view(-1)) for u, v in factors])
 
 
 def lowrank_row_sq_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

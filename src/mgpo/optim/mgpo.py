@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.layers import lora_pairs, pair_sq_norms
+from mgpo.optim.layers import lora_pairs, lowrank_sq_norms
 
 APN_MODES = ("inverse", "off", "normalized")
 SPACES = ("weight", "factors")
@@ -216,20 +216,32 @@ class MGPO(PerturbedOptimizer):
         return [owner[p].get(self._moment) if p in owner else None for p in tensors]
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
-    def _build_terms(self) -> None:
-        """The pending weight-space terms per module: ``U = c_l s [m_B, B]`` and ``V = [A; m_A]``, two copies
-        of a LoRA layer's size (never out x in), made once per step."""
+    def _direction_factors(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+        """``([m_B, B], [A; m_A])`` of every pair whose momentum exists (``D_l = s U V``), and which pairs."""
+        factors, with_m = [], []
+        for i, (_, _, _, a, b, _) in enumerate(self._pairs):
+            m_a, m_b = self._moments([a, b])
+            if m_a is not None and m_b is not None:
+                factors.append((torch.cat([m_b, b], 1), torch.cat([a, m_a], 0)))
+                with_m.append(i)
+        return factors, with_m
+
+    def _build_terms(self, factors=None, with_m=None) -> None:
+        """The pending weight-space terms per module, ``(U = c_l s [m_B, B], V = [A; m_A])``: two copies of a
+        LoRA layer's size (never out x in), made once per step."""
         self._terms = {}
         if self._coef is None or not self._pairs:
             return
-        index = self._cached_index(tuple(pr[0] for pr in self._pairs))
-        scale = torch.tensor([pr[5] for pr in self._pairs], device=self._coef.device, dtype=self._coef.dtype)
+        if factors is None:  # after a load: from the current factors and momenta
+            factors, with_m = self._direction_factors()
+        if not factors:
+            return
+        index = self._cached_index(tuple(self._pairs[i][0] for i in with_m))
+        scale = torch.tensor([self._pairs[i][5] for i in with_m], device=self._coef.device, dtype=self._coef.dtype)
         cs = (self._coef[index] * scale).unbind()
-        for (_, module, adapter, a, b, _), c in zip(self._pairs, cs):
-            m_a, m_b = self._moments([a, b])
-            if m_a is not None and m_b is not None:
-                u = torch.cat([m_b, b], 1).mul_(c.to(b.dtype))
-                self._terms.setdefault(id(module), []).append((adapter, u, torch.cat([a, m_a], 0)))
+        for (u, v), i, c in zip(factors, with_m, cs):
+            _, module, adapter, *_ = self._pairs[i]
+            self._terms.setdefault(id(module), []).append((adapter, u.mul_(c.to(u.dtype)), v))
 
     def _inplace_pending(self):
         ps = [p for _, p in self._inplace]
@@ -298,17 +310,19 @@ class MGPO(PerturbedOptimizer):
         has_grad = [False] * n_layers
         for i in layers:
             has_grad[i] = True
-        pairs, owners = [], []
+        factors, owners = [], []
         for i, (layer, _, _, a, b, s) in enumerate(self._pairs):
-            if a.grad is not None or b.grad is not None:  # ||g_B A + B g_A||^2 (a missing gradient is zero)
-                terms = [(t, v) for t, v in ((b.grad, a), (b, a.grad)) if t is not None and v is not None]
-                pairs.append((*terms[0], *(terms[1] if len(terms) > 1 else (None, None))))
+            if a.grad is not None or b.grad is not None:  # [g_B, B] [A; g_A] (a missing gradient is zero)
+                g_a = a.grad if a.grad is not None else torch.zeros_like(a)
+                g_b = b.grad if b.grad is not None else torch.zeros_like(b)
+                factors.append((torch.cat([g_b, b], 1), torch.cat([a, g_a], 0)))
                 owners.append(i)
                 has_grad[layer] = True
-        if pairs:
+        if factors:
             scale = torch.tensor([self._pairs[i][5] ** 2 for i in owners], device=device, dtype=dtype)
             grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)),
-                               pair_sq_norms(pairs).to(dtype) * scale)
+                               lowrank_sq_norms(factors).to(dtype) * scale)
+            del factors
         n = grad_sq.sqrt()
         has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
         beta = hp["beta"]
@@ -333,17 +347,12 @@ class MGPO(PerturbedOptimizer):
             torch._foreach_add_(moments, torch._foreach_mul([p.grad for p in params], ok.to(dtype)))
 
         # eq. (4)/(6): the direction D_l and its norm d_l for every layer
-        pairs, with_m = [], []
-        for i, (_, _, _, a, b, _) in enumerate(self._pairs):
-            m_a, m_b = self._moments([a, b])
-            if m_a is not None and m_b is not None:  # ||D_l / s||^2 = ||m_B A + B m_A||^2
-                pairs.append((m_b, a, b, m_a))
-                with_m.append(i)
+        factors, with_m = self._direction_factors()
         d_sq = torch.zeros(n_layers, device=device, dtype=dtype)
-        if pairs:
+        if factors:  # ||D_l||^2 = s^2 ||[m_B, B] [A; m_A]||^2
             scale = torch.tensor([self._pairs[i][5] ** 2 for i in with_m], device=device, dtype=dtype)
             d_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in with_m)),
-                            pair_sq_norms(pairs).to(dtype) * scale)
+                            lowrank_sq_norms(factors).to(dtype) * scale)
         has_m = [False] * n_layers
         for i in with_m:
             has_m[self._pairs[i][0]] = True
@@ -375,7 +384,7 @@ class MGPO(PerturbedOptimizer):
             coef = -rho * k / (d + _TINY)
         perturbed = torch.tensor(has_m, device=device) & (d > _TINY) & torch.isfinite(coef)
         self._coef = torch.where(perturbed, coef, torch.zeros_like(coef))
-        self._build_terms()
+        self._build_terms(factors, with_m)
 
         seen = self._seen
         count = seen.sum().clamp_min(1)
