@@ -100,15 +100,12 @@ def is_quantized(module: nn.Module) -> bool:
         weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params")))
 
 
-def lowrank_sq_norms(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``||U V||_F^2 = <U^T U, V V^T>`` for every ``(U, V)`` (U: out x k, V: k x in), from the k x k Gram
-    matrices: nothing of size out x in is formed. Float32 at least; one small product pair per layer."""
-    def acc(t):
-        return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-    if not factors:
-        return torch.zeros(0)
-    return torch.stack([torch.dot((acc(u).T @ acc(u)).view(-1), (acc(v) @ acc(v).T).view(-1)) for u, v in factors])
+def lowrank_sq_norm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``||U V||_F^2 = <U^T U, V V^T>`` (U: out x k, V: k x in) from the k x k Gram matrices: nothing of size
+    out x in is formed. Float32 at least."""
+    if u.dtype not in (torch.float32, torch.float64):
+        u, v = u.float(), v.float()
+    return torch.dot((u.T @ u).view(-1), (v @ v.T).view(-1))
 
 
 def lowrank_row_sq_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.layers import lora_pairs, lowrank_sq_norms
+from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
 
 APN_MODES = ("inverse", "off", "normalized")
 SPACES = ("weight", "factors")
@@ -310,19 +310,18 @@ class MGPO(PerturbedOptimizer):
         has_grad = [False] * n_layers
         for i in layers:
             has_grad[i] = True
-        factors, owners = [], []
+        sqs, owners = [], []
         for i, (layer, _, _, a, b, s) in enumerate(self._pairs):
             if a.grad is not None or b.grad is not None:  # [g_B, B] [A; g_A] (a missing gradient is zero)
                 g_a = a.grad if a.grad is not None else torch.zeros_like(a)
                 g_b = b.grad if b.grad is not None else torch.zeros_like(b)
-                factors.append((torch.cat([g_b, b], 1), torch.cat([a, g_a], 0)))
+                sqs.append(lowrank_sq_norm(torch.cat([g_b, b], 1), torch.cat([a, g_a], 0)))  # one layer at a time
                 owners.append(i)
                 has_grad[layer] = True
-        if factors:
+        if sqs:
             scale = torch.tensor([self._pairs[i][5] ** 2 for i in owners], device=device, dtype=dtype)
             grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)),
-                               lowrank_sq_norms(factors).to(dtype) * scale)
-            del factors
+                               torch.stack(sqs).to(dtype) * scale)
         n = grad_sq.sqrt()
         has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
         beta = hp["beta"]
@@ -352,7 +351,7 @@ class MGPO(PerturbedOptimizer):
         if factors:  # ||D_l||^2 = s^2 ||[m_B, B] [A; m_A]||^2
             scale = torch.tensor([self._pairs[i][5] ** 2 for i in with_m], device=device, dtype=dtype)
             d_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in with_m)),
-                            lowrank_sq_norms(factors).to(dtype) * scale)
+                            torch.stack([lowrank_sq_norm(u, v) for u, v in factors]).to(dtype) * scale)
         has_m = [False] * n_layers
         for i in with_m:
             has_m[self._pairs[i][0]] = True
