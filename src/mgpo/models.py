@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GgufConfig,
@@ -32,8 +33,7 @@ from transformers import (
 
 from mgpo.cache import default_cache_dir
 from mgpo.hub import offline_reason
-
-TASKS = ("classification", "regression", "causal-lm")
+from mgpo.tasks import TASKS
 
 BUILTIN_MODELS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 22M parameters), "
@@ -81,9 +81,12 @@ def load_model_and_tokenizer(
     task: str,
     num_labels: int = 2,
     cache_dir: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model for ``task`` ("classification", "regression" or "causal-lm") and its tokenizer.
+    """Load a model for ``task`` (see :mod:`mgpo.tasks`) and its tokenizer.
+
+    ``dtype``: a torch dtype, its name ("bfloat16"), "auto" (the checkpoint's own) or None (float32).
+    text-to-text loads a sequence-to-sequence model (T5) with its language-model head.
 
     Classification and regression models get a freshly initialised head (regression: one output,
     ``problem_type="regression"``). The tokenizer always has a pad token (eos when it had none), and the
@@ -102,8 +105,12 @@ def load_model_and_tokenizer(
                 raise ModelError(f"The tokenizer of {name!r} has neither a pad nor an eos token; "
                                  "add a pad token to its tokenizer_config.json.")
             tokenizer.pad_token = tokenizer.eos_token
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        elif task == "text-to-text":
+            model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=dtype)
         else:
             labels = 1 if task == "regression" else num_labels
             problem = "regression" if task == "regression" else "single_label_classification"

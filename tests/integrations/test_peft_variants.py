@@ -10,8 +10,15 @@ from mgpo.integrations.peft_variants import (
     AdapterConfig,
     adapter_step,
     apply_adapter,
-    optimizer_param_groups,
 )
+from mgpo.factory import create_optimizer
+
+
+def adamw_for(model, cfg, lr, weight_decay=0.0):
+    """Plain AdamW with Hugging Face's decay groups, or PEFT's LoRA+ groups for loraplus."""
+    ratio = cfg.loraplus_lr_ratio if cfg.method == "loraplus" else None
+    return create_optimizer(model, torch.optim.AdamW, {"lr": lr, "weight_decay": weight_decay}, method="adamw",
+                            loraplus_lr_ratio=ratio)
 
 
 def tiny_bert(num_labels=2):
@@ -68,8 +75,7 @@ def expected_lora_params(model, rank, skip=("classifier", "lm_head")):
 def test_every_method_builds_and_trains_one_step(method, task):
     model, cfg = build(method, task)
     batch = lm_batch() if task == "causal-lm" else cls_batch()
-    groups = optimizer_param_groups(model, cfg, lr=1e-3)
-    opt = torch.optim.AdamW(groups)
+    opt = adamw_for(model, cfg, lr=1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss = model(**batch).loss
     assert torch.isfinite(loss)
@@ -176,7 +182,7 @@ def test_loraga_needs_batches():
 def test_adalora_has_singular_values_and_reallocates():
     model, cfg = build("adalora", adalora_init_rank=6, adalora_target_rank=2, adalora_delta_t=1)
     assert any("lora_E" in n for n, _ in model.named_parameters())
-    opt = torch.optim.AdamW(optimizer_param_groups(model, cfg, lr=1e-2))
+    opt = adamw_for(model, cfg, lr=1e-2)
     for step in range(1, 21):
         model(**cls_batch(seed=step)).loss.backward()
         opt.step()
@@ -194,7 +200,7 @@ def test_adalora_needs_total_steps():
 
 def test_loraplus_groups_have_the_lr_ratio():
     model, cfg = build("loraplus", loraplus_lr_ratio=16.0)
-    groups = optimizer_param_groups(model, cfg, lr=1e-4, weight_decay=0.01)
+    groups = [g for g in adamw_for(model, cfg, lr=1e-4, weight_decay=0.01).param_groups if g["params"]]
     names = {id(p): n for n, p in model.named_parameters()}
     lrs = sorted({g["lr"] for g in groups})
     assert lrs == pytest.approx([1e-4, 16 * 1e-4])
@@ -208,11 +214,22 @@ def test_loraplus_groups_have_the_lr_ratio():
     assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
 
 
-def test_default_groups_cover_all_trainable_params():
+def test_default_groups_cover_all_trainable_params_with_hf_decay_rule(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
     model, cfg = build("lora")
-    (group,) = optimizer_param_groups(model, cfg, lr=3e-4, weight_decay=0.1)
-    assert group["lr"] == 3e-4 and group["weight_decay"] == 0.1
-    assert sum(p.numel() for p in group["params"]) == n_trainable(model)
+    groups = adamw_for(model, cfg, lr=3e-4, weight_decay=0.1).param_groups
+    assert all(g["lr"] == 3e-4 for g in groups)
+    assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    not_decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed and not_decayed  # the head's bias and LoRA weights
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    hf_decay = set(trainer.get_decay_parameter_names(model))
+    assert decayed == {n for n in hf_decay if n in decayed | not_decayed}
+    assert not any(n in hf_decay for n in not_decayed)
+    assert all("bias" in n or "LayerNorm" in n for n in not_decayed)
 
 
 def test_full_trains_every_weight():

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 import mgpo
-from mgpo.integrations.peft_variants import AdapterConfig, apply_adapter, optimizer_param_groups
+from mgpo.factory import decay_groups
+from mgpo.integrations.peft_variants import AdapterConfig, apply_adapter
 from mgpo.integrations.trainer import (
     METHODS,
     PerturbationConfig,
@@ -68,7 +69,7 @@ def make_args(out, **overrides) -> TrainingArguments:
     settings = dict(max_steps=4, per_device_train_batch_size=BATCH, gradient_accumulation_steps=2, learning_rate=1e-2,
                     lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential",
                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-                    dataloader_num_workers=0)
+                    dataloader_num_workers=0, optim="adamw_torch")  # the hand loop's AdamW (not the fused one)
     settings.update(overrides)
     return TrainingArguments(str(out), **settings)
 
@@ -118,7 +119,7 @@ def test_momentum_accepts_optimizer_or_a_number(given, expected):
 
 def test_build_optimizer_gives_each_method_its_class_and_settings():
     model = tiny_bert()
-    groups = optimizer_param_groups(model, AdapterConfig(), lr=0.01, weight_decay=0.1)
+    groups = decay_groups(model, weight_decay=0.1)
     expected = {"adamw": torch.optim.AdamW, "mgpo": mgpo.MGPO, "msam": mgpo.MSAM, "sam": mgpo.SAM,
                 "random": mgpo.RandomPerturbation, "ggpo": mgpo.GGPO}
     assert set(expected) == set(METHODS)
@@ -129,7 +130,8 @@ def test_build_optimizer_gives_each_method_its_class_and_settings():
         assert type(opt) is cls
         base = opt if method == "adamw" else opt.base_optimizer
         assert type(base) is torch.optim.AdamW and base.defaults["betas"] == (0.8, 0.9)
-        assert [g["lr"] for g in opt.param_groups] == [0.01] and opt.param_groups[0]["weight_decay"] == 0.1
+        assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # HF's rule: none on biases
         if method != "adamw":
             assert opt.model is model
         hp = getattr(opt, "hparams", {})
@@ -156,7 +158,7 @@ def test_perturbed_needs_a_trainer_class():
 def manual_run(method: str, steps: int, data: datasets.Dataset, accumulation: int = 2) -> dict:
     """The reference: the same optimizer driven by hand, one perturbation per window of micro-batches."""
     model = tiny_bert()
-    groups = optimizer_param_groups(model, AdapterConfig(), lr=1e-2)
+    groups = decay_groups(model, weight_decay=0.0)
     opt = build_optimizer(model, cfg_for(method), groups, lr=1e-2, total_steps=steps)
     rows = data.with_format("torch")
     window = BATCH * accumulation

@@ -1,4 +1,4 @@
-"""The guarantees at the end of shared/design/method-spec.md, checked for every method alike."""
+"""The guarantees at the end of docs/method.md, checked for every method alike."""
 
 from __future__ import annotations
 

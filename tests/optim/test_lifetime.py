@@ -1,4 +1,4 @@
-"""Side effects and lifetime (method-spec, "What every method guarantees"): an optimizer's effect ends with it,
+"""Side effects and lifetime (docs/method.md, "What every method guarantees"): an optimizer's effect ends with it,
 nothing is registered process-wide, no host synchronisation in a step, no dense allocation, refusals."""
 
 from __future__ import annotations

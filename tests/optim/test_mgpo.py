@@ -1,4 +1,4 @@
-"""MGPO / MSAM against independent float64 re-computations of method-spec.md, plus the special cases."""
+"""MGPO / MSAM against independent float64 re-computations of docs/method.md, plus the special cases."""
 
 from __future__ import annotations
 

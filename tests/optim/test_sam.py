@@ -1,4 +1,4 @@
-"""SAM and ASAM against a hand-written two-pass step (method-spec, "SAM")."""
+"""SAM and ASAM against a hand-written two-pass step (docs/method.md, "SAM")."""
 
 from __future__ import annotations
 

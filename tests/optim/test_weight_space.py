@@ -1,4 +1,4 @@
-"""MGPO's default (space="weight", the paper's algorithm) against a dense float64 re-computation of method-spec.md.
+"""MGPO's default (space="weight", the paper's algorithm) against a dense float64 re-computation of docs/method.md.
 
 The reference materialises every layer's ``D_l = s (m_B A + B m_A)`` as an out x in matrix, adds ``eps_l`` to a
 copy of the base weight for the forward/backward, computes ``n_l = ||s (g_B A + B g_A)||`` densely, and steps

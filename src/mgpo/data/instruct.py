@@ -22,7 +22,7 @@ import datasets
 import torch
 
 from mgpo.data.text import FILE_BUILDERS, read_data_file
-from mgpo.eval.math import extract_answer
+from mgpo.eval.answers import extract_answer
 from mgpo.hub import offline_reason
 
 __all__ = [

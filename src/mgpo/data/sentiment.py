@@ -34,7 +34,8 @@ from pathlib import Path
 import datasets
 
 from mgpo.cache import default_cache_dir
-from mgpo.data.text import TASKS, DataError
+from mgpo.data.errors import DataError
+from mgpo.tasks import LABELLED_TEXT_TASKS as TASKS
 
 SDIST_REQUIREMENT = "vadersentiment==3.3.2"
 SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"

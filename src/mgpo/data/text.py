@@ -27,10 +27,12 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from mgpo.data.errors import DataError
+from mgpo.data.sentiment import CORPORA, load_sentiment_corpus
 from mgpo.hub import PROBE_TIMEOUT_S, offline_reason
+from mgpo.tasks import LABELLED_TEXT_TASKS as TASKS
 
 SPLITS = ("train", "validation", "test")
-TASKS = ("classification", "regression")
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # File stems accepted for each split inside a data directory.
 SPLIT_FILE_STEMS = {
@@ -47,10 +49,6 @@ OFFLINE_ALTERNATIVES = (
     "offline you can use a built-in corpus ('movie-reviews' or 'tweets') "
     "or a local .csv, .jsonl or .parquet file"
 )
-
-
-class DataError(ValueError):
-    """A dataset could not be loaded or does not have the expected shape."""
 
 
 @dataclass
@@ -123,8 +121,6 @@ def load_text_data(
     _check_options(task, seed, val_fraction, test_fraction, max_train_examples, max_eval_examples)
     columns = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
     hf_cache = str(Path(cache_dir) / "hf-datasets") if cache_dir else None
-
-    from mgpo.data.sentiment import CORPORA, load_sentiment_corpus
 
     if name in CORPORA:
         raw = {"train": load_sentiment_corpus(name, task=task, cache_dir=cache_dir)}

@@ -4,8 +4,9 @@ Single-pass methods (MGPO, MSAM, random noise, GGPO) need nothing from the Train
 by a forward pre-hook on the model and taken off in ``step()``, at eval-mode forwards and at ``state_dict()``.
 Building the optimizer with the model is the one or two lines it takes::
 
-    opt = mgpo.MGPO(model, lr=2e-4, rho=0.05)                     # or build_optimizer(model, cfg, groups, lr=...)
+    opt = mgpo.create_optimizer(model, torch.optim.AdamW, {"lr": 2e-4}, method="mgpo", rho=0.05)
     Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None)).train()
+    # or: Trainer(..., optimizer_cls_and_kwargs=(mgpo.MGPO, {"model": model, "lr": 2e-4, "rho": 0.05}))
 
 SAM needs its second forward/backward run by the trainer, and AdaLoRA its per-step rank allocation: for those
 (and for statistics in the logs) use :class:`PerturbationTrainer`. A plain Trainer with SAM stops with an error
@@ -13,10 +14,11 @@ that says so.
 
 :class:`PerturbationTrainer` (or ``perturbed(trl.SFTTrainer)``) does more, and is what the CLI uses:
 
-* builds the optimizer from a :class:`PerturbationConfig` and the adapter's param groups (LoRA+ groups for
-  ``loraplus``), with the learning rate, weight decay and Adam betas/eps of the ``TrainingArguments``; the
-  learning-rate schedule stays the Trainer's own. ``args.optim`` is not used: the base optimizer is the
-  ``base_optimizer`` class (AdamW unless given);
+* builds the optimizer at ``train()`` from ``self.model`` (so after ``trl.SFTTrainer(peft_config=...)`` has
+  wrapped it), the method's settings (:class:`PerturbationTrainingArguments` fields, or ``perturbation=``) and
+  Hugging Face's parameter groups (no weight decay on biases and norm weights; PEFT's LoRA+ groups for
+  ``loraplus``), around the base optimizer ``args.optim`` names (``adamw_torch`` by default) with its learning
+  rate, betas and eps; the learning-rate schedule stays the Trainer's own;
 * runs SAM's second forward/backward: the micro-batches of the gradient-accumulation window are kept, and at the
   optimizer step they are replayed at the perturbed weights (``optimizer.closure``). The second gradient is
   clipped to ``max_grad_norm`` like the first. Metrics a trainer computes inside ``training_step`` (TRL's
@@ -39,11 +41,8 @@ The Trainer may wrap the optimizer (accelerate's ``AcceleratedOptimizer``); :fun
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections.abc import Mapping
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,161 +50,35 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback
 
-from mgpo.integrations.peft_variants import AdapterConfig, adapter_step, optimizer_param_groups
-from mgpo.optim import GGPO, MGPO, MSAM, SAM, RandomPerturbation
-from mgpo.optim._base import PerturbedOptimizer, check_range
-from mgpo.optim.mgpo import APN_MODES, NORMS, PRESETS, PROFILES, SPACES, preset
+from mgpo.factory import build_optimizer, create_optimizer, decay_groups
+from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
+from mgpo.optim._base import PerturbedOptimizer
+from mgpo.optim.configs import METHODS, PerturbationConfig
 
-METHODS = ("adamw", "mgpo", "msam", "sam", "random", "ggpo")
+__all__ = ["METHODS", "PerturbationConfig", "PerturbationTrainer", "PerturbationTrainerMixin", "build_optimizer",
+           "base_optimizer_from_args", "perturbed", "unwrap_optimizer"]
 
-
-@dataclass
-class PerturbationConfig:
-    """Which weight-perturbation method to train with, and its hyper-parameters (defaults: the paper's MGPO)."""
-
-    method: str = field(default="mgpo", metadata={
-        "help": f"Perturbation method, one of: {', '.join(METHODS)}. 'adamw' is the plain base optimizer "
-                "(no perturbation)."})
-    preset: str | None = field(default=None, metadata={
-        "help": f"Named arm of the paper's ablation (Figure 4), one of: {', '.join(PRESETS)}. 'lora' = plain "
-                "AdamW, 'mgpo-no-apn' = MGPO with apn=off, 'lora-mgpo' = the paper's MGPO, 'msam' = Momentum-SAM "
-                "(factor space). Sets method, apn, space and norm; unset: use those fields as given."})
-    profile: str | None = field(default=None, metadata={
-        "help": f"The paper's hyper-parameter profile, one of: {', '.join(PROFILES)} (nlu: rho 0.05, beta 0.9, "
-                "mu 0.9; nlg: rho 0.01, beta 0.8, mu 0.8). Sets rho, beta and AdamW's beta1 = mu (the authors' "
-                "momentum is AdamW's exp_avg); unset: use rho, beta and the training betas as given."})
-    rho: float = field(default=0.05, metadata={
-        "help": "Perturbation radius (>= 0) of mgpo, msam and sam; noise scale relative to the weight row norm "
-                "for random. 0 gives the plain base optimizer."})
-    beta: float = field(default=0.9, metadata={
-        "help": "mgpo: EMA factor of the per-layer weight-space gradient norm (APN), in [0, 1)."})
-    apn: str = field(default="inverse", metadata={
-        "help": f"mgpo: adaptive perturbation normalization, one of: {', '.join(APN_MODES)} (inverse: the paper, "
-                "radius scaled by min(1/gbar, max_scale); off: no APN; normalized: 1/gbar re-weighting at total "
-                "radius rho)."})
-    space: str = field(default="weight", metadata={
-        "help": f"mgpo: where the perturbation lives, one of: {', '.join(SPACES)} (weight: each LoRA layer's "
-                "weight space, the paper; factors: the LoRA factors A, B themselves, Momentum-SAM's way)."})
-    norm: str = field(default="layer", metadata={
-        "help": f"mgpo: one of: {', '.join(NORMS)} (layer: each layer its own radius, as the authors' code; "
-                "global: total radius rho)."})
-    max_scale: float | None = field(default=10.0, metadata={
-        "help": "mgpo: cap of the APN factor 1/gbar (> 0); null: no cap."})
-    momentum: str = field(default="optimizer", metadata={
-        "help": "mgpo: 'optimizer' to reuse the base optimizer's first moment (AdamW's exp_avg), or a number mu in "
-                "[0, 1) (e.g. 0.9) for mgpo's own momentum buffer."})
-    adaptive: bool = field(default=False, metadata={
-        "help": "sam: scale the perturbation by |w| (ASAM)."})
-    sigma: float = field(default=0.03, metadata={
-        "help": "ggpo: weight-norm coefficient of the noise standard deviation (>= 0)."})
-    beta_g: float = field(default=0.01, metadata={
-        "help": "ggpo: gradient-norm coefficient of the noise standard deviation (>= 0)."})
-    seed: int = field(default=0, metadata={
-        "help": "random, ggpo: seed of the noise generator (the global RNG is left alone)."})
-    exact_restore: bool | None = field(default=None, metadata={
-        "help": "mgpo, msam: tensors moved in place are restored from a copy (bit-exact). Unset: on, except full "
-                "fine-tuning in fp32, where the perturbation is subtracted again (exact to a few ulp)."})
-
-    def resolved(self) -> PerturbationConfig:
-        """A copy with ``preset`` and ``profile`` applied to the fields they set."""
-        out = dataclasses.replace(self)
-        if out.preset is not None:
-            arm = preset(out.preset)
-            out.method = "adamw" if arm is None else "mgpo"
-            for key, value in (arm or {}).items():
-                setattr(out, key, value)
-        if out.profile is not None:
-            p = PROFILES[out.profile]
-            out.rho, out.beta = p["rho"], p["beta"]
-        return out
-
-    @property
-    def adam_beta1(self) -> float | None:
-        """AdamW's beta1 the profile asks for (mu), or None."""
-        return None if self.profile is None else PROFILES[self.profile]["mu"]
-
-    def momentum_value(self) -> str | float:
-        """``momentum`` as the optimizer takes it: the string 'optimizer' or a float."""
-        if isinstance(self.momentum, str) and self.momentum.strip().lower() == "optimizer":
-            return "optimizer"
-        try:
-            if isinstance(self.momentum, bool):
-                raise ValueError
-            value = float(self.momentum)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not (0.0 <= value < 1.0):
-            raise ValueError(f"perturbation.momentum={self.momentum!r} is invalid: use 'optimizer' (reuse the base "
-                             "optimizer's momentum) or a number in [0, 1), e.g. 0.9.")
-        return value
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first field whose value is not allowed, and the allowed values."""
-        for name, allowed in (("method", METHODS), ("apn", APN_MODES), ("space", SPACES), ("norm", NORMS),
-                              ("preset", tuple(PRESETS) + (None,)), ("profile", tuple(PROFILES) + (None,))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"perturbation.{name}={getattr(self, name)!r} is unknown: choose one of "
-                                 f"{', '.join(str(a) for a in allowed)}.")
-        if self.max_scale is not None:
-            check_range("perturbation.max_scale", self.max_scale, 0.0, float("inf"), low_open=True)
-        self.momentum_value()
-        inf = float("inf")
-        for name, low, high in (("rho", 0.0, inf), ("beta", 0.0, 1.0), ("sigma", 0.0, inf), ("beta_g", 0.0, inf)):
-            check_range(f"perturbation.{name}", getattr(self, name), low, high)
-        checks = [
-            ("adaptive", isinstance(self.adaptive, bool), "true or false"),
-            ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer"),
-            ("exact_restore", self.exact_restore is None or isinstance(self.exact_restore, bool),
-             "true, false or unset (null)"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"perturbation.{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
+# args.optim values whose class we can wrap (others that name a torch.optim.Optimizer class work as well).
+WRAPPABLE_OPTIM = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
 
 
-def build_optimizer(
-    model: nn.Module,
-    cfg: PerturbationConfig,
-    param_groups: list[dict],
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    total_steps: int | None = None,
-    base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
-    **base_kwargs,
-) -> torch.optim.Optimizer:
-    """The optimizer of ``cfg.method`` over ``param_groups`` (e.g. from ``optimizer_param_groups``).
-
-    ``adamw`` gives ``base_optimizer(param_groups, lr=lr, weight_decay=weight_decay)`` itself; every other method
-    wraps ``base_optimizer`` and gets ``model`` (for its forward hooks and LoRA layer grouping). ``total_steps``
-    is the run's number of optimizer steps, the length of the random method's noise ramp (None: no ramp).
-    ``base_kwargs`` (e.g. ``betas``, ``eps``) go to the base optimizer. Group entries override ``lr`` and
-    ``weight_decay``.
-    """
-    cfg.validate()
-    cfg = cfg.resolved()
-    groups = [dict(group) for group in param_groups]  # the optimizers add keys; leave the caller's dicts alone
-    if cfg.adam_beta1 is not None and "betas" in base_kwargs:  # the profile's mu is AdamW's beta1
-        base_kwargs = {**base_kwargs, "betas": (cfg.adam_beta1, base_kwargs["betas"][1])}
-    elif cfg.adam_beta1 is not None and issubclass(base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        base_kwargs = {**base_kwargs, "betas": (cfg.adam_beta1, 0.999)}
-    base = dict(lr=lr, weight_decay=weight_decay, **base_kwargs)
-    method = cfg.method
-    if method == "adamw":
-        return base_optimizer(groups, **base)
-    common = dict(model=model, base_kwargs=base)
-    if method == "mgpo":
-        return MGPO(groups, base_optimizer, rho=cfg.rho, beta=cfg.beta, apn=cfg.apn, norm=cfg.norm,
-                    max_scale=cfg.max_scale, momentum=cfg.momentum_value(), space=cfg.space,
-                    exact_restore=cfg.exact_restore, **common)
-    if method == "msam":
-        return MSAM(groups, base_optimizer, rho=cfg.rho, exact_restore=cfg.exact_restore, **common)
-    if method == "sam":
-        return SAM(groups, base_optimizer, rho=cfg.rho, adaptive=cfg.adaptive, **common)
-    if method == "random":
-        return RandomPerturbation(groups, base_optimizer, rho=cfg.rho, total_steps=total_steps, seed=cfg.seed,
-                                  **common)
-    return GGPO(groups, base_optimizer, sigma=cfg.sigma, beta_g=cfg.beta_g, seed=cfg.seed, **common)
+def base_optimizer_from_args(args: transformers.TrainingArguments, model: nn.Module | None = None
+                             ) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The base optimizer class and its keywords (``lr``, ``betas``, ...) that ``args.optim`` names, through
+    ``Trainer.get_optimizer_cls_and_kwargs``. Refuses optimizers that are not a plain optimizer class over
+    param groups (GaLore, LOMO, Muon, layer-wise ones), naming the value and the ones we can wrap."""
+    optim = getattr(args.optim, "value", args.optim)
+    supported = f"use one of {', '.join(WRAPPABLE_OPTIM)} (or another that names a torch.optim.Optimizer class)"
+    try:
+        optimizer_cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"args.optim={optim!r} cannot be used: {err} To train with a perturbation method, "
+                         f"{supported}.") from None
+    special = {"params", "model", "optimizer_dict"} & set(kwargs)
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or special:
+        raise ValueError(f"args.optim={optim!r} builds its own parameter groups or optimizer, which a perturbation "
+                         f"method cannot wrap; {supported}.")
+    return optimizer_cls, dict(kwargs)
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
@@ -244,17 +117,26 @@ class _PerturbationCallback(TrainerCallback):
 class PerturbationTrainerMixin:
     """Mix into ``transformers.Trainer`` or any subclass (``trl.SFTTrainer``); see the module docstring.
 
+    The method's settings come from the arguments when they are :class:`PerturbationTrainingArguments` (or
+    ``PerturbationSFTConfig``): saved with the run in ``training_args.bin``, readable by ``HfArgumentParser``.
     Extra keyword arguments:
-        perturbation: the method and its hyper-parameters (default: ``PerturbationConfig()``, MGPO).
+        perturbation: the method and its hyper-parameters, overriding the arguments' (default: those of
+            ``args``, else ``PerturbationConfig()``, MGPO).
         adapter: the adapter the model was built with (``apply_adapter``): LoRA+ param groups and AdaLoRA's
-            per-step rank allocation come from it. None: one param group of all trainable parameters.
-        base_optimizer: the optimizer class the method wraps (``torch.optim.AdamW``).
+            per-step rank allocation come from it. None: Hugging Face's decay groups of all trainable tensors.
+        base_optimizer: the optimizer class the method wraps. None (default): the one ``args.optim`` names
+            (``adamw_torch``: AdamW), with the arguments' betas and eps.
 
-    An optimizer passed as ``optimizers=(opt, scheduler)`` is used as given.
+    An optimizer passed as ``optimizers=(opt, scheduler)``, or ``optimizer_cls_and_kwargs``, is used as given.
+    The optimizer is built at ``train()``, from ``self.model``: after a trainer such as ``trl.SFTTrainer`` has
+    wrapped the model with ``peft_config``.
     """
 
     def __init__(self, *args, perturbation: PerturbationConfig | None = None, adapter: AdapterConfig | None = None,
-                 base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs):
+                 base_optimizer: type[torch.optim.Optimizer] | None = None, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if perturbation is None and hasattr(training_args, "perturbation_config"):
+            perturbation = training_args.perturbation_config()
         self.perturbation = perturbation if perturbation is not None else PerturbationConfig()
         self.perturbation.validate()
         if adapter is not None:
@@ -279,18 +161,34 @@ class PerturbationTrainerMixin:
         return super().create_optimizer_and_scheduler(num_training_steps)
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            args = self.args
-            groups = optimizer_param_groups(opt_model, self.adapter or AdapterConfig(), args.learning_rate,
-                                            args.weight_decay)
-            base_kwargs = {}
-            if issubclass(self.base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-                base_kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-            total_steps = self._total_steps or (self.state.max_steps if self.state.max_steps > 0 else None)
-            self.optimizer = build_optimizer(opt_model, self.perturbation, groups, lr=args.learning_rate,
-                                             weight_decay=args.weight_decay, total_steps=total_steps,
-                                             base_optimizer=self.base_optimizer, **base_kwargs)
+        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        args = self.args
+        if self.base_optimizer is None:
+            base_cls, base_kwargs = base_optimizer_from_args(args, opt_model)
+        else:
+            base_cls, base_kwargs = self.base_optimizer, {"lr": args.learning_rate}
+            if issubclass(base_cls, (torch.optim.Adam, torch.optim.AdamW)):
+                base_kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        lr = base_kwargs.pop("lr")
+        cfg = self.perturbation.resolved()
+        if self.adapter is not None and self.adapter.method == "loraplus":
+            if cfg.adam_beta1 is not None and "betas" in base_kwargs:
+                base_kwargs["betas"] = (cfg.adam_beta1, base_kwargs["betas"][1])
+            method = cfg.method_config()
+            settings = {} if method is None else method.kwargs()
+            if cfg.method == "random":
+                settings["total_steps"] = self._total_steps
+            self.optimizer = create_optimizer(
+                opt_model, base_cls, {"lr": lr, "weight_decay": args.weight_decay, **base_kwargs},
+                method=cfg.method, loraplus_lr_ratio=self.adapter.loraplus_lr_ratio, **settings)
+            return self.optimizer
+        groups = decay_groups(opt_model, args.weight_decay, set(self.get_decay_parameter_names(opt_model)))
+        total_steps = self._total_steps or (self.state.max_steps if self.state.max_steps > 0 else None)
+        self.optimizer = build_optimizer(opt_model, self.perturbation, groups, lr=lr,
+                                         weight_decay=args.weight_decay, total_steps=total_steps,
+                                         base_optimizer=base_cls, **base_kwargs)
         return self.optimizer
 
     # ------------------------------------------------------------------------------------------- SAM

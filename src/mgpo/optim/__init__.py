@@ -1,8 +1,25 @@
-"""The optimizers: one module each, all held to the contract in docs/method.md (pure PyTorch)."""
+"""The optimizers: one module each, all held to the contract in docs/method.md (pure PyTorch).
 
-from mgpo.optim.ggpo import GGPO
-from mgpo.optim.mgpo import MGPO, MSAM, PRESETS, PROFILES, preset, profile
-from mgpo.optim.random_perturbation import RandomPerturbation
-from mgpo.optim.sam import SAM
+Imported lazily: ``mgpo.optim.configs`` (the settings, pure Python) loads without torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "MGPO": "mgpo.optim.mgpo", "MSAM": "mgpo.optim.mgpo", "preset": "mgpo.optim.mgpo", "profile": "mgpo.optim.mgpo",
+    "SAM": "mgpo.optim.sam", "RandomPerturbation": "mgpo.optim.random_perturbation", "GGPO": "mgpo.optim.ggpo",
+    "PRESETS": "mgpo.optim.configs", "PROFILES": "mgpo.optim.configs",
+}
 __all__ = ["MGPO", "MSAM", "SAM", "RandomPerturbation", "GGPO", "PRESETS", "PROFILES", "preset", "profile"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'mgpo.optim' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

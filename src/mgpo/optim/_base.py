@@ -15,7 +15,6 @@ all see the same perturbation, and evaluation, checkpoints and the end of traini
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -24,21 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers import it from here)
 from mgpo.optim.layers import discover_layers
 
 # Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
 _ADAM_MOMENT = "exp_avg"  # Adam, AdamW, NAdam, RAdam, Adamax
 _SGD_MOMENT = "momentum_buffer"  # SGD / RMSprop with momentum > 0
-
-
-def check_range(name: str, value: Any, low: float, high: float, *, low_open=False, high_open=True) -> None:
-    """Raise ``ValueError`` naming the hyper-parameter, its value and the allowed interval."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name}={value!r} is invalid: {name} must be a finite number in {interval}.")
 
 
 def _split_model(params: Any, model: nn.Module | None) -> tuple[Any, nn.Module | None]:
@@ -294,7 +284,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._poll_skips()
-        self.restore()  # method-spec: the base step always sees clean weights
+        self.restore()  # docs/method.md: the base step always sees clean weights
         params = self._params_with_grad()
         if not params:  # nothing has a gradient: like the base optimizer, do nothing
             return loss
@@ -367,7 +357,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
 
 def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> None:
-    """Refuse, at construction, set-ups the optimizers would train wrongly (method-spec, Distributed)."""
+    """Refuse, at construction, set-ups the optimizers would train wrongly (docs/method.md, Distributed)."""
     if model is not None and (type(model).__name__ == "DeepSpeedEngine" or hasattr(model, "zero_optimization")):
         raise ValueError(
             "DeepSpeed is not supported: ZeRO shards parameters and optimizer state behind its own engine, so the "

@@ -1,6 +1,6 @@
 """GGPO, the paper's first version (LoRA-GGPO): noise guided by weight norms and gradient norms.
 
-*Reading* (method-spec): Gaussian noise in the full weight space, added exactly like
+*Reading* (docs/method.md): Gaussian noise in the full weight space, added exactly like
 :class:`~mgpo.optim.random_perturbation.RandomPerturbation`, with a per-row standard deviation
 
     sigma_i = (sigma * ||W'_i,:|| + beta_g * gn_i) / sqrt(in)

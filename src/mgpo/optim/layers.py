@@ -1,4 +1,4 @@
-"""Which tensors form a "layer" (method-spec, Notation) and which modules receive weight-space noise.
+"""Which tensors form a "layer" (docs/method.md, Notation) and which modules receive weight-space noise.
 
 Pure name/attribute inspection: PEFT is recognised by its naming scheme (``<module>.lora_A.<adapter>...``), so
 nothing here imports PEFT.

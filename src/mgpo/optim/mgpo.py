@@ -25,25 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
+from mgpo.optim.configs import APN_MODES, NORMS, PRESETS, PROFILES, SPACES  # noqa: F401  (defined with the configs)
 from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
 
-APN_MODES = ("inverse", "off", "normalized")
-SPACES = ("weight", "factors")
-NORMS = ("layer", "global")
-_TINY = 1e-12  # added to every denominator (method-spec)
-
-# The paper's ablation arms (Figure 4) and Momentum-SAM, by name; None means the plain base optimizer.
-PRESETS: dict[str, dict | None] = {
-    "lora": None,
-    "mgpo-no-apn": {"apn": "off"},
-    "lora-mgpo": {},
-    "msam": {"space": "factors", "apn": "off", "norm": "global"},
-}
-# The paper's hyper-parameters (Section 4.1). mu is AdamW's beta1 in the authors' code (momentum = exp_avg).
-PROFILES: dict[str, dict[str, float]] = {
-    "nlu": {"rho": 0.05, "beta": 0.9, "mu": 0.9},
-    "nlg": {"rho": 0.01, "beta": 0.8, "mu": 0.8},
-}
+_TINY = 1e-12  # added to every denominator (docs/method.md)
 
 
 def profile(name: str, beta2: float = 0.999) -> dict:
@@ -333,7 +318,7 @@ class MGPO(PerturbedOptimizer):
         if own:  # a skipped step must leave the own buffer as it was: blend with a finite gradient
             for p in params:
                 p.grad.nan_to_num_(0.0, 0.0, 0.0)
-        self._base_step(params, ok)  # method-spec: the base update of the clean weights with g_t
+        self._base_step(params, ok)  # docs/method.md: the base update of the clean weights with g_t
 
         if own:  # eq. (5): v_t = mu v_{t-1} + g_t (unchanged on a skipped step)
             moments = []

@@ -14,10 +14,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mgpo.integrations.peft_variants import AdapterConfig
-from mgpo.integrations.trainer import PerturbationConfig
+from mgpo.checks import check
+from mgpo.integrations.adapter_config import AdapterConfig
+from mgpo.optim.configs import PerturbationConfig
+from mgpo.tasks import TASKS
 
-TASKS = ("classification", "regression", "causal-lm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,8 @@ class ModelConfig:
     name: str = _help("A built-in offline model (minilm, smollm2-135m), a HF hub id, or a local folder.", "minilm")
     max_length: int = _help("Tokens per example; longer inputs are truncated, and how many were is printed and "
                             "saved in metrics.json (truncated_examples).", 128)
+    dtype: str = _help(f"Dtype the weights are loaded in, one of: {', '.join(DTYPES)} (auto: the checkpoint's own; "
+                       "float32 for training on CPU). Adapters and the optimizer state stay float32.", "float32")
 
 
 @dataclass
@@ -74,6 +79,12 @@ class TrainingConfig:
     logging_steps: int = _help("Log loss, learning rate, grad and perturbation norms every this many steps.", 1)
     eval_batch_size: int = _help("Examples per evaluation batch.", 64)
     seed: int = _help("Seed of initialisation, dropout and data order.", 0)
+    mixed_precision: str = _help(f"Autocast precision, one of: {', '.join(MIXED_PRECISION)} (bf16: CPU or GPU; fp16: "
+                                 "GPU only, with a gradient scaler).", "no")
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, ~30% slower).",
+                                         False)
+    optim: str = _help("Base optimizer, as Hugging Face's TrainingArguments.optim (adamw_torch, adamw_torch_fused, "
+                       "adafactor, sgd, adagrad, rmsprop); the perturbation method wraps it.", "adamw_torch")
     progress: bool = _help("Show progress: bars on a terminal, plain 'mgpo: step N/M' lines when the output goes "
                            "to a file or pipe.", True)
 
@@ -162,8 +173,7 @@ def _did_you_mean(key: str) -> str:
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: {allowed}.")
+    check(ok, name, value, allowed, ConfigError)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -183,6 +193,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "use a value >= 0")
     _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "use a fraction in [0, 1)")
     _check(t.max_grad_norm >= 0, "training.max_grad_norm", t.max_grad_norm, "use 0 (off) or a positive norm")
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
+    _check(t.mixed_precision in MIXED_PRECISION, "training.mixed_precision", t.mixed_precision,
+           f"choose one of {', '.join(MIXED_PRECISION)}")
+    _check(t.mixed_precision != "fp16" or m.dtype != "bfloat16", "training.mixed_precision", t.mixed_precision,
+           "fp16 with model.dtype=bfloat16 mixes two half formats; use bf16, or model.dtype=float32")
     _check(t.max_steps > 0 or t.epochs > 0, "training.epochs", t.epochs,
            "use a positive number of epochs, or set training.max_steps")
     g = cfg.generation
