@@ -228,9 +228,13 @@ def total_optimizer_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingArguments:
+    """The config as :class:`PerturbationTrainingArguments` (saved with each checkpoint in training_args.bin)."""
+    from mgpo.integrations.arguments import PerturbationTrainingArguments, arguments_from_config
+
     t = cfg.training
     eval_every = t.eval_steps > 0 and has_eval
-    return TrainingArguments(
+    return arguments_from_config(
+        PerturbationTrainingArguments, cfg.perturbation,
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
@@ -254,6 +258,11 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         disable_tqdm=True,  # train() chooses the progress display
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
+        optim=t.optim,
+        bf16=t.mixed_precision == "bf16",
+        fp16=t.mixed_precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
     )
 
 
@@ -291,7 +300,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
     task = cfg.data.task
     if task == "causal-lm":
-        model, tokenizer = load_model_and_tokenizer(cfg.model.name, task)
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, dtype=cfg.model.dtype)
         from mgpo.pipelines.generation import prepare_causal_lm
 
         data, splits, collator, info = prepare_causal_lm(cfg, tokenizer)
@@ -302,7 +311,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             info.update(evaluate_generation(cfg, model, tokenizer, data, out, prefix="before"))
     else:
         data = _load_classification(cfg)  # first, so the model is built with the right head size
-        model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels)
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels,
+                                                    dtype=cfg.model.dtype)
         splits, truncated = _encode_classification(cfg, data, tokenizer)
         _describe_data(data, truncated, cfg.model.max_length)
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
