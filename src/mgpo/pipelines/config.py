@@ -53,6 +53,8 @@ class DataConfig:
     label_column: str | None = _help("Column holding the label or regression target.", None)
     prompt_column: str = _help("causal-lm: column holding the instruction / question.", "prompt")
     response_column: str = _help("causal-lm: column holding the response / worked solution.", "response")
+    label_words: list[str] | None = _help("text-to-text: the word the model writes for each class id, in id "
+                                          "order (default: the dataset's label names, '_' as a space).", None)
     template: str | None = _help("causal-lm prompt template: math, alpaca, or a string with {query}. "
                                  "Default: the dataset's own.", None)
     val_fraction: float = _help("Share of rows carved out for validation when the data has no such split.", 0.1)
@@ -221,7 +223,11 @@ def validate(cfg: TrainConfig) -> None:
     if d.task == "causal-lm":
         _check(m.name != "minilm", "model.name", m.name,
                "minilm is an encoder and cannot generate; use smollm2-135m or a causal LM for data.task=causal-lm")
-    elif d.name == "arithmetic":
+    elif d.task == "text-to-text":
+        _check(m.name not in ("minilm", "smollm2-135m"), "model.name", m.name,
+               "data.task=text-to-text needs a sequence-to-sequence model such as google-t5/t5-base (or a local "
+               "T5 folder); use data.task=classification for an encoder with a classification head")
+    if d.name == "arithmetic" and d.task != "causal-lm":
         _check(False, "data.task", d.task, "the arithmetic dataset is for data.task=causal-lm")
 
 

@@ -309,6 +309,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             from mgpo.pipelines.generation import evaluate_generation
 
             info.update(evaluate_generation(cfg, model, tokenizer, data, out, prefix="before"))
+    elif task == "text-to-text":  # classification as generation (T5): mgpo.pipelines.text_to_text
+        from mgpo.pipelines.text_to_text import prepare_text_to_text
+
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, dtype=cfg.model.dtype)
+        data, splits, collator, compute_metrics, label_words, info = prepare_text_to_text(cfg, tokenizer)
     else:
         data = _load_classification(cfg)  # first, so the model is built with the right head size
         model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels,
@@ -338,12 +343,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         eval_dataset=eval_split,
         data_collator=collator,
         compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=getattr(compute_metrics, "preprocess", None),
         callbacks=[StepLog(out), GracefulStop(), clock, _tensorboard(out / "tensorboard")],
     )
     trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
     if cfg.training.progress:
         trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
-    if task != "causal-lm":
+    if task in ("classification", "regression"):
         # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
         trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
@@ -366,6 +372,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         from mgpo.pipelines.generation import evaluate_generation
 
         metrics.update(evaluate_generation(cfg, trainer.model, tokenizer, data, out, prefix="after"))
+    if task == "text-to-text" and splits.get("test") is not None:
+        from mgpo.pipelines.text_to_text import exact_match
+
+        found = exact_match(trainer.model, tokenizer, splits["test"], label_words, cfg.training.eval_batch_size)
+        metrics.update({f"test_{k}": v for k, v in found.items()})
     trainer.model.save_pretrained(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))
     if not (out / "adapter" / "config.json").exists():  # the base model's config: id2label/label2id, head size
