@@ -4,6 +4,7 @@ Tiny random models, offline."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import pickle
 import warnings
@@ -122,6 +123,22 @@ def test_create_optimizer_errors_name_the_value():
         create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, method="mpgo")
     with pytest.raises(ValueError, match="rho"):
         create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, method="adamw", rho=0.1)
+
+
+@pytest.mark.parametrize("method", ["mgpo", "msam", "sam", "random", "ggpo"])
+def test_each_method_config_builds_its_optimizer(method):
+    from mgpo.optim.configs import METHOD_CONFIGS
+
+    config_cls, class_name = METHOD_CONFIGS[method]
+    assert all(f.metadata.get("help") for f in dataclasses.fields(config_cls))
+    settings = config_cls().kwargs()
+    opt = getattr(mgpo, class_name)(lora_llama(), lr=1e-3, **settings)
+    assert type(opt).__name__ == class_name
+    held = {k: opt.hparams[k] for k in settings if k in opt.hparams}
+    assert held and held == {k: settings[k] for k in held}
+    first = dataclasses.fields(config_cls)[0].name  # rho, or ggpo's sigma: must be >= 0
+    with pytest.raises(ValueError, match=rf"^x\.{first}=-1.0 is invalid"):
+        config_cls(**{first: -1.0}).validate("x.")
 
 
 # ------------------------------------------------------------------------------------------------ Trainer idioms

@@ -151,7 +151,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 ALIASES = {"learning_rate": "training.lr", "num_train_epochs": "training.epochs",
            "per_device_train_batch_size": "training.batch_size", "gradient_accumulation_steps": "training.grad_accum",
            "per_device_eval_batch_size": "training.eval_batch_size", "r": "adapter.rank", "lora_r": "adapter.rank",
-           "lora_alpha": "adapter.alpha", "model_name_or_path": "model.name", "dataset": "data.name"}
+           "lora_alpha": "adapter.alpha", "model_name_or_path": "model.name", "dataset": "data.name",
+           "bf16": "training.mixed_precision", "fp16": "training.mixed_precision", "torch_dtype": "model.dtype"}
 
 
 def field_names() -> list[str]:
