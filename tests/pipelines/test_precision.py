@@ -24,6 +24,13 @@ def test_config_maps_onto_the_training_arguments(tmp_path):
     assert args.perturbation_config() == cfg.perturbation
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_fp16_on_cpu_says_to_use_bf16(tmp_path):
+    cfg = load_config(None, ["training.mixed_precision=fp16"])
+    with pytest.raises(ValueError, match=r"mixed_precision='fp16' needs a GPU.*bf16"):
+        training_arguments(cfg, tmp_path, has_eval=False)
+
+
 @pytest.mark.parametrize("override, field", [("model.dtype=half", "model.dtype"),
                                              ("training.mixed_precision=fp8", "training.mixed_precision")])
 def test_bad_precision_names_the_field(override, field):

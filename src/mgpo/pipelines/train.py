@@ -233,6 +233,9 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
 
     t = cfg.training
     eval_every = t.eval_steps > 0 and has_eval
+    if t.mixed_precision == "fp16" and not _cuda():
+        raise ValueError("training.mixed_precision='fp16' needs a GPU (its loss scaling is CUDA's); on CPU use "
+                         "training.mixed_precision=bf16 or no.")
     return arguments_from_config(
         PerturbationTrainingArguments, cfg.perturbation,
         output_dir=str(out / "checkpoints"),
