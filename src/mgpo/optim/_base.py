@@ -357,7 +357,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
 
 def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> None:
-    """Refuse, at construction, set-ups the optimizers would train wrongly (docs/method.md, Distributed)."""
+    """Refuse, at construction, set-ups the optimizers would train wrongly (docs/method.md, section 12 "Known gaps")."""
     if model is not None and (type(model).__name__ == "DeepSpeedEngine" or hasattr(model, "zero_optimization")):
         raise ValueError(
             "DeepSpeed is not supported: ZeRO shards parameters and optimizer state behind its own engine, so the "

@@ -1,4 +1,4 @@
-"""Which tensors form a "layer" (docs/method.md, Notation) and which modules receive weight-space noise.
+"""Which tensors form a "layer" (docs/method.md, sections 2-3) and which modules receive weight-space noise.
 
 Pure name/attribute inspection: PEFT is recognised by its naming scheme (``<module>.lora_A.<adapter>...``), so
 nothing here imports PEFT.

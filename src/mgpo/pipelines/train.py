@@ -30,6 +30,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from mgpo.pipelines.config import TrainConfig, to_yaml
+from mgpo.tasks import LABELLED_TEXT_TASKS
 
 LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "perturbation_norm", "momentum_norm",
               "gbar_mean", "skipped_steps", "eval_loss")
@@ -352,7 +353,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
     if cfg.training.progress:
         trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
-    if task in ("classification", "regression"):
+    if task in LABELLED_TEXT_TASKS:
         # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
         trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
