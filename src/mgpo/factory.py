@@ -19,6 +19,7 @@ import re
 import torch
 from torch import nn
 
+from mgpo.checks import check_choice
 from mgpo.optim.configs import METHOD_CONFIGS, METHODS, PerturbationConfig
 
 # Trainer.get_decay_parameter_names (transformers 5): names matching these get no weight decay, nor does any
@@ -75,8 +76,7 @@ def create_optimizer(
             Trainer passes its ``get_decay_parameter_names(model)``).
         **method_kwargs: the method's own settings (``rho``, ``beta``, ...: see ``mgpo.MGPOConfig`` etc.).
     """
-    check = PerturbationConfig(method=method)
-    check.validate()  # names the method and the choices when unknown
+    check_choice("method", method, METHODS)
     kwargs = dict(optimizer_kwargs or {})
     if "lr" not in kwargs:
         raise ValueError("optimizer_kwargs has no 'lr': give the base optimizer's learning rate, e.g. "

@@ -120,8 +120,8 @@ class PerturbationTrainerMixin:
     The method's settings come from the arguments when they are :class:`PerturbationTrainingArguments` (or
     ``PerturbationSFTConfig``): saved with the run in ``training_args.bin``, readable by ``HfArgumentParser``.
     Extra keyword arguments:
-        perturbation: the method and its hyper-parameters, overriding the arguments' (default: those of
-            ``args``, else ``PerturbationConfig()``, MGPO).
+        perturbation: the method and its hyper-parameters, for plain ``TrainingArguments`` (default:
+            ``PerturbationConfig()``, MGPO). With :class:`PerturbationTrainingArguments` the arguments hold them.
         adapter: the adapter the model was built with (``apply_adapter``): LoRA+ param groups and AdaLoRA's
             per-step rank allocation come from it. None: Hugging Face's decay groups of all trainable tensors.
         base_optimizer: the optimizer class the method wraps. None (default): the one ``args.optim`` names
@@ -135,8 +135,13 @@ class PerturbationTrainerMixin:
     def __init__(self, *args, perturbation: PerturbationConfig | None = None, adapter: AdapterConfig | None = None,
                  base_optimizer: type[torch.optim.Optimizer] | None = None, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if perturbation is None and hasattr(training_args, "perturbation_config"):
-            perturbation = training_args.perturbation_config()
+        if hasattr(training_args, "perturbation_config"):
+            from_args = training_args.perturbation_config()
+            if perturbation is not None and perturbation != from_args:
+                raise ValueError(f"the perturbation method is given twice and the two disagree: perturbation="
+                                 f"{perturbation} and the arguments' perturbation_* fields ({from_args}); set it "
+                                 "in the arguments only.")
+            perturbation = from_args
         self.perturbation = perturbation if perturbation is not None else PerturbationConfig()
         self.perturbation.validate()
         if adapter is not None:
