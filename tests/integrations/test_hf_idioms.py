@@ -269,7 +269,7 @@ class _Fp16Scaling(TrainerCallback):
         self.trainer.accelerator.native_amp = True  # after prepare(): the model's forward stays fp32
 
 
-@pytest.mark.parametrize("method", ["mgpo", "sam"])
+@pytest.mark.parametrize("method", ["mgpo", "random", "sam"])
 def test_a_gradient_scaler_unscales_once_and_matches_the_unscaled_run(method, tmp_path):
     """fp16's GradScaler: the gradients are unscaled once per step (before clipping); SAM's second gradient is
     unscaled by the trainer without a second unscale_, and clipped like the first. The loss scale is a power of
