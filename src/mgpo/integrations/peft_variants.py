@@ -21,7 +21,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, LoraGAConfig, TaskType, get_peft_model, preprocess_loraga
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
-from mgpo.integrations.adapter_config import METHODS, AdapterConfig
+from mgpo.integrations.adapter_config import METHODS, AdapterConfig  # noqa: F401  (METHODS re-exported)
 from mgpo.tasks import check_task
 
 TASK_TYPES = {
