@@ -72,6 +72,11 @@ def test_import_mgpo_and_the_configs_are_light():
     assert loaded_after("import mgpo, mgpo.optim.configs, mgpo.pipelines.config") == []
 
 
+def test_config_check_loads_no_ml_library():
+    code = "from mgpo.pipelines.config import load_config\nload_config(None, ['data.name=glue/sst2'])"
+    assert loaded_after(code) == []
+
+
 def test_config_explain_loads_no_ml_library():
     code = ("from typer.testing import CliRunner\nfrom mgpo.cli import app\n"
             "result = CliRunner().invoke(app, ['config', '--explain'])\n"

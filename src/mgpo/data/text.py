@@ -19,7 +19,6 @@ Splits that the source lacks are carved out of ``train`` with a seeded shuffle.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,20 +27,19 @@ import numpy as np
 import pyarrow as pa
 
 from mgpo.data.errors import DataError
+from mgpo.data.paths import FILE_BUILDERS, PATH_LIKE_SUFFIXES  # noqa: F401  (re-exported)
+from mgpo.data.paths import is_local_name as _is_local_name
 from mgpo.data.sentiment import CORPORA, load_sentiment_corpus
 from mgpo.hub import PROBE_TIMEOUT_S, offline_reason
 from mgpo.tasks import LABELLED_TEXT_TASKS as TASKS
 
 SPLITS = ("train", "validation", "test")
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # File stems accepted for each split inside a data directory.
 SPLIT_FILE_STEMS = {
     "train": ("train",),
     "validation": ("validation", "valid", "val", "dev"),
     "test": ("test",),
 }
-# A name with one of these suffixes is taken as a local path, never a hub name.
-PATH_LIKE_SUFFIXES = set(FILE_BUILDERS) | {".tsv", ".txt", ".gz", ".zip", ".arrow", ".xls", ".xlsx"}
 # The argument of load_text_data that names each standard column.
 COLUMN_ARGS = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
 HUB_TIMEOUT_S = PROBE_TIMEOUT_S
@@ -195,14 +193,6 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 
 # ----------------------------------------------------------------------------- local files
-
-
-def _is_local_name(name: str) -> bool:
-    return (
-        os.path.exists(os.path.expanduser(name))
-        or name.startswith((".", "/", "~"))
-        or Path(name).suffix.lower() in PATH_LIKE_SUFFIXES
-    )
 
 
 def local_split_files(path: Path) -> dict[str, Path]:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mgpo.checks import check
+from mgpo.data.paths import is_local_name
 from mgpo.integrations.adapter_config import AdapterConfig
 from mgpo.optim.configs import PerturbationConfig
 from mgpo.tasks import TASKS
@@ -215,9 +216,7 @@ def validate(cfg: TrainConfig) -> None:
             obj.validate()
         except ValueError as err:
             raise ConfigError(f"{section}: {err}") from None
-    from mgpo.data.text import _is_local_name
-
-    if _is_local_name(d.name):
+    if is_local_name(d.name):
         _check(Path(d.name).expanduser().exists(), "data.name", d.name,
                f"no such file or folder (from {Path.cwd()}); give a CSV/JSONL/Parquet file, or a folder with "
                "train.csv and optionally validation.csv and test.csv (see configs/local-files.yaml)")
