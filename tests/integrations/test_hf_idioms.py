@@ -198,6 +198,33 @@ def test_training_arguments_hold_the_method_and_are_saved(tmp_path):
         PerturbationTrainingArguments(str(tmp_path), use_cpu=True, perturbation_apn="sqrt")
 
 
+def test_loraplus_and_adalora_without_the_adapter_keyword(tmp_path):
+    """LoRA+ from the arguments, AdaLoRA from the model's own PEFT config (as TRL's peft_config gives it)."""
+    from peft import AdaLoraConfig
+
+    args = PerturbationTrainingArguments(str(tmp_path / "plus"), use_cpu=True, report_to="none", max_steps=1,
+                                         learning_rate=1e-3, loraplus_lr_ratio=4.0, save_strategy="no",
+                                         lr_scheduler_type="constant")
+    trainer = PerturbationTrainer(model=lora_llama(), args=args, train_dataset=lm_data())
+    trainer.train()
+    assert sorted({g["lr"] for g in trainer.perturbation_optimizer.param_groups}) == pytest.approx([1e-3, 4e-3])
+    with pytest.raises(ValueError, match=r"loraplus_lr_ratio=0.5 is invalid"):
+        PerturbationTrainingArguments(str(tmp_path), use_cpu=True, loraplus_lr_ratio=0.5)
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=37, num_labels=2))
+    model = get_peft_model(bert, AdaLoraConfig(
+        init_r=6, target_r=2, total_step=20, tinit=2, tfinal=4, deltaT=1, task_type="SEQ_CLS",
+        target_modules=["query", "value"]))
+    trainer = PerturbationTrainer(model=model, args=base.make_args(tmp_path / "ada", max_steps=20,
+                                                                   gradient_accumulation_steps=1),
+                                  train_dataset=base.cls_data(80), perturbation=base.cfg_for("mgpo"))
+    trainer.train()
+    ranks = [int(torch.count_nonzero(p)) for n, p in model.named_parameters() if "lora_E" in n]
+    assert ranks and sum(ranks) < 6 * len(ranks)  # singular values were masked: the budget was allocated
+
+
 def test_args_optim_is_the_base_optimizer(tmp_path):
     trainer = PerturbationTrainer(model=base.tiny_bert(), args=base.make_args(tmp_path, optim="sgd", max_steps=1),
                                   train_dataset=base.cls_data(8), perturbation=base.cfg_for("mgpo", momentum="0.9"))

@@ -7,17 +7,19 @@
     (args,) = HfArgumentParser(PerturbationTrainingArguments).parse_args_into_dataclasses()
 
 Every field of :class:`~mgpo.optim.configs.PerturbationConfig` is a field here with the prefix ``perturbation_``
-(``perturbation_method``, ``perturbation_rho``, ``perturbation_profile``, ...), so the settings are saved with the
-run in ``training_args.bin`` and in ``to_dict()``/``to_json_string()``. ``args.perturbation_config()`` gives the
-:class:`PerturbationConfig` back. ``mgpo.integrations.sft.PerturbationSFTConfig`` is the same for TRL.
+(``perturbation_method``, ``perturbation_rho``, ``perturbation_profile``, ...), plus ``loraplus_lr_ratio`` (PEFT's
+LoRA+ groups), so the settings are saved with the run in ``training_args.bin`` and in ``to_dict()``.
+``args.perturbation_config()`` gives the :class:`PerturbationConfig` back. ``mgpo.integrations.sft.PerturbationSFTConfig`` is the same for TRL.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from transformers import TrainingArguments
 
+from mgpo.checks import check_range
 from mgpo.optim.configs import PerturbationConfig
 
 PREFIX = "perturbation_"
@@ -26,6 +28,11 @@ PREFIX = "perturbation_"
 def _fields_of(config_cls) -> list[tuple]:
     return [(PREFIX + f.name, f.type, dataclasses.field(default=f.default, metadata=dict(f.metadata)))
             for f in dataclasses.fields(config_cls)]
+
+
+LORAPLUS = ("loraplus_lr_ratio", "float | None", dataclasses.field(default=None, metadata={
+    "help": "LoRA+: the B matrices learn this many times faster than A, with PEFT's own grouping "
+            "(peft.optimizers.create_loraplus_optimizer); unset: Hugging Face's decay groups."}))
 
 
 class _PerturbationFieldsBase:
@@ -39,7 +46,7 @@ class _PerturbationFieldsBase:
 
 # A dataclass of the perturbation_* fields only, to mix into any TrainingArguments subclass.
 PerturbationArguments = dataclasses.make_dataclass(
-    "PerturbationArguments", _fields_of(PerturbationConfig), bases=(_PerturbationFieldsBase,),
+    "PerturbationArguments", [*_fields_of(PerturbationConfig), LORAPLUS], bases=(_PerturbationFieldsBase,),
     namespace={"__module__": __name__,
                "__doc__": "The perturbation_* fields (see the module docstring); mixed into the arguments."})
 
@@ -59,6 +66,8 @@ def check_arguments(args) -> None:
         args.perturbation_config()
     except ValueError as err:
         raise ValueError(str(err).replace("perturbation.", PREFIX)) from None
+    if args.loraplus_lr_ratio is not None:
+        check_range("loraplus_lr_ratio", args.loraplus_lr_ratio, 1.0, math.inf)
 
 
 def arguments_from_config(args_cls, cfg: PerturbationConfig, **kwargs):

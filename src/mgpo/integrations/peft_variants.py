@@ -106,8 +106,17 @@ def _estimate_loraga_gradients(model, peft_config: LoraConfig, n_batches: int, g
         raise ValueError("lora-ga: grad_batches yielded no batches; it must give at least one training batch.")
 
 
-def adapter_step(model: torch.nn.Module, cfg: AdapterConfig, global_step: int) -> None:
+def adapter_step(model: torch.nn.Module, cfg: AdapterConfig | None, global_step: int) -> None:
     """Per-step hook of the method. AdaLoRA re-allocates ranks here: call it after ``optimizer.step()`` and
-    before ``optimizer.zero_grad()``, with the number of the step just taken. No-op for other methods."""
-    if cfg.method == "adalora":
+    before ``optimizer.zero_grad()``, with the number of the step just taken. No-op for other methods.
+    ``cfg=None``: the model's own PEFT config decides (a model wrapped with ``AdaLoraConfig``, e.g. by
+    ``trl.SFTTrainer(peft_config=...)``)."""
+    if cfg.method == "adalora" if cfg is not None else is_adalora(model):
         model.base_model.update_and_allocate(global_step)
+
+
+def is_adalora(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model whose active adapter is AdaLoRA."""
+    configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    return isinstance(configs, dict) and isinstance(configs.get(active), AdaLoraConfig)

@@ -25,8 +25,9 @@ that says so.
   token accuracy, say) are counted for both passes;
 * takes any perturbation off before evaluation and checkpointing (the model's ``state_dict()`` hook does so as
   well), so evaluation, checkpoints and the final model are always at clean weights;
-* calls :func:`~mgpo.integrations.peft_variants.adapter_step` (AdaLoRA's rank re-allocation) after every
-  optimizer step, before the gradients are cleared;
+* calls :func:`~mgpo.integrations.peft_variants.adapter_step` (AdaLoRA's rank re-allocation, for ``adapter``
+  or a model wrapped with PEFT's ``AdaLoraConfig``) after every optimizer step, before the gradients are
+  cleared;
 * adds the optimizer's per-step statistics (``perturbation_norm``, ``momentum_norm``, ``gbar_*``, averaged over
   the steps since the last log; ``skipped_steps`` as the running count) to the training logs, so they reach
   TensorBoard, W&B and ``trainer_state.json``.
@@ -108,10 +109,10 @@ class _PerturbationCallback(TrainerCallback):
         trainer._sam_window.clear()
         if not trainer.accelerator.optimizer_step_was_skipped:  # e.g. an fp16 overflow: no new statistics
             trainer._add_stats(trainer.perturbation_optimizer)
-        if trainer.adapter is not None:
-            # Gradients are still there (zero_grad comes later); global_step is the 0-based number of this step,
-            # the counter PEFT's own AdaLoRA examples pass.
-            adapter_step(trainer.accelerator.unwrap_model(trainer.model), trainer.adapter, state.global_step)
+        # AdaLoRA's allocation (``adapter``, else the model's own PEFT config). Gradients are still there
+        # (zero_grad comes later); global_step is the 0-based number of this step, the counter PEFT's own AdaLoRA
+        # examples pass.
+        adapter_step(trainer.accelerator.unwrap_model(trainer.model), trainer.adapter, state.global_step)
 
 
 class PerturbationTrainerMixin:
@@ -123,7 +124,8 @@ class PerturbationTrainerMixin:
         perturbation: the method and its hyper-parameters, for plain ``TrainingArguments`` (default:
             ``PerturbationConfig()``, MGPO). With :class:`PerturbationTrainingArguments` the arguments hold them.
         adapter: the adapter the model was built with (``apply_adapter``): LoRA+ param groups and AdaLoRA's
-            per-step rank allocation come from it. None: Hugging Face's decay groups of all trainable tensors.
+            per-step rank allocation come from it. None: Hugging Face's decay groups of all trainable tensors
+            (PEFT's LoRA+ groups when ``args.loraplus_lr_ratio`` is set), AdaLoRA when the model's PEFT config is.
         base_optimizer: the optimizer class the method wraps. None (default): the one ``args.optim`` names
             (``adamw_torch``: AdamW), with the arguments' betas and eps.
 
@@ -178,7 +180,10 @@ class PerturbationTrainerMixin:
                 base_kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         lr = base_kwargs.pop("lr")
         cfg = self.perturbation.resolved()
-        if self.adapter is not None and self.adapter.method == "loraplus":
+        ratio = getattr(args, "loraplus_lr_ratio", None)
+        if ratio is None and self.adapter is not None and self.adapter.method == "loraplus":
+            ratio = self.adapter.loraplus_lr_ratio
+        if ratio is not None:
             if cfg.adam_beta1 is not None and "betas" in base_kwargs:
                 base_kwargs["betas"] = (cfg.adam_beta1, base_kwargs["betas"][1])
             method = cfg.method_config()
@@ -187,7 +192,7 @@ class PerturbationTrainerMixin:
                 settings["total_steps"] = self._total_steps
             self.optimizer = create_optimizer(
                 opt_model, base_cls, {"lr": lr, "weight_decay": args.weight_decay, **base_kwargs},
-                method=cfg.method, loraplus_lr_ratio=self.adapter.loraplus_lr_ratio, **settings)
+                method=cfg.method, loraplus_lr_ratio=ratio, **settings)
             return self.optimizer
         groups = decay_groups(opt_model, args.weight_decay, set(self.get_decay_parameter_names(opt_model)))
         total_steps = self._total_steps or (self.state.max_steps if self.state.max_steps > 0 else None)

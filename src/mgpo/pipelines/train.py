@@ -263,6 +263,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
         optim=t.optim,
+        loraplus_lr_ratio=cfg.adapter.loraplus_lr_ratio if cfg.adapter.method == "loraplus" else None,
         bf16=t.mixed_precision == "bf16",
         fp16=t.mixed_precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
