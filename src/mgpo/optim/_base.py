@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mgpo.optim.distributed import Exchange, check_placements, local
 from mgpo.optim.layers import discover_layers
 
 # Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
@@ -95,6 +96,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.hparams = hparams
         self.model = model
         self.layers = discover_layers(self.param_groups, model)
+        self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])  # inert unless FSDP-sharded
+        self._parts: torch.Tensor | None = None  # the method's per-rank sums of this step, reduced over ranks
         self._applied = False
         self._held = False
         self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
@@ -161,7 +164,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             if opt is not None:
                 opt.restore()
 
-        self._hooks.append(model.register_forward_pre_hook(forward_hook))
+        # prepend: before FSDP2's own pre-forward hook, so a perturbation moved in place into a sharded tensor is
+        # what FSDP gathers for the forward (docs/distributed.md)
+        self._hooks.append(model.register_forward_pre_hook(forward_hook, prepend=True))
         self._hooks.append(model.register_state_dict_pre_hook(restore_hook))
 
     def close(self) -> None:
@@ -185,11 +190,28 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
+    @staticmethod
+    def _norm_dtype(params: list[torch.Tensor]) -> torch.dtype:
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+    def _grad_parts(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """The method's per-rank partial sums of this step (a vector), reduced over the ranks together with the
+        gradient norms, in one collective; the result is ``self._parts``. None: nothing to add."""
+        return None
+
     def _grad_norms(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor gradient norms (float32 at least, one vector) and ``ok``: a device bool, False when any
-        gradient is NaN/Inf. Nothing is read back to the host."""
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        norms = torch.stack(torch._foreach_norm([p.grad for p in params], dtype=dtype))
+        gradient is NaN/Inf. Nothing is read back to the host. Under FSDP the squared norms of the local shards,
+        with the method's own partial sums (``_grad_parts``), are summed over the ranks in one all-reduce."""
+        dtype = self._norm_dtype(params)
+        norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=dtype))
+        parts = self._grad_parts(params)
+        if self.exchange.sharded:  # sums of squares add up over the ranks; NaN/Inf on any rank reaches all
+            n = len(norms)
+            both = norms.square() if parts is None else torch.cat([norms.square(), parts.to(dtype)])
+            both = self.exchange.all_reduce(both)
+            norms, parts = both[:n].sqrt(), (None if parts is None else both[n:])
+        self._parts = parts
         ok = torch.isfinite(norms).all()
         bad = (~ok).to(torch.int64)
         self._skipped = bad if self._skipped is None else self._skipped + bad
@@ -267,15 +289,15 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 del base.grad_scale, base.found_inf
             return
         for p in params:  # NaN/Inf -> 0, so the (discarded) update is finite and the blend below is exact
-            p.grad.nan_to_num_(0.0, 0.0, 0.0)
+            local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
         state = base.state
         had = {p: [k for k, v in state[p].items() if torch.is_tensor(v) and v.is_floating_point()]
                for p in params if p in state}
-        saved_from = list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)
+        saved_from = [local(t) for t in list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)]
         saved = torch._foreach_mul(saved_from, 1.0)  # an exact copy (keeps -0.0)
         base.step()
-        now = list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)
-        fresh = [v for p in params if p not in had and p in state
+        now = [local(t) for t in list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)]
+        fresh = [local(v) for p in params if p not in had and p in state
                  for v in state[p].values() if torch.is_tensor(v) and v.is_floating_point()]
         bad = (~ok).float()
         # Non-capturable optimizers keep step counters on the CPU beside CUDA parameters: reverting those would
@@ -320,6 +342,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
         refuse_unsupported(self.param_groups, self.model)
         self.layers = discover_layers(self.param_groups, self.model)
+        self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:
@@ -378,6 +401,7 @@ def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> Non
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
         raise ValueError("These parameters are partitioned by DeepSpeed ZeRO, which is not supported; use PyTorch "
                          "DDP or FSDP (fully_shard) instead.")
+    check_placements(params)  # FSDP2 on a 1-D mesh only; tensor parallelism and mixed layouts are refused
     devices = sorted({str(p.device) for p in params})
     if len(devices) > 1:
         raise ValueError(

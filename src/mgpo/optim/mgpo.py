@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
+from mgpo.optim.distributed import local
 from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
 
 APN_MODES = ("inverse", "off", "normalized")
@@ -217,13 +218,18 @@ class MGPO(PerturbedOptimizer):
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
     def _direction_factors(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-        """``([m_B, B], [A; m_A])`` of every pair whose momentum exists (``D_l = s U V``), and which pairs."""
-        factors, with_m = [], []
+        """``([m_B, B], [A; m_A])`` of every pair whose momentum exists (``D_l = s U V``), and which pairs. Under
+        FSDP the factors and momenta are gathered whole first, in one collective (LoRA-sized), so every rank
+        holds the same U, V and computes the same ||D_l|| without a reduction."""
+        flat, with_m = [], []
         for i, (_, _, _, a, b, _) in enumerate(self._pairs):
             m_a, m_b = self._moments([a, b])
             if m_a is not None and m_b is not None:
-                factors.append((torch.cat([m_b, b], 1), torch.cat([a, m_a], 0)))
+                flat += [a, m_a, b, m_b]
                 with_m.append(i)
+        flat = self.exchange.full(flat)
+        factors = [(torch.cat([m_b, b], 1), torch.cat([a, m_a], 0))
+                   for a, m_a, b, m_b in zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4])]
         return factors, with_m
 
     def _build_terms(self, factors=None, with_m=None) -> None:
@@ -244,12 +250,14 @@ class MGPO(PerturbedOptimizer):
             self._terms.setdefault(id(module), []).append((adapter, u.mul_(c.to(u.dtype)), v))
 
     def _inplace_pending(self):
+        """Tensors moved in place, their momenta and coefficients; this rank's shards under FSDP (the same
+        ``c_l`` on every rank moves every shard consistently)."""
         ps = [p for _, p in self._inplace]
         moments = self._moments(ps)
         keep = [j for j, m in enumerate(moments) if m is not None]
         layer = self._cached_index(tuple(self._inplace[j][0] for j in keep))
         coefs = self._coef[layer].unbind() if keep else []
-        return [ps[j] for j in keep], [moments[j] for j in keep], list(coefs)
+        return [local(ps[j]) for j in keep], [local(moments[j]) for j in keep], list(coefs)
 
     def _cached_index(self, layers: tuple) -> torch.Tensor:
         if layers not in self._index_cache:
@@ -287,6 +295,27 @@ class MGPO(PerturbedOptimizer):
             out.index_add_(0, self._cached_index(tuple(layers)), norms.square())
         return out
 
+    def _grad_parts(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """eq. (8) for every pair with a gradient: ``||s (g_B A + B g_A)||^2 = s^2 ||[g_B, B] [A; g_A]||^2``. Under
+        FSDP this rank's rows of ``[g_B, B]`` against the whole ``[A; g_A]`` (gathered, r x in), so the per-rank
+        values add up to the norm and go into the step's one all-reduce."""
+        owners = [i for i, (_, _, _, a, b, _) in enumerate(self._pairs) if a.grad is not None or b.grad is not None]
+        self._grad_owners = owners
+        if not owners:
+            return None
+        flat = []
+        for i in owners:  # a missing gradient is zero
+            _, _, _, a, b, _ = self._pairs[i]
+            flat += [a, a.grad if a.grad is not None else torch.zeros_like(a)]
+        flat = self.exchange.full(flat)
+        sqs = []
+        for k, i in enumerate(owners):  # one layer at a time
+            _, _, _, a, b, s = self._pairs[i]
+            g_b = local(b.grad) if b.grad is not None else torch.zeros_like(local(b))
+            sqs.append(lowrank_sq_norm(torch.cat([g_b, local(b)], 1), torch.cat([flat[2 * k], flat[2 * k + 1]], 0))
+                       * s ** 2)
+        return torch.stack(sqs).to(self._norm_dtype(params))
+
     def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
         hp = self.hparams
         device, dtype = grad_norms.device, grad_norms.dtype
@@ -310,18 +339,11 @@ class MGPO(PerturbedOptimizer):
         has_grad = [False] * n_layers
         for i in layers:
             has_grad[i] = True
-        sqs, owners = [], []
-        for i, (layer, _, _, a, b, s) in enumerate(self._pairs):
-            if a.grad is not None or b.grad is not None:  # [g_B, B] [A; g_A] (a missing gradient is zero)
-                g_a = a.grad if a.grad is not None else torch.zeros_like(a)
-                g_b = b.grad if b.grad is not None else torch.zeros_like(b)
-                sqs.append(lowrank_sq_norm(torch.cat([g_b, b], 1), torch.cat([a, g_a], 0)))  # one layer at a time
-                owners.append(i)
-                has_grad[layer] = True
-        if sqs:
-            scale = torch.tensor([self._pairs[i][5] ** 2 for i in owners], device=device, dtype=dtype)
-            grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)),
-                               torch.stack(sqs).to(dtype) * scale)
+        owners = self._grad_owners  # s^2 ||[g_B, B] [A; g_A]||^2 per pair, from _grad_parts (reduced over ranks)
+        for i in owners:
+            has_grad[self._pairs[i][0]] = True
+        if owners:
+            grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)), self._parts.to(dtype))
         n = grad_sq.sqrt()
         has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
         beta = hp["beta"]
@@ -332,7 +354,7 @@ class MGPO(PerturbedOptimizer):
         own = hp["momentum"] != "optimizer"
         if own:  # a skipped step must leave the own buffer as it was: blend with a finite gradient
             for p in params:
-                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+                local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
         self._base_step(params, ok)  # method-spec: the base update of the clean weights with g_t
 
         if own:  # eq. (5): v_t = mu v_{t-1} + g_t (unchanged on a skipped step)
@@ -340,10 +362,10 @@ class MGPO(PerturbedOptimizer):
             for p in params:
                 if "momentum" not in self.state[p]:
                     self.state[p]["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                moments.append(self.state[p]["momentum"])
+                moments.append(local(self.state[p]["momentum"]))
             mu = torch.full((), hp["momentum"], dtype=dtype, device=device)
             torch._foreach_mul_(moments, torch.where(ok, mu, 1.0))
-            torch._foreach_add_(moments, torch._foreach_mul([p.grad for p in params], ok.to(dtype)))
+            torch._foreach_add_(moments, torch._foreach_mul([local(p.grad) for p in params], ok.to(dtype)))
 
         # eq. (4)/(6): the direction D_l and its norm d_l for every layer
         factors, with_m = self._direction_factors()
@@ -358,8 +380,10 @@ class MGPO(PerturbedOptimizer):
         inplace = [(i, p) for i, p in self._inplace]
         moments = self._moments([p for _, p in inplace])
         m_norm = [(i, m) for (i, _), m in zip(inplace, moments) if m is not None]
-        if m_norm:
-            norms = torch.stack(torch._foreach_norm([m for _, m in m_norm], dtype=dtype))
+        if m_norm:  # ||m||^2 of tensors moved in place; under FSDP summed over the ranks (a second all-reduce)
+            norms = torch.stack(torch._foreach_norm([local(m) for _, m in m_norm], dtype=dtype))
+            if self.exchange.sharded:
+                norms = self.exchange.all_reduce(norms.square()).sqrt()
             d_sq += self._layer_sq_sums([i for i, _ in m_norm], norms, n_layers)
             for i, _ in m_norm:
                 has_m[i] = True

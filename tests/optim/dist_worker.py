@@ -1,0 +1,231 @@
+"""Multi-process cases for tests/optim/test_distributed.py, all in one launch (start-up costs more than the cases).
+
+Run as ``torchrun --standalone --nproc_per_node 2 tests/optim/dist_worker.py OUT_FILE`` (gloo, CPU). Every case
+trains the same float64 LoRA model for 5 steps on the same data, the global batch of 8 split over the ranks,
+under DDP or FSDP2 (``fully_shard`` on each block, then on the root). Rank 0 writes one ``torch.save`` file:
+per case, each rank's final trainable tensors (whole), its per-step perturbation norms, and the collectives each
+``opt.step()`` issued. :func:`run_case` with ``world=1`` is the single-process reference (imported by the test).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+import mgpo
+from mgpo.optim import distributed
+
+STEPS, BATCH, D_IN, D_HID, D_OUT, RANK = 5, 8, 6, 9, 3, 4  # D_HID=9: uneven shards (5 + 4 rows)
+
+METHODS = {  # name -> (class, kwargs)
+    "mgpo": (mgpo.MGPO, dict(rho=0.05)),
+    "mgpo-uncapped": (mgpo.MGPO, dict(rho=0.05, max_scale=None)),  # APN's 1/gbar not capped: sees gbar fully
+    "mgpo-factors": (mgpo.MGPO, dict(rho=0.05, space="factors")),
+    "mgpo-mu": (mgpo.MGPO, dict(rho=0.05, momentum=0.9, norm="global")),
+    "sam": (mgpo.SAM, dict(rho=0.05)),
+    "random": (mgpo.RandomPerturbation, dict(rho=0.05, total_steps=STEPS)),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(D_IN, D_HID), Block(D_HID, D_HID)])
+        self.head = nn.Linear(D_HID, D_OUT)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def make_model(head: bool = False) -> nn.Module:
+    """LoRA (rank 4, B non-zero) on both blocks' ``fc``; ``head=True`` also trains the head (a layer moved in
+    place). Float64, same initialisation on every rank."""
+    import peft
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=RANK, lora_alpha=8, target_modules=["fc"], init_lora_weights="gaussian",
+                             modules_to_save=["head"] if head else None)
+    model = peft.get_peft_model(Net().double(), config).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, D_IN, generator=gen, dtype=torch.float64), torch.randint(0, D_OUT, (BATCH,),
+             generator=gen)) for _ in range(STEPS)]
+
+
+def _shard_fsdp(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.base_model.model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def whole(model) -> dict[str, torch.Tensor]:
+    """Trainable tensors by their plain name (no DDP ``module.`` prefix), gathered whole."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if distributed.is_sharded(p) else p
+            out[name.removeprefix("module.")] = t.detach().clone()
+    return out
+
+
+class Counter:
+    """Collectives issued inside one ``opt.step()``: every c10d op (CommDebugMode), and the elements that our
+    own calls (``dist.all_reduce``, ``dist.all_gather_into_tensor``) moved."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.calls = dist, []
+        self._orig = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_into_tensor")}
+
+    def __enter__(self):
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        for name, fn in self._orig.items():
+            def wrapped(tensor, *args, _fn=fn, _name=name, **kwargs):
+                self.calls.append((_name, tensor.numel()))
+                return _fn(tensor, *args, **kwargs)
+            setattr(self.dist, name, wrapped)
+        self.mode = CommDebugMode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for name, fn in self._orig.items():
+            setattr(self.dist, name, fn)
+
+    def summary(self) -> dict:
+        return {"total": self.mode.get_total_counts(), "ours": list(self.calls)}
+
+
+def run_case(method: str, strategy: str = "none", rank: int = 0, world: int = 1, head: bool = False,
+             count: bool = False) -> dict:
+    """Train 5 steps; this rank sees rows ``[rank * b, (rank + 1) * b)`` of each global batch (b = 8 / world)."""
+    from tests.optim.helpers import train_step
+
+    model = make_model(head)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+    elif strategy == "fsdp":
+        model = _shard_fsdp(model)
+    cls, kwargs = METHODS[method]
+    opt = cls(model, lr=1e-2, **kwargs)
+    b = BATCH // world
+    norms, counts = [], []
+    for x, y in data():
+        mb = (x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+        if count:
+            original_step = opt.step
+            counter = Counter()
+
+            def counted(*args, _step=original_step, _counter=counter, **kwargs):
+                with _counter:
+                    return _step(*args, **kwargs)
+            opt.step = counted
+            train_step(model, opt, [mb])
+            opt.step = original_step
+            counts.append(counter.summary())
+        else:
+            train_step(model, opt, [mb])
+        norms.append(opt.stats_tensors.get("perturbation_norm", torch.tensor(float("nan"))).double().clone())
+    return {"params": whole(model), "perturbation_norm": torch.stack(norms), "counts": counts}
+
+
+CASES = [  # (name, method, strategy, head, count collectives)
+    ("ddp-mgpo", "mgpo", "ddp", False, True),
+    ("ddp-mgpo-factors", "mgpo-factors", "ddp", True, False),
+    ("ddp-sam", "sam", "ddp", False, False),
+    ("ddp-random", "random", "ddp", False, False),
+    ("fsdp-mgpo", "mgpo", "fsdp", False, True),
+    ("fsdp-mgpo-uncapped", "mgpo-uncapped", "fsdp", False, False),
+    ("fsdp-mgpo-head", "mgpo", "fsdp", True, True),
+    ("fsdp-mgpo-factors", "mgpo-factors", "fsdp", True, True),
+    ("fsdp-mgpo-mu", "mgpo-mu", "fsdp", True, False),
+    ("fsdp-sam", "sam", "fsdp", False, False),
+    ("fsdp-random", "random", "fsdp", False, False),
+]
+NEGATIVE = [("noreduce-fsdp-mgpo-uncapped", "mgpo-uncapped", "fsdp", False, False),
+            ("noreduce-fsdp-mgpo-factors", "mgpo-factors", "fsdp", True, False)]
+
+
+def refusals(rank: int, world: int) -> dict[str, str]:
+    """Set-ups refused at construction: the message each gives."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    mesh = init_device_mesh("cpu", (world,))
+    for name, placement in (("tensor-parallel", Shard(1)), ("replicated-dtensor", Replicate())):
+        weight = nn.Parameter(distribute_tensor(torch.randn(4, 6, dtype=torch.float64), mesh, [placement]))
+        try:
+            mgpo.MGPO([weight], model=nn.Linear(6, 4), lr=1e-3)
+            out[name] = "accepted"
+        except ValueError as err:
+            out[name] = str(err)
+    model = make_model()
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.base_model.model.blocks:  # the root is left unsharded: mixed layouts
+        fully_shard(block)
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    try:
+        mgpo.MGPO([p for p in model.parameters() if p.requires_grad] + [extra], model=model, lr=1e-3)
+        out["mixed"] = "accepted"
+    except ValueError as err:
+        out["mixed"] = str(err)
+    try:
+        mgpo.GGPO(_shard_fsdp(make_model()), lr=1e-3)
+        out["ggpo-fsdp"] = "accepted"
+    except ValueError as err:
+        out["ggpo-fsdp"] = str(err)
+    return out
+
+
+def main(out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, method, strategy, head, count in CASES + NEGATIVE:
+        distributed.REDUCE = not name.startswith("noreduce")
+        results[name] = run_case(method, strategy, rank, world, head, count)
+    distributed.REDUCE = True
+    results["refusals"] = refusals(rank, world)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save({"world": world, "ranks": gathered}, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))  # for tests.optim.helpers
+    main(sys.argv[1])
