@@ -122,11 +122,7 @@ class Counter:
         return {"total": self.mode.get_total_counts(), "ours": list(self.calls)}
 
 
-def run_case(method: str, strategy: str = "none", rank: int = 0, world: int = 1, head: bool = False,
-             count: bool = False) -> dict:
-    """Train 5 steps; this rank sees rows ``[rank * b, (rank + 1) * b)`` of each global batch (b = 8 / world)."""
-    from tests.optim.helpers import train_step
-
+def _build(method: str, strategy: str, head: bool):
     model = make_model(head)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -135,10 +131,39 @@ def run_case(method: str, strategy: str = "none", rank: int = 0, world: int = 1,
     elif strategy == "fsdp":
         model = _shard_fsdp(model)
     cls, kwargs = METHODS[method]
-    opt = cls(model, lr=1e-2, **kwargs)
+    return model, cls(model, lr=1e-2, **kwargs)
+
+
+def _resume(model, opt, method: str, strategy: str, head: bool):
+    """A fresh model and optimizer continuing from this rank's checkpoint: its weight shards, and its optimizer
+    state saved per rank (``local_state``: plain tensors) and loaded back (``sharded_state``)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(distributed.local_state(opt.state_dict()), buffer)
+    new_model, new_opt = _build(method, strategy, head)
+    with torch.no_grad():
+        for old, new in zip(model.parameters(), new_model.parameters()):
+            distributed.local(new).copy_(distributed.local(old))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    new_opt.load_state_dict(distributed.sharded_state(saved, new_opt))
+    opt.close()
+    return new_model, new_opt
+
+
+def run_case(method: str, strategy: str = "none", rank: int = 0, world: int = 1, head: bool = False,
+             count: bool = False, resume_at: int | None = None) -> dict:
+    """Train 5 steps; this rank sees rows ``[rank * b, (rank + 1) * b)`` of each global batch (b = 8 / world).
+    ``resume_at=k``: after k steps continue in a fresh model and optimizer from a per-rank checkpoint."""
+    from tests.optim.helpers import train_step
+
+    model, opt = _build(method, strategy, head)
     b = BATCH // world
     norms, counts = [], []
-    for x, y in data():
+    for step, (x, y) in enumerate(data()):
+        if step == resume_at:
+            model, opt = _resume(model, opt, method, strategy, head)
         mb = (x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
         if count:
             original_step = opt.step
@@ -167,6 +192,7 @@ CASES = [  # (name, method, strategy, head, count collectives)
     ("fsdp-mgpo-head", "mgpo", "fsdp", True, True),
     ("fsdp-mgpo-factors", "mgpo-factors", "fsdp", True, True),
     ("fsdp-mgpo-mu", "mgpo-mu", "fsdp", True, False),
+    ("fsdp-mgpo-mu-resumed", "mgpo-mu", "fsdp", True, False),  # resumed after 3 steps: see main()
     ("fsdp-sam", "sam", "fsdp", False, False),
     ("fsdp-random", "random", "fsdp", False, False),
 ]
@@ -215,7 +241,8 @@ def main(out_file: str) -> None:
     results = {}
     for name, method, strategy, head, count in CASES + NEGATIVE:
         distributed.REDUCE = not name.startswith("noreduce")
-        results[name] = run_case(method, strategy, rank, world, head, count)
+        resume_at = 3 if name.endswith("-resumed") else None
+        results[name] = run_case(method, strategy, rank, world, head, count, resume_at)
     distributed.REDUCE = True
     results["refusals"] = refusals(rank, world)
     gathered = [None] * world

@@ -120,3 +120,38 @@ class Exchange:
         for k, i in enumerate(which):
             out[i] = torch.cat(pieces[k], 0).to(tensors[i].dtype)
         return out
+
+
+def local_state(obj):
+    """``obj`` (an optimizer ``state_dict()``) with every DTensor replaced by this rank's shard: what a per-rank
+    checkpoint file holds under FSDP. Resume with the same number of processes (:func:`sharded_state`)."""
+    if is_sharded(obj):
+        return obj._local_tensor
+    if isinstance(obj, dict):
+        return {k: local_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(local_state(v) for v in obj)
+    return obj
+
+
+def sharded_state(state_dict: dict, optimizer) -> dict:
+    """The inverse of :func:`local_state` for a mgpo optimizer's state dict: every per-parameter state tensor
+    that has the shape of its FSDP-sharded parameter's local shard becomes a DTensor laid out like it again
+    (``load_state_dict`` would otherwise keep plain tensors beside DTensor parameters)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def wrap(section: dict) -> dict:
+        state = {}
+        for index, entries in section.get("state", {}).items():
+            p = params[index] if isinstance(index, int) and index < len(params) else None
+            if p is None or not is_sharded(p):
+                state[index] = entries
+                continue
+            shard = p._local_tensor.shape
+            state[index] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                                  run_check=False)
+                            if torch.is_tensor(v) and not is_sharded(v) and v.shape == shard and v.dim() else v
+                            for k, v in entries.items()}
+        return {**section, "state": state}
+
+    return {**state_dict, "base": wrap(state_dict["base"]), "own": wrap(state_dict["own"])}
