@@ -361,3 +361,29 @@ def test_torchrun_two_processes_write_once_stop_together_and_resume(tiny_model_d
     steps = [json.loads(line)["step"] for line in (single / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, stopped_at + 5))
+
+
+def test_distributed_section_maps_onto_fsdp2_and_is_validated(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
+    from mgpo.pipelines.config import ConfigError
+    from mgpo.pipelines.train import fsdp_arguments
+
+    args = overrides(tiny_model_dir, sentiment_csv, tmp_path / "run")
+    with pytest.raises(ConfigError, match="distributed.strategy='zero3' is invalid: choose one of ddp, fsdp"):
+        load_config(None, [*args, "distributed.strategy=zero3"])
+    cfg = load_config(None, [*args, "distributed.strategy=fsdp", "distributed.reshard_after_forward=false"])
+    assert fsdp_arguments(cfg) == {}  # one process: nothing to shard
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fsdp_arguments(load_config(None, args)) == {}  # ddp: the Trainer's default under torchrun
+    mapped = fsdp_arguments(cfg)
+    monkeypatch.delenv("WORLD_SIZE")  # TrainingArguments would set up a process group for 2 processes
+    from transformers import TrainingArguments
+
+    plugin = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **mapped).fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    import mgpo.pipelines.train as pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(pipeline, "_cuda", lambda: False)
+    with pytest.raises(ConfigError, match="fsdp needs GPUs.*distributed.strategy=ddp on CPU"):
+        train(cfg)
