@@ -97,7 +97,6 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.model = model
         self.layers = discover_layers(self.param_groups, model)
         self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])  # inert unless FSDP-sharded
-        self._parts: torch.Tensor | None = None  # the method's per-rank sums of this step, reduced over ranks
         self._applied = False
         self._held = False
         self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
@@ -194,24 +193,19 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _norm_dtype(params: list[torch.Tensor]) -> torch.dtype:
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
-    def _grad_parts(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        """The method's per-rank partial sums of this step (a vector), reduced over the ranks together with the
-        gradient norms, in one collective; the result is ``self._parts``. None: nothing to add."""
-        return None
+    def _sum_over_ranks(self, parts: torch.Tensor) -> torch.Tensor:
+        """Under FSDP: ``parts`` (per-rank partial sums) summed over the ranks. One all-reduce here; a method that
+        gathers anyway at this point lets them ride along (MGPO)."""
+        return self.exchange.all_reduce(parts)
 
     def _grad_norms(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor gradient norms (float32 at least, one vector) and ``ok``: a device bool, False when any
-        gradient is NaN/Inf. Nothing is read back to the host. Under FSDP the squared norms of the local shards,
-        with the method's own partial sums (``_grad_parts``), are summed over the ranks in one all-reduce."""
+        gradient is NaN/Inf. Nothing is read back to the host. Under FSDP the squared norms of the local shards
+        are summed over the ranks (``_sum_over_ranks``), so every rank takes the same decision."""
         dtype = self._norm_dtype(params)
         norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=dtype))
-        parts = self._grad_parts(params)
         if self.exchange.sharded:  # sums of squares add up over the ranks; NaN/Inf on any rank reaches all
-            n = len(norms)
-            both = norms.square() if parts is None else torch.cat([norms.square(), parts.to(dtype)])
-            both = self.exchange.all_reduce(both)
-            norms, parts = both[:n].sqrt(), (None if parts is None else both[n:])
-        self._parts = parts
+            norms = self._sum_over_ranks(norms.square()).sqrt()
         ok = torch.isfinite(norms).all()
         bad = (~ok).to(torch.int64)
         self._skipped = bad if self._skipped is None else self._skipped + bad

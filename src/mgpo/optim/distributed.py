@@ -87,9 +87,16 @@ class Exchange:
     def full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole tensors (plain ones as they are). All sharded ones travel in one flattened
         ``all_gather_into_tensor``: each rank sends its shards back to back, padded to the longest rank."""
+        return self.full_and_sum(tensors, None)[0]
+
+    def full_and_sum(self, tensors: list[torch.Tensor], parts: torch.Tensor | None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """:meth:`full`, and ``parts`` (a vector of per-rank partial sums) summed over the ranks, in the same
+        collective: each rank appends its parts to what it sends, and every rank adds up the gathered copies in
+        rank order. With nothing to gather the parts take one all-reduce (:meth:`all_reduce`) instead."""
         which = [i for i, t in enumerate(tensors) if is_sharded(t)]
         if not which:
-            return list(tensors)
+            return list(tensors), (None if parts is None else self.all_reduce(parts))
         world = self.world
         # rows of each tensor on each rank: FSDP2's Shard(0) splits dim 0 like torch.chunk
         rows = []
@@ -99,13 +106,16 @@ class Exchange:
             rows.append([max(0, min(size, n - r * size)) for r in range(world)])
         widths = [tensors[i].shape[1:].numel() for i in which]  # from the shape: indexing a DTensor communicates
         per_rank = [sum(rw[r] * w for rw, w in zip(rows, widths)) for r in range(world)]
-        longest = max(per_rank)
-        dtype = tensors[which[0]].dtype
+        n_parts = 0 if parts is None else parts.numel()
+        longest = max(per_rank) + n_parts
+        dtype = tensors[which[0]].dtype if parts is None else parts.dtype
         for i in which:  # one buffer in the widest dtype: casting up and back down is exact
             dtype = torch.promote_types(dtype, tensors[i].dtype)
         send = torch.zeros(longest, dtype=dtype, device=local(tensors[which[0]]).device)
         if per_rank[self.rank]:
             send[:per_rank[self.rank]] = torch.cat([local(tensors[i]).reshape(-1).to(dtype) for i in which])
+        if n_parts:
+            send[longest - n_parts:] = parts
         recv = torch.empty(world * longest, dtype=send.dtype, device=send.device)
         dist.all_gather_into_tensor(recv, send, group=self.group)
         recv = recv.view(world, longest)
@@ -119,7 +129,10 @@ class Exchange:
         out = list(tensors)
         for k, i in enumerate(which):
             out[i] = torch.cat(pieces[k], 0).to(tensors[i].dtype)
-        return out
+        if n_parts:
+            gathered = recv[:, longest - n_parts:]
+            parts = (gathered.sum(0) if REDUCE else gathered[self.rank]).to(parts.dtype)
+        return out, parts
 
 
 def local_state(obj):
