@@ -139,8 +139,17 @@ def test_unsupported_layouts_are_refused_by_name(runs, case, words):
         assert word in message, message
 
 
-def test_deepspeed_is_refused_naming_the_alternative():
+def test_deepspeed_and_fsdp1_are_refused_naming_the_alternative():
+    """In-process stand-ins: FSDP1 cannot be built on a CPU, DeepSpeed is not installed."""
     import mgpo
+
+    class FullyShardedDataParallel(nn.Module):  # FSDP1's wrapper, as refuse_unsupported recognises it
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    with pytest.raises(ValueError, match=r"FSDP1 \(FullyShardedDataParallel\) is not supported.*fully_shard"):
+        mgpo.MGPO(FullyShardedDataParallel(worker.make_model()), lr=1e-3)
 
     class DeepSpeedEngine(nn.Module):
         def __init__(self):

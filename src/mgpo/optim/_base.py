@@ -391,6 +391,12 @@ def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> Non
             "perturbation's norms and momenta would be per-rank fragments. Use PyTorch DDP or FSDP "
             "(torch.distributed.fsdp.fully_shard), e.g. through accelerate, instead."
         )
+    if model is not None and any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: its flattened parameters hide the LoRA layers and "
+            "their shards. Use FSDP2 instead: torch.distributed.fsdp.fully_shard, or fsdp_config version 2 in the "
+            "HF Trainer / accelerate (mgpo train: distributed.strategy=fsdp); or DDP."
+        )
     params = [p for g in param_groups for p in g["params"]]
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
         raise ValueError("These parameters are partitioned by DeepSpeed ZeRO, which is not supported; use PyTorch "
