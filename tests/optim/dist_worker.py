@@ -225,6 +225,20 @@ def refusals(rank: int, world: int) -> dict[str, str]:
         out["mixed"] = "accepted"
     except ValueError as err:
         out["mixed"] = str(err)
+    model = make_model()  # the optimizer built first, then the model sharded and its parameters swapped (as
+    opt = mgpo.MGPO(model, lr=1e-3)  # accelerate does for an optimizer prepared together with an FSDP2 model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    _shard_fsdp(model)
+    sharded = dict(model.named_parameters())
+    opt.param_groups[0]["params"] = [sharded[k] for k in keys]
+    from tests.optim.helpers import train_step
+
+    try:
+        train_step(model, opt, [(data()[0][0][:4], data()[0][1][:4])])
+        out["built-before-sharding"] = "accepted"
+    except RuntimeError as err:
+        out["built-before-sharding"] = str(err)
     try:
         mgpo.GGPO(_shard_fsdp(make_model()), lr=1e-3)
         out["ggpo-fsdp"] = "accepted"

@@ -132,6 +132,7 @@ def test_fsdp_collective_budget(runs):
     ("replicated-dtensor", ["Replicate", "not supported", "FSDP2"]),
     ("mixed", ["fully_shard to the root module"]),
     ("ggpo-fsdp", ["GGPO under FSDP is not supported", "DDP"]),
+    ("built-before-sharding", ["sharded by FSDP after this optimizer was built", "after fully_shard(model)"]),
 ])
 def test_unsupported_layouts_are_refused_by_name(runs, case, words):
     message = runs[0]["refusals"][case]

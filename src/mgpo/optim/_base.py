@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgpo.optim.distributed import Exchange, check_placements, local
+from mgpo.optim.distributed import Exchange, check_placements, is_sharded, local
 from mgpo.optim.layers import discover_layers
 
 # Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
@@ -189,6 +189,15 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
+    def _check_layout(self, params: list[torch.Tensor]) -> None:
+        """The tensors are laid out as at construction: an optimizer built before ``fully_shard`` (or before
+        ``accelerator.prepare`` swapped its parameters for FSDP's) would compute per-rank norms silently."""
+        if any(is_sharded(p) for p in params) != self.exchange.sharded:
+            raise RuntimeError(
+                f"{type(self).__name__}: the parameters were sharded by FSDP after this optimizer was built, so "
+                "its layers and norms refer to the unsharded tensors. Build the optimizer after fully_shard(model) "
+                "(or after accelerator.prepare(model)), from the sharded model.")
+
     @staticmethod
     def _norm_dtype(params: list[torch.Tensor]) -> torch.dtype:
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -314,6 +323,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         params = self._params_with_grad()
         if not params:  # nothing has a gradient: like the base optimizer, do nothing
             return loss
+        self._check_layout(params)
         grad_norms, ok = self._grad_norms(params)
         self._update(params, grad_norms, ok)
         return loss

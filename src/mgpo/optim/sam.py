@@ -44,6 +44,7 @@ class SAM(PerturbedOptimizer):
         params = self._params_with_grad()
         if not params:
             return False
+        self._check_layout(params)
         # Under FSDP: this rank's shards; the squared norms are summed over the ranks in one all-reduce
         grads = [local(p.grad) for p in params]
         params = [local(p) for p in params]
