@@ -160,6 +160,7 @@ class MGPO(PerturbedOptimizer):
         self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
         self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s [m_B, B], [A; m_A])]
         self._clean: list[torch.Tensor] | None = None
+        self._gathered_v: list[torch.Tensor] | None = None  # FSDP: whole [A; g_A] of this step (eq. 8)
         self._setup_layers()
 
     # ------------------------------------------------------------------------------- which tensor is where
