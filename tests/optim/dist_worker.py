@@ -21,7 +21,6 @@ STEPS, BATCH, D_IN, D_HID, D_OUT, RANK = 5, 8, 6, 9, 3, 4  # D_HID=9: uneven sha
 
 METHODS = {  # name -> (class, kwargs)
     "mgpo": (mgpo.MGPO, dict(rho=0.05)),
-    "mgpo-uncapped": (mgpo.MGPO, dict(rho=0.05, max_scale=None)),  # APN's 1/gbar not capped: sees gbar fully
     "mgpo-factors": (mgpo.MGPO, dict(rho=0.05, space="factors")),
     "mgpo-mu": (mgpo.MGPO, dict(rho=0.05, momentum=0.9, norm="global")),
     "sam": (mgpo.SAM, dict(rho=0.05)),
@@ -188,7 +187,6 @@ CASES = [  # (name, method, strategy, head, count collectives)
     ("ddp-sam", "sam", "ddp", False, False),
     ("ddp-random", "random", "ddp", False, False),
     ("fsdp-mgpo", "mgpo", "fsdp", False, True),
-    ("fsdp-mgpo-uncapped", "mgpo-uncapped", "fsdp", False, False),
     ("fsdp-mgpo-head", "mgpo", "fsdp", True, True),
     ("fsdp-mgpo-factors", "mgpo-factors", "fsdp", True, True),
     ("fsdp-mgpo-mu", "mgpo-mu", "fsdp", True, False),
@@ -196,7 +194,9 @@ CASES = [  # (name, method, strategy, head, count collectives)
     ("fsdp-sam", "sam", "fsdp", False, False),
     ("fsdp-random", "random", "fsdp", False, False),
 ]
-NEGATIVE = [("noreduce-fsdp-mgpo-uncapped", "mgpo-uncapped", "fsdp", False, False),
+# 1/gbar stays below APN's cap of 10 on this model, so the default MGPO sees the reduced gbar (and the test fails
+# without it), not only the direction norms
+NEGATIVE = [("noreduce-fsdp-mgpo", "mgpo", "fsdp", False, False),
             ("noreduce-fsdp-mgpo-factors", "mgpo-factors", "fsdp", True, False)]
 
 
