@@ -291,21 +291,27 @@ def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, mo
 
 
 def _worker_pid(launcher_pid: int, rank: int) -> int | None:
-    """The pid of torchrun's worker with ``RANK=rank`` (read from /proc: children and their environment)."""
-    todo, seen = [launcher_pid], set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
+    """The pid of torchrun's worker with ``RANK=rank``: a descendant of the launcher (parents from
+    /proc/<pid>/stat) whose environment says so."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, launcher_pid):
+            ancestor = parents.get(ancestor)
+        if ancestor != launcher_pid:
             continue
-        seen.add(pid)
         try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environ and pid != launcher_pid:
+        if f"RANK={rank}".encode() in environ:
             return pid
-        todo += [int(c) for c in children]
     return None
 
 
