@@ -97,6 +97,7 @@ class GracefulStop(TrainerCallback):
         self.signal: int | None = None  # the signal that asked to stop (this rank, or any rank once agreed)
         self.stopped = False  # training was stopped by a signal, on every rank at the same step
         self._previous = {}
+        self._group = None  # the process group of the stop flag (None: one process)
 
     def _handler(self, signum, frame):
         # Under torchrun a Ctrl-C reaches every worker twice: from the terminal and forwarded by torchrun, which
@@ -107,10 +108,16 @@ class GracefulStop(TrainerCallback):
             return
         self.requested = True
         self.signal = signum
-        print("\nmgpo: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)...",
-              flush=True)
+        again = "torchrun stops the workers 30 s after a Ctrl-C" if "TORCHELASTIC_RUN_ID" in os.environ \
+            else "Ctrl-C again to stop at once"
+        print(f"\nmgpo: stopping after this step and writing a checkpoint ({again})...", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # a CPU (gloo) group: agreeing on the flag never waits for the GPU's queued work (every rank runs this)
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -118,22 +125,21 @@ class GracefulStop(TrainerCallback):
                 pass
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = self._agree(args, self.signal or 0)  # decided on the agreed value only, never on a local flag
+        agreed = self._agree(self.signal or 0)  # decided on the agreed value only, never on a local flag
         if agreed:
             self.requested, self.signal, self.stopped = True, agreed, True
             control.should_save = True
             control.should_training_stop = True
 
-    @staticmethod
-    def _agree(args, value: int) -> int:
+    def _agree(self, value: int) -> int:
         """The largest signal number any rank has seen (``value`` itself in a single process)."""
         import torch
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if self._group is None:
             return value
-        flag = torch.tensor([value], dtype=torch.int64, device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return int(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
