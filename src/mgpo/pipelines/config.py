@@ -101,8 +101,8 @@ class DistributedConfig:
     strategy: str = _help(f"One of {', '.join(STRATEGIES)}: how several processes (torchrun --nproc_per_node N -m "
                           "mgpo train ..., or accelerate launch -m mgpo train ...) share the work. ddp: every "
                           "process holds the whole model, gradients are averaged; fsdp: parameters, gradients and "
-                          "optimizer state are sharded (PyTorch FSDP2, fully_shard on each transformer block). "
-                          "Ignored in a single process. See docs/distributed.md.", "ddp")
+                          "optimizer state are sharded (PyTorch FSDP2, fully_shard on each transformer block; needs "
+                          "GPUs). Ignored in a single process. See docs/distributed.md.", "ddp")
     reshard_after_forward: bool = _help("fsdp: free the gathered block weights after the forward and gather them "
                                         "again for the backward (less memory, more communication).", True)
 
