@@ -5,9 +5,10 @@
   all. :class:`Exchange` is then inert (no collective is issued).
 * FSDP2 (``torch.distributed.fsdp.fully_shard``): trainable tensors, their gradients and the optimizer state are
   ``DTensor`` shards along dim 0 of a 1-D device mesh. Every norm, Gram entry and finiteness flag of a step is
-  then a sum of per-rank parts: the method collects its parts in one vector and calls :meth:`Exchange.all_reduce`
-  once. LoRA factors and momenta that the weight-space term needs whole are gathered with
-  :meth:`Exchange.full`, one flattened ``all_gather_into_tensor`` per call (LoRA-sized; base weights never).
+  then a sum of per-rank parts, collected in one vector per phase of the step. LoRA factors and momenta that the
+  weight-space term needs whole are gathered with :meth:`Exchange.full_and_sum`, one flattened
+  ``all_gather_into_tensor`` per call (LoRA-sized; base weights never), which carries the phase's per-rank parts
+  as well; :meth:`Exchange.all_reduce` sums them when there is nothing to gather.
 
 Anything else (DeepSpeed ZeRO, tensor parallelism, HSDP's 2-D meshes, some tensors sharded and others not) is
 refused when the optimizer is built, by :func:`check_placements` (called from ``refuse_unsupported``).
@@ -104,6 +105,10 @@ class Exchange:
             n = tensors[i].shape[0]
             size = -(-n // world)
             rows.append([max(0, min(size, n - r * size)) for r in range(world)])
+            if local(tensors[i]).shape[0] != rows[-1][self.rank]:
+                raise RuntimeError(f"a sharded tensor of {n} rows has {local(tensors[i]).shape[0]} on rank "
+                                   f"{self.rank}, not the {rows[-1][self.rank]} of FSDP2's even Shard(0) split; "
+                                   "custom shard placements are not supported.")
         widths = [tensors[i].shape[1:].numel() for i in which]  # from the shape: indexing a DTensor communicates
         per_rank = [sum(rw[r] * w for rw, w in zip(rows, widths)) for r in range(world)]
         n_parts = 0 if parts is None else parts.numel()
