@@ -22,6 +22,8 @@ from torch import nn
 
 from tests.optim import dist_worker as worker
 
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+
 TOL = 1e-12
 ROOT = Path(__file__).resolve().parents[2]
 
