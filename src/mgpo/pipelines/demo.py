@@ -52,7 +52,7 @@ DEMO_ARMS = {"sentiment": ("LoRA", "MGPO w/o APN", "LoRA-MGPO", "LoRA-MGPO rho/1
 
 
 def _folder(arm: str) -> str:
-    return arm.lower().replace(" ", "-").replace("/", "-")
+    return arm.lower().replace("w/o", "wo").replace("/", "-").replace(" ", "-")
 
 
 def demo_title(cfg) -> str:
