@@ -93,7 +93,10 @@ def train(
         raise typer.Exit(code=130)
     if metrics.get("interrupted"):
         _stopped(metrics)
-    console.print_json(data={k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
+    from mgpo.pipelines.train import process_rank
+
+    if process_rank() == 0:  # under torchrun every rank returns the metrics; one prints them
+        console.print_json(data={k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
 
 
 @app.command()

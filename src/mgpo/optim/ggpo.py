@@ -50,6 +50,11 @@ class GGPO(RandomPerturbation):
         check_range("beta_g", beta_g, 0.0, float("inf"))
         self._init_noise(params, base_optimizer, dict(sigma=sigma, beta_g=beta_g), None, seed, model,
                          auto_perturb, base_kwargs)
+        if self.exchange.sharded:
+            self.close()
+            raise ValueError("GGPO under FSDP is not supported: its per-row gradient norms of the full weight would "
+                             "need the sharded gradients gathered whole. Use DDP (distributed.strategy=ddp), or "
+                             "RandomPerturbation / MGPO, which support FSDP.")
         self._grad_rows: dict[int, torch.Tensor] = {}
         self._warned_no_grad_term = False
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
 from mgpo.optim.configs import APN_MODES, NORMS, PRESETS, PROFILES, SPACES  # noqa: F401  (defined with the configs)
+from mgpo.optim.distributed import local
 from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
 
 _TINY = 1e-12  # added to every denominator (docs/method.md)
@@ -144,6 +145,7 @@ class MGPO(PerturbedOptimizer):
         self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
         self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s [m_B, B], [A; m_A])]
         self._clean: list[torch.Tensor] | None = None
+        self._gathered_v: list[torch.Tensor] | None = None  # FSDP: whole [A; g_A] of this step (eq. 8)
         self._setup_layers()
 
     # ------------------------------------------------------------------------------- which tensor is where
@@ -201,15 +203,21 @@ class MGPO(PerturbedOptimizer):
         return [owner[p].get(self._moment) if p in owner else None for p in tensors]
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
-    def _direction_factors(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-        """``([m_B, B], [A; m_A])`` of every pair whose momentum exists (``D_l = s U V``), and which pairs."""
-        factors, with_m = [], []
+    def _direction_factors(self, parts: torch.Tensor | None = None):
+        """``([m_B, B], [A; m_A])`` of every pair whose momentum exists (``D_l = s U V``), which pairs, and
+        ``parts`` summed over the ranks. Under FSDP the factors and momenta are gathered whole first, in one
+        collective (LoRA-sized) that also carries ``parts``, so every rank holds the same U, V and computes the
+        same ||D_l|| without a reduction."""
+        flat, with_m = [], []
         for i, (_, _, _, a, b, _) in enumerate(self._pairs):
             m_a, m_b = self._moments([a, b])
             if m_a is not None and m_b is not None:
-                factors.append((torch.cat([m_b, b], 1), torch.cat([a, m_a], 0)))
+                flat += [a, m_a, b, m_b]
                 with_m.append(i)
-        return factors, with_m
+        flat, parts = self.exchange.full_and_sum(flat, parts)
+        factors = [(torch.cat([m_b, b], 1), torch.cat([a, m_a], 0))
+                   for a, m_a, b, m_b in zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4])]
+        return factors, with_m, parts
 
     def _build_terms(self, factors=None, with_m=None) -> None:
         """The pending weight-space terms per module, ``(U = c_l s [m_B, B], V = [A; m_A])``: two copies of a
@@ -218,7 +226,7 @@ class MGPO(PerturbedOptimizer):
         if self._coef is None or not self._pairs:
             return
         if factors is None:  # after a load: from the current factors and momenta
-            factors, with_m = self._direction_factors()
+            factors, with_m, _ = self._direction_factors()
         if not factors:
             return
         index = self._cached_index(tuple(self._pairs[i][0] for i in with_m))
@@ -229,12 +237,14 @@ class MGPO(PerturbedOptimizer):
             self._terms.setdefault(id(module), []).append((adapter, u.mul_(c.to(u.dtype)), v))
 
     def _inplace_pending(self):
+        """Tensors moved in place, their momenta and coefficients; this rank's shards under FSDP (the same
+        ``c_l`` on every rank moves every shard consistently)."""
         ps = [p for _, p in self._inplace]
         moments = self._moments(ps)
         keep = [j for j, m in enumerate(moments) if m is not None]
         layer = self._cached_index(tuple(self._inplace[j][0] for j in keep))
         coefs = self._coef[layer].unbind() if keep else []
-        return [ps[j] for j in keep], [moments[j] for j in keep], list(coefs)
+        return [local(ps[j]) for j in keep], [local(moments[j]) for j in keep], list(coefs)
 
     def _cached_index(self, layers: tuple) -> torch.Tensor:
         if layers not in self._index_cache:
@@ -272,6 +282,43 @@ class MGPO(PerturbedOptimizer):
             out.index_add_(0, self._cached_index(tuple(layers)), norms.square())
         return out
 
+    def _grad_owners(self) -> list[int]:
+        return [i for i, (_, _, _, a, b, _) in enumerate(self._pairs) if a.grad is not None or b.grad is not None]
+
+    def _grad_v(self, owners: list[int]) -> list:
+        """``[A; g_A]`` (whole) of every pair with a gradient; a missing gradient is zero."""
+        flat = []
+        for i in owners:
+            _, _, _, a, b, _ = self._pairs[i]
+            flat += [a, a.grad if a.grad is not None else torch.zeros_like(a)]
+        return flat
+
+    def _sum_over_ranks(self, parts: torch.Tensor) -> torch.Tensor:
+        """Under FSDP the gradient norms' partial sums ride on the gather of ``[A; g_A]`` that eq. (8) needs (one
+        collective before the base step; an all-reduce only when there is nothing to gather)."""
+        flat, parts = self.exchange.full_and_sum(self._grad_v(self._grad_owners()), parts)
+        self._gathered_v = [torch.cat(flat[k:k + 2], 0) for k in range(0, len(flat), 2)]
+        return parts
+
+    def _eq8_parts(self, owners: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """eq. (8) for every pair with a gradient: ``||s (g_B A + B g_A)||^2 = s^2 ||[g_B, B] [A; g_A]||^2``, one layer
+        at a time. Under FSDP: this rank's rows of ``[g_B, B]`` against the whole ``[A; g_A]`` (gathered), partial
+        sums that add up over the ranks."""
+        if not owners:
+            return None
+        if self.exchange.sharded:
+            vs = self._gathered_v
+        else:
+            flat = self._grad_v(owners)
+            vs = [torch.cat(flat[k:k + 2], 0) for k in range(0, len(flat), 2)]
+        sqs = []
+        for v, i in zip(vs, owners):
+            _, _, _, a, b, s = self._pairs[i]
+            g_b = local(b.grad) if b.grad is not None else torch.zeros_like(local(b))
+            sqs.append(lowrank_sq_norm(torch.cat([g_b, local(b)], 1), v) * s ** 2)
+        self._gathered_v = None
+        return torch.stack(sqs).to(dtype)
+
     def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
         hp = self.hparams
         device, dtype = grad_norms.device, grad_norms.dtype
@@ -286,8 +333,8 @@ class MGPO(PerturbedOptimizer):
             self._coef = None if self._coef is None else torch.cat([self._coef, torch.zeros(grow, device=device,
                                                                                                dtype=dtype)])
 
-        # eq. (8): n_l = ||grad of Delta W_l||; for a pair s ||g_B A + B g_A||, from Gram matrices
-        where = {id(p): j for j, p in enumerate(params)}
+        # eq. (8): n_l = ||grad of Delta W_l||; for a pair s ||g_B A + B g_A||, from Gram matrices (before the base
+        # step changes A and B; under FSDP per-rank parts, summed in the gather after the base step)
         sel = [j for j, p in enumerate(params) if id(p) in self._layer_of]
         layers = [self._layer_of[id(params[j])] for j in sel]
         grad_sq = self._layer_sq_sums(layers, grad_norms[self._cached_index(tuple(sel))] if sel
@@ -295,29 +342,15 @@ class MGPO(PerturbedOptimizer):
         has_grad = [False] * n_layers
         for i in layers:
             has_grad[i] = True
-        sqs, owners = [], []
-        for i, (layer, _, _, a, b, s) in enumerate(self._pairs):
-            if a.grad is not None or b.grad is not None:  # [g_B, B] [A; g_A] (a missing gradient is zero)
-                g_a = a.grad if a.grad is not None else torch.zeros_like(a)
-                g_b = b.grad if b.grad is not None else torch.zeros_like(b)
-                sqs.append(lowrank_sq_norm(torch.cat([g_b, b], 1), torch.cat([a, g_a], 0)))  # one layer at a time
-                owners.append(i)
-                has_grad[layer] = True
-        if sqs:
-            scale = torch.tensor([self._pairs[i][5] ** 2 for i in owners], device=device, dtype=dtype)
-            grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)),
-                               torch.stack(sqs).to(dtype) * scale)
-        n = grad_sq.sqrt()
-        has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
-        beta = hp["beta"]
-        ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n, n)
-        self.gbar = torch.where(has_grad, ema, self.gbar)
-        self._seen = self._seen | has_grad
+        owners = self._grad_owners()
+        for i in owners:
+            has_grad[self._pairs[i][0]] = True
+        eq8 = self._eq8_parts(owners, dtype)
 
         own = hp["momentum"] != "optimizer"
         if own:  # a skipped step must leave the own buffer as it was: blend with a finite gradient
             for p in params:
-                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+                local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
         self._base_step(params, ok)  # docs/method.md: the base update of the clean weights with g_t
 
         if own:  # eq. (5): v_t = mu v_{t-1} + g_t (unchanged on a skipped step)
@@ -325,13 +358,38 @@ class MGPO(PerturbedOptimizer):
             for p in params:
                 if "momentum" not in self.state[p]:
                     self.state[p]["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                moments.append(self.state[p]["momentum"])
+                moments.append(local(self.state[p]["momentum"]))
             mu = torch.full((), hp["momentum"], dtype=dtype, device=device)
             torch._foreach_mul_(moments, torch.where(ok, mu, 1.0))
-            torch._foreach_add_(moments, torch._foreach_mul([p.grad for p in params], ok.to(dtype)))
+            torch._foreach_add_(moments, torch._foreach_mul([local(p.grad) for p in params], ok.to(dtype)))
 
-        # eq. (4)/(6): the direction D_l and its norm d_l for every layer
-        factors, with_m = self._direction_factors()
+        # eq. (4)/(6): the direction D_l and its norm d_l for every layer. ||m||^2 of the tensors moved in place
+        # (this rank's shards under FSDP) are summed over the ranks in the same collective as the LoRA gather.
+        inplace = [(i, p) for i, p in self._inplace]
+        moments = self._moments([p for _, p in inplace])
+        m_norm = [(i, m) for (i, _), m in zip(inplace, moments) if m is not None]
+        sharded = self.exchange.sharded
+        m_part = None  # per-tensor momentum norms; squared (partial sums over the ranks) under FSDP
+        if m_norm:
+            m_part = torch.stack(torch._foreach_norm([local(m) for _, m in m_norm], dtype=dtype))
+            m_part = m_part.square() if sharded else m_part
+        if sharded:  # one collective after the base step: the LoRA gather, carrying eq. (8)'s and these parts
+            both = [t for t in (m_part, eq8) if t is not None]
+            factors, with_m, both = self._direction_factors(torch.cat(both) if both else None)
+            if m_part is not None:
+                m_part, both = both[:len(m_part)], both[len(m_part):]
+            eq8 = both if eq8 is not None else None
+        else:
+            factors, with_m, _ = self._direction_factors()
+        if eq8 is not None:
+            grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)), eq8)
+        n = grad_sq.sqrt()
+        has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
+        beta = hp["beta"]
+        ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n, n)
+        self.gbar = torch.where(has_grad, ema, self.gbar)
+        self._seen = self._seen | has_grad
+
         d_sq = torch.zeros(n_layers, device=device, dtype=dtype)
         if factors:  # ||D_l||^2 = s^2 ||[m_B, B] [A; m_A]||^2
             scale = torch.tensor([self._pairs[i][5] ** 2 for i in with_m], device=device, dtype=dtype)
@@ -340,11 +398,8 @@ class MGPO(PerturbedOptimizer):
         has_m = [False] * n_layers
         for i in with_m:
             has_m[self._pairs[i][0]] = True
-        inplace = [(i, p) for i, p in self._inplace]
-        moments = self._moments([p for _, p in inplace])
-        m_norm = [(i, m) for (i, _), m in zip(inplace, moments) if m is not None]
         if m_norm:
-            norms = torch.stack(torch._foreach_norm([m for _, m in m_norm], dtype=dtype))
+            norms = m_part.sqrt() if sharded else m_part
             d_sq += self._layer_sq_sums([i for i, _ in m_norm], norms, n_layers)
             for i, _ in m_norm:
                 has_m[i] = True

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from mgpo.optim._base import PerturbedOptimizer, check_range
+from mgpo.optim.distributed import local
 
 _TINY = 1e-12
 
@@ -43,19 +44,29 @@ class SAM(PerturbedOptimizer):
         params = self._params_with_grad()
         if not params:
             return False
-        grads = [p.grad for p in params]
+        self._check_layout(params)
+        # Under FSDP: this rank's shards; the squared norms are summed over the ranks in one all-reduce
+        grads = [local(p.grad) for p in params]
+        params = [local(p) for p in params]
         # SAM: eps = rho g / ||g||;  ASAM: eps = rho w^2 g / ||w g||
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if self.hparams["adaptive"] else grads
-        norm = torch.stack(torch._foreach_norm(scaled, dtype=torch.float32)).norm()
-        scale = torch.where(torch.isfinite(norm), self.hparams["rho"] / (norm + _TINY), 0.0)
         eps = torch._foreach_mul(scaled, torch._foreach_abs(params)) if self.hparams["adaptive"] else grads
+        dtype = self._norm_dtype(params)  # float32 at least, float64 for float64 tensors
+        norm = torch.stack(torch._foreach_norm(scaled, dtype=dtype))
+        eps_norm = torch.stack(torch._foreach_norm(eps, dtype=dtype)) if self.hparams["adaptive"] else norm
+        if self.exchange.sharded:
+            both = self.exchange.all_reduce(torch.stack([norm.square().sum(), eps_norm.square().sum()]))
+            norm, eps_norm = both.sqrt().unbind()
+        else:
+            norm, eps_norm = norm.norm(), eps_norm.norm()
+        scale = torch.where(torch.isfinite(norm), self.hparams["rho"] / (norm + _TINY), 0.0)
         eps = torch._foreach_mul(eps, scale)
         for e in eps:  # NaN * 0 is NaN: a non-finite first gradient must move nothing
             e.nan_to_num_(0.0, 0.0, 0.0)
         self._clean = (params, torch._foreach_mul(params, 1.0))  # exact copies of W
         torch._foreach_add_(params, eps)
         self._applied = True
-        self._stats = {"perturbation_norm": torch.stack(torch._foreach_norm(eps, dtype=torch.float32)).norm()}
+        self._stats = {"perturbation_norm": torch.nan_to_num(eps_norm * scale, 0.0, 0.0, 0.0)}
         if zero_grad:
             self.zero_grad()
         return True

@@ -22,6 +22,7 @@ from mgpo.tasks import TASKS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,17 @@ class GenerationEvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: str = _help(f"One of {', '.join(STRATEGIES)}: how several processes (torchrun --nproc_per_node N -m "
+                          "mgpo train ..., or accelerate launch -m mgpo train ...) share the work. ddp: every "
+                          "process holds the whole model, gradients are averaged; fsdp: parameters, gradients and "
+                          "optimizer state are sharded (PyTorch FSDP2, fully_shard on each transformer block; needs "
+                          "GPUs). Ignored in a single process. See docs/distributed.md.", "ddp")
+    reshard_after_forward: bool = _help("fsdp: free the gathered block weights after the forward and gather them "
+                                        "again for the backward (less memory, more communication).", True)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = _help("The pretrained model.", factory=ModelConfig)
     data: DataConfig = _help("The dataset and task.", factory=DataConfig)
@@ -118,6 +130,8 @@ class TrainConfig:
                                              factory=PerturbationConfig)
     training: TrainingConfig = _help("Optimisation and bookkeeping.", factory=TrainingConfig)
     generation: GenerationEvalConfig = _help("Evaluation by generation (causal-lm).", factory=GenerationEvalConfig)
+    distributed: DistributedConfig = _help("Training on several processes (DDP or FSDP).",
+                                           factory=DistributedConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -204,6 +218,8 @@ def validate(cfg: TrainConfig) -> None:
            "fp16 with model.dtype=bfloat16 mixes two half formats; use bf16, or model.dtype=float32")
     _check(t.max_steps > 0 or t.epochs > 0, "training.epochs", t.epochs,
            "use a positive number of epochs, or set training.max_steps")
+    _check(cfg.distributed.strategy in STRATEGIES, "distributed.strategy", cfg.distributed.strategy,
+           f"choose one of {', '.join(STRATEGIES)}")
     g = cfg.generation
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", g.max_new_tokens, "use an integer >= 1")
     _check(g.batch_size >= 1, "generation.batch_size", g.batch_size, "use an integer >= 1")

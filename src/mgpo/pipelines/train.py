@@ -10,6 +10,10 @@ One plain function, :func:`train`, drives the HF Trainer (through :class:`Pertur
 - ``adapter/``               the trained adapter (PEFT ``save_pretrained``, safetensors)
 - ``metrics.json``           validation and test metrics (and generation metrics for causal-lm)
 - ``loss.png``               the training loss curve
+
+Under ``torchrun --nproc_per_node N -m mgpo train ...`` (or ``accelerate launch``) every process trains its share
+(``distributed.strategy``: DDP or FSDP2) and only rank 0 writes these files; checkpoints hold what every rank
+needs (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ from transformers.trainer_utils import get_last_checkpoint
 from mgpo.pipelines.config import TrainConfig, to_yaml
 from mgpo.tasks import LABELLED_TEXT_TASKS
 
+def process_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 in a single process)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "perturbation_norm", "momentum_norm",
               "gbar_mean", "skipped_steps", "eval_loss")
 
@@ -50,6 +63,8 @@ class StepLog(TrainerCallback):
         self.jsonl, self.csv = out / "log.jsonl", out / "log.csv"
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # one writer
+            return
         rows = read_log(self.jsonl)
         kept = [r for r in rows if r.get("step", 0) <= state.global_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -59,6 +74,8 @@ class StepLog(TrainerCallback):
             writer.writerows(r for r in kept if any(k in r for k in LOG_FIELDS[2:]))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         row = {"step": state.global_step, **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}}
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -69,22 +86,39 @@ class StepLog(TrainerCallback):
 
 class GracefulStop(TrainerCallback):
     """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, stop. ``--resume`` continues from it.
-    A second Ctrl-C stops at once (the last periodic checkpoint is then the one to resume from)."""
+    A second Ctrl-C stops at once (the last periodic checkpoint is then the one to resume from).
+
+    On several processes a signal reaches one rank (``kill -INT``) or all (Ctrl-C in the terminal): at the end of
+    every step the ranks all-reduce (max) the signal number each has seen so far, and all stop at the same step
+    on that agreed value alone. A signal that lands after a rank's contribution is picked up at the next step,
+    by every rank together, so no rank can stop while another trains on (and waits for it forever)."""
 
     def __init__(self):
         self.requested = False
-        self.signal: int | None = None  # the signal that asked to stop
+        self.signal: int | None = None  # the signal that asked to stop (this rank, or any rank once agreed)
+        self.stopped = False  # training was stopped by a signal, on every rank at the same step
         self._previous = {}
+        self._group = None  # the process group of the stop flag (None: one process)
 
     def _handler(self, signum, frame):
-        if self.requested:
+        # Under torchrun a Ctrl-C reaches every worker twice: from the terminal and forwarded by torchrun, which
+        # kills the workers itself 30 s later. There a repeat is not "stop at once"; elsewhere it is.
+        if self.requested and "TORCHELASTIC_RUN_ID" not in os.environ:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.requested = True
         self.signal = signum
-        print("\nmgpo: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)...",
-              flush=True)
+        again = "torchrun stops the workers 30 s after a Ctrl-C" if "TORCHELASTIC_RUN_ID" in os.environ \
+            else "Ctrl-C again to stop at once"
+        print(f"\nmgpo: stopping after this step and writing a checkpoint ({again})...", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # a CPU (gloo) group: agreeing on the flag never waits for the GPU's queued work (every rank runs this)
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -92,9 +126,22 @@ class GracefulStop(TrainerCallback):
                 pass
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        agreed = self._agree(self.signal or 0)  # decided on the agreed value only, never on a local flag
+        if agreed:
+            self.requested, self.signal, self.stopped = True, agreed, True
             control.should_save = True
             control.should_training_stop = True
+
+    def _agree(self, value: int) -> int:
+        """The largest signal number any rank has seen (``value`` itself in a single process)."""
+        import torch
+        import torch.distributed as dist
+
+        if self._group is None:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
@@ -121,7 +168,7 @@ class WallClock(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             write_json(folder / self.FILE, {"wall_time_s": self.elapsed()})
 
 
@@ -139,6 +186,8 @@ class PlainProgress(TrainerCallback):
         self.started = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         every = max(1, state.max_steps // 20)
         if state.global_step % every and state.global_step != state.max_steps:
             return
@@ -228,6 +277,17 @@ def total_optimizer_steps(cfg: TrainConfig, n_train: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
+def fsdp_arguments(cfg: TrainConfig) -> dict:
+    """``distributed.strategy=fsdp`` as TrainingArguments: PyTorch FSDP2 (``fully_shard``) on each transformer
+    block (the model's ``_no_split_modules``) and on the root, through accelerate's FSDP plugin. Empty for DDP
+    or a single process."""
+    if cfg.distributed.strategy != "fsdp" or world_size() == 1:
+        return {}
+    return {"fsdp": True, "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                          "reshard_after_forward": cfg.distributed.reshard_after_forward,
+                                          "state_dict_type": "FULL_STATE_DICT"}}
+
+
 def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingArguments:
     """The config as :class:`PerturbationTrainingArguments` (saved with each checkpoint in training_args.bin)."""
     from mgpo.integrations.arguments import PerturbationTrainingArguments, arguments_from_config
@@ -268,6 +328,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         fp16=t.mixed_precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **fsdp_arguments(cfg),
     )
 
 
@@ -288,18 +349,28 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     from mgpo.pipelines.plots import plot_loss_curves
 
     out = Path(cfg.training.output_dir)
+    main = process_rank() == 0  # only rank 0 writes files
+    if fsdp_arguments(cfg) and not _cuda():
+        from mgpo.pipelines.config import ConfigError
+
+        raise ConfigError("distributed.strategy=fsdp needs GPUs: accelerate (which the Trainer uses) applies FSDP on "
+                          "accelerators only, and on CPU would silently fall back to DDP. Use distributed.strategy="
+                          "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
+                          "docs/distributed.md).")
     checkpoint = None
     if resume:
         checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume "
                                     "to start afresh (checkpoints are written every training.save_steps steps).")
-        print(f"mgpo: resuming from {Path(checkpoint).name} in {out / 'checkpoints'}", flush=True)
+        if main:
+            print(f"mgpo: resuming from {Path(checkpoint).name} in {out / 'checkpoints'}", flush=True)
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
                               "training.output_dir.")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
     set_seed(cfg.training.seed)
     clock = WallClock(checkpoint)
 
@@ -324,7 +395,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels,
                                                     dtype=cfg.model.dtype)
         splits, truncated = _encode_classification(cfg, data, tokenizer)
-        _describe_data(data, truncated, cfg.model.max_length)
+        if main:
+            _describe_data(data, truncated, cfg.model.max_length)
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
         compute_metrics = classification_metrics(task, data.num_labels)
         info = {"data_splits": dict(data.sources), "truncated_examples": truncated["train"],
@@ -352,7 +424,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         callbacks=[StepLog(out), GracefulStop(), clock, _tensorboard(out / "tensorboard")],
     )
     trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
-    if cfg.training.progress:
+    if cfg.training.progress and main:
         trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
     if task in LABELLED_TEXT_TASKS:
         # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
@@ -361,28 +433,40 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     train_started = time.time()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
+        if stopper.stopped and main:  # before the barrier: once a rank exits 130, torchrun stops the others
+            print(f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
+                  f"the same command and --resume.", flush=True)
+        # every rank waits until rank 0 has finished writing the last checkpoint: a rank that exited first
+        # would have torchrun kill rank 0 in the middle of it
+        trainer.accelerator.wait_for_everyone()
     finally:
         stopper.restore()
     cost = cost_metrics(trainer, checkpoint, time.time() - train_started)
-    if stopper.requested:
-        print(f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
-              f"the same command and --resume.", flush=True)
+    if stopper.stopped:
         return {"interrupted": True, "step": trainer.state.global_step, "signal": stopper.signal}
 
     metrics: dict = {"steps": trainer.state.global_step, **info, **cost}
     for split in ("validation", "test"):
         if splits.get(split) is not None:
             metrics.update(trainer.evaluate(splits[split], metric_key_prefix=split))
-    if task == "causal-lm":
+    fsdp = bool(fsdp_arguments(cfg))
+    if task == "causal-lm" and (main or fsdp):  # FSDP: every rank takes part in the forwards; rank 0 writes
+        import tempfile
+
         from mgpo.pipelines.generation import evaluate_generation
 
-        metrics.update(evaluate_generation(cfg, trainer.model, tokenizer, data, out, prefix="after"))
-    if task == "text-to-text" and splits.get("test") is not None:
+        where = out if main else Path(tempfile.mkdtemp(prefix="mgpo-rank"))
+        metrics.update(evaluate_generation(cfg, trainer.model, tokenizer, data, where, prefix="after"))
+    if task == "text-to-text" and splits.get("test") is not None and (main or fsdp):
         from mgpo.pipelines.text_to_text import exact_match
 
         found = exact_match(trainer.model, tokenizer, splits["test"], label_words, cfg.training.eval_batch_size)
         metrics.update({f"test_{k}": v for k, v in found.items()})
-    trainer.model.save_pretrained(str(out / "adapter"))
+    # FSDP: the sharded weights are gathered whole (every rank takes part); DDP: trainer.model is the plain model
+    state = trainer.accelerator.get_state_dict(trainer.model) if fsdp else None
+    if not main:
+        return metrics
+    trainer.model.save_pretrained(str(out / "adapter"), **({"state_dict": state} if fsdp else {}))
     tokenizer.save_pretrained(str(out / "adapter"))
     if not (out / "adapter" / "config.json").exists():  # the base model's config: id2label/label2id, head size
         trainer.model.config.save_pretrained(str(out / "adapter"))
