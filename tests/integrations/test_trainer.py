@@ -354,6 +354,22 @@ def test_statistics_reach_the_logs_and_loraplus_groups_are_used(tmp_path):
     assert logs[0]["perturbation_norm"] == pytest.approx(0.1, rel=1e-4)  # apn="normalized" keeps the radius at rho
 
 
+@pytest.mark.parametrize("max_scale, warns", [(1e-6, True), (None, False)])
+def test_a_capped_apn_factor_is_reported_once(max_scale, warns, tmp_path):
+    """max_scale=1e-6 puts every layer's APN factor at its cap (1/gbar >= 1e-6 always); no cap: never capped."""
+    trainer = PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path, logging_steps=1, max_steps=4),
+                                  train_dataset=cls_data(32), perturbation=cfg_for("mgpo", max_scale=max_scale))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    capped = [w for w in caught if "APN factor" in str(w.message)]
+    assert len(capped) == int(warns)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["apn_capped"] for entry in logs] == ([1.0] * 4 if warns else [0.0] * 4)
+    if warns:
+        assert "max_scale=1e-06" in str(capped[0].message) and "lower rho" in str(capped[0].message)
+
+
 def test_random_ramp_spans_the_runs_steps(tmp_path):
     trainer = PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path, max_steps=2), train_dataset=cls_data(16),
                                   perturbation=cfg_for("random"))

@@ -42,6 +42,7 @@ The Trainer may wrap the optimizer (accelerate's ``AcceleratedOptimizer``); :fun
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -314,7 +315,22 @@ class PerturbationTrainerMixin:
             if isinstance(opt, PerturbedOptimizer):
                 logs["skipped_steps"] = float(opt.skipped_steps)
             self._reset_stats()
+            self._warn_if_capped(logs)
         return super().log(logs, *args, **kwargs)
+
+    def _warn_if_capped(self, logs: dict[str, float]) -> None:
+        """Once per run: most layers' APN factor at its cap means every one of them is perturbed at
+        max_scale x rho whatever its gradient, a setting in which training can stall (docs/method.md)."""
+        if logs.get("apn_capped", 0.0) < 0.5 or getattr(self, "_warned_capped", False):
+            return
+        self._warned_capped = True
+        hp = self.perturbation_optimizer.hparams
+        warnings.warn(
+            f"MGPO: {logs['apn_capped']:.0%} of the layers have their APN factor min(1/gbar, max_scale) at the cap "
+            f"max_scale={hp['max_scale']:g} (gradient norms gbar below {1 / hp['max_scale']:.3g}), so each is "
+            f"perturbed at radius {hp['max_scale'] * hp['rho']:.3g}. If the loss stalls, lower rho (e.g. "
+            f"rho={hp['rho'] / hp['max_scale']:.3g}); docs/method.md, 'the radius a layer gets'.", RuntimeWarning,
+            stacklevel=2)
 
 
 class PerturbationTrainer(PerturbationTrainerMixin, transformers.Trainer):

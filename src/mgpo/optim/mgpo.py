@@ -407,9 +407,12 @@ class MGPO(PerturbedOptimizer):
 
         rho, apn = hp["rho"], hp["apn"]
         inv = 1.0 / (self.gbar + _TINY)
+        capped = torch.zeros_like(d, dtype=torch.bool)
         if apn == "inverse":  # eq. (4): k_l = min(1/gbar_l, max_scale); 1 before the layer's first EMA value
             k = inv if hp["max_scale"] is None else inv.clamp(max=hp["max_scale"])
             k = torch.where(self._seen, k, torch.ones_like(k))
+            if hp["max_scale"] is not None:
+                capped = self._seen & (inv >= hp["max_scale"])
         else:
             k = torch.ones_like(d)
         if apn == "normalized":  # u_l = D_l / gbar_l, total radius rho
@@ -433,6 +436,7 @@ class MGPO(PerturbedOptimizer):
             "gbar_min": torch.where(seen, self.gbar, torch.full_like(self.gbar, float("inf"))).min(),
             "gbar_mean": (self.gbar * seen).sum() / count,
             "gbar_max": (self.gbar * seen).max(),
+            "apn_capped": capped.sum() / count,  # share of layers whose APN factor is at max_scale
         }
 
     # ------------------------------------------------------------------------------- checkpoints
