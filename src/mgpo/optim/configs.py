@@ -90,8 +90,15 @@ def _check_seed(prefix: str, value) -> None:
     check(isinstance(value, int) and not isinstance(value, bool), f"{prefix}seed", value, "it must be an integer")
 
 
+class _MethodConfig:
+    """What every method's config shares: its fields are the optimizer's keywords."""
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class MGPOConfig:
+class MGPOConfig(_MethodConfig):
     """:class:`mgpo.MGPO` (the paper's method); ``MGPO(model, **MGPOConfig().kwargs())``."""
 
     rho: float = _f("rho", 0.05)
@@ -120,7 +127,7 @@ class MGPOConfig:
 
 
 @dataclass
-class MSAMConfig:
+class MSAMConfig(_MethodConfig):
     """:class:`mgpo.MSAM` (Momentum-SAM: MGPO in factor space, no APN, one global norm)."""
 
     rho: float = _f("rho", 0.05)
@@ -130,12 +137,9 @@ class MSAMConfig:
         check_range(f"{prefix}rho", self.rho, 0.0, math.inf)
         _check_exact_restore(prefix, self.exact_restore)
 
-    def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class SAMConfig:
+class SAMConfig(_MethodConfig):
     """:class:`mgpo.SAM` (two forward/backward passes per step; ASAM with ``adaptive``)."""
 
     rho: float = _f("rho", 0.05)
@@ -145,12 +149,9 @@ class SAMConfig:
         check_range(f"{prefix}rho", self.rho, 0.0, math.inf)
         check(isinstance(self.adaptive, bool), f"{prefix}adaptive", self.adaptive, "it must be true or false")
 
-    def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class RandomConfig:
+class RandomConfig(_MethodConfig):
     """:class:`mgpo.RandomPerturbation` (Gaussian weight noise scaled by the weight row norms)."""
 
     rho: float = _f("rho", 0.05)
@@ -160,12 +161,9 @@ class RandomConfig:
         check_range(f"{prefix}rho", self.rho, 0.0, math.inf)
         _check_seed(prefix, self.seed)
 
-    def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class GGPOConfig:
+class GGPOConfig(_MethodConfig):
     """:class:`mgpo.GGPO` (noise scaled by weight and gradient norms)."""
 
     sigma: float = _f("sigma", 0.03)
@@ -176,9 +174,6 @@ class GGPOConfig:
         check_range(f"{prefix}sigma", self.sigma, 0.0, math.inf)
         check_range(f"{prefix}beta_g", self.beta_g, 0.0, math.inf)
         _check_seed(prefix, self.seed)
-
-    def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # method name -> (its config class, the name of its optimizer class in mgpo)
