@@ -421,6 +421,11 @@ def test_presets_and_profiles_build_the_papers_arms():
     assert isinstance(no_apn, mgpo.MGPO) and no_apn.hparams["apn"] == "off" and no_apn.hparams["space"] == "weight"
     assert (no_apn.hparams["rho"], no_apn.hparams["beta"]) == (0.01, 0.8)
     assert no_apn.base_optimizer.defaults["betas"] == (0.8, 0.95)  # mu is AdamW's beta1, beta2 kept
+    # rho or beta given explicitly win over the profile (a sweep arm "rho / 10" on top of profile nlu)
+    tuned = build_optimizer(model, PerturbationConfig(preset="lora-mgpo", profile="nlu", rho=0.005), groups, lr=1e-3)
+    assert (tuned.hparams["rho"], tuned.hparams["beta"]) == (0.005, 0.9)
+    assert tuned.base_optimizer.defaults["betas"][0] == 0.9
+    tuned.close()
     full = build_optimizer(model, PerturbationConfig(preset="lora-mgpo"), groups, lr=1e-3)
     assert {k: full.hparams[k] for k in ("apn", "space", "norm", "max_scale")} == dict(
         apn="inverse", space="weight", norm="layer", max_scale=10.0)

@@ -38,8 +38,9 @@ HELP = {
               "AdamW, 'mgpo-no-apn' = MGPO with apn=off, 'lora-mgpo' = the paper's MGPO, 'msam' = Momentum-SAM "
               "(factor space). Sets method, apn, space and norm; unset: use those fields as given.",
     "profile": f"The paper's hyper-parameter profile, one of: {', '.join(PROFILES)} (nlu: rho 0.05, beta 0.9, "
-               "mu 0.9; nlg: rho 0.01, beta 0.8, mu 0.8). Sets rho, beta and AdamW's beta1 = mu (the authors' "
-               "momentum is AdamW's exp_avg); unset: use rho, beta and the training betas as given.",
+               "mu 0.9; nlg: rho 0.01, beta 0.8, mu 0.8). Sets AdamW's beta1 = mu (the authors' momentum is "
+               "AdamW's exp_avg), and rho and beta where they are not given explicitly; unset: rho, beta and the "
+               "training betas as given.",
     "rho": "Perturbation radius (>= 0) of mgpo, msam and sam; noise scale relative to the weight row norm for "
            "random. 0 gives the plain base optimizer.",
     "beta": "mgpo: EMA factor of the per-layer weight-space gradient norm (APN), in [0, 1).",
@@ -60,6 +61,9 @@ HELP = {
     "exact_restore": "mgpo, msam: tensors moved in place are restored from a copy (bit-exact). Unset: on, except "
                      "full fine-tuning in fp32, where the perturbation is subtracted again (exact to a few ulp).",
 }
+
+
+DEFAULT_RHO, DEFAULT_BETA = 0.05, 0.9  # without a profile
 
 
 def _f(name: str, default):
@@ -197,8 +201,8 @@ class PerturbationConfig:
     method: str = _f("method", "mgpo")
     preset: str | None = _f("preset", None)
     profile: str | None = _f("profile", None)
-    rho: float = _f("rho", 0.05)
-    beta: float = _f("beta", 0.9)
+    rho: float | None = field(default=None, metadata={"help": HELP["rho"] + " Unset: the profile's, else 0.05."})
+    beta: float | None = field(default=None, metadata={"help": HELP["beta"] + " Unset: the profile's, else 0.9."})
     apn: str = _f("apn", "inverse")
     space: str = _f("space", "weight")
     norm: str = _f("norm", "layer")
@@ -218,9 +222,10 @@ class PerturbationConfig:
             out.method = "adamw" if arm is None else "mgpo"
             for key, value in (arm or {}).items():
                 setattr(out, key, value)
-        if out.profile is not None:
-            p = PROFILES[out.profile]
-            out.rho, out.beta = p["rho"], p["beta"]
+        # rho and beta given explicitly win over the profile; unset, they take its values (else the defaults)
+        profile = PROFILES.get(out.profile, {"rho": DEFAULT_RHO, "beta": DEFAULT_BETA})
+        out.rho = profile["rho"] if out.rho is None else out.rho
+        out.beta = profile["beta"] if out.beta is None else out.beta
         return out
 
     @property
@@ -245,6 +250,7 @@ class PerturbationConfig:
         for name, allowed in (("method", METHODS), ("preset", tuple(PRESETS) + (None,)),
                               ("profile", tuple(PROFILES) + (None,))):
             check_choice(f"perturbation.{name}", getattr(self, name), allowed)
+        resolved = self.resolved()
         for config_cls, _ in METHOD_CONFIGS.values():  # every field, whichever method is chosen
-            config_cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(config_cls)}).validate(
+            config_cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(config_cls)}).validate(
                 "perturbation.")
