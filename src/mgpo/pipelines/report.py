@@ -18,6 +18,7 @@ import base64
 import csv
 import html
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,7 +275,8 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
     panels, series = result["panels"], result["series"]
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.8), dpi=110, sharex=True,
+    width = max(8.0, 4.2 * ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.4 * nrows + 1.2), dpi=110, sharex=True,
                              sharey=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes.flat, panels):
@@ -291,7 +293,7 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
             mean = np.mean([measures.smooth(r.losses, window) for r in same], axis=0)
             ax.plot(first.steps, mean, color=color, linewidth=2,
                     label=f"{s}" + (f" (mean of {len(same)} seeds)" if len(same) > 1 else ""))
-        ax.set_title(panel or exp.title, fontsize=10)
+        ax.set_title(panel or "", fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
@@ -300,10 +302,13 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles, labels = _legend_entries(axes)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False, fontsize=9)
-    fig.suptitle(f"{exp.title}: training loss (faint: raw, each seed; bold: moving average, mean over seeds)",
+    per_row = 4 if width >= 12 else 2  # long labels ("LoRA-MGPO (APN normalized) (mean of 3 seeds)") need room
+    fig.suptitle(f"{exp.title}: training loss\nfaint: raw, each seed; bold: moving average, mean over seeds",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
+    fig.tight_layout()
+    # below the panels; _save's tight bounding box takes it in, so nothing is cut off
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), per_row),
+               frameon=False, fontsize=9)
     return _save(fig, out_png)
 
 
@@ -336,8 +341,8 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
         ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(series), 3), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
-    ax.set_title(f"{exp.title}: {metric} ({'higher' if result['better'] else 'lower'} is better)\n"
-                 "bars: mean over seeds, whiskers: std", fontsize=10)
+    ax.set_title(f"{textwrap.fill(exp.title, 70)}\n{metric} ({'higher' if result['better'] else 'lower'} is "
+                 "better); bars: mean over seeds, whiskers: std", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -355,14 +360,14 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
     ax.set_ylabel("double-descent rise (% of running min)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{exp.title}: double-descent measure (lower = smoother)", fontsize=10)
+    ax.set_title(f"{textwrap.fill(exp.title, 70)}\ndouble-descent measure (lower = smoother)", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
 
 
 def _save(fig, out_png: Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    fig.savefig(out_png, bbox_inches="tight")  # nothing clipped, whatever the title and legend lengths
     plt.close(fig)
     return out_png
 
