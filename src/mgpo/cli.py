@@ -54,6 +54,12 @@ def _library_output(verbose: bool) -> None:
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
 
+    def show(message, category, filename, lineno, file=None, line=None):
+        # Ours (e.g. the APN-cap advice) are for the user, not a traceback: one plain line, no source excerpt.
+        err_console.print(f"[yellow]mgpo: warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
+
 
 def _stopped(result: dict) -> None:
     """An interrupted run exits like the shell does for the signal (130 for SIGINT, 143 for SIGTERM)."""

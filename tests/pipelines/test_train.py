@@ -272,6 +272,23 @@ def test_cli_on_a_data_folder_says_what_it_did_quietly(tiny_model_dir, data_fold
     assert metrics["data_splits"]["test"] == str(data_folder / "test.csv")
 
 
+def test_quiet_cli_shows_our_warnings_as_one_plain_line(capsys):
+    """The quiet CLI keeps the library's own advice (e.g. the APN cap) but prints it without file, line number
+    or source excerpt; the libraries' deprecation chatter stays hidden."""
+    import warnings
+
+    from mgpo.cli import _library_output
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _library_output(verbose=False)
+        warnings.warn("lower rho", RuntimeWarning)
+        warnings.warn("old API", FutureWarning)
+    err = capsys.readouterr().err
+    assert "mgpo: warning: lower rho" in err
+    assert "RuntimeWarning" not in err and ".py" not in err and "old API" not in err
+
+
 def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, monkeypatch):
     from rich.console import Console
 
