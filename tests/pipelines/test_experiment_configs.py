@@ -1,23 +1,15 @@
 """Every sweep in configs/experiments/ loads, expands and validates each run's configuration: its run plan is
-built without training or downloading anything.
-
-The experiment configs use the perturbation fields the optimizer rework adds (preset, profile, space, norm,
-max_scale). Until that lands, a config whose only problem is one of exactly these keys being unknown is skipped
-(and starts passing once they exist); any other error fails."""
+built without training or downloading anything."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from mgpo.pipelines.config import ConfigError
 from mgpo.pipelines.sweep import load_sweep, plan
 
 EXPERIMENTS = sorted((Path(__file__).parents[2] / "configs" / "experiments").glob("*.yaml"))
-PENDING_KEYS = ("preset", "profile", "space", "norm", "max_scale")
-PENDING = re.compile(r"Key '(%s)' not in 'PerturbationConfig'" % "|".join(PENDING_KEYS))
 
 
 def test_there_are_cpu_and_paper_scale_experiments():
@@ -32,17 +24,7 @@ def test_experiment_builds_its_run_plan(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # building the plan must not need the network
     sweep = load_sweep(path, output_dir=tmp_path / "sweep")
     assert sweep.runs and len({r.name for r in sweep.runs}) == len(sweep.runs)
-    try:
-        configs = plan(sweep)
-    except ConfigError as err:
-        if not PENDING.search(str(err)):
-            raise
-        # everything except the pending fields must already be valid today
-        pending = {f"perturbation.{k}" for k in PENDING_KEYS}
-        for run in sweep.runs:
-            run.overrides = [o for o in run.overrides if o.split("=", 1)[0] not in pending]
-        assert len(plan(sweep)) == len(sweep.runs)
-        pytest.skip(f"uses a perturbation field of the pending optimizer rework: {err}")
+    configs = plan(sweep)
     assert len(configs) == len(sweep.runs)
     assert all(c.training.output_dir.startswith(str(tmp_path / "sweep")) for c in configs)
     assert not any(tmp_path.iterdir())  # nothing was written by planning
