@@ -11,7 +11,7 @@ import torch
 
 from mgpo.data.arithmetic import make_arithmetic
 from tests.tiny import bpe_tokenizer
-from mgpo.pipelines.config import load_config
+from mgpo.pipelines.config import ConfigError, load_config
 from mgpo.pipelines.train import train
 
 
@@ -60,6 +60,19 @@ def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):
     ])
     metrics = train(cfg)
     assert metrics["truncated_examples"] == 8
+
+
+def test_best_checkpoint_needs_a_validation_split_and_says_how_to_get_one(tiny_llama_dir, tmp_path):
+    data = tmp_path / "instruct.jsonl"  # no test rows, none held out: causal-lm data without a validation split
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}"}) + "\n" for i in range(16)))
+    cfg = load_config(None, [
+        f"model.name={tiny_llama_dir}", f"data.name={data}", "data.task=causal-lm", "data.template=alpaca",
+        f"training.output_dir={tmp_path / 'run'}", "training.max_steps=4", "training.batch_size=4",
+        "training.eval_steps=2", "training.save_steps=2", "training.load_best_model=true",
+        "training.progress=false", "generation.benchmark=none",
+    ])
+    with pytest.raises(ConfigError, match="data.max_eval_examples"):
+        train(cfg)
 
 
 @pytest.mark.parametrize("bench,extra,expected", [

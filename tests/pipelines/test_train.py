@@ -122,11 +122,35 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tiny_m
     (["data.name=/nonexistent/file.csv"], "nonexistent"),
     (["data.label_column=nope"], "nope"),
     (["model.name=/nonexistent/model"], "nonexistent"),
+    (["training.load_best_model=true"], "training.eval_steps=0"),
+    (["training.early_stopping_patience=2"], "training.early_stopping_patience"),
+    (["training.early_stopping_patience=-1"], "training.early_stopping_patience=-1"),
+    (["training.load_best_model=true", "training.eval_steps=3"], "multiple"),
+    (["training.load_best_model=true", "training.eval_steps=4", "training.save_steps=12"], "training.save_steps=12"),
+    (["training.early_stopping_patience=1", "training.eval_steps=20"], "training.eval_steps=20"),
 ])
 def test_bad_inputs_are_one_clear_line(tiny_model_dir, sentiment_csv, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", *overrides(tiny_model_dir, sentiment_csv, tmp_path / "r"), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_best_checkpoint_is_loaded_and_early_stopping_ends_the_run(tiny_model_dir, sentiment_csv, tmp_path):
+    """A learning rate high enough for the validation loss to turn up: the run stops at the first evaluation
+    without a lower loss (patience 1) and ends on the best checkpoint's weights, not on the last step's."""
+    out = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=40",
+                                      "training.lr=5e-2", "training.lr_scheduler=constant", "training.warmup_ratio=0",
+                                      "training.eval_steps=2", "training.save_steps=2",
+                                      "training.load_best_model=true", "training.early_stopping_patience=1")))
+    saved = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    best = min(evals, key=evals.get)
+    assert saved["stopped_early"] is True and saved["steps"] == max(evals) < 40
+    assert evals[saved["steps"]] > evals[best]  # the last evaluation was worse than the best ...
+    assert saved["best_checkpoint"] == f"checkpoints/checkpoint-{best}" and (out / saved["best_checkpoint"]).is_dir()
+    assert saved["validation_loss"] == pytest.approx(evals[best], rel=1e-5)  # ... whose weights were loaded
 
 
 def test_hub_model_offline_fails_fast_naming_alternatives(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):

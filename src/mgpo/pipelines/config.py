@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,14 @@ class TrainingConfig:
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", 1.0)
     eval_steps: int = _help("Evaluate on validation every this many steps (0 = only at the end).", 0)
     save_steps: int = _help("Write a checkpoint every this many steps (for --resume).", 50)
+    load_best_model: bool = _help("At the end, load the checkpoint with the lowest validation loss: the final "
+                                  "metrics and adapter/ are then that checkpoint's, and metrics.json names it "
+                                  "(best_checkpoint). Needs eval_steps > 0, a validation split, and save_steps a "
+                                  "multiple of eval_steps (checkpoints exist only at save steps).", False)
+    early_stopping_patience: int = _help("Stop after this many evaluations in a row without a lower validation "
+                                         "loss (0 = off); metrics.json says stopped_early, and steps is where. "
+                                         "Needs eval_steps > 0 and a validation split. The weights at the stop "
+                                         "are kept unless load_best_model=true.", 0)
     logging_steps: int = _help("Log loss, learning rate, grad and perturbation norms every this many steps.", 1)
     eval_batch_size: int = _help("Examples per evaluation batch.", 64)
     seed: int = _help("Seed of initialisation, dropout and data order.", 0)
@@ -207,6 +216,17 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size"):
         _check(getattr(t, name) >= 1, f"training.{name}", getattr(t, name), "use an integer >= 1")
     _check(t.eval_steps >= 0, "training.eval_steps", t.eval_steps, "use 0 (end only) or a positive integer")
+    _check(t.early_stopping_patience >= 0, "training.early_stopping_patience", t.early_stopping_patience,
+           "use 0 (off) or a positive number of evaluations")
+    for name in ("load_best_model", "early_stopping_patience"):
+        _check(not getattr(t, name) or t.eval_steps > 0, "training.eval_steps", t.eval_steps,
+               f"training.{name} needs evaluations during training; set training.eval_steps > 0 "
+               f"(e.g. training.eval_steps={t.save_steps}, the value of training.save_steps)")
+    if t.load_best_model and t.eval_steps > 0:
+        _check(t.save_steps % t.eval_steps == 0, "training.save_steps", t.save_steps,
+               f"with training.load_best_model=true it must be a multiple of training.eval_steps={t.eval_steps} "
+               f"(the best checkpoint must have been saved), e.g. training.save_steps="
+               f"{math.ceil(t.save_steps / t.eval_steps) * t.eval_steps}")
     _check(t.lr > 0, "training.lr", t.lr, "use a positive learning rate")
     _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "use a value >= 0")
     _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "use a fraction in [0, 1)")

@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments, set_seed
+from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, TrainerCallback, TrainingArguments,
+                          set_seed)
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from mgpo.pipelines.config import TrainConfig, to_yaml
+from mgpo.checks import check
+from mgpo.pipelines.config import ConfigError, TrainConfig, to_yaml
 from mgpo.tasks import LABELLED_TEXT_TASKS
 
 def process_rank() -> int:
@@ -294,6 +296,12 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
 
     t = cfg.training
     eval_every = t.eval_steps > 0 and has_eval
+    best = t.load_best_model or t.early_stopping_patience > 0
+    if best and not has_eval:
+        name = "load_best_model" if t.load_best_model else "early_stopping_patience"
+        raise ConfigError(f"training.{name} needs a validation split, and data {cfg.data.name!r} has none: set "
+                          "data.max_eval_examples (causal-lm: that many rows are held out of the training data), "
+                          "or give data with a test split.")
     if t.mixed_precision == "fp16" and not _cuda():
         raise ValueError("training.mixed_precision='fp16' needs a GPU (its loss scaling is CUDA's); on CPU use "
                          "training.mixed_precision=bf16 or no.")
@@ -317,6 +325,9 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         save_total_limit=2,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=t.eval_steps if eval_every else None,
+        load_best_model_at_end=t.load_best_model,
+        metric_for_best_model="eval_loss" if best else None,  # early stopping compares through it as well
+        greater_is_better=False if best else None,
         seed=t.seed,
         data_seed=t.seed,
         disable_tqdm=True,  # train() chooses the progress display
@@ -351,8 +362,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     out = Path(cfg.training.output_dir)
     main = process_rank() == 0  # only rank 0 writes files
     if fsdp_arguments(cfg) and not _cuda():
-        from mgpo.pipelines.config import ConfigError
-
         raise ConfigError("distributed.strategy=fsdp needs GPUs: accelerate (which the Trainer uses) applies FSDP on "
                           "accelerators only, and on CPU would silently fall back to DDP. Use distributed.strategy="
                           "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
@@ -408,6 +417,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             info["label2id"] = dict(model.config.label2id)
 
     total_steps = total_optimizer_steps(cfg, len(splits["train"]))
+    _check_evaluations(cfg, total_steps)
     grad_batches = _grad_batches(splits["train"], collator, cfg.training.batch_size)
     model = apply_adapter(model, cfg.adapter, task=task, total_steps=total_steps, grad_batches=grad_batches)
     eval_split = splits.get("validation")
@@ -423,6 +433,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         preprocess_logits_for_metrics=getattr(compute_metrics, "preprocess", None),
         callbacks=[StepLog(out), GracefulStop(), clock, _tensorboard(out / "tensorboard")],
     )
+    if cfg.training.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
     trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
     if cfg.training.progress and main:
         trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
@@ -445,7 +457,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if stopper.stopped:
         return {"interrupted": True, "step": trainer.state.global_step, "signal": stopper.signal}
 
-    metrics: dict = {"steps": trainer.state.global_step, **info, **cost}
+    early = trainer.pop_callback(EarlyStoppingCallback)  # None when off; it would warn at every evaluate() below
+    metrics: dict = {"steps": trainer.state.global_step, **info, **cost,
+                     **best_model_metrics(cfg, trainer, early, out)}
     for split in ("validation", "test"):
         if splits.get(split) is not None:
             metrics.update(trainer.evaluate(splits[split], metric_key_prefix=split))
@@ -478,6 +492,38 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     plot_loss_curves({cfg.perturbation.method: out / "log.jsonl"}, out / "loss.png",
                      title=f"{cfg.model.name} on {cfg.data.name}")
     return metrics
+
+
+def _check_evaluations(cfg: TrainConfig, total_steps: int) -> None:
+    """A best checkpoint or early stop needs an evaluation (and, for the checkpoint, a save) before the end."""
+    t = cfg.training
+    if t.load_best_model:
+        check(t.save_steps <= total_steps, "training.save_steps", t.save_steps,
+              f"training.load_best_model=true picks among checkpoints saved during training, and this run has "
+              f"{total_steps} optimizer steps; use training.eval_steps and training.save_steps <= {total_steps}",
+              ConfigError)
+    if t.early_stopping_patience:
+        check(t.eval_steps <= total_steps, "training.eval_steps", t.eval_steps,
+              f"early stopping needs evaluations during training, and this run has {total_steps} optimizer "
+              f"steps; use training.eval_steps <= {total_steps}", ConfigError)
+
+
+def best_model_metrics(cfg: TrainConfig, trainer, early: EarlyStoppingCallback | None, out: Path) -> dict:
+    """Which checkpoint was loaded as the best (load_best_model), and whether early stopping ended the run."""
+    t, state, found = cfg.training, trainer.state, {}
+    if t.load_best_model:
+        best = state.best_model_checkpoint  # None: no checkpoint was saved at an evaluation
+        found["best_checkpoint"] = os.path.relpath(best, out) if best else None
+    if early is not None:
+        found["stopped_early"] = early.early_stopping_patience_counter >= early.early_stopping_patience
+    if state.is_world_process_zero:
+        if found.get("stopped_early"):
+            print(f"mgpo: stopped early at step {state.global_step} of {state.max_steps}: no lower validation "
+                  f"loss in {t.early_stopping_patience} evaluation(s)", flush=True)
+        if found.get("best_checkpoint"):
+            print(f"mgpo: loaded the checkpoint with the lowest validation loss, {found['best_checkpoint']}",
+                  flush=True)
+    return found
 
 
 def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
