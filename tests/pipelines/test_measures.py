@@ -25,6 +25,13 @@ def test_a_bump_after_convergence_is_measured_exactly():
     assert dd["recover_steps"] == 20 and dd["recovered"]     # loss <= 1 again at step 90
 
 
+def test_fall_says_whether_the_run_learned_at_all():
+    assert double_descent(range(10), [5, 4, 3, 2, 1, 2, 3, 2, 1, 0.5], window=1)["fall_rel"] == pytest.approx(0.9)
+    flat = double_descent(range(6), [0.7, 0.69, 0.71, 0.7, 0.72, 0.7], window=2)  # start = mean(0.7, 0.69)
+    assert flat["fall_rel"] == pytest.approx(0.0)  # never below its starting level: it did not learn
+    assert double_descent(range(4), [4, 2, 1, 1], window=2)["fall_rel"] == pytest.approx((3 - 1) / 3)
+
+
 def test_the_smoothed_curve_is_measured_not_the_raw_one():
     # window 2: smoothed = [4, 3.5, 2.5, 2, 3, 3, 1.5] -> min 2 at index 3, peak 3 at index 4, back at index 6
     dd = double_descent(range(7), [4, 3, 2, 2, 4, 2, 1], window=2)

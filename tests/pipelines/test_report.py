@@ -98,6 +98,7 @@ def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
         dd = double_descent(range(1, 101), losses)
         assert float(row["dd_rise"]) == pytest.approx(dd["rise"])
         assert float(row["dd_rise_rel"]) == pytest.approx(dd["rise_rel"])
+        assert float(row["dd_fall_rel"]) == pytest.approx(dd["fall_rel"])
         assert int(row["spikes"]) == instability_count(losses, dd["window"])
     rises = {(r["series"], r["panel"]): float(r["dd_rise"]) for r in rows if r["seed"] == "0"}
     assert rises["LoRA", "rank=64"] > rises["LoRA", "rank=16"] > rises["LoRA-MGPO", "rank=64"]

@@ -33,6 +33,9 @@ def double_descent(steps, losses, window: int | None = None) -> dict:
     ``rise`` = max_i (S_i - m_i) at the peak point p; ``rise_rel`` = rise / m_p; ``peak_step`` = step of p;
     ``onset_step`` = step where m_p was reached; ``recover_steps`` = steps from the peak until S first gets back
     to <= m_p (None if it never does). A curve that never rises has rise 0 and no peak.
+    ``fall_rel`` = (S_start - min S) / S_start with S_start = S_(w-1), the mean of the first w losses: how far the
+    run got below its starting loss at all. A run that never learns never rises much either, so read ``rise``
+    only next to a ``fall_rel`` well above 0.
     """
     steps, losses = np.asarray(steps, dtype=float), np.asarray(losses, dtype=float)
     if len(steps) != len(losses) or len(losses) == 0:
@@ -43,8 +46,10 @@ def double_descent(steps, losses, window: int | None = None) -> dict:
     running_min = np.minimum.accumulate(s)
     rises = s - running_min
     p = int(np.argmax(rises))
+    start = s[min(window, len(s)) - 1]
+    fall_rel = float((start - running_min[-1]) / start) if start > 0 else 0.0
     result = {"window": window, "rise": float(rises[p]), "rise_rel": 0.0, "peak_step": None, "onset_step": None,
-              "recover_steps": None, "recovered": True}
+              "recover_steps": None, "recovered": True, "fall_rel": fall_rel}
     if rises[p] <= 0:
         return result
     floor = running_min[p]

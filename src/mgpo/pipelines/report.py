@@ -237,6 +237,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                 continue
             rec = [x["dd_recover_steps"] for x in rows if x["dd_recover_steps"] is not None]
             dd_rows.append([(p or "-", False), (s, False),
+                            (mean_std_cell([100 * x["dd_fall_rel"] for x in rows], 1), False),
                             (mean_std_cell([x["dd_rise"] for x in rows]), False),
                             (mean_std_cell([100 * x["dd_rise_rel"] for x in rows], 1), False),
                             (_fmt(np.mean([x["dd_peak_step"] for x in rows if x["dd_peak_step"] is not None]), 0)
@@ -244,7 +245,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                             (_fmt(np.mean(rec), 0) if rec else "-", False),
                             (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
                             (mean_std_cell([x["spikes"] for x in rows], 1), False)])
-    dd_table = {"header": ["panel", "method", "rise (loss)", "rise (% of min)", "peak step", "steps to recover",
+    dd_table = {"header": ["panel", "method", "fell (% of start)", "rise (loss)", "rise (% of min)", "peak step", "steps to recover",
                            "not recovered", f"spikes (> {spike_factor:g}× median)"], "rows": dd_rows}
 
     # cost, relative to the baseline
