@@ -167,3 +167,24 @@ def test_html_report_renders_in_a_headless_browser(sweep_dir, tmp_path):
     assert probe["images"] == len(paths["figures"]) == probe["shown"]
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
     assert console == []
+
+
+def test_each_variant_is_also_compared_with_itself_without_the_perturbation(tmp_path):
+    accuracy = {"LoRA": [0.70, 0.72, 0.71], "DoRA": [0.74, 0.70, 0.75], "DoRA-MGPO": [0.76, 0.75, 0.74]}
+    root, rows = tmp_path / "methods", []
+    for method, values in accuracy.items():
+        for seed, value in enumerate(values):
+            out = root / f"{method}-s{seed}"
+            out.mkdir(parents=True)
+            (out / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 1 / (i + 1)}) + "\n"
+                                                   for i in range(20)))
+            (out / "metrics.json").write_text(json.dumps({"test_accuracy": value}))
+            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                         "labels": {"method": method, "training.seed": seed}})
+    (root / "index.json").write_text(json.dumps({"title": "methods", "runs": rows}))
+    (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    own = md.split("same variant without")[1].split("###")[0]
+    d = paired_bootstrap(accuracy["DoRA-MGPO"], accuracy["DoRA"])
+    assert f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" in _md_row(own, "DoRA-MGPO − DoRA")[1]
+    assert "DoRA − LoRA" not in own  # only a variant against itself, the baseline comparison is the table above

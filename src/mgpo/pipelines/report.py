@@ -204,20 +204,19 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
 
     # paired differences vs the baseline, paired by (panel, seed)
     diff_cols = panels + (["all"] if len(panels) > 1 else [])
-    diff_rows, diffs = [], {}
-    for s in series:
-        if s == baseline:
-            continue
-        cells = [(f"{s} − {baseline}", False)]
+    diffs = {}
+
+    def diff_row(s: str, ref: str) -> list:
+        cells = [(f"{s} − {ref}", False)]
         for c in diff_cols:
             keys = panels if c == "all" else [c]
-            mine = {(x["panel"], x["seed"]): x["value"] for x in per_run if x["series"] == s and x["value"] is not None
-                    and x["panel"] in keys}
-            base = {(x["panel"], x["seed"]): x["value"] for x in per_run
-                    if x["series"] == baseline and x["value"] is not None and x["panel"] in keys}
+            mine, base = ({(x["panel"], x["seed"]): x["value"] for x in per_run
+                           if x["series"] == name and x["value"] is not None and x["panel"] in keys}
+                          for name in (s, ref))
             pairs = sorted(set(mine) & set(base))
             d = measures.paired_bootstrap([mine[k] for k in pairs], [base[k] for k in pairs])
-            diffs[s, c] = d
+            if ref == baseline:
+                diffs[s, c] = d
             if not d["n"]:
                 text = "-"
             elif d["low"] is None:
@@ -225,7 +224,14 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             else:
                 text = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{' *' if d['significant'] else ''}"
             cells.append((text, d["significant"]))
-        diff_rows.append(cells)
+        return cells
+
+    diff_rows = [diff_row(s, baseline) for s in series if s != baseline]
+    # each "X-MGPO" (or any "X-<suffix>") against its own "X": what adding the perturbation did to that adapter
+    own = [(s, s.rsplit("-", 1)[0]) for s in series if "-" in s and s.rsplit("-", 1)[0] in series
+           and s.rsplit("-", 1)[0] != baseline]
+    own_table = ({"header": ["difference", *[c or metric for c in diff_cols]],
+                  "rows": [diff_row(s, ref) for s, ref in own]} if own else None)
     diff_table = {"header": ["difference", *[c or metric for c in diff_cols]], "rows": diff_rows}
 
     # double descent: per panel and method, averaged over seeds
@@ -265,7 +271,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     failed = [(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics]
     return {"metric": metric, "better": better, "baseline": baseline, "series": series, "panels": panels,
             "per_run": per_run, "means": means, "diffs": diffs, "method_table": method_table,
-            "diff_table": diff_table, "dd_table": dd_table, "cost_table": cost_table, "failed": failed,
+            "diff_table": diff_table, "own_table": own_table, "dd_table": dd_table, "cost_table": cost_table, "failed": failed,
             "smooth": smooth, "spike_factor": spike_factor}
 
 
@@ -405,8 +411,11 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                ("h3", f"Difference to {base}, paired by seed: mean [95% bootstrap interval]"),
                ("p", "Bold and * : the interval excludes 0. With 3 seeds a bootstrap interval is coarse; "
                      "n=1: no interval."),
-               ("table", result["diff_table"]),
-               ("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
+               ("table", result["diff_table"])]
+    if result.get("own_table"):
+        blocks += [("h3", "Each variant with the perturbation minus the same variant without, paired by seed"),
+                   ("table", result["own_table"])]
+    blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
                ("table", result["dd_table"]),
                ("h3", f"Cost relative to {base}"), ("table", result["cost_table"])]
     if result["failed"]:
