@@ -277,6 +277,12 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
 
 # ---------------------------------------------------------------- figures
 
+def _colors(n: int) -> list:
+    """matplotlib's default cycle; past its 10 colours, tab20 (so no two methods share a colour)."""
+    default = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return default if n <= len(default) else [plt.get_cmap("tab20")(i % 20) for i in range(n)]
+
+
 def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
     """One panel per panel value, methods overlaid: raw loss of each seed faint, seed-mean of the smoothed loss bold."""
     panels, series = result["panels"], result["series"]
@@ -285,7 +291,7 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
     width = max(8.0, 4.2 * ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.4 * nrows + 1.2), dpi=110, sharex=True,
                              sharey=True, squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _colors(len(series))
     for ax, panel in zip(axes.flat, panels):
         for i, s in enumerate(series):
             runs = [r for r in exp.runs if r.series == s and r.panel == panel and r.losses]
@@ -338,7 +344,7 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
         stats = [_mean_std([r["value"] for r in result["per_run"] if r["series"] == s and r["panel"] == p
                             and r["value"] is not None] or [np.nan]) for p in panels]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, [m for m, _ in stats], width, yerr=[e for _, e in stats],
-               capsize=3, label=s)
+               capsize=3, label=s, color=_colors(len(series))[i])
         extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
     ax.set_xticks(x, [p or metric for p in panels], fontsize=9)
     ax.set_ylabel(metric)
@@ -358,11 +364,11 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
     """Relative double-descent rise per panel (e.g. rank or learning rate), one line per method."""
     panels, series = result["panels"], result["series"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
-    for s in series:
+    for s, color in zip(series, _colors(len(series))):
         stats = [_mean_std([100 * r["dd_rise_rel"] for r in result["per_run"] if r["series"] == s
                             and r["panel"] == p and "dd_rise_rel" in r] or [np.nan]) for p in panels]
         ax.errorbar(range(len(panels)), [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3,
-                    label=s)
+                    label=s, color=color)
     ax.set_xticks(range(len(panels)), panels, fontsize=9)
     ax.set_ylabel("double-descent rise (% of running min)")
     ax.grid(alpha=0.3)
