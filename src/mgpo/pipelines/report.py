@@ -226,13 +226,11 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             cells.append((text, d["significant"]))
         return cells
 
-    diff_rows = [diff_row(s, baseline) for s in series if s != baseline]
+    diff_header = ["difference", *[c or metric for c in diff_cols]]
+    diff_table = {"header": diff_header, "rows": [diff_row(s, baseline) for s in series if s != baseline]}
     # each "X-MGPO" (or any "X-<suffix>") against its own "X": what adding the perturbation did to that adapter
-    own = [(s, s.rsplit("-", 1)[0]) for s in series if "-" in s and s.rsplit("-", 1)[0] in series
-           and s.rsplit("-", 1)[0] != baseline]
-    own_table = ({"header": ["difference", *[c or metric for c in diff_cols]],
-                  "rows": [diff_row(s, ref) for s, ref in own]} if own else None)
-    diff_table = {"header": ["difference", *[c or metric for c in diff_cols]], "rows": diff_rows}
+    own = [(s, ref) for s in series if (ref := s.rsplit("-", 1)[0]) != s and ref in series and ref != baseline]
+    own_table = {"header": diff_header, "rows": [diff_row(s, ref) for s, ref in own]} if own else None
 
     # double descent: per panel and method, averaged over seeds
     dd_rows = []
@@ -251,8 +249,9 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                             (_fmt(np.mean(rec), 0) if rec else "-", False),
                             (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
                             (mean_std_cell([x["spikes"] for x in rows], 1), False)])
-    dd_table = {"header": ["panel", "method", "fell (% of start)", "rise (loss)", "rise (% of min)", "peak step", "steps to recover",
-                           "not recovered", f"spikes (> {spike_factor:g}× median)"], "rows": dd_rows}
+    dd_table = {"header": ["panel", "method", "fell (% of start)", "rise (loss)", "rise (% of min)", "peak step",
+                           "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"],
+                "rows": dd_rows}
 
     # cost, relative to the baseline
     cost_rows = []
@@ -271,7 +270,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     failed = [(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics]
     return {"metric": metric, "better": better, "baseline": baseline, "series": series, "panels": panels,
             "per_run": per_run, "means": means, "diffs": diffs, "method_table": method_table,
-            "diff_table": diff_table, "own_table": own_table, "dd_table": dd_table, "cost_table": cost_table, "failed": failed,
+            "diff_table": diff_table, "own_table": own_table, "dd_table": dd_table, "cost_table": cost_table,
+            "failed": failed,
             "smooth": smooth, "spike_factor": spike_factor}
 
 
@@ -339,12 +339,12 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(panels) * len(series) * 0.55 + 2), 3.8), dpi=110)
     width = 0.8 / len(series)
     x = np.arange(len(panels))
-    extents = []
+    extents, colors = [], _colors(len(series))
     for i, s in enumerate(series):
         stats = [_mean_std([r["value"] for r in result["per_run"] if r["series"] == s and r["panel"] == p
                             and r["value"] is not None] or [np.nan]) for p in panels]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, [m for m, _ in stats], width, yerr=[e for _, e in stats],
-               capsize=3, label=s, color=_colors(len(series))[i])
+               capsize=3, label=s, color=colors[i])
         extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
     ax.set_xticks(x, [p or metric for p in panels], fontsize=9)
     ax.set_ylabel(metric)
