@@ -43,29 +43,72 @@ def lora_modules(model):
     return [m for m in model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
 
 
-def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0, lr=1e-2):
-    """The spec's list, dense, float64, with torch's AdamW as the base optimizer."""
+def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0, lr=1e-2, clip=None,
+              head=None, per_micro_batch=False):
+    """The spec's list, dense, float64, with torch's AdamW as the base optimizer.
+
+    ``clip``: gradients clipped to this total norm after gbar's update and before AdamW (HF Trainer's order).
+    ``head``: a trainable non-LoRA tensor perturbed in place as a layer of its own (D = m, n = ||g||).
+    ``per_micro_batch``: the authors' schedule: gbar updated after every micro-batch from the gradient
+    accumulated so far, and the perturbation of the next micro-batch computed with it (norm="layer")."""
     layers = lora_modules(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     w0 = [m.base_layer.weight.detach().clone() for m in layers]
-    eps = [torch.zeros_like(w) for w in w0]
+    dirs = [torch.zeros_like(w) for w in w0] + ([torch.zeros_like(head)] if head is not None else [])
     own = {id(p): torch.zeros_like(p) for p in params}
-    gbar = [None] * len(layers)
+    gbar = [None] * (len(layers) + (head is not None))
     trajectory = []
-    for micro in batches:
+
+    @torch.no_grad()
+    def grads():  # eq. 8 inputs: ||s (g_B A + B g_A)|| per LoRA layer, ||g|| for the head
+        out = []
+        for m in layers:
+            a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
+            out.append((s * (b.grad @ a + b @ a.grad)).norm())
+        return out + ([head.grad.norm()] if head is not None else [])
+
+    def update_gbar():
+        for i, n in enumerate(grads()):
+            gbar[i] = n if gbar[i] is None else beta * gbar[i] + (1 - beta) * n
+
+    def perturbations(dirs):
+        if apn == "inverse":
+            k = [1.0 if g is None else min(1 / (float(g) + TINY), max_scale) for g in gbar]
+        else:
+            k = [1.0] * len(gbar)
+        if apn == "normalized":
+            ku = [1 / (float(g) + TINY) for g in gbar]
+            total = sum(float((c * d).norm()) ** 2 for c, d in zip(ku, dirs)) ** 0.5
+            return [-rho * c * d / (total + TINY) for c, d in zip(ku, dirs)]
+        if norm == "global":
+            total = sum(float((c * d).norm()) ** 2 for c, d in zip(k, dirs)) ** 0.5
+            return [-rho * c * d / (total + TINY) for c, d in zip(k, dirs)]
+        return [-rho * c * d / (float(d.norm()) + TINY) for c, d in zip(k, dirs)]
+
+    def put(eps):
         with torch.no_grad():
             for m, w, e in zip(layers, w0, eps):
                 m.base_layer.weight.copy_(w + e)  # forward/backward at W0 + s B A + eps_l
+            if head is not None:
+                head.copy_(head_clean + eps[-1])
+
+    for step, micro in enumerate(batches):
+        head_clean = head.detach().clone() if head is not None else None
+        eps = perturbations(dirs) if step else [torch.zeros_like(d) for d in dirs]
+        put(eps)
         for ids in micro:
             (model(input_ids=ids, labels=ids).loss / len(micro)).backward()
+            if per_micro_batch:
+                update_gbar()
+                if step:
+                    put(perturbations(dirs))
         with torch.no_grad():
-            for m, w in zip(layers, w0):
-                m.base_layer.weight.copy_(w)
-            for i, m in enumerate(layers):  # eq. 8 with n_l = ||s (g_B A + B g_A)||
-                a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
-                n = (s * (b.grad @ a + b @ a.grad)).norm()
-                gbar[i] = n if gbar[i] is None else beta * gbar[i] + (1 - beta) * n
+            put([torch.zeros_like(d) for d in dirs])
+            if not per_micro_batch:
+                update_gbar()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             if momentum != "optimizer":
                 for p in params:
@@ -76,24 +119,15 @@ def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0,
             for m in layers:
                 a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
                 dirs.append(s * (mom(b) @ a + b @ mom(a)))  # D_l, dense
-            if apn == "inverse":
-                k = [min(1 / (float(g) + TINY), max_scale) for g in gbar]
-            else:
-                k = [1.0] * len(layers)
-            if apn == "normalized":
-                ku = [1 / (float(g) + TINY) for g in gbar]
-                total = sum(float((c * d).norm()) ** 2 for c, d in zip(ku, dirs)) ** 0.5
-                eps = [-rho * c * d / (total + TINY) for c, d in zip(ku, dirs)]
-            elif norm == "global":
-                total = sum(float((c * d).norm()) ** 2 for c, d in zip(k, dirs)) ** 0.5
-                eps = [-rho * c * d / (total + TINY) for c, d in zip(k, dirs)]
-            else:
-                eps = [-rho * c * d / (float(d.norm()) + TINY) for c, d in zip(k, dirs)]
+            if head is not None:
+                dirs.append(mom(head).clone())
         trajectory.append([p.detach().clone() for p in params])
     return trajectory
 
 
-def ours(model, batches, lr=1e-2, **kwargs):
+def ours(model, batches, lr=1e-2, clip=None, record=False, **kwargs):
+    """``record``: call ``opt.record_gradients()`` as documented (after each backward with
+    gbar_update="micro_batch", else once before clipping)."""
     opt = mgpo.MGPO(model, torch.optim.AdamW, lr=lr, weight_decay=0.0, **kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     trajectory = []
@@ -101,6 +135,12 @@ def ours(model, batches, lr=1e-2, **kwargs):
     for micro in batches:
         for ids in micro:
             (model(input_ids=ids, labels=ids).loss / len(micro)).backward()
+            if record and kwargs.get("gbar_update") == "micro_batch":
+                opt.record_gradients()
+        if record and kwargs.get("gbar_update") != "micro_batch":
+            opt.record_gradients()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad()
         trajectory.append([p.detach().clone() for p in params])
@@ -204,12 +244,57 @@ def test_the_term_is_the_dense_perturbation_and_disable_adapter_gets_none():
             torch.testing.assert_close(base_only, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+PAPER = dict(rho=0.05, beta=0.9, apn="inverse", norm="layer", momentum="optimizer")
+
+
+@pytest.mark.parametrize("clip", [0.1, 0.05])
+def test_gbar_from_gradients_before_clipping_matches_the_dense_recomputation(clip):
+    """Clipping active: record_gradients() before clip_grad_norm_ gives gbar from the unclipped gradients (the
+    authors update it in training_step, before the HF Trainer clips); without the call it sees clipped ones."""
+    batches = data(10)
+    model = tiny_llama()
+    ref = reference(copy.deepcopy(model), batches, clip=clip, **PAPER)
+    got, opt = ours(copy.deepcopy(model), batches, clip=clip, record=True)
+    assert max_relative_error(got, ref) < 1e-9
+    assert float(opt.last_stats["gbar_max"]) > 0
+    unrecorded, _ = ours(model, batches, clip=clip)  # gbar from the clipped gradients: a different trajectory
+    assert max_relative_error(unrecorded, ref) > 1e-6
+
+
+def test_per_micro_batch_gbar_reproduces_the_authors_schedule():
+    """gbar_update="micro_batch" with record_gradients() after every backward: gbar after each micro-batch from
+    the partial sum, and the next micro-batch's perturbation re-scaled with it; clipping active as well."""
+    batches = data(6, accum=3)
+    model = tiny_llama()
+    ref = reference(copy.deepcopy(model), batches, clip=0.1, per_micro_batch=True, **PAPER)
+    got, _ = ours(copy.deepcopy(model), batches, clip=0.1, record=True, gbar_update="micro_batch")
+    assert max_relative_error(got, ref) < 1e-9
+    per_step, _ = ours(model, batches, clip=0.1, record=True)
+    assert max_relative_error(per_step, ref) > 1e-6  # the default schedule is a different one
+
+
+@pytest.mark.parametrize("perturb_head", [False, True])
+def test_trainable_head_is_left_alone_by_default_and_perturbed_with_the_option(perturb_head):
+    """A trained lm_head next to LoRA: not perturbed by default (the authors' code); with perturb_non_lora a
+    layer of its own (D = m, n = ||g||). Both against the dense re-computation."""
+    model = tiny_llama()
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    batches = data(8)
+    twin = copy.deepcopy(model)
+    ref = reference(twin, batches, head=twin.base_model.model.lm_head.weight if perturb_head else None, **PAPER)
+    got, opt = ours(copy.deepcopy(model), batches, perturb_non_lora=perturb_head)
+    assert max_relative_error(got, ref) < 1e-9
+    other, _ = ours(model, batches, perturb_non_lora=not perturb_head)
+    assert max_relative_error(other, ref) > 1e-6
+    assert (opt._unperturbed == []) == perturb_head
+
+
 def test_non_lora_layers_are_moved_in_place_and_restored_exactly():
-    """A trained head next to LoRA: its own layer, D = m, exact restore from a copy."""
+    """A trained head next to LoRA with perturb_non_lora: its own layer, D = m, exact restore from a copy."""
     model = tiny_llama(dtype=torch.float32)
     head = model.base_model.model.lm_head.weight
     head.requires_grad_(True)
-    opt = mgpo.MGPO(model, lr=1e-2, rho=0.5)
+    opt = mgpo.MGPO(model, lr=1e-2, rho=0.5, perturb_non_lora=True)
     assert "base_model.model.lm_head.weight" in opt.layers
     for micro in data(3):
         clean = head.detach().clone()

@@ -17,6 +17,7 @@ METHODS = ("adamw", "mgpo", "msam", "sam", "random", "ggpo")
 APN_MODES = ("inverse", "off", "normalized")
 SPACES = ("weight", "factors")
 NORMS = ("layer", "global")
+GBAR_UPDATES = ("step", "micro_batch")
 
 # The paper's ablation arms (Figure 4) and Momentum-SAM, by name; None means the plain base optimizer.
 PRESETS: dict[str, dict | None] = {
@@ -54,6 +55,14 @@ HELP = {
     "max_scale": "mgpo: cap of the APN factor 1/gbar (> 0); null: no cap.",
     "momentum": "mgpo: 'optimizer' to reuse the base optimizer's first moment (AdamW's exp_avg), or a number mu "
                 "in [0, 1) (e.g. 0.9) for mgpo's own momentum buffer.",
+    "perturb_non_lora": "mgpo: also perturb trainable tensors that are not LoRA factors (a classification head, "
+                        "lm_head, modules_to_save) when the model has LoRA layers, each with D = its momentum. "
+                        "Default false: the authors' code perturbs LoRA layers only. Full fine-tuning (no LoRA "
+                        "layers) always perturbs every trained tensor.",
+    "gbar_update": f"mgpo: when the APN statistic gbar is updated, one of: {', '.join(GBAR_UPDATES)} (step: once per "
+                   "optimizer step from the accumulated, unclipped gradient; micro_batch: after every "
+                   "micro-batch from the gradient accumulated so far, re-scaling the pending perturbation, as "
+                   "the authors' code does). The two agree without gradient accumulation.",
     "adaptive": "sam: scale the perturbation by |w| (ASAM).",
     "sigma": "ggpo: weight-norm coefficient of the noise standard deviation (>= 0).",
     "beta_g": "ggpo: gradient-norm coefficient of the noise standard deviation (>= 0).",
@@ -112,10 +121,15 @@ class MGPOConfig(_MethodConfig):
     norm: str = _f("norm", "layer")
     max_scale: float | None = _f("max_scale", 10.0)
     momentum: str = _f("momentum", "optimizer")
+    perturb_non_lora: bool = _f("perturb_non_lora", False)
+    gbar_update: str = _f("gbar_update", "step")
     exact_restore: bool | None = _f("exact_restore", None)
 
     def validate(self, prefix: str = "") -> None:
-        for name, allowed in (("apn", APN_MODES), ("space", SPACES), ("norm", NORMS)):
+        check(isinstance(self.perturb_non_lora, bool), f"{prefix}perturb_non_lora", self.perturb_non_lora,
+              "it must be true or false")
+        for name, allowed in (("apn", APN_MODES), ("space", SPACES), ("norm", NORMS),
+                              ("gbar_update", GBAR_UPDATES)):
             check_choice(f"{prefix}{name}", getattr(self, name), allowed)
         if self.max_scale is not None:
             check_range(f"{prefix}max_scale", self.max_scale, 0.0, math.inf, low_open=True)
@@ -208,6 +222,8 @@ class PerturbationConfig:
     norm: str = _f("norm", "layer")
     max_scale: float | None = _f("max_scale", 10.0)
     momentum: str = _f("momentum", "optimizer")
+    perturb_non_lora: bool = _f("perturb_non_lora", False)
+    gbar_update: str = _f("gbar_update", "step")
     adaptive: bool = _f("adaptive", False)
     sigma: float = _f("sigma", 0.03)
     beta_g: float = _f("beta_g", 0.01)

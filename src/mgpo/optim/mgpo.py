@@ -8,8 +8,9 @@ layer ``l`` (one module and adapter, ``W0 + s B A``) the forward of step t+1 run
 
 ``eps_l x = c_l s (m_B (A x) + B (m_A x))`` is added to the layer's output by a forward hook: a rank-2r term, so
 nothing of size out x in is formed and no weight is written. Its Frobenius norm comes from the 2r x 2r Gram
-matrices of ``[m_B, B]`` and ``[A; m_A]``. Every other trainable tensor (a head, DoRA/AdaLoRA factors, full
-fine-tuning) is a layer of its own with ``D = m``, moved in place and restored exactly from a copy.
+matrices of ``[m_B, B]`` and ``[A; m_A]``. DoRA/AdaLoRA factors and full fine-tuning's tensors are layers of their own
+with ``D = m``, moved in place and restored exactly from a copy. Other trainable tensors next to LoRA layers (a
+head, ``modules_to_save``) are not perturbed, as in the authors' code, unless ``perturb_non_lora=True``.
 
 ``space="factors"`` moves the trainable tensors themselves along their momentum: Momentum-SAM's algorithm
 (:class:`MSAM`). docs/method.md has every equation next to the line implementing it.
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.configs import APN_MODES, NORMS, PRESETS, PROFILES, SPACES  # noqa: F401  (defined with the configs)
+from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (with the configs)
+                                SPACES)
 from mgpo.optim.distributed import local
 from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
 
@@ -94,7 +96,17 @@ class MGPO(PerturbedOptimizer):
         max_scale: cap of the APN factor 1/gbar_l (> 0; None: no cap).
         momentum: "optimizer" to use the base optimizer's first moment (AdamW's exp_avg: set ``betas=(mu, ...)``),
             or a float mu in [0, 1) for MGPO's own buffer ``v = mu v + g`` (eq. 5).
-        space: "weight" (the paper: eps in each LoRA layer's weight space) or "factors" (move A and B).
+        space: "weight" (the paper: eps in each LoRA layer's weight space) or "factors" (move every trained tensor
+            along its momentum: Momentum-SAM's algorithm).
+        perturb_non_lora: with ``space="weight"``, also perturb the trainable tensors of a LoRA model that are not
+            LoRA factors (a classification head, ``lm_head``, ``modules_to_save``), each in place with ``D = m``.
+            Default False: the authors' code perturbs LoRA layers only. Without LoRA layers (full fine-tuning)
+            every trained tensor is perturbed.
+        gbar_update: "step" (default): gbar is updated once per optimizer step, from the accumulated gradient as
+            it was before any clipping (call ``opt.record_gradients()`` before ``clip_grad_norm_``; the trainer
+            integrations do). "micro_batch": the authors' schedule, gbar updated after every micro-batch from
+            the gradient accumulated so far (call ``opt.record_gradients()`` after each ``backward()``), and the
+            pending perturbation re-scaled with it. Without gradient accumulation the two are the same.
         model: the model, when ``params`` are tensors or groups.
         auto_perturb: apply the pending perturbation at the first training-mode forward of each step (needs the
             model). Without it call ``opt.perturb()`` before the forward yourself.
@@ -117,6 +129,8 @@ class MGPO(PerturbedOptimizer):
         space: str = "weight",
         model: nn.Module | None = None,
         auto_perturb: bool = True,
+        perturb_non_lora: bool = False,
+        gbar_update: str = "step",
         exact_restore: bool | None = None,
         **base_kwargs,
     ):
@@ -124,7 +138,8 @@ class MGPO(PerturbedOptimizer):
         check_range("beta", beta, 0.0, 1.0)
         if max_scale is not None:
             check_range("max_scale", max_scale, 0.0, float("inf"), low_open=True)
-        for name, value, allowed in (("apn", apn, APN_MODES), ("norm", norm, NORMS), ("space", space, SPACES)):
+        for name, value, allowed in (("apn", apn, APN_MODES), ("norm", norm, NORMS), ("space", space, SPACES),
+                                     ("gbar_update", gbar_update, GBAR_UPDATES)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is invalid: choose one of {', '.join(map(repr, allowed))}.")
         if momentum != "optimizer":
@@ -134,9 +149,12 @@ class MGPO(PerturbedOptimizer):
                     "or a float mu in [0, 1)."
                 )
             check_range("momentum", momentum, 0.0, 1.0)
+        if not isinstance(perturb_non_lora, bool):
+            raise ValueError(f"perturb_non_lora={perturb_non_lora!r} is invalid: use True or False.")
         if exact_restore is not None and not isinstance(exact_restore, bool):
             raise ValueError(f"exact_restore={exact_restore!r} is invalid: use True, False or None (automatic).")
-        hparams = dict(rho=rho, beta=beta, apn=apn, norm=norm, max_scale=max_scale, momentum=momentum, space=space)
+        hparams = dict(rho=rho, beta=beta, apn=apn, norm=norm, max_scale=max_scale, momentum=momentum, space=space,
+                       perturb_non_lora=perturb_non_lora, gbar_update=gbar_update)
         super().__init__(params, base_optimizer, hparams, model=model, auto_perturb=auto_perturb, **base_kwargs)
         self._moment = moment_key(self.base_optimizer) if momentum == "optimizer" else "momentum"
         self._exact_arg = exact_restore
@@ -146,6 +164,9 @@ class MGPO(PerturbedOptimizer):
         self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s [m_B, B], [A; m_A])]
         self._clean: list[torch.Tensor] | None = None
         self._gathered_v: list[torch.Tensor] | None = None  # FSDP: whole [A; g_A] of this step (eq. 8)
+        self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # (n_l, has_grad) from record_gradients()
+        self._direction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (d_l, ||D||^2, has_m)
+        self._recorded_micro = False  # record_gradients() updated gbar in this step (gbar_update="micro_batch")
         self._setup_layers()
 
     # ------------------------------------------------------------------------------- which tensor is where
@@ -159,10 +180,14 @@ class MGPO(PerturbedOptimizer):
         self._pairs = [(index[key], m, a, m.lora_A[a].weight, m.lora_B[a].weight, float(m.scaling[a]))
                        for key, m, a in pairs]
         in_pairs = {id(t) for pr in self._pairs for t in pr[3:5]}
-        # every other tensor is moved in place: (layer index, tensor)
-        self._inplace = [(index[key], p) for key, ps in self.layers.items() for p in ps if id(p) not in in_pairs]
+        lora = bool(self._pairs) or any("[" in key for key in self.layers)  # "module[adapter]": a LoRA layer
+        # Which other tensors are moved in place: (layer index, tensor). Next to LoRA layers in weight space, only
+        # LoRA tensors (DoRA, AdaLoRA factors), unless perturb_non_lora: the authors perturb nothing else.
+        keep_all = self.hparams["space"] == "factors" or self.hparams["perturb_non_lora"] or not lora
+        self._inplace = [(index[key], p) for key, ps in self.layers.items() for p in ps
+                         if id(p) not in in_pairs and (keep_all or "[" in key)]
+        self._unperturbed = [key for key in self.layers if not (keep_all or "[" in key)]
         self._layer_of = {id(p): i for i, p in self._inplace}
-        lora = bool(self._pairs) or any("[" in key for key in self.layers)
         full_ft = self.model is not None and not lora
         self._exact = self._exact_arg if self._exact_arg is not None else not (
             full_ft and all(p.dtype in (torch.float32, torch.float64) for _, p in self._inplace))
@@ -319,11 +344,7 @@ class MGPO(PerturbedOptimizer):
         self._gathered_v = None
         return torch.stack(sqs).to(dtype)
 
-    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
-        hp = self.hparams
-        device, dtype = grad_norms.device, grad_norms.dtype
-        self._terms = None  # last step's U, V: not needed any more (the window is closed)
-        n_layers = len(self.layers)
+    def _size_buffers(self, n_layers: int, device, dtype) -> None:
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
             grow = n_layers - (0 if self.gbar is None else len(self.gbar))
             old = (self.gbar, self._seen) if self.gbar is not None else (
@@ -333,8 +354,9 @@ class MGPO(PerturbedOptimizer):
             self._coef = None if self._coef is None else torch.cat([self._coef, torch.zeros(grow, device=device,
                                                                                                dtype=dtype)])
 
-        # eq. (8): n_l = ||grad of Delta W_l||; for a pair s ||g_B A + B g_A||, from Gram matrices (before the base
-        # step changes A and B; under FSDP per-rank parts, summed in the gather after the base step)
+    def _eq8_inputs(self, params, grad_norms, n_layers, dtype):
+        """Per-layer ``sum ||g||^2`` of the tensors moved in place, which layers have a gradient, the pairs with a
+        gradient and their eq. (8) parts (not yet added: under FSDP they are per-rank partial sums)."""
         sel = [j for j, p in enumerate(params) if id(p) in self._layer_of]
         layers = [self._layer_of[id(params[j])] for j in sel]
         grad_sq = self._layer_sq_sums(layers, grad_norms[self._cached_index(tuple(sel))] if sel
@@ -345,7 +367,79 @@ class MGPO(PerturbedOptimizer):
         owners = self._grad_owners()
         for i in owners:
             has_grad[self._pairs[i][0]] = True
-        eq8 = self._eq8_parts(owners, dtype)
+        return grad_sq, has_grad, owners, self._eq8_parts(owners, dtype)
+
+    def _ema(self, n: torch.Tensor, has_grad: torch.Tensor) -> None:
+        """eq. (8): ``gbar_l = n_l`` at a layer's first gradient, then ``beta gbar_l + (1 - beta) n_l``."""
+        beta = self.hparams["beta"]
+        ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n, n)
+        self.gbar = torch.where(has_grad, ema, self.gbar)
+        self._seen = self._seen | has_grad
+
+    @torch.no_grad()
+    def record_gradients(self, scale: float | torch.Tensor = 1.0) -> None:
+        """Take eq. (8)'s gradient norms ``n_l`` from the gradients as they are now.
+
+        ``gbar_update="step"``: call it after the last ``backward()`` of a step and *before* gradient clipping;
+        ``step()`` then updates gbar from these norms rather than from the clipped gradients, as the authors' code
+        does (their EMA is updated in ``training_step``, before the HF Trainer clips). Without a call, ``step()``
+        uses the gradients it is given. ``gbar_update="micro_batch"``: call it after every ``backward()``; gbar is
+        updated at once from the gradient accumulated so far and the pending perturbation is re-scaled with it
+        (the authors' per-micro-batch schedule). ``scale`` multiplies the norms (``1 / loss_scale`` for gradients
+        still scaled by a GradScaler). The trainer integrations call it for you. Stays on the device.
+        """
+        params = self._params_with_grad()
+        if not params:
+            return
+        self._check_layout(params)
+        dist = torch.distributed
+        if self.hparams["gbar_update"] == "micro_batch" and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            raise RuntimeError(
+                "MGPO(gbar_update='micro_batch') is not supported on several processes: between synchronisations "
+                "each rank holds only its own partial gradient, so the ranks' gbar (and perturbations) would "
+                "differ. Use gbar_update='step' (the default).")
+        dtype = self._norm_dtype(params)
+        norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=dtype))
+        if self.exchange.sharded:
+            norms = self._sum_over_ranks(norms.square()).sqrt()
+        n_layers = len(self.layers)
+        self._size_buffers(n_layers, norms.device, dtype)
+        grad_sq, has_grad, owners, eq8 = self._eq8_inputs(params, norms, n_layers, dtype)
+        if eq8 is not None:
+            if self.exchange.sharded:
+                eq8 = self.exchange.all_reduce(eq8)
+            grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)), eq8)
+        n = grad_sq.sqrt() * scale
+        has = torch.tensor(has_grad, device=n.device) & torch.isfinite(n)
+        if self.hparams["gbar_update"] == "step":
+            self._recorded = (n, has)
+            return
+        self._ema(n, has)  # the authors' schedule: after every micro-batch, then re-scale the pending perturbation
+        self._recorded_micro = True
+        if self._direction is not None and self._coef is not None:
+            self.restore()  # re-applied with the new c_l at the next training forward
+            self._set_coef()
+            self._terms = None
+
+    def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
+        hp = self.hparams
+        device, dtype = grad_norms.device, grad_norms.dtype
+        self._terms = None  # last step's U, V: not needed any more (the window is closed)
+        n_layers = len(self.layers)
+        self._size_buffers(n_layers, device, dtype)
+
+        # eq. (8): n_l = ||grad of Delta W_l||; for a pair s ||g_B A + B g_A||, from Gram matrices (before the base
+        # step changes A and B; under FSDP per-rank parts, summed in the gather after the base step). Taken from the
+        # gradients as record_gradients() saw them (before clipping) when it was called in this step.
+        recorded, self._recorded = self._recorded, None
+        micro = hp["gbar_update"] == "micro_batch" and self._recorded_micro
+        self._recorded_micro = False
+        if recorded is not None or micro:
+            self._gathered_v = None
+            grad_sq, has_grad, owners, eq8 = None, None, [], None
+        else:
+            grad_sq, has_grad, owners, eq8 = self._eq8_inputs(params, grad_norms, n_layers, dtype)
 
         own = hp["momentum"] != "optimizer"
         if own:  # a skipped step must leave the own buffer as it was: blend with a finite gradient
@@ -383,12 +477,10 @@ class MGPO(PerturbedOptimizer):
             factors, with_m, _ = self._direction_factors()
         if eq8 is not None:
             grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)), eq8)
-        n = grad_sq.sqrt()
-        has_grad = torch.tensor(has_grad, device=device) & ok  # a skipped step updates no EMA
-        beta = hp["beta"]
-        ema = torch.where(self._seen, beta * self.gbar + (1 - beta) * n, n)
-        self.gbar = torch.where(has_grad, ema, self.gbar)
-        self._seen = self._seen | has_grad
+        if recorded is not None:  # eq. (8) from the gradients before clipping
+            self._ema(recorded[0], recorded[1] & ok)
+        elif not micro:  # (micro_batch: already updated after each micro-batch)
+            self._ema(grad_sq.sqrt(), torch.tensor(has_grad, device=device) & ok)  # a skipped step updates no EMA
 
         d_sq = torch.zeros(n_layers, device=device, dtype=dtype)
         if factors:  # ||D_l||^2 = s^2 ||[m_B, B] [A; m_A]||^2
@@ -403,8 +495,14 @@ class MGPO(PerturbedOptimizer):
             d_sq += self._layer_sq_sums([i for i, _ in m_norm], norms, n_layers)
             for i, _ in m_norm:
                 has_m[i] = True
-        d = d_sq.sqrt()
+        self._direction = (d_sq.sqrt(), d_sq, torch.tensor(has_m, device=device))
+        self._set_coef()
+        self._build_terms(factors, with_m)
 
+    def _set_coef(self) -> None:
+        """eq. (4)/(6): ``c_l`` (``eps_l = c_l D_l``) from the step's direction norms and the current gbar."""
+        hp = self.hparams
+        d, d_sq, has_m = self._direction
         rho, apn = hp["rho"], hp["apn"]
         inv = 1.0 / (self.gbar + _TINY)
         capped = torch.zeros_like(d, dtype=torch.bool)
@@ -424,9 +522,8 @@ class MGPO(PerturbedOptimizer):
             coef = -rho * k / (((k * d) ** 2).sum().sqrt() + _TINY)
         else:  # -rho k_l D_l / ||D_l||: each layer its own radius
             coef = -rho * k / (d + _TINY)
-        perturbed = torch.tensor(has_m, device=device) & (d > _TINY) & torch.isfinite(coef)
+        perturbed = has_m & (d > _TINY) & torch.isfinite(coef)
         self._coef = torch.where(perturbed, coef, torch.zeros_like(coef))
-        self._build_terms(factors, with_m)
 
         seen = self._seen
         count = seen.sum().clamp_min(1)
@@ -441,11 +538,13 @@ class MGPO(PerturbedOptimizer):
 
     # ------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "gbar": self.gbar, "seen": self._seen, "coef": self._coef}
+        return {**super()._extra_state(), "gbar": self.gbar, "seen": self._seen, "coef": self._coef,
+                "direction": self._direction}
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         self.gbar, self._seen, self._coef = extra["gbar"], extra["seen"], extra.get("coef")
+        self._direction = extra.get("direction")
         self._terms = None  # rebuilt at the next perturb() from the loaded factors and momenta
         self._index_cache = {}
 
