@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from trl import SFTConfig, SFTTrainer
+try:
+    from trl import SFTConfig, SFTTrainer
+except ModuleNotFoundError as err:  # name the extra that brings TRL rather than a bare import error
+    if err.name != "trl":
+        raise
+    raise ModuleNotFoundError(
+        "mgpo.integrations.sft needs TRL, which is not installed. Install it with: pip install -e \".[hf,trl]\" "
+        "(from a clone of mgpo) or pip install \"trl>=1.16,<2\".", name="trl") from None
 
 from mgpo.integrations.arguments import PerturbationArguments, check_arguments
 from mgpo.integrations.trainer import perturbed

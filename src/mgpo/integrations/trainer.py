@@ -104,6 +104,15 @@ class _PerturbationCallback(TrainerCallback):
             trainer._reset_stats()
             trainer._sam_window.clear()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        """Training is over: take the perturbation off and remove the optimizer's hooks, so that a later train-mode
+        forward (a user's own loop, generation with gradients) runs at the clean weights. ``train()`` again
+        re-installs them."""
+        trainer = self._trainer()
+        opt = trainer.perturbation_optimizer if trainer is not None else None
+        if isinstance(opt, PerturbedOptimizer):
+            opt.close()
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
         if trainer is None:
@@ -165,6 +174,12 @@ class PerturbationTrainerMixin:
         """The optimizer itself (not accelerate's wrapper): ``last_stats``, ``is_perturbed``, ``unperturbed()``."""
         return unwrap_optimizer(self.optimizer)
 
+    def train(self, *args, **kwargs):
+        opt = self.perturbation_optimizer
+        if isinstance(opt, PerturbedOptimizer) and opt.closed:  # closed at the end of an earlier train()
+            opt.reopen()
+        return super().train(*args, **kwargs)
+
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         self._total_steps = num_training_steps
         return super().create_optimizer_and_scheduler(num_training_steps)
@@ -203,7 +218,7 @@ class PerturbationTrainerMixin:
                                          base_optimizer=base_cls, **base_kwargs)
         return self.optimizer
 
-    # ------------------------------------------------------------------------------------------- SAM
+    # ------------------------------------------------------------------------------------------- SAM, gbar
     def training_step(self, model, inputs, num_items_in_batch=None):
         opt = self.perturbation_optimizer
         if getattr(opt, "two_pass", False):
@@ -211,7 +226,23 @@ class PerturbationTrainerMixin:
             self._sam_window.append((model, dict(inputs) if isinstance(inputs, Mapping) else inputs,
                                      num_items_in_batch))
             opt.closure = self._second_pass
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if getattr(opt, "hparams", {}).get("gbar_update") == "micro_batch":  # the authors' schedule
+            opt.record_gradients(self._grad_unscale())
+        return loss
+
+    def _clip_grad_norm(self, model):
+        """MGPO's gbar is taken from the gradients before clipping, as in the authors' code (their EMA is updated in
+        ``training_step``); the base update then uses the clipped ones."""
+        opt = self.perturbation_optimizer
+        if getattr(opt, "hparams", {}).get("gbar_update") == "step":
+            opt.record_gradients(self._grad_unscale())
+        return super()._clip_grad_norm(model)
+
+    def _grad_unscale(self) -> float:
+        """1 / loss scale while fp16's GradScaler still holds scaled gradients (read once per call), else 1."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def _second_pass(self) -> torch.Tensor:
         """SAM's closure: forward/backward over the stored micro-batches (weights now at W + eps)."""
@@ -323,8 +354,10 @@ class PerturbationTrainerMixin:
         max_scale x rho whatever its gradient, a setting in which training can stall (docs/method.md)."""
         if logs.get("apn_capped", 0.0) < 0.5 or getattr(self, "_warned_capped", False):
             return
-        self._warned_capped = True
         hp = self.perturbation_optimizer.hparams
+        if not hp.get("rho"):  # rho = 0: nothing is perturbed, whatever the factor
+            return
+        self._warned_capped = True
         warnings.warn(
             f"MGPO: {logs['apn_capped']:.0%} of the layers have their APN factor min(1/gbar, max_scale) at the cap "
             f"max_scale={hp['max_scale']:g} (gradient norms gbar below {1 / hp['max_scale']:.3g}), so each is "

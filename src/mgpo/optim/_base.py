@@ -75,6 +75,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             )
         self._hooks: list = []
         self._closed = False
+        self._auto = auto_perturb
         super().__init__(params, {})
         refuse_unsupported(self.param_groups, model)
         # Share param_groups with the base optimizer (as davda54/sam does), so schedulers act on both. The
@@ -160,7 +161,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Take the perturbation off and remove every hook this optimizer installed. Idempotent; garbage
-        collection does the same. The base optimizer stays usable (``opt.base_optimizer``)."""
+        collection does the same. The base optimizer stays usable (``opt.base_optimizer``); ``reopen()`` puts the
+        hooks back to train on. Call it when training is over (the trainer integrations do): until then a
+        train-mode forward with gradients still runs at the perturbed weights."""
         if self._closed:
             return
         self.restore()
@@ -168,6 +171,22 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             handle.remove()
         self._hooks.clear()
         self._closed = True
+
+    def reopen(self) -> None:
+        """Undo ``close()``: install the hooks again, to go on training with the same state. A no-op if open."""
+        if not self._closed:
+            return
+        self._closed = False
+        if self._auto and not self.two_pass:
+            self._install_hooks(self.model)
+        self._install_method_hooks()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _install_method_hooks(self) -> None:
+        """A method's own hooks (MGPO's weight-space term, the noise methods' forwards), for ``reopen()``."""
 
     def __del__(self):
         try:
@@ -217,6 +236,22 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             else:
                 self._skip_seen = (self._skipped, None)
         return norms, ok
+
+    def _warn_no_gradient(self, what: str = "no tensor it trains") -> None:
+        """Once: a step found nothing to perturb/update, which is almost always a set-up mistake."""
+        if getattr(self, "_warned_no_grad", False):
+            return
+        self._warned_no_grad = True
+        foreign = 0
+        if self.model is not None:
+            mine = {id(p) for g in self.param_groups for p in g["params"]}
+            foreign = sum(1 for p in self.model.parameters() if p.grad is not None and id(p) not in mine)
+        seen = f" while {foreign} tensor(s) of the model that it does not hold did" if foreign else ""
+        warnings.warn(
+            f"{type(self).__name__}.step(): {what} received a gradient{seen}, so this step perturbed nothing. Likely "
+            "cause: the adapter was switched (model.set_adapter(...)) or other tensors were made trainable after "
+            "the optimizer was built; build the optimizer after choosing what to train. Warned once.",
+            RuntimeWarning, stacklevel=3)
 
     def _poll_skips(self) -> None:
         """Warn once about skipped steps, from a host copy made a step earlier (never waits for the device)."""
@@ -311,7 +346,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._poll_skips()
         self.restore()  # docs/method.md: the base step always sees clean weights
         params = self._params_with_grad()
-        if not params:  # nothing has a gradient: like the base optimizer, do nothing
+        if not params:  # nothing has a gradient: like the base optimizer, do nothing (and say so, once)
+            self._warn_no_gradient()
             return loss
         self._check_layout(params)
         grad_norms, ok = self._grad_norms(params)

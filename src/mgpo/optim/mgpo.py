@@ -188,6 +188,7 @@ class MGPO(PerturbedOptimizer):
                          if id(p) not in in_pairs and (keep_all or "[" in key)]
         self._unperturbed = [key for key in self.layers if not (keep_all or "[" in key)]
         self._layer_of = {id(p): i for i, p in self._inplace}
+        self._perturbable = {id(t) for pr in self._pairs for t in pr[3:5]} | set(self._layer_of)
         full_ft = self.model is not None and not lora
         self._exact = self._exact_arg if self._exact_arg is not None else not (
             full_ft and all(p.dtype in (torch.float32, torch.float64) for _, p in self._inplace))
@@ -201,7 +202,8 @@ class MGPO(PerturbedOptimizer):
         ref = weakref.ref(self)
         for handle in getattr(self, "_term_hooks", []):
             handle.remove()
-            self._hooks.remove(handle)
+            if handle in self._hooks:
+                self._hooks.remove(handle)
         self._term_hooks = []
         for module in {id(m): m for _, m, *_ in self._pairs}.values():
 
@@ -222,6 +224,10 @@ class MGPO(PerturbedOptimizer):
             handle = module.register_forward_hook(hook, with_kwargs=True)
             self._term_hooks.append(handle)
             self._hooks.append(handle)
+
+    def _install_method_hooks(self) -> None:
+        if self._pairs:
+            self._install_term_hooks()
 
     def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
@@ -426,6 +432,8 @@ class MGPO(PerturbedOptimizer):
         hp = self.hparams
         device, dtype = grad_norms.device, grad_norms.dtype
         self._terms = None  # last step's U, V: not needed any more (the window is closed)
+        if self._perturbable and not any(id(p) in self._perturbable for p in params):
+            self._warn_no_gradient("no layer it perturbs")
         n_layers = len(self.layers)
         self._size_buffers(n_layers, device, dtype)
 

@@ -137,6 +137,9 @@ class RandomPerturbation(PerturbedOptimizer):
         self._noise: dict[int, torch.Tensor] = {}  # this step's noise per target, dropped by step()
         self._noise_sq: dict[int, torch.Tensor] = {}
         self._w0_rows: dict[int, torch.Tensor] = {}  # ||W0_i||^2 of each frozen base weight, computed once
+        self._install_method_hooks()
+
+    def _install_method_hooks(self) -> None:
         ref = weakref.ref(self)
         for index, module in enumerate(self.targets.values()):
             linear = module.get_base_layer() if is_lora_linear(module) else module
