@@ -98,6 +98,7 @@ def cfg_for(method: str, **kw) -> PerturbationConfig:
     ("method", "adam"), ("rho", -0.1), ("rho", float("nan")), ("beta", 1.0), ("apn", "sqrt"), ("momentum", "fast"),
     ("momentum", 1.5), ("adaptive", "yes"), ("sigma", -1.0), ("beta_g", -0.5), ("seed", 1.5), ("exact_restore", "no"),
     ("space", "dense"), ("norm", "row"), ("max_scale", 0.0), ("preset", "mgpo"), ("profile", "glue"),
+    ("gbar_update", "epoch"), ("perturb_non_lora", "yes"),
 ])
 def test_invalid_config_names_the_field_and_value(name, value, tmp_path):
     cfg = PerturbationConfig(**{name: value})
@@ -260,8 +261,10 @@ def test_evaluation_and_checkpoints_see_clean_weights(method, exact, tmp_path):
     probe = CleanProbe()
     args = make_args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                      train_sampling_strategy="random")
+    # mgpo: the classifier head perturbed too (perturb_non_lora), so that a tensor is moved in place between steps
+    extra = {"perturb_non_lora": True} if method == "mgpo" else {}
     trainer = PerturbationTrainer(model=model, args=args, train_dataset=cls_data(24), eval_dataset=cls_data(8, seed=1),
-                                  perturbation=cfg_for(method, exact_restore=exact), callbacks=[probe])
+                                  perturbation=cfg_for(method, exact_restore=exact, **extra), callbacks=[probe])
     trainer.train()
     # evaluated and saved at step 2 and again at the end of the epoch (step 3), never with a perturbation on
     assert [e[:3] for e in probe.events] == [("evaluate", 2, False), ("save", 2, False), ("evaluate", 3, False),
