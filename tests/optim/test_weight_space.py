@@ -20,13 +20,13 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 TINY = 1e-12
 
 
-def tiny_llama(seed=0, dtype=torch.float64):
+def tiny_llama(seed=0, dtype=torch.float64, dora=False, dropout=0.0):
     cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=PROJ, lora_dropout=0.0,
-                                                       init_lora_weights="gaussian"))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=PROJ, lora_dropout=dropout,
+                                                       init_lora_weights="gaussian", use_dora=dora))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -308,3 +308,27 @@ def test_non_lora_layers_are_moved_in_place_and_restored_exactly():
     opt.perturb()
     opt.restore()
     assert torch.equal(head, clean)
+
+
+def test_dora_gets_the_authors_weight_space_rule():
+    """DoRA: the authors add eps_l = -rho k D/||D|| (D from A, B and their momenta, magnitude ignored) to the base
+    weight and let DoRA normalise the perturbed weight. Ours applies it to the output (row norms from rank-2r
+    products); against the dense float64 re-computation that writes W0 + eps, magnitudes trained and unperturbed."""
+    batches = data(10)
+    model = tiny_llama(dora=True)
+    with torch.no_grad():  # magnitudes away from the clean row norms, so DoRA's scaling matters
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    ref = reference(copy.deepcopy(model), batches, **PAPER)
+    got, opt = ours(copy.deepcopy(model), batches)
+    assert len(opt._dora) == 2 * len(PROJ) and not opt._inplace  # every projection, nothing moved in place
+    assert max_relative_error(got, ref) < 1e-9
+    factors, _ = ours(model, batches, space="factors")  # the factor-space rule is a different trajectory
+    assert max_relative_error(factors, ref) > 1e-4
+
+
+def test_dora_with_dropout_says_it_falls_back_to_factor_space():
+    with pytest.warns(RuntimeWarning, match=r"DoRA layer.*lora_dropout > 0.*factor space"):
+        opt = mgpo.MGPO(tiny_llama(dora=True, dropout=0.1), lr=1e-2)
+    assert not opt._dora and len(opt._inplace) == 3 * 2 * len(PROJ)  # A, B and magnitude, in place

@@ -79,14 +79,36 @@ def is_plain_lora(module: nn.Module, adapter: str) -> bool:
     return isinstance(a, nn.Linear) and isinstance(b, nn.Linear) and hasattr(module, "scaling")
 
 
-def lora_pairs(model: nn.Module, trainable: set[int]) -> list[tuple[str, nn.Module, str]]:
-    """``(layer key, module, adapter)`` of every vanilla LoRA adapter whose A and B are both trained."""
+def is_dora(module: nn.Module, adapter: str) -> bool:
+    """``adapter`` of ``module`` is a DoRA adapter on a linear layer (PEFT's ``use_dora=True``)."""
+    return is_lora_linear(module) and adapter in module.lora_A and (
+        getattr(module, "use_dora", {}).get(adapter, False)
+        or type(getattr(module, "lora_variant", {}).get(adapter)).__name__ == "DoraLinearVariant")
+
+
+def dora_weight_space_refusal(module: nn.Module, adapter: str) -> str | None:
+    """Why the authors' weight-space rule cannot be applied exactly to this DoRA adapter (None: it can)."""
+    if not isinstance(module.lora_dropout[adapter], nn.Identity):
+        return "lora_dropout > 0 (the rule needs the undropped base output)"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    if is_quantized(module):
+        return "a quantized base layer"
+    if not (isinstance(module.lora_A[adapter], nn.Linear) and isinstance(module.lora_B[adapter], nn.Linear)):
+        return "non-linear factors"
+    return None
+
+
+def lora_pairs(model: nn.Module, trainable: set[int], dora: bool = False) -> list[tuple[str, nn.Module, str]]:
+    """``(layer key, module, adapter)`` of every vanilla LoRA adapter whose A and B are both trained; with ``dora``
+    the DoRA adapters whose A and B are both trained instead."""
     pairs = []
     for name, module in model.named_modules():
         if not is_lora_linear(module):
             continue
         for adapter in module.lora_A:
-            if is_plain_lora(module, adapter) and id(module.lora_A[adapter].weight) in trainable \
+            kind = is_dora(module, adapter) if dora else is_plain_lora(module, adapter)
+            if kind and id(module.lora_A[adapter].weight) in trainable \
                     and id(module.lora_B[adapter].weight) in trainable:
                 pairs.append((f"{name}[{adapter}]", module, adapter))
     return pairs

@@ -8,8 +8,9 @@ layer ``l`` (one module and adapter, ``W0 + s B A``) the forward of step t+1 run
 
 ``eps_l x = c_l s (m_B (A x) + B (m_A x))`` is added to the layer's output by a forward hook: a rank-2r term, so
 nothing of size out x in is formed and no weight is written. Its Frobenius norm comes from the 2r x 2r Gram
-matrices of ``[m_B, B]`` and ``[A; m_A]``. DoRA/AdaLoRA factors and full fine-tuning's tensors are layers of their own
-with ``D = m``, moved in place and restored exactly from a copy. Other trainable tensors next to LoRA layers (a
+matrices of ``[m_B, B]`` and ``[A; m_A]``. A DoRA layer gets the same ``eps_l`` in its base weight, as the authors'
+code does, through its row norms (``_dora_term``). AdaLoRA factors, DoRA with LoRA dropout and full fine-tuning's
+tensors are layers of their own with ``D = m``, moved in place and restored exactly from a copy. Other trainable tensors next to LoRA layers (a
 head, ``modules_to_save``) are not perturbed, as in the authors' code, unless ``perturb_non_lora=True``.
 
 ``space="factors"`` moves the trainable tensors themselves along their momentum: Momentum-SAM's algorithm
@@ -18,6 +19,7 @@ head, ``modules_to_save``) are not perturbed, as in the authors' code, unless ``
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable
 
@@ -29,7 +31,8 @@ from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
 from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (with the configs)
                                 SPACES)
 from mgpo.optim.distributed import local
-from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
+from mgpo.optim.layers import (dora_weight_space_refusal, is_dora, lora_pairs, lowrank_row_sq_norms,
+                               lowrank_sq_norm)
 
 _TINY = 1e-12  # added to every denominator (docs/method.md)
 
@@ -78,6 +81,28 @@ class _WeightSpaceTerm(torch.autograd.Function):
                 grad_x = (grad.reshape(-1, grad.shape[-1]).to(u.dtype) @ u) @ v
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad, grad_x, None, None
+
+
+def _row_norms(w0: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Row norms of ``W0 + P Q`` (float32 at least) without forming it:
+    ``||W0_i||^2 + 2 <W0_i, (P Q)_i> + ||(P Q)_i||^2``, the cross term from ``W0 Q^T`` (out x k)."""
+    dtype = torch.float64 if torch.float64 in (w0.dtype, p.dtype) else torch.float32
+    w0, p, q = w0.to(dtype), p.to(dtype), q.to(dtype)
+    sq = w0.square().sum(1) + 2 * ((w0 @ q.T) * p).sum(1) + lowrank_row_sq_norms(p, q)
+    return sq.clamp_min(0).sqrt()
+
+
+def _dora_term(out, x, u, v, bias, ratio, inv_norm, magnitude):
+    """A DoRA layer's output at base weight ``W0 + eps`` (the authors' rule), from PEFT's output at ``W0``:
+    ``b + (m / n~) (W' x + eps x) = b + (n / n~) (y - b) + (m / n~) (eps x)``, with ``y - b = (m / n) W' x`` and
+    the row norms ``n``, ``n~`` constants (DoRA detaches them), so the gradients of m, A and B are DoRA's at the
+    perturbed base weight. Valid for one active adapter without LoRA dropout (checked at construction)."""
+    with torch.autocast(x.device.type, enabled=False):
+        term = (x.reshape(-1, x.shape[-1]).to(v.dtype) @ v.T) @ u.T  # eps x = c s (m_B (A x) + B (m_A x)), eq. (6)
+        clean = out if bias is None else out - bias
+        scaled = ratio.to(out.dtype) * clean + ((magnitude * inv_norm.to(magnitude.dtype)) * term).view(
+            out.shape).to(out.dtype)
+    return scaled if bias is None else scaled + bias
 
 
 class MGPO(PerturbedOptimizer):
@@ -173,13 +198,28 @@ class MGPO(PerturbedOptimizer):
     def _setup_layers(self) -> None:
         trainable = {id(p) for g in self.param_groups for p in g["params"]}
         index = {key: i for i, key in enumerate(self.layers)}
-        pairs = lora_pairs(self.model, trainable) if self.model is not None and self.hparams["space"] == "weight" \
-            else []
-        pairs = [pr for pr in pairs if pr[0] in index]
+        weight_space = self.model is not None and self.hparams["space"] == "weight"
+        pairs = lora_pairs(self.model, trainable) if weight_space else []
+        doras = lora_pairs(self.model, trainable, dora=True) if weight_space else []
+        refused = {key: why for key, m, a in doras if (why := dora_weight_space_refusal(m, a))}
+        if refused:  # these DoRA layers keep the factor-space rule (A, B, magnitude moved in place): say so
+            key, why = next(iter(refused.items()))
+            warnings.warn(
+                f"MGPO: {len(refused)} DoRA layer(s) ({key}: {why}) cannot get the authors' weight-space rule exactly "
+                "and are perturbed in factor space instead (A, B and the magnitude moved along their momentum); "
+                "docs/method.md, section 5.", RuntimeWarning, stacklevel=3)
+        if doras and self.exchange.sharded:
+            raise ValueError("MGPO: DoRA layers under FSDP are not supported in weight space (their row norms need "
+                             "the whole base weight); pass space='factors'.")
+        pairs = [pr for pr in pairs if pr[0] in index] + [pr for pr in doras if pr[0] in index and pr[0] not in refused]
         # (layer index, module, adapter, A, B, scaling s) of every layer perturbed in weight space
         self._pairs = [(index[key], m, a, m.lora_A[a].weight, m.lora_B[a].weight, float(m.scaling[a]))
                        for key, m, a in pairs]
-        in_pairs = {id(t) for pr in self._pairs for t in pr[3:5]}
+        # DoRA pairs (the authors' rule: eps added to the base weight, the magnitude not perturbed): pair index ->
+        # the magnitude vector
+        self._dora = {i: m.lora_magnitude_vector[a].weight for i, (_, m, a, *_) in enumerate(self._pairs)
+                      if is_dora(m, a)}
+        in_pairs = {id(t) for pr in self._pairs for t in pr[3:5]} | {id(t) for t in self._dora.values()}
         lora = bool(self._pairs) or any("[" in key for key in self.layers)  # "module[adapter]": a LoRA layer
         # Which other tensors are moved in place: (layer index, tensor). Next to LoRA layers in weight space, only
         # LoRA tensors (DoRA, AdaLoRA factors), unless perturb_non_lora: the authors perturb nothing else.
@@ -216,9 +256,17 @@ class MGPO(PerturbedOptimizer):
                     return None
                 x = args[0] if args else kwargs["x"]
                 active = module.active_adapters
-                for adapter, u, v in terms:
-                    if adapter in active:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
+                for adapter, u, v, dora in terms:
+                    if adapter not in active:
+                        continue
+                    if dora is None:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
                         output = _WeightSpaceTerm.apply(output, x, u, v)
+                    else:
+                        if len(active) > 1:
+                            raise RuntimeError(
+                                f"MGPO: DoRA adapter {adapter!r} is active together with {active} on one layer; the "
+                                "weight-space DoRA rule needs it alone. Activate one adapter, or use space='factors'.")
+                        output = _dora_term(output, x, u, v, module.get_base_layer().bias, *dora)
                 return output
 
             handle = module.register_forward_hook(hook, with_kwargs=True)
@@ -264,8 +312,22 @@ class MGPO(PerturbedOptimizer):
         scale = torch.tensor([self._pairs[i][5] for i in with_m], device=self._coef.device, dtype=self._coef.dtype)
         cs = (self._coef[index] * scale).unbind()
         for (u, v), i, c in zip(factors, with_m, cs):
-            _, module, adapter, *_ = self._pairs[i]
-            self._terms.setdefault(id(module), []).append((adapter, u.mul_(c.to(u.dtype)), v))
+            _, module, adapter, a, b, s = self._pairs[i]
+            u = u.mul_(c.to(u.dtype))
+            dora = self._dora_scales(i, module, u, v, c) if i in self._dora else None
+            self._terms.setdefault(id(module), []).append((adapter, u, v, dora))
+
+    def _dora_scales(self, i, module, u, v, c):
+        """The authors' rule on a DoRA layer: the forward runs at base weight ``W0 + eps``, so DoRA's row norms become
+        ``n~ = ||W0 + s B A + eps||_row``. Returns ``(n / n~, 1 / n~, magnitude)`` for :func:`_dora_term`, with
+        ``n~`` from ``W0 + [sB + c s m_B, c s B] [A; m_A]`` (rank 2r, no out x in matrix)."""
+        _, _, _, a, b, s = self._pairs[i]
+        w0 = module.get_base_layer().weight
+        r = a.shape[0]
+        n = _row_norms(w0, s * b, a)
+        n_t = _row_norms(w0, torch.cat([s * b + u[:, :r], u[:, r:]], 1), v)
+        ratio = torch.where(c == 0, torch.ones_like(n), n / n_t)  # unperturbed: exactly DoRA's own output
+        return ratio, 1.0 / n_t, self._dora[i]
 
     def _inplace_pending(self):
         """Tensors moved in place, their momenta and coefficients; this rank's shards under FSDP (the same
