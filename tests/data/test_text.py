@@ -403,3 +403,32 @@ def test_bad_options(tmp_path, cache, kwargs, message):
     path = write_csv(tmp_path / "data.csv", sample(20))
     with pytest.raises(DataError, match=message):
         load_text_data(str(path), cache_dir=cache, **kwargs)
+
+
+# ----------------------------------------------------------------------------- data mistakes, named
+
+
+def test_a_label_only_in_test_is_an_error_naming_it_and_the_file(tmp_path, cache):
+    write_csv(tmp_path / "train.csv", [{"text": f"t{i}", "label": ["pos", "neg"][i % 2]} for i in range(20)])
+    write_csv(tmp_path / "test.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
+    with pytest.raises(DataError, match=r"test\.csv: row 2 has label 'meh', which never occurs in the training"):
+        load_text_data(str(tmp_path), cache_dir=cache)
+    write_csv(tmp_path / "test.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    assert load_text_data(str(tmp_path), cache_dir=cache).num_labels == 2  # the same data without it loads
+
+
+def test_a_text_column_that_is_not_text_is_named_as_the_user_named_it(tmp_path, cache):
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"review": list(range(20)), "sentiment": [i % 2 for i in range(20)]}).to_parquet(path)
+    with pytest.raises(DataError, match=r"column 'review' holds int64, not strings; set data.text_column"):
+        load_text_data(str(path), text_column="review", label_column="sentiment", cache_dir=cache)
+
+
+def test_a_latin1_file_names_the_line_and_the_encoding_setting(tmp_path, cache):
+    path = tmp_path / "d.csv"
+    rows = "text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(12)) + "caf\xe9 au lait,1\n"
+    path.write_bytes(rows.encode("latin-1"))
+    with pytest.raises(DataError, match=r"not valid utf-8 at line 14 \(byte 0xe9 at column 4\).*data.encoding="):
+        load_text_data(str(path), cache_dir=cache)
+    data = load_text_data(str(path), cache_dir=cache, encoding="latin-1")
+    assert "café au lait" in [t for ds in data.splits.values() for t in ds["text"]]

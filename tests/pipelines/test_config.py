@@ -98,3 +98,24 @@ def test_a_data_path_that_does_not_exist_is_a_config_error(tmp_path):
     (tmp_path / "nope").mkdir()
     missing.write_text("text,label\na,1\n")
     assert CliRunner().invoke(app, ["config", f"data.name={missing}"]).exit_code == 0
+
+
+def test_config_checks_columns_and_labels_of_local_files_without_the_ml_stack(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "train.csv").write_text("review,sentiment\na,pos\nb,neg\n")
+    (tmp_path / "test.csv").write_text("review,sentiment\nc,meh\n")
+    base = ["config", f"data.name={tmp_path}", "data.text_column=review"]
+    result = CliRunner().invoke(app, [*base, "data.label_column=stars"], terminal_width=300)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "no column 'stars'" in said and "data.label_column=" in said
+    result = CliRunner().invoke(app, [*base, "data.label_column=sentiment"], terminal_width=300)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "label 'meh'" in said and "test.csv" in said
+    (tmp_path / "test.csv").write_text("review,sentiment\nc,neg\n")
+    code = ("import sys; from mgpo.cli import main; sys.argv = ['mgpo', 'config', sys.argv[1], sys.argv[2], "
+            "'data.label_column=sentiment']\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\nassert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code, base[1], base[2]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

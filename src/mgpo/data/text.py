@@ -28,18 +28,14 @@ import pyarrow as pa
 
 from mgpo.data.errors import DataError
 from mgpo.data.paths import FILE_BUILDERS, PATH_LIKE_SUFFIXES  # noqa: F401  (re-exported)
+from mgpo.data.paths import SPLIT_FILE_STEMS, local_split_files  # noqa: F401  (re-exported)
+from mgpo.data.paths import check_labels_in_train, encoding_error
 from mgpo.data.paths import is_local_name as _is_local_name
 from mgpo.data.sentiment import CORPORA, load_sentiment_corpus
 from mgpo.hub import PROBE_TIMEOUT_S, offline_reason
 from mgpo.tasks import LABELLED_TEXT_TASKS as TASKS
 
 SPLITS = ("train", "validation", "test")
-# File stems accepted for each split inside a data directory.
-SPLIT_FILE_STEMS = {
-    "train": ("train",),
-    "validation": ("validation", "valid", "val", "dev"),
-    "test": ("test",),
-}
 # The argument of load_text_data that names each standard column.
 COLUMN_ARGS = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
 HUB_TIMEOUT_S = PROBE_TIMEOUT_S
@@ -102,6 +98,7 @@ def load_text_data(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     cache_dir: str | None = None,
+    encoding: str = "utf-8",
 ) -> TextData:
     """Load ``name`` as train/validation/test splits for classification or regression.
 
@@ -115,6 +112,8 @@ def load_text_data(
     when given, datasets' own cache for files and hub data goes below it too.
     GLUE test labels are hidden, so GLUE validation becomes the test split and
     validation is carved from train; ``glue/stsb`` is always regression.
+    ``encoding`` is the text encoding of local CSV/JSON files. A class label that
+    occurs in validation or test but not in train is an error naming it.
     """
     _check_options(task, seed, val_fraction, test_fraction, max_train_examples, max_eval_examples)
     columns = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
@@ -125,7 +124,7 @@ def load_text_data(
         sources = {"train": f"built-in corpus {name}"}
     elif _is_local_name(name):
         files = local_split_files(Path(name).expanduser())
-        raw = {split: read_data_file(file, hf_cache) for split, file in files.items()}
+        raw = {split: read_data_file(file, hf_cache, encoding) for split, file in files.items()}
         sources = {split: str(file) for split, file in files.items()}
     else:
         raw, glue = _load_hub(name, hf_cache)
@@ -143,7 +142,10 @@ def load_text_data(
             sources["test"] = f"hub dataset {name} (validation split: its test labels are hidden)"
 
     raw = {split: _select_columns(ds, columns, _where(name, split, raw)) for split, ds in raw.items()}
-    raw, num_labels, label_names = _encode_labels(raw, task, name)
+    if task == "classification":
+        check_labels_in_train({split: ds.with_format("arrow")["label"].to_pylist() for split, ds in raw.items()},
+                              sources)
+    raw, num_labels, label_names = _encode_labels(raw, task, name, columns["label"] or "label")
     splits = _fill_missing_splits(raw, seed, val_fraction, test_fraction, name)
     fractions = {"validation": val_fraction, "test": test_fraction}
     sources = {split: sources.get(split) or f"carved from train ({fractions[split]:.0%}, seed {seed})"
@@ -195,48 +197,29 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 # ----------------------------------------------------------------------------- local files
 
 
-def local_split_files(path: Path) -> dict[str, Path]:
-    """Which file holds which split: a single file is train; a folder holds train.* and optionally
-    validation.* (or valid/val/dev) and test.*."""
-    if not path.exists():
-        raise DataError(f"no such file or directory: {path}; check the path (built-in corpora: movie-reviews, tweets)")
-    if path.is_file():
-        return {"train": path}
-    files = {}
-    for split, stems in SPLIT_FILE_STEMS.items():
-        found = sorted(
-            p for p in path.iterdir() if p.is_file() and p.stem in stems and p.suffix.lower() in FILE_BUILDERS
-        )
-        if len(found) > 1:
-            raise DataError(f"{path} has several {split} files ({', '.join(p.name for p in found)}); keep one")
-        if found:
-            files[split] = found[0]
-    if "train" not in files:
-        present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise DataError(
-            f"directory {path} has no train file (found: {present}); add train.csv, train.jsonl or train.parquet"
-        )
-    return files
-
-
-def read_data_file(path: Path, hf_cache: str | None = None) -> datasets.Dataset:
+def read_data_file(path: Path, hf_cache: str | None = None, encoding: str = "utf-8") -> datasets.Dataset:
     """One local .csv/.json/.jsonl/.parquet file as a Dataset; a DataError says precisely why it cannot be read."""
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"unsupported file type {path.suffix!r} for {path}; use .csv, .json, .jsonl or .parquet")
+    if builder != "parquet":
+        error = encoding_error(path, encoding)  # before datasets: its decode error names no line and no fix
+        if error is not None:
+            raise error
+    options = {} if builder == "parquet" else {"encoding": encoding}
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=hf_cache)
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=hf_cache, **options)
     except Exception as err:
-        raise DataError(f"could not read {path}: {_read_failure(path, builder, err)}") from err
+        raise DataError(f"could not read {path}: {_read_failure(path, builder, err, encoding)}") from err
     if len(ds) == 0:
         raise DataError(f"{path} has no rows")
     return ds
 
 
-def _read_failure(path: Path, builder: str, err: Exception) -> str:
+def _read_failure(path: Path, builder: str, err: Exception, encoding: str = "utf-8") -> str:
     """Say why datasets could not read ``path``, as precisely as we can."""
     if builder != "parquet":
-        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        lines = [line for line in path.read_text(encoding=encoding, errors="replace").splitlines() if line.strip()]
         if len(lines) <= (1 if builder == "csv" else 0):
             return "the file has no data rows"
     if builder == "json":
@@ -353,9 +336,11 @@ def _select_columns(ds: datasets.Dataset, columns: dict[str, str | None], where:
     for column in ("text", "text_pair"):
         if column in ds.column_names:
             values = ds.with_format("arrow")[column]
+            yours = columns[column] or column  # the user's name for it
             if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-                raise DataError(f"{where}: column {column!r} holds {values.type}, not strings; pick a text column")
-            _check_no_nulls(values, column, where)
+                raise DataError(f"{where}: column {yours!r} holds {values.type}, not strings; set "
+                                f"data.{COLUMN_ARGS[column]} to a text column")
+            _check_no_nulls(values, yours, where)
     return ds
 
 
@@ -365,14 +350,15 @@ def _check_no_nulls(values: pa.ChunkedArray, column: str, where: str) -> None:
         raise DataError(f"{where}: row {row} has no {column}; fill or remove that row")
 
 
-def _encode_labels(raw: dict, task: str, name: str) -> tuple[dict, int, list[str] | None]:
-    """Make labels int64 class ids (classification) or float32 targets (regression)."""
+def _encode_labels(raw: dict, task: str, name: str, label: str = "label") -> tuple[dict, int, list[str] | None]:
+    """Make labels int64 class ids (classification) or float32 targets (regression); ``label`` is the user's
+    name of the column, for messages."""
     columns = {}
     label_names = None
     feature = raw["train"].features["label"]
     for split, ds in raw.items():
         values = ds.with_format("arrow")["label"]
-        _check_no_nulls(values, "label", _where(name, split, raw))
+        _check_no_nulls(values, label, _where(name, split, raw))
         columns[split] = values
     if task == "regression":
         encoded = {split: _as_floats(values, _where(name, split, raw)) for split, values in columns.items()}

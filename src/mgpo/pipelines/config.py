@@ -65,6 +65,7 @@ class DataConfig:
     max_train_examples: int | None = _help("Use at most this many training rows (seeded sample).", None)
     max_eval_examples: int | None = _help("Use at most this many validation/test rows (seeded sample).", None)
     seed: int = _help("Seed of the split and of the generated data.", 0)
+    encoding: str = _help("Text encoding of local CSV/JSON files (utf-8, latin-1, cp1252, ...).", "utf-8")
 
 
 @dataclass
@@ -252,10 +253,22 @@ def validate(cfg: TrainConfig) -> None:
             obj.validate()
         except ValueError as err:
             raise ConfigError(f"{section}: {err}") from None
+    _check(_known_encoding(d.encoding), "data.encoding", d.encoding,
+           "use a Python codec name such as utf-8, latin-1 or cp1252")
     if is_local_name(d.name):
         _check(Path(d.name).expanduser().exists(), "data.name", d.name,
                f"no such file or folder (from {Path.cwd()}); give a CSV/JSONL/Parquet file, or a folder with "
                "train.csv and optionally validation.csv and test.csv (see configs/local-files.yaml)")
+        if d.task in TASKS and d.task != "causal-lm":  # columns and labels, before any model or data stack loads
+            from mgpo.data.errors import DataError
+            from mgpo.data.paths import check_local_data
+
+            task = "classification" if d.task == "text-to-text" else d.task
+            try:
+                check_local_data(d.name, task, {"text": d.text_column, "text_pair": d.text_pair_column,
+                                                "label": d.label_column}, d.encoding)
+            except DataError as err:
+                raise ConfigError(f"data: {err}") from None
     if d.task == "causal-lm":
         _check(m.name != "minilm", "model.name", m.name,
                "minilm is an encoder and cannot generate; use smollm2-135m or a causal LM for data.task=causal-lm")
@@ -265,6 +278,16 @@ def validate(cfg: TrainConfig) -> None:
                "T5 folder); use data.task=classification for an encoder with a classification head")
     if d.name == "arithmetic" and d.task != "causal-lm":
         _check(False, "data.task", d.task, "the arithmetic dataset is for data.task=causal-lm")
+
+
+def _known_encoding(name: str) -> bool:
+    import codecs
+
+    try:
+        codecs.lookup(name)
+        return True
+    except (LookupError, TypeError):
+        return False
 
 
 def to_yaml(cfg: TrainConfig) -> str:

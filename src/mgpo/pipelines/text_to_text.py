@@ -119,8 +119,8 @@ def prepare_text_to_text(cfg: TrainConfig, tokenizer):
 
     d = cfg.data
     data = load_text_data(d.name, task="classification", text_column=d.text_column,
-                          text_pair_column=d.text_pair_column, label_column=d.label_column, seed=d.seed,
-                          val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                          text_pair_column=d.text_pair_column, label_column=d.label_column, encoding=d.encoding,
+                          seed=d.seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                           max_train_examples=d.max_train_examples, max_eval_examples=d.max_eval_examples)
     words = label_words(cfg, data.label_names, data.num_labels)
     metrics = FirstTokenMetrics(first_token_ids(tokenizer, words))
