@@ -119,3 +119,19 @@ def test_config_checks_columns_and_labels_of_local_files_without_the_ml_stack(tm
             "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\nassert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code, base[1], base[2]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, key", [("training.lr=inf", "training.lr"), ("training.weight_decay=inf",
+                                            "training.weight_decay"), ("training.epochs=inf", "training.epochs"),
+                                           ("perturbation.rho=nan", "perturbation.rho"),
+                                           ("training.max_steps=-5", "training.max_steps")])
+def test_non_finite_and_out_of_range_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"{key}="):
+        load_config(None, [override])
+
+
+def test_max_steps_zero_means_epochs(tmp_path):
+    from mgpo.pipelines.train import training_arguments
+
+    cfg = load_config(None, ["training.max_steps=0", "training.epochs=2"])
+    assert training_arguments(cfg, tmp_path, has_eval=False).max_steps == -1

@@ -72,7 +72,7 @@ class DataConfig:
 class TrainingConfig:
     output_dir: str = _help("Folder for config, logs, checkpoints, metrics, adapter and plots.", "runs/train")
     epochs: float = _help("Passes over the training data (ignored when max_steps > 0).", 1.0)
-    max_steps: int = _help("Optimizer steps; > 0 overrides epochs.", -1)
+    max_steps: int = _help("Optimizer steps; > 0 overrides epochs, 0 or -1 trains for `epochs`.", -1)
     batch_size: int = _help("Examples per micro-batch.", 16)
     grad_accum: int = _help("Micro-batches per optimizer step.", 1)
     lr: float = _help("Peak learning rate.", 1e-4)
@@ -207,6 +207,12 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Ranges and combinations OmegaConf's type checks cannot see."""
     d, t, m = cfg.data, cfg.training, cfg.model
+    for section in ("model", "data", "adapter", "perturbation", "training", "generation", "distributed"):
+        obj = getattr(cfg, section, None)
+        for f in dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ():
+            value = getattr(obj, f.name)  # inf/nan pass every range check below and waste a run
+            if isinstance(value, float) and not math.isfinite(value):
+                _check(False, f"{section}.{f.name}", value, "use a finite number")
     _check(d.task in TASKS, "data.task", d.task, f"choose one of {', '.join(TASKS)}")
     _check(m.max_length >= 8, "model.max_length", m.max_length, "use at least 8 tokens")
     for name in ("val_fraction", "test_fraction"):
@@ -237,6 +243,8 @@ def validate(cfg: TrainConfig) -> None:
            f"choose one of {', '.join(MIXED_PRECISION)}")
     _check(t.mixed_precision != "fp16" or m.dtype != "bfloat16", "training.mixed_precision", t.mixed_precision,
            "fp16 with model.dtype=bfloat16 mixes two half formats; use bf16, or model.dtype=float32")
+    _check(t.max_steps >= -1, "training.max_steps", t.max_steps, "use a positive number of steps, or 0 / -1 to "
+           "train for training.epochs")
     _check(t.max_steps > 0 or t.epochs > 0, "training.epochs", t.epochs,
            "use a positive number of epochs, or set training.max_steps")
     _check(cfg.distributed.strategy in STRATEGIES, "distributed.strategy", cfg.distributed.strategy,

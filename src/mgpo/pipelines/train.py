@@ -316,7 +316,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=t.lr_scheduler,
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,  # 0 means epochs, as the help says (HF: -1)
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         report_to="none",  # TensorBoard is added by train() with its folder set explicitly
