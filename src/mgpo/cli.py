@@ -222,14 +222,21 @@ def _explain_fields() -> None:
 
     from mgpo.pipelines.config import TrainConfig
 
+    rows = []
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section.name}.{f.name}", repr(default), f.metadata.get("help", "")))
+    if not sys.stdout.isatty():  # piped: one line per field, tab-separated, to grep (no wrapped table)
+        for row in rows:
+            print("\t".join(row))
+        return
     table = Table(title="mgpo train configuration (override any field as section.field=value)")
     table.add_column("field", no_wrap=True)
     table.add_column("default", overflow="fold")
     table.add_column("help", overflow="fold")
-    for section in dataclasses.fields(TrainConfig):
-        for f in dataclasses.fields(section.default_factory()):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            table.add_row(f"{section.name}.{f.name}", repr(default), f.metadata.get("help", ""))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

@@ -77,6 +77,10 @@ def test_cli_explains_every_field_with_its_help():
         for f in dataclasses.fields(section.default_factory()):
             assert f.metadata.get("help"), f"{section.name}.{f.name} has no help text"
             assert f"{section.name}.{f.name}" in result.output
+    # CliRunner's output is not a terminal: one tab-separated line per field, so `| grep` finds a field whole
+    lines = {line.split("\t")[0]: line.split("\t") for line in result.output.splitlines()}
+    assert lines["training.max_steps"][1:] == ["-1", TrainConfig().training.__dataclass_fields__["max_steps"]
+                                                .metadata["help"]]
 
 
 @pytest.mark.parametrize("overrides,suggestion", [
