@@ -27,6 +27,17 @@ from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers 
 from mgpo.optim.distributed import Exchange, check_placements, is_sharded, local
 from mgpo.optim.layers import discover_layers
 
+
+
+def run_eagerly(fn: Callable) -> Callable:
+    """``fn`` opaque to ``torch.compile``: it runs in Python at every call, a graph break around it.
+
+    Our hooks decide from the optimizer's Python state (is a perturbation pending? which tensors, which noise?). If
+    dynamo traced them it would bake the state of the first trace into the graph and never run them again: a model
+    compiled after the optimizer was built would train as the plain base optimizer without a word."""
+    return torch.compiler.disable(fn, reason="mgpo: perturbation hooks read the optimizer's state at every call")
+
+
 # Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
 _ADAM_MOMENT = "exp_avg"  # Adam, AdamW, NAdam, RAdam, Adamax
 _SGD_MOMENT = "momentum_buffer"  # SGD / RMSprop with momentum > 0
@@ -93,7 +104,12 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._skip_seen: tuple | None = None  # (host copy of the counter, CUDA event or None), read a step later
         self._warned = False
         self._stats: dict[str, torch.Tensor] = {}  # device scalars of the last step; floats on request
-        if auto_perturb and not self.two_pass:
+        # Host-side flags of the hook guard (_check_hooks_ran), reset at every step(): did a training forward reach
+        # the model's pre-hook, was the window opened, did a layer's hook (weight-space term, noise) run?
+        self._auto = auto_perturb and not self.two_pass
+        self._saw_forward = self._opened = self._saw_layer = False
+        self._grad_marks = self._mark_grads(self._params_with_grad())  # gradients already there are not this step's
+        if self._auto:
             self._install_hooks(model)
 
     # ----------------------------------------------------------------------------------------- the window
@@ -102,6 +118,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         """Apply the pending perturbation now. A no-op if it is already applied (or there is none yet)."""
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} was closed; build a new one to perturb again.")
+        self._opened = True
         if not self._applied:
             self._apply()
             self._applied = True
@@ -131,6 +148,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         return self._applied
 
     def _on_forward(self, module: nn.Module) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._saw_forward = True  # a training forward reached the hook (also inside unperturbed())
         if self._held:
             return
         if module.training and torch.is_grad_enabled():  # eq. (3): the loss is taken at W + eps
@@ -143,11 +162,13 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         (restore) on the model. They hold the optimizer weakly: dropping it ends its effect."""
         ref = weakref.ref(self)
 
+        @run_eagerly
         def forward_hook(module, _args):
             opt = ref()
             if opt is not None:
                 opt._on_forward(module)
 
+        @run_eagerly
         def restore_hook(*_):
             opt = ref()
             if opt is not None:
@@ -314,9 +335,59 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if not params:  # nothing has a gradient: like the base optimizer, do nothing
             return loss
         self._check_layout(params)
+        self._check_hooks_ran(params)
         grad_norms, ok = self._grad_norms(params)
         self._update(params, grad_norms, ok)
+        self._grad_marks = self._mark_grads(params)  # after _update, which may sanitise gradients in place
         return loss
+
+    # ----------------------------------------------------------------------------------------- the hook guard
+    def _would_perturb(self) -> bool:
+        """Whether this method's settings perturb at all (rho > 0); a Python bool, no device value."""
+        return False
+
+    def _has_layer_hooks(self) -> bool:
+        """Whether the method acts through hooks on the model's layers (weight-space terms, noise forwards)."""
+        return False
+
+    @staticmethod
+    def _mark_grads(params: list[torch.Tensor]) -> list[tuple]:
+        # weak references and version counters: host-side, and no gradient kept alive
+        return [(weakref.ref(p.grad), p.grad._version) for p in params]
+
+    def _check_hooks_ran(self, params: list[torch.Tensor]) -> None:
+        """Refuse a step whose gradients come from a forward our hooks never saw: it would train as the plain base
+        optimizer without a word. The usual cause is torch.compile: dynamo does not re-check hooks added after it
+        traced a module, so a model (or a function calling it) compiled and run before the optimizer was built runs
+        without them. Host-side flags only. Gradients the last step already used (the same tensors at the same
+        version: no backward since) are not checked."""
+        saw_forward, opened, saw_layer = self._saw_forward, self._opened, self._saw_layer
+        self._saw_forward = self._opened = self._saw_layer = False
+        marks = self._grad_marks
+        if not self._auto or self._closed or not self._would_perturb():
+            return  # manual perturb() (auto_perturb=False), SAM, rho = 0: nothing for the hooks to do
+        fresh = len(marks) != len(params) or any(
+            ref() is not p.grad or version != p.grad._version for (ref, version), p in zip(marks, params))
+        if not fresh:
+            return
+        name = type(self).__name__
+        fix = (f"Fix: build the optimizer before the first call of anything compiled that runs the model (opt = "
+               f"{name}(model, ...), then torch.compile(model), model.compile() or a compiled loss function; or "
+               f"{name}(torch.compile(model), ...)), or call torch._dynamo.reset() once after building it.")
+        if not saw_forward and not opened:
+            raise RuntimeError(
+                f"{name}.step(): there are new gradients, but no training-mode forward of the model given to the "
+                "optimizer reached its forward pre-hook, so the perturbation was never applied and this step would "
+                "train as the plain base optimizer. Under torch.compile: the model was compiled and run before the "
+                f"optimizer was built, and dynamo does not see hooks added after it traced a module. {fix} Without "
+                "compile: run the training forward in train mode (model.train()) through the module given to the "
+                "optimizer, or pass auto_perturb=False and call opt.perturb() before each forward yourself.")
+        if saw_forward and self._has_layer_hooks() and not saw_layer:
+            raise RuntimeError(
+                f"{name}.step(): the training forward reached the model's pre-hook but none of the hooks on its LoRA "
+                "layers, so the perturbation was never added and this step would train as the plain base "
+                "optimizer: torch.compile traced those layers (the model, a region of it or a function calling it, "
+                f"compiled and run) before the optimizer installed its hooks. {fix}")
 
     def _apply(self) -> None:
         raise NotImplementedError

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
+from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key, run_eagerly
 from mgpo.optim.configs import APN_MODES, NORMS, PRESETS, PROFILES, SPACES  # noqa: F401  (defined with the configs)
 from mgpo.optim.distributed import local
 from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
@@ -180,9 +180,13 @@ class MGPO(PerturbedOptimizer):
         self._term_hooks = []
         for module in {id(m): m for _, m, *_ in self._pairs}.values():
 
+            @run_eagerly  # the pending U, V change every step: never baked into a compiled graph
             def hook(module, args, kwargs, output):
                 opt = ref()
-                if opt is None or not opt._applied or getattr(module, "disable_adapters", False):
+                if opt is None:
+                    return None
+                opt._saw_layer = opt._saw_layer or module.training  # the guard: this hook does run (eagerly)
+                if not opt._applied or getattr(module, "disable_adapters", False):
                     return None
                 terms = opt._terms.get(id(module)) if opt._terms is not None else None
                 if not terms:
@@ -201,6 +205,12 @@ class MGPO(PerturbedOptimizer):
     def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
         return [owner[p].get(self._moment) if p in owner else None for p in tensors]
+
+    def _would_perturb(self) -> bool:
+        return self.hparams["rho"] > 0
+
+    def _has_layer_hooks(self) -> bool:
+        return bool(self._pairs)
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
     def _direction_factors(self, parts: torch.Tensor | None = None):
