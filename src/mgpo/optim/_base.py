@@ -32,10 +32,26 @@ from mgpo.optim.layers import discover_layers
 def run_eagerly(fn: Callable) -> Callable:
     """``fn`` opaque to ``torch.compile``: it runs in Python at every call, a graph break around it.
 
-    Our hooks decide from the optimizer's Python state (is a perturbation pending? which tensors, which noise?). If
-    dynamo traced them it would bake the state of the first trace into the graph and never run them again: a model
-    compiled after the optimizer was built would train as the plain base optimizer without a word."""
-    return torch.compiler.disable(fn, reason="mgpo: perturbation hooks read the optimizer's state at every call")
+    The model's pre-hook, the noise forwards and ``step()`` decide from the optimizer's Python state (is a
+    perturbation pending? which tensors, which noise?) and change it. Traced by dynamo, they ran with the state of
+    the first trace, and their writes to the optimizer were dropped: a model compiled after the optimizer was built
+    trained as the plain base optimizer without a word. This is ``torch.compiler.disable``, imported at the first
+    call (as torch.optim does for its own methods), so importing mgpo does not import dynamo."""
+    return torch._disable_dynamo(fn)
+
+
+class HookState:
+    """What the hooks inside the model read and write: a plain object, not the optimizer.
+
+    torch.compile may trace a hook into its graph (MGPO's weight-space term is, to keep the model one graph). Dynamo
+    guards on the plain attributes read here and replays the writes at every call of the compiled code; on an
+    optimizer object it drops such writes. A hook holding this object does not keep the optimizer alive.
+    """
+
+    def __init__(self):
+        self.applied = False  # the perturbation is on (the window is open)
+        self.terms: dict | None = None  # MGPO's pending weight-space terms, by module
+        self.saw_layer = False  # a layer's hook ran in training mode since the last step (the hook guard)
 
 
 # Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
@@ -86,6 +102,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             )
         self._hooks: list = []
         self._closed = False
+        self._shared = HookState()
         super().__init__(params, {})
         refuse_unsupported(self.param_groups, model)
         # Share param_groups with the base optimizer (as davda54/sam does), so schedulers act on both. The
@@ -98,7 +115,6 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.model = model
         self.layers = discover_layers(self.param_groups, model)
         self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])  # inert unless FSDP-sharded
-        self._applied = False
         self._held = False
         self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
         self._skip_seen: tuple | None = None  # (host copy of the counter, CUDA event or None), read a step later
@@ -107,12 +123,13 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         # Host-side flags of the hook guard (_check_hooks_ran), reset at every step(): did a training forward reach
         # the model's pre-hook, was the window opened, did a layer's hook (weight-space term, noise) run?
         self._auto = auto_perturb and not self.two_pass
-        self._saw_forward = self._opened = self._saw_layer = False
+        self._saw_forward = self._opened = False
         self._grad_marks = self._mark_grads(self._params_with_grad())  # gradients already there are not this step's
         if self._auto:
             self._install_hooks(model)
 
     # ----------------------------------------------------------------------------------------- the window
+    @run_eagerly
     @torch.no_grad()
     def perturb(self) -> None:
         """Apply the pending perturbation now. A no-op if it is already applied (or there is none yet)."""
@@ -123,6 +140,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             self._apply()
             self._applied = True
 
+    @run_eagerly
     @torch.no_grad()
     def restore(self) -> None:
         """Take the perturbation off, leaving clean weights. A no-op if none is applied."""
@@ -146,6 +164,14 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     @property
     def is_perturbed(self) -> bool:
         return self._applied
+
+    @property
+    def _applied(self) -> bool:  # kept in the hooks' state: the layers' hooks read it
+        return self._shared.applied
+
+    @_applied.setter
+    def _applied(self, value: bool) -> None:
+        self._shared.applied = value
 
     def _on_forward(self, module: nn.Module) -> None:
         if module.training and torch.is_grad_enabled():
@@ -322,6 +348,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if fresh:  # state created by this step: back to the zeros a first step starts from
             torch._foreach_mul_(fresh, ok.float())
 
+    @run_eagerly  # also inside a compiled training step: host-side decisions and state, never traced
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Restore clean weights, update them with the gradients, and prepare the next perturbation."""
@@ -361,8 +388,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         traced a module, so a model (or a function calling it) compiled and run before the optimizer was built runs
         without them. Host-side flags only. Gradients the last step already used (the same tensors at the same
         version: no backward since) are not checked."""
-        saw_forward, opened, saw_layer = self._saw_forward, self._opened, self._saw_layer
-        self._saw_forward = self._opened = self._saw_layer = False
+        saw_forward, opened, saw_layer = self._saw_forward, self._opened, self._shared.saw_layer
+        self._saw_forward = self._opened = self._shared.saw_layer = False
         marks = self._grad_marks
         if not self._auto or self._closed or not self._would_perturb():
             return  # manual perturb() (auto_perturb=False), SAM, rho = 0: nothing for the hooks to do

@@ -17,14 +17,13 @@ fine-tuning) is a layer of its own with ``D = m``, moved in place and restored e
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key, run_eagerly
+from mgpo.optim._base import HookState, PerturbedOptimizer, check_range, moment_key
 from mgpo.optim.configs import APN_MODES, NORMS, PRESETS, PROFILES, SPACES  # noqa: F401  (defined with the configs)
 from mgpo.optim.distributed import local
 from mgpo.optim.layers import lora_pairs, lowrank_sq_norm
@@ -76,6 +75,27 @@ class _WeightSpaceTerm(torch.autograd.Function):
                 grad_x = (grad.reshape(-1, grad.shape[-1]).to(u.dtype) @ u) @ v
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad, grad_x, None, None
+
+
+def _term_hook(shared: HookState, key: int):
+    """The forward hook adding a LoRA module's pending weight-space term. Unlike the model's pre-hook it may be traced
+    by torch.compile (one graph for the whole model): it only reads ``shared``, on whose attributes dynamo guards, and
+    the term's U, V are graph inputs, new every step. It holds ``shared``, never the optimizer."""
+
+    def hook(module, args, kwargs, output):
+        if module.training:
+            shared.saw_layer = True  # the hook guard (PerturbedOptimizer._check_hooks_ran): this hook does run
+        terms = shared.terms.get(key) if shared.applied and shared.terms else None
+        if not terms or getattr(module, "disable_adapters", False):
+            return None
+        x = args[0] if args else kwargs["x"]
+        active = module.active_adapters
+        for adapter, u, v in terms:
+            if adapter in active:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
+                output = _WeightSpaceTerm.apply(output, x, u, v)
+        return output
+
+    return hook
 
 
 class MGPO(PerturbedOptimizer):
@@ -143,7 +163,6 @@ class MGPO(PerturbedOptimizer):
         self.gbar: torch.Tensor | None = None  # per-layer EMA of weight-space gradient norms (eq. 8)
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
         self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
-        self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s [m_B, B], [A; m_A])]
         self._clean: list[torch.Tensor] | None = None
         self._gathered_v: list[torch.Tensor] | None = None  # FSDP: whole [A; g_A] of this step (eq. 8)
         self._setup_layers()
@@ -172,33 +191,22 @@ class MGPO(PerturbedOptimizer):
         if self._pairs:
             self._install_term_hooks()
 
+    @property
+    def _terms(self) -> dict[int, list] | None:
+        """The pending weight-space terms: module id -> [(adapter, c_l s [m_B, B], [A; m_A])], in the hooks' state."""
+        return self._shared.terms
+
+    @_terms.setter
+    def _terms(self, value: dict[int, list] | None) -> None:
+        self._shared.terms = value
+
     def _install_term_hooks(self) -> None:
-        ref = weakref.ref(self)
         for handle in getattr(self, "_term_hooks", []):
             handle.remove()
             self._hooks.remove(handle)
         self._term_hooks = []
         for module in {id(m): m for _, m, *_ in self._pairs}.values():
-
-            @run_eagerly  # the pending U, V change every step: never baked into a compiled graph
-            def hook(module, args, kwargs, output):
-                opt = ref()
-                if opt is None:
-                    return None
-                opt._saw_layer = opt._saw_layer or module.training  # the guard: this hook does run (eagerly)
-                if not opt._applied or getattr(module, "disable_adapters", False):
-                    return None
-                terms = opt._terms.get(id(module)) if opt._terms is not None else None
-                if not terms:
-                    return None
-                x = args[0] if args else kwargs["x"]
-                active = module.active_adapters
-                for adapter, u, v in terms:
-                    if adapter in active:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
-                        output = _WeightSpaceTerm.apply(output, x, u, v)
-                return output
-
-            handle = module.register_forward_hook(hook, with_kwargs=True)
+            handle = module.register_forward_hook(_term_hook(self._shared, id(module)), with_kwargs=True)
             self._term_hooks.append(handle)
             self._hooks.append(handle)
 

@@ -150,8 +150,8 @@ class RandomPerturbation(PerturbedOptimizer):
         @run_eagerly  # the noise is drawn per step from the optimizer's state: never baked into a compiled graph
         def forward(x, *args, **kwargs):
             opt = ref()
-            if opt is not None:
-                opt._saw_layer = opt._saw_layer or linear.training  # the guard: this forward does run (eagerly)
+            if opt is not None and linear.training:
+                opt._shared.saw_layer = True  # the hook guard (PerturbedOptimizer._check_hooks_ran): this does run
             if opt is None or not opt._applied or (owner is not None and owner.disable_adapters):
                 return linear_forward(linear, x, *args, **kwargs)
             noise = opt._noise_for(index, owner or linear)
