@@ -27,6 +27,33 @@ from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers 
 from mgpo.optim.distributed import Exchange, check_placements, is_sharded, local
 from mgpo.optim.layers import discover_layers
 
+
+
+def run_eagerly(fn: Callable) -> Callable:
+    """``fn`` opaque to ``torch.compile``: it runs in Python at every call, a graph break around it.
+
+    The model's pre-hook, the noise forwards and ``step()`` decide from the optimizer's Python state (is a
+    perturbation pending? which tensors, which noise?) and change it. Traced by dynamo, they ran with the state of
+    the first trace, and their writes to the optimizer were dropped: a model compiled after the optimizer was built
+    trained as the plain base optimizer without a word. This is ``torch.compiler.disable``, imported at the first
+    call (as torch.optim does for its own methods), so importing mgpo does not import dynamo."""
+    return torch._disable_dynamo(fn)
+
+
+class HookState:
+    """What the hooks inside the model read and write: a plain object, not the optimizer.
+
+    torch.compile may trace a hook into its graph (MGPO's weight-space term is, to keep the model one graph). Dynamo
+    guards on the plain attributes read here and replays the writes at every call of the compiled code; on an
+    optimizer object it drops such writes. A hook holding this object does not keep the optimizer alive.
+    """
+
+    def __init__(self):
+        self.applied = False  # the perturbation is on (the window is open)
+        self.terms: dict | None = None  # MGPO's pending weight-space terms, by module
+        self.saw_layer = False  # a layer's hook ran in training mode since the last step (the hook guard)
+
+
 # Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
 _ADAM_MOMENT = "exp_avg"  # Adam, AdamW, NAdam, RAdam, Adamax
 _SGD_MOMENT = "momentum_buffer"  # SGD / RMSprop with momentum > 0
@@ -75,7 +102,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             )
         self._hooks: list = []
         self._closed = False
-        self._auto = auto_perturb
+        self._shared = HookState()
         super().__init__(params, {})
         refuse_unsupported(self.param_groups, model)
         # Share param_groups with the base optimizer (as davda54/sam does), so schedulers act on both. The
@@ -88,25 +115,32 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.model = model
         self.layers = discover_layers(self.param_groups, model)
         self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])  # inert unless FSDP-sharded
-        self._applied = False
         self._held = False
         self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
         self._skip_seen: tuple | None = None  # (host copy of the counter, CUDA event or None), read a step later
         self._warned = False
         self._stats: dict[str, torch.Tensor] = {}  # device scalars of the last step; floats on request
-        if auto_perturb and not self.two_pass:
+        # Host-side flags of the hook guard (_check_hooks_ran), reset at every step(): did a training forward reach
+        # the model's pre-hook, was the window opened, did a layer's hook (weight-space term, noise) run?
+        self._auto = auto_perturb and not self.two_pass
+        self._saw_forward = self._opened = False
+        self._grad_marks = self._mark_grads(self._params_with_grad())  # gradients already there are not this step's
+        if self._auto:
             self._install_hooks(model)
 
     # ----------------------------------------------------------------------------------------- the window
+    @run_eagerly
     @torch.no_grad()
     def perturb(self) -> None:
         """Apply the pending perturbation now. A no-op if it is already applied (or there is none yet)."""
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} was closed; build a new one to perturb again.")
+        self._opened = True
         if not self._applied:
             self._apply()
             self._applied = True
 
+    @run_eagerly
     @torch.no_grad()
     def restore(self) -> None:
         """Take the perturbation off, leaving clean weights. A no-op if none is applied."""
@@ -131,7 +165,17 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def is_perturbed(self) -> bool:
         return self._applied
 
+    @property
+    def _applied(self) -> bool:  # kept in the hooks' state: the layers' hooks read it
+        return self._shared.applied
+
+    @_applied.setter
+    def _applied(self, value: bool) -> None:
+        self._shared.applied = value
+
     def _on_forward(self, module: nn.Module) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._saw_forward = True  # a training forward reached the hook (also inside unperturbed())
         if self._held:
             return
         if module.training and torch.is_grad_enabled():  # eq. (3): the loss is taken at W + eps
@@ -144,11 +188,13 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         (restore) on the model. They hold the optimizer weakly: dropping it ends its effect."""
         ref = weakref.ref(self)
 
+        @run_eagerly
         def forward_hook(module, _args):
             opt = ref()
             if opt is not None:
                 opt._on_forward(module)
 
+        @run_eagerly
         def restore_hook(*_):
             opt = ref()
             if opt is not None:
@@ -336,6 +382,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if fresh:  # state created by this step: back to the zeros a first step starts from
             torch._foreach_mul_(fresh, ok.float())
 
+    @run_eagerly  # also inside a compiled training step: host-side decisions and state, never traced
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Restore clean weights, update them with the gradients, and prepare the next perturbation."""
@@ -350,9 +397,59 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             self._warn_no_gradient()
             return loss
         self._check_layout(params)
+        self._check_hooks_ran(params)
         grad_norms, ok = self._grad_norms(params)
         self._update(params, grad_norms, ok)
+        self._grad_marks = self._mark_grads(params)  # after _update, which may sanitise gradients in place
         return loss
+
+    # ----------------------------------------------------------------------------------------- the hook guard
+    def _would_perturb(self) -> bool:
+        """Whether this method's settings perturb at all (rho > 0); a Python bool, no device value."""
+        return False
+
+    def _has_layer_hooks(self) -> bool:
+        """Whether the method acts through hooks on the model's layers (weight-space terms, noise forwards)."""
+        return False
+
+    @staticmethod
+    def _mark_grads(params: list[torch.Tensor]) -> list[tuple]:
+        # weak references and version counters: host-side, and no gradient kept alive
+        return [(weakref.ref(p.grad), p.grad._version) for p in params]
+
+    def _check_hooks_ran(self, params: list[torch.Tensor]) -> None:
+        """Refuse a step whose gradients come from a forward our hooks never saw: it would train as the plain base
+        optimizer without a word. The usual cause is torch.compile: dynamo does not re-check hooks added after it
+        traced a module, so a model (or a function calling it) compiled and run before the optimizer was built runs
+        without them. Host-side flags only. Gradients the last step already used (the same tensors at the same
+        version: no backward since) are not checked."""
+        saw_forward, opened, saw_layer = self._saw_forward, self._opened, self._shared.saw_layer
+        self._saw_forward = self._opened = self._shared.saw_layer = False
+        marks = self._grad_marks
+        if not self._auto or self._closed or not self._would_perturb():
+            return  # manual perturb() (auto_perturb=False), SAM, rho = 0: nothing for the hooks to do
+        fresh = len(marks) != len(params) or any(
+            ref() is not p.grad or version != p.grad._version for (ref, version), p in zip(marks, params))
+        if not fresh:
+            return
+        name = type(self).__name__
+        fix = (f"Fix: build the optimizer before the first call of anything compiled that runs the model (opt = "
+               f"{name}(model, ...), then torch.compile(model), model.compile() or a compiled loss function; or "
+               f"{name}(torch.compile(model), ...)), or call torch._dynamo.reset() once after building it.")
+        if not saw_forward and not opened:
+            raise RuntimeError(
+                f"{name}.step(): there are new gradients, but no training-mode forward of the model given to the "
+                "optimizer reached its forward pre-hook, so the perturbation was never applied and this step would "
+                "train as the plain base optimizer. Under torch.compile: the model was compiled and run before the "
+                f"optimizer was built, and dynamo does not see hooks added after it traced a module. {fix} Without "
+                "compile: run the training forward in train mode (model.train()) through the module given to the "
+                "optimizer, or pass auto_perturb=False and call opt.perturb() before each forward yourself.")
+        if saw_forward and self._has_layer_hooks() and not saw_layer:
+            raise RuntimeError(
+                f"{name}.step(): the training forward reached the model's pre-hook but none of the hooks on its LoRA "
+                "layers, so the perturbation was never added and this step would train as the plain base "
+                "optimizer: torch.compile traced those layers (the model, a region of it or a function calling it, "
+                f"compiled and run) before the optimizer installed its hooks. {fix}")
 
     def _apply(self) -> None:
         raise NotImplementedError

@@ -58,6 +58,9 @@ class GGPO(RandomPerturbation):
         self._grad_rows: dict[int, torch.Tensor] = {}
         self._warned_no_grad_term = False
 
+    def _would_perturb(self) -> bool:
+        return self.hparams["sigma"] > 0 or self.hparams["beta_g"] > 0
+
     def _row_sigma(self, index: int, module: nn.Module) -> torch.Tensor:
         sigma = self.hparams["sigma"] * self._merged_row_norms(index, module)
         grad_rows = self._grad_rows.get(index)

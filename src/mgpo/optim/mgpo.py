@@ -20,14 +20,13 @@ head, ``modules_to_save``) are not perturbed, as in the authors' code, unless ``
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpo.optim._base import PerturbedOptimizer, check_range, moment_key
+from mgpo.optim._base import HookState, PerturbedOptimizer, check_range, moment_key
 from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (with the configs)
                                 SPACES)
 from mgpo.optim.distributed import local
@@ -103,6 +102,35 @@ def _dora_term(out, x, u, v, bias, ratio, inv_norm, magnitude):
         scaled = ratio.to(out.dtype) * clean + ((magnitude * inv_norm.to(magnitude.dtype)) * term).view(
             out.shape).to(out.dtype)
     return scaled if bias is None else scaled + bias
+
+
+def _term_hook(shared: HookState, key: int):
+    """The forward hook adding a LoRA module's pending weight-space term. Unlike the model's pre-hook it may be traced
+    by torch.compile (one graph for the whole model): it only reads ``shared``, on whose attributes dynamo guards, and
+    the term's U, V are graph inputs, new every step. It holds ``shared``, never the optimizer."""
+
+    def hook(module, args, kwargs, output):
+        if module.training:
+            shared.saw_layer = True  # the hook guard (PerturbedOptimizer._check_hooks_ran): this hook does run
+        terms = shared.terms.get(key) if shared.applied and shared.terms else None
+        if not terms or getattr(module, "disable_adapters", False):
+            return None
+        x = args[0] if args else kwargs["x"]
+        active = module.active_adapters
+        for adapter, u, v, dora in terms:
+            if adapter not in active:
+                continue
+            if dora is None:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
+                output = _WeightSpaceTerm.apply(output, x, u, v)
+            else:
+                if len(active) > 1:
+                    raise RuntimeError(
+                        f"MGPO: DoRA adapter {adapter!r} is active together with {active} on one layer; the "
+                        "weight-space DoRA rule needs it alone. Activate one adapter, or use space='factors'.")
+                output = _dora_term(output, x, u, v, module.get_base_layer().bias, *dora)
+        return output
+
+    return hook
 
 
 class MGPO(PerturbedOptimizer):
@@ -186,7 +214,6 @@ class MGPO(PerturbedOptimizer):
         self.gbar: torch.Tensor | None = None  # per-layer EMA of weight-space gradient norms (eq. 8)
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
         self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
-        self._terms: dict[int, list] | None = None  # module id -> [(adapter, c_l s [m_B, B], [A; m_A])]
         self._clean: list[torch.Tensor] | None = None
         self._gathered_v: list[torch.Tensor] | None = None  # FSDP: whole [A; g_A] of this step (eq. 8)
         self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # (n_l, has_grad) from record_gradients()
@@ -238,38 +265,23 @@ class MGPO(PerturbedOptimizer):
         if self._pairs:
             self._install_term_hooks()
 
+    @property
+    def _terms(self) -> dict[int, list] | None:
+        """The pending weight-space terms: module id -> [(adapter, c_l s [m_B, B], [A; m_A], DoRA scales or None)]."""
+        return self._shared.terms
+
+    @_terms.setter
+    def _terms(self, value: dict[int, list] | None) -> None:
+        self._shared.terms = value
+
     def _install_term_hooks(self) -> None:
-        ref = weakref.ref(self)
         for handle in getattr(self, "_term_hooks", []):
             handle.remove()
             if handle in self._hooks:
                 self._hooks.remove(handle)
         self._term_hooks = []
         for module in {id(m): m for _, m, *_ in self._pairs}.values():
-
-            def hook(module, args, kwargs, output):
-                opt = ref()
-                if opt is None or not opt._applied or getattr(module, "disable_adapters", False):
-                    return None
-                terms = opt._terms.get(id(module)) if opt._terms is not None else None
-                if not terms:
-                    return None
-                x = args[0] if args else kwargs["x"]
-                active = module.active_adapters
-                for adapter, u, v, dora in terms:
-                    if adapter not in active:
-                        continue
-                    if dora is None:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
-                        output = _WeightSpaceTerm.apply(output, x, u, v)
-                    else:
-                        if len(active) > 1:
-                            raise RuntimeError(
-                                f"MGPO: DoRA adapter {adapter!r} is active together with {active} on one layer; the "
-                                "weight-space DoRA rule needs it alone. Activate one adapter, or use space='factors'.")
-                        output = _dora_term(output, x, u, v, module.get_base_layer().bias, *dora)
-                return output
-
-            handle = module.register_forward_hook(hook, with_kwargs=True)
+            handle = module.register_forward_hook(_term_hook(self._shared, id(module)), with_kwargs=True)
             self._term_hooks.append(handle)
             self._hooks.append(handle)
 
@@ -280,6 +292,12 @@ class MGPO(PerturbedOptimizer):
     def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
         return [owner[p].get(self._moment) if p in owner else None for p in tensors]
+
+    def _would_perturb(self) -> bool:
+        return self.hparams["rho"] > 0
+
+    def _has_layer_hooks(self) -> bool:
+        return bool(self._pairs)
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
     def _direction_factors(self, parts: torch.Tensor | None = None):
@@ -299,8 +317,8 @@ class MGPO(PerturbedOptimizer):
         return factors, with_m, parts
 
     def _build_terms(self, factors=None, with_m=None) -> None:
-        """The pending weight-space terms per module, ``(U = c_l s [m_B, B], V = [A; m_A])``: two copies of a
-        LoRA layer's size (never out x in), made once per step."""
+        """The pending weight-space terms per module, ``(U = c_l s [m_B, B], V = [A; m_A], DoRA scales)``: two copies
+        of a LoRA layer's size (never out x in), made once per step."""
         self._terms = {}
         if self._coef is None or not self._pairs:
             return

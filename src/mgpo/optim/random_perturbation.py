@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpo.optim._base import PerturbedOptimizer, check_range
+from mgpo.optim._base import PerturbedOptimizer, check_range, run_eagerly
 from mgpo.optim.layers import is_lora_linear, is_plain_lora, is_quantized, lowrank_row_sq_norms, noise_targets
 
 
@@ -150,8 +150,11 @@ class RandomPerturbation(PerturbedOptimizer):
     def _make_forward(ref, index: int, linear: nn.Linear, owner: nn.Module | None):
         linear_forward = type(linear).forward
 
+        @run_eagerly  # the noise is drawn per step from the optimizer's state: never baked into a compiled graph
         def forward(x, *args, **kwargs):
             opt = ref()
+            if opt is not None and linear.training:
+                opt._shared.saw_layer = True  # the hook guard (PerturbedOptimizer._check_hooks_ran): this does run
             if opt is None or not opt._applied or (owner is not None and owner.disable_adapters):
                 return linear_forward(linear, x, *args, **kwargs)
             noise = opt._noise_for(index, owner or linear)
@@ -200,6 +203,12 @@ class RandomPerturbation(PerturbedOptimizer):
         rows = self._merged_row_norms(index, module)
         in_features = (module.get_base_layer() if is_lora_linear(module) else module).weight.shape[1]
         return self._ramp() * self.hparams["rho"] / math.sqrt(in_features) * rows
+
+    def _would_perturb(self) -> bool:
+        return self.hparams["rho"] > 0
+
+    def _has_layer_hooks(self) -> bool:
+        return True
 
     def _apply(self) -> None:  # the forwards read self._applied; no weight is touched
         pass

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from mgpo.optim._base import PerturbedOptimizer, check_range
+from mgpo.optim._base import PerturbedOptimizer, check_range, run_eagerly
 from mgpo.optim.distributed import local
 
 _TINY = 1e-12
@@ -37,6 +37,7 @@ class SAM(PerturbedOptimizer):
         self._clean = None
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), model=model, **base_kwargs)
 
+    @run_eagerly  # inside a compiled training step too: the state it keeps must not be traced away
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> bool:
         """Move to ``W + eps`` computed from the gradients in ``.grad``. Returns False (and moves nothing) when
@@ -71,6 +72,7 @@ class SAM(PerturbedOptimizer):
             self.zero_grad()
         return True
 
+    @run_eagerly
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``W`` exactly and step the base optimizer with the gradients at ``W + eps`` (skipped on the
@@ -93,6 +95,7 @@ class SAM(PerturbedOptimizer):
     def _apply(self) -> None:  # SAM's perturbation only exists inside step(); nothing is pending
         pass
 
+    @run_eagerly
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         """One SAM step. The closure recomputes the loss and calls ``backward()``. If no gradient is present
