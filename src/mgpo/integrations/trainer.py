@@ -139,8 +139,8 @@ class PerturbationTrainerMixin:
             ``clean_loss`` in the same row as ``loss``: eval mode, no grad, inside the mgpo optimizer's
             ``unperturbed()`` window, batches of ``per_device_eval_batch_size`` through the Trainer's collator and
             ``compute_loss``, each batch weighted by its examples. None (default): no probe. Every process
-            computes the whole probe (no collective), so under DDP all ranks log the same value; under FSDP the
-            ranks' forwards run together, as every rank logs at the same steps.
+            computes the whole probe (it is not sharded over ranks), so under DDP all ranks log the same value;
+            under FSDP the ranks' forwards run together, as every rank logs at the same steps.
         clean_loss_every: probe at the logged steps that are a multiple of this (a multiple of
             ``args.logging_steps``); None (default): at every logged step; 0: never.
 
