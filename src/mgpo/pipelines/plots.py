@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -50,8 +51,9 @@ CLEAN_LABEL = "clean training loss (probe)"
 def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "training loss",
                      smooth: int | None = None, as_trained: str = "training loss as trained") -> Path:
     """One colour per run (label -> log.jsonl). Runs with the clean-loss probe: the clean loss solid, the loss as
-    trained (``as_trained`` names it, e.g. "training loss at the perturbed weights") as a dashed moving average.
-    Runs without it: the loss as trained, raw faint and moving average bold."""
+    trained (``as_trained`` says what it is, e.g. "training loss at the perturbed weights") as a dashed moving
+    average. Runs without it: the loss as trained, raw faint and moving average bold. The title says which is
+    which."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     plotted, with_clean = 0, 0
     for label, path in runs.items():
@@ -65,25 +67,24 @@ def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "trai
         if clean:
             with_clean += 1
             ax.plot(clean_steps, clean, color=color, linewidth=2, marker="o" if len(clean) < 20 else None,
-                    markersize=3, label=f"{label}: {CLEAN_LABEL}")
+                    markersize=3, label=f"{label}: clean (probe)")
             if steps:
                 ax.plot(steps, _smooth(losses, window), color=color, linewidth=1, linestyle="--", alpha=0.7,
-                        label=f"{label}: {as_trained} (moving avg {window})")
+                        label=f"{label}: as trained (moving avg {window})")
             continue
         ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8, marker="o" if len(steps) == 1 else None)
         ax.plot(steps, _smooth(losses, window), color=color, linewidth=2,
-                label=f"{label}: {as_trained} (moving avg {window})")
+                label=f"{label}: as trained (moving avg {window})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(CLEAN_LABEL if plotted and with_clean == plotted else "training loss")
+    ax.set_ylabel("training loss")
     if not plotted:
         note = ""
-    elif with_clean == plotted:
-        note = f"solid: {CLEAN_LABEL}, eval mode; dashed: {as_trained}"
     elif with_clean:
-        note = f"solid: {CLEAN_LABEL} where logged, else {as_trained}"
+        note = (f"clean (probe): the {CLEAN_LABEL}, a fixed set of training examples at the clean weights in "
+                f"eval mode; as trained: {as_trained}")
     else:
-        note = f"{as_trained} (no clean-loss probe logged)"
-    ax.set_title(f"{title}\n{note}" if note else title, fontsize=10)
+        note = f"as trained: {as_trained} (no clean-loss probe was logged)"
+    ax.set_title("\n".join([title, *textwrap.wrap(note, 90)]), fontsize=9)
     ax.grid(alpha=0.3)
     if plotted:
         ax.legend(fontsize=7)
