@@ -5,7 +5,7 @@ returns is the loss at ``W + eps``; MGPO's perturbation points along the update 
 lower than the clean one. :func:`clean_loss` measures the loss of the same model at its clean weights, in eval
 mode and without gradients, so runs of different methods can be compared::
 
-    probe = [next(iter(train_loader)) for _ in range(4)]     # a fixed set of training batches, kept for the run
+    probe = list(itertools.islice(train_loader, 4))          # a fixed set of training batches, kept for the run
     for step, batch in enumerate(loader, 1):
         ...                                                  # the usual forward / backward / opt.step()
         if step % 50 == 0:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from mgpo.pipelines.config import load_config
 from mgpo.pipelines.plots import plot_loss_curves
-from mgpo.pipelines.train import train
+from mgpo.pipelines.train import clean_loss_every, train
 
 DEMOS = {
     "sentiment": {
@@ -22,7 +22,7 @@ DEMOS = {
             "model.name=minilm", "model.max_length=64", "data.name=movie-reviews", "data.task=classification",
             "data.max_eval_examples=600", "training.max_steps=250", "training.batch_size=16",
             "training.lr=5e-4", "training.save_steps=125", "training.logging_steps=5", "training.seed=0",
-            "adapter.method=lora",
+            "adapter.method=lora", "training.clean_loss_every=25", "training.clean_loss_examples=16",
         ],
         "columns": [("accuracy", "test_accuracy"), ("F1 (class 1)", "test_f1"), ("macro-F1", "test_macro_f1"),
                     ("MCC", "test_matthews")],
@@ -98,9 +98,10 @@ def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list
         cells += [_fmt(m.get("final_clean_loss")), _fmt(m.get("best_clean_loss")), _fmt(m.get("wall_time_s"), 1)]
         table.add_row(arm, *cells)
     console.print(table)
-    console.print("clean loss: the mean loss of a fixed set of training examples at the clean weights (eval mode), "
-                  "measured alike for every arm; the loss the MGPO arms' steps saw is at the perturbed weights "
-                  "(metrics.json: final_loss, best_loss)")
+    first = configs["LoRA"]
+    console.print(f"clean loss: the mean loss of {first.training.clean_loss_examples} fixed training examples at the "
+                  f"clean weights (eval mode), every {clean_loss_every(first)} steps, measured alike for every arm; "
+                  "the loss the MGPO arms' steps saw is at the perturbed weights (metrics.json: final_loss, best_loss)")
     console.print(f"loss curves: [bold]{png}[/]")
     return results
 

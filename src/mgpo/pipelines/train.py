@@ -518,13 +518,15 @@ def clean_loss_every(cfg: TrainConfig) -> int:
 
 def clean_loss_probe(cfg: TrainConfig, train_split):
     """The clean-loss probe: ``training.clean_loss_examples`` rows of the tokenized train split, drawn with
-    ``data.seed`` (so every method and training seed on the same data is probed on the same examples) and kept in
-    their order in the split; None when the probe is off."""
+    ``data.seed`` (so every method and training seed on the same data is probed on the same examples); None when
+    the probe is off. Ordered by length, so each probe batch is padded little (on the movie reviews at
+    max_length 64: 40 instead of 58 tokens per example in batches of 64)."""
     if not clean_loss_every(cfg):
         return None
     n = min(cfg.training.clean_loss_examples, len(train_split))
-    rows = np.random.default_rng(cfg.data.seed).choice(len(train_split), size=n, replace=False)
-    return train_split.select(sorted(int(i) for i in rows))
+    rows = [int(i) for i in np.random.default_rng(cfg.data.seed).choice(len(train_split), size=n, replace=False)]
+    lengths = [len(ids) for ids in train_split.select(rows)["input_ids"]]
+    return train_split.select([i for _, i in sorted(zip(lengths, rows))])
 
 
 # Methods whose training forwards run at perturbed weights: their logged `loss` is not the clean loss.
