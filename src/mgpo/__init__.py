@@ -5,6 +5,7 @@ first use, so ``import mgpo`` is cheap (the CLI's ``mgpo config --explain`` need
 
     opt = mgpo.MGPO(model, lr=2e-4, rho=0.05)                                      # any torch model
     opt = mgpo.create_optimizer(model, torch.optim.AdamW, {"lr": 2e-4}, method="mgpo", rho=0.05)  # HF grouping
+    mgpo.clean_loss(model, probe_batches, optimizer=opt)    # the training loss at the clean weights
 
 The method and its equations: docs/method.md.
 """
@@ -22,11 +23,11 @@ _WHERE = {
     "PerturbationConfig": "mgpo.optim.configs", "MGPOConfig": "mgpo.optim.configs", "MSAMConfig": "mgpo.optim.configs",
     "SAMConfig": "mgpo.optim.configs", "RandomConfig": "mgpo.optim.configs", "GGPOConfig": "mgpo.optim.configs",
     "create_optimizer": "mgpo.factory", "build_optimizer": "mgpo.factory",
-    "decay_parameter_names": "mgpo.factory",
+    "decay_parameter_names": "mgpo.factory", "clean_loss": "mgpo.probe",
 }
 __all__ = ["MGPO", "MSAM", "SAM", "RandomPerturbation", "GGPO", "PRESETS", "PROFILES", "preset", "profile",
            "PerturbationConfig", "MGPOConfig", "MSAMConfig", "SAMConfig", "RandomConfig", "GGPOConfig",
-           "create_optimizer", "build_optimizer", "decay_parameter_names", "__version__"]
+           "create_optimizer", "build_optimizer", "decay_parameter_names", "clean_loss", "__version__"]
 
 
 def __getattr__(name: str):

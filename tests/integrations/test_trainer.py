@@ -380,6 +380,57 @@ def test_random_ramp_spans_the_runs_steps(tmp_path):
     assert trainer.perturbation_optimizer.hparams["total_steps"] == 2
 
 
+# ------------------------------------------------------------------------------------------------ clean loss
+class CleanLossCheck(TrainerCallback):
+    """At each logged row: the probe's loss recomputed by hand at the clean weights, and at the perturbed ones."""
+
+    def __init__(self, probe: datasets.Dataset):
+        self.probe, self.rows = probe, []
+
+    def _loss(self, model) -> float:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(self.probe["input_ids"]),
+                           attention_mask=torch.tensor(self.probe["attention_mask"])).logits
+            return F.cross_entropy(logits, torch.tensor(self.probe["labels"])).item()
+
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
+        if "loss" not in logs:
+            return
+        opt = unwrap_optimizer(optimizer)
+        model.eval()
+        clean = self._loss(model)  # between steps MGPO's perturbation is pending: these are the clean weights
+        model.train()
+        opt.perturb()  # the weights the next training forward will see
+        perturbed = self._loss(model)
+        opt.restore()
+        self.rows.append((state.global_step, logs.get("clean_loss"), clean, perturbed))
+
+
+def test_clean_loss_is_the_probe_at_the_clean_weights_in_the_row_of_the_loss(tmp_path):
+    probe = cls_data(12, seed=5)
+    check = CleanLossCheck(probe)
+    args = make_args(tmp_path, logging_steps=1, max_steps=4, per_device_eval_batch_size=5)
+    trainer = PerturbationTrainer(model=tiny_bert(), args=args, train_dataset=cls_data(32),
+                                  perturbation=PerturbationConfig(method="mgpo", rho=0.5, apn="normalized"),
+                                  clean_loss_probe=probe, clean_loss_every=2, callbacks=[check])
+    trainer.train()
+    assert [(step, logged is not None) for step, logged, _, _ in check.rows] == [(1, False), (2, True), (3, False),
+                                                                              (4, True)]
+    for step, logged, clean, perturbed in check.rows:
+        if logged is not None:
+            assert logged == pytest.approx(clean, rel=1e-5), step  # 12 examples in batches of 5, 5, 2
+            assert abs(logged - perturbed) > 1e-4, step
+    assert trainer.model.training and not trainer.perturbation_optimizer.is_perturbed
+
+
+@pytest.mark.parametrize("every, message", [(3, "multiple of logging_steps=2"), (-1, "clean_loss_every=-1"),
+                                            (1.5, "clean_loss_every=1.5")])
+def test_clean_loss_every_is_checked(every, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path, logging_steps=2), train_dataset=cls_data(8),
+                            clean_loss_probe=cls_data(4), clean_loss_every=every)
+
+
 # ------------------------------------------------------------------------------------------------ TRL
 def test_sft_trainer_with_mgpo_on_a_tiny_llama(tmp_path):
     trl = pytest.importorskip("trl")

@@ -47,6 +47,7 @@ def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_d
         assert len(rows) == 8 and {"prompt", "output", "extracted", "gold", "correct"} <= set(rows[0])
     assert metrics["train_examples"] + metrics["dropped_examples"] == 64 and "truncated_examples" in metrics
     assert (out / "adapter").is_dir() and (out / "loss.png").is_file()
+    assert metrics["final_clean_loss"] > 0 and metrics["best_clean_loss"] <= metrics["final_clean_loss"]
 
 
 def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):

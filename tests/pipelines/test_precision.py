@@ -50,6 +50,7 @@ def test_bf16_checkpointed_run_saves_arguments_and_a_peft_adapter(tiny_model_dir
     assert metrics["steps"] == 4
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps if "loss" in r)
+    assert all(torch.isfinite(torch.tensor(r["clean_loss"])) for r in steps if "loss" in r)  # under bf16 autocast
     saved = torch.load(out / "checkpoints" / "checkpoint-4" / "training_args.bin", weights_only=False)
     assert saved.bf16 and saved.gradient_checkpointing and saved.perturbation_config() == cfg.perturbation
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)

@@ -188,3 +188,40 @@ def test_each_variant_is_also_compared_with_itself_without_the_perturbation(tmp_
     d = paired_bootstrap(accuracy["DoRA-MGPO"], accuracy["DoRA"])
     assert f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" in _md_row(own, "DoRA-MGPO − DoRA")[1]
     assert "DoRA − LoRA" not in own  # only a variant against itself, the baseline comparison is the table above
+
+
+def test_curves_and_double_descent_use_the_clean_loss_where_a_run_logged_it(tmp_path):
+    """Logged `loss` smooth and low (MGPO's look-ahead), `clean_loss` (every other step) with a bump: the measure
+    must be the clean curve's. A run from before the probe falls back to its loss, and the report says so."""
+    t = np.arange(1, 61)
+    as_trained = 1.5 * np.exp(-t / 10) + 0.1
+    clean = 1.5 * np.exp(-t / 10) + 0.4 + 0.5 * np.exp(-((t - 40) / 4) ** 2)
+    root, rows = tmp_path / "probe", []
+    for method, preset, with_probe in (("LoRA", "lora", True), ("LoRA-MGPO", "lora-mgpo", True),
+                                       ("LoRA-MGPO old", "lora-mgpo", False)):
+        out = root / method.replace(" ", "-")
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text(f"perturbation: {{preset: {preset}}}\n")
+        log = [{"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if with_probe and s % 2 == 0 else {})}
+               for s, a, c in zip(t, as_trained, clean)]
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8}))
+        rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                     "labels": {"method": method, "training.seed": 0}})
+    (root / "index.json").write_text(json.dumps({"title": "probe", "runs": rows}))
+    paths = make_report([root], tmp_path / "report")
+    runs = {r["series"]: r for r in csv.DictReader(paths["csv"].open())}
+    expected = double_descent(t[1::2], clean[1::2])
+    wrong = double_descent(t, as_trained)
+    assert expected["rise"] > 0.1 and wrong["rise"] == 0  # the two curves tell different stories
+    for method in ("LoRA", "LoRA-MGPO"):
+        assert runs[method]["loss_curve"] == "clean (probe)"
+        assert float(runs[method]["dd_rise"]) == pytest.approx(expected["rise"])
+        assert int(runs[method]["dd_peak_step"]) == expected["peak_step"]
+    assert runs["LoRA-MGPO old"]["loss_curve"] == "as trained (at the perturbed weights)"
+    assert float(runs["LoRA-MGPO old"]["dd_rise"]) == pytest.approx(wrong["rise"])
+    md = paths["markdown"].read_text()
+    dd = md.split("### Double descent")[1].split("###")[0]
+    assert _md_row(dd, "-")[1:3] == ["LoRA", "clean (probe)"]
+    assert "fall back to the loss as trained" in dd and "LoRA-MGPO-old" in dd
+    assert "clean (probe) where logged" in md  # the figure's caption says which curve it shows

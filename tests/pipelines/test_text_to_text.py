@@ -76,6 +76,7 @@ def test_tiny_t5_learns_the_label_words_end_to_end(tiny_t5_dir, sentiment_csv, t
     assert saved["label_words"] == ["neg", "pos"]
     assert saved["test_accuracy"] >= 0.9 and saved["test_exact_match"] >= 0.9, saved
     assert metrics["validation_accuracy"] >= 0.9
+    assert 0 < metrics["best_clean_loss"] <= metrics["final_clean_loss"]  # the probe, on the label words too
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), out / "adapter").eval()
     ids = torch.tensor([[3 + WORDS.index(w) for w in "the movie was great plot".split()]])
     with torch.no_grad():

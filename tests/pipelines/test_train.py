@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mgpo.cli import app
@@ -90,12 +91,58 @@ def test_train_writes_everything_a_user_looks_at(tiny_model_dir, sentiment_csv, 
     with (out / "log.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 8 and all(row["loss"] for row in csv_rows)  # no rows without a value
+    assert all(row["clean_loss"] for row in csv_rows)  # the probe at every logged step, for every method
     assert saved == json.loads(json.dumps(metrics, default=float))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
     if method not in ("adamw",):
         assert all("perturbation_norm" in r for r in steps[1:]), steps[1]
+
+
+@pytest.mark.parametrize("preset", ["lora", "lora-mgpo"])
+def test_cli_logs_the_clean_loss_at_the_clean_weights(tiny_model_dir, sentiment_csv, tmp_path, preset):
+    """`clean_loss` in the rows of `loss` (log.jsonl, log.csv, TensorBoard, metrics.json), and its last value is
+    exactly the loss of the probe examples under the saved adapter, evaluated separately."""
+    from peft import PeftModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import DataCollatorWithPadding
+
+    from mgpo.models import load_model_and_tokenizer
+    from mgpo.pipelines.train import _encode_classification, _load_classification, clean_loss_probe
+
+    out = tmp_path / "run"
+    args = overrides(tiny_model_dir, sentiment_csv, out, f"perturbation.preset={preset}", "perturbation.rho=0.5",
+                     "training.logging_steps=2", "training.clean_loss_every=4", "training.clean_loss_examples=40",
+                     "training.eval_batch_size=16")
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [(r["step"], "clean_loss" in r) for r in rows if "loss" in r]
+    assert logged == [(2, False), (4, True), (6, False), (8, True)]
+    with (out / "log.csv").open() as f:
+        assert [row["clean_loss"] != "" for row in csv.DictReader(f)] == [False, True, False, True]
+    clean = {r["step"]: r["clean_loss"] for r in rows if "clean_loss" in r}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_clean_loss"] == clean[8] and metrics["best_clean_loss"] == min(clean.values())
+    assert metrics["final_loss"] == [r["loss"] for r in rows if "loss" in r][-1]
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/clean_loss")] == [4, 8]
+
+    cfg = load_config(None, args)  # the probe again, and the final weights from adapter/, outside the run
+    base, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "classification", num_labels=2)
+    splits, _ = _encode_classification(cfg, _load_classification(cfg), tokenizer)
+    probe = clean_loss_probe(cfg, splits["train"])
+    assert len(probe) == 40
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, 40, 16):
+            batch = collate([probe[i] for i in range(start, min(start + 16, 40))])
+            total += model(**batch).loss.item() * len(batch["input_ids"])
+    assert clean[8] == pytest.approx(total / 40, rel=1e-5)
 
 
 def test_regression_task(tiny_model_dir, tmp_path):
@@ -128,6 +175,10 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tiny_m
     (["training.load_best_model=true", "training.eval_steps=3"], "multiple"),
     (["training.load_best_model=true", "training.eval_steps=4", "training.save_steps=12"], "training.save_steps=12"),
     (["training.early_stopping_patience=1", "training.eval_steps=20"], "training.eval_steps=20"),
+    (["training.clean_loss_every=-1"], "training.clean_loss_every=-1"),
+    (["training.logging_steps=2", "training.clean_loss_every=3"], "multiple of training.logging_steps=2"),
+    (["training.clean_loss_every=two"], "training.clean_loss_every"),
+    (["training.clean_loss_examples=0"], "training.clean_loss_examples=0"),
 ])
 def test_bad_inputs_are_one_clear_line(tiny_model_dir, sentiment_csv, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", *overrides(tiny_model_dir, sentiment_csv, tmp_path / "r"), *args])
@@ -319,7 +370,7 @@ def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, mo
     import mgpo.pipelines.demo as demo
 
     titles = []
-    monkeypatch.setattr(demo, "plot_loss_curves", lambda runs, png, title: titles.append(title) or png)
+    monkeypatch.setattr(demo, "plot_loss_curves", lambda runs, png, title, **kw: titles.append(title) or png)
     console = Console(record=True, width=200)
     demo.run_demo("sentiment", str(tmp_path), [f"model.name={tiny_model_dir}", f"data.name={data_folder}",
                                                "data.text_column=review", "data.label_column=sentiment",

@@ -30,7 +30,11 @@ that says so.
   cleared;
 * adds the optimizer's per-step statistics (``perturbation_norm``, ``momentum_norm``, ``gbar_*``, averaged over
   the steps since the last log; ``skipped_steps`` as the running count) to the training logs, so they reach
-  TensorBoard, W&B and ``trainer_state.json``.
+  TensorBoard, W&B and ``trainer_state.json``;
+* with ``clean_loss_probe=<dataset>``, logs ``clean_loss`` beside ``loss``: the mean loss of those examples at
+  the clean weights (:func:`mgpo.clean_loss`: eval mode, no grad, inside ``optimizer.unperturbed()``). The
+  Trainer's ``loss`` is the loss each training forward saw, which for MGPO, MSAM and the noise methods is the loss
+  at the perturbed weights (SAM's is its first, clean pass); ``clean_loss`` is measured alike for every method.
 
 Resuming (``trainer.train(resume_from_checkpoint=...)``) needs nothing special: the Trainer saves and loads
 ``optimizer.state_dict()``, which holds the whole method state (keys ``base``, ``own``, ``extra``).
@@ -139,6 +143,15 @@ class PerturbationTrainerMixin:
             (PEFT's LoRA+ groups when ``args.loraplus_lr_ratio`` is set), AdaLoRA when the model's PEFT config is.
         base_optimizer: the optimizer class the method wraps. None (default): the one ``args.optim`` names
             (``adamw_torch``: AdamW), with the arguments' betas and eps.
+        clean_loss_probe: a fixed set of training examples (a dataset the collator takes, like
+            ``train_dataset``). At logged steps the mean loss of these examples at the clean weights is logged as
+            ``clean_loss`` in the same row as ``loss``: eval mode, no grad, inside the mgpo optimizer's
+            ``unperturbed()`` window, batches of ``per_device_eval_batch_size`` through the Trainer's collator and
+            ``compute_loss``, each batch weighted by its examples. None (default): no probe. Every process
+            computes the whole probe (it is not sharded over ranks), so under DDP all ranks log the same value;
+            under FSDP the ranks' forwards run together, as every rank logs at the same steps.
+        clean_loss_every: probe at the logged steps that are a multiple of this (a multiple of
+            ``args.logging_steps``); None (default): at every logged step; 0: never.
 
     An optimizer passed as ``optimizers=(opt, scheduler)``, or ``optimizer_cls_and_kwargs``, is used as given.
     The optimizer is built at ``train()``, from ``self.model``: after a trainer such as ``trl.SFTTrainer`` has
@@ -146,7 +159,8 @@ class PerturbationTrainerMixin:
     """
 
     def __init__(self, *args, perturbation: PerturbationConfig | None = None, adapter: AdapterConfig | None = None,
-                 base_optimizer: type[torch.optim.Optimizer] | None = None, **kwargs):
+                 base_optimizer: type[torch.optim.Optimizer] | None = None, clean_loss_probe: Any = None,
+                 clean_loss_every: int | None = None, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if hasattr(training_args, "perturbation_config"):
             from_args = training_args.perturbation_config()
@@ -165,8 +179,25 @@ class PerturbationTrainerMixin:
         self._stats_sum: dict[str, torch.Tensor] = {}
         self._stats_count = 0
         self._total_steps: int | None = None
+        self.clean_loss_probe = clean_loss_probe
+        self.clean_loss_every = clean_loss_every
+        self._probe_loader = None
         super().__init__(*args, **kwargs)
+        self._check_clean_loss_every()
         self.add_callback(_PerturbationCallback(self))
+
+    def _check_clean_loss_every(self) -> None:
+        every, args = self.clean_loss_every, self.args
+        if every is None:
+            return
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"clean_loss_every={every!r} is invalid: use 0 (off), a positive number of steps, or "
+                             "None (every logged step).")
+        by_steps = getattr(args.logging_strategy, "value", args.logging_strategy) == "steps"
+        if every and by_steps and args.logging_steps >= 1 and every % args.logging_steps:
+            raise ValueError(f"clean_loss_every={every} is invalid: the clean loss is logged in the rows of the "
+                             f"training loss, so use a multiple of logging_steps={args.logging_steps:g} (e.g. "
+                             f"{-(-every // args.logging_steps) * int(args.logging_steps)}), 0 or None.")
 
     # ------------------------------------------------------------------------------------------- optimizer
     @property
@@ -337,7 +368,40 @@ class PerturbationTrainerMixin:
             self._stats_sum[key] = value.detach().float() + self._stats_sum.get(key, 0.0)
         self._stats_count += 1
 
+    # ------------------------------------------------------------------------------------------- clean loss
+    def clean_loss(self) -> float:
+        """The mean loss of ``clean_loss_probe`` at the clean weights now (see the class docstring)."""
+        import datasets
+
+        from mgpo.probe import clean_loss
+
+        if self.clean_loss_probe is None:
+            raise ValueError("clean_loss() needs a probe: pass clean_loss_probe=<a dataset of training examples> "
+                             "to the trainer.")
+        if self._probe_loader is None:  # the probe's batches, kept for the run; no sampler shards them over ranks
+            probe, collator = self.clean_loss_probe, self.data_collator
+            if isinstance(probe, datasets.Dataset):
+                probe = self._remove_unused_columns(probe, description="clean-loss probe")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="clean-loss probe")
+            self._probe_loader = torch.utils.data.DataLoader(probe, batch_size=self.args.per_device_eval_batch_size,
+                                                             collate_fn=collator, shuffle=False)
+        return clean_loss(self.model, self._probe_loader, optimizer=self.optimizer, loss_fn=self._probe_batch_loss)
+
+    def _probe_batch_loss(self, model, batch) -> torch.Tensor:
+        inputs = self._prepare_inputs(dict(batch))
+        with self.compute_loss_context_manager():  # autocast as in training (bf16 / fp16)
+            return self.compute_loss(model, inputs)  # the model's own mean over the batch (no num_items_in_batch)
+
+    def _clean_loss_due(self) -> bool:
+        every = self.clean_loss_every
+        if self.clean_loss_probe is None or every == 0:
+            return False
+        return every is None or self.state.global_step % every == 0
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._clean_loss_due():
+            logs["clean_loss"] = self.clean_loss()
         if "loss" in logs and self._stats_count:
             keys = list(self._stats_sum)
             values = torch.stack([self._stats_sum[k] for k in keys]).tolist()  # one transfer per log

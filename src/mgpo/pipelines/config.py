@@ -90,7 +90,18 @@ class TrainingConfig:
                                          "loss (0 = off); metrics.json says stopped_early, and steps is where. "
                                          "Needs eval_steps > 0 and a validation split. The weights at the stop "
                                          "are kept unless load_best_model=true.", 0)
-    logging_steps: int = _help("Log loss, learning rate, grad and perturbation norms every this many steps.", 1)
+    logging_steps: int = _help("Log loss, learning rate, grad and perturbation norms every this many steps. The "
+                               "logged `loss` is the loss the training forwards saw: for MGPO, MSAM and the noise "
+                               "methods that is the loss at the perturbed weights (clean_loss is the clean one).", 1)
+    clean_loss_every: int | None = _help("Log `clean_loss` every this many steps, in the row of that step's `loss`: "
+                                         "the mean loss of a fixed probe set of training examples at the clean "
+                                         "weights (eval mode, no grad), measured alike for every method. null "
+                                         "(default): every logged step (= logging_steps); 0: off. Must be a multiple "
+                                         "of logging_steps. Each probe costs clean_loss_examples forward passes "
+                                         "(docs/performance.md).", None)
+    clean_loss_examples: int = _help("Size of the clean-loss probe: this many training examples, a subset drawn "
+                                     "with data.seed and kept for the whole run (all of them when the training "
+                                     "split is smaller).", 256)
     eval_batch_size: int = _help("Examples per evaluation batch.", 64)
     seed: int = _help("Seed of initialisation, dropout and data order.", 0)
     mixed_precision: str = _help(f"Autocast precision, one of: {', '.join(MIXED_PRECISION)} (bf16: CPU or GPU; fp16: "
@@ -223,6 +234,16 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size"):
         _check(getattr(t, name) >= 1, f"training.{name}", getattr(t, name), "use an integer >= 1")
     _check(t.eval_steps >= 0, "training.eval_steps", t.eval_steps, "use 0 (end only) or a positive integer")
+    every = t.clean_loss_every
+    _check(every is None or every >= 0, "training.clean_loss_every", every,
+           "use 0 (off), a positive multiple of training.logging_steps, or null (every logged step)")
+    if every and t.logging_steps >= 1:
+        _check(every % t.logging_steps == 0, "training.clean_loss_every", every,
+               f"the clean loss is logged in the rows of the training loss, so it must be a multiple of "
+               f"training.logging_steps={t.logging_steps}, e.g. training.clean_loss_every="
+               f"{math.ceil(every / t.logging_steps) * t.logging_steps} (or 0 for off)")
+    _check(t.clean_loss_examples >= 1, "training.clean_loss_examples", t.clean_loss_examples,
+           "use an integer >= 1 (turn the probe off with training.clean_loss_every=0)")
     _check(t.early_stopping_patience >= 0, "training.early_stopping_patience", t.early_stopping_patience,
            "use 0 (off) or a positive number of evaluations")
     for name in ("load_best_model", "early_stopping_patience"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -37,26 +38,56 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _read_clean(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, clean_loss) of the clean-loss probe rows (empty for runs without the probe)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "clean_loss" in r]
+    return [r["step"] for r in rows], [r["clean_loss"] for r in rows]
+
+
+CLEAN_LABEL = "clean training loss (probe)"
+
+
 def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "training loss",
-                     smooth: int | None = None) -> Path:
-    """One line per run (label -> log.jsonl); raw loss faint, moving average bold."""
+                     smooth: int | None = None, as_trained: str = "training loss as trained") -> Path:
+    """One colour per run (label -> log.jsonl). Runs with the clean-loss probe: the clean loss solid, the loss as
+    trained (``as_trained`` says what it is, e.g. "training loss at the perturbed weights") as a dashed moving
+    average. Runs without it: the loss as trained, raw faint and moving average bold. The title says which is
+    which."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    plotted = False
+    plotted, with_clean = 0, 0
     for label, path in runs.items():
         steps, losses = _read_losses(path)
-        if not steps:
+        clean_steps, clean = _read_clean(path)
+        if not steps and not clean:
             continue
+        color = f"C{plotted % 10}"
+        plotted += 1
         window = smooth or max(1, len(steps) // 20)
-        (line,) = ax.plot(steps, losses, alpha=0.25, linewidth=0.8, marker="o" if len(steps) == 1 else None)
-        ax.plot(steps, _smooth(losses, window), color=line.get_color(), linewidth=2,
-                label=f"{label} (moving avg {window})")
-        plotted = True
+        if clean:
+            with_clean += 1
+            ax.plot(clean_steps, clean, color=color, linewidth=2, marker="o" if len(clean) < 20 else None,
+                    markersize=3, label=f"{label}: clean (probe)")
+            if steps:
+                ax.plot(steps, _smooth(losses, window), color=color, linewidth=1, linestyle="--", alpha=0.7,
+                        label=f"{label}: as trained (moving avg {window})")
+            continue
+        ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8, marker="o" if len(steps) == 1 else None)
+        ax.plot(steps, _smooth(losses, window), color=color, linewidth=2,
+                label=f"{label}: as trained (moving avg {window})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_title(title)
+    if not plotted:
+        note = ""
+    elif with_clean:
+        note = (f"clean (probe): the {CLEAN_LABEL}, a fixed set of training examples at the clean weights in "
+                f"eval mode; as trained: {as_trained}")
+    else:
+        note = f"as trained: {as_trained} (no clean-loss probe was logged)"
+    ax.set_title("\n".join([title, *textwrap.wrap(note, 90)]), fontsize=9)
     ax.grid(alpha=0.3)
     if plotted:
-        ax.legend()
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no training loss was logged\n(fewer steps than training.logging_steps?)",
                 ha="center", va="center", transform=ax.transAxes)

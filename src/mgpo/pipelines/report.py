@@ -6,6 +6,8 @@ Per experiment (one sweep folder, or all loose run folders together):
 - loss curves, one panel per grid value other than method and seed (e.g. rank or learning rate), methods overlaid,
   raw (each seed) faint and smoothed (mean over seeds) bold, shared axes (paper Figures 2-3);
 - the double-descent measure and instability count per method and panel (definitions in docs/experiments.md);
+  curves and measure use the clean-loss probe (``clean_loss``) where a run logged it, else the loss as trained
+  (for MGPO, MSAM and the noise methods the loss at the perturbed weights), and say which;
 - the method table: the primary metric, mean +- std over seeds, best in bold (paper Tables 1, 2, 4), with a bar
   chart of the same numbers (paper Figure 4);
 - each method minus the baseline, paired by panel and seed, with a 95% bootstrap interval;
@@ -28,11 +30,13 @@ from omegaconf import OmegaConf
 from mgpo.pipelines import measures
 from mgpo.pipelines.plots import plt
 from mgpo.pipelines.sweep import SEED_FIELD
-from mgpo.pipelines.train import read_log
+from mgpo.optim.configs import PRESETS
+from mgpo.pipelines.train import PERTURBED_FORWARD, read_log
 
 # The first of these a run's metrics.json holds is its primary metric (override with --metric).
 PRIMARY_METRICS = ("test_accuracy", "test_pearson", "after_accuracy", "after_pass@1", "after_score",
-                   "validation_accuracy", "validation_pearson", "test_loss", "validation_loss", "final_loss")
+                   "validation_accuracy", "validation_pearson", "test_loss", "validation_loss", "final_clean_loss",
+                   "final_loss")
 ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "pissa": "PiSSA", "loraplus": "LoRA+",
                  "adalora": "AdaLoRA", "lora-ga": "LoRA-GA", "full": "Full FT"}
 METHOD_SUFFIX = {"adamw": "", "mgpo": "-MGPO", "msam": " + MSAM", "sam": " + SAM", "random": " + random noise",
@@ -40,6 +44,9 @@ METHOD_SUFFIX = {"adamw": "", "mgpo": "-MGPO", "msam": " + MSAM", "sam": " + SAM
 PRESET_SUFFIX = {"lora": "", "lora-mgpo": "-MGPO", "mgpo-no-apn": "-MGPO w/o APN", "msam": " + MSAM"}
 # Grid axes that name the method when a sweep has no `method:` axis (the label then comes from the config).
 METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
+# Which training loss a run's curve is: the clean-loss probe, or (runs without it) the loss the steps saw.
+LOSS_KINDS = {"clean": "clean (probe)", "perturbed": "as trained (at the perturbed weights)",
+              "trained": "as trained"}
 
 
 @dataclass
@@ -53,6 +60,7 @@ class RunResult:
     steps: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     error: str | None = None
+    loss_kind: str = "trained"  # a LOSS_KINDS key: which loss `losses` holds
 
 
 @dataclass
@@ -94,9 +102,31 @@ def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -
     panel = ", ".join(_panel_label(a, labels[a]) for a in panel_axes)
     seed = labels.get(SEED_FIELD, cfg.get("training", {}).get("seed", 0))
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
-    rows = [r for r in read_log(path / "log.jsonl") if "loss" in r]
+    log = read_log(path / "log.jsonl")
+    key = "clean_loss" if any("clean_loss" in r for r in log) else "loss"
+    kind = "clean" if key == "clean_loss" else "perturbed" if trains_at_perturbed_weights(cfg) else "trained"
+    rows = [r for r in log if key in r]
     return RunResult(path, series, panel, int(seed), status if metrics else (status or "unfinished"), metrics,
-                     [r["step"] for r in rows], [r["loss"] for r in rows], error)
+                     [r["step"] for r in rows], [r[key] for r in rows], error, kind)
+
+
+def trains_at_perturbed_weights(cfg: dict) -> bool:
+    """Whether a run's training forwards ran at perturbed weights (so its logged `loss` is not the clean one)."""
+    p = cfg.get("perturbation") or {}
+    if p.get("preset"):
+        return PRESETS.get(p["preset"]) is not None  # a preset is plain LoRA (None) or an MGPO arm
+    return p.get("method", "adamw") in PERTURBED_FORWARD
+
+
+def loss_description(runs: list[RunResult]) -> str:
+    """Which training loss the curves and the double-descent measure of these runs use."""
+    kinds = {r.loss_kind for r in runs if r.losses}
+    if kinds == {"clean"}:
+        return "clean training loss (probe)"
+    if "clean" not in kinds:
+        return ("training loss as trained" + (" (at the perturbed weights for MGPO, MSAM and the noise methods)"
+                                              if "perturbed" in kinds else ""))
+    return "training loss: clean (probe) where logged, else as trained"
 
 
 def collect(dirs: list[str | Path]) -> list[Experiment]:
@@ -165,12 +195,14 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     per_run = []
     for r in exp.runs:
         row = {"experiment": exp.title, "series": r.series, "panel": r.panel, "seed": r.seed, "status": r.status,
-               "path": str(r.path), "metric": metric, "value": r.metrics.get(metric)}
+               "path": str(r.path), "metric": metric, "value": r.metrics.get(metric),
+               "loss_curve": LOSS_KINDS[r.loss_kind] if r.losses else None}
         if r.losses:
             window = smooth or measures.default_window(len(r.losses))
             row.update({f"dd_{k}": v for k, v in measures.double_descent(r.steps, r.losses, window).items()})
             row["spikes"] = measures.instability_count(r.losses, window, spike_factor)
-        for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "final_loss", "best_loss"):
+        for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "final_clean_loss", "best_clean_loss",
+                  "final_loss", "best_loss"):
             row[k] = r.metrics.get(k)
         per_run.append(row)
 
@@ -240,7 +272,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             if not rows:
                 continue
             rec = [x["dd_recover_steps"] for x in rows if x["dd_recover_steps"] is not None]
-            dd_rows.append([(p or "-", False), (s, False),
+            curves = sorted({x["loss_curve"] for x in rows})
+            dd_rows.append([(p or "-", False), (s, False), (" / ".join(curves), False),
                             (mean_std_cell([100 * x["dd_fall_rel"] for x in rows], 1), False),
                             (mean_std_cell([x["dd_rise"] for x in rows]), False),
                             (mean_std_cell([100 * x["dd_rise_rel"] for x in rows], 1), False),
@@ -249,8 +282,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                             (_fmt(np.mean(rec), 0) if rec else "-", False),
                             (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
                             (mean_std_cell([x["spikes"] for x in rows], 1), False)])
-    dd_table = {"header": ["panel", "method", "fell (% of start)", "rise (loss)", "rise (% of min)", "peak step",
-                           "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"],
+    dd_table = {"header": ["panel", "method", "loss", "fell (% of start)", "rise (loss)", "rise (% of min)",
+                           "peak step", "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"],
                 "rows": dd_rows}
 
     # cost, relative to the baseline
@@ -268,11 +301,13 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     cost_table = {"header": ["method", "trainable params", "× " + baseline, "peak memory (MB)", "× " + baseline,
                              "time / step (s)", "× " + baseline], "rows": cost_rows}
     failed = [(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics]
-    return {"metric": metric, "better": better, "baseline": baseline, "series": series, "panels": panels,
+    fallback = [r.path.name for r in exp.runs if r.losses and r.loss_kind != "clean"]  # runs without the probe
+    mixed = bool(fallback) and any(r.loss_kind == "clean" for r in exp.runs if r.losses)
+    return {"loss": loss_description(exp.runs), "no_clean_loss": fallback, "mixed_losses": mixed, "metric": metric,
+            "better": better, "baseline": baseline, "series": series, "panels": panels,
             "per_run": per_run, "means": means, "diffs": diffs, "method_table": method_table,
             "diff_table": diff_table, "own_table": own_table, "dd_table": dd_table, "cost_table": cost_table,
-            "failed": failed,
-            "smooth": smooth, "spike_factor": spike_factor}
+            "failed": failed, "smooth": smooth, "spike_factor": spike_factor}
 
 
 # ---------------------------------------------------------------- figures
@@ -311,12 +346,12 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
     for ax in axes[:, 0]:
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("clean training loss (probe)" if result["loss"].startswith("clean") else "training loss")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles, labels = _legend_entries(axes)
     per_row = 4 if width >= 12 else 2  # long labels ("LoRA-MGPO (APN normalized) (mean of 3 seeds)") need room
-    fig.suptitle(f"{exp.title}: training loss\nfaint: raw, each seed; bold: moving average, mean over seeds",
+    fig.suptitle(f"{exp.title}\n{result['loss']}\nfaint: raw, each seed; bold: moving average, mean over seeds",
                  fontsize=11)
     fig.tight_layout()
     # below the panels; _save's tight bounding box takes it in, so nothing is cut off
@@ -422,6 +457,7 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
         blocks += [("h3", "Each variant with the perturbation minus the same variant without, paired by seed"),
                    ("table", result["own_table"])]
     blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
+               ("p", _loss_note(result)),
                ("table", result["dd_table"]),
                ("h3", f"Cost relative to {base}"), ("table", result["cost_table"])]
     if result["failed"]:
@@ -430,6 +466,23 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                               "rows": [[(a, False), (b, False), (c.splitlines()[-1][:200], False)]
                                        for a, b, c in result["failed"]]})]
     return blocks
+
+
+def _loss_note(result: dict) -> str:
+    """Which loss the curves and the double-descent measure use, and a warning when runs differ in it."""
+    note = (f"Loss used for the curves and this table: {result['loss']} (column `loss`). `clean (probe)` is "
+            "`clean_loss`, the mean loss of a fixed set of training examples at the clean weights, the same "
+            "measurement for every method; `as trained` is the logged `loss`, which for MGPO, MSAM and the noise "
+            "methods is the loss at the perturbed weights.")
+    if result["no_clean_loss"] and result["mixed_losses"]:
+        note += (f" Runs without `clean_loss` (logged before the probe existed, or with "
+                 f"`training.clean_loss_every=0`) fall back to the loss as trained, so they are not measured like "
+                 f"the others: {', '.join(result['no_clean_loss'])}.")
+    elif result["no_clean_loss"]:
+        note += (" No run here logged `clean_loss` (runs from before the probe, or `training.clean_loss_every=0`): "
+                 "the loss as trained is used, so an MGPO run's look-ahead loss is compared with a plain run's "
+                 "clean one.")
+    return note
 
 
 def _inline(text: str) -> str:
@@ -504,7 +557,7 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
         result = analyse(exp, metric=metric, baseline=baseline, smooth=smooth, spike_factor=spike_factor)
         results.append(result)
         figs = [(plot_curves(exp, result, out_dir / "figures" / f"{exp.slug}-loss.png"),
-                 f"{exp.title}: training loss per {'panel' if any(result['panels']) else 'method'}")]
+                 f"{exp.title}: {result['loss']}, per {'panel' if any(result['panels']) else 'method'}")]
         if any(r["value"] is not None for r in result["per_run"]):
             bars = out_dir / "figures" / f"{exp.slug}-{_file(result['metric'])}.png"
             figs.append((plot_metric_bars(exp, result, bars), f"{exp.title}: {result['metric']} per method"))

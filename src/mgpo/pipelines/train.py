@@ -4,12 +4,22 @@ One plain function, :func:`train`, drives the HF Trainer (through :class:`Pertur
 ``training.output_dir``:
 
 - ``config.yaml``            the resolved configuration
-- ``log.jsonl``, ``log.csv`` one row per logged step (loss, learning rate, grad norm, perturbation statistics)
+- ``log.jsonl``, ``log.csv`` one row per logged step (loss, clean_loss, learning rate, grad norm, perturbation
+                             statistics)
 - ``tensorboard/``           TensorBoard events
 - ``checkpoints/``           Trainer checkpoints (model, optimizer with its full perturbation state, RNG)
 - ``adapter/``               the trained adapter (PEFT ``save_pretrained``, safetensors)
 - ``metrics.json``           validation and test metrics (and generation metrics for causal-lm)
-- ``loss.png``               the training loss curve
+- ``loss.png``               the training loss curves: clean (probe) and as trained
+
+Two training losses are logged. ``loss`` is what the training forwards returned, averaged over the steps since
+the last log: for MGPO, MSAM and the noise methods (random, ggpo) the loss at the perturbed weights (MGPO's
+perturbation is a look-ahead along the update, so it is lower than the clean loss), for SAM its first, clean
+pass, for plain AdamW the clean loss (all in train mode, dropout on). ``clean_loss`` (every
+``training.clean_loss_every`` steps) is the mean loss of a fixed probe set of ``training.clean_loss_examples``
+training examples at the clean weights, in eval mode without gradients, the same measurement for every method.
+``metrics.json`` has both: ``final_loss``/``best_loss`` (the loss the steps saw) and ``final_clean_loss``/
+``best_clean_loss``.
 
 Under ``torchrun --nproc_per_node N -m mgpo train ...`` (or ``accelerate launch``) every process trains its share
 (``distributed.strategy``: DDP or FSDP2) and only rank 0 writes these files; checkpoints hold what every rank
@@ -47,7 +57,7 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "perturbation_norm", "momentum_norm",
+LOG_FIELDS = ("step", "epoch", "loss", "clean_loss", "learning_rate", "grad_norm", "perturbation_norm", "momentum_norm",
               "gbar_mean", "skipped_steps", "eval_loss")
 
 
@@ -417,6 +427,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             info["label2id"] = dict(model.config.label2id)
 
     total_steps = total_optimizer_steps(cfg, len(splits["train"]))
+    probe = clean_loss_probe(cfg, splits["train"])
     _check_evaluations(cfg, total_steps)
     grad_batches = _grad_batches(splits["train"], collator, cfg.training.batch_size)
     model = apply_adapter(model, cfg.adapter, task=task, total_steps=total_steps, grad_batches=grad_batches)
@@ -432,6 +443,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=getattr(compute_metrics, "preprocess", None),
         callbacks=[StepLog(out), GracefulStop(), clock, _tensorboard(out / "tensorboard")],
+        clean_loss_probe=probe,
+        clean_loss_every=clean_loss_every(cfg),
     )
     if cfg.training.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
@@ -484,14 +497,45 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     tokenizer.save_pretrained(str(out / "adapter"))
     if not (out / "adapter" / "config.json").exists():  # the base model's config: id2label/label2id, head size
         trainer.model.config.save_pretrained(str(out / "adapter"))
-    losses = [r for r in read_log(out / "log.jsonl") if "loss" in r]
-    metrics["final_loss"] = losses[-1]["loss"] if losses else None
-    metrics["best_loss"] = min(r["loss"] for r in losses) if losses else None
+    rows = read_log(out / "log.jsonl")
+    for key in ("loss", "clean_loss"):  # the loss the steps saw (perturbed for MGPO); the clean probe
+        values = [r[key] for r in rows if key in r]
+        metrics[f"final_{key}"] = values[-1] if values else None
+        metrics[f"best_{key}"] = min(values) if values else None
     metrics["wall_time_s"] = round(clock.elapsed(), 1)  # all sessions of the run, resumed ones included
     write_json(out / "metrics.json", metrics)
-    plot_loss_curves({cfg.perturbation.method: out / "log.jsonl"}, out / "loss.png",
-                     title=f"{cfg.model.name} on {cfg.data.name}")
+    method = cfg.perturbation.resolved().method  # a preset names its method (perturbation.preset=lora: adamw)
+    plot_loss_curves({method: out / "log.jsonl"}, out / "loss.png", title=f"{cfg.model.name} on {cfg.data.name}",
+                     as_trained=as_trained_label(method))
     return metrics
+
+
+def clean_loss_every(cfg: TrainConfig) -> int:
+    """Steps between clean-loss probes (0: off); ``training.clean_loss_every`` null means every logged step."""
+    t = cfg.training
+    return t.logging_steps if t.clean_loss_every is None else t.clean_loss_every
+
+
+def clean_loss_probe(cfg: TrainConfig, train_split):
+    """The clean-loss probe: ``training.clean_loss_examples`` rows of the tokenized train split, drawn with
+    ``data.seed`` (so every method and training seed on the same data is probed on the same examples); None when
+    the probe is off. Ordered by length, so each probe batch is padded little (on the movie reviews at
+    max_length 64: 40 instead of 58 tokens per example in batches of 64)."""
+    if not clean_loss_every(cfg):
+        return None
+    n = min(cfg.training.clean_loss_examples, len(train_split))
+    rows = [int(i) for i in np.random.default_rng(cfg.data.seed).choice(len(train_split), size=n, replace=False)]
+    lengths = [len(ids) for ids in train_split.select(rows)["input_ids"]]
+    return train_split.select([i for _, i in sorted(zip(lengths, rows))])
+
+
+# Methods whose training forwards run at perturbed weights: their logged `loss` is not the clean loss.
+PERTURBED_FORWARD = ("mgpo", "msam", "random", "ggpo")
+
+
+def as_trained_label(method: str) -> str:
+    """What the logged `loss` of a run with this perturbation method is, for plot labels."""
+    return "training loss at the perturbed weights" if method in PERTURBED_FORWARD else "training loss as trained"
 
 
 def _check_evaluations(cfg: TrainConfig, total_steps: int) -> None:
