@@ -100,13 +100,18 @@ def index(tmp_path) -> dict:
 
 
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir, sentiment_csv):  # noqa: F811
+    # a missing column is refused before any run starts (the config check reads the file's header) ...
     spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{data.label_column: [no_such_column, stars]}")
+    with pytest.raises(ConfigError, match="no column 'no_such_column'"):
+        run_sweep(load_sweep(spec), progress=False)
+    # ... a run that fails only once it loads its data is recorded, and the sweep goes on
+    spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{data.text_column: [stars, review]}")
     sweep = run_sweep(load_sweep(spec), progress=False)
     assert [r.status for r in sweep.runs] == ["failed", "done"]
     runs = index(tmp_path)
-    assert runs["label_columnno_such_column"]["status"] == "failed"
-    assert "no_such_column" in runs["label_columnno_such_column"]["error"]
-    assert (tmp_path / "sweep" / "label_columnstars" / "metrics.json").is_file()
+    assert runs["text_columnstars"]["status"] == "failed"
+    assert "'stars' is chosen both as" in " ".join(runs["text_columnstars"]["error"].split())
+    assert (tmp_path / "sweep" / "text_columnreview" / "metrics.json").is_file()
     assert "failed" in (tmp_path / "sweep" / "index.csv").read_text()
 
 
