@@ -262,14 +262,18 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         gathers anyway at this point lets them ride along (MGPO)."""
         return self.exchange.all_reduce(parts)
 
+    def _tensor_grad_norms(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor gradient norms, float32 at least, as one device vector; whole-tensor norms under FSDP."""
+        norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=self._norm_dtype(params)))
+        if self.exchange.sharded:  # sums of squares add up over the ranks; NaN/Inf on any rank reaches all
+            norms = self._sum_over_ranks(norms.square()).sqrt()
+        return norms
+
     def _grad_norms(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor gradient norms (float32 at least, one vector) and ``ok``: a device bool, False when any
         gradient is NaN/Inf. Nothing is read back to the host. Under FSDP the squared norms of the local shards
         are summed over the ranks (``_sum_over_ranks``), so every rank takes the same decision."""
-        dtype = self._norm_dtype(params)
-        norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=dtype))
-        if self.exchange.sharded:  # sums of squares add up over the ranks; NaN/Inf on any rank reaches all
-            norms = self._sum_over_ranks(norms.square()).sqrt()
+        norms = self._tensor_grad_norms(params)
         ok = torch.isfinite(norms).all()
         bad = (~ok).to(torch.int64)
         self._skipped = bad if self._skipped is None else self._skipped + bad

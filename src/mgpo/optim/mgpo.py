@@ -485,10 +485,8 @@ class MGPO(PerturbedOptimizer):
                 "MGPO(gbar_update='micro_batch') is not supported on several processes: between synchronisations "
                 "each rank holds only its own partial gradient, so the ranks' gbar (and perturbations) would "
                 "differ. Use gbar_update='step' (the default).")
-        dtype = self._norm_dtype(params)
-        norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=dtype))
-        if self.exchange.sharded:
-            norms = self._sum_over_ranks(norms.square()).sqrt()
+        norms = self._tensor_grad_norms(params)
+        dtype = norms.dtype
         n_layers = len(self.layers)
         self._size_buffers(n_layers, norms.device, dtype)
         grad_sq, has_grad, owners, eq8 = self._eq8_inputs(params, norms, n_layers, dtype)
