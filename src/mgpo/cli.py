@@ -76,23 +76,30 @@ def train(
     config: Optional[str] = typer.Argument(None, help="YAML config (see configs/). Omit to use the defaults."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.output_dir from its "
-                                                         "last checkpoint."),
+                                                         "newest complete checkpoint."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the run in training.output_dir (the files "
+                                                           "mgpo train wrote there) and start over."),
     verbose: bool = VERBOSE,
 ):
     """Fine-tune a model; writes config, logs, TensorBoard, checkpoints, adapter, metrics.json and loss.png.
 
     Exit status: 0 when training finished, 130/143 when stopped by Ctrl-C/SIGTERM (checkpoint written; continue
-    with --resume), 2 for a problem with the configuration or the data, 1 for anything else."""
+    with --resume), 2 for a problem with the configuration or the data, 3 when training diverged (non-finite
+    weights or too many non-finite steps; the last good checkpoint is kept), 1 for anything else."""
     from mgpo.pipelines.config import load_config
+    from mgpo.pipelines.train import TrainingDiverged
     from mgpo.pipelines.train import train as run
 
     _library_output(verbose)
     config, overrides = _config_and_overrides(config, overrides)
     try:
         cfg = load_config(config, overrides)
-        metrics = run(cfg, resume=resume)
+        metrics = run(cfg, resume=resume, restart=restart)
     except _user_errors() as err:
         _fail(err)
+    except TrainingDiverged as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(code=3)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last periodic checkpoint is the one to use
         err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from the last "
                           "checkpoint.")

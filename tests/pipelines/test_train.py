@@ -158,7 +158,7 @@ def test_regression_task(tiny_model_dir, tmp_path):
 
 def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tiny_model_dir, sentiment_csv, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(load_config(None, overrides(tiny_model_dir, sentiment_csv, out)), resume=True)
     train(load_config(None, overrides(tiny_model_dir, sentiment_csv, out)))
     with pytest.raises(FileExistsError, match="--resume"):
@@ -233,6 +233,8 @@ def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, sen
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == exit_code, output[-2000:]
     assert "interrupted at step" in output and "--resume" in output, output[-2000:]
+    hint = "Ctrl-C again to stop at once" if sig == signal.SIGINT else "SIGTERM or Ctrl-C again to stop at once"
+    assert hint in output, output[-2000:]
     checkpoints = list((out / "checkpoints").glob("checkpoint-*"))
     assert checkpoints, output[-2000:]
     stopped_at = int(checkpoints[0].name.split("-")[1])
@@ -340,6 +342,11 @@ def test_cli_on_a_data_folder_says_what_it_did_quietly(tiny_model_dir, data_fold
     assert "0 = 'neg', 1 = 'pos'" in output and "f1 is for class 1 ('pos')" in output
     assert "truncated: train 12 of 60, validation 0 of 20, test 0 of 20" in output
     assert "mgpo: step 6/6" in output  # plain progress lines, no carriage-return bars
+    logged = {json.loads(line)["step"]: json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)}
+    for step in (2, 4, 6):  # a logged step's line shows that step's own loss (it used to show the one before)
+        assert f"mgpo: step {step}/6, loss {logged[step]['loss']:.4f}," in output, output
+    assert "mgpo: step 3/6, " in output and "mgpo: step 3/6, loss" not in output  # not logged: no stale loss
     for chatter in ("\r", "{'loss'", "LOAD REPORT", "Warning", "Map:"):
         assert chatter not in output, (chatter, output[-3000:])
     metrics = json.loads((out / "metrics.json").read_text())

@@ -182,6 +182,8 @@ class PerturbationTrainerMixin:
         self.clean_loss_probe = clean_loss_probe
         self.clean_loss_every = clean_loss_every
         self._probe_loader = None
+        # micro-batches whose training loss was NaN/Inf: a device counter, never read during a step
+        self.nonfinite_losses = torch.zeros((), dtype=torch.int64)
         super().__init__(*args, **kwargs)
         self._check_clean_loss_every()
         self.add_callback(_PerturbationCallback(self))
@@ -258,6 +260,9 @@ class PerturbationTrainerMixin:
                                      num_items_in_batch))
             opt.closure = self._second_pass
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.nonfinite_losses.device != loss.device:
+            self.nonfinite_losses = self.nonfinite_losses.to(loss.device)
+        self.nonfinite_losses += (~torch.isfinite(loss.detach())).to(torch.int64)
         if getattr(opt, "hparams", {}).get("gbar_update") == "micro_batch":  # the authors' schedule
             opt.record_gradients(self._grad_unscale())
         return loss

@@ -82,6 +82,11 @@ class TrainingConfig:
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", 1.0)
     eval_steps: int = _help("Evaluate on validation every this many steps (0 = only at the end).", 0)
     save_steps: int = _help("Write a checkpoint every this many steps (for --resume).", 50)
+    max_skipped_steps: int = _help("Steps with a non-finite (NaN/Inf) loss or gradient a session may have before "
+                                   "the run stops as diverged (exit status 3, the last good checkpoint kept). The "
+                                   "perturbation methods skip a step with a non-finite gradient and leave the "
+                                   "weights unchanged; plain AdamW (preset lora) cannot, so for it the first "
+                                   "non-finite gradient stops the run.", 10)
     load_best_model: bool = _help("At the end, load the checkpoint with the lowest validation loss: the final "
                                   "metrics and adapter/ are then that checkpoint's, and metrics.json names it "
                                   "(best_checkpoint). Needs eval_steps > 0, a validation split, and save_steps a "
@@ -234,6 +239,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size"):
         _check(getattr(t, name) >= 1, f"training.{name}", getattr(t, name), "use an integer >= 1")
     _check(t.eval_steps >= 0, "training.eval_steps", t.eval_steps, "use 0 (end only) or a positive integer")
+    _check(t.max_skipped_steps >= 0, "training.max_skipped_steps", t.max_skipped_steps,
+           "use 0 (stop at the first non-finite step) or a positive integer")
     every = t.clean_loss_every
     _check(every is None or every >= 0, "training.clean_loss_every", every,
            "use 0 (off), a positive multiple of training.logging_steps, or null (every logged step)")

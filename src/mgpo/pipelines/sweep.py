@@ -27,7 +27,6 @@ import csv
 import itertools
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +35,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mgpo.pipelines.checkpoints import newest_complete, write_json
 from mgpo.pipelines.config import ConfigError, load_config
-from mgpo.pipelines.train import write_json
 
 SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
 SEED_FIELD = "training.seed"
@@ -185,26 +184,7 @@ def run_state(out: Path) -> str:
     """done (metrics.json written), partial (a complete checkpoint to resume from) or new."""
     if (out / "metrics.json").is_file():
         return "done"
-    return "partial" if _complete_checkpoints(out) else "new"
-
-
-def _complete_checkpoints(out: Path) -> list[Path]:
-    """Checkpoints the Trainer finished writing (trainer_state.json is written last)."""
-    folder = out / "checkpoints"
-    found = folder.glob("checkpoint-*") if folder.is_dir() else []
-    return [c for c in found if (c / "trainer_state.json").is_file()]
-
-
-def _prepare_resume(out: Path, state: str) -> None:
-    """Remove what a killed run left half-written, inside its own run folder only."""
-    folder = out / "checkpoints"
-    if not folder.is_dir():
-        return
-    for c in folder.glob("checkpoint-*"):
-        if not (c / "trainer_state.json").is_file():  # killed while writing this checkpoint
-            shutil.rmtree(c)
-    if state == "new":  # started but killed before its first checkpoint: start afresh
-        shutil.rmtree(folder)
+    return "partial" if newest_complete(out / "checkpoints")[0] is not None else "new"
 
 
 def write_index(sweep: Sweep) -> None:
@@ -248,14 +228,14 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
                 bar.advance(task)
                 write_index(sweep)
                 continue
-            _prepare_resume(run.output_dir, state)
-            state = run_state(run.output_dir)
             run.status = "running"
             write_index(sweep)
             bar.update(task, description=f"{sweep.title}: {run.name}")
             run.output_dir.mkdir(parents=True, exist_ok=True)
             command = [python, "-m", "mgpo", "train", *([str(sweep.base)] if sweep.base else []),
-                       *run.overrides, "training.progress=false", *(["--resume"] if state == "partial" else [])]
+                       *run.overrides, "training.progress=false", # a partial run resumes from its newest complete checkpoint; what a run killed before its first one left
+                       # is discarded (--restart removes mgpo train's files only, not train.out)
+                       "--resume" if state == "partial" else "--restart"]
             started = time.time()
             log = run.output_dir / "train.out"
             with log.open("a") as f:

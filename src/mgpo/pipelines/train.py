@@ -7,7 +7,8 @@ One plain function, :func:`train`, drives the HF Trainer (through :class:`Pertur
 - ``log.jsonl``, ``log.csv`` one row per logged step (loss, clean_loss, learning rate, grad norm, perturbation
                              statistics)
 - ``tensorboard/``           TensorBoard events
-- ``checkpoints/``           Trainer checkpoints (model, optimizer with its full perturbation state, RNG)
+- ``checkpoints/``           Trainer checkpoints (model, optimizer with its full perturbation state, RNG);
+                             ``--resume`` continues from the newest complete one (mgpo.pipelines.checkpoints)
 - ``adapter/``               the trained adapter (PEFT ``save_pretrained``, safetensors)
 - ``metrics.json``           validation and test metrics (and generation metrics for causal-lm)
 - ``loss.png``               the training loss curves: clean (probe) and as trained
@@ -29,12 +30,14 @@ needs (docs/distributed.md).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +45,10 @@ from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Traine
                           set_seed)
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from mgpo.checks import check
+from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, set_aside, write_atomic,
+                                        write_json)
 from mgpo.pipelines.config import ConfigError, TrainConfig, to_yaml
 from mgpo.tasks import LABELLED_TEXT_TASKS
 
@@ -61,15 +65,18 @@ LOG_FIELDS = ("step", "epoch", "loss", "clean_loss", "learning_rate", "grad_norm
               "gbar_mean", "skipped_steps", "eval_loss")
 
 
-def write_json(path: Path, obj) -> None:
-    """Write atomically: a reader (or an interrupted run) never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+# Keys of the rows logged once training is over (the Trainer's summary, the final evaluations): a resumed run
+# logs them again, so a rewrite of the log drops them.
+END_OF_RUN_KEYS = ("train_runtime", "validation_", "test_")
+
+
+def _end_of_run(row: dict) -> bool:
+    return any(k.startswith(END_OF_RUN_KEYS) for k in row)
 
 
 class StepLog(TrainerCallback):
-    """Appends each Trainer log line to ``log.jsonl`` and ``log.csv``; on resume, drops rows past the checkpoint."""
+    """Appends each Trainer log line to ``log.jsonl`` and ``log.csv``. At the start of a session the log is
+    rewritten (atomically) to the rows the checkpoint it starts from had seen, so no row is duplicated or lost."""
 
     def __init__(self, out: Path):
         self.jsonl, self.csv = out / "log.jsonl", out / "log.csv"
@@ -78,12 +85,13 @@ class StepLog(TrainerCallback):
         if not state.is_world_process_zero:  # one writer
             return
         rows = read_log(self.jsonl)
-        kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        with self.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(r for r in kept if any(k in r for k in LOG_FIELDS[2:]))
+        kept = [r for r in rows if r.get("step", 0) <= state.global_step and not _end_of_run(r)]
+        write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(r for r in kept if any(k in r for k in LOG_FIELDS[2:]))
+        write_atomic(self.csv, table.getvalue())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero:
@@ -121,16 +129,15 @@ class GracefulStop(TrainerCallback):
             return
         self.requested = True
         self.signal = signum
-        again = "torchrun stops the workers 30 s after a Ctrl-C" if "TORCHELASTIC_RUN_ID" in os.environ \
-            else "Ctrl-C again to stop at once"
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            again = "torchrun stops the workers 30 s after a Ctrl-C"
+        else:
+            again = ("Ctrl-C" if signum == signal.SIGINT else f"{signal.Signals(signum).name} or Ctrl-C") + \
+                " again to stop at once"
         print(f"\nmgpo: stopping after this step and writing a checkpoint ({again})...", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # a CPU (gloo) group: agreeing on the flag never waits for the GPU's queued work (every rank runs this)
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._group = _cpu_group()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -146,14 +153,7 @@ class GracefulStop(TrainerCallback):
 
     def _agree(self, value: int) -> int:
         """The largest signal number any rank has seen (``value`` itself in a single process)."""
-        import torch
-        import torch.distributed as dist
-
-        if self._group is None:
-            return value
-        flag = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
+        return _agree_max(self._group, value)[0]
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
@@ -168,12 +168,11 @@ class GracefulStop(TrainerCallback):
 class WallClock(TrainerCallback):
     """Wall time of a run over all its sessions: stored with each checkpoint, picked up again by --resume."""
 
-    FILE = "mgpo_wall_time.json"
+    FILE = WALL_TIME_FILE  # a checkpoint without it is incomplete (mgpo.pipelines.checkpoints)
 
     def __init__(self, checkpoint: str | None):
         self.started = time.time()
-        saved = Path(checkpoint or "") / self.FILE
-        self.before = json.loads(saved.read_text())["wall_time_s"] if checkpoint and saved.is_file() else 0.0
+        self.before = json.loads((Path(checkpoint) / self.FILE).read_text())["wall_time_s"] if checkpoint else 0.0
 
     def elapsed(self) -> float:
         return self.before + time.time() - self.started
@@ -192,27 +191,55 @@ class QuietProgress(ProgressCallback):
 
 
 class PlainProgress(TrainerCallback):
-    """Output to a file or a pipe: one plain line per ~5% of the steps instead of carriage-return bars."""
+    """Output to a file or a pipe: one plain line per ~5% of the steps (and the last) instead of carriage-return
+    bars. A line shows the loss of its own step when that step is logged (the Trainer logs after ``on_step_end``,
+    so such a line waits for ``on_log``), and no loss otherwise."""
 
     def __init__(self):
         self.started = time.time()
+        self.waiting: int | None = None  # a due step whose line waits for its log row
 
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         every = max(1, state.max_steps // 20)
-        if state.global_step % every and state.global_step != state.max_steps:
+        if state.global_step % every and state.global_step < state.max_steps:
             return
-        losses = [r["loss"] for r in state.log_history if "loss" in r]
-        loss = f", loss {losses[-1]:.4f}" if losses else ""
+        if control.should_log:  # set by the Trainer's flow callback before ours run
+            self.waiting = state.global_step
+        else:
+            self._print(state, "")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.waiting == state.global_step and "loss" in (logs or {}):
+            self.waiting = None
+            self._print(state, f", loss {logs['loss']:.4f}")
+
+    def _print(self, state, loss: str) -> None:
         print(f"mgpo: step {state.global_step}/{state.max_steps}{loss}, {time.time() - self.started:.0f}s",
               flush=True)
 
 
 def read_log(path: Path) -> list[dict]:
+    """The rows of a ``log.jsonl``. A last line cut short (a kill while it was written) is dropped with a warning
+    naming the file; a damaged line before it is an error naming the file and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                warnings.warn(f"{path}: its last line is incomplete (a write was interrupted) and is ignored: "
+                              f"{line[:80]!r}", RuntimeWarning, stacklevel=2)
+                continue
+            raise ValueError(f"{path}, line {number}, is not a JSON row ({err.msg}): {line[:80]!r}. Delete that "
+                             "line (or the file) to go on.") from None
+    return rows
 
 
 def classification_metrics(task: str, num_labels: int):
@@ -359,34 +386,79 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite weights, or more non-finite steps than ``training.max_skipped_steps``."""
+
+
+def start_checkpoint(out: Path, *, resume: bool, restart: bool, main: bool) -> str | None:
+    """The checkpoint this session starts from (None: a fresh start), after refusing to overwrite a run.
+
+    ``--resume`` takes the newest *complete* checkpoint; newer ones that are not (a kill during a save) are moved
+    aside with one line each. ``--restart`` removes what an earlier run wrote into ``out`` and starts afresh."""
+    folder = out / "checkpoints"
+    if resume and restart:
+        raise ConfigError("--resume and --restart contradict each other: --resume continues the run in "
+                          f"{out}, --restart discards it. Pass one.")
+    if restart:
+        removed = remove_run(out) if main and out.is_dir() else []
+        if removed:
+            print(f"mgpo: --restart: removed {', '.join(removed)} from {out}", flush=True)
+        return None
+    if not resume:
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --restart to discard "
+                                  "it and start over, or choose another training.output_dir.")
+        return None
+    found, bad = newest_complete(folder, world_size())
+    if found is None:
+        listed = "; ".join(f"{c.name}: {problem}" for c, problem in bad) or "none was written"
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {folder} ({listed}). Start over with "
+                                "--restart (removes this run's files), or run without --resume in another "
+                                "training.output_dir (checkpoints are written every training.save_steps steps).")
+    for c, problem in bad:
+        if main:  # one process moves them; every rank has already chosen the same complete checkpoint
+            moved = set_aside(c)
+            print(f"mgpo: skipping {c.name}: {problem}; moved to {moved.relative_to(out)} (delete it when you no "
+                  "longer need it)", flush=True)
+    if main:
+        print(f"mgpo: resuming from {found.name} in {folder}", flush=True)
+    return str(found)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False) -> dict:
     """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``.
 
     Interrupted by SIGINT/SIGTERM, it writes a checkpoint and returns ``{"interrupted": True, "signal": N, ...}``.
+    A run whose weights become non-finite (or that skips more than ``training.max_skipped_steps`` non-finite steps)
+    stops without saving them and raises :class:`TrainingDiverged`, naming the step and the last good checkpoint.
+    A start that fails before training begins removes the folder it created.
     """
+    out = Path(cfg.training.output_dir)
+    created = not out.exists()
+    started = []  # set once trainer.train() has begun: from then on the folder holds a run
+    try:
+        return _train(cfg, out, resume=resume, restart=restart, started=started)
+    except BaseException:
+        if created and not started and process_rank() == 0 and out.is_dir():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started: list) -> dict:
     from mgpo.integrations.peft_variants import apply_adapter
     from mgpo.integrations.trainer import PerturbationTrainer
     from mgpo.models import load_model_and_tokenizer
     from mgpo.pipelines.plots import plot_loss_curves
 
-    out = Path(cfg.training.output_dir)
     main = process_rank() == 0  # only rank 0 writes files
     if fsdp_arguments(cfg) and not _cuda():
         raise ConfigError("distributed.strategy=fsdp needs GPUs: accelerate (which the Trainer uses) applies FSDP on "
                           "accelerators only, and on CPU would silently fall back to DDP. Use distributed.strategy="
                           "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
                           "docs/distributed.md).")
-    checkpoint = None
-    if resume:
-        checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume "
-                                    "to start afresh (checkpoints are written every training.save_steps steps).")
-        if main:
-            print(f"mgpo: resuming from {Path(checkpoint).name} in {out / 'checkpoints'}", flush=True)
-    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
-                              "training.output_dir.")
+    checkpoint = start_checkpoint(out, resume=resume, restart=restart, main=main)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -442,7 +514,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=getattr(compute_metrics, "preprocess", None),
-        callbacks=[StepLog(out), GracefulStop(), clock, _tensorboard(out / "tensorboard")],
+        callbacks=[StepLog(out), GracefulStop(), clock, RunTensorBoard(out / "tensorboard", out / "log.jsonl"),
+                   DivergenceStop(cfg.training.max_skipped_steps)],
         clean_loss_probe=probe,
         clean_loss_every=clean_loss_every(cfg),
     )
@@ -455,7 +528,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
         trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
+    divergence = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, DivergenceStop))
+    divergence.trainer = trainer
     train_started = time.time()
+    started.append(True)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
         if stopper.stopped and main:  # before the barrier: once a rank exits 130, torchrun stops the others
@@ -466,6 +542,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         trainer.accelerator.wait_for_everyone()
     finally:
         stopper.restore()
+    if divergence.diverged:
+        raise TrainingDiverged(divergence.message(cfg, out))
     cost = cost_metrics(trainer, checkpoint, time.time() - train_started)
     if stopper.stopped:
         return {"interrupted": True, "step": trainer.state.global_step, "signal": stopper.signal}
@@ -597,10 +675,111 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
     }
 
 
-def _tensorboard(folder: Path) -> TensorBoardCallback:
-    callback = TensorBoardCallback()
-    callback.logging_dir = str(folder)  # instead of the TENSORBOARD_LOGGING_DIR variable (process-wide)
-    return callback
+class RunTensorBoard(TensorBoardCallback):
+    """TensorBoard events in ``folder``, with no duplicated point after kills and resumes.
+
+    A session that starts at step N over earlier event files opens its writer with ``purge_step=N``: TensorBoard
+    then ignores every earlier point at a step >= N (a killed session's points past its checkpoint, and its
+    end-of-run summary). The rows of step N itself that the log kept are written again, so the events end up
+    holding what ``log.jsonl`` holds."""
+
+    def __init__(self, folder: Path, log: Path):
+        super().__init__()
+        self.logging_dir = str(folder)  # instead of the TENSORBOARD_LOGGING_DIR variable (process-wide)
+        self.log = log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        folder = Path(self.logging_dir)
+        if not state.is_world_process_zero or self.tb_writer is not None or not any(folder.glob("events.*")):
+            return super().on_train_begin(args, state, control, **kwargs)
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=state.global_step)
+        for row in read_log(self.log):  # StepLog (an earlier callback) has already cut the log to this step
+            if row.get("step") == state.global_step:
+                self.on_log(args, state, control, logs={k: v for k, v in row.items() if k != "step"})
+
+
+class DivergenceStop(TrainerCallback):
+    """Ends a run whose training diverged, before a checkpoint, evaluation or log of the diverged weights.
+
+    At the end of every step: the trainable weights must be finite, and the steps that were non-finite (a NaN/Inf
+    training loss, counted by the trainer's ``nonfinite_losses``, or a step the perturbation optimizer skipped for
+    a non-finite gradient, counted by its ``skipped_steps``) must not pass ``patience``. Plain AdamW cannot skip:
+    a non-finite gradient reaches its weights and stops the run at that step. Every rank takes the same decision
+    (the values are all-reduced), so no rank stops while another trains on."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.trainer = None  # the PerturbationTrainer, for its nonfinite_losses counter
+        self.diverged: tuple[int, str] | None = None  # (step, why)
+        self.bad_steps = 0
+        self._seen = (0, 0)  # (non-finite losses, skipped steps) at the end of the last step
+        self._group = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        from mgpo.integrations.trainer import unwrap_optimizer
+        from mgpo.optim._base import PerturbedOptimizer
+
+        self._group = _cpu_group()
+        opt = unwrap_optimizer(optimizer)  # a resumed optimizer brings its earlier sessions' skipped steps
+        self._seen = (0, opt.skipped_steps if isinstance(opt, PerturbedOptimizer) else 0)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import torch
+
+        from mgpo.integrations.trainer import unwrap_optimizer
+        from mgpo.optim._base import PerturbedOptimizer
+        from mgpo.optim.distributed import local
+
+        trainable = [local(p).detach() for p in model.parameters() if p.requires_grad] if model is not None else []
+        # one host read per step (the only one this callback makes)
+        weights_bad = int(not torch.stack(torch._foreach_norm(trainable)).isfinite().all()) if trainable else 0
+        opt = unwrap_optimizer(optimizer)
+        skipped = opt.skipped_steps if isinstance(opt, PerturbedOptimizer) else 0
+        losses = int(self.trainer.nonfinite_losses) if self.trainer is not None else 0
+        weights_bad, losses, skipped = _agree_max(self._group, weights_bad, losses, skipped)
+        self.bad_steps += (losses, skipped) != self._seen
+        self._seen = (losses, skipped)
+        if weights_bad:
+            why = "the trainable weights hold NaN/Inf (a non-finite gradient reached them)"
+        elif self.bad_steps > self.patience:
+            why = (f"{self.bad_steps} steps had a non-finite (NaN/Inf) loss or gradient, more than "
+                   f"training.max_skipped_steps={self.patience}")
+        else:
+            return
+        self.diverged = (state.global_step, why)
+        control.should_training_stop = True
+        control.should_save = control.should_evaluate = False
+
+    def message(self, cfg: TrainConfig, out: Path) -> str:
+        step, why = self.diverged
+        found, _ = newest_complete(out / "checkpoints", world_size())
+        last = (f"the last good checkpoint, {found.relative_to(out)}, is kept (--resume continues from it)"
+                if found is not None else "no checkpoint was written before it")
+        return (f"training diverged at step {step}: {why}. Nothing was saved from the diverged weights; {last}. "
+                f"Lower training.lr (now {cfg.training.lr:g}) and rerun with --restart, or raise "
+                "training.max_skipped_steps if a few non-finite steps are expected.")
+
+
+def _cpu_group():
+    """A gloo process group for small host-side agreements (None in a single process): agreeing never waits
+    for a GPU's queued work. Every rank must call it, in the same order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _agree_max(group, *values: int) -> list[int]:
+    """The largest of each value over the ranks (the values themselves in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if group is None:
+        return list(values)
+    flags = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return flags.tolist()
 
 
 def _grad_batches(train_split, collator, batch_size: int):
