@@ -88,11 +88,16 @@ def train(
 
     _library_output(verbose)
     config, overrides = _config_and_overrides(config, overrides)
+    from mgpo.eval.mtbench import JudgeError
+
     try:
         cfg = load_config(config, overrides)
         metrics = run(cfg, resume=resume)
     except _user_errors() as err:
         _fail(err)
+    except JudgeError as err:  # the MT-Bench judge stopped answering: the judgements so far are on disk
+        err_console.print(f"[bold red]error:[/] {err} (mgpo train: the same command with --resume)", highlight=False)
+        raise typer.Exit(code=1)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last periodic checkpoint is the one to use
         err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from the last "
                           "checkpoint.")

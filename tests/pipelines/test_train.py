@@ -364,6 +364,24 @@ def test_quiet_cli_shows_our_warnings_as_one_plain_line(capsys):
     assert "RuntimeWarning" not in err and ".py" not in err and "old API" not in err
 
 
+def test_cli_stops_on_a_judge_outage_with_the_judges_message(monkeypatch):
+    """A judge that stops answering ends `mgpo train` with exit status 1 and the judge's message (where, which
+    question, how many judgements are kept), plus how to resume: never silently, never a traceback."""
+    import mgpo.pipelines.train as pipeline
+    from mgpo.eval.mtbench import JudgeError
+
+    def outage(cfg, resume=False):
+        raise JudgeError("HTTP 503 from http://judge/v1/chat/completions (judging question 81 turn 2). "
+                         "3 judgement(s) are kept in run/after_mtbench.jsonl: rerun to resume")
+
+    monkeypatch.setattr(pipeline, "train", outage)
+    result = CliRunner().invoke(app, ["train", "training.max_steps=1"], terminal_width=400)
+    assert result.exit_code == 1
+    assert "error: HTTP 503 from http://judge/v1/chat/completions" in result.output
+    assert "3 judgement(s) are kept" in result.output and "--resume" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, monkeypatch):
     from rich.console import Console
 
