@@ -1,5 +1,6 @@
 """The Hugging Face pins in pyproject.toml match the code: transformers 5 (not 4.x, whose warm-up and dtype
-arguments mean something else) and the PEFT / TRL / accelerate releases installed and tested with it."""
+arguments mean something else) and the PEFT / TRL / accelerate releases installed and tested with it; openai (the
+MT-Bench judge client) within the major release it was written against."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-PINNED = ("transformers", "peft", "trl", "accelerate")
+PINNED = ("transformers", "peft", "trl", "accelerate", "openai")
 
 
 def requirements() -> dict[str, Requirement]:

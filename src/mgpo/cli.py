@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Optional
 
@@ -38,11 +39,25 @@ def _fail(err: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
+# bitsandbytes, which peft imports whenever it is installed, logs this line on import on CPUs with AVX512-BF16
+# when the optional `kernels` package is missing. It concerns 4-bit matmuls on CPU, which mgpo never runs; quiet
+# mode drops this one line, so anything else bitsandbytes logs still shows.
+BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_CPU_KERNEL_LINE = "Failed to load CPU gemm_4bit_forward"
+
+
+def _not_bnb_cpu_kernel_line(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(BNB_CPU_KERNEL_LINE)
+
+
 def _library_output(verbose: bool) -> None:
-    """Quiet by default: no load reports, dataset progress bars or deprecation warnings from the libraries."""
+    """Quiet by default: no load reports, dataset progress bars or deprecation warnings from the libraries.
+    Called before the pipelines are imported: importing them imports peft, and peft imports bitsandbytes."""
     if verbose:
         return
     import warnings
+
+    logging.getLogger(BNB_LOGGER).addFilter(_not_bnb_cpu_kernel_line)  # a filter is added once, however often
 
     import datasets
     import transformers
@@ -86,11 +101,12 @@ def train(
     Exit status: 0 when training finished, 130/143 when stopped by Ctrl-C/SIGTERM (checkpoint written; continue
     with --resume), 2 for a problem with the configuration or the data, 3 when training diverged (non-finite
     weights or too many non-finite steps; the last good checkpoint is kept), 1 for anything else."""
+    _library_output(verbose)
+    from mgpo.eval.mtbench import JudgeError
     from mgpo.pipelines.config import load_config
     from mgpo.pipelines.train import TrainingDiverged
     from mgpo.pipelines.train import train as run
 
-    _library_output(verbose)
     config, overrides = _config_and_overrides(config, overrides)
     try:
         cfg = load_config(config, overrides)
@@ -100,6 +116,9 @@ def train(
     except TrainingDiverged as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)
         raise typer.Exit(code=3)
+    except JudgeError as err:  # the MT-Bench judge stopped answering: the judgements so far are on disk
+        err_console.print(f"[bold red]error:[/] {err} (mgpo train: the same command with --resume)", highlight=False)
+        raise typer.Exit(code=1)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last periodic checkpoint is the one to use
         err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from the last "
                           "checkpoint.")
@@ -121,11 +140,11 @@ def demo(
     verbose: bool = VERBOSE,
 ):
     """LoRA vs LoRA-MGPO side by side, same seed and budget, offline; prints a table and a loss-curve PNG."""
+    _library_output(verbose)
     from mgpo.pipelines.demo import DEMOS, run_demo
 
     if name not in DEMOS:
         _fail(ValueError(f"unknown demo {name!r}: choose one of {', '.join(DEMOS)}"))
-    _library_output(verbose)
     try:
         results = run_demo(name, output_dir, overrides or [], console=console)
     except _user_errors() as err:
@@ -146,8 +165,10 @@ def sweep(
                                                                           "output_dir)."),
     plan_only: bool = typer.Option(False, "--plan", help="Validate every run's config and print the run plan; "
                                                           "train nothing."),
+    verbose: bool = VERBOSE,
 ):
     """Run a grid of training runs, one folder each, plus index.csv/json; rerun to resume after an interruption."""
+    _library_output(verbose)
     from rich.table import Table
 
     from mgpo.pipelines.sweep import load_sweep, plan, run_sweep, run_state
@@ -190,8 +211,10 @@ def report(
                                                      "the points)."),
     spike_factor: Optional[float] = typer.Option(None, help="Instability count: loss > this x running median "
                                                              "(default 1.5)."),
+    verbose: bool = VERBOSE,
 ):
     """Figures, method/ablation/cost tables with bootstrap intervals and the double-descent measure."""
+    _library_output(verbose)
     from mgpo.pipelines.report import make_report
 
     try:

@@ -4,6 +4,7 @@ saved with every checkpoint), and a bf16 + gradient-checkpointing run on CPU tra
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -14,13 +15,18 @@ from mgpo.pipelines.train import train, training_arguments
 from tests.pipelines.test_train import overrides, sentiment_csv, tiny_model_dir  # noqa: F401  (fixtures)
 
 
-def test_config_maps_onto_the_training_arguments(tmp_path):
-    cfg = load_config(None, ["training.mixed_precision=bf16", "training.gradient_checkpointing=true",
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_config_maps_onto_the_training_arguments(tmp_path, checkpointing):
+    cfg = load_config(None, ["training.mixed_precision=bf16", f"training.gradient_checkpointing={checkpointing}",
                              "training.optim=adafactor", "perturbation.profile=nlg", "perturbation.rho=0.2"])
-    args = training_arguments(cfg, tmp_path, has_eval=False)
+    with warnings.catch_warnings():
+        # transformers' renamed-argument warnings (gradient_checkpointing -> activation_checkpointing): none from us
+        warnings.simplefilter("error", FutureWarning)
+        args = training_arguments(cfg, tmp_path, has_eval=False)
     assert isinstance(args, PerturbationTrainingArguments)
-    assert args.bf16 and not args.fp16 and args.gradient_checkpointing and args.optim == "adafactor"
-    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.bf16 and not args.fp16 and args.optim == "adafactor"
+    assert args.activation_checkpointing is checkpointing
+    assert args.activation_checkpointing_kwargs == ({"use_reentrant": False} if checkpointing else None)
     assert args.perturbation_config() == cfg.perturbation
 
 

@@ -225,3 +225,34 @@ def test_curves_and_double_descent_use_the_clean_loss_where_a_run_logged_it(tmp_
     assert _md_row(dd, "-")[1:3] == ["LoRA", "clean (probe)"]
     assert "fall back to the loss as trained" in dd and "LoRA-MGPO-old" in dd
     assert "clean (probe) where logged" in md  # the figure's caption says which curve it shows
+
+
+def test_a_single_method_report_has_no_empty_difference_table_and_its_bars_start_at_0(tmp_path, monkeypatch):
+    """One method, every seed at accuracy 1.0: no table of differences (there is nothing to take them against)
+    and the bar chart's y-axis runs from 0 past 1.0 (it was 0.99-1.01, zoomed on bars that all reach 1.0)."""
+    import mgpo.pipelines.report as report
+
+    root, rows = tmp_path / "single", []
+    for seed in range(3):
+        out = root / f"LoRA-s{seed}"
+        out.mkdir(parents=True)
+        (out / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 1 / (i + 1)}) + "\n"
+                                               for i in range(20)))
+        (out / "metrics.json").write_text(json.dumps({"test_accuracy": 1.0}))
+        rows.append({"index": seed, "name": out.name, "status": "done", "output_dir": str(out),
+                     "labels": {"method": "LoRA", "training.seed": seed}})
+    (root / "index.json").write_text(json.dumps({"title": "single", "runs": rows}))
+    limits, save = {}, report._save
+
+    def keep_limits(fig, out_png):
+        limits[out_png.name] = fig.axes[0].get_ylim()
+        return save(fig, out_png)
+
+    monkeypatch.setattr(report, "_save", keep_limits)
+    paths = make_report([root], tmp_path / "report")
+    md = paths["markdown"].read_text()
+    assert "Difference to" not in md and "| difference |" not in md
+    assert "Only one method (LoRA): nothing to compare it with" in md
+    assert "nothing to compare it with" in paths["html"].read_text()
+    low, high = limits["single-test_accuracy.png"]
+    assert low == 0 and 1.0 < high <= 1.1

@@ -371,6 +371,64 @@ def test_quiet_cli_shows_our_warnings_as_one_plain_line(capsys):
     assert "RuntimeWarning" not in err and ".py" not in err and "old API" not in err
 
 
+def test_cli_stops_on_a_judge_outage_with_the_judges_message(monkeypatch):
+    """A judge that stops answering ends `mgpo train` with exit status 1 and the judge's message (where, which
+    question, how many judgements are kept), plus how to resume: never silently, never a traceback."""
+    import mgpo.pipelines.train as pipeline
+    from mgpo.eval.mtbench import JudgeError
+
+    def outage(cfg, resume=False):
+        raise JudgeError("HTTP 503 from http://judge/v1/chat/completions (judging question 81 turn 2). "
+                         "3 judgement(s) are kept in run/after_mtbench.jsonl: rerun to resume")
+
+    monkeypatch.setattr(pipeline, "train", outage)
+    result = CliRunner().invoke(app, ["train", "training.max_steps=1"], terminal_width=400)
+    assert result.exit_code == 1
+    assert "error: HTTP 503 from http://judge/v1/chat/completions" in result.output
+    assert "3 judgement(s) are kept" in result.output and "--resume" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_quiet_cli_drops_only_the_bitsandbytes_cpu_kernel_line(caplog):
+    """bitsandbytes (imported by peft when installed) logs "Failed to load CPU gemm_4bit_forward ..." on import on
+    some CPUs: quiet mode drops that line, any other line of that logger still shows, --verbose shows both."""
+    import logging
+
+    from mgpo.cli import BNB_LOGGER, _library_output, _not_bnb_cpu_kernel_line
+
+    line = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make "
+            "sure you already `pip install kernels` and the kernels >= 0.11.1")
+    logger = logging.getLogger(BNB_LOGGER)
+    logger.removeFilter(_not_bnb_cpu_kernel_line)  # an earlier quiet CLI call in this process added it
+    try:
+        _library_output(verbose=True)
+        logger.warning(line)
+        assert "gemm_4bit_forward" in caplog.text
+        caplog.clear()
+        _library_output(verbose=False)
+        logger.warning(line)
+        logger.warning("some other bitsandbytes warning")
+        assert "gemm_4bit_forward" not in caplog.text and "some other bitsandbytes warning" in caplog.text
+    finally:
+        logger.removeFilter(_not_bnb_cpu_kernel_line)
+
+
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_quiet_mode_is_set_before_the_pipelines_import_peft(command, tmp_path):
+    """peft imports bitsandbytes, which logs at import: quiet mode must be in place before that import (it was
+    set after it, and `mgpo report` had no quiet mode). A fresh interpreter, as peft is imported here already."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run / "metrics.json").write_text('{"test_accuracy": 1.0}')
+    args = ["training.lr=-1"] if command == "train" else [str(run), "--out", str(tmp_path / "report")]
+    script = ("import sys\nimport mgpo.cli as cli\nreal = cli._library_output\n"
+              "cli._library_output = lambda verbose: print('peft imported:', 'peft' in sys.modules) or real(verbose)\n"
+              f"sys.argv = ['mgpo', {command!r}, *{args!r}]\ncli.main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "peft imported: False" in done.stdout, done.stdout + done.stderr
+
+
 def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, monkeypatch):
     from rich.console import Console
 

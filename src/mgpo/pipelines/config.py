@@ -131,9 +131,11 @@ class GenerationEvalConfig:
                              "(unbiased estimator) for k = 1 and num_samples.", 1)
     temperature: float = _help("Sampling temperature when num_samples > 1 (greedy otherwise).", 0.8)
     judge_url: str | None = _help("mtbench: base URL of an OpenAI-compatible judge API; unset = answers are "
-                                  "written but not judged.", None)
+                                  "written but not judged. Judgements are kept as they arrive: after a judge "
+                                  "outage, rerun with --resume to ask only for the missing ones.", None)
     judge_model: str = _help("mtbench: judge model name.", "gpt-4")
-    judge_api_key_env: str = _help("mtbench: environment variable holding the judge API key.", "OPENAI_API_KEY")
+    judge_api_key_env: str = _help("mtbench: environment variable holding the judge API key ('' = none sent).",
+                                   "OPENAI_API_KEY")
 
 
 @dataclass

@@ -383,10 +383,10 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
         extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
     ax.set_xticks(x, [p or metric for p in panels], fontsize=9)
     ax.set_ylabel(metric)
-    if extents:  # zoom on the differences, as the paper's bars do (never below 0 for non-negative metrics)
-        lo, hi = min(extents), max(extents)
-        pad = max(hi - lo, abs(hi) * 0.02, 1e-6) / 2
-        ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
+    if extents and min(extents) >= 0:
+        # A bar's length is its value, so the axis starts at 0: zoomed on the bars' tops, equal scores of 1.0
+        # got an axis of 0.99-1.01 and small differences looked large. The tables hold the exact numbers.
+        ax.set_ylim(0, max(extents) * 1.05 or 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(series), 3), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     ax.set_title(f"{textwrap.fill(exp.title, 70)}\n{metric} ({'higher' if result['better'] else 'lower'} is "
@@ -448,11 +448,14 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                     f"{base}.")]
     for png, caption in figures:
         blocks.append(("img", png, caption))
-    blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"]),
-               ("h3", f"Difference to {base}, paired by seed: mean [95% bootstrap interval]"),
-               ("p", "Bold and * : the interval excludes 0. With 3 seeds a bootstrap interval is coarse; "
-                     "n=1: no interval."),
-               ("table", result["diff_table"])]
+    blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"])]
+    if result["diff_table"]["rows"]:
+        blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% bootstrap interval]"),
+                   ("p", "Bold and * : the interval excludes 0. With 3 seeds a bootstrap interval is coarse; "
+                         "n=1: no interval."),
+                   ("table", result["diff_table"])]
+    else:  # one method: an empty table of differences would look like a failure
+        blocks.append(("p", f"Only one method ({base}): nothing to compare it with, so no differences."))
     if result.get("own_table"):
         blocks += [("h3", "Each variant with the perturbation minus the same variant without, paired by seed"),
                    ("table", result["own_table"])]

@@ -374,10 +374,19 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         loraplus_lr_ratio=cfg.adapter.loraplus_lr_ratio if cfg.adapter.method == "loraplus" else None,
         bf16=t.mixed_precision == "bf16",
         fp16=t.mixed_precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_arguments(t.gradient_checkpointing),
         **fsdp_arguments(cfg),
     )
+
+
+def _checkpointing_arguments(on: bool) -> dict:
+    """Activation checkpointing for TrainingArguments. transformers 5 renamed gradient_checkpointing(_kwargs) to
+    activation_checkpointing(_kwargs), and the old names raise a FutureWarning on every run, even when off; an
+    earlier 5.x has only the old names."""
+    name = "activation_checkpointing"
+    if name not in TrainingArguments.__dataclass_fields__:
+        name = "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def _cuda() -> bool:
