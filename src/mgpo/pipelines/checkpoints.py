@@ -88,21 +88,39 @@ def _json_problem(path: Path) -> str | None:
         return f"{path.name} is not valid JSON ({err})"
 
 
-def checkpoint_problem(folder: Path, world_size: int = 1) -> str | None:
+def rng_files(folder: Path) -> list[str]:
+    """The RNG state files: ``rng_state.pth`` (one process) or ``rng_state_<rank>.pth`` (one per rank)."""
+    return sorted(p.name for p in folder.iterdir() if re.fullmatch(r"rng_state(_\d+)?\.pth", p.name))
+
+
+def rng_mismatch(folder: Path, world_size: int) -> str | None:
+    """A checkpoint written by another number of processes than resumes it: it can be resumed (the Trainer
+    takes each rank's state where there is one), but not on the trajectory an uninterrupted run takes."""
+    expected = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
+    found = rng_files(folder)
+    if set(expected) <= set(found):
+        return None
+    return (f"{folder.name} holds the RNG state of {len(found)} process(es) and this run has {world_size}: it "
+            "continues, but not as an uninterrupted run would (other random numbers, another data order)")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from (the first problem found), or None when it is complete.
 
     Complete: ``trainer_state.json`` (at this folder's step), the model's weights, ``optimizer.pt``,
-    ``scheduler.pt``, the RNG state of every rank and mgpo's wall-time file, each present and opening."""
-    if not folder.is_dir():
-        return "not a folder"
-    names = {p.name for p in folder.iterdir()}
+    ``scheduler.pt``, the RNG state and mgpo's wall-time file, each present and opening."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError as err:  # gone (another process moved it aside) or unreadable
+        return f"cannot be read ({err.strerror})"
     weights = [n for n in WEIGHT_FILES if n in names]
     if not weights:
         return f"no model weights ({' or '.join(WEIGHT_FILES[:2])})"
     if not any(n in names for n in OPTIMIZER_FILES):
         return "optimizer.pt is missing"
-    rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
-    required = ["trainer_state.json", "scheduler.pt", *rng, WALL_TIME_FILE]
+    if not rng_files(folder):  # without it the run would go on, silently, on another random trajectory
+        return "rng_state.pth is missing"
+    required = ["trainer_state.json", "scheduler.pt", WALL_TIME_FILE]
     missing = [n for n in required if n not in names]
     if missing:
         return f"{missing[0]} is missing"
@@ -134,12 +152,12 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_number, reverse=True)
 
 
-def newest_complete(folder: Path, world_size: int = 1) -> tuple[Path | None, list[tuple[Path, str]]]:
+def newest_complete(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint under ``folder`` (None if there is none), and the newer ones that are not,
     each with its problem."""
     bad = []
     for candidate in checkpoints(folder):
-        problem = checkpoint_problem(candidate, world_size)
+        problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate, bad
         bad.append((candidate, problem))

@@ -47,8 +47,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from mgpo.checks import check
-from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, set_aside, write_atomic,
-                                        write_json)
+from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, rng_mismatch, set_aside,
+                                        write_atomic, write_json)
 from mgpo.pipelines.config import ConfigError, TrainConfig, to_yaml
 from mgpo.tasks import LABELLED_TEXT_TASKS
 
@@ -418,7 +418,7 @@ def start_checkpoint(out: Path, *, resume: bool, restart: bool, main: bool) -> s
             raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --restart to discard "
                                   "it and start over, or choose another training.output_dir.")
         return None
-    found, bad = newest_complete(folder, world_size())
+    found, bad = newest_complete(folder)
     if found is None:
         listed = "; ".join(f"{c.name}: {problem}" for c, problem in bad) or "none was written"
         raise FileNotFoundError(f"--resume: no complete checkpoint under {folder} ({listed}). Start over with "
@@ -431,6 +431,9 @@ def start_checkpoint(out: Path, *, resume: bool, restart: bool, main: bool) -> s
                   "longer need it)", flush=True)
     if main:
         print(f"mgpo: resuming from {found.name} in {folder}", flush=True)
+        mismatch = rng_mismatch(found, world_size())
+        if mismatch:
+            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
     return str(found)
 
 
@@ -761,7 +764,7 @@ class DivergenceStop(TrainerCallback):
 
     def message(self, cfg: TrainConfig, out: Path) -> str:
         step, why = self.diverged
-        found, _ = newest_complete(out / "checkpoints", world_size())
+        found, _ = newest_complete(out / "checkpoints")
         last = (f"the last good checkpoint, {found.relative_to(out)}, is kept (--resume continues from it)"
                 if found is not None else "no checkpoint was written before it")
         return (f"training diverged at step {step}: {why}. Nothing was saved from the diverged weights; {last}. "
