@@ -15,7 +15,7 @@ from mgpo.eval.humaneval import (
 )
 from mgpo.eval.sandbox import SandboxLimits, run_programs
 
-LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=8)
+LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=4)
 
 
 @pytest.fixture(scope="module")

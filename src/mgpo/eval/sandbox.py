@@ -629,8 +629,10 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
                 with tempfile.TemporaryFile() as test_source:
                     test_source.write(tests.encode("utf-8"))
                     test_source.seek(0)
+                    # runner.python: a system interpreter starts in a quarter of a pyenv one's time; -S: the
+                    # tests need only the standard library.
                     harness = subprocess.Popen(
-                        [sys.executable, "-I", "-B", "-c", _HARNESS, str(limits.memory_mb * 2**20),
+                        [python, "-I", "-S", "-B", "-c", _HARNESS, str(limits.memory_mb * 2**20),
                          str(limits.cpu_s), str(req_w), str(rep_r), str(_MAX_MESSAGE)],
                         cwd="/", env=_minimal_env("/"), stdin=test_source, stdout=verdict_log,
                         stderr=verdict_log, close_fds=True, pass_fds=(req_w, rep_r))
