@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 __all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "judge", "judge_many", "describe_isolation",
            "switches_user", "uses_namespaces"]
 
-_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_GONE = 92, 93, 94, 95
+_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_GONE, _EXIT_EXIT = 92, 93, 94, 95, 96
 _SCRATCH = "/tmp"  # the scratch directory inside bubblewrap: the private, size-limited /tmp
 _MAX_OPEN_FILES = 64  # RLIMIT_NOFILE: also bounds memfd/pipe memory outside the address space (see above)
 _MAX_MESSAGE = 4 * 2**20  # the largest argument list or reply (bytes of JSON) that crosses the boundary
@@ -368,7 +368,7 @@ except Malformed as err:
 except BaseException as err:
     traceback.print_exc(); sys.stderr.flush()
     kind = err.type_name if isinstance(err, CandidateError) else type(err).__name__
-    os._exit({"AssertionError": 93, "MemoryError": 94}.get(kind, 92))
+    os._exit({"AssertionError": 93, "MemoryError": 94, "SystemExit": 96}.get(kind, 92))
 sys.stderr.flush()
 os._exit(0)
 '''
@@ -700,6 +700,8 @@ def _judge_status(verdict: int, timed_out: bool, rc: int | None, stderr: str, li
         return "failed", "the program closed its channel before the tests finished"
     if verdict == _EXIT_ASSERT:
         return "failed", "assertion failed"
+    if verdict == _EXIT_EXIT:
+        return "failed", "the program called sys.exit during the tests: not counted as passed"
     if verdict == _EXIT_MEMORY:
         return "memory", f"memory limit of {limits.memory_mb} MiB reached"
     if verdict == _EXIT_ERROR:
