@@ -1,7 +1,35 @@
-"""Run untrusted, model-generated Python programs in a separate, limited process.
+"""Run untrusted, model-generated Python programs in a separate, limited process, and grade them.
 
-Two layers. The outer one, when bubblewrap (``bwrap``, Debian package ``bubblewrap``) is installed, is an
-isolation boundary; the inner one is what ran before and still runs inside it.
+Two entry points:
+
+* :func:`judge` grades a function of the untrusted program with trusted test code. The verdict cannot be
+  produced by the program (below, "The judge").
+* :func:`run_program` runs a whole program and reports how it ended. Its "passed" (ran to its end) is the
+  program's own report, which code that wants to can fake: use it for trusted or diagnostic programs, not to
+  grade untrusted ones.
+
+The judge (finding 4 of issue 16: a completion wrote the end-of-run token that lived in its own process and
+exited, and was scored as passed):
+
+* The program (for HumanEval: prompt + completion) runs in the sandbox described below. It holds no token and
+  no channel to a verdict: it loads, then answers calls of its function ``entry_point`` over two pipes.
+* The test code (for HumanEval: the dataset's ``check(candidate)``, trusted) runs in a separate harness
+  process, outside the sandbox's namespaces, as this process's user, with the same memory and CPU limits.
+  There ``candidate`` is a proxy: a call sends its arguments to the program and returns the reply.
+* Only plain data crosses: JSON with tags for what JSON lacks (int, float with inf/nan, str, bool, None,
+  list, tuple, dict, set, frozenset: what the 164 HumanEval suites pass and get back). The harness decodes into
+  builtin types only, so an object with its own ``__eq__`` cannot arrive; a message above 4 MiB, a malformed
+  one, or end-of-file ends the run as not passed. An exception in the program's function comes back as the
+  harness's ``CandidateError`` (type name and message only).
+* The verdict is the harness's exit status: 0 only when the test code ran to its end. The program can reach
+  neither that status nor the harness: under bubblewrap the harness is outside the program's PID namespace
+  (not visible in its /proc, not signalable); without bubblewrap it runs as a different user than the program
+  when the user switch applies (see below). The wall-clock limit kills both.
+* What the program can still do is what a function can: return any plain value for each call. Returning a
+  wrong value, raising, exiting, hanging, crashing or writing anything anywhere is at most "not passed".
+
+The sandbox. Two layers. The outer one, when bubblewrap (``bwrap``, Debian package ``bubblewrap``, 0.8.0 or
+later for ``--size``) is installed, is an isolation boundary; the inner one runs inside it.
 
 With bubblewrap (``SandboxLimits.isolation`` ``auto`` or ``bwrap``; tested in ``tests/eval/test_sandbox.py``):
 
@@ -10,49 +38,69 @@ With bubblewrap (``SandboxLimits.isolation`` ``auto`` or ``bwrap``; tested in ``
   own processes (it is PID 2; the parent cannot be signalled), and when the run ends or the parent dies
   (``--die-with-parent``) the namespace's init exits and the kernel kills every process left in it, including
   ones that left the process group with ``setsid``.
-* The root filesystem is mounted read-only; ``/tmp``, ``/dev/shm`` and the program's scratch directory are
-  private and writable; the parent's home directory, its working directory and the mgpo project folder are
-  replaced by empty read-only directories, so files there can be neither read nor written.
+* The root filesystem is mounted read-only and so is ``/dev`` (device nodes still work). ``/tmp`` (which is
+  also the scratch directory: the working directory, ``HOME`` and ``TMPDIR``) and ``/dev/shm`` are private,
+  in-memory and ``SandboxLimits.tmpfs_mb`` each (bwrap ``--size``): writing past that fails with "No space
+  left on device", however the file was opened. Nothing of the run is on the host's disk; the program
+  arrives through an inherited descriptor of an unlinked file. The parent's home directory, its working
+  directory and the mgpo project folder are replaced by empty read-only directories.
+* bubblewrap's options (with the host paths above) go through a descriptor (``--args``), so the sandbox's
+  ``/proc/1/cmdline`` is ``bwrap --args N python -I -B -c <launcher> <numbers>`` and its environment names
+  ``/tmp`` only.
 
 Always (with or without bubblewrap):
 
-* Every program runs in its own ``python -I -B`` process, in a new session (its own process group), in a
-  fresh temporary working directory that is deleted afterwards, with stdin closed, an environment holding
-  only ``PATH``/``HOME``/``TMPDIR``/``LANG`` (nothing is inherited from the parent, so secrets in the
-  parent's environment are not visible), and stdout/stderr written to anonymous files of bounded size.
-* Resource limits set before the program starts: ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_NPROC``,
-  ``RLIMIT_FSIZE`` (this also bounds the captured output), ``RLIMIT_CORE = 0``. On wall-clock expiry the
-  whole process group is killed with SIGKILL; the group is also killed after every normal exit so that no
-  background child outlives its run.
+* Every program runs in its own ``python -I -B`` process, in a new session (its own process group), with
+  stdin closed, an environment holding only ``PATH``/``HOME``/``TMPDIR``/``LANG`` (nothing is inherited from
+  the parent, so secrets in the parent's environment are not visible), and stdout/stderr written to
+  anonymous files of bounded size. Without bubblewrap the scratch directory is a fresh folder on the host,
+  deleted afterwards.
+* Resource limits set before the program starts: ``RLIMIT_CPU``, ``RLIMIT_AS`` (``memory_mb`` per process),
+  ``RLIMIT_NPROC`` (``max_processes``), ``RLIMIT_FSIZE`` (this also bounds the captured output; an output
+  file at that size classifies the run as ``file_limit``, on either stream), ``RLIMIT_NOFILE`` (64),
+  ``RLIMIT_CORE = 0``. On wall-clock expiry the whole process group is killed with SIGKILL; the group is also
+  killed after every normal exit so that no background child outlives its run.
+* A total memory budget (finding 5: four children of 512 MiB each held 1.6 GB). There is no cgroup here (the
+  module does not create one: that needs root-level cgroup delegation that differs between hosts), so the
+  bound is the product of the per-process limits: ``SandboxLimits`` refuses limits where
+  ``max_processes x memory_mb + 2 x tmpfs_mb`` exceeds ``memory_budget_mb`` (defaults 4 x 512 + 2 x 64 =
+  2176 <= 2560 MiB). Under bubblewrap with a kernel of 5.14 or later, ``RLIMIT_NPROC`` counts the processes
+  of the program's own user namespace, bwrap's init included (so the default 4 leaves the program 2 forks);
+  on older kernels it counts every process of that user, other sandboxes included.
 * When the parent runs as root and the user ``SandboxLimits.user`` (default ``nobody``) exists, the
   program (and bubblewrap) runs as that user, with no supplementary groups. This is what makes the limits
   real: the kernel does not enforce ``RLIMIT_NPROC`` for root, and root could raise any limit again (and
   root-owned files would be readable through bubblewrap's user namespace). The parent's interpreter may live
   where that user cannot reach it (e.g. ``/root/.pyenv``); then the first system interpreter that user can
   run (``/usr/bin/python3`` ...) is used instead, and only its standard library is available to the program.
-  ``RLIMIT_NPROC`` counts *all* processes of that user, including other sandboxes running at the same time.
+  The judge's harness runs with the same interpreter, as the parent's user.
 * A Python-level guard, installed after the limits and before the program's code, blocks: opening files for
   writing outside the working directory (``open``, ``io.open``, ``io.FileIO``, ``os.open``), path-changing
   ``os`` functions outside the working directory (``remove``, ``rename``, ``mkdir``, ``chmod`` ...),
   and disables process and signal functions (``os.fork``, ``os.system``, ``os.kill``, ``os.exec*``,
-  ``os.spawn*``, ``subprocess`` process creation, ``signal.pthread_kill`` ...); it makes ``ctypes`` and
-  ``resource`` unimportable. It gives clear error messages; it is not a boundary (it can be bypassed
-  through interpreter internals).
-* A program only passes if it runs to its end: after the program's code finished, the launcher prints a
-  random token that the program never sees (it is read from a file that is deleted before the code runs).
-  ``sys.exit(0)`` or ``os._exit(0)`` before the end therefore counts as a failure.
+  ``os.spawn*``, ``os.memfd_create``, ``subprocess`` process creation, ``signal.pthread_kill`` ...); it makes
+  ``ctypes`` and ``resource`` unimportable. It gives clear error messages; it is not a boundary (it can be
+  bypassed through interpreter internals or the ``posix`` module).
 
 What does NOT hold:
 
 * There is no seccomp filter: the kernel's whole syscall surface is reachable (bubblewrap's namespaces are
-  the boundary). The end-of-run token lives in the process's memory.
-* Without bubblewrap (not installed, user namespaces disabled, or ``isolation="process"``) there is no
-  network, filesystem or PID isolation: a program that bypasses the guard can open connections, read any
-  file its user can read, write to world-writable places (``/tmp``, ``/dev/shm``), and a process that leaves
-  the group with ``setsid`` is not killed at the end. ``auto`` then warns once, loudly.
+  the boundary).
+* The memory budget covers address space and the two tmpfs mounts. Memory held in ``memfd_create`` files
+  that are never mapped, and in pipe buffers, is outside it: at most 64 open files x ``max_file_mb`` per
+  process (1 GiB at the defaults). Only a memory cgroup would close that.
+* The hidden folders' paths (not their contents) are visible as mount points in ``/proc/self/mountinfo``,
+  and the interpreter's path is visible when it lives below one of them.
+* Without bubblewrap (not installed, too old, user namespaces disabled, or ``isolation="process"``) there is
+  no network, filesystem or PID isolation and no bound on what is written to ``/tmp``, ``/dev/shm`` or the
+  scratch folder (only the per-file limit): a program that bypasses the guard can open connections, read any
+  file its user can read, write to world-writable places, and a process that leaves the group with
+  ``setsid`` is not killed at the end. ``auto`` then warns once, loudly.
 * Without the user switch (parent not root, or no such user), the program runs as the parent's user.
-  As root without the switch, ``RLIMIT_NPROC`` is not enforced and only the guard prevents forking.
-  :func:`describe_isolation` says which case applies.
+  As root without the switch, ``RLIMIT_NPROC`` and hence the memory budget are not enforced (a warning says
+  so) and only the guard prevents forking. Without the switch and without bubblewrap, the program shares the
+  harness's user and PID namespace, so code that bypasses the guard can reach the harness (``/proc/<pid>/fd``)
+  and forge a verdict. :func:`describe_isolation` says which case applies.
 """
 
 from __future__ import annotations
@@ -501,8 +549,10 @@ def _runner(python: str, user: str, isolation: str = "auto") -> _Runner:
         warnings.warn("sandbox: programs run as root, so RLIMIT_NPROC (SandboxLimits.max_processes) is not enforced "
                       "and SandboxLimits.memory_budget_mb does not hold (only memory_mb per process does). Set "
                       "SandboxLimits.user to an unprivileged user.", RuntimeWarning, stacklevel=4)
+    # Same user and PID namespace as the judge's harness: code past the guard could reach its descriptors.
+    shared = "; judge verdicts forgeable by code that bypasses the guard" if uid is None else ""
     if isolation == "process":
-        return _Runner(python, uid, gid, None, f"{who}; process sandbox (isolation='process': no namespaces)")
+        return _Runner(python, uid, gid, None, f"{who}; process sandbox (isolation='process': no namespaces){shared}")
     bwrap = shutil.which("bwrap")
     problem = _bwrap_problem(bwrap, python, uid, gid) if bwrap else \
         "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
@@ -515,7 +565,7 @@ def _runner(python: str, user: str, isolation: str = "auto") -> _Runner:
                   "isolation and without a bound on what it writes to /tmp, /dev/shm or its scratch directory "
                   "(only rlimits, the user switch and a Python guard). Install bubblewrap, or pass "
                   "SandboxLimits(isolation='process') to accept this.", RuntimeWarning, stacklevel=4)
-    return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem})")
+    return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem}){shared}")
 
 
 def switches_user(limits: SandboxLimits | None = None) -> bool:
