@@ -302,6 +302,31 @@ def test_missing_bwrap_warns_once_naming_it_and_falls_back(monkeypatch):
         sandbox._runner.cache_clear()
 
 
+def test_too_old_bwrap_is_named_with_the_fix(monkeypatch, tmp_path):
+    fake = tmp_path / "bwrap"  # a bubblewrap from before --size (Ubuntu 22.04 ships 0.6.1)
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo bubblewrap 0.6.1; else echo '--args FD'; fi\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: str(fake))
+    sandbox._runner.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"bubblewrap 0.6.1 is too old.*--size.*upgrade the bubblewrap package"):
+            run_program("print(1)\n", dataclasses.replace(FAST, isolation="bwrap"))
+        with pytest.warns(RuntimeWarning, match=r"too old.*WITHOUT network"):
+            assert run_program("print(2)\n", FAST).passed
+    finally:
+        sandbox._runner.cache_clear()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the warning is about running untrusted code as root")
+def test_staying_root_warns_that_the_budget_does_not_hold():
+    sandbox._runner.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"RLIMIT_NPROC.*memory_budget_mb does not hold"):
+            describe_isolation(dataclasses.replace(FAST, user=""))
+    finally:
+        sandbox._runner.cache_clear()
+
+
 def test_bad_isolation_is_rejected():
     with pytest.raises(ValueError, match="isolation='docker'.*auto, bwrap, process"):
         SandboxLimits(isolation="docker")
