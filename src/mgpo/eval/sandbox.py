@@ -676,16 +676,20 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
                                     close_fds=True, pass_fds=child_fds, **user_kwargs)
             harness = None
             if judged:
-                with tempfile.TemporaryFile() as test_source:
-                    test_source.write(tests.encode("utf-8"))
-                    test_source.seek(0)
-                    # runner.python: a system interpreter starts in a quarter of a pyenv one's time; -S: the
-                    # tests need only the standard library.
-                    harness = subprocess.Popen(
-                        [python, "-I", "-S", "-B", "-c", _HARNESS, str(limits.memory_mb * 2**20),
-                         str(limits.cpu_s), str(req_w), str(rep_r), str(_MAX_MESSAGE)],
-                        cwd="/", env=_minimal_env("/"), stdin=test_source, stdout=verdict_log,
-                        stderr=verdict_log, close_fds=True, pass_fds=(req_w, rep_r))
+                try:
+                    with tempfile.TemporaryFile() as test_source:
+                        test_source.write(tests.encode("utf-8"))
+                        test_source.seek(0)
+                        # runner.python: a system interpreter starts in a quarter of a pyenv one's time; -S:
+                        # the tests need only the standard library.
+                        harness = subprocess.Popen(
+                            [python, "-I", "-S", "-B", "-c", _HARNESS, str(limits.memory_mb * 2**20),
+                             str(limits.cpu_s), str(req_w), str(rep_r), str(_MAX_MESSAGE)],
+                            cwd="/", env=_minimal_env("/"), stdin=test_source, stdout=verdict_log,
+                            stderr=verdict_log, close_fds=True, pass_fds=(req_w, rep_r))
+                except BaseException:
+                    _kill_group(proc)  # no program left waiting for calls that never come
+                    raise
             for fd in opened:  # only the two processes hold the pipes now: an exit is seen as end-of-file
                 os.close(fd)
             opened = []
