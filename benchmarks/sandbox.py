@@ -64,7 +64,8 @@ def main() -> None:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         passed = sum(r.passed for r in results)
-        print(f"| {mode} | {' | '.join(cells)} | {total:.1f} | {cpu:.1f} | {passed}/{len(jobs)} |")
+        cpu_cell = f"{cpu:.1f}" if mode == "process" else "-"  # bwrap is killed before it reaps its children
+        print(f"| {mode} | {' | '.join(cells)} | {total:.1f} | {cpu_cell} | {passed}/{len(jobs)} |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
