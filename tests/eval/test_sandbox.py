@@ -520,6 +520,30 @@ def test_a_1_gib_flood_on_either_stream_is_a_file_limit(stream):
     assert not judged.passed and judged.status == "file_limit", judged.detail
 
 
+needs_cgroup = pytest.mark.skipif(sandbox._cgroup_homes()[0] is None,
+                                  reason=f"no memory cgroup for the programs here: {sandbox._cgroup_homes()[1]}")
+
+
+@needs_cgroup
+def test_memory_outside_the_address_space_is_bounded_by_the_cgroup():
+    """memfd files that are never mapped count toward no rlimit; the cgroup charges them to the budget."""
+    limits = SandboxLimits(timeout_s=20, memory_mb=256, max_processes=2, tmpfs_mb=8, memory_budget_mb=600,
+                           guard=False)
+    result = run_program(src("""
+        import os
+        for i in range(60):  # 60 files x 15 MiB = 900 MiB, each under the per-file limit
+            fd = os.memfd_create("hold")
+            for _ in range(15):
+                os.write(fd, b"x" * 2**20)
+            print(i + 1, flush=True)
+    """), limits)
+    assert not result.passed and result.status == "memory", result.detail
+    assert "memory budget of 600 MiB" in result.detail
+    assert int(result.output.split()[-1]) * 15 <= 600
+    home_memory, home_pids = sandbox._cgroup_homes()[0]
+    assert not [n for h in (home_memory, home_pids) for n in os.listdir(h) if n.startswith("mgpo-sandbox-")]
+
+
 def test_a_budget_the_limits_exceed_is_refused():
     with pytest.raises(ValueError, match=r"8 x 512 \+ 2 x 64 = 4224 MiB exceeds memory_budget_mb=2560"):
         SandboxLimits(max_processes=8, memory_mb=512)

@@ -60,13 +60,17 @@ Always (with or without bubblewrap):
   file at that size classifies the run as ``file_limit``, on either stream), ``RLIMIT_NOFILE`` (64),
   ``RLIMIT_CORE = 0``. On wall-clock expiry the whole process group is killed with SIGKILL; the group is also
   killed after every normal exit so that no background child outlives its run.
-* A total memory budget (finding 5: four children of 512 MiB each held 1.6 GB). There is no cgroup here (the
-  module does not create one: that needs root-level cgroup delegation that differs between hosts), so the
-  bound is the product of the per-process limits: ``SandboxLimits`` refuses limits where
-  ``max_processes x memory_mb + 2 x tmpfs_mb`` exceeds ``memory_budget_mb`` (defaults 4 x 512 + 2 x 64 =
-  2176 <= 2560 MiB). Under bubblewrap with a kernel of 5.14 or later, ``RLIMIT_NPROC`` counts the processes
-  of the program's own user namespace, bwrap's init included (so the default 4 leaves the program 2 forks);
-  on older kernels it counts every process of that user, other sandboxes included.
+* A total memory budget (finding 5: four children of 512 MiB each held 1.6 GB). ``SandboxLimits`` refuses
+  limits where ``max_processes x memory_mb + 2 x tmpfs_mb`` exceeds ``memory_budget_mb`` (defaults 4 x 512 +
+  2 x 64 = 2176 <= 2560 MiB), so the per-process limits alone keep address space and tmpfs under it. Under
+  bubblewrap with a kernel of 5.14 or later, ``RLIMIT_NPROC`` counts the processes of the program's own user
+  namespace, bwrap's init included (so the default 4 leaves the program 2 forks); on older kernels it counts
+  every process of that user, other sandboxes included. Where this process can create cgroup v1 memory and
+  pids groups (root on a cgroup v1 host), every run also gets its own: ``memory.limit_in_bytes`` =
+  ``memory_budget_mb`` (this also charges memory the rlimits do not see: unmapped ``memfd`` files, SysV shared
+  memory, pipe buffers) and ``pids.max`` = ``max_processes + 2``; a process the kernel kills for the budget
+  makes the run ``memory``. Without such a group (cgroup v2 hosts, non-root) a warning names what is then
+  outside the budget.
 * When the parent runs as root and the user ``SandboxLimits.user`` (default ``nobody``) exists, the
   program (and bubblewrap) runs as that user, with no supplementary groups. This is what makes the limits
   real: the kernel does not enforce ``RLIMIT_NPROC`` for root, and root could raise any limit again (and
@@ -86,9 +90,10 @@ What does NOT hold:
 
 * There is no seccomp filter: the kernel's whole syscall surface is reachable (bubblewrap's namespaces are
   the boundary).
-* The memory budget covers address space and the two tmpfs mounts. Memory held in ``memfd_create`` files
-  that are never mapped, and in pipe buffers, is outside it: at most 64 open files x ``max_file_mb`` per
-  process (1 GiB at the defaults). Only a memory cgroup would close that.
+* Without the cgroup, the memory budget covers address space and the two tmpfs mounts only. Memory held in
+  ``memfd_create`` files that are never mapped, in SysV shared memory and in pipe buffers is outside it
+  (memfd: at most 64 open files x ``max_file_mb`` per process, 1 GiB at the defaults; SysV shared memory in
+  the private IPC namespace: reachable only by code that bypasses the guard, and not bounded).
 * The hidden folders' paths (not their contents) are visible as mount points in ``/proc/self/mountinfo``,
   and the interpreter's path is visible when it lives below one of them.
 * Without bubblewrap (not installed, too old, user namespaces disabled, or ``isolation="process"``) there is
@@ -114,6 +119,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -549,6 +555,12 @@ def _runner(python: str, user: str, isolation: str = "auto") -> _Runner:
         warnings.warn("sandbox: programs run as root, so RLIMIT_NPROC (SandboxLimits.max_processes) is not enforced "
                       "and SandboxLimits.memory_budget_mb does not hold (only memory_mb per process does). Set "
                       "SandboxLimits.user to an unprivileged user.", RuntimeWarning, stacklevel=4)
+    homes, why = _cgroup_homes()
+    if homes is None:
+        warnings.warn(f"sandbox: no memory cgroup for the programs: {why}. SandboxLimits.memory_budget_mb holds for "
+                      "address space and the tmpfs mounts (by the per-process limits) but not for memory in memfd "
+                      "files or SysV shared memory.", RuntimeWarning, stacklevel=4)
+    who += "; memory and pids cgroup per run" if homes else f"; no cgroup ({why})"
     # Same user and PID namespace as the judge's harness: code past the guard could reach its descriptors.
     shared = "; judge verdicts forgeable by code that bypasses the guard" if uid is None else ""
     if isolation == "process":
@@ -566,6 +578,86 @@ def _runner(python: str, user: str, isolation: str = "auto") -> _Runner:
                   "(only rlimits, the user switch and a Python guard). Install bubblewrap, or pass "
                   "SandboxLimits(isolation='process') to accept this.", RuntimeWarning, stacklevel=4)
     return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem}){shared}")
+
+
+# The memory cgroup. Only cgroup v1 is used: there a single thread can join a group, so the thread that starts a
+# program joins the run's group for the fork alone and the program is born inside it (no window in which it runs
+# outside). cgroup v2 allows that only for threaded groups, which the memory controller is not.
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroup_homes() -> tuple[tuple[str, str] | None, str]:
+    """((memory dir, pids dir) of this process, "") when runs can get their own cgroup v1 there, else (None, why)."""
+    homes = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f.read().splitlines():
+                _, controllers, path = line.split(":", 2)
+                for controller in controllers.split(","):
+                    if controller in ("memory", "pids"):
+                        homes[controller] = os.path.join(_CGROUP_ROOT, controller, path.lstrip("/"))
+    except (OSError, ValueError) as err:
+        return None, f"/proc/self/cgroup cannot be read ({err})"
+    if set(homes) != {"memory", "pids"}:
+        return None, "no cgroup v1 memory and pids hierarchies (cgroup v2 is not used)"
+    for home in homes.values():
+        probe = os.path.join(home, f"mgpo-sandbox-probe-{os.getpid()}")
+        try:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError as err:
+            return None, f"cannot create a cgroup in {home} ({err.strerror})"
+    return (homes["memory"], homes["pids"]), ""
+
+
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+class _Cgroup:
+    """One run's cgroup: memory.limit_in_bytes = memory_budget_mb (tmpfs, memfd and SysV shm pages included),
+    pids.max = max_processes + 2 (bwrap's outer process, and the starting thread for the fork)."""
+
+    def __init__(self, homes: tuple[str, str], limits: SandboxLimits):
+        self.homes = homes
+        name = f"mgpo-sandbox-{secrets.token_hex(6)}"
+        self.memory, self.pids = (os.path.join(home, name) for home in homes)
+        os.mkdir(self.memory)
+        os.mkdir(self.pids)
+        budget = limits.memory_budget_mb * 2**20
+        _write(os.path.join(self.memory, "memory.limit_in_bytes"), budget)
+        swap = os.path.join(self.memory, "memory.memsw.limit_in_bytes")
+        if os.path.exists(swap):  # memory + swap: no way around the budget through swap
+            _write(swap, budget)
+        _write(os.path.join(self.pids, "pids.max"), limits.max_processes + 2)
+
+    def start(self, popen):
+        """Call ``popen`` with this thread inside the group: the child inherits the thread's cgroups."""
+        tid = threading.get_native_id()
+        _write(os.path.join(self.memory, "tasks"), tid)
+        _write(os.path.join(self.pids, "tasks"), tid)
+        try:
+            return popen()
+        finally:
+            for home in self.homes:
+                _write(os.path.join(home, "tasks"), tid)
+
+    def oom_killed(self) -> bool:
+        with open(os.path.join(self.memory, "memory.oom_control")) as f:
+            return any(line.split() == ["oom_kill", n] and n != "0" for line in f for n in line.split()[1:2])
+
+    def remove(self) -> None:
+        for path in (self.memory, self.pids):
+            for _ in range(100):  # the killed processes may take a moment to leave
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
 
 
 def switches_user(limits: SandboxLimits | None = None) -> bool:
@@ -648,6 +740,7 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
     if work and uid is not None:
         os.chown(work, uid, gid)
     opened: list[int] = []
+    cgroup = None
     start = time.monotonic()
     try:
         with tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as out, \
@@ -671,9 +764,14 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
                 child_fds.append(args_fd)
                 args = [runner.bwrap, "--args", str(args_fd), *args]
             user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
-            proc = subprocess.Popen(args, cwd=work or "/", env=_minimal_env(work or _SCRATCH),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                    close_fds=True, pass_fds=child_fds, **user_kwargs)
+            homes, _ = _cgroup_homes()
+            cgroup = _Cgroup(homes, limits) if homes else None
+
+            def popen():
+                return subprocess.Popen(args, cwd=work or "/", env=_minimal_env(work or _SCRATCH),
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                                        close_fds=True, pass_fds=child_fds, **user_kwargs)
+            proc = cgroup.start(popen) if cgroup else popen()
             harness = None
             if judged:
                 try:
@@ -713,6 +811,7 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
             if runner.bwrap and rc > 128:  # bwrap reports a program killed by signal N as 128 + N
                 rc = 128 - rc
             duration = time.monotonic() - start
+            over_budget = cgroup is not None and cgroup.oom_killed()
             output_full = max(_size(out), _size(err)) >= limits.max_file_mb * 2**20
             stdout_raw = _read(out, limits.max_output_chars)
             stderr_text = _tail(_read(err, limits.max_output_chars), limits.max_output_chars)
@@ -720,6 +819,8 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
     finally:
         for fd in opened:
             os.close(fd)
+        if cgroup is not None:
+            cgroup.remove()
         if work:
             shutil.rmtree(work, ignore_errors=True)
     if judged:
@@ -731,6 +832,9 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
         if token_seen:
             stdout_raw = stripped[: -len(token) - 1]
         status, reason = _classify(None if timed_out else rc, token_seen, stderr_text, limits, output_full)
+    if over_budget and status != "passed":  # the kernel killed a process of the group for the budget
+        status, reason = "memory", (f"memory budget of {limits.memory_budget_mb} MiB reached (all of the program's "
+                                    f"processes, /tmp and /dev/shm together)")
     detail = reason if not stderr_text.strip() else f"{reason}\n{stderr_text.strip()}"
     return RunResult(passed=status == "passed", status=status, detail=detail, duration_s=duration,
                      output=_tail(stdout_raw, limits.max_output_chars))
