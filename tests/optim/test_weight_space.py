@@ -58,6 +58,7 @@ def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0,
     dirs = [torch.zeros_like(w) for w in w0] + ([torch.zeros_like(head)] if head is not None else [])
     own = {id(p): torch.zeros_like(p) for p in params}
     gbar = [None] * (len(layers) + (head is not None))
+    sizes = {"weight": [], "update": []}  # per layer, after each step: ||W_l||, ||W_l - W_l(before the step)||
     trajectory = []
 
     @torch.no_grad()
@@ -75,6 +76,8 @@ def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0,
     def perturbations(dirs):
         if apn == "inverse":
             k = [1.0 if g is None else min(1 / (float(g) + TINY), max_scale) for g in gbar]
+        elif apn in ("weight", "update"):
+            k = [float(x) for x in sizes[apn]]
         else:
             k = [1.0] * len(gbar)
         if apn == "normalized":
@@ -109,7 +112,13 @@ def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0,
                 update_gbar()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
+            dense = lambda m: m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight  # noqa
+            before = [dense(m).clone() for m in layers] + ([head.detach().clone()] if head is not None else [])
             opt.step()
+            after = [w + dense(m) for m, w in zip(layers, w0)] + ([head.detach()] if head is not None else [])
+            sizes["weight"] = [w.norm() for w in after]
+            sizes["update"] = [(dense(m) - b).norm() for m, b in zip(layers, before)] + (
+                [(head - before[-1]).norm()] if head is not None else [])
             if momentum != "optimizer":
                 for p in params:
                     own[id(p)] = momentum * own[id(p)] + p.grad
@@ -332,3 +341,59 @@ def test_dora_with_dropout_says_it_falls_back_to_factor_space():
     with pytest.warns(RuntimeWarning, match=r"DoRA layer.*lora_dropout > 0.*factor space"):
         opt = mgpo.MGPO(tiny_llama(dora=True, dropout=0.1), lr=1e-2)
     assert not opt._dora and len(opt._inplace) == 3 * 2 * len(PROJ)  # A, B and magnitude, in place
+
+
+@pytest.mark.parametrize("apn,norm", [("weight", "layer"), ("update", "layer"), ("weight", "global"),
+                                      ("update", "global")])
+def test_candidate_radius_rules_match_the_dense_recomputation(apn, norm):
+    """apn="weight": radius rho ||W0 + s B A||_F; apn="update": rho ||W_l(t) - W_l(t-1)||_F (a look-ahead of rho
+    of the layer's last updates); both against the dense float64 reference, with a trainable head perturbed too."""
+    hp = dict(rho=0.01 if apn == "weight" else 2.0, beta=0.9, apn=apn, norm=norm, momentum="optimizer")
+    batches = data(8)
+    model = tiny_llama()
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    ref = reference(twin, batches, head=twin.base_model.model.lm_head.weight, **hp)
+    got, opt = ours(model, batches, perturb_non_lora=True, **hp)
+    assert max_relative_error(got, ref) < 1e-9
+    adamw, _ = ours(plain, batches, perturb_non_lora=True, **{**hp, "rho": 0.0})
+    assert max_relative_error(got[:1], adamw[:1]) < 1e-12 and max_relative_error(got, adamw) > 1e-4  # it does act
+
+
+def test_diagnostics_are_the_dense_ratios_and_change_nothing():
+    """radius_to_weight / radius_to_update / apn_factor against dense float64 per-layer values after each step,
+    and the trajectory bit-identical to a run without diagnostics."""
+    batches = data(5)
+    model = tiny_llama()
+    plain, _ = ours(copy.deepcopy(model), batches)
+    opt = mgpo.MGPO(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.0, diagnostics=True)
+    layers = lora_modules(model)
+    dense = lambda m: m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight  # noqa: E731
+    model.train()
+    for micro in batches:
+        model(input_ids=micro[0], labels=micro[0]).loss.backward()
+        before = [dense(m).detach().clone() for m in layers]
+        opt.step()
+        opt.zero_grad()
+        stats = opt.last_stats  # of the perturbation this step set up for the next forward
+        with torch.no_grad():
+            radius, weight, update, k = [], [], [], []
+            for j, m in enumerate(layers):
+                a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
+                st = opt.base_optimizer.state
+                d = s * (st[b]["exp_avg"] @ a + b @ st[a]["exp_avg"])
+                g = float(opt.gbar[opt._pairs[j][0]])
+                k.append(min(1 / (g + TINY), 10.0))
+                radius.append(0.05 * k[-1] * float(d.norm()) / (float(d.norm()) + TINY))  # ||eps_l||
+                weight.append(float((m.base_layer.weight + dense(m)).norm()))
+                update.append(float((dense(m) - before[j]).norm()))
+        to_weight = [r / w for r, w in zip(radius, weight)]
+        to_update = [r / u for r, u in zip(radius, update)]
+        assert stats["radius_to_weight_mean"] == pytest.approx(sum(to_weight) / len(to_weight), rel=1e-6)  # last_stats are float32
+        assert stats["radius_to_weight_max"] == pytest.approx(max(to_weight), rel=1e-6)  # last_stats are float32
+        assert stats["radius_to_update_mean"] == pytest.approx(sum(to_update) / len(to_update), rel=1e-6)  # last_stats are float32
+        assert stats["radius_to_update_max"] == pytest.approx(max(to_update), rel=1e-6)  # last_stats are float32
+        assert stats["apn_factor_mean"] == pytest.approx(sum(k) / len(k), rel=1e-6)  # last_stats are float32
+        assert stats["apn_factor_min"] == pytest.approx(min(k), rel=1e-6)  # last_stats are float32
+    got = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert all(x.equal(y) for x, y in zip(got, plain[-1]))  # diagnostics only read

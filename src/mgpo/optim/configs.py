@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from mgpo.checks import check, check_choice, check_range
 
 METHODS = ("adamw", "mgpo", "msam", "sam", "random", "ggpo")
-APN_MODES = ("inverse", "off", "normalized")
+APN_MODES = ("inverse", "off", "normalized", "weight", "update")
 SPACES = ("weight", "factors")
 NORMS = ("layer", "global")
 GBAR_UPDATES = ("step", "micro_batch")
@@ -47,7 +47,10 @@ HELP = {
     "beta": "mgpo: EMA factor of the per-layer weight-space gradient norm (APN), in [0, 1).",
     "apn": f"mgpo: adaptive perturbation normalization, one of: {', '.join(APN_MODES)} (inverse: the paper, "
            "radius scaled by min(1/gbar, max_scale); off: no APN; normalized: 1/gbar re-weighting at total "
-           "radius rho).",
+           "radius rho; weight: radius rho x the layer's weight norm ||W0 + s B A||, so rho is relative, e.g. "
+           "1e-3; update: radius rho x the size of the layer's last update, a look-ahead of rho steps). weight "
+           "and update are candidate rules for a radius that transfers across model scale (docs/method.md), "
+           "not the paper's.",
     "space": f"mgpo: where the perturbation lives, one of: {', '.join(SPACES)} (weight: each LoRA layer's weight "
              "space, the paper; factors: the LoRA factors A, B themselves, Momentum-SAM's way).",
     "norm": f"mgpo: one of: {', '.join(NORMS)} (layer: each layer its own radius, as the authors' code; global: "
@@ -63,6 +66,10 @@ HELP = {
                    "optimizer step from the accumulated, unclipped gradient; micro_batch: after every "
                    "micro-batch from the gradient accumulated so far, re-scaling the pending perturbation, as "
                    "the authors' code does). The two agree without gradient accumulation.",
+    "diagnostics": "mgpo: also compute, every step, each layer's radius relative to its weight norm ||W0 + s B "
+                   "A|| and to the size of its last update, and the APN factor, summarised over layers in the "
+                   "statistics (radius_to_weight_*, radius_to_update_*, apn_factor_*). Costs a copy of the "
+                   "trained tensors and one out x in x r product per layer per step.",
     "adaptive": "sam: scale the perturbation by |w| (ASAM).",
     "sigma": "ggpo: weight-norm coefficient of the noise standard deviation (>= 0).",
     "beta_g": "ggpo: gradient-norm coefficient of the noise standard deviation (>= 0).",
@@ -124,10 +131,12 @@ class MGPOConfig(_MethodConfig):
     perturb_non_lora: bool = _f("perturb_non_lora", False)
     gbar_update: str = _f("gbar_update", "step")
     exact_restore: bool | None = _f("exact_restore", None)
+    diagnostics: bool = _f("diagnostics", False)
 
     def validate(self, prefix: str = "") -> None:
-        check(isinstance(self.perturb_non_lora, bool), f"{prefix}perturb_non_lora", self.perturb_non_lora,
-              "it must be true or false")
+        for name in ("perturb_non_lora", "diagnostics"):
+            check(isinstance(getattr(self, name), bool), f"{prefix}{name}", getattr(self, name),
+                  "it must be true or false")
         for name, allowed in (("apn", APN_MODES), ("space", SPACES), ("norm", NORMS),
                               ("gbar_update", GBAR_UPDATES)):
             check_choice(f"{prefix}{name}", getattr(self, name), allowed)
@@ -229,6 +238,8 @@ class PerturbationConfig:
     beta_g: float = _f("beta_g", 0.01)
     seed: int = _f("seed", 0)
     exact_restore: bool | None = _f("exact_restore", None)
+    diagnostics: bool = field(default=True, metadata={"help": HELP["diagnostics"] + " On by default here (the CLI, "
+                                                      "the Trainer arguments); mgpo.MGPO's own default is off."})
 
     def resolved(self) -> PerturbationConfig:
         """A copy with ``preset`` and ``profile`` applied to the fields they set."""

@@ -30,7 +30,7 @@ from mgpo.optim._base import HookState, PerturbedOptimizer, check_range, moment_
 from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (with the configs)
                                 SPACES)
 from mgpo.optim.distributed import local
-from mgpo.optim.layers import (dora_weight_space_refusal, is_dora, lora_pairs, lowrank_row_sq_norms,
+from mgpo.optim.layers import (dora_weight_space_refusal, is_dora, is_quantized, lora_pairs, lowrank_row_sq_norms,
                                lowrank_sq_norm)
 
 _TINY = 1e-12  # added to every denominator (docs/method.md)
@@ -145,6 +145,9 @@ class MGPO(PerturbedOptimizer):
         beta: EMA factor of the per-layer weight-space gradient norm, in [0, 1) (eq. 8).
         apn: adaptive perturbation normalization: "inverse" (eq. 4: radius scaled by min(1/gbar_l, max_scale)),
             "off" (no APN: Momentum-SAM's radius) or "normalized" (1/gbar_l re-weighting, total radius rho).
+            Not the paper's, candidate rules for a radius that transfers across model scale: "weight" (k_l =
+            ||W_l||, the layer's clean weight norm: rho is relative to it) and "update" (k_l = the size of the
+            layer's last update ||W_l(t) - W_l(t-1)||: a look-ahead of rho steps). docs/method.md, section 6.
         norm: "layer" (each layer its own radius rho k_l, the authors' code) or "global" (total radius rho).
         max_scale: cap of the APN factor 1/gbar_l (> 0; None: no cap).
         momentum: "optimizer" to use the base optimizer's first moment (AdamW's exp_avg: set ``betas=(mu, ...)``),
@@ -166,6 +169,10 @@ class MGPO(PerturbedOptimizer):
         exact_restore: tensors moved in place are restored from a copy (bit-exact). Default: on, except for full
             fine-tuning in fp32/fp64, where a copy would double the model's memory and the perturbation is
             subtracted again instead (exact to a few ulp; docs/method.md).
+        diagnostics: also compute each layer's radius relative to its weight norm and to its last update, and the
+            APN factor, every step, summarised over the perturbed layers in ``last_stats`` (``radius_to_weight_mean``
+            / ``_max``, ``radius_to_update_mean`` / ``_max``, ``apn_factor_mean`` / ``_min``). Costs a copy of the
+            trained tensors and one out x in x r product per LoRA layer per step. Not under FSDP.
     """
 
     def __init__(
@@ -185,6 +192,7 @@ class MGPO(PerturbedOptimizer):
         perturb_non_lora: bool = False,
         gbar_update: str = "step",
         exact_restore: bool | None = None,
+        diagnostics: bool = False,
         **base_kwargs,
     ):
         check_range("rho", rho, 0.0, float("inf"))
@@ -202,12 +210,13 @@ class MGPO(PerturbedOptimizer):
                     "or a float mu in [0, 1)."
                 )
             check_range("momentum", momentum, 0.0, 1.0)
-        if not isinstance(perturb_non_lora, bool):
-            raise ValueError(f"perturb_non_lora={perturb_non_lora!r} is invalid: use True or False.")
+        for name, value in (("perturb_non_lora", perturb_non_lora), ("diagnostics", diagnostics)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid: use True or False.")
         if exact_restore is not None and not isinstance(exact_restore, bool):
             raise ValueError(f"exact_restore={exact_restore!r} is invalid: use True, False or None (automatic).")
         hparams = dict(rho=rho, beta=beta, apn=apn, norm=norm, max_scale=max_scale, momentum=momentum, space=space,
-                       perturb_non_lora=perturb_non_lora, gbar_update=gbar_update)
+                       perturb_non_lora=perturb_non_lora, gbar_update=gbar_update, diagnostics=diagnostics)
         super().__init__(params, base_optimizer, hparams, model=model, auto_perturb=auto_perturb, **base_kwargs)
         self._moment = moment_key(self.base_optimizer) if momentum == "optimizer" else "momentum"
         self._exact_arg = exact_restore
@@ -219,6 +228,7 @@ class MGPO(PerturbedOptimizer):
         self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # (n_l, has_grad) from record_gradients()
         self._direction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (d_l, ||D||^2, has_m)
         self._recorded_micro = False  # record_gradients() updated gbar in this step (gbar_update="micro_batch")
+        self._sizes: dict[str, torch.Tensor] = {}  # per-layer ||W_l||, ||last update of W_l|| (apn weight/update)
         self._setup_layers()
 
     # ------------------------------------------------------------------------------- which tensor is where
@@ -235,6 +245,11 @@ class MGPO(PerturbedOptimizer):
                 f"MGPO: {len(refused)} DoRA layer(s) ({key}: {why}) cannot get the authors' weight-space rule exactly "
                 "and are perturbed in factor space instead (A, B and the magnitude moved along their momentum); "
                 "docs/method.md, section 5.", RuntimeWarning, stacklevel=3)
+        sizes = self.hparams["apn"] in ("weight", "update") or self.hparams["diagnostics"]
+        if sizes and self.exchange.sharded:
+            raise ValueError(f"MGPO: apn={self.hparams['apn']!r} / diagnostics={self.hparams['diagnostics']} need "
+                             "each layer's whole weight and last update, which are not computed under FSDP; use "
+                             "apn='inverse' (or 'off', 'normalized') and diagnostics=False.")
         if doras and self.exchange.sharded:
             raise ValueError("MGPO: DoRA layers under FSDP are not supported in weight space (their row norms need "
                              "the whole base weight); pass space='factors'.")
@@ -261,6 +276,15 @@ class MGPO(PerturbedOptimizer):
             full_ft and all(p.dtype in (torch.float32, torch.float64) for _, p in self._inplace))
         self._terms = None
         self._index_cache: dict = {}
+        self._w0_sq: dict[int, torch.Tensor] = {}  # ||W0||^2 of each pair's frozen base weight, computed once
+        quantized = [key for key, m, _ in pairs if is_quantized(m)]
+        if self.hparams["apn"] == "weight" and quantized:
+            raise ValueError(f"MGPO(apn='weight') needs each layer's base weight W0, and {quantized[0]} (and "
+                             f"{len(quantized) - 1} more) is quantized; use apn='inverse' or 'update'.")
+        if self.hparams["diagnostics"] and quantized:
+            warnings.warn(f"MGPO(diagnostics=True): {len(quantized)} layer(s) have a quantized base weight (e.g. "
+                          f"{quantized[0]}); their radius relative to the weight norm is left out of "
+                          "radius_to_weight_*.", RuntimeWarning, stacklevel=3)
         self._device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         if self._pairs:
             self._install_term_hooks()
@@ -531,6 +555,7 @@ class MGPO(PerturbedOptimizer):
         if own:  # a skipped step must leave the own buffer as it was: blend with a finite gradient
             for p in params:
                 local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
+        before = self._snapshot()  # the clean tensors before the update (apn="update", diagnostics)
         self._base_step(params, ok)  # docs/method.md: the base update of the clean weights with g_t
 
         if own:  # eq. (5): v_t = mu v_{t-1} + g_t (unchanged on a skipped step)
@@ -582,8 +607,67 @@ class MGPO(PerturbedOptimizer):
             for i, _ in m_norm:
                 has_m[i] = True
         self._direction = (d_sq.sqrt(), d_sq, torch.tensor(has_m, device=device))
+        self._sizes = self._layer_sizes(before, n_layers, device, dtype)
         self._set_coef()
         self._build_terms(factors, with_m)
+
+    def _snapshot(self) -> tuple[list, list] | None:
+        """Copies of every pair's (A, B) and of the tensors moved in place, when the last update's size is needed."""
+        if not (self.hparams["apn"] == "update" or self.hparams["diagnostics"]):
+            return None
+        return ([(a.detach().clone(), b.detach().clone()) for _, _, _, a, b, _ in self._pairs],
+                [p.detach().clone() for _, p in self._inplace])
+
+    @torch.no_grad()
+    def _layer_sizes(self, before, n_layers: int, device, dtype) -> dict[str, torch.Tensor]:
+        """Per layer, at the clean weights after the update: ``weight`` = ||W_l||_F (``W0 + s B A`` for a pair, the
+        tensors themselves for a layer moved in place) and ``update`` = ||W_l - W_l(before the update)||_F. For a
+        pair both come from Gram matrices and one ``W0 A^T`` product (nothing out x in is formed):
+        ``||W0 + s B A||^2 = ||W0||^2 + 2 s <W0 A^T, B> + s^2 ||B A||^2``, ``||s (B A - B' A')|| = s ||[B, -B'] [A; A']||``.
+        NaN where a quantity is not available (a quantized base weight)."""
+        hp = self.hparams
+        want_weight = hp["apn"] == "weight" or hp["diagnostics"]
+        want_update = before is not None
+        if not (want_weight or want_update):
+            return {}
+        weight = torch.zeros(n_layers, device=device, dtype=dtype)
+        update = torch.zeros(n_layers, device=device, dtype=dtype)
+        pair_w, pair_u, layers = [], [], []
+        for j, (i, module, _, a, b, s) in enumerate(self._pairs):
+            layers.append(i)
+            if want_weight:
+                if is_quantized(module):
+                    pair_w.append(torch.full((), float("nan"), device=device, dtype=dtype))
+                else:
+                    w0 = module.get_base_layer().weight
+                    w0 = w0.T if getattr(module, "fan_in_fan_out", False) else w0
+                    if j not in self._w0_sq:
+                        self._w0_sq[j] = w0.detach().to(dtype).square().sum()
+                    cross = ((w0.detach().to(dtype) @ a.detach().to(dtype).T) * b.detach().to(dtype)).sum()
+                    pair_w.append(self._w0_sq[j] + 2 * s * cross + s * s * lowrank_sq_norm(b, a).to(dtype))
+            if want_update:
+                a0, b0 = before[0][j]
+                pair_u.append(s * s * lowrank_sq_norm(torch.cat([b, -b0], 1), torch.cat([a, a0], 0)).to(dtype))
+        if layers:
+            index = self._cached_index(tuple(layers))
+            if pair_w:
+                weight.index_add_(0, index, torch.stack(pair_w))
+            if pair_u:
+                update.index_add_(0, index, torch.stack(pair_u))
+        if self._inplace:
+            index = self._cached_index(tuple(i for i, _ in self._inplace))
+            ps = [p.detach() for _, p in self._inplace]
+            if want_weight:
+                weight.index_add_(0, index, torch.stack(torch._foreach_norm(ps, dtype=dtype)).square())
+            if want_update:
+                diffs = torch._foreach_sub(ps, before[1])
+                update.index_add_(0, index, torch.stack(torch._foreach_norm(diffs, dtype=dtype)).square())
+        out = {}
+        if want_weight:
+            out["weight"] = weight.clamp_min(0).sqrt()
+        if want_update:
+            out["update"] = update.sqrt()
+        return out
 
     def _set_coef(self) -> None:
         """eq. (4)/(6): ``c_l`` (``eps_l = c_l D_l``) from the step's direction norms and the current gbar."""
@@ -597,6 +681,8 @@ class MGPO(PerturbedOptimizer):
             k = torch.where(self._seen, k, torch.ones_like(k))
             if hp["max_scale"] is not None:
                 capped = self._seen & (inv >= hp["max_scale"])
+        elif apn in ("weight", "update"):  # candidate rules (docs/method.md, section 6): rho relative to a size
+            k = self._sizes[apn]
         else:
             k = torch.ones_like(d)
         if apn == "normalized":  # u_l = D_l / gbar_l, total radius rho
@@ -621,16 +707,38 @@ class MGPO(PerturbedOptimizer):
             "gbar_max": (self.gbar * seen).max(),
             "apn_capped": capped.sum() / count,  # share of layers whose APN factor is at max_scale
         }
+        if hp["diagnostics"]:
+            self._stats.update(self._diagnostics(self._coef.abs() * d, k, perturbed))
+
+    def _diagnostics(self, radius: torch.Tensor, k: torch.Tensor, perturbed: torch.Tensor) -> dict:
+        """Means and extremes over the perturbed layers of ||eps_l|| / ||W_l||, ||eps_l|| / ||last update of W_l||
+        and the APN factor k_l (NaN when no layer is perturbed yet). On the device."""
+        nan = torch.full((), float("nan"), device=radius.device, dtype=radius.dtype)
+
+        def summary(values, name, extreme):
+            ok = perturbed & torch.isfinite(values)
+            n = ok.sum()
+            mean = torch.where(n > 0, torch.where(ok, values, 0).sum() / n.clamp_min(1), nan)
+            fill = float("-inf") if extreme == "max" else float("inf")
+            far = torch.where(ok, values, fill)
+            ext = torch.where(n > 0, far.max() if extreme == "max" else far.min(), nan)
+            return {f"{name}_mean": mean, f"{name}_{extreme}": ext}
+
+        out = summary(radius / self._sizes["weight"], "radius_to_weight", "max")
+        out.update(summary(radius / self._sizes["update"], "radius_to_update", "max"))
+        out.update(summary(k, "apn_factor", "min"))
+        return out
 
     # ------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "gbar": self.gbar, "seen": self._seen, "coef": self._coef,
-                "direction": self._direction}
+                "direction": self._direction, "sizes": self._sizes}
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         self.gbar, self._seen, self._coef = extra["gbar"], extra["seen"], extra.get("coef")
         self._direction = extra.get("direction")
+        self._sizes = extra.get("sizes") or {}
         self._terms = None  # rebuilt at the next perturb() from the loaded factors and momenta
         self._index_cache = {}
 
