@@ -256,3 +256,32 @@ def test_a_single_method_report_has_no_empty_difference_table_and_its_bars_start
     assert "nothing to compare it with" in paths["html"].read_text()
     low, high = limits["single-test_accuracy.png"]
     assert low == 0 and 1.0 < high <= 1.1
+
+
+def test_the_perturbation_size_table_holds_medians_over_steps_averaged_over_seeds(tmp_path):
+    """Runs that logged the optimizer's diagnostics get a row each (median over their steps, mean over seeds,
+    non-finite steps left out); a run without them (LoRA) gets none."""
+    root, rows, expected = tmp_path / "diag", [], {}
+    for method, preset in (("LoRA", "lora"), ("LoRA-MGPO", "lora-mgpo")):
+        for seed in (0, 1):
+            out = root / f"{method}-{seed}"
+            out.mkdir(parents=True)
+            (out / "config.yaml").write_text(f"perturbation: {{preset: {preset}}}\n")
+            log = []
+            for step in range(1, 8):
+                row = {"step": step, "loss": 1.0 / step}
+                if method == "LoRA-MGPO":
+                    row.update({"radius_to_weight_mean": 0.01 * step * (seed + 1), "apn_capped": 1.0,
+                                "radius_to_update_mean": float("nan") if step == 1 else 3.0 + step,
+                                "apn_factor_mean": 10.0})
+                log.append(row)
+            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8}))
+            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                         "labels": {"method": method, "training.seed": seed}})
+    (root / "index.json").write_text(json.dumps({"title": "diag", "runs": rows}))
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    table = md.split("### Perturbation size")[1].split("###")[0]
+    assert _md_row(table, "-")[1:] == ["LoRA-MGPO", f"{(0.04 + 0.08) / 2:.4f}", f"{np.median(range(5, 11)):.4f}",
+                                       "10.0000", "1.0000"]
+    assert "| - | LoRA |" not in table

@@ -45,6 +45,9 @@ PRESET_SUFFIX = {"lora": "", "lora-mgpo": "-MGPO", "mgpo-no-apn": "-MGPO w/o APN
 # Grid axes that name the method when a sweep has no `method:` axis (the label then comes from the config).
 METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
 # Which training loss a run's curve is: the clean-loss probe, or (runs without it) the loss the steps saw.
+# The optimizer's per-step diagnostics (perturbation.diagnostics) the report summarises: key -> column.
+DIAGNOSTICS = {"radius_to_weight_mean": "radius / ‖W‖", "radius_to_update_mean": "radius / last update",
+               "apn_factor_mean": "APN factor k", "apn_capped": "layers at the APN cap"}
 LOSS_KINDS = {"clean": "clean (probe)", "perturbed": "as trained (at the perturbed weights)",
               "trained": "as trained"}
 
@@ -61,6 +64,7 @@ class RunResult:
     losses: list = field(default_factory=list)
     error: str | None = None
     loss_kind: str = "trained"  # a LOSS_KINDS key: which loss `losses` holds
+    diagnostics: dict = field(default_factory=dict)  # DIAGNOSTICS key -> median over the run's logged steps
 
 
 @dataclass
@@ -106,8 +110,13 @@ def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -
     key = "clean_loss" if any("clean_loss" in r for r in log) else "loss"
     kind = "clean" if key == "clean_loss" else "perturbed" if trains_at_perturbed_weights(cfg) else "trained"
     rows = [r for r in log if key in r]
+    diagnostics = {}
+    for name in DIAGNOSTICS:
+        got = [r[name] for r in log if isinstance(r.get(name), (int, float)) and np.isfinite(r[name])]
+        if got:
+            diagnostics[name] = float(np.median(got))
     return RunResult(path, series, panel, int(seed), status if metrics else (status or "unfinished"), metrics,
-                     [r["step"] for r in rows], [r[key] for r in rows], error, kind)
+                     [r["step"] for r in rows], [r[key] for r in rows], error, kind, diagnostics)
 
 
 def trains_at_perturbed_weights(cfg: dict) -> bool:
@@ -300,6 +309,16 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
         cost_rows.append(cells)
     cost_table = {"header": ["method", "trainable params", "× " + baseline, "peak memory (MB)", "× " + baseline,
                              "time / step (s)", "× " + baseline], "rows": cost_rows}
+    # the perturbation's size, per method and panel: medians over each run's steps, averaged over seeds
+    diag_rows = []
+    for p in panels:
+        for s in series:
+            runs = [r for r in exp.runs if r.series == s and r.panel == p and r.diagnostics]
+            if runs:
+                diag_rows.append([(p or "-", False), (s, False)] + [
+                    (_fmt(np.mean(got), 4) if (got := [r.diagnostics[k] for r in runs if k in r.diagnostics])
+                     else "-", False) for k in DIAGNOSTICS])
+    diag_table = {"header": ["panel", "method", *DIAGNOSTICS.values()], "rows": diag_rows}
     failed = [(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics]
     fallback = [r.path.name for r in exp.runs if r.losses and r.loss_kind != "clean"]  # runs without the probe
     mixed = bool(fallback) and any(r.loss_kind == "clean" for r in exp.runs if r.losses)
@@ -307,6 +326,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             "better": better, "baseline": baseline, "series": series, "panels": panels,
             "per_run": per_run, "means": means, "diffs": diffs, "method_table": method_table,
             "diff_table": diff_table, "own_table": own_table, "dd_table": dd_table, "cost_table": cost_table,
+            "diag_table": diag_table,
             "failed": failed, "smooth": smooth, "spike_factor": spike_factor}
 
 
@@ -463,6 +483,13 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                ("p", _loss_note(result)),
                ("table", result["dd_table"]),
                ("h3", f"Cost relative to {base}"), ("table", result["cost_table"])]
+    if result["diag_table"]["rows"]:
+        blocks += [("h3", "Perturbation size (median over logged steps, mean over seeds)"),
+                   ("p", "radius / ‖W‖: each layer's perturbation radius ‖eps_l‖ over its weight norm ‖W0 + s B A‖; "
+                         "radius / last update: over the size of the layer's last update (a look-ahead of that many "
+                         "steps); APN factor k = min(1/gbar, max_scale) (1 without APN); share of layers at the "
+                         "cap. Means over the perturbed layers at each step (docs/method.md, section 6)."),
+                   ("table", result["diag_table"])]
     if result["failed"]:
         blocks += [("h3", "Runs without results"),
                    ("table", {"header": ["run", "status", "error"],
