@@ -147,7 +147,7 @@ class MGPO(PerturbedOptimizer):
             "off" (no APN: Momentum-SAM's radius) or "normalized" (1/gbar_l re-weighting, total radius rho).
             Not the paper's, candidate rules for a radius that transfers across model scale: "weight" (k_l =
             ||W_l||, the layer's clean weight norm: rho is relative to it) and "update" (k_l = the size of the
-            layer's last update ||W_l(t) - W_l(t-1)||: a look-ahead of rho steps). docs/method.md, section 6.
+            layer's last update ||W_l(t) - W_l(t-1)||: a look-ahead of rho steps). docs/method.md, section 13.
         norm: "layer" (each layer its own radius rho k_l, the authors' code) or "global" (total radius rho).
         max_scale: cap of the APN factor 1/gbar_l (> 0; None: no cap).
         momentum: "optimizer" to use the base optimizer's first moment (AdamW's exp_avg: set ``betas=(mu, ...)``),
@@ -681,7 +681,7 @@ class MGPO(PerturbedOptimizer):
             k = torch.where(self._seen, k, torch.ones_like(k))
             if hp["max_scale"] is not None:
                 capped = self._seen & (inv >= hp["max_scale"])
-        elif apn in ("weight", "update"):  # candidate rules (docs/method.md, section 6): rho relative to a size
+        elif apn in ("weight", "update"):  # candidate rules (docs/method.md, section 13): rho relative to a size
             k = self._sizes[apn]
         else:
             k = torch.ones_like(d)

@@ -488,7 +488,7 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                    ("p", "radius / ‖W‖: each layer's perturbation radius ‖eps_l‖ over its weight norm ‖W0 + s B A‖; "
                          "radius / last update: over the size of the layer's last update (a look-ahead of that many "
                          "steps); APN factor k = min(1/gbar, max_scale) (1 without APN); share of layers at the "
-                         "cap. Means over the perturbed layers at each step (docs/method.md, section 6)."),
+                         "cap. Means over the perturbed layers at each step (docs/method.md, section 13)."),
                    ("table", result["diag_table"])]
     if result["failed"]:
         blocks += [("h3", "Runs without results"),
