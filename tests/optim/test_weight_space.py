@@ -280,6 +280,8 @@ def test_per_micro_batch_gbar_reproduces_the_authors_schedule():
     assert max_relative_error(got, ref) < 1e-9
     per_step, _ = ours(model, batches, clip=0.1, record=True)
     assert max_relative_error(per_step, ref) > 1e-6  # the default schedule is a different one
+    with pytest.warns(RuntimeWarning, match="record_gradients\\(\\) was not called"):  # a plain loop that forgets
+        ours(tiny_llama(), data(2, accum=2), gbar_update="micro_batch")
 
 
 @pytest.mark.parametrize("perturb_head", [False, True])

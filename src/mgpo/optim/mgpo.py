@@ -544,6 +544,12 @@ class MGPO(PerturbedOptimizer):
         # gradients as record_gradients() saw them (before clipping) when it was called in this step.
         recorded, self._recorded = self._recorded, None
         micro = hp["gbar_update"] == "micro_batch" and self._recorded_micro
+        if hp["gbar_update"] == "micro_batch" and not micro and not getattr(self, "_warned_micro", False):
+            self._warned_micro = True  # a host flag: no device read
+            warnings.warn("MGPO(gbar_update='micro_batch'): opt.record_gradients() was not called after the "
+                          "backward passes of this step, so gbar was updated once, from the step's gradient (the "
+                          "'step' schedule). Call it after every backward() (the trainer integrations do). Warned "
+                          "once.", RuntimeWarning, stacklevel=3)
         self._recorded_micro = False
         if recorded is not None or micro:
             self._gathered_v = None
