@@ -6,9 +6,9 @@ Three measurements, all printed as markdown tables (``--out FILE`` writes them t
    with PEFT LoRA, for AdamW, MGPO (weight space, the default), the authors' dense MGPO, MSAM, Momentum-SAM's
    fused AdamW update, SAM, RandomPerturbation and GGPO (the peers are in benchmarks/peers.py), at two LoRA
    ranks with 2 x 64 tokens and at rank 8 with 2 x 512 tokens, and AdamW / MGPO / dense MGPO on a wider model
-   (hidden 2048), the low-rank term's worst case. ``--shape 1b`` (for a GPU) times a 1B-class model instead. The methods are
-   timed round-robin (one step of each per round, the order rotated every round) so that slow drifts of the
-   machine hit every method alike; warm-up rounds are dropped.
+   (hidden 2048), the low-rank term's worst case; ``--shape 1b`` (for a GPU) times a 1B-class model instead. The
+   methods are timed round-robin (one step of each per round, the order rotated every round) so that slow drifts
+   of the machine hit every method alike; warm-up rounds are dropped.
 2. Peak memory of one training step, each method alone in memory. CUDA: ``torch.cuda.max_memory_allocated``.
    CPU: live tensor bytes at the start of the step plus the highest point of the allocator's running balance
    during the step, read from torch's profiler (see benchmarks/README.md for why).
@@ -385,7 +385,8 @@ def run(s: Settings) -> str:
         f"norm='layer'); MGPO-dense and MSAM-fused from benchmarks/peers.py; GGPO defaults; AdamW "
         f"foreach={s.foreach} everywhere",
         f"- timing: {s.warmup} warm-up + {s.rounds} timed round-robin rounds"
-        + (f" ({s.long_rounds} at {', '.join(map(str, s.seq_lens[1:]))} tokens per sequence)" if len(s.seq_lens) > 1 else "")
+        + (f" ({s.long_rounds} at {', '.join(map(str, s.seq_lens[1:]))} tokens per sequence)"
+           if len(s.seq_lens) > 1 else "")
         + f"; ratio = median(method) / median(AdamW), 95% interval by paired bootstrap over rounds ({s.bootstrap} "
         "resamples)",
         "",

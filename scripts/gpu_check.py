@@ -39,7 +39,8 @@ ASSUMED = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_out = Path(os.environ["OUT"]) / "gpu-check.md" if os.environ.get("OUT") else ROOT / "results" / "gpu-check.md"
+    folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "results"
+    default_out = folder / "gpu-check.md"
     parser.add_argument("--out", type=Path, default=default_out, help=f"the report (default {default_out})")
     parser.add_argument("--dry-run", action="store_true", help="count the work and estimate its time; run nothing")
     args = parser.parse_args(argv)
@@ -99,15 +100,18 @@ def collect_tests() -> list[str]:
 def dry_run() -> int:
     p = plan()
     s, a = p["settings"], ASSUMED
-    other_tests = len(p["tests"]) - len(p["fsdp_tests"])
-    parts = [
+    n_fsdp = len(p["fsdp_tests"])
+    n_small = len(p["tests"]) - n_fsdp
+    n_steps = p["timed_steps"] + p["memory_steps"]
+    parts = [  # (what, seconds, how they were counted)
         ("start-up of the two phases", 2 * a["start"], f"2 x {a['start']:.0f} s"),
-        (f"{other_tests} small-model tests", other_tests * a["test"], f"{other_tests} x {a['test']} s"),
-        (f"{len(p['fsdp_tests'])} FSDP2 test", len(p["fsdp_tests"]) * a["fsdp"], f"{len(p['fsdp_tests'])} x {a['fsdp']:.0f} s"),
+        (f"{n_small} small-model tests", n_small * a["test"], f"{n_small} x {a['test']} s"),
+        (f"{n_fsdp} FSDP2 test", n_fsdp * a["fsdp"], f"{n_fsdp} x {a['fsdp']:.0f} s"),
         (f"{p['builds']} model builds", p["builds"] * a["build"], f"{p['builds']} x {a['build']} s"),
-        (f"{p['timed_steps'] + p['memory_steps']} whole 1B-class steps", (p["timed_steps"] + p["memory_steps"]) * a["step"],
+        (f"{n_steps} whole 1B-class steps", n_steps * a["step"],
          f"({p['timed_steps']} timed incl. warm-up + {p['memory_steps']} for peak memory) x {a['step']} s"),
-        (f"{p['opt_steps']} optimizer-only steps", p["opt_steps"] * a["opt_step"], f"{p['opt_steps']} x {a['opt_step']} s"),
+        (f"{p['opt_steps']} optimizer-only steps", p["opt_steps"] * a["opt_step"],
+         f"{p['opt_steps']} x {a['opt_step']} s"),
     ]
     total = sum(seconds for _, seconds, _ in parts)
     print("gpu-check --dry-run: the work, and its time on one H100-class GPU from the assumptions below")
@@ -129,7 +133,8 @@ def dry_run() -> int:
 
 # --------------------------------------------------------------------------------------------- the check
 def child_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]  # this checkout's mgpo and tests
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def check(out: Path) -> int:
@@ -156,7 +161,8 @@ def check(out: Path) -> int:
 
         print("gpu-check: running the benchmark ...", flush=True)
         report = Path(tmp) / "bench.md"
-        command = [sys.executable, "benchmarks/overhead.py", "--device", BENCH_DEVICE, *BENCH_ARGS, "--out", str(report)]
+        command = [sys.executable, "benchmarks/overhead.py", "--device", BENCH_DEVICE, *BENCH_ARGS,
+                   "--out", str(report)]
         bench = subprocess.run(command, cwd=ROOT, env=child_env(), text=True, capture_output=True)
         lines += [f"## Benchmark: `python {' '.join(command[1:-2])}`", ""]
         if bench.returncode == 0 and report.exists():
@@ -165,7 +171,8 @@ def check(out: Path) -> int:
             lines += [f"The benchmark failed (exit status {bench.returncode}); its output ends with:", "", "```",
                       bench.stderr[-4000:], "```"]
     ok = tests.returncode == 0 and counts["failed"] == 0 and bench.returncode == 0
-    lines += ["", f"Whole check: {time.perf_counter() - started:.0f} s; {'all passed' if ok else 'FAILURES above'}.", ""]
+    verdict = "all passed" if ok else "FAILURES above"
+    lines += ["", f"Whole check: {time.perf_counter() - started:.0f} s; {verdict}.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"gpu-check: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped; "
