@@ -146,9 +146,9 @@ def test_fsdp2_two_processes_on_one_gpu(tmp_path):
         try:
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                    "2", str(ROOT / "tests" / "gpu" / "fsdp_worker.py"), backend, str(out)],
-                                  capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+                                  capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
         except subprocess.TimeoutExpired:
-            refused.append(f"{backend}: timed out after 180 s")
+            refused.append(f"{backend}: timed out after 100 s")
             continue
         result = torch.load(out, weights_only=False) if out.exists() else None
         if result is not None and "unsupported" in result:
