@@ -14,34 +14,36 @@ import sys
 import torch
 
 METHODS = ("mgpo", "random")
+DEVICE = os.environ.get("MGPO_TEST_DEVICE", "cuda")  # "cpu" checks this worker itself (with gloo) without a GPU
 
 
 def train(method: str, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """Five steps of dist_worker's case on cuda:0; with ``world > 1`` under FSDP2, this rank's rows of each batch."""
+    """Five steps of dist_worker's case on DEVICE; with ``world > 1`` under FSDP2, this rank's rows of each batch."""
     from tests.optim import dist_worker as w
     from tests.optim.helpers import train_step
 
-    model = w.make_model().cuda()
+    model = w.make_model().to(DEVICE)
     if world > 1:
         model = w._shard_fsdp(model)
     cls, kwargs = w.METHODS[method]
     opt = cls(model, lr=1e-2, **kwargs)
     b = w.BATCH // world
     for x, y in w.data():
-        train_step(model, opt, [(x[rank * b:(rank + 1) * b].cuda(), y[rank * b:(rank + 1) * b].cuda())])
+        train_step(model, opt, [(x[rank * b:(rank + 1) * b].to(DEVICE), y[rank * b:(rank + 1) * b].to(DEVICE))])
     return {k: v.cpu() for k, v in w.whole(model).items()}
 
 
 def probe() -> str | None:
-    """None if this group can all-gather and reduce-scatter CUDA tensors, else the error, in one line."""
+    """None if this group can all-gather and reduce-scatter tensors on DEVICE, else the error, in one line."""
     import torch.distributed as dist
 
     try:
-        x = torch.ones(4, device="cuda")
-        gathered = torch.empty(4 * dist.get_world_size(), device="cuda")
+        x = torch.ones(4, device=DEVICE)
+        gathered = torch.empty(4 * dist.get_world_size(), device=DEVICE)
         dist.all_gather_into_tensor(gathered, x)
         dist.reduce_scatter_tensor(x, gathered)
-        torch.cuda.synchronize()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001 - any refusal is the answer we are after
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
@@ -52,7 +54,8 @@ def main() -> None:
 
     backend, out = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.cuda.set_device(0)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(0)  # both ranks on the one GPU
     try:
         dist.init_process_group(backend)
         error = probe()

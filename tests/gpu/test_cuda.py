@@ -130,7 +130,6 @@ def test_peak_memory_in_the_metrics_is_cuda_max_allocated():
     assert metrics["peak_memory_mb"] >= 64
 
 
-@cuda_only
 def test_fsdp2_two_processes_on_one_gpu(tmp_path):
     """FSDP2 with two ranks sharing the one GPU matches one process. NCCL refuses two ranks on one device, so
     gloo (on CUDA tensors) is tried next; a backend that cannot run FSDP's collectives there is reported by name
