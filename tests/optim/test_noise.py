@@ -161,8 +161,10 @@ def test_one_draw_per_step_and_no_extra_matmul(cls):
     def matmuls(ops):
         return sum(op in ("mm", "addmm", "bmm", "matmul", "linear") for op in ops)
 
-    with opt.unperturbed(), OpCounter() as clean:
+    with opt.unperturbed():
         model(x).pow(2).mean().backward()
+        with OpCounter() as clean:  # a clean micro-batch that accumulates into .grad, like micro-batches 2 and 3
+            model(x).pow(2).mean().backward()
     opt.zero_grad()
     counters = []
     for _ in range(3):
@@ -174,3 +176,9 @@ def test_one_draw_per_step_and_no_extra_matmul(cls):
     assert draws == [1, 0, 0], draws  # drawn at the step's first forward, held for the others
     # after the draw, a micro-batch costs exactly the clean number of matrix products
     assert [matmuls(c.ops) for c in counters[1:]] == [matmuls(clean.ops)] * 2
+    # and of additions: W0 + noise is formed once, at the draw, not again in every forward and backward
+    assert [adds(c.ops) for c in counters[1:]] == [adds(clean.ops)] * 2
+
+
+def adds(ops):
+    return sum(op in ("add", "add_") for op in ops)

@@ -6,8 +6,9 @@ sees ``W' + noise`` with ``noise_ij ~ N(0, sigma_i^2)``, ``sigma_i = ramp_t * rh
 
 Cost, as the Flat-LoRA authors' code: the noise is drawn once per optimizer step (at the layer's first forward of
 the step, from a private generator seeded by ``(seed, step, layer)``), held across the step's micro-batches and
-dropped by ``step()``. It is never written into a weight: the base layer's own matmul uses ``W0 + noise`` (formed
-on the fly in forward and again in backward, nothing dense saved), so there is no extra matmul, ``W0`` stays
+dropped by ``step()``. It is never written into a weight: for a frozen base weight the held tensor is ``W0 + noise``
+itself (the noise is added to ``W0`` in place once, at the draw), and the base layer's own matmul uses it in every
+forward and backward of the step, so there is no extra matmul and no full-size add per micro-batch, ``W0`` stays
 bit-identical and the global RNG (dropout, data order) is untouched. The row norms of ``W'`` come from low-rank
 products (``W0`` row norms are cached), never from a dense ``W'``.
 """
@@ -26,19 +27,22 @@ from mgpo.optim.layers import is_lora_linear, is_plain_lora, is_quantized, lowra
 
 
 class _NoisyLinear(torch.autograd.Function):
-    """``F.linear(x, W + noise, b)`` for a frozen ``W``: saves only references to ``W`` and the held noise."""
+    """``F.linear(x, W0 + noise, b)`` with the held ``W0 + noise`` of a frozen ``W0``: saves only a reference to it.
+
+    Not plain ``F.linear``: under autocast that would save the low-precision copy of the weight for the backward, a
+    full-size tensor per layer for the whole forward; here the backward casts it again, as the clean layer's does."""
 
     @staticmethod
-    def forward(ctx, x, weight, noise, bias):
-        ctx.save_for_backward(weight, noise, bias)
-        return F.linear(x, weight + noise, bias)
+    def forward(ctx, x, noisy_weight, bias):
+        ctx.save_for_backward(noisy_weight, bias)
+        return F.linear(x, noisy_weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, noise, bias = ctx.saved_tensors
-        grad_x = grad_out @ (weight + noise).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_b
+        noisy_weight, bias = ctx.saved_tensors
+        grad_x = grad_out @ noisy_weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_b
 
 
 class _ForwardOverride:
@@ -134,7 +138,7 @@ class RandomPerturbation(PerturbedOptimizer):
                 "base model in bf16/fp16, or use mgpo.MGPO, whose perturbation never touches the base weight."
             )
         self._t = 0  # optimizer steps completed
-        self._noise: dict[int, torch.Tensor] = {}  # this step's noise per target, dropped by step()
+        self._noise: dict[int, torch.Tensor] = {}  # this step's W0 + noise (or noise) per target, dropped by step()
         self._noise_sq: dict[int, torch.Tensor] = {}
         self._w0_rows: dict[int, torch.Tensor] = {}  # ||W0_i||^2 of each frozen base weight, computed once
         self._install_method_hooks()
@@ -157,22 +161,27 @@ class RandomPerturbation(PerturbedOptimizer):
                 opt._shared.saw_layer = True  # the hook guard (PerturbedOptimizer._check_hooks_ran): this does run
             if opt is None or not opt._applied or (owner is not None and owner.disable_adapters):
                 return linear_forward(linear, x, *args, **kwargs)
-            noise = opt._noise_for(index, owner or linear)
-            if linear.weight.requires_grad:  # full fine-tuning: W's own gradient is needed
-                return F.linear(x, linear.weight + noise, linear.bias)
-            return _NoisyLinear.apply(x, linear.weight, noise, linear.bias)
+            held = opt._noise_for(index, owner or linear, linear.weight)
+            if linear.weight.requires_grad:  # full fine-tuning: W's own gradient is needed, so W + noise in the graph
+                return F.linear(x, linear.weight + held, linear.bias)
+            return _NoisyLinear.apply(x, held, linear.bias)  # held is W0 + noise
 
         return forward
 
     @torch.no_grad()
-    def _noise_for(self, index: int, module: nn.Module) -> torch.Tensor:
+    def _noise_for(self, index: int, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """This step's noise of the layer whose (base) weight is ``weight``, drawn at the first call of the step:
+        ``W0 + noise`` when ``W0`` is frozen (formed once here instead of in every forward and backward), the
+        noise alone when ``weight`` is trained (its gradient must flow through the add)."""
         if index not in self._noise:  # once per step: every micro-batch of a step sees the same noise
             sigma = self._row_sigma(index, module)
-            weight = module.get_base_layer().weight if is_lora_linear(module) else module.weight
             seed = ((self.hparams["seed"] * 1_000_003 + self._t + 1) * 10_007 + index) % (2**63)
             gen = torch.Generator(device=weight.device).manual_seed(seed)
             noise = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
-            self._noise[index] = noise.mul_(sigma[:, None]).to(weight.dtype)
+            # rounded to the weight's dtype before the add, as ``weight + noise`` in that dtype would be; in place
+            # (``to`` is a no-op for fp32), so the step holds one full-size tensor per layer and allocates no other
+            held = noise.mul_(sigma[:, None]).to(weight.dtype)
+            self._noise[index] = held if weight.requires_grad else held.add_(weight)
             self._noise_sq[index] = sigma.square().sum() * weight.shape[1]  # E||noise||^2
         return self._noise[index]
 
