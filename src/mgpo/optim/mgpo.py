@@ -172,7 +172,7 @@ class MGPO(PerturbedOptimizer):
         diagnostics: also compute each layer's radius relative to its weight norm and to its last update, and the
             APN factor, every step, summarised over the perturbed layers in ``last_stats`` (``radius_to_weight_mean``
             / ``_max``, ``radius_to_update_mean`` / ``_max``, ``apn_factor_mean`` / ``_min``). Costs a copy of the
-            trained tensors and one out x in x r product per LoRA layer per step. Not under FSDP.
+            trained tensors and one out x in x r product per LoRA layer per step. Left out under FSDP (warned).
     """
 
     def __init__(
@@ -245,11 +245,13 @@ class MGPO(PerturbedOptimizer):
                 f"MGPO: {len(refused)} DoRA layer(s) ({key}: {why}) cannot get the authors' weight-space rule exactly "
                 "and are perturbed in factor space instead (A, B and the magnitude moved along their momentum); "
                 "docs/method.md, section 5.", RuntimeWarning, stacklevel=3)
-        sizes = self.hparams["apn"] in ("weight", "update") or self.hparams["diagnostics"]
-        if sizes and self.exchange.sharded:
-            raise ValueError(f"MGPO: apn={self.hparams['apn']!r} / diagnostics={self.hparams['diagnostics']} need "
-                             "each layer's whole weight and last update, which are not computed under FSDP; use "
-                             "apn='inverse' (or 'off', 'normalized') and diagnostics=False.")
+        if self.hparams["apn"] in ("weight", "update") and self.exchange.sharded:
+            raise ValueError(f"MGPO: apn={self.hparams['apn']!r} needs each layer's whole weight and last update, "
+                             "which are not computed under FSDP; use apn='inverse' (or 'off', 'normalized').")
+        if self.hparams["diagnostics"] and self.exchange.sharded:  # on by default in the CLI: off here, said once
+            self.hparams["diagnostics"] = False
+            warnings.warn("MGPO: diagnostics (radius_to_weight_*, radius_to_update_*, apn_factor_*) are not computed "
+                          "under FSDP and are left out of the statistics.", RuntimeWarning, stacklevel=3)
         if doras and self.exchange.sharded:
             raise ValueError("MGPO: DoRA layers under FSDP are not supported in weight space (their row norms need "
                              "the whole base weight); pass space='factors'.")
