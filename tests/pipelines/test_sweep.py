@@ -139,3 +139,37 @@ def test_a_killed_sweep_resumes(tmp_path, tiny_model_dir, sentiment_csv):  # noq
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # each step logged once, none missing
     assert "--resume" in (second / "train.out").read_text()
     assert json.loads((second / "metrics.json").read_text())["steps"] == 40
+
+
+def _pid_of(fragment: str) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_a_run_stopped_by_a_signal_is_interrupted_not_failed_and_the_sweep_stops(tmp_path, tiny_model_dir,
+                                                                                 sentiment_csv):  # noqa: F811
+    """SIGTERM to the run alone (or Ctrl-C to a sweep started in the background, which ignores SIGINT): the run
+    writes its checkpoint and exits 143; the sweep records it as interrupted (it used to say failed and start
+    the next run) and stops with 130; the rerun resumes it."""
+    spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.max_steps: [400, 5]}")
+    first = tmp_path / "sweep" / "max_steps400"
+    proc = subprocess.Popen([sys.executable, "-m", "mgpo", "sweep", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 400
+    while time.time() < deadline and not ((first / "log.jsonl").is_file() and
+                                          len((first / "log.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    os.kill(_pid_of(f"training.output_dir={first}"), signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output[-2000:]
+    runs = index(tmp_path)
+    assert runs["max_steps400"]["status"] == "interrupted" and runs["max_steps5"]["status"] == "pending", runs
+    assert "interrupted" in output and "failed" not in output
+    assert run_state(first) == "partial"

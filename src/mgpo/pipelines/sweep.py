@@ -250,6 +250,13 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
                     write_index(sweep)
                     raise
             run.wall_s = round(time.time() - started, 1)
+            if code in (130, 143) and not (run.output_dir / "metrics.json").is_file():
+                # the run itself was stopped by SIGINT/SIGTERM (sent to it alone, or to a sweep that ignores
+                # SIGINT, as a background job does): it wrote a checkpoint; stop the sweep as its owner asked
+                run.status, run.error = "interrupted", f"exit code {code}: stopped by a signal"
+                write_index(sweep)
+                bar.console.print(f"[yellow]interrupted[/] {run.name}: rerun the same command to resume it")
+                raise KeyboardInterrupt
             if (run.output_dir / "metrics.json").is_file():
                 run.status, run.error = ("resumed" if state == "partial" else "done"), None
                 bar.console.print(f"[green]done[/] {run.name} ({run.wall_s:.0f} s)")
