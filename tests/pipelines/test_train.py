@@ -377,7 +377,7 @@ def test_cli_stops_on_a_judge_outage_with_the_judges_message(monkeypatch):
     import mgpo.pipelines.train as pipeline
     from mgpo.eval.mtbench import JudgeError
 
-    def outage(cfg, resume=False):
+    def outage(cfg, **kwargs):  # resume=, restart=
         raise JudgeError("HTTP 503 from http://judge/v1/chat/completions (judging question 81 turn 2). "
                          "3 judgement(s) are kept in run/after_mtbench.jsonl: rerun to resume")
 
