@@ -15,16 +15,10 @@ import pytest
 
 from mgpo.eval.humaneval import check, evaluate, load_problems
 from mgpo.eval.sandbox import SandboxLimits
+from tests.eval.test_humaneval import PROBLEM  # the toy problem both files grade
 
 LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=4)
 NO_GUARD = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=4, guard=False)
-PROBLEM = {
-    "task_id": "Toy/0",
-    "prompt": 'def add(a, b):\n    """Add two numbers."""\n',
-    "entry_point": "add",
-    "canonical_solution": "    return a + b\n",
-    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
-}
 
 # How each attack finds token-like values (32 hex digits, as bytes) in its own process.
 ROUTES = {
