@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mgpo.cli import app
-from mgpo.pipelines.measures import double_descent, instability_count, paired_bootstrap
+from mgpo.pipelines.measures import double_descent, instability_count, paired_t
 from mgpo.pipelines.report import make_report, mean_std_cell
 
 RANKS = (16, 64)
@@ -83,7 +83,7 @@ def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
     # the best mean of each column is bold: LoRA-MGPO in both panels here
     assert _md_row(md, "LoRA-MGPO")[1].startswith("**") and not _md_row(md, "LoRA")[1].startswith("**")
     # paired differences with the bootstrap interval, pooled over ranks and seeds
-    diff = paired_bootstrap([a for r in RANKS for a in ACCURACY["LoRA-MGPO", r]],
+    diff = paired_t([a for r in RANKS for a in ACCURACY["LoRA-MGPO", r]],
                             [a for r in RANKS for a in ACCURACY["LoRA", r]])
     cell = _md_row(md, "LoRA-MGPO − LoRA")[-1]
     assert f"{diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]" in cell
@@ -185,7 +185,7 @@ def test_each_variant_is_also_compared_with_itself_without_the_perturbation(tmp_
     (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     own = md.split("same variant without")[1].split("###")[0]
-    d = paired_bootstrap(accuracy["DoRA-MGPO"], accuracy["DoRA"])
+    d = paired_t(accuracy["DoRA-MGPO"], accuracy["DoRA"])
     assert f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" in _md_row(own, "DoRA-MGPO − DoRA")[1]
     assert "DoRA − LoRA" not in own  # only a variant against itself, the baseline comparison is the table above
 
@@ -285,3 +285,43 @@ def test_the_perturbation_size_table_holds_medians_over_steps_averaged_over_seed
     assert _md_row(table, "-")[1:] == ["LoRA-MGPO", f"{(0.04 + 0.08) / 2:.4f}", f"{np.median(range(5, 11)):.4f}",
                                        "10.0000", "1.0000"]
     assert "| - | LoRA |" not in table
+
+
+def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_path):
+    """Probed runs: the report pairs the final clean loss and the clean curve's double-descent rise against the
+    baseline (t intervals), and for the MGPO runs adds the measure on the loss as trained beside the clean one."""
+    t = np.arange(1, 61)
+    root, rows, final, rises, trained = tmp_path / "dd", [], {}, {}, {}
+    for method, preset in (("LoRA", "lora"), ("LoRA-MGPO", "lora-mgpo")):
+        for seed in range(4):
+            bump = 0.3 * (seed + 1) if method == "LoRA" else 0.05 * seed
+            clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-((t - 40) / 4) ** 2) + 0.01 * seed
+            as_trained = 1.5 * np.exp(-t / 10) + 0.1 + (0.6 * np.exp(-((t - 20) / 3) ** 2) if seed % 2 else 0)
+            out = root / f"{method}-{seed}"
+            out.mkdir(parents=True)
+            (out / "config.yaml").write_text(f"perturbation: {{preset: {preset}}}\n")
+            log = [{"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if s % 2 == 0 else {})}
+                   for s, a, c in zip(t, as_trained, clean)]
+            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            final[method, seed] = float(clean[-1]) + (0.05 + 0.01 * seed if method == "LoRA" else 0.0)
+            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8, "final_clean_loss":
+                                                          final[method, seed]}))
+            rises[method, seed] = double_descent(t[1::2], clean[1::2])["rise_rel"]
+            trained[method, seed] = double_descent(t, as_trained)
+            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                         "labels": {"method": method, "training.seed": seed}})
+    (root / "index.json").write_text(json.dumps({"title": "dd", "runs": rows}))
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    for what, values in (("final clean training loss", final), ("double-descent rise on the clean loss", rises)):
+        table = md.split(f"in the {what}")[1].split("###")[0]
+        d = paired_t([values["LoRA-MGPO", s] for s in range(4)], [values["LoRA", s] for s in range(4)])
+        assert d["significant"]
+        assert _md_row(table, "LoRA-MGPO − LoRA")[1] == f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ***"
+    dd = md.split("### Double descent")[1].split("###")[0]
+    assert "as trained: rise (% of min)" in dd
+    mgpo = next(line for line in dd.splitlines() if line.startswith("| - | LoRA-MGPO |"))
+    cells = [c.strip() for c in mgpo.strip("|").split("|")]
+    assert cells[-3] == mean_std_cell([100 * trained["LoRA-MGPO", s]["rise_rel"] for s in range(4)], 1)
+    assert cells[-2] == f"{sum(not trained['LoRA-MGPO', s]['recovered'] for s in range(4))}/4"
+    lora = next(line for line in dd.splitlines() if line.startswith("| - | LoRA |"))
+    assert lora.rstrip().endswith("| - | - | - |")  # LoRA trains at the clean weights: nothing to add

@@ -10,7 +10,8 @@ Per experiment (one sweep folder, or all loose run folders together):
   (for MGPO, MSAM and the noise methods the loss at the perturbed weights), and say which;
 - the method table: the primary metric, mean +- std over seeds, best in bold (paper Tables 1, 2, 4), with a bar
   chart of the same numbers (paper Figure 4);
-- each method minus the baseline, paired by panel and seed, with a 95% bootstrap interval;
+- each method minus the baseline, paired by panel and seed, with a 95% t interval; the same for the final clean
+  loss and the clean loss's double-descent rise where runs logged the probe;
 - the cost table: trainable parameters, peak memory, time per step, each relative to the baseline (Table 3).
 """
 
@@ -46,6 +47,9 @@ PRESET_SUFFIX = {"lora": "", "lora-mgpo": "-MGPO", "mgpo-no-apn": "-MGPO w/o APN
 METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
 # Which training loss a run's curve is: the clean-loss probe, or (runs without it) the loss the steps saw.
 # The optimizer's per-step diagnostics (perturbation.diagnostics) the report summarises: key -> column.
+# Paired differences to the baseline on the clean training loss (lower is better): key -> what it is.
+CLEAN_LOSS_DIFFS = {"final_clean_loss": "final clean training loss (probe)",
+                    "clean_dd_rise_rel": "double-descent rise on the clean loss (fraction of its running minimum)"}
 DIAGNOSTICS = {"radius_to_weight_mean": "radius / ‖W‖", "radius_to_update_mean": "radius / last update",
                "apn_factor_mean": "APN factor k", "apn_capped": "layers at the APN cap"}
 LOSS_KINDS = {"clean": "clean (probe)", "perturbed": "as trained (at the perturbed weights)",
@@ -65,6 +69,9 @@ class RunResult:
     error: str | None = None
     loss_kind: str = "trained"  # a LOSS_KINDS key: which loss `losses` holds
     diagnostics: dict = field(default_factory=dict)  # DIAGNOSTICS key -> median over the run's logged steps
+    # a probed run that trained at perturbed weights: its logged `loss` too, for what that curve would have said
+    trained_steps: list = field(default_factory=list)
+    trained_losses: list = field(default_factory=list)
 
 
 @dataclass
@@ -110,13 +117,15 @@ def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -
     key = "clean_loss" if any("clean_loss" in r for r in log) else "loss"
     kind = "clean" if key == "clean_loss" else "perturbed" if trains_at_perturbed_weights(cfg) else "trained"
     rows = [r for r in log if key in r]
+    trained = [r for r in log if "loss" in r] if key == "clean_loss" and trains_at_perturbed_weights(cfg) else []
     diagnostics = {}
     for name in DIAGNOSTICS:
         got = [r[name] for r in log if isinstance(r.get(name), (int, float)) and np.isfinite(r[name])]
         if got:
             diagnostics[name] = float(np.median(got))
     return RunResult(path, series, panel, int(seed), status if metrics else (status or "unfinished"), metrics,
-                     [r["step"] for r in rows], [r[key] for r in rows], error, kind, diagnostics)
+                     [r["step"] for r in rows], [r[key] for r in rows], error, kind, diagnostics,
+                     [r["step"] for r in trained], [r["loss"] for r in trained])
 
 
 def trains_at_perturbed_weights(cfg: dict) -> bool:
@@ -209,7 +218,14 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
         if r.losses:
             window = smooth or measures.default_window(len(r.losses))
             row.update({f"dd_{k}": v for k, v in measures.double_descent(r.steps, r.losses, window).items()})
+            if r.loss_kind == "clean":
+                row["clean_dd_rise_rel"] = row["dd_rise_rel"]
             row["spikes"] = measures.instability_count(r.losses, window, spike_factor)
+        if r.trained_losses:  # the same measure on the loss the perturbed steps saw
+            window = smooth or measures.default_window(len(r.trained_losses))
+            dd = measures.double_descent(r.trained_steps, r.trained_losses, window)
+            row.update(trained_dd_rise_rel=dd["rise_rel"], trained_dd_recovered=dd["recovered"],
+                       trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor))
         for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "final_clean_loss", "best_clean_loss",
                   "final_loss", "best_loss"):
             row[k] = r.metrics.get(k)
@@ -247,16 +263,16 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     diff_cols = panels + (["all"] if len(panels) > 1 else [])
     diffs = {}
 
-    def diff_row(s: str, ref: str) -> list:
+    def diff_row(s: str, ref: str, key: str = "value") -> list:
         cells = [(f"{s} − {ref}", False)]
         for c in diff_cols:
             keys = panels if c == "all" else [c]
-            mine, base = ({(x["panel"], x["seed"]): x["value"] for x in per_run
-                           if x["series"] == name and x["value"] is not None and x["panel"] in keys}
+            mine, base = ({(x["panel"], x["seed"]): x[key] for x in per_run
+                           if x["series"] == name and x.get(key) is not None and x["panel"] in keys}
                           for name in (s, ref))
             pairs = sorted(set(mine) & set(base))
-            d = measures.paired_bootstrap([mine[k] for k in pairs], [base[k] for k in pairs])
-            if ref == baseline:
+            d = measures.paired_t([mine[k] for k in pairs], [base[k] for k in pairs])
+            if ref == baseline and key == "value":
                 diffs[s, c] = d
             if not d["n"]:
                 text = "-"
@@ -272,9 +288,17 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     # each "X-MGPO" (or any "X-<suffix>") against its own "X": what adding the perturbation did to that adapter
     own = [(s, ref) for s in series if (ref := s.rsplit("-", 1)[0]) != s and ref in series and ref != baseline]
     own_table = {"header": diff_header, "rows": [diff_row(s, ref) for s, ref in own]} if own else None
+    # the clean training loss against the baseline's, where every run of the baseline has it
+    loss_diff_tables = []
+    for key, what in CLEAN_LOSS_DIFFS.items():
+        if any(x["series"] == baseline and x.get(key) is not None for x in per_run):
+            rows = [diff_row(s, baseline, key) for s in series if s != baseline]
+            if rows:
+                loss_diff_tables.append((what, {"header": ["difference", *[c or key for c in diff_cols]], "rows": rows}))
 
     # double descent: per panel and method, averaged over seeds
     dd_rows = []
+    with_trained = any("trained_spikes" in x for x in per_run)
     for p in panels:
         for s in series:
             rows = [x for x in per_run if x["series"] == s and x["panel"] == p and "dd_rise" in x]
@@ -291,8 +315,15 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                             (_fmt(np.mean(rec), 0) if rec else "-", False),
                             (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
                             (mean_std_cell([x["spikes"] for x in rows], 1), False)])
+            if with_trained:  # what the loss as trained (at the perturbed weights) would have said
+                got = [x for x in rows if "trained_spikes" in x]
+                dd_rows[-1] += [(mean_std_cell([100 * x["trained_dd_rise_rel"] for x in got], 1) if got else "-", False),
+                                (f"{sum(not x['trained_dd_recovered'] for x in got)}/{len(got)}" if got else "-", False),
+                                (mean_std_cell([x["trained_spikes"] for x in got], 1) if got else "-", False)]
     dd_table = {"header": ["panel", "method", "loss", "fell (% of start)", "rise (loss)", "rise (% of min)",
-                           "peak step", "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"],
+                           "peak step", "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"]
+                + (["as trained: rise (% of min)", "as trained: not recovered", "as trained: spikes"]
+                   if with_trained else []),
                 "rows": dd_rows}
 
     # cost, relative to the baseline
@@ -325,7 +356,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     return {"loss": loss_description(exp.runs), "no_clean_loss": fallback, "mixed_losses": mixed, "metric": metric,
             "better": better, "baseline": baseline, "series": series, "panels": panels,
             "per_run": per_run, "means": means, "diffs": diffs, "method_table": method_table,
-            "diff_table": diff_table, "own_table": own_table, "dd_table": dd_table, "cost_table": cost_table,
+            "diff_table": diff_table, "own_table": own_table, "loss_diff_tables": loss_diff_tables, "dd_table": dd_table, "cost_table": cost_table,
             "diag_table": diag_table,
             "failed": failed, "smooth": smooth, "spike_factor": spike_factor}
 
@@ -470,15 +501,18 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
         blocks.append(("img", png, caption))
     blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"])]
     if result["diff_table"]["rows"]:
-        blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% bootstrap interval]"),
-                   ("p", "Bold and * : the interval excludes 0. With 3 seeds a bootstrap interval is coarse; "
-                         "n=1: no interval."),
+        blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
+                   ("p", "Bold and * : the interval excludes 0. Student t interval of the paired differences "
+                         "(n-1 degrees of freedom); n=1: no interval."),
                    ("table", result["diff_table"])]
     else:  # one method: an empty table of differences would look like a failure
         blocks.append(("p", f"Only one method ({base}): nothing to compare it with, so no differences."))
     if result.get("own_table"):
         blocks += [("h3", "Each variant with the perturbation minus the same variant without, paired by seed"),
                    ("table", result["own_table"])]
+    for what, table in result.get("loss_diff_tables", []):
+        blocks += [("h3", f"Difference to {base} in the {what}, paired by seed: mean [95% t interval]"),
+                   ("p", "Lower is better. Bold and * : the interval excludes 0."), ("table", table)]
     blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
                ("p", _loss_note(result)),
                ("table", result["dd_table"]),
