@@ -238,3 +238,46 @@ def test_explicit_perturb_is_a_harmless_no_op_when_applied():
     opt.perturb()
     model(torch.randn(3, 4))  # training forward: auto-perturb sees it is applied
     assert torch.equal(model.weight.detach(), once)
+
+
+@pytest.mark.parametrize("apn", ["inverse", "weight"])
+def test_a_state_saved_without_layer_sizes_resumes_with_diagnostics_on(apn):
+    """A state saved with diagnostics off (or by an mgpo from before the layer sizes were kept) resumes with
+    diagnostics on: the trajectory is the uninterrupted one, bit for bit, and the diagnostics are finite from the
+    first step after the resume (the micro-batch re-scale before that step used to raise KeyError)."""
+    import copy
+
+    from tests.optim.helpers import batches, loss_fn, make_model, snapshot
+
+    def build(model, diagnostics):
+        return mgpo.MGPO(model, torch.optim.AdamW, lr=1e-2, rho=0.01, apn=apn, gbar_update="micro_batch",
+                         diagnostics=diagnostics)
+
+    def step(model, opt, batch):
+        model.train()
+        loss_fn(model, batch).backward()
+        opt.record_gradients()  # re-scales the pending perturbation: reads the layer sizes before step()
+        opt.step()
+        opt.zero_grad()
+
+    data = batches(6)
+    full = make_model()
+    full_opt = build(full, False)
+    for b in data:
+        step(full, full_opt, b)
+    model = make_model()
+    opt = build(model, False)
+    for b in data[:3]:
+        step(model, opt, b)
+    saved = copy.deepcopy(opt.state_dict())
+    if apn == "weight":
+        del saved["extra"]["sizes"]  # as an mgpo from before the sizes were kept wrote it
+    fresh = make_model(seed=5)
+    fresh.load_state_dict(copy.deepcopy(model.state_dict()))
+    fresh_opt = build(fresh, True)
+    fresh_opt.load_state_dict(saved)
+    for b in data[3:]:
+        step(fresh, fresh_opt, b)
+        assert math.isfinite(fresh_opt.last_stats["radius_to_weight_mean"])
+    got, want = snapshot(fresh), snapshot(full)
+    assert all(torch.equal(got[k], want[k]) for k in want)

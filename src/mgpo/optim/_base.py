@@ -484,8 +484,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         saved = extra.get("hparams")
         if saved is not None:
             for key in sorted(set(saved) | set(self.hparams)):
-                if key in ("seed",):  # the noise seed is state: it is restored, not compared
-                    continue
+                if key in ("seed", "diagnostics"):  # the noise seed is state: restored, not compared; diagnostics
+                    continue                           # only add statistics (the trajectory is the same)
                 if saved.get(key) != self.hparams.get(key):
                     raise ValueError(
                         f"{type(self).__name__}.load_state_dict: the state was saved with {key}="

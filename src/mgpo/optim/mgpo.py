@@ -749,6 +749,19 @@ class MGPO(PerturbedOptimizer):
         self._sizes = extra.get("sizes") or {}
         self._terms = None  # rebuilt at the next perturb() from the loaded factors and momenta
         self._index_cache = {}
+        hp = self.hparams
+        needed = {"weight", "update"} if hp["apn"] in ("weight", "update") or hp["diagnostics"] else set()
+        if self.gbar is not None and not needed <= set(self._sizes):
+            # saved without the layer sizes (diagnostics off then, or an older mgpo): ||W_l|| is recomputed from the
+            # loaded weights, the last update's size is gone (NaN until the next step). The pending perturbation
+            # keeps its saved c_l.
+            self._sizes = self._layer_sizes(None, len(self.layers), self.gbar.device, self.gbar.dtype)
+            self._sizes["update"] = torch.full_like(self.gbar, float("nan"))
+            if hp["apn"] == "update" and hp["gbar_update"] == "micro_batch":
+                warnings.warn("MGPO(apn='update', gbar_update='micro_batch'): this checkpoint does not hold the size "
+                              "of each layer's last update, which re-scaling the pending perturbation after a "
+                              "micro-batch needs; the first step after the resume trains at the clean weights.",
+                              stacklevel=3)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
