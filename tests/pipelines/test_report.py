@@ -325,3 +325,38 @@ def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_
     assert cells[-2] == f"{sum(not trained['LoRA-MGPO', s]['recovered'] for s in range(4))}/4"
     lora = next(line for line in dd.splitlines() if line.startswith("| - | LoRA |"))
     assert lora.rstrip().endswith("| - | - | - |")  # LoRA trains at the clean weights: nothing to add
+
+
+def test_across_experiments_table_names_where_a_method_is_significantly_worse(tmp_path):
+    """Two sweeps (accuracy: higher is better; a loss metric: lower is better): each method minus its sweep's
+    baseline per sweep, with the t interval of that sweep's difference table, and the verdict column naming
+    the sweeps where the interval excludes 0 on the bad side."""
+    values = {  # sweep -> method -> per seed
+        "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79]},
+        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47], "Other": [0.50, 0.54, 0.49, 0.52]},
+    }
+    dirs = []
+    for sweep, methods in values.items():
+        root, rows = tmp_path / sweep, []
+        metric = "test_accuracy" if sweep == "acc" else "test_loss"
+        for method, per_seed in methods.items():
+            for seed, v in enumerate(per_seed):
+                out = root / f"{method}-s{seed}"
+                out.mkdir(parents=True)
+                (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+                (out / "metrics.json").write_text(json.dumps({metric: v}))
+                rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                             "labels": {"method": method, "training.seed": seed}})
+        (root / "index.json").write_text(json.dumps({"title": sweep, "runs": rows}))
+        (root / "sweep.yaml").write_text(f"report: {{baseline: LoRA, metric: {metric}}}\n")
+        dirs.append(root)
+    md = make_report(dirs, tmp_path / "report")["markdown"].read_text()
+    table = md.split("## Across experiments")[1].split("\n## ")[0]
+    rule, other = _md_row(table, "Rule"), _md_row(table, "Other")
+    d = paired_t(values["acc"]["Rule"], values["acc"]["LoRA"])
+    assert rule[1] == f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=4 worse *"
+    d = paired_t(values["loss"]["Rule"], values["loss"]["LoRA"])
+    assert rule[2] == f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=4 better ***"  # lower loss: better
+    assert rule[3] == "acc" and other[3] == "nowhere"
+    # one sweep alone: no cross table
+    assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()

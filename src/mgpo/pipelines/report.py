@@ -606,6 +606,47 @@ def write_runs_csv(results: list[dict], out: Path) -> Path:
     return out
 
 
+def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
+    """Across experiments: each method minus its experiment's baseline on the primary metric, per panel (paired t
+    interval, the numbers of each experiment's difference table), and where it is significantly worse. The
+    question a rule must pass to be shipped: never significantly worse than the baseline on any task."""
+    cols = [(i, p) for i, res in enumerate(results) for p in res["panels"]]
+    series = _order(s for res in results for s in res["series"] if s != res["baseline"])
+    if len(results) < 2 or not series:  # one experiment: its own difference table says it all
+        return None
+    header = ["method"] + [f"{titles[i]}{f' ({p})' if p else ''}: {results[i]['metric']}" for i, p in cols] + [
+        "significantly worse in"]
+    rows = []
+    for s in series:
+        cells, worse, missing = [(s, False)], [], 0
+        for i, p in cols:
+            d = results[i]["diffs"].get((s, p))
+            if d is None or not d["n"]:
+                cells.append(("-", False))
+                missing += 1
+                continue
+            if d["low"] is None:
+                cells.append((f"{d['mean']:+.4f} (n=1)", False))
+                missing += 1
+                continue
+            good = (d["low"] > 0) == results[i]["better"] if d["significant"] else None
+            tag = " better *" if good else " worse *" if good is False else ""
+            if good is False:
+                worse.append(f"{titles[i]}{f' ({p})' if p else ''}")
+            cells.append((f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}{tag}", bool(good)))
+        if worse:
+            verdict = ", ".join(worse)
+        elif not missing:
+            verdict = "nowhere"
+        elif missing < len(cols):
+            verdict = f"nowhere yet ({missing} of {len(cols)} without an interval)"
+        else:
+            verdict = "no interval yet (n < 2 everywhere)"
+        cells.append((verdict, False))
+        rows.append(cells)
+    return {"header": header, "rows": rows}
+
+
 def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title: str = "mgpo experiments",
                 metric: str | None = None, baseline: str | None = None, smooth: int | None = None,
                 spike_factor: float | None = None) -> dict:
@@ -630,6 +671,15 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
                          f"{exp.title}: double-descent measure per panel"))
         figures_all += [p for p, _ in figs]
         blocks += _blocks(exp, result, figs)
+    verdicts = verdict_table(results, [e.slug for e in experiments if any(r.metrics or r.losses for r in e.runs)])
+    if verdicts:
+        blocks = [("h2", "Across experiments: each method minus the baseline"),
+                  ("p", "The primary metric of each experiment and panel, the method minus that experiment's "
+                        "baseline (columns: sweep folder and panel), paired by seed: mean [95% t interval] and the "
+                        "number of pairs. `better *` / "
+                        "`worse *`: the interval excludes 0 on that side. A radius rule is shipped only if it is "
+                        "significantly worse nowhere."),
+                  ("table", verdicts)] + blocks
     md = write_markdown(blocks, out_dir / "report.md", title)
     page = write_html(blocks, out_dir / "report.html", title)
     csv_path = write_runs_csv(results, out_dir / "runs.csv")
