@@ -7,11 +7,12 @@ layer ``l`` (one module and adapter, ``W0 + s B A``) the forward of step t+1 run
     eps_l = -rho k_l D_l / ||D_l||,  k_l = min(1/gbar_l, max_scale)           (eq. 4, norm="layer")
 
 ``eps_l x = c_l s (m_B (A x) + B (m_A x))`` is added to the layer's output by a forward hook: a rank-2r term, so
-nothing of size out x in is formed and no weight is written. Its Frobenius norm comes from the 2r x 2r Gram
-matrices of ``[m_B, B]`` and ``[A; m_A]``. A DoRA layer gets the same ``eps_l`` in its base weight, as the authors'
-code does, through its row norms (``_dora_term``). AdaLoRA factors, DoRA with LoRA dropout and full fine-tuning's
-tensors are layers of their own with ``D = m``, moved in place and restored exactly from a copy. Other trainable tensors next to LoRA layers (a
-head, ``modules_to_save``) are not perturbed, as in the authors' code, unless ``perturb_non_lora=True``.
+nothing of size out x in is formed, no weight is written and nothing is copied. Its Frobenius norm comes from r x r
+Gram blocks of ``m_B, B`` and ``A, m_A``, layers of equal shapes batched. A DoRA layer gets the same ``eps_l`` in its
+base weight, as the authors' code does, through its row norms (``_dora_term``). AdaLoRA factors, DoRA with LoRA
+dropout and full fine-tuning's tensors are layers of their own with ``D = m``, moved in place and restored exactly
+from a copy. Other trainable tensors next to LoRA layers (a head, ``modules_to_save``) are not perturbed, as in the
+authors' code, unless ``perturb_non_lora=True``.
 
 ``space="factors"`` moves the trainable tensors themselves along their momentum: Momentum-SAM's algorithm
 (:class:`MSAM`). docs/method.md has every equation next to the line implementing it.
@@ -646,8 +647,8 @@ class MGPO(PerturbedOptimizer):
         """Per layer, at the clean weights after the update: ``weight`` = ||W_l||_F (``W0 + s B A`` for a pair, the
         tensors themselves for a layer moved in place) and ``update`` = ||W_l - W_l(before the update)||_F. For a
         pair both come from Gram matrices and one ``W0 A^T`` product (nothing out x in is formed):
-        ``||W0 + s B A||^2 = ||W0||^2 + 2 s <W0 A^T, B> + s^2 ||B A||^2``, ``||s (B A - B' A')|| = s ||B A + (-B') A'||``,
-        the Gram parts of layers of equal shapes batched. NaN where a quantity is not available (a quantized base
+        ``||W0 + s B A||^2 = ||W0||^2 + 2 s <W0 A^T, B> + s^2 ||B A||^2``,
+        ``||s (B A - B' A')|| = s ||B A + (-B') A'||``, the Gram parts of layers of equal shapes batched. NaN where a quantity is not available (a quantized base
         weight)."""
         hp = self.hparams
         want_weight = hp["apn"] == "weight" or hp["diagnostics"]
