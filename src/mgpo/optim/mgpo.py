@@ -648,8 +648,8 @@ class MGPO(PerturbedOptimizer):
         tensors themselves for a layer moved in place) and ``update`` = ||W_l - W_l(before the update)||_F. For a
         pair both come from Gram matrices and one ``W0 A^T`` product (nothing out x in is formed):
         ``||W0 + s B A||^2 = ||W0||^2 + 2 s <W0 A^T, B> + s^2 ||B A||^2``,
-        ``||s (B A - B' A')|| = s ||B A + (-B') A'||``, the Gram parts of layers of equal shapes batched. NaN where a quantity is not available (a quantized base
-        weight)."""
+        ``||s (B A - B' A')|| = s ||B A + (-B') A'||``, the Gram parts of layers of equal shapes batched. NaN where a
+        quantity is not available (a quantized base weight)."""
         hp = self.hparams
         want_weight = hp["apn"] == "weight" or hp["diagnostics"]
         want_update = before is not None
