@@ -7,11 +7,12 @@ layer ``l`` (one module and adapter, ``W0 + s B A``) the forward of step t+1 run
     eps_l = -rho k_l D_l / ||D_l||,  k_l = min(1/gbar_l, max_scale)           (eq. 4, norm="layer")
 
 ``eps_l x = c_l s (m_B (A x) + B (m_A x))`` is added to the layer's output by a forward hook: a rank-2r term, so
-nothing of size out x in is formed and no weight is written. Its Frobenius norm comes from the 2r x 2r Gram
-matrices of ``[m_B, B]`` and ``[A; m_A]``. A DoRA layer gets the same ``eps_l`` in its base weight, as the authors'
-code does, through its row norms (``_dora_term``). AdaLoRA factors, DoRA with LoRA dropout and full fine-tuning's
-tensors are layers of their own with ``D = m``, moved in place and restored exactly from a copy. Other trainable tensors next to LoRA layers (a
-head, ``modules_to_save``) are not perturbed, as in the authors' code, unless ``perturb_non_lora=True``.
+nothing of size out x in is formed, no weight is written and nothing is copied. Its Frobenius norm comes from r x r
+Gram blocks of ``m_B, B`` and ``A, m_A``, layers of equal shapes batched. A DoRA layer gets the same ``eps_l`` in its
+base weight, as the authors' code does, through its row norms (``_dora_term``). AdaLoRA factors, DoRA with LoRA
+dropout and full fine-tuning's tensors are layers of their own with ``D = m``, moved in place and restored exactly
+from a copy. Other trainable tensors next to LoRA layers (a head, ``modules_to_save``) are not perturbed, as in the
+authors' code, unless ``perturb_non_lora=True``.
 
 ``space="factors"`` moves the trainable tensors themselves along their momentum: Momentum-SAM's algorithm
 (:class:`MSAM`). docs/method.md has every equation next to the line implementing it.
@@ -31,7 +32,7 @@ from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILE
                                 SPACES)
 from mgpo.optim.distributed import local
 from mgpo.optim.layers import (dora_weight_space_refusal, is_dora, is_quantized, lora_pairs, lowrank_row_sq_norms,
-                               lowrank_sq_norm)
+                               lowrank_sq_norms)
 
 _TINY = 1e-12  # added to every denominator (docs/method.md)
 
@@ -52,20 +53,26 @@ def preset(name: str) -> dict | None:
 
 
 class _WeightSpaceTerm(torch.autograd.Function):
-    """``out + U (V x)`` as one autograd node, with ``U = c_l s [m_B, B]`` (out x 2r), ``V = [A; m_A]`` (2r x in).
+    """``out + eps_l x`` as one autograd node: ``eps_l x = c_l s [m_B, B] ([A; m_A] x)`` (eq. 6), with ``cs = c_l s``.
 
-    ``U`` and ``V`` are constants of the window (no gradient reaches them, so the factors' own gradients stay
-    those of the loss at the perturbed weight); nothing activation-sized is saved. Concatenating the factors
-    once per step makes the term two products per pass, each reading ``x`` (or the output gradient) once,
-    instead of four. Computed in the factors' dtype, outside autocast.
+    Its inputs are the factors and momenta themselves (whole, gathered once per step under FSDP), constants of the
+    window: no gradient reaches them, so the factors' own gradients stay those of the loss at the perturbed weight.
+    ``U = [m_B, B]`` (out x 2r) and ``V = [A; m_A]`` (2r x in) are concatenated where a pass needs them and dropped
+    after it: each pass is two products with an inner size of 2r, each reading ``x`` (or the output gradient) once,
+    and nothing is held between passes or saved beyond references to tensors that exist anyway. ``out=None``
+    returns ``eps_l x`` alone (DoRA). Computed in the factors' dtype, outside autocast.
     """
 
     @staticmethod
-    def forward(ctx, out, x, u, v):
-        ctx.save_for_backward(u, v)
+    def forward(ctx, out, x, a, m_a, b, m_b, cs):
+        ctx.save_for_backward(a, m_a, b, m_b, cs)  # references: an in-place change before backward raises
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            h = x.reshape(-1, x.shape[-1]).to(v.dtype) @ v.T  # (tokens, 2r)
+            h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ torch.cat([a, m_a]).T  # (tokens, 2r): [A x; m_A x]
+            h = h.mul_(cs.to(h.dtype))
+            u = torch.cat([m_b, b], 1)  # out x 2r
+            if out is None:
+                return (h @ u.T).view(*x.shape[:-1], u.shape[0])
             flat = out.reshape(-1, out.shape[-1])
             if flat.dtype == u.dtype:
                 return torch.addmm(flat, h, u.T).view(out.shape)  # one fused kernel
@@ -73,13 +80,14 @@ class _WeightSpaceTerm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        u, v = ctx.saved_tensors
+        a, m_a, b, m_b, cs = ctx.saved_tensors
         grad_x = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # eps_l^T grad = c_l s [A; m_A]^T ([m_B, B]^T grad)
             with torch.autocast(grad.device.type, enabled=False):
-                grad_x = (grad.reshape(-1, grad.shape[-1]).to(u.dtype) @ u) @ v
+                g = grad.reshape(-1, grad.shape[-1]).to(b.dtype) @ torch.cat([m_b, b], 1)  # (tokens, 2r)
+                grad_x = g.mul_(cs.to(g.dtype)) @ torch.cat([a, m_a])
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad, grad_x, None, None
+        return (grad if ctx.needs_input_grad[0] else None), grad_x, None, None, None, None, None
 
 
 def _row_norms(w0: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -91,13 +99,13 @@ def _row_norms(w0: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tens
     return sq.clamp_min(0).sqrt()
 
 
-def _dora_term(out, x, u, v, bias, ratio, inv_norm, magnitude):
+def _dora_term(out, x, factors, bias, ratio, inv_norm, magnitude):
     """A DoRA layer's output at base weight ``W0 + eps`` (the authors' rule), from PEFT's output at ``W0``:
     ``b + (m / n~) (W' x + eps x) = b + (n / n~) (y - b) + (m / n~) (eps x)``, with ``y - b = (m / n) W' x`` and
     the row norms ``n``, ``n~`` constants (DoRA detaches them), so the gradients of m, A and B are DoRA's at the
     perturbed base weight. Valid for one active adapter without LoRA dropout (checked at construction)."""
+    term = _WeightSpaceTerm.apply(None, x, *factors)  # eps x = c s (m_B (A x) + B (m_A x)), eq. (6)
     with torch.autocast(x.device.type, enabled=False):
-        term = (x.reshape(-1, x.shape[-1]).to(v.dtype) @ v.T) @ u.T  # eps x = c s (m_B (A x) + B (m_A x)), eq. (6)
         clean = out if bias is None else out - bias
         scaled = ratio.to(out.dtype) * clean + ((magnitude * inv_norm.to(magnitude.dtype)) * term).view(
             out.shape).to(out.dtype)
@@ -117,17 +125,17 @@ def _term_hook(shared: HookState, key: int):
             return None
         x = args[0] if args else kwargs["x"]
         active = module.active_adapters
-        for adapter, u, v, dora in terms:
+        for adapter, factors, dora in terms:
             if adapter not in active:
                 continue
             if dora is None:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
-                output = _WeightSpaceTerm.apply(output, x, u, v)
+                output = _WeightSpaceTerm.apply(output, x, *factors)
             else:
                 if len(active) > 1:
                     raise RuntimeError(
                         f"MGPO: DoRA adapter {adapter!r} is active together with {active} on one layer; the "
                         "weight-space DoRA rule needs it alone. Activate one adapter, or use space='factors'.")
-                output = _dora_term(output, x, u, v, module.get_base_layer().bias, *dora)
+                output = _dora_term(output, x, factors, module.get_base_layer().bias, *dora)
         return output
 
     return hook
@@ -224,7 +232,7 @@ class MGPO(PerturbedOptimizer):
         self._seen: torch.Tensor | None = None  # which layers have had a first gradient
         self._coef: torch.Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
         self._clean: list[torch.Tensor] | None = None
-        self._gathered_v: list[torch.Tensor] | None = None  # FSDP: whole [A; g_A] of this step (eq. 8)
+        self._gathered: list[tuple] | None = None  # FSDP: whole (A, g_A) of every pair with a gradient (eq. 8)
         self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # (n_l, has_grad) from record_gradients()
         self._direction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (d_l, ||D||^2, has_m)
         self._recorded_micro = False  # record_gradients() updated gbar in this step (gbar_update="micro_batch")
@@ -293,7 +301,7 @@ class MGPO(PerturbedOptimizer):
 
     @property
     def _terms(self) -> dict[int, list] | None:
-        """The pending weight-space terms: module id -> [(adapter, c_l s [m_B, B], [A; m_A], DoRA scales or None)]."""
+        """The pending weight-space terms: module id -> [(adapter, (A, m_A, B, m_B, c_l s), DoRA scales or None)]."""
         return self._shared.terms
 
     @_terms.setter
@@ -327,10 +335,10 @@ class MGPO(PerturbedOptimizer):
 
     # ------------------------------------------------------------------------------- perturbation, eq. (6)
     def _direction_factors(self, parts: torch.Tensor | None = None):
-        """``([m_B, B], [A; m_A])`` of every pair whose momentum exists (``D_l = s U V``), which pairs, and
-        ``parts`` summed over the ranks. Under FSDP the factors and momenta are gathered whole first, in one
-        collective (LoRA-sized) that also carries ``parts``, so every rank holds the same U, V and computes the
-        same ||D_l|| without a reduction."""
+        """``(A, m_A, B, m_B)`` of every pair whose momentum exists (``D_l = s (m_B A + B m_A)``), which pairs, and
+        ``parts`` summed over the ranks. Without FSDP these are the tensors themselves (no copy). Under FSDP they
+        are gathered whole first, in one collective (LoRA-sized) that also carries ``parts``, so every rank holds
+        the same factors and computes the same ||D_l|| without a reduction."""
         flat, with_m = [], []
         for i, (_, _, _, a, b, _) in enumerate(self._pairs):
             m_a, m_b = self._moments([a, b])
@@ -338,13 +346,13 @@ class MGPO(PerturbedOptimizer):
                 flat += [a, m_a, b, m_b]
                 with_m.append(i)
         flat, parts = self.exchange.full_and_sum(flat, parts)
-        factors = [(torch.cat([m_b, b], 1), torch.cat([a, m_a], 0))
+        factors = [(a.detach(), m_a, b.detach(), m_b)  # detached: the term's node does not reach A, B
                    for a, m_a, b, m_b in zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4])]
         return factors, with_m, parts
 
     def _build_terms(self, factors=None, with_m=None) -> None:
-        """The pending weight-space terms per module, ``(U = c_l s [m_B, B], V = [A; m_A], DoRA scales)``: two copies
-        of a LoRA layer's size (never out x in), made once per step."""
+        """The pending weight-space terms per module: the layer's ``(A, m_A, B, m_B)`` (references, no copy; the
+        whole gathered tensors under FSDP) and ``c_l s`` (a device scalar), and DoRA's scales."""
         self._terms = {}
         if self._coef is None or not self._pairs:
             return
@@ -353,23 +361,23 @@ class MGPO(PerturbedOptimizer):
         if not factors:
             return
         index = self._cached_index(tuple(self._pairs[i][0] for i in with_m))
-        scale = torch.tensor([self._pairs[i][5] for i in with_m], device=self._coef.device, dtype=self._coef.dtype)
-        cs = (self._coef[index] * scale).unbind()
-        for (u, v), i, c in zip(factors, with_m, cs):
-            _, module, adapter, a, b, s = self._pairs[i]
-            u = u.mul_(c.to(u.dtype))
-            dora = self._dora_scales(i, module, u, v, c) if i in self._dora else None
-            self._terms.setdefault(id(module), []).append((adapter, u, v, dora))
+        scale = self._cached(tuple(self._pairs[i][5] for i in with_m), self._coef.dtype)
+        cs = (self._coef[index] * scale).unbind()  # c_l s, eq. (6)
+        for f, i, c in zip(factors, with_m, cs):
+            _, module, adapter, *_ = self._pairs[i]
+            dora = self._dora_scales(i, module, f, c) if i in self._dora else None
+            self._terms.setdefault(id(module), []).append((adapter, (*f, c), dora))
 
-    def _dora_scales(self, i, module, u, v, c):
+    def _dora_scales(self, i, module, factors, c):
         """The authors' rule on a DoRA layer: the forward runs at base weight ``W0 + eps``, so DoRA's row norms become
         ``n~ = ||W0 + s B A + eps||_row``. Returns ``(n / n~, 1 / n~, magnitude)`` for :func:`_dora_term`, with
         ``n~`` from ``W0 + [sB + c s m_B, c s B] [A; m_A]`` (rank 2r, no out x in matrix)."""
-        _, _, _, a, b, s = self._pairs[i]
+        a, m_a, b, m_b = factors
+        s = self._pairs[i][5]
         w0 = module.get_base_layer().weight
-        r = a.shape[0]
+        cs = c.to(b.dtype)
         n = _row_norms(w0, s * b, a)
-        n_t = _row_norms(w0, torch.cat([s * b + u[:, :r], u[:, r:]], 1), v)
+        n_t = _row_norms(w0, torch.cat([s * b + m_b * cs, b * cs], 1), torch.cat([a, m_a]))
         ratio = torch.where(c == 0, torch.ones_like(n), n / n_t)  # unperturbed: exactly DoRA's own output
         return ratio, 1.0 / n_t, self._dora[i]
 
@@ -384,9 +392,16 @@ class MGPO(PerturbedOptimizer):
         return [local(ps[j]) for j in keep], [local(moments[j]) for j in keep], list(coefs)
 
     def _cached_index(self, layers: tuple) -> torch.Tensor:
-        if layers not in self._index_cache:
-            self._index_cache[layers] = torch.tensor(layers, dtype=torch.long, device=self._device)
-        return self._index_cache[layers]
+        return self._cached(layers, torch.long)
+
+    def _cached(self, values: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """``values`` as a device tensor, made once: no host-to-device copy (a wait on a GPU) in later steps."""
+        key = (values, dtype)
+        if key not in self._index_cache:
+            if len(self._index_cache) >= 256:  # layers whose gradients come and go (MoE): keep it bounded
+                self._index_cache.clear()
+            self._index_cache[key] = torch.tensor(values, dtype=dtype, device=self._device)
+        return self._index_cache[key]
 
     def _apply(self) -> None:
         if self._coef is None:  # first step: no momentum yet, no perturbation
@@ -434,27 +449,28 @@ class MGPO(PerturbedOptimizer):
         """Under FSDP the gradient norms' partial sums ride on the gather of ``[A; g_A]`` that eq. (8) needs (one
         collective before the base step; an all-reduce only when there is nothing to gather)."""
         flat, parts = self.exchange.full_and_sum(self._grad_v(self._grad_owners()), parts)
-        self._gathered_v = [torch.cat(flat[k:k + 2], 0) for k in range(0, len(flat), 2)]
+        self._gathered = list(zip(flat[0::2], flat[1::2]))
         return parts
 
     def _eq8_parts(self, owners: list[int], dtype: torch.dtype) -> torch.Tensor | None:
-        """eq. (8) for every pair with a gradient: ``||s (g_B A + B g_A)||^2 = s^2 ||[g_B, B] [A; g_A]||^2``, one layer
-        at a time. Under FSDP: this rank's rows of ``[g_B, B]`` against the whole ``[A; g_A]`` (gathered), partial
-        sums that add up over the ranks."""
+        """eq. (8) for every pair with a gradient, in ``owners`` order: ``||s (g_B A + B g_A)||^2``, from Gram blocks,
+        layers of equal shapes batched (``layers.lowrank_sq_norms``). Under FSDP: this rank's rows of ``g_B`` and
+        ``B`` against the whole ``A`` and ``g_A`` (gathered), partial sums that add up over the ranks."""
         if not owners:
             return None
         if self.exchange.sharded:
-            vs = self._gathered_v
+            whole = self._gathered
         else:
             flat = self._grad_v(owners)
-            vs = [torch.cat(flat[k:k + 2], 0) for k in range(0, len(flat), 2)]
-        sqs = []
-        for v, i in zip(vs, owners):
-            _, _, _, a, b, s = self._pairs[i]
+            whole = list(zip(flat[0::2], flat[1::2]))
+        items = []
+        for (a, g_a), i in zip(whole, owners):
+            b = self._pairs[i][4]
             g_b = local(b.grad) if b.grad is not None else torch.zeros_like(local(b))
-            sqs.append(lowrank_sq_norm(torch.cat([g_b, local(b)], 1), v) * s ** 2)
-        self._gathered_v = None
-        return torch.stack(sqs).to(dtype)
+            items.append(((g_b, a), (local(b), g_a)))
+        self._gathered = None
+        scale = self._cached(tuple(self._pairs[i][5] ** 2 for i in owners), dtype)
+        return lowrank_sq_norms(items) * scale
 
     def _size_buffers(self, n_layers: int, device, dtype) -> None:
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
@@ -521,7 +537,7 @@ class MGPO(PerturbedOptimizer):
                 eq8 = self.exchange.all_reduce(eq8)
             grad_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in owners)), eq8)
         n = grad_sq.sqrt() * scale
-        has = torch.tensor(has_grad, device=n.device) & torch.isfinite(n)
+        has = self._cached(tuple(has_grad), torch.bool) & torch.isfinite(n)
         if self.hparams["gbar_update"] == "step":
             self._recorded = (n, has)
             return
@@ -554,7 +570,7 @@ class MGPO(PerturbedOptimizer):
                           "once.", RuntimeWarning, stacklevel=3)
         self._recorded_micro = False
         if recorded is not None or micro:
-            self._gathered_v = None
+            self._gathered = None
             grad_sq, has_grad, owners, eq8 = None, None, [], None
         else:
             grad_sq, has_grad, owners, eq8 = self._eq8_inputs(params, grad_norms, n_layers, dtype)
@@ -599,13 +615,13 @@ class MGPO(PerturbedOptimizer):
         if recorded is not None:  # eq. (8) from the gradients before clipping
             self._ema(recorded[0], recorded[1] & ok)
         elif not micro:  # (micro_batch: already updated after each micro-batch)
-            self._ema(grad_sq.sqrt(), torch.tensor(has_grad, device=device) & ok)  # a skipped step updates no EMA
+            self._ema(grad_sq.sqrt(), self._cached(tuple(has_grad), torch.bool) & ok)  # a skipped step: no EMA
 
         d_sq = torch.zeros(n_layers, device=device, dtype=dtype)
-        if factors:  # ||D_l||^2 = s^2 ||[m_B, B] [A; m_A]||^2
-            scale = torch.tensor([self._pairs[i][5] ** 2 for i in with_m], device=device, dtype=dtype)
+        if factors:  # ||D_l||^2 = s^2 ||m_B A + B m_A||^2, from Gram blocks, layers of equal shapes batched
+            scale = self._cached(tuple(self._pairs[i][5] ** 2 for i in with_m), dtype)
             d_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in with_m)),
-                            torch.stack([lowrank_sq_norm(u, v) for u, v in factors]).to(dtype) * scale)
+                            lowrank_sq_norms([((m_b, a), (b, m_a)) for a, m_a, b, m_b in factors]) * scale)
         has_m = [False] * n_layers
         for i in with_m:
             has_m[self._pairs[i][0]] = True
@@ -614,16 +630,16 @@ class MGPO(PerturbedOptimizer):
             d_sq += self._layer_sq_sums([i for i, _ in m_norm], norms, n_layers)
             for i, _ in m_norm:
                 has_m[i] = True
-        self._direction = (d_sq.sqrt(), d_sq, torch.tensor(has_m, device=device))
+        self._direction = (d_sq.sqrt(), d_sq, self._cached(tuple(has_m), torch.bool))
         self._sizes = self._layer_sizes(before, n_layers, device, dtype)
         self._set_coef()
         self._build_terms(factors, with_m)
 
     def _snapshot(self) -> tuple[list, list] | None:
-        """Copies of every pair's (A, B) and of the tensors moved in place, when the last update's size is needed."""
+        """Copies of every pair's (A, -B) and of the tensors moved in place, when the last update's size is needed."""
         if not (self.hparams["apn"] == "update" or self.hparams["diagnostics"]):
             return None
-        return ([(a.detach().clone(), b.detach().clone()) for _, _, _, a, b, _ in self._pairs],
+        return ([(a.detach().clone(), b.detach().neg()) for _, _, _, a, b, _ in self._pairs],
                 [p.detach().clone() for _, p in self._inplace])
 
     @torch.no_grad()
@@ -631,8 +647,9 @@ class MGPO(PerturbedOptimizer):
         """Per layer, at the clean weights after the update: ``weight`` = ||W_l||_F (``W0 + s B A`` for a pair, the
         tensors themselves for a layer moved in place) and ``update`` = ||W_l - W_l(before the update)||_F. For a
         pair both come from Gram matrices and one ``W0 A^T`` product (nothing out x in is formed):
-        ``||W0 + s B A||^2 = ||W0||^2 + 2 s <W0 A^T, B> + s^2 ||B A||^2``, ``||s (B A - B' A')|| = s ||[B, -B'] [A; A']||``.
-        NaN where a quantity is not available (a quantized base weight)."""
+        ``||W0 + s B A||^2 = ||W0||^2 + 2 s <W0 A^T, B> + s^2 ||B A||^2``,
+        ``||s (B A - B' A')|| = s ||B A + (-B') A'||``, the Gram parts of layers of equal shapes batched. NaN where a
+        quantity is not available (a quantized base weight)."""
         hp = self.hparams
         want_weight = hp["apn"] == "weight" or hp["diagnostics"]
         want_update = before is not None
@@ -640,28 +657,27 @@ class MGPO(PerturbedOptimizer):
             return {}
         weight = torch.zeros(n_layers, device=device, dtype=dtype)
         update = torch.zeros(n_layers, device=device, dtype=dtype)
-        pair_w, pair_u, layers = [], [], []
-        for j, (i, module, _, a, b, s) in enumerate(self._pairs):
-            layers.append(i)
-            if want_weight:
+        if self._pairs:
+            index = self._cached_index(tuple(i for i, *_ in self._pairs))
+            s_sq = self._cached(tuple(s * s for *_, s in self._pairs), dtype)
+            factors = [(a, b) for *_, a, b, _ in self._pairs]
+        if self._pairs and want_weight:
+            near = []  # ||W0||^2 + 2 s <W0 A^T, B>: one thin out x in x r product per layer
+            for j, (_, module, _, a, b, s) in enumerate(self._pairs):
                 if is_quantized(module):
-                    pair_w.append(torch.full((), float("nan"), device=device, dtype=dtype))
-                else:
-                    w0 = module.get_base_layer().weight
-                    w0 = w0.T if getattr(module, "fan_in_fan_out", False) else w0
-                    if j not in self._w0_sq:
-                        self._w0_sq[j] = w0.detach().to(dtype).square().sum()
-                    cross = ((w0.detach().to(dtype) @ a.detach().to(dtype).T) * b.detach().to(dtype)).sum()
-                    pair_w.append(self._w0_sq[j] + 2 * s * cross + s * s * lowrank_sq_norm(b, a).to(dtype))
-            if want_update:
-                a0, b0 = before[0][j]
-                pair_u.append(s * s * lowrank_sq_norm(torch.cat([b, -b0], 1), torch.cat([a, a0], 0)).to(dtype))
-        if layers:
-            index = self._cached_index(tuple(layers))
-            if pair_w:
-                weight.index_add_(0, index, torch.stack(pair_w))
-            if pair_u:
-                update.index_add_(0, index, torch.stack(pair_u))
+                    near.append(torch.full((), float("nan"), device=device, dtype=dtype))
+                    continue
+                w0 = module.get_base_layer().weight
+                w0 = w0.T if getattr(module, "fan_in_fan_out", False) else w0
+                if j not in self._w0_sq:
+                    self._w0_sq[j] = w0.detach().to(dtype).square().sum()
+                cross = ((w0.detach().to(dtype) @ a.detach().to(dtype).T) * b.detach().to(dtype)).sum()
+                near.append(self._w0_sq[j] + 2 * s * cross)
+            ba = lowrank_sq_norms([((b, a),) for a, b in factors]).to(dtype)  # ||B A||^2
+            weight.index_add_(0, index, torch.stack(near) + s_sq * ba)
+        if self._pairs and want_update:
+            moved = lowrank_sq_norms([((b, a), (nb0, a0)) for (a, b), (a0, nb0) in zip(factors, before[0])])
+            update.index_add_(0, index, s_sq * moved.to(dtype))
         if self._inplace:
             index = self._cached_index(tuple(i for i, _ in self._inplace))
             ps = [p.detach() for _, p in self._inplace]
