@@ -360,3 +360,21 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     assert rule[3] == "acc" and other[3] == "nowhere"
     # one sweep alone: no cross table
     assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()
+
+
+def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
+    root, rows = tmp_path / "load", []
+    for method, loads in (("LoRA", [(1.0, 1.2, 1.5), (1.1, 1.4, 1.5)]), ("LoRA-MGPO", [(3.9, 4.1, 3.0), None])):
+        for seed, load in enumerate(loads):
+            out = root / f"{method}-{seed}"
+            out.mkdir(parents=True)
+            (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8, "time_per_step_s": 0.5,
+                                                          **({"load_average": load, "cpus": 2} if load else {})}))
+            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                         "labels": {"method": method, "training.seed": seed}})
+    (root / "index.json").write_text(json.dumps({"title": "load", "runs": rows}))
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    cost = md.split("### Cost")[1].split("###")[0]
+    assert "load (5-min avg at end) / CPUs" in cost and "not a measure of cost" in cost
+    assert _md_row(cost, "LoRA")[-1] == "1.3 / 2" and _md_row(cost, "LoRA-MGPO")[-1] == "4.1 / 2"

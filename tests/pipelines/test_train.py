@@ -550,3 +550,16 @@ def test_distributed_section_maps_onto_fsdp2_and_is_validated(tiny_model_dir, se
     monkeypatch.setattr(pipeline, "_cuda", lambda: False)
     with pytest.raises(ConfigError, match="fsdp needs GPUs.*distributed.strategy=ddp on CPU"):
         train(cfg)
+
+
+def test_cost_metrics_record_the_load_the_time_was_taken_at(monkeypatch):
+    """Wall time per step counts waiting for cores: the metrics carry the machine's load and CPU count with it."""
+    from types import SimpleNamespace
+
+    from mgpo.pipelines.train import cost_metrics
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.456, 2.0, 1.0))
+    model = torch.nn.Linear(3, 2)
+    metrics = cost_metrics(SimpleNamespace(model=model, state=SimpleNamespace(global_step=4)), None, 2.0)
+    assert metrics["time_per_step_s"] == 0.5
+    assert metrics["load_average"] == [3.46, 2.0, 1.0] and metrics["cpus"] == os.cpu_count()

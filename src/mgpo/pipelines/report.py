@@ -226,8 +226,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             dd = measures.double_descent(r.trained_steps, r.trained_losses, window)
             row.update(trained_dd_rise_rel=dd["rise_rel"], trained_dd_recovered=dd["recovered"],
                        trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor))
-        for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "final_clean_loss", "best_clean_loss",
-                  "final_loss", "best_loss"):
+        for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "load_average", "cpus",
+                  "final_clean_loss", "best_clean_loss", "final_loss", "best_loss"):
             row[k] = r.metrics.get(k)
         per_run.append(row)
 
@@ -328,6 +328,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
 
     # cost, relative to the baseline
     cost_rows = []
+    with_load = any(x.get("load_average") for x in per_run)
     base_cost = {k: values(baseline, None, k) for k in ("trainable_params", "peak_memory_mb", "time_per_step_s")}
     for s in series:
         cells = [(s, False)]
@@ -337,9 +338,14 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             ratio = mean / float(np.mean(b)) if v and b and np.mean(b) > 0 else None
             cells += [(f"{mean:,.{digits}f}" if mean is not None else "-", False),
                       (f"{ratio:.2f}×" if ratio is not None else "-", False)]
+        if with_load:  # wall time also counts waiting for cores other processes held
+            mine = [x for x in per_run if x["series"] == s and x.get("load_average")]
+            cpus = "/".join(str(c) for c in _order(x.get("cpus") or "?" for x in mine))
+            cells.append((f"{np.mean([x['load_average'][1] for x in mine]):.1f} / {cpus}" if mine else "-", False))
         cost_rows.append(cells)
     cost_table = {"header": ["method", "trainable params", "× " + baseline, "peak memory (MB)", "× " + baseline,
-                             "time / step (s)", "× " + baseline], "rows": cost_rows}
+                             "time / step (s)", "× " + baseline]
+                  + (["load (5-min avg at end) / CPUs"] if with_load else []), "rows": cost_rows}
     # the perturbation's size, per method and panel: medians over each run's steps, averaged over seeds
     diag_rows = []
     for p in panels:
@@ -516,7 +522,11 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
     blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
                ("p", _loss_note(result)),
                ("table", result["dd_table"]),
-               ("h3", f"Cost relative to {base}"), ("table", result["cost_table"])]
+               ("h3", f"Cost relative to {base}"),
+               ("p", "Time per step is wall time: it also counts the time other processes held the cores. Where the "
+                     "load column is above the number of CPUs, the runs shared the machine and their times are not "
+                     "a measure of cost (the cpu-cost sweep and benchmarks/ measure cost alone)."),
+               ("table", result["cost_table"])]
     if result["diag_table"]["rows"]:
         blocks += [("h3", "Perturbation size (median over logged steps, mean over seeds)"),
                    ("p", "radius / ‖W‖: each layer's perturbation radius ‖eps_l‖ over its weight norm ‖W0 + s B A‖; "

@@ -666,7 +666,10 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
     ``time_per_step_s`` is the wall time of ``trainer.train`` (checkpoint writes and periodic evaluation
     included) over the steps run in this invocation (after a ``--resume``, only the resumed part).
     ``peak_memory_mb``: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident set size.
+    ``load_average`` (1, 5, 15 min, at the end) and ``cpus``: how busy the machine was, since wall time per step
+    also counts the time other processes held the cores.
     """
+    import os
     import resource
 
     import torch
@@ -684,6 +687,8 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_source": source,
         "time_per_step_s": round(train_seconds / steps_run, 4),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "cpus": os.cpu_count(),
     }
 
 
