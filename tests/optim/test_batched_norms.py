@@ -148,3 +148,21 @@ def test_step_products_do_not_grow_with_the_number_of_layers():
     """A step's products and concatenations are per shape, not per layer: 2 or 6 decoder layers (14 or 42 LoRA
     layers of the same three shapes) take the same number."""
     assert matmul_calls(2) == matmul_calls(6)
+
+
+def test_the_term_takes_bf16_factors_with_fp32_momenta():
+    """A bf16 factor with an fp32 momentum (an optimizer keeping fp32 state): the term computes in the promoted
+    dtype, forward and backward, and matches the float64 product."""
+    from mgpo.optim.mgpo import _WeightSpaceTerm
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(4, 12, generator=gen).bfloat16(), torch.randn(10, 4, generator=gen).bfloat16())
+    m_a, m_b = torch.randn(4, 12, generator=gen), torch.randn(10, 4, generator=gen)
+    x = torch.randn(3, 12, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    out = torch.zeros(3, 10, dtype=torch.bfloat16)
+    cs = torch.tensor(0.5)
+    y = _WeightSpaceTerm.apply(out, x, a, m_a, b, m_b, cs)
+    eps = 0.5 * (m_b.double() @ a.double() + b.double() @ m_a.double())
+    torch.testing.assert_close(y.double(), x.detach().double() @ eps.T, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    torch.testing.assert_close(x.grad.double(), torch.ones(3, 10, dtype=torch.float64) @ eps, rtol=2e-2, atol=5e-2)

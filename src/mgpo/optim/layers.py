@@ -135,7 +135,8 @@ def lowrank_sq_norms(items: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]])
     Items whose tensors have equal shapes and dtypes are stacked and done together with batched products
     (``torch.bmm``): a fixed number of operations per shape instead of per layer, and for k = 2 a quarter fewer
     multiply-adds than one 2r x 2r Gram matrix per side (``X_2^T X_1`` is the transpose of ``X_1^T X_2``). One
-    side is stacked at a time, at most :data:`STACK_ELEMENTS` values."""
+    side is stacked at a time, at most ``max(STACK_ELEMENTS, one item's side)`` values (a chunk holds one item at
+    least), in the tensors' own dtype before the conversion to float32."""
     groups: dict[tuple, list[int]] = {}
     for n, item in enumerate(items):
         key = tuple((x.shape, x.dtype, y.shape, y.dtype) for x, y in item) + (item[0][0].device,)

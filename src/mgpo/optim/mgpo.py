@@ -68,7 +68,8 @@ class _WeightSpaceTerm(torch.autograd.Function):
         ctx.save_for_backward(a, m_a, b, m_b, cs)  # references: an in-place change before backward raises
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ torch.cat([a, m_a]).T  # (tokens, 2r): [A x; m_A x]
+            v = torch.cat([a, m_a])  # 2r x in, in the promoted dtype of factor and momentum (bf16 A, fp32 m_A)
+            h = x.reshape(-1, x.shape[-1]).to(v.dtype) @ v.T  # (tokens, 2r): [A x; m_A x]
             h = h.mul_(cs.to(h.dtype))
             u = torch.cat([m_b, b], 1)  # out x 2r
             if out is None:
@@ -84,8 +85,10 @@ class _WeightSpaceTerm(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[1]:  # eps_l^T grad = c_l s [A; m_A]^T ([m_B, B]^T grad)
             with torch.autocast(grad.device.type, enabled=False):
-                g = grad.reshape(-1, grad.shape[-1]).to(b.dtype) @ torch.cat([m_b, b], 1)  # (tokens, 2r)
-                grad_x = g.mul_(cs.to(g.dtype)) @ torch.cat([a, m_a])
+                u = torch.cat([m_b, b], 1)
+                g = grad.reshape(-1, grad.shape[-1]).to(u.dtype) @ u  # (tokens, 2r)
+                v = torch.cat([a, m_a])
+                grad_x = g.mul_(cs.to(g.dtype)).to(v.dtype) @ v
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad if ctx.needs_input_grad[0] else None), grad_x, None, None, None, None, None
 
@@ -470,7 +473,7 @@ class MGPO(PerturbedOptimizer):
             items.append(((g_b, a), (local(b), g_a)))
         self._gathered = None
         scale = self._cached(tuple(self._pairs[i][5] ** 2 for i in owners), dtype)
-        return lowrank_sq_norms(items) * scale
+        return lowrank_sq_norms(items).to(dtype) * scale
 
     def _size_buffers(self, n_layers: int, device, dtype) -> None:
         if self.gbar is None or len(self.gbar) < n_layers:  # first step, or layers added since
@@ -621,7 +624,7 @@ class MGPO(PerturbedOptimizer):
         if factors:  # ||D_l||^2 = s^2 ||m_B A + B m_A||^2, from Gram blocks, layers of equal shapes batched
             scale = self._cached(tuple(self._pairs[i][5] ** 2 for i in with_m), dtype)
             d_sq.index_add_(0, self._cached_index(tuple(self._pairs[i][0] for i in with_m)),
-                            lowrank_sq_norms([((m_b, a), (b, m_a)) for a, m_a, b, m_b in factors]) * scale)
+                            lowrank_sq_norms([((m_b, a), (b, m_a)) for a, m_a, b, m_b in factors]).to(dtype) * scale)
         has_m = [False] * n_layers
         for i in with_m:
             has_m[self._pairs[i][0]] = True
@@ -766,18 +769,21 @@ class MGPO(PerturbedOptimizer):
         self._terms = None  # rebuilt at the next perturb() from the loaded factors and momenta
         self._index_cache = {}
         hp = self.hparams
-        needed = {"weight", "update"} if hp["apn"] in ("weight", "update") or hp["diagnostics"] else set()
+        diag = hp["diagnostics"]
+        needed = {k for k in ("weight", "update") if hp["apn"] == k or diag}
         if self.gbar is not None and not needed <= set(self._sizes):
             # saved without the layer sizes (diagnostics off then, or an older mgpo): ||W_l|| is recomputed from the
-            # loaded weights, the last update's size is gone (NaN until the next step). The pending perturbation
-            # keeps its saved c_l.
-            self._sizes = self._layer_sizes(None, len(self.layers), self.gbar.device, self.gbar.dtype)
-            self._sizes["update"] = torch.full_like(self.gbar, float("nan"))
+            # weights loaded now (the model's state is loaded before the optimizer's, as the Trainer does), the last
+            # update's size is gone (NaN until the next step). The pending perturbation keeps its saved c_l.
+            n_layers = len(self.layers)
+            self._sizes = self._layer_sizes(None, n_layers, self.gbar.device, self.gbar.dtype)
+            self._sizes["update"] = torch.full((n_layers,), float("nan"), device=self.gbar.device,
+                                               dtype=self.gbar.dtype)
             if hp["apn"] == "update" and hp["gbar_update"] == "micro_batch":
                 warnings.warn("MGPO(apn='update', gbar_update='micro_batch'): this checkpoint does not hold the size "
                               "of each layer's last update, which re-scaling the pending perturbation after a "
                               "micro-batch needs; the first step after the resume trains at the clean weights.",
-                              stacklevel=3)
+                              RuntimeWarning, stacklevel=3)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
