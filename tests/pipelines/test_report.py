@@ -318,13 +318,12 @@ def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_
         assert d["significant"]
         assert _md_row(table, "LoRA-MGPO − LoRA")[1] == f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ***"
     dd = md.split("### Double descent")[1].split("###")[0]
-    assert "as trained: rise (% of min)" in dd
-    mgpo = next(line for line in dd.splitlines() if line.startswith("| - | LoRA-MGPO |"))
-    cells = [c.strip() for c in mgpo.strip("|").split("|")]
-    assert cells[-3] == mean_std_cell([100 * trained["LoRA-MGPO", s]["rise_rel"] for s in range(4)], 1)
-    assert cells[-2] == f"{sum(not trained['LoRA-MGPO', s]['recovered'] for s in range(4))}/4"
-    lora = next(line for line in dd.splitlines() if line.startswith("| - | LoRA |"))
-    assert lora.rstrip().endswith("| - | - | - |")  # LoRA trains at the clean weights: nothing to add
+    assert "logged loss: rise (% of min)" in dd
+    for method in ("LoRA", "LoRA-MGPO"):  # every probed run, so the columns compare like with like
+        line = next(line for line in dd.splitlines() if line.startswith(f"| - | {method} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[-3] == mean_std_cell([100 * trained[method, s]["rise_rel"] for s in range(4)], 1)
+        assert cells[-2] == f"{sum(not trained[method, s]['recovered'] for s in range(4))}/4"
 
 
 def test_across_experiments_table_names_where_a_method_is_significantly_worse(tmp_path):
@@ -332,8 +331,10 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     baseline per sweep, with the t interval of that sweep's difference table, and the verdict column naming
     the sweeps where the interval excludes 0 on the bad side."""
     values = {  # sweep -> method -> per seed
-        "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79]},
-        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47], "Other": [0.50, 0.54, 0.49, 0.52]},
+        "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79],
+                "Only here": [0.81, 0.82, 0.80, 0.80]},
+        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47], "Other": [0.50, 0.54, 0.49, 0.52],
+                 "Collapsed": [0.5, float("nan"), 0.5, 0.5]},
     }
     dirs = []
     for sweep, methods in values.items():
@@ -358,6 +359,10 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     d = paired_t(values["loss"]["Rule"], values["loss"]["LoRA"])
     assert rule[2] == f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=4 better ***"  # lower loss: better
     assert rule[3] == "acc" and other[3] == "nowhere"
+    only, collapsed = _md_row(table, "Only here"), _md_row(table, "Collapsed")
+    assert only[2] == "not in this sweep" and only[3] == "nowhere"  # judged where it ran
+    assert collapsed[2] == "non-finite in 1 of 4 pairs" and collapsed[3] == "loss (non-finite)"  # NaN fails
+    assert "test_accuracy − LoRA" in table.splitlines()[4]  # each column names its baseline
     # one sweep alone: no cross table
     assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()
 
@@ -378,3 +383,21 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     cost = md.split("### Cost")[1].split("###")[0]
     assert "load (5-min avg at end) / CPUs" in cost and "not a measure of cost" in cost
     assert _md_row(cost, "LoRA")[-1] == "1.3 / 2" and _md_row(cost, "LoRA-MGPO")[-1] == "4.1 / 2"
+
+
+def test_method_labels_name_a_radius_that_is_not_the_papers():
+    """Two runs share a label only if they share the method: rho/10 of the profile's rho, any other rho, and a
+    radius rule other than APN are in the label (cpu-methods-clean's '-MGPO' arms run at rho/10)."""
+    from mgpo.pipelines.report import method_label
+
+    def label(adapter="lora", **p):
+        return method_label({"adapter": {"method": adapter}, "perturbation": p})
+
+    assert label(preset="lora-mgpo", profile="nlu", rho=None, apn="inverse") == "LoRA-MGPO"
+    assert label(preset="lora-mgpo", profile="nlu", rho=0.05) == "LoRA-MGPO"
+    assert label("dora", preset="lora-mgpo", profile="nlu", rho=0.005) == "DoRA-MGPO rho/10"
+    assert label(preset="lora-mgpo", profile="nlg", rho=0.001) == "LoRA-MGPO rho/10"
+    assert label(preset="lora-mgpo", profile="nlu", rho=0.002, apn="weight") == "LoRA-MGPO apn=weight rho=0.002"
+    assert label(preset="mgpo-no-apn", profile="nlu", apn="off") == "LoRA-MGPO w/o APN"
+    assert label(preset="lora", profile="nlu", rho=0.005) == "LoRA"  # no perturbation: rho means nothing
+    assert label(method="sam", rho=0.1) == "LoRA + SAM"

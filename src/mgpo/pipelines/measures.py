@@ -77,12 +77,15 @@ def paired_t(a, b, *, confidence: float = CONFIDENCE) -> dict:
     The t interval, not a bootstrap: with the 3-10 seeds a sweep here has, a percentile bootstrap has only
     C(2n-1, n) distinct resamples (126 at n = 5) and its intervals are too narrow (they cover less than they
     claim); the t interval is exact for normal differences and the usual choice at this n. With fewer than two
-    pairs there is no interval (``low``/``high`` None). ``significant``: the interval excludes 0.
+    pairs, or a non-finite value in a pair (``nonfinite`` counts them: a NaN Pearson r of a collapsed model is a
+    failure, not a missing number), there is no interval (``low``/``high`` None). ``significant``: the interval
+    excludes 0.
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    nonfinite = int((~np.isfinite(d)).sum())
     out = {"n": int(len(d)), "mean": float(d.mean()) if len(d) else float("nan"), "low": None, "high": None,
-           "significant": False}
-    if len(d) < 2:
+           "significant": False, "nonfinite": nonfinite}
+    if len(d) < 2 or nonfinite:
         return out
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
     out.update(low=out["mean"] - half, high=out["mean"] + half,

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from mgpo.pipelines import measures
 from mgpo.pipelines.plots import plt
 from mgpo.pipelines.sweep import SEED_FIELD
-from mgpo.optim.configs import PRESETS
+from mgpo.optim.configs import DEFAULT_RHO, PRESETS, PROFILES
 from mgpo.pipelines.train import PERTURBED_FORWARD, read_log
 
 # The first of these a run's metrics.json holds is its primary metric (override with --metric).
@@ -45,13 +45,13 @@ METHOD_SUFFIX = {"adamw": "", "mgpo": "-MGPO", "msam": " + MSAM", "sam": " + SAM
 PRESET_SUFFIX = {"lora": "", "lora-mgpo": "-MGPO", "mgpo-no-apn": "-MGPO w/o APN", "msam": " + MSAM"}
 # Grid axes that name the method when a sweep has no `method:` axis (the label then comes from the config).
 METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
-# Which training loss a run's curve is: the clean-loss probe, or (runs without it) the loss the steps saw.
-# The optimizer's per-step diagnostics (perturbation.diagnostics) the report summarises: key -> column.
 # Paired differences to the baseline on the clean training loss (lower is better): key -> what it is.
 CLEAN_LOSS_DIFFS = {"final_clean_loss": "final clean training loss (probe)",
                     "clean_dd_rise_rel": "double-descent rise on the clean loss (fraction of its running minimum)"}
+# The optimizer's per-step diagnostics (perturbation.diagnostics) the report summarises: key -> column.
 DIAGNOSTICS = {"radius_to_weight_mean": "radius / ‖W‖", "radius_to_update_mean": "radius / last update",
                "apn_factor_mean": "APN factor k", "apn_capped": "layers at the APN cap"}
+# Which training loss a run's curve is: the clean-loss probe, or (runs without it) the loss the steps saw.
 LOSS_KINDS = {"clean": "clean (probe)", "perturbed": "as trained (at the perturbed weights)",
               "trained": "as trained"}
 
@@ -69,7 +69,7 @@ class RunResult:
     error: str | None = None
     loss_kind: str = "trained"  # a LOSS_KINDS key: which loss `losses` holds
     diagnostics: dict = field(default_factory=dict)  # DIAGNOSTICS key -> median over the run's logged steps
-    # a probed run that trained at perturbed weights: its logged `loss` too, for what that curve would have said
+    # a probed run: its logged `loss` too (minibatch; at the perturbed weights for MGPO), what that curve would say
     trained_steps: list = field(default_factory=list)
     trained_losses: list = field(default_factory=list)
 
@@ -87,13 +87,26 @@ def higher_is_better(metric: str) -> bool:
 
 
 def method_label(cfg: dict) -> str:
-    """'LoRA', 'LoRA-MGPO', 'DoRA + SAM', ... from a run's config.yaml (a preset, when set, names itself)."""
+    """'LoRA', 'LoRA-MGPO', 'DoRA + SAM', 'DoRA-MGPO rho/10', ... from a run's config.yaml (a preset, when set,
+    names itself). An MGPO arm whose rho is not its profile's, or whose radius rule is not APN's, says so: two
+    runs share a label only if they share the method."""
     p, a = cfg.get("perturbation", {}), cfg.get("adapter", {})
     adapter = ADAPTER_NAMES.get(a.get("method", "lora"), a.get("method", "?"))
     if p.get("preset"):
-        return adapter + PRESET_SUFFIX.get(p["preset"], f" + {p['preset']}")
-    method = p.get("method", "adamw")
-    return adapter + METHOD_SUFFIX.get(method, f" + {method}")
+        label = adapter + PRESET_SUFFIX.get(p["preset"], f" + {p['preset']}")
+        mgpo = PRESETS.get(p["preset"]) is not None
+    else:
+        method = p.get("method", "adamw")
+        label = adapter + METHOD_SUFFIX.get(method, f" + {method}")
+        mgpo = method in ("mgpo", "msam")
+    if mgpo:
+        if p.get("apn") not in (None, "inverse") and (not p.get("preset") or PRESETS[p["preset"]].get("apn") is None):
+            label += f" apn={p['apn']}"
+        paper = PROFILES.get(p.get("profile"), {}).get("rho", DEFAULT_RHO)
+        rho = p.get("rho")
+        if rho is not None and not np.isclose(rho, paper):
+            label += " rho/10" if np.isclose(rho, paper / 10) else f" rho={rho:g}"
+    return label
 
 
 def _panel_label(axis: str, value) -> str:
@@ -117,7 +130,7 @@ def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -
     key = "clean_loss" if any("clean_loss" in r for r in log) else "loss"
     kind = "clean" if key == "clean_loss" else "perturbed" if trains_at_perturbed_weights(cfg) else "trained"
     rows = [r for r in log if key in r]
-    trained = [r for r in log if "loss" in r] if key == "clean_loss" and trains_at_perturbed_weights(cfg) else []
+    trained = [r for r in log if "loss" in r] if key == "clean_loss" else []
     diagnostics = {}
     for name in DIAGNOSTICS:
         got = [r[name] for r in log if isinstance(r.get(name), (int, float)) and np.isfinite(r[name])]
@@ -221,7 +234,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             if r.loss_kind == "clean":
                 row["clean_dd_rise_rel"] = row["dd_rise_rel"]
             row["spikes"] = measures.instability_count(r.losses, window, spike_factor)
-        if r.trained_losses:  # the same measure on the loss the perturbed steps saw
+        if r.trained_losses:  # the same measure on the logged minibatch loss (at the perturbed weights for MGPO)
             window = smooth or measures.default_window(len(r.trained_losses))
             dd = measures.double_descent(r.trained_steps, r.trained_losses, window)
             row.update(trained_dd_rise_rel=dd["rise_rel"], trained_dd_recovered=dd["recovered"],
@@ -276,6 +289,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                 diffs[s, c] = d
             if not d["n"]:
                 text = "-"
+            elif d["nonfinite"]:
+                text = f"non-finite in {d['nonfinite']} of {d['n']} pairs"
             elif d["low"] is None:
                 text = f"{d['mean']:+.4f} (n=1)"
             else:
@@ -288,13 +303,14 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     # each "X-MGPO" (or any "X-<suffix>") against its own "X": what adding the perturbation did to that adapter
     own = [(s, ref) for s in series if (ref := s.rsplit("-", 1)[0]) != s and ref in series and ref != baseline]
     own_table = {"header": diff_header, "rows": [diff_row(s, ref) for s, ref in own]} if own else None
-    # the clean training loss against the baseline's, where every run of the baseline has it
+    # the clean training loss against the baseline's, where the baseline's runs have it
     loss_diff_tables = []
     for key, what in CLEAN_LOSS_DIFFS.items():
         if any(x["series"] == baseline and x.get(key) is not None for x in per_run):
             rows = [diff_row(s, baseline, key) for s in series if s != baseline]
             if rows:
-                loss_diff_tables.append((what, {"header": ["difference", *[c or key for c in diff_cols]], "rows": rows}))
+                header = ["difference", *[c or key for c in diff_cols]]
+                loss_diff_tables.append((what, {"header": header, "rows": rows}))
 
     # double descent: per panel and method, averaged over seeds
     dd_rows = []
@@ -315,14 +331,15 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                             (_fmt(np.mean(rec), 0) if rec else "-", False),
                             (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
                             (mean_std_cell([x["spikes"] for x in rows], 1), False)])
-            if with_trained:  # what the loss as trained (at the perturbed weights) would have said
+            if with_trained:  # what the logged minibatch loss (perturbed weights for MGPO) would have said
                 got = [x for x in rows if "trained_spikes" in x]
-                dd_rows[-1] += [(mean_std_cell([100 * x["trained_dd_rise_rel"] for x in got], 1) if got else "-", False),
-                                (f"{sum(not x['trained_dd_recovered'] for x in got)}/{len(got)}" if got else "-", False),
-                                (mean_std_cell([x["trained_spikes"] for x in got], 1) if got else "-", False)]
+                cells = [mean_std_cell([100 * x["trained_dd_rise_rel"] for x in got], 1),
+                         f"{sum(not x['trained_dd_recovered'] for x in got)}/{len(got)}",
+                         mean_std_cell([x["trained_spikes"] for x in got], 1)] if got else ["-"] * 3
+                dd_rows[-1] += [(c, False) for c in cells]
     dd_table = {"header": ["panel", "method", "loss", "fell (% of start)", "rise (loss)", "rise (% of min)",
                            "peak step", "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"]
-                + (["as trained: rise (% of min)", "as trained: not recovered", "as trained: spikes"]
+                + (["logged loss: rise (% of min)", "logged loss: not recovered", "logged loss: spikes"]
                    if with_trained else []),
                 "rows": dd_rows}
 
@@ -362,7 +379,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     return {"loss": loss_description(exp.runs), "no_clean_loss": fallback, "mixed_losses": mixed, "metric": metric,
             "better": better, "baseline": baseline, "series": series, "panels": panels,
             "per_run": per_run, "means": means, "diffs": diffs, "method_table": method_table,
-            "diff_table": diff_table, "own_table": own_table, "loss_diff_tables": loss_diff_tables, "dd_table": dd_table, "cost_table": cost_table,
+            "diff_table": diff_table, "own_table": own_table, "loss_diff_tables": loss_diff_tables,
+            "dd_table": dd_table, "cost_table": cost_table,
             "diag_table": diag_table,
             "failed": failed, "smooth": smooth, "spike_factor": spike_factor}
 
@@ -619,37 +637,45 @@ def write_runs_csv(results: list[dict], out: Path) -> Path:
 def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
     """Across experiments: each method minus its experiment's baseline on the primary metric, per panel (paired t
     interval, the numbers of each experiment's difference table), and where it is significantly worse. The
-    question a rule must pass to be shipped: never significantly worse than the baseline on any task."""
+    question a rule must pass to be shipped: never significantly worse than the baseline on any task. A method
+    is judged only in the sweeps that ran it; a non-finite value (a NaN Pearson r) counts as a failure."""
     cols = [(i, p) for i, res in enumerate(results) for p in res["panels"]]
     series = _order(s for res in results for s in res["series"] if s != res["baseline"])
     if len(results) < 2 or not series:  # one experiment: its own difference table says it all
         return None
-    header = ["method"] + [f"{titles[i]}{f' ({p})' if p else ''}: {results[i]['metric']}" for i, p in cols] + [
+    name = {(i, p): f"{titles[i]}{f' ({p})' if p else ''}" for i, p in cols}
+    header = ["method"] + [f"{name[c]}: {results[c[0]]['metric']} − {results[c[0]]['baseline']}" for c in cols] + [
         "significantly worse in"]
     rows = []
     for s in series:
-        cells, worse, missing = [(s, False)], [], 0
+        cells, worse, pending, judged = [(s, False)], [], 0, 0
         for i, p in cols:
             d = results[i]["diffs"].get((s, p))
+            if s not in results[i]["series"]:
+                cells.append(("not in this sweep", False))
+                continue
+            judged += 1
             if d is None or not d["n"]:
-                cells.append(("-", False))
-                missing += 1
-                continue
-            if d["low"] is None:
+                cells.append(("no pairs yet", False))
+                pending += 1
+            elif d["nonfinite"]:
+                cells.append((f"non-finite in {d['nonfinite']} of {d['n']} pairs", False))
+                worse.append(f"{name[i, p]} (non-finite)")
+            elif d["low"] is None:
                 cells.append((f"{d['mean']:+.4f} (n=1)", False))
-                missing += 1
-                continue
-            good = (d["low"] > 0) == results[i]["better"] if d["significant"] else None
-            tag = " better *" if good else " worse *" if good is False else ""
-            if good is False:
-                worse.append(f"{titles[i]}{f' ({p})' if p else ''}")
-            cells.append((f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}{tag}", bool(good)))
+                pending += 1
+            else:
+                good = (d["low"] > 0) == results[i]["better"] if d["significant"] else None
+                if good is False:
+                    worse.append(name[i, p])
+                tag = " better *" if good else " worse *" if good is False else ""
+                cells.append((f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}{tag}", bool(good)))
         if worse:
             verdict = ", ".join(worse)
-        elif not missing:
+        elif not pending:
             verdict = "nowhere"
-        elif missing < len(cols):
-            verdict = f"nowhere yet ({missing} of {len(cols)} without an interval)"
+        elif pending < judged:
+            verdict = f"nowhere yet ({pending} of {judged} without an interval)"
         else:
             verdict = "no interval yet (n < 2 everywhere)"
         cells.append((verdict, False))
@@ -686,9 +712,9 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
         blocks = [("h2", "Across experiments: each method minus the baseline"),
                   ("p", "The primary metric of each experiment and panel, the method minus that experiment's "
                         "baseline (columns: sweep folder and panel), paired by seed: mean [95% t interval] and the "
-                        "number of pairs. `better *` / "
-                        "`worse *`: the interval excludes 0 on that side. A radius rule is shipped only if it is "
-                        "significantly worse nowhere."),
+                        "number of pairs. `better *` / `worse *`: the interval excludes 0 on that side. A radius "
+                        "rule is shipped only if it is significantly worse nowhere; that is not evidence of no "
+                        "harm: the lower end of each interval is the largest loss the seeds cannot rule out."),
                   ("table", verdicts)] + blocks
     md = write_markdown(blocks, out_dir / "report.md", title)
     page = write_html(blocks, out_dir / "report.html", title)
