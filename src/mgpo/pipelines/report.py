@@ -82,8 +82,11 @@ class Experiment:
     options: dict
 
 
+LOWER_IS_BETTER = ("loss", "perplexity", "error", "time", "memory")  # a metric whose name holds one of these
+
+
 def higher_is_better(metric: str) -> bool:
-    return "loss" not in metric
+    return not any(word in metric for word in LOWER_IS_BETTER)
 
 
 def method_label(cfg: dict) -> str:
