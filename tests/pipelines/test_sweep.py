@@ -173,3 +173,25 @@ def test_a_run_stopped_by_a_signal_is_interrupted_not_failed_and_the_sweep_stops
     assert runs["max_steps400"]["status"] == "interrupted" and runs["max_steps5"]["status"] == "pending", runs
     assert "interrupted" in output and "failed" not in output
     assert run_state(first) == "partial"
+
+
+def test_a_run_stopped_before_it_trains_is_interrupted_too(tmp_path, tiny_model_dir, sentiment_csv):  # noqa: F811
+    """SIGTERM while the run is still starting (importing, loading, resuming: before it installs its handler)
+    ends it with -15. That is a stop on request, not a failure: the sweep used to record "failed" and start the
+    next run."""
+    spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.max_steps: [400, 5]}")
+    first = tmp_path / "sweep" / "max_steps400"
+    proc = subprocess.Popen([sys.executable, "-m", "mgpo", "sweep", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline, pid = time.time() + 120, None
+    while time.time() < deadline and pid is None:
+        pid = _pid_of(f"training.output_dir={first}")
+        time.sleep(0.05)
+    assert pid is not None and not (first / "log.jsonl").is_file()  # caught before training began
+    os.kill(pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output[-2000:]
+    runs = index(tmp_path)
+    assert runs["max_steps400"]["status"] == "interrupted" and runs["max_steps5"]["status"] == "pending", runs
+    assert "stopped by SIGTERM" in runs["max_steps400"]["error"] and "failed" not in output

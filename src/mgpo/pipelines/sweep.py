@@ -27,6 +27,7 @@ import csv
 import itertools
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,10 @@ from mgpo.pipelines.config import ConfigError, load_config
 
 SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
 SEED_FIELD = "training.seed"
+# Exit codes of a run stopped on request, not failed: mgpo train's own (after its checkpoint), or the signal
+# itself (negative: the signal arrived before training installed its handler).
+STOPPED = {130: "SIGINT", 143: "SIGTERM", -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM",
+           -signal.SIGHUP: "SIGHUP"}
 
 
 @dataclass
@@ -232,10 +237,10 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
             write_index(sweep)
             bar.update(task, description=f"{sweep.title}: {run.name}")
             run.output_dir.mkdir(parents=True, exist_ok=True)
+            # a partial run resumes from its newest complete checkpoint; what a run killed before its first one
+            # left is discarded (--restart removes mgpo train's files only, not train.out)
             command = [python, "-m", "mgpo", "train", *([str(sweep.base)] if sweep.base else []),
-                       *run.overrides, "training.progress=false", # a partial run resumes from its newest complete checkpoint; what a run killed before its first one left
-                       # is discarded (--restart removes mgpo train's files only, not train.out)
-                       "--resume" if state == "partial" else "--restart"]
+                       *run.overrides, "training.progress=false", "--resume" if state == "partial" else "--restart"]
             started = time.time()
             log = run.output_dir / "train.out"
             with log.open("a") as f:
@@ -250,10 +255,12 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
                     write_index(sweep)
                     raise
             run.wall_s = round(time.time() - started, 1)
-            if code in (130, 143) and not (run.output_dir / "metrics.json").is_file():
-                # the run itself was stopped by SIGINT/SIGTERM (sent to it alone, or to a sweep that ignores
-                # SIGINT, as a background job does): it wrote a checkpoint; stop the sweep as its owner asked
-                run.status, run.error = "interrupted", f"exit code {code}: stopped by a signal"
+            if code in STOPPED and not (run.output_dir / "metrics.json").is_file():
+                # the run itself was stopped by SIGINT/SIGTERM/SIGHUP (sent to it alone, or to a sweep that ignores
+                # SIGINT, as a background job does): in training it wrote a checkpoint and exited 130/143; before
+                # training (loading, resuming) the signal ended it at once, with nothing to lose. Either way it did
+                # not fail: stop the sweep as its owner asked
+                run.status, run.error = "interrupted", f"exit code {code}: stopped by {STOPPED[code]}"
                 write_index(sweep)
                 bar.console.print(f"[yellow]interrupted[/] {run.name}: rerun the same command to resume it")
                 raise KeyboardInterrupt
