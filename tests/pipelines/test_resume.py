@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mgpo.cli import app
 from mgpo.pipelines import checkpoints as ck
-from mgpo.pipelines.config import load_config
+from mgpo.pipelines.config import ConfigError, changed_fields, load_config
 from mgpo.pipelines.train import StepLog, read_log, start_checkpoint, train
 from tests.pipelines.test_train import overrides, sentiment_csv, tiny_model_dir  # noqa: F401  (fixtures)
 
@@ -97,6 +97,22 @@ def test_a_run_folder_is_refused_without_resume_and_restart_discards_only_our_fi
     assert start_checkpoint(out, resume=False, restart=True, main=True) is None
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert "removed" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_configuration_naming_the_field(finished_run, tiny_model_dir, sentiment_csv, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run")
+    (out / "metrics.json").unlink()
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"training.lr: 0.005 -> 0.1.*--restart"):
+        train(load_config(None, run_args(tiny_model_dir, sentiment_csv, out, "training.lr=0.1")), resume=True)
+    assert (out / "config.yaml").read_text() == saved  # refused before anything was written
+    # where the folder is, progress display and diagnostics are not part of the run
+    moved = out.rename(tmp_path / "moved")
+    cfg = load_config(None, run_args(tiny_model_dir, sentiment_csv, moved, "training.progress=true",
+                                     "perturbation.diagnostics=true"))
+    assert changed_fields(moved / "config.yaml", cfg) == []
+    (moved / "config.yaml").write_text("model: [\n")
+    assert "does not read as a configuration" in changed_fields(moved / "config.yaml", cfg)[0]
 
 
 def tensorboard_points(folder: Path, tag: str) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mgpo.cli import app
-from mgpo.pipelines.config import ConfigError
+from mgpo.pipelines.config import ConfigError, to_yaml
 from mgpo.pipelines.sweep import load_sweep, plan, run_state, run_sweep
 from tests.pipelines.test_train import sentiment_csv, tiny_model_dir  # noqa: F401 (fixtures)
 
@@ -62,10 +62,45 @@ def test_inline_base_and_default_names(tmp_path):
                                                                                         ("dora", 8, 0.002)]
 
 
+def test_a_list_of_grids_joins_their_runs_in_order(tmp_path):
+    spec = write_spec(tmp_path, """
+grid:
+  - {training.seed: [0, 1], method: {A: {training.lr: 0.001}, B: {training.lr: 0.002}}}
+  - {training.seed: [2], method: {B: {training.lr: 0.002}}}
+name: "{method}-s{training.seed}"
+""")
+    sweep = load_sweep(spec)
+    assert [r.name for r in sweep.runs] == ["A-s0", "B-s0", "A-s1", "B-s1", "B-s2"]
+    assert [r.index for r in sweep.runs] == [0, 1, 2, 3, 4]
+    assert sweep.runs[4].labels == {"training.seed": 2, "method": "B"}
+    assert [(c.training.seed, c.training.lr) for c in plan(sweep)][-1] == (2, 0.002)
+
+
+def test_a_run_folder_holding_another_configuration_is_refused(tmp_path):
+    spec = write_spec(tmp_path, "grid: {training.lr: [0.001, 0.002]}\nname: 'lr{training.lr}'\n"
+                                f"output_dir: {tmp_path / 'sweep'}\n")
+    sweep = load_sweep(spec)
+    done, other = sweep.runs
+    done.output_dir.mkdir(parents=True)
+    (done.output_dir / "config.yaml").write_text(to_yaml(plan(sweep)[0]))
+    (done.output_dir / "metrics.json").write_text("{}")
+    plan(sweep)  # the same configuration, written by this spec: fine
+    # a finished run the spec now describes otherwise: skipping it would report the old run under the new spec
+    changed = load_sweep(write_spec(tmp_path, "grid: {training.lr: [0.001, 0.002]}\nname: 'lr{training.lr}'\n"
+                                              f"output_dir: {tmp_path / 'sweep'}\nset: {{training.seed: 7}}\n"))
+    with pytest.raises(ConfigError, match=r"1 run folder.*lr0.001 \(training.seed: 0 -> 7\).*move those"):
+        plan(changed)
+    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.yaml"), "--plan"])
+    assert result.exit_code == 2 and "training.seed: 0 -> 7" in " ".join(result.output.split())
+    assert not other.output_dir.exists()
+
+
 @pytest.mark.parametrize("text,message", [
     ("grid: {}", "grid:"),
     ("grid: {training.seed: 3}", "training.seed"),
     ("grid: {training.seed: [0]}\nbsae: x.yaml", "'bsae'"),
+    ("grid: [{training.seed: [0]}, {training.lr: [0.1]}]", "same axes"),
+    ("grid: [{training.seed: [0]}, {training.seed: [0]}]", "overlapping"),
     ("base: missing.yaml\ngrid: {training.seed: [0]}", "missing.yaml"),
     ("grid: {training.seed: [0, 1]}\nname: run", "'run'"),
     ("grid: {training.seed: [0]}\nname: '{seed}'", "{seed}"),

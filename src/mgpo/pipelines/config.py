@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -330,3 +331,26 @@ def _known_encoding(name: str) -> bool:
 
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# Fields a run's results do not depend on: where its folder is, how progress is shown, and the optimizer's
+# diagnostics (extra logged numbers; the trajectory is the same with and without them, tests/optim).
+BOOKKEEPING_FIELDS = ("training.output_dir", "training.progress", "perturbation.diagnostics")
+
+
+def changed_fields(saved: str | Path, cfg: TrainConfig) -> list[str]:
+    """``section.field: old -> new`` for each field in which ``cfg`` differs from the run configuration saved in
+    ``saved`` (a run folder's config.yaml), bookkeeping fields aside. A file that no longer reads as a
+    configuration is one difference, so a caller refuses it like any other."""
+    try:
+        old = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(saved))
+    except (OmegaConfBaseException, yaml.YAMLError, OSError, ValueError) as err:
+        return [f"{saved} does not read as a configuration ({str(err).splitlines()[0]})"]
+    new = OmegaConf.structured(cfg)
+    changes = []
+    for section in new:
+        for key, value in new[section].items():
+            name = f"{section}.{key}"
+            if name not in BOOKKEEPING_FIELDS and old[section][key] != value:
+                changes.append(f"{name}: {old[section][key]!r} -> {value!r}")
+    return changes

@@ -10,6 +10,7 @@ A sweep spec is a YAML file (format in docs/experiments.md)::
         LoRA: {perturbation.method: adamw}
         LoRA-MGPO: {perturbation.method: mgpo}
       training.seed: [0, 1, 2]                 # a field axis: dotted field -> list of values
+                                               # (or a list of such grids, same axes: their runs joined in order)
     name: "{method}-s{training.seed}"          # run folder name (optional)
     output_dir: runs/experiments/example       # the sweep folder (optional; default runs/sweeps/<spec name>)
     report: {baseline: LoRA}                   # options for `mgpo report` (optional)
@@ -37,7 +38,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mgpo.pipelines.checkpoints import newest_complete, write_json
-from mgpo.pipelines.config import ConfigError, load_config
+from mgpo.pipelines.config import ConfigError, changed_fields, load_config
 
 SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
 SEED_FIELD = "training.seed"
@@ -96,9 +97,14 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         _fail(spec_path, f"unknown key {unknown[0]!r}; allowed keys: {', '.join(SPEC_KEYS)}.")
-    grid = spec.get("grid") or {}
-    if not isinstance(grid, dict) or not grid:
-        _fail(spec_path, "`grid:` must map axes to values, e.g. `grid: {training.seed: [0, 1, 2]}`.")
+    grids = spec.get("grid") or {}
+    grids = grids if isinstance(grids, list) else [grids]
+    if not grids or not all(isinstance(g, dict) and g for g in grids):
+        _fail(spec_path, "`grid:` must map axes to values, e.g. `grid: {training.seed: [0, 1, 2]}` (or be a list "
+                         "of such mappings, whose runs are joined in order).")
+    if any(list(g) != list(grids[0]) for g in grids):
+        _fail(spec_path, "every mapping in the `grid:` list must have the same axes, in the same order; got "
+                         + " and ".join(str(list(g)) for g in grids) + ".")
 
     base, base_overrides = spec.get("base"), []
     if isinstance(base, str):
@@ -115,7 +121,36 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
         _fail(spec_path, f"`set:` must map dotted fields to values, not {set_!r}.")
     base_overrides += [_as_override(k, v) for k, v in _flatten(set_).items()] + list(extra)
 
-    axes = []  # (axis name, [(label, {field: value})])
+    out_root = Path(output_dir or spec.get("output_dir") or Path("runs/sweeps") / spec_path.stem)
+    template = spec.get("name")
+    runs, names = [], set()
+    combos = [combo for grid in grids for combo in _combinations(spec_path, grid)]
+    for i, combo in enumerate(combos):
+        labels = {axis: label for axis, label, _ in combo}
+        fields: dict = {}
+        for _, _, fs in combo:
+            fields.update(fs)
+        if template:
+            name = re.sub(r"\{([^}]+)\}", lambda m: _label_for(spec_path, labels, m.group(1)), template)
+        else:
+            name = "-".join(f"{axis.rsplit('.', 1)[-1]}{label}" if "." in axis else str(label)
+                            for axis, label in labels.items())
+        name = _slug(name)
+        if name in names:
+            _fail(spec_path, f"two runs are both named {name!r}: include every axis in `name:` (and, with a list of "
+                             "grids, keep them from overlapping).")
+        names.add(name)
+        out = out_root / name
+        overrides = [*base_overrides, *(_as_override(k, v) for k, v in fields.items()),
+                     f"training.output_dir={out}"]
+        runs.append(Run(i, name, labels, overrides, out))
+    return Sweep(title=str(spec.get("title") or spec_path.stem), base=base, base_overrides=base_overrides,
+                 output_dir=out_root, runs=runs, spec=spec)
+
+
+def _combinations(spec_path, grid: dict) -> list[tuple]:
+    """The cartesian product of one grid's axes, first axis outermost: per run, ((axis, label, fields), ...)."""
+    axes = []
     for axis, values in grid.items():
         if isinstance(values, dict) and "." not in axis:
             choices = []
@@ -129,31 +164,8 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
         else:
             _fail(spec_path, f"grid axis {axis!r}: use `section.field: [values...]` or a named axis "
                              "`name: {label: {section.field: value}}`.")
-        axes.append((axis, choices))
-
-    out_root = Path(output_dir or spec.get("output_dir") or Path("runs/sweeps") / spec_path.stem)
-    template = spec.get("name")
-    runs, names = [], set()
-    for i, combo in enumerate(itertools.product(*(choices for _, choices in axes))):
-        labels = {axis: label for (axis, _), (label, _) in zip(axes, combo)}
-        fields: dict = {}
-        for _, fs in combo:
-            fields.update(fs)
-        if template:
-            name = re.sub(r"\{([^}]+)\}", lambda m: _label_for(spec_path, labels, m.group(1)), template)
-        else:
-            name = "-".join(f"{axis.rsplit('.', 1)[-1]}{label}" if "." in axis else str(label)
-                            for axis, label in labels.items())
-        name = _slug(name)
-        if name in names:
-            _fail(spec_path, f"two runs are both named {name!r}: include every axis in `name:`.")
-        names.add(name)
-        out = out_root / name
-        overrides = [*base_overrides, *(_as_override(k, v) for k, v in fields.items()),
-                     f"training.output_dir={out}"]
-        runs.append(Run(i, name, labels, overrides, out))
-    return Sweep(title=str(spec.get("title") or spec_path.stem), base=base, base_overrides=base_overrides,
-                 output_dir=out_root, runs=runs, spec=spec)
+        axes.append([(axis, label, fields) for label, fields in choices])
+    return list(itertools.product(*axes))
 
 
 def _label_for(spec_path, labels: dict, key: str) -> str:
@@ -175,13 +187,26 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
 
 
 def plan(sweep: Sweep) -> list:
-    """Resolve and validate every run's configuration (no training, no downloads): the list of TrainConfigs."""
-    configs = []
+    """Resolve and validate every run's configuration (no training, no downloads): the list of TrainConfigs.
+
+    A run folder that already holds a run (finished or half-finished) must hold this configuration: a finished
+    run would otherwise be skipped, and a half-finished one resumed, under a spec that no longer describes it."""
+    configs, stale = [], []
     for run in sweep.runs:
         try:
             configs.append(load_config(sweep.base, run.overrides))
         except ConfigError as err:
             raise ConfigError(f"run {run.name!r}: {err}") from None
+        saved = run.output_dir / "config.yaml"
+        if run_state(run.output_dir) != "new" and saved.is_file():
+            changes = changed_fields(saved, configs[-1])
+            if changes:
+                stale.append(f"{run.name} ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''})")
+    if stale:
+        raise ConfigError(f"{len(stale)} run folder(s) under {sweep.output_dir} hold a run with another "
+                          f"configuration than the spec gives them: {', '.join(stale[:5])}"
+                          f"{', ...' if len(stale) > 5 else ''}. Put the spec back as it was, or move those "
+                          "folders away (or choose another output_dir) to run them anew.")
     return configs
 
 

@@ -49,7 +49,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from mgpo.checks import check
 from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, rng_mismatch, set_aside,
                                         write_atomic, write_json)
-from mgpo.pipelines.config import ConfigError, TrainConfig, to_yaml
+from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, to_yaml
 from mgpo.tasks import LABELLED_TEXT_TASKS
 
 def process_rank() -> int:
@@ -471,6 +471,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
                           "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
                           "docs/distributed.md).")
     checkpoint = start_checkpoint(out, resume=resume, restart=restart, main=main)
+    changes = changed_fields(out / "config.yaml", cfg) if checkpoint and (out / "config.yaml").is_file() else []
+    if changes:
+        raise ConfigError(f"--resume: {out} holds a run with another configuration ({'; '.join(changes)}). "
+                          "Resume it with the configuration it started with, or start over with --restart.")
     out.mkdir(parents=True, exist_ok=True)
     if main:
         (out / "config.yaml").write_text(to_yaml(cfg))
