@@ -213,7 +213,7 @@ def report(
                                                              "(default 1.5)."),
     verbose: bool = VERBOSE,
 ):
-    """Figures, method/ablation/cost tables with bootstrap intervals and the double-descent measure."""
+    """Figures, method/ablation/cost tables with paired t intervals, and the double-descent measure."""
     _library_output(verbose)
     from mgpo.pipelines.report import make_report
 
