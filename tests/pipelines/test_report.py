@@ -82,7 +82,7 @@ def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
         assert [c.strip("*") for c in row[1:3]] == expected
     # the best mean of each column is bold: LoRA-MGPO in both panels here
     assert _md_row(md, "LoRA-MGPO")[1].startswith("**") and not _md_row(md, "LoRA")[1].startswith("**")
-    # paired differences with the bootstrap interval, pooled over ranks and seeds
+    # paired differences with the t interval, pooled over ranks and seeds
     diff = paired_t([a for r in RANKS for a in ACCURACY["LoRA-MGPO", r]],
                             [a for r in RANKS for a in ACCURACY["LoRA", r]])
     cell = _md_row(md, "LoRA-MGPO − LoRA")[-1]
@@ -111,6 +111,19 @@ def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
                                                   "rank-sweep-double-descent.png"}
     html = paths["html"].read_text()
     assert html.count("src='data:image/png;base64,") == 3 and "<img src='figures" not in html
+
+
+def test_a_method_with_fewer_seeds_is_paired_on_the_seeds_both_have_and_says_n(sweep_dir, tmp_path):
+    index = json.loads((sweep_dir / "index.json").read_text())
+    index["runs"] = [r for r in index["runs"] if r["name"] != "r16-LoRA-MGPO-s2"]  # LoRA keeps its 3 seeds there
+    (sweep_dir / "index.json").write_text(json.dumps(index))
+    md = make_report([sweep_dir], tmp_path / "report")["markdown"].read_text()
+    row = _md_row(md.split("### Difference")[1], "LoRA-MGPO − LoRA")
+    r16 = paired_t(ACCURACY["LoRA-MGPO", 16][:2], ACCURACY["LoRA", 16][:2])
+    assert row[1].strip("*") == f"{r16['mean']:+.4f} [{r16['low']:+.4f}, {r16['high']:+.4f}] n=2"
+    pooled = paired_t(ACCURACY["LoRA-MGPO", 16][:2] + ACCURACY["LoRA-MGPO", 64],
+                      ACCURACY["LoRA", 16][:2] + ACCURACY["LoRA", 64])
+    assert row[-1].strip("*") == f"{pooled['mean']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}] n=5 "
 
 
 def test_loose_run_folders_are_labelled_from_their_config(sweep_dir, tmp_path):
@@ -316,7 +329,8 @@ def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_
         table = md.split(f"in the {what}")[1].split("###")[0]
         d = paired_t([values["LoRA-MGPO", s] for s in range(4)], [values["LoRA", s] for s in range(4)])
         assert d["significant"]
-        assert _md_row(table, "LoRA-MGPO − LoRA")[1] == f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ***"
+        cell = f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']} ***"
+        assert _md_row(table, "LoRA-MGPO − LoRA")[1] == cell
     dd = md.split("### Double descent")[1].split("###")[0]
     assert "logged loss: rise (% of min)" in dd
     for method in ("LoRA", "LoRA-MGPO"):  # every probed run, so the columns compare like with like

@@ -297,7 +297,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             elif d["low"] is None:
                 text = f"{d['mean']:+.4f} (n=1)"
             else:
-                text = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{' *' if d['significant'] else ''}"
+                text = (f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
+                        f"{' *' if d['significant'] else ''}")
             cells.append((text, d["significant"]))
         return cells
 
@@ -529,7 +530,7 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
     blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"])]
     if result["diff_table"]["rows"]:
         blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
-                   ("p", "Bold and * : the interval excludes 0. Student t interval of the paired differences "
+                   ("p", "Bold and * : the interval excludes 0. Student t interval of the n paired differences "
                          "(n-1 degrees of freedom); n=1: no interval."),
                    ("table", result["diff_table"])]
     else:  # one method: an empty table of differences would look like a failure
