@@ -2,14 +2,14 @@
 
 `run_program` runs one trivial program (`pass`); `judge` grades a trivial function with one call from the harness
 (the sandboxed program plus the harness process); the 164 canonical solutions are graded with `judge_many`, as
-`mgpo eval` does.
+`mgpo train` does with `generation.benchmark=humaneval`.
 
     python benchmarks/sandbox.py                 # both modes, 20 trivial programs + the 164 solutions each
     python benchmarks/sandbox.py --repeats 50
 
 `bwrap` is bubblewrap's namespaces around the process sandbox; `process` is the process sandbox alone (rlimits,
 user switch, Python guard). A trivial program (`pass`) measures the fixed cost of one sandboxed run; the 164
-canonical HumanEval solutions, two at a time as `mgpo eval` runs them, measure what a user waits for.
+canonical HumanEval solutions, two at a time as `mgpo train` grades them, measure what a user waits for.
 Run it on an otherwise idle machine: it times wall clock.
 """
 from __future__ import annotations
