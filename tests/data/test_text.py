@@ -281,6 +281,17 @@ def test_missing_file(tmp_path, cache):
         load_text_data(str(tmp_path / "nope.csv"), cache_dir=cache)
 
 
+def test_a_missing_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
+    from mgpo.data.paths import is_local_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert not is_local_name("imdb") and not is_local_name("stanfordnlp/imdb")
+    assert is_local_name("data/my_reviews")  # beside a data/ folder: a path, missing
+    assert is_local_name("path/to/folder")  # two slashes: never a hub id
+    assert is_local_name("./x") and is_local_name("x.csv")
+
+
 def test_unknown_extension(tmp_path, cache):
     path = tmp_path / "data.tsv"
     path.write_text("text\tlabel\na\t1\n")
