@@ -328,7 +328,17 @@ class MGPO(PerturbedOptimizer):
 
     def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
-        return [owner[p].get(self._moment) if p in owner else None for p in tensors]
+        moments = [owner[p].get(self._moment) if p in owner else None for p in tensors]
+        if self.hparams["momentum"] == "optimizer":
+            stateful = next((p for p, m in zip(tensors, moments) if m is None and owner.get(p)), None)
+            if stateful is not None:  # the base optimizer keeps state, but not its momentum under this name
+                raise TypeError(
+                    f"momentum='optimizer' reuses the base optimizer's first moment (state entry {self._moment!r}), "
+                    f"but {type(self.base_optimizer).__name__} keeps its state as {sorted(owner[stateful])} (e.g. "
+                    "bitsandbytes' 8-bit optimizers: a quantized 'state1'), so nothing would be perturbed and this "
+                    "would train as the plain base optimizer. Fix: pass momentum=0.9 so MGPO keeps its own momentum "
+                    "buffer (paper eq. 5), or use torch's AdamW, Adam or SGD with momentum>0.")
+        return moments
 
     def _would_perturb(self) -> bool:
         return self.hparams["rho"] > 0
