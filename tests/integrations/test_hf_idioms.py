@@ -188,6 +188,42 @@ def test_a_given_optimizer_must_be_the_method_the_arguments_name(tmp_path):
     assert trainer.perturbation_optimizer is opt
 
 
+@pytest.mark.parametrize("method", ["mgpo", "mgpo-factors", "random"])
+def test_generate_inside_the_window_is_at_the_clean_weights(method):
+    """PEFT's generate() runs the wrapped model without the PeftModel's forward, so an eval-mode generation between
+    a training backward and step() (the window open) used to run at the perturbed weights; an eval forward did not."""
+    model = lora_llama()
+    kwargs = {"mgpo": dict(rho=0.5), "mgpo-factors": dict(rho=0.5, space="factors")}.get(method)
+    opt = mgpo.MGPO(model, lr=1e-2, **kwargs) if kwargs else mgpo.RandomPerturbation(model, lr=1e-2, rho=0.5,
+                                                                                      total_steps=4)
+    ids = torch.tensor(lm_data()["input_ids"][:4])
+    for step in range(3):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if step < 2:
+            opt.step()
+            opt.zero_grad()
+    assert opt.is_perturbed  # the window of step 3 is open
+
+    def last_logits():
+        out = model.generate(ids[:, :4], max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        return out.logits[0]
+
+    model.eval()
+    with torch.no_grad():
+        in_window = last_logits()
+        assert not opt.is_perturbed
+        clean = model(input_ids=ids[:, :4]).logits[:, -1]
+    torch.testing.assert_close(in_window, clean, rtol=0, atol=1e-6)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # the window open again
+    with opt.unperturbed():
+        clean_weights = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
+    saved = model.get_base_model().state_dict()  # a save of the wrapped model itself, inside the window
+    assert all(torch.equal(saved[n], w) for n, w in clean_weights.items())
+
+
 def test_sft_trainer_builds_the_optimizer_after_peft_wraps_the_model(tmp_path):
     trl = pytest.importorskip("trl")
     from mgpo.integrations.sft import PerturbationSFTConfig, PerturbationSFTTrainer

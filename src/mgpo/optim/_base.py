@@ -204,6 +204,17 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         # what FSDP gathers for the forward (docs/distributed.md)
         self._hooks.append(model.register_forward_pre_hook(forward_hook, prepend=True))
         self._hooks.append(model.register_state_dict_pre_hook(restore_hook))
+        inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+        if isinstance(inner, nn.Module) and inner is not model:
+            # PEFT's generate() and get_base_model() reach the wrapped model without the PeftModel's forward or
+            # state_dict(): an eval-mode generation (or a save) inside the window restores there too. Skipped
+            # while traced (the wrapper's own hook serves compiled forwards), so it adds no graph break.
+            def inner_hook(module, args):
+                if not torch.compiler.is_compiling():
+                    forward_hook(module, args)
+
+            self._hooks.append(inner.register_forward_pre_hook(inner_hook, prepend=True))
+            self._hooks.append(inner.register_state_dict_pre_hook(restore_hook))
 
     def close(self) -> None:
         """Take the perturbation off and remove every hook this optimizer installed. Idempotent; garbage
