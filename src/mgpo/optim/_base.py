@@ -441,11 +441,20 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         saw_forward, opened, saw_layer = self._saw_forward, self._opened, self._shared.saw_layer
         self._saw_forward = self._opened = self._shared.saw_layer = False
         marks = self._grad_marks
-        if not self._auto or self._closed or not self._would_perturb():
-            return  # manual perturb() (auto_perturb=False), SAM, rho = 0: nothing for the hooks to do
+        if self.two_pass or self._closed or not self._would_perturb():
+            return  # SAM, rho = 0: nothing for the hooks to do
         fresh = len(marks) != len(params) or any(
             ref() is not p.grad or version != p.grad._version for (ref, version), p in zip(marks, params))
         if not fresh:
+            return
+        if not self._auto:  # manual perturb(): after a first step, a step whose forward it never preceded
+            if marks and not opened and not getattr(self, "_warned_manual", False):
+                self._warned_manual = True
+                warnings.warn(
+                    f"{type(self).__name__}(auto_perturb=False).step(): opt.perturb() was not called since the last "
+                    "step, so this step's forward ran at the clean weights and it trained as the plain base "
+                    "optimizer. Call opt.perturb() before each training forward (or pass the model with "
+                    "auto_perturb=True). Warned once.", RuntimeWarning, stacklevel=7)
             return
         name = type(self).__name__
         fix = (f"Fix: build the optimizer before the first call of anything compiled that runs the model (opt = "
