@@ -256,6 +256,16 @@ class MGPO(PerturbedOptimizer):
                 f"MGPO: {len(refused)} DoRA layer(s) ({key}: {why}) cannot get the authors' weight-space rule exactly "
                 "and are perturbed in factor space instead (A, B and the magnitude moved along their momentum); "
                 "docs/method.md, section 5.", RuntimeWarning, stacklevel=3)
+        if weight_space:  # LoRA on a layer that is no nn.Linear (GPT-2's Conv1D, Conv2d): the factor-space rule
+            other = [f"{name} ({type(m.get_base_layer()).__name__})" for name, m in self.model.named_modules()
+                     if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+                     and not isinstance(m.get_base_layer(), (nn.Linear, nn.Embedding))
+                     and any(id(p) in trainable for p in m.parameters())]
+            if other:
+                warnings.warn(
+                    f"MGPO: {len(other)} LoRA layer(s) wrap a base layer that is not an nn.Linear (e.g. {other[0]}) "
+                    "and cannot get the weight-space rule; they are perturbed in factor space instead (A and B moved "
+                    "along their momentum); docs/method.md, section 5.", RuntimeWarning, stacklevel=3)
         if self.hparams["apn"] in ("weight", "update") and self.exchange.sharded:
             raise ValueError(f"MGPO: apn={self.hparams['apn']!r} needs each layer's whole weight and last update, "
                              "which are not computed under FSDP; use apn='inverse' (or 'off', 'normalized').")
