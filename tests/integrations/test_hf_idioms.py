@@ -154,6 +154,76 @@ def test_optimizer_cls_and_kwargs_with_the_model(tmp_path):
     assert opt.last_stats["perturbation_norm"] > 0 and not opt.is_perturbed
 
 
+def perturbation_args(out, **fields) -> PerturbationTrainingArguments:
+    return PerturbationTrainingArguments(str(out), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
+                                         report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, **fields)
+
+
+def test_a_given_optimizer_must_be_the_method_the_arguments_name(tmp_path):
+    """PerturbationTrainer(args naming mgpo, optimizers=(AdamW, None)) trained as plain AdamW, its saved arguments
+    saying mgpo; an optimizer of the method with other settings trained with those. Both are refused by name."""
+    model = lora_llama()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    args = perturbation_args(tmp_path, perturbation_method="mgpo", perturbation_rho=0.1)
+    cases = [(args, lambda: dict(optimizers=(torch.optim.AdamW(trainable, lr=1e-2), None)),
+              r"perturbation_method='mgpo'.*AdamW"),
+             (args, lambda: dict(optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-2})),
+              r"perturbation_method='mgpo'.*AdamW"),
+             (args, lambda: dict(optimizers=(mgpo.MGPO(model, lr=1e-2, rho=0.05), None)),
+              r"perturbation_rho=0.1.*rho=0.05"),
+             (args, lambda: dict(optimizers=(mgpo.MSAM(model, lr=1e-2, rho=0.1), None)),
+              r"perturbation_apn='inverse'.*apn='off'"),
+             (perturbation_args(tmp_path, perturbation_method="adamw"),
+              lambda: dict(optimizers=(mgpo.MGPO(model, lr=1e-2), None)), r"perturbation_method='adamw'.*MGPO")]
+    for case_args, given, message in cases:
+        trainer = PerturbationTrainer(model=model, args=case_args, train_dataset=lm_data(), **given())
+        with pytest.raises(ValueError, match=message):
+            trainer.train()
+        opt = trainer.perturbation_optimizer
+        if hasattr(opt, "close"):  # its hooks off the shared model
+            opt.close()
+    opt = mgpo.MGPO(model, lr=1e-2, rho=0.1)  # the named method with the named settings: used as given
+    trainer = PerturbationTrainer(model=model, args=args, train_dataset=lm_data(), optimizers=(opt, None))
+    trainer.train()
+    assert trainer.perturbation_optimizer is opt
+
+
+@pytest.mark.parametrize("method", ["mgpo", "mgpo-factors", "random"])
+def test_generate_inside_the_window_is_at_the_clean_weights(method):
+    """PEFT's generate() runs the wrapped model without the PeftModel's forward, so an eval-mode generation between
+    a training backward and step() (the window open) used to run at the perturbed weights; an eval forward did not."""
+    model = lora_llama()
+    kwargs = {"mgpo": dict(rho=0.5), "mgpo-factors": dict(rho=0.5, space="factors")}.get(method)
+    opt = mgpo.MGPO(model, lr=1e-2, **kwargs) if kwargs else mgpo.RandomPerturbation(model, lr=1e-2, rho=0.5,
+                                                                                      total_steps=4)
+    ids = torch.tensor(lm_data()["input_ids"][:4])
+    for step in range(3):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if step < 2:
+            opt.step()
+            opt.zero_grad()
+    assert opt.is_perturbed  # the window of step 3 is open
+
+    def last_logits():
+        out = model.generate(ids[:, :4], max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        return out.logits[0]
+
+    model.eval()
+    with torch.no_grad():
+        in_window = last_logits()
+        assert not opt.is_perturbed
+        clean = model(input_ids=ids[:, :4]).logits[:, -1]
+    torch.testing.assert_close(in_window, clean, rtol=0, atol=1e-6)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # the window open again
+    with opt.unperturbed():
+        clean_weights = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
+    saved = model.get_base_model().state_dict()  # a save of the wrapped model itself, inside the window
+    assert all(torch.equal(saved[n], w) for n, w in clean_weights.items())
+
+
 def test_sft_trainer_builds_the_optimizer_after_peft_wraps_the_model(tmp_path):
     trl = pytest.importorskip("trl")
     from mgpo.integrations.sft import PerturbationSFTConfig, PerturbationSFTTrainer

@@ -245,6 +245,33 @@ def test_optimizer_momentum_without_momentum_state_is_a_type_error_naming_the_fi
         mgpo.MGPO(make_model(), torch.optim.SGD, lr=0.1, base_kwargs=dict(lr=0.2))
 
 
+class _Adam8bitLike(torch.optim.Adam):
+    """Adam keeping its moments under other names, as bitsandbytes' Adam8bit / AdamW8bit / Lion do ('state1')."""
+
+    def step(self, closure=None):
+        for st in self.state.values():
+            if "state1" in st:
+                st["exp_avg"], st["exp_avg_sq"] = st.pop("state1"), st.pop("state2")
+        super().step(closure)
+        for st in self.state.values():
+            st["state1"], st["state2"] = st.pop("exp_avg"), st.pop("exp_avg_sq")
+
+
+@pytest.mark.parametrize("space", ["weight", "factors"])
+def test_optimizer_momentum_kept_under_another_name_is_refused_not_trained_as_the_base(space):
+    """Betas but no 'exp_avg' (bitsandbytes' 8-bit optimizers, args.optim='adamw_bnb_8bit'): no momentum was found,
+    so nothing was perturbed and MGPO trained as the plain base optimizer without a word."""
+    model = make_model()
+    opt = mgpo.MGPO(model, _Adam8bitLike, lr=1e-2, rho=0.05, space=space)
+    with pytest.raises(TypeError, match=r"_Adam8bitLike keeps its state as .*'state1'.*momentum=0\.9"):
+        train_step(model, opt, batches(1))
+    model = make_model()
+    opt = mgpo.MGPO(model, _Adam8bitLike, lr=1e-2, rho=0.05, space=space, momentum=0.9)  # the fix it names
+    for batch in batches(3):
+        train_step(model, opt, [batch])
+    assert opt.last_stats["perturbation_norm"] > 0
+
+
 def test_hyper_parameters_do_not_leak_into_the_base_optimizer():
     opt = mgpo.MGPO(make_model(), torch.optim.AdamW, lr=1e-3, rho=0.1, beta=0.5, eps=1e-6)
     assert opt.base_optimizer.param_groups[0]["eps"] == 1e-6 and opt.hparams["rho"] == 0.1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import warnings
 import weakref
 
 import peft
@@ -139,6 +140,28 @@ def test_tensors_only_needs_explicit_perturb_and_says_so():
         loss_fn(model, batch).backward()
         opt.step()
         opt.zero_grad()
+
+
+@pytest.mark.parametrize("space", ["weight", "factors"])
+def test_manual_perturb_forgotten_is_named_not_trained_silently(space):
+    """auto_perturb=False and no opt.perturb() before the forwards: every step trained as the plain base optimizer
+    without a word. Warned once (a first step has nothing to apply yet); calling perturb() or rho = 0 stays quiet."""
+    def run(call_perturb, rho=0.05):
+        model = make_model()
+        opt = mgpo.MGPO(model.parameters(), lr=1e-2, rho=rho, space=space, auto_perturb=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for batch in batches(4):
+                if call_perturb:
+                    opt.perturb()
+                loss_fn(model, batch).backward()
+                opt.step()
+                opt.zero_grad()
+        return [str(w.message) for w in caught if "perturb() was not called" in str(w.message)]
+
+    forgotten = run(call_perturb=False)
+    assert len(forgotten) == 1 and "trained as the plain base optimizer" in forgotten[0]
+    assert run(call_perturb=True) == [] and run(call_perturb=False, rho=0.0) == []
 
 
 class NoSync(Exception):

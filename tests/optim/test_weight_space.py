@@ -8,6 +8,7 @@ AdamW: everything the optimizer does with rank-2r terms and Gram matrices, done 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -343,6 +344,31 @@ def test_dora_with_dropout_says_it_falls_back_to_factor_space():
     with pytest.warns(RuntimeWarning, match=r"DoRA layer.*lora_dropout > 0.*factor space"):
         opt = mgpo.MGPO(tiny_llama(dora=True, dropout=0.1), lr=1e-2)
     assert not opt._dora and len(opt._inplace) == 3 * 2 * len(PROJ)  # A, B and magnitude, in place
+
+
+def test_lora_on_a_conv1d_says_it_falls_back_to_factor_space():
+    """GPT-2's Conv1D (fan_in_fan_out): the paper's weight-space rule was replaced by the factor-space one without a
+    word, unlike DoRA's fallback. Named now; nn.Linear layers keep the weight-space rule, and MSAM stays quiet."""
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.fc = Conv1D(8, 6), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.c_fc(x)))
+
+    def model():
+        torch.manual_seed(0)
+        return peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["c_fc", "fc"], fan_in_fan_out=True))
+
+    with pytest.warns(RuntimeWarning, match=r"1 LoRA layer\(s\) wrap .*c_fc \(Conv1D\).*factor space"):
+        opt = mgpo.MGPO(model(), lr=1e-2)
+    assert [type(m.get_base_layer()) for _, m, *_ in opt._pairs] == [torch.nn.Linear] and len(opt._inplace) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        mgpo.MSAM(model(), lr=1e-2)
 
 
 @pytest.mark.parametrize("apn,norm", [("weight", "layer"), ("update", "layer"), ("weight", "global"),

@@ -56,7 +56,7 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback
 
-from mgpo.factory import build_optimizer, create_optimizer, decay_groups
+from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
 from mgpo.optim._base import PerturbedOptimizer
 from mgpo.optim.configs import METHODS, PerturbationConfig
@@ -153,7 +153,9 @@ class PerturbationTrainerMixin:
         clean_loss_every: probe at the logged steps that are a multiple of this (a multiple of
             ``args.logging_steps``); None (default): at every logged step; 0: never.
 
-    An optimizer passed as ``optimizers=(opt, scheduler)``, or ``optimizer_cls_and_kwargs``, is used as given.
+    An optimizer passed as ``optimizers=(opt, scheduler)``, or ``optimizer_cls_and_kwargs``, is used as given; when
+    the method is named as well (``perturbation_*`` arguments or ``perturbation=``), it must be that method with
+    those settings, or ``train()`` refuses it (ValueError naming the method or setting).
     The optimizer is built at ``train()``, from ``self.model``: after a trainer such as ``trl.SFTTrainer`` has
     wrapped the model with ``peft_config``.
     """
@@ -169,6 +171,7 @@ class PerturbationTrainerMixin:
                                  f"{perturbation} and the arguments' perturbation_* fields ({from_args}); set it "
                                  "in the arguments only.")
             perturbation = from_args
+        self._perturbation_given = perturbation is not None  # the method was named: a given optimizer must be it
         self.perturbation = perturbation if perturbation is not None else PerturbationConfig()
         self.perturbation.validate()
         if adapter is not None:
@@ -219,7 +222,9 @@ class PerturbationTrainerMixin:
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
-            return super().create_optimizer(model)
+            optimizer = super().create_optimizer(model)
+            self._check_given_optimizer()
+            return optimizer
         opt_model = self.model if model is None else model
         args = self.args
         if self.base_optimizer is None:
@@ -250,6 +255,30 @@ class PerturbationTrainerMixin:
                                          weight_decay=args.weight_decay, total_steps=total_steps,
                                          base_optimizer=base_cls, **base_kwargs)
         return self.optimizer
+
+    def _check_given_optimizer(self) -> None:
+        """An optimizer passed in (``optimizers=``, ``optimizer_cls_and_kwargs``) while the method is named
+        (``perturbation_*`` arguments or ``perturbation=``) must be that method with those settings: otherwise the
+        run trains with another method (plain AdamW, say) while its saved arguments say the named one."""
+        if not self._perturbation_given:
+            return
+        cfg, opt = self.perturbation.resolved(), self.perturbation_optimizer
+        expected = None if cfg.method == "adamw" else _method_class(cfg.method)
+        given = type(opt).__name__
+        ok = not isinstance(opt, PerturbedOptimizer) if expected is None else isinstance(opt, expected)
+        if not ok:
+            raise ValueError(
+                f"perturbation_method={cfg.method!r} is named (arguments or perturbation=), but the optimizer passed "
+                f"to the trainer (optimizers= or optimizer_cls_and_kwargs) is {given}: the run would train as "
+                f"{given} while its saved arguments say {cfg.method!r}. Drop optimizers= / optimizer_cls_and_kwargs "
+                "to let the trainer build the method's optimizer, or pass one of the named method.")
+        settings = {} if expected is None else cfg.method_config().kwargs()
+        for key in sorted(set(settings) & set(getattr(opt, "hparams", {})) - {"seed", "diagnostics"}):
+            if settings[key] != opt.hparams[key]:
+                raise ValueError(
+                    f"perturbation_{key}={settings[key]!r} is named (arguments or perturbation=), but the optimizer "
+                    f"passed to the trainer has {key}={opt.hparams[key]!r}. Give the same value to both, or drop "
+                    "optimizers= / optimizer_cls_and_kwargs to let the trainer build it from the arguments.")
 
     # ------------------------------------------------------------------------------------------- SAM, gbar
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -204,6 +204,17 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         # what FSDP gathers for the forward (docs/distributed.md)
         self._hooks.append(model.register_forward_pre_hook(forward_hook, prepend=True))
         self._hooks.append(model.register_state_dict_pre_hook(restore_hook))
+        inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+        if isinstance(inner, nn.Module) and inner is not model:
+            # PEFT's generate() and get_base_model() reach the wrapped model without the PeftModel's forward or
+            # state_dict(): an eval-mode generation (or a save) inside the window restores there too. Skipped
+            # while traced (the wrapper's own hook serves compiled forwards), so it adds no graph break.
+            def inner_hook(module, args):
+                if not torch.compiler.is_compiling():
+                    forward_hook(module, args)
+
+            self._hooks.append(inner.register_forward_pre_hook(inner_hook, prepend=True))
+            self._hooks.append(inner.register_state_dict_pre_hook(restore_hook))
 
     def close(self) -> None:
         """Take the perturbation off and remove every hook this optimizer installed. Idempotent; garbage
@@ -430,11 +441,20 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         saw_forward, opened, saw_layer = self._saw_forward, self._opened, self._shared.saw_layer
         self._saw_forward = self._opened = self._shared.saw_layer = False
         marks = self._grad_marks
-        if not self._auto or self._closed or not self._would_perturb():
-            return  # manual perturb() (auto_perturb=False), SAM, rho = 0: nothing for the hooks to do
+        if self.two_pass or self._closed or not self._would_perturb():
+            return  # SAM, rho = 0: nothing for the hooks to do
         fresh = len(marks) != len(params) or any(
             ref() is not p.grad or version != p.grad._version for (ref, version), p in zip(marks, params))
         if not fresh:
+            return
+        if not self._auto:  # manual perturb(): after a first step, a step whose forward it never preceded
+            if marks and not opened and not getattr(self, "_warned_manual", False):
+                self._warned_manual = True
+                warnings.warn(
+                    f"{type(self).__name__}(auto_perturb=False).step(): opt.perturb() was not called since the last "
+                    "step, so this step's forward ran at the clean weights and it trained as the plain base "
+                    "optimizer. Call opt.perturb() before each training forward (or pass the model with "
+                    "auto_perturb=True). Warned once.", RuntimeWarning, stacklevel=7)
             return
         name = type(self).__name__
         fix = (f"Fix: build the optimizer before the first call of anything compiled that runs the model (opt = "

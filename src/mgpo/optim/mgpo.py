@@ -256,6 +256,16 @@ class MGPO(PerturbedOptimizer):
                 f"MGPO: {len(refused)} DoRA layer(s) ({key}: {why}) cannot get the authors' weight-space rule exactly "
                 "and are perturbed in factor space instead (A, B and the magnitude moved along their momentum); "
                 "docs/method.md, section 5.", RuntimeWarning, stacklevel=3)
+        if weight_space:  # LoRA on a layer that is no nn.Linear (GPT-2's Conv1D, Conv2d): the factor-space rule
+            other = [f"{name} ({type(m.get_base_layer()).__name__})" for name, m in self.model.named_modules()
+                     if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+                     and not isinstance(m.get_base_layer(), (nn.Linear, nn.Embedding))
+                     and any(id(p) in trainable for p in m.parameters())]
+            if other:
+                warnings.warn(
+                    f"MGPO: {len(other)} LoRA layer(s) wrap a base layer that is not an nn.Linear (e.g. {other[0]}) "
+                    "and cannot get the weight-space rule; they are perturbed in factor space instead (A and B moved "
+                    "along their momentum); docs/method.md, section 5.", RuntimeWarning, stacklevel=3)
         if self.hparams["apn"] in ("weight", "update") and self.exchange.sharded:
             raise ValueError(f"MGPO: apn={self.hparams['apn']!r} needs each layer's whole weight and last update, "
                              "which are not computed under FSDP; use apn='inverse' (or 'off', 'normalized').")
@@ -328,7 +338,17 @@ class MGPO(PerturbedOptimizer):
 
     def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
-        return [owner[p].get(self._moment) if p in owner else None for p in tensors]
+        moments = [owner[p].get(self._moment) if p in owner else None for p in tensors]
+        if self.hparams["momentum"] == "optimizer":
+            stateful = next((p for p, m in zip(tensors, moments) if m is None and owner.get(p)), None)
+            if stateful is not None:  # the base optimizer keeps state, but not its momentum under this name
+                raise TypeError(
+                    f"momentum='optimizer' reuses the base optimizer's first moment (state entry {self._moment!r}), "
+                    f"but {type(self.base_optimizer).__name__} keeps its state as {sorted(owner[stateful])} (e.g. "
+                    "bitsandbytes' 8-bit optimizers: a quantized 'state1'), so nothing would be perturbed and this "
+                    "would train as the plain base optimizer. Fix: pass momentum=0.9 so MGPO keeps its own momentum "
+                    "buffer (paper eq. 5), or use torch's AdamW, Adam or SGD with momentum>0.")
+        return moments
 
     def _would_perturb(self) -> bool:
         return self.hparams["rho"] > 0
