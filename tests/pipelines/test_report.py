@@ -103,8 +103,9 @@ def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
     rises = {(r["series"], r["panel"]): float(r["dd_rise"]) for r in rows if r["seed"] == "0"}
     assert rises["LoRA", "rank=64"] > rises["LoRA", "rank=16"] > rises["LoRA-MGPO", "rank=64"]
     # cost relative to LoRA
-    cost = _md_row(md.split("### Cost")[1], "LoRA-MGPO")
-    assert cost[1:] == ["1,000", "1.00×", "550", "1.10×", "0.120", "1.20×"]
+    cost = md.split("### Cost")[1].split("###")[0]
+    for rank in RANKS:  # one row per panel and method, each against the baseline in its panel
+        assert _md_row(cost, f"rank={rank} | LoRA-MGPO")[2:] == ["1,000", "1.00×", "550", "1.10×", "0.120", "1.20×"]
     # the failed run is listed with its error, not silently dropped
     assert "r64-LoRA-s3" in md and "out of memory" in md
     assert {p.name for p in paths["figures"]} == {"rank-sweep-loss.png", "rank-sweep-test_accuracy.png",
@@ -397,6 +398,26 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     cost = md.split("### Cost")[1].split("###")[0]
     assert "load (5-min avg at end) / CPUs" in cost and "not a measure of cost" in cost
     assert _md_row(cost, "LoRA")[-1] == "1.3 / 2" and _md_row(cost, "LoRA-MGPO")[-1] == "4.1 / 2"
+
+
+def test_cost_is_compared_within_each_panel_whatever_runs_have_finished(tmp_path):
+    """Rank 128 has 16x the trainable parameters of rank 8; the MGPO arm has finished only its rank-8 run. Pooled
+    over panels, its cost would read as 0.12x LoRA's; in its panel it is 1.00x."""
+    root, rows = tmp_path / "panels", []
+    for rank, methods in ((8, ("LoRA", "LoRA-MGPO")), (128, ("LoRA",))):
+        for method in methods:
+            out = root / f"r{rank}-{method}"
+            out.mkdir(parents=True)
+            (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8, "trainable_params": 1000 * rank,
+                                                          "time_per_step_s": rank / 100}))
+            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                         "labels": {"rank": str(rank), "method": method, "training.seed": 0}})
+    (root / "index.json").write_text(json.dumps({"title": "panels", "runs": rows}))
+    cost = make_report([root], tmp_path / "report")["markdown"].read_text().split("### Cost")[1].split("###")[0]
+    assert _md_row(cost, "rank=8 | LoRA-MGPO")[2:4] == ["8,000", "1.00×"]
+    assert _md_row(cost, "rank=128 | LoRA")[2:4] == ["128,000", "1.00×"]
+    assert _md_row(cost, "rank=128 | LoRA-MGPO")[2:] == ["-"] * 6
 
 
 def test_method_labels_name_a_radius_that_is_not_the_papers():

@@ -347,25 +347,31 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                    if with_trained else []),
                 "rows": dd_rows}
 
-    # cost, relative to the baseline
+    # cost, relative to the baseline in the same panel: a rank or a model changes the cost, and methods with
+    # unequal numbers of finished runs per panel would otherwise be averaged over different panels
     cost_rows = []
     with_load = any(x.get("load_average") for x in per_run)
-    base_cost = {k: values(baseline, None, k) for k in ("trainable_params", "peak_memory_mb", "time_per_step_s")}
-    for s in series:
-        cells = [(s, False)]
-        for k, digits in (("trainable_params", 0), ("peak_memory_mb", 0), ("time_per_step_s", 3)):
-            v, b = values(s, None, k), base_cost[k]
-            mean = float(np.mean(v)) if v else None
-            ratio = mean / float(np.mean(b)) if v and b and np.mean(b) > 0 else None
-            cells += [(f"{mean:,.{digits}f}" if mean is not None else "-", False),
-                      (f"{ratio:.2f}×" if ratio is not None else "-", False)]
-        if with_load:  # wall time also counts waiting for cores other processes held
-            mine = [x for x in per_run if x["series"] == s and x.get("load_average")]
-            cpus = "/".join(str(c) for c in _order(x.get("cpus") or "?" for x in mine))
-            cells.append((f"{np.mean([x['load_average'][1] for x in mine]):.1f} / {cpus}" if mine else "-", False))
-        cost_rows.append(cells)
-    cost_table = {"header": ["method", "trainable params", "× " + baseline, "peak memory (MB)", "× " + baseline,
-                             "time / step (s)", "× " + baseline]
+    by_panel = len(panels) > 1
+    for p in panels if by_panel else [None]:
+        for s in series:
+            cells = [(p or "-", False)] if by_panel else []
+            cells.append((s, False))
+            for k, digits in (("trainable_params", 0), ("peak_memory_mb", 0), ("time_per_step_s", 3)):
+                v, b = values(s, p, k), values(baseline, p, k)
+                mean = float(np.mean(v)) if v else None
+                ratio = mean / float(np.mean(b)) if v and b and np.mean(b) > 0 else None
+                cells += [(f"{mean:,.{digits}f}" if mean is not None else "-", False),
+                          (f"{ratio:.2f}×" if ratio is not None else "-", False)]
+            if with_load:  # wall time also counts waiting for cores other processes held
+                mine = [x for x in per_run if x["series"] == s and (p is None or x["panel"] == p)
+                        and x.get("load_average")]
+                cpus = "/".join(str(c) for c in _order(x.get("cpus") or "?" for x in mine))
+                cells.append((f"{np.mean([x['load_average'][1] for x in mine]):.1f} / {cpus}" if mine else "-",
+                              False))
+            cost_rows.append(cells)
+    cost_table = {"header": (["panel"] if by_panel else []) + [
+                      "method", "trainable params", "× " + baseline, "peak memory (MB)", "× " + baseline,
+                      "time / step (s)", "× " + baseline]
                   + (["load (5-min avg at end) / CPUs"] if with_load else []), "rows": cost_rows}
     # the perturbation's size, per method and panel: medians over each run's steps, averaged over seeds
     diag_rows = []
