@@ -299,6 +299,7 @@ def test_the_perturbation_size_table_holds_medians_over_steps_averaged_over_seed
     assert _md_row(table, "-")[1:] == ["LoRA-MGPO", f"{(0.04 + 0.08) / 2:.4f}", f"{np.median(range(5, 11)):.4f}",
                                        "10.0000", "1.0000"]
     assert "| - | LoRA |" not in table
+    assert "radius factor k" in table and "apn=update" in table  # k is the rules' factor too, said so
 
 
 def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_path):

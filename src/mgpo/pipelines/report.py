@@ -50,7 +50,7 @@ CLEAN_LOSS_DIFFS = {"final_clean_loss": "final clean training loss (probe)",
                     "clean_dd_rise_rel": "double-descent rise on the clean loss (fraction of its running minimum)"}
 # The optimizer's per-step diagnostics (perturbation.diagnostics) the report summarises: key -> column.
 DIAGNOSTICS = {"radius_to_weight_mean": "radius / ‖W‖", "radius_to_update_mean": "radius / last update",
-               "apn_factor_mean": "APN factor k", "apn_capped": "layers at the APN cap"}
+               "apn_factor_mean": "radius factor k", "apn_capped": "layers at the APN cap"}
 # Which training loss a run's curve is: the clean-loss probe, or (runs without it) the loss the steps saw.
 LOSS_KINDS = {"clean": "clean (probe)", "perturbed": "as trained (at the perturbed weights)",
               "trained": "as trained"}
@@ -559,8 +559,10 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
         blocks += [("h3", "Perturbation size (median over logged steps, mean over seeds)"),
                    ("p", "radius / ‖W‖: each layer's perturbation radius ‖eps_l‖ over its weight norm ‖W0 + s B A‖; "
                          "radius / last update: over the size of the layer's last update (a look-ahead of that many "
-                         "steps); APN factor k = min(1/gbar, max_scale) (1 without APN); share of layers at the "
-                         "cap. Means over the perturbed layers at each step (docs/method.md, section 13)."),
+                         "steps); radius factor k: what rho is multiplied by, the APN factor min(1/gbar, max_scale) "
+                         "(1 without APN), or for the radius rules ‖W_l‖ (apn=weight) and ‖W_l(t) − W_l(t−1)‖ "
+                         "(apn=update); share of layers at the APN cap. Means over the perturbed layers at each "
+                         "step (docs/method.md, section 13)."),
                    ("table", result["diag_table"])]
     if result["failed"]:
         blocks += [("h3", "Runs without results"),
