@@ -303,6 +303,21 @@ def test_resume_from_checkpoint_is_bit_identical(method, tmp_path):
     assert set(saved) == {"base", "own", "extra"}
 
 
+@pytest.mark.parametrize("saved, resumed", [("mgpo", "adamw"), ("mgpo", "sam"), ("adamw", "mgpo")])
+def test_resume_with_another_method_names_both(saved, resumed, tmp_path):
+    """resume_from_checkpoint with another method: a plain AdamW given MGPO's state ended in torch's bare
+    KeyError: 'param_groups'; MGPO's state in SAM named a setting to change instead of the methods."""
+    PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path / "a", max_steps=1, save_strategy="steps",
+                                                          save_steps=1), train_dataset=cls_data(8),
+                        perturbation=cfg_for(saved)).train()
+    trainer = PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path / "b", max_steps=2),
+                                  train_dataset=cls_data(8), perturbation=cfg_for(resumed))
+    names = {"mgpo": "MGPO", "sam": "SAM", "adamw": "AdamW"}
+    with pytest.raises(ValueError, match=rf"(?s)saved by {names[saved]}|{names[resumed]}.*plain optimizer's") as err:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    assert "never changes the method" in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------------ AdaLoRA, logging
 def test_adalora_allocates_after_every_step_before_zero_grad(tmp_path):
     steps = 10
