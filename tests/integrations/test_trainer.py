@@ -502,3 +502,22 @@ def test_presets_and_profiles_build_the_papers_arms():
     assert (msam.hparams["space"], msam.hparams["apn"], msam.hparams["norm"]) == ("factors", "off", "global")
     for o in (no_apn, full, msam):
         o.close()
+
+
+def test_a_profile_with_a_base_optimizer_without_betas_is_refused(tmp_path):
+    """The profile's mu is AdamW's beta1: with SGD (or RMSprop, Adagrad) it was dropped without a word (the run
+    trained with the profile's rho and beta but SGD's momentum); with NAdam or Adamax, not Adam subclasses, too."""
+    model = tiny_bert()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for base in (torch.optim.SGD, torch.optim.RMSprop):
+        with pytest.raises(ValueError, match=rf"profile='nlg'.*mu=0\.8.*{base.__name__} has no betas"):
+            build_optimizer(model, PerturbationConfig(profile="nlg"), groups, lr=1e-3, base_optimizer=base,
+                            momentum=0.9)
+    for base in (torch.optim.NAdam, torch.optim.Adamax):
+        opt = build_optimizer(model, PerturbationConfig(profile="nlg"), groups, lr=1e-3, base_optimizer=base)
+        assert opt.base_optimizer.defaults["betas"] == (0.8, 0.999)
+        opt.close()
+    trainer = PerturbationTrainer(model=model, args=make_args(tmp_path, optim="sgd", max_steps=1),
+                                  train_dataset=cls_data(8), perturbation=cfg_for("mgpo", profile="nlg"))
+    with pytest.raises(ValueError, match="SGD has no betas"):
+        trainer.train()

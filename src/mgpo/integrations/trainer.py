@@ -57,7 +57,7 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback
 
-from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups
+from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups, profile_betas
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
 from mgpo.optim._base import PerturbedOptimizer
 from mgpo.optim.configs import METHODS, PerturbationConfig
@@ -240,8 +240,7 @@ class PerturbationTrainerMixin:
         if ratio is None and self.adapter is not None and self.adapter.method == "loraplus":
             ratio = self.adapter.loraplus_lr_ratio
         if ratio is not None:
-            if cfg.adam_beta1 is not None and "betas" in base_kwargs:
-                base_kwargs["betas"] = (cfg.adam_beta1, base_kwargs["betas"][1])
+            base_kwargs = profile_betas(cfg, base_cls, base_kwargs)
             method = cfg.method_config()
             settings = {} if method is None else method.kwargs()
             if cfg.method == "random":
