@@ -14,13 +14,14 @@ Pure PyTorch except for the LoRA+ path, which imports PEFT.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
 from torch import nn
 
 from mgpo.checks import check_choice
-from mgpo.optim.configs import METHOD_CONFIGS, METHODS, PerturbationConfig
+from mgpo.optim.configs import METHOD_CONFIGS, METHODS, PROFILES, PerturbationConfig
 
 # Trainer.get_decay_parameter_names (transformers 5): names matching these get no weight decay, nor does any
 # parameter of an nn.LayerNorm.
@@ -104,6 +105,26 @@ def create_optimizer(
     return build(groups, **kwargs)
 
 
+def profile_betas(cfg: PerturbationConfig, base_optimizer: type[torch.optim.Optimizer], base_kwargs: dict) -> dict:
+    """``base_kwargs`` with the profile's mu as the base optimizer's beta1 (AdamW's, in the authors' code), beta2
+    kept (given, else the optimizer's default). A base optimizer without betas (SGD, RMSprop, Adagrad) cannot take
+    it: refused by name, rather than training with the profile's rho and beta but another momentum."""
+    mu = cfg.adam_beta1
+    if mu is None:
+        return dict(base_kwargs)
+    if "betas" in base_kwargs:
+        return {**base_kwargs, "betas": (mu, base_kwargs["betas"][1])}
+    default = inspect.signature(base_optimizer).parameters.get("betas")
+    if default is None or not isinstance(default.default, tuple):
+        raise ValueError(
+            f"perturbation.profile={cfg.profile!r} sets the base optimizer's beta1 to mu={mu:g} (the authors' "
+            f"momentum is AdamW's exp_avg), but {base_optimizer.__name__} has no betas, so the profile would be "
+            "applied only in part. Use an Adam-like base optimizer (AdamW, Adam, NAdam, RAdam, Adamax; "
+            "training.optim=adamw_torch), or drop the profile and set perturbation.rho and perturbation.beta "
+            f"yourself (the profile's: rho={PROFILES[cfg.profile]['rho']:g}, beta={PROFILES[cfg.profile]['beta']:g}).")
+    return {**base_kwargs, "betas": (mu, default.default[1])}
+
+
 def build_optimizer(
     model: nn.Module,
     cfg: PerturbationConfig,
@@ -126,11 +147,7 @@ def build_optimizer(
     cfg.validate()
     cfg = cfg.resolved()
     groups = [dict(group) for group in param_groups]  # the optimizers add keys; leave the caller's dicts alone
-    if cfg.adam_beta1 is not None and "betas" in base_kwargs:  # the profile's mu is AdamW's beta1
-        base_kwargs = {**base_kwargs, "betas": (cfg.adam_beta1, base_kwargs["betas"][1])}
-    elif cfg.adam_beta1 is not None and issubclass(base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        base_kwargs = {**base_kwargs, "betas": (cfg.adam_beta1, 0.999)}
-    base = dict(lr=lr, weight_decay=weight_decay, **base_kwargs)
+    base = dict(lr=lr, weight_decay=weight_decay, **profile_betas(cfg, base_optimizer, base_kwargs))
     if cfg.method == "adamw":
         return base_optimizer(groups, **base)
     settings = cfg.method_config().kwargs()

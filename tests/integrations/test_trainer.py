@@ -303,6 +303,21 @@ def test_resume_from_checkpoint_is_bit_identical(method, tmp_path):
     assert set(saved) == {"base", "own", "extra"}
 
 
+@pytest.mark.parametrize("saved, resumed", [("mgpo", "adamw"), ("mgpo", "sam"), ("adamw", "mgpo")])
+def test_resume_with_another_method_names_both(saved, resumed, tmp_path):
+    """resume_from_checkpoint with another method: a plain AdamW given MGPO's state ended in torch's bare
+    KeyError: 'param_groups'; MGPO's state in SAM named a setting to change instead of the methods."""
+    PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path / "a", max_steps=1, save_strategy="steps",
+                                                          save_steps=1), train_dataset=cls_data(8),
+                        perturbation=cfg_for(saved)).train()
+    trainer = PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path / "b", max_steps=2),
+                                  train_dataset=cls_data(8), perturbation=cfg_for(resumed))
+    names = {"mgpo": "MGPO", "sam": "SAM", "adamw": "AdamW"}
+    with pytest.raises(ValueError, match=rf"(?s)saved by {names[saved]}|{names[resumed]}.*plain optimizer's") as err:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    assert "never changes the method" in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------------ AdaLoRA, logging
 def test_adalora_allocates_after_every_step_before_zero_grad(tmp_path):
     steps = 10
@@ -487,3 +502,22 @@ def test_presets_and_profiles_build_the_papers_arms():
     assert (msam.hparams["space"], msam.hparams["apn"], msam.hparams["norm"]) == ("factors", "off", "global")
     for o in (no_apn, full, msam):
         o.close()
+
+
+def test_a_profile_with_a_base_optimizer_without_betas_is_refused(tmp_path):
+    """The profile's mu is AdamW's beta1: with SGD (or RMSprop, Adagrad) it was dropped without a word (the run
+    trained with the profile's rho and beta but SGD's momentum); with NAdam or Adamax, not Adam subclasses, too."""
+    model = tiny_bert()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for base in (torch.optim.SGD, torch.optim.RMSprop):
+        with pytest.raises(ValueError, match=rf"profile='nlg'.*mu=0\.8.*{base.__name__} has no betas"):
+            build_optimizer(model, PerturbationConfig(profile="nlg"), groups, lr=1e-3, base_optimizer=base,
+                            momentum=0.9)
+    for base in (torch.optim.NAdam, torch.optim.Adamax):
+        opt = build_optimizer(model, PerturbationConfig(profile="nlg"), groups, lr=1e-3, base_optimizer=base)
+        assert opt.base_optimizer.defaults["betas"] == (0.8, 0.999)
+        opt.close()
+    trainer = PerturbationTrainer(model=model, args=make_args(tmp_path, optim="sgd", max_steps=1),
+                                  train_dataset=cls_data(8), perturbation=cfg_for("mgpo", profile="nlg"))
+    with pytest.raises(ValueError, match="SGD has no betas"):
+        trainer.train()

@@ -42,6 +42,7 @@ def test_overrides_win_over_the_file_and_keep_types():
     (["data.task=causal-lm", "model.name=minilm"], "model.name"),     # incompatible choices
     (["data.name=arithmetic"], "data.task"),
     (["lr"], "section.field=value"),
+    (["perturbation.profile=nlu", "training.optim=sgd"], "training.optim"),  # the profile's beta1: nowhere to go
 ])
 def test_bad_values_raise_config_error_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -437,3 +437,36 @@ def test_method_labels_name_a_radius_that_is_not_the_papers():
     assert label(preset="mgpo-no-apn", profile="nlu", apn="off") == "LoRA-MGPO w/o APN"
     assert label(preset="lora", profile="nlu", rho=0.005) == "LoRA"  # no perturbation: rho means nothing
     assert label(method="sam", rho=0.1) == "LoRA + SAM"
+
+
+def _loose_run(root: Path, name: str, method: str, seed: int, accuracy: float, lr: float = 1e-4) -> Path:
+    out = root / name
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(f"perturbation: {{method: {method}}}\ntraining: {{seed: {seed}, lr: {lr}}}\n")
+    (out / "log.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 6)))
+    (out / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    return out
+
+
+def test_a_run_counted_twice_or_runs_merged_as_seeds_are_named(tmp_path):
+    """A run folder passed twice counted twice in the mean ± std (LoRA 0.7667 ± 0.0577 from two runs) and once in
+    the paired differences; loose runs at another learning rate were averaged as seeds of their method; a --metric
+    no run has gave a table of '-'; a NaN showed as '-' (no value). Each now says so."""
+    a = _loose_run(tmp_path, "lora-s0", "adamw", 0, 0.8)
+    b = _loose_run(tmp_path, "mgpo-s0", "mgpo", 0, 0.9)
+    c = _loose_run(tmp_path, "lora-s1", "adamw", 1, 0.7)
+    d = _loose_run(tmp_path, "mgpo-s1", "mgpo", 1, float("nan"))
+    with pytest.raises(ValueError, match=r"run folder .*lora-s0 is given twice"):
+        make_report([a, b, a, c, d], tmp_path / "r1")
+    e = _loose_run(tmp_path, "lora-lr3-s0", "adamw", 0, 0.5, lr=3e-4)
+    with pytest.raises(ValueError, match=r"lora-s0 and .*lora-lr3-s0 are both LoRA, seed 0.*sweep"):
+        make_report([a, b, c, e], tmp_path / "r2")
+    with pytest.raises(ValueError, match=r"metric 'test_acc'.*one they have: test_accuracy"):
+        make_report([a, b, c, d], tmp_path / "r3", metric="test_acc")
+    f = _loose_run(tmp_path, "lora-lr3-s2", "adamw", 2, 0.5, lr=3e-4)
+    md = make_report([a, b, c, d, f], tmp_path / "r4")["markdown"].read_text()
+    assert "differ in more than the seed: LoRA: training.lr = 0.0001, 0.0003" in md
+    assert _md_row(md, "LoRA-MGPO")[1] == "nan ± nan" and _md_row(md, "LoRA")[1].startswith("**")
+    result = CliRunner().invoke(app, ["report", str(a), str(a), "--out", str(tmp_path / "r5")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "given twice; pass each run once" in said and "Traceback" not in said

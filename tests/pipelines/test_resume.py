@@ -253,3 +253,43 @@ def test_non_finite_weights_stop_at_once_and_every_skip_is_counted():
         stop.on_step_end(None, SimpleNamespace(global_step=step), control, model=model, optimizer=opt)
     assert opt.skipped_steps == 2 and stop.diverged[0] == 2 and "more than training.max_skipped_steps=1" in \
         stop.diverged[1]
+
+
+def test_resumed_after_its_training_had_finished_trains_no_further_step(finished_run, tiny_model_dir, sentiment_csv,
+                                                                         tmp_path):
+    """Stopped (Ctrl-C, a kill) in the evaluation after training, with the last checkpoint at max_steps: --resume
+    trained a step past it (the Trainer checks the limit after a step), saved checkpoint-13, logged and counted it
+    (metrics.json: steps 13), and gave the session's whole time as time_per_step_s of that one step. Now it
+    evaluates the checkpoint as it is."""
+    out = copy_run(finished_run, tmp_path / "run")
+    for name in ("adapter", "metrics.json", "loss.png"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    with (out / "log.jsonl").open("a") as f:
+        f.write('{"step": 12, "validation_loss": 0.5}\n')  # the evaluation the stop cut short
+    metrics = train(load_config(None, run_args(tiny_model_dir, sentiment_csv, out)), resume=True)
+    reference = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["steps"] == STEPS and not (out / "checkpoints" / f"checkpoint-{STEPS + 1}").exists()
+    assert metrics["test_accuracy"] == reference["test_accuracy"] and metrics["test_loss"] == reference["test_loss"]
+    assert metrics["time_per_step_s"] is None and metrics["peak_memory_mb"] is None  # no step measured
+    adapter, resumed = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (finished_run, out))
+    assert all(adapter[k].equal(resumed[k]) for k in adapter)
+    rows, before = read_log(out / "log.jsonl"), read_log(finished_run / "log.jsonl")
+    assert [r for r in rows if "loss" in r] == [r for r in before if "loss" in r]
+    assert sum("train_runtime" in r for r in rows) == 1 and sum("validation_loss" in r for r in rows) == 1
+
+
+def test_resumed_after_early_stopping_had_ended_it_trains_no_further_step(tiny_model_dir, sentiment_csv, tmp_path):
+    """Early stopping ended the run at step N (checkpoint-N written), then the evaluation was stopped: --resume
+    trained on to the next evaluation (N + eval_steps) and reported that as the run's steps."""
+    out = tmp_path / "run"
+    args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=40", "training.lr=5e-2",
+                     "training.lr_scheduler=constant", "training.warmup_ratio=0", "training.eval_steps=2",
+                     "training.save_steps=2", "training.load_best_model=true", "training.early_stopping_patience=1",
+                     "training.clean_loss_examples=16")
+    first = train(load_config(None, args))
+    assert first["stopped_early"] and first["steps"] < 40
+    (out / "metrics.json").unlink()
+    again = train(load_config(None, args), resume=True)
+    assert again["steps"] == first["steps"] and again["stopped_early"] is True
+    assert again["best_checkpoint"] == first["best_checkpoint"] and again["test_loss"] == first["test_loss"]
+    assert max(int(c.name.split("-")[1]) for c in (out / "checkpoints").iterdir()) == first["steps"]

@@ -37,7 +37,8 @@ that says so.
   at the perturbed weights (SAM's is its first, clean pass); ``clean_loss`` is measured alike for every method.
 
 Resuming (``trainer.train(resume_from_checkpoint=...)``) needs nothing special: the Trainer saves and loads
-``optimizer.state_dict()``, which holds the whole method state (keys ``base``, ``own``, ``extra``).
+``optimizer.state_dict()``, which holds the whole method state (keys ``base``, ``own``, ``extra``; ``extra`` names
+the method). A checkpoint written by another method (or by plain AdamW) is refused with a ValueError naming both.
 
 The Trainer may wrap the optimizer (accelerate's ``AcceleratedOptimizer``); :func:`unwrap_optimizer` or the
 ``trainer.perturbation_optimizer`` property give the mgpo optimizer itself (``last_stats``, ``is_perturbed``).
@@ -56,7 +57,7 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback
 
-from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups
+from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups, profile_betas
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
 from mgpo.optim._base import PerturbedOptimizer
 from mgpo.optim.configs import METHODS, PerturbationConfig
@@ -239,8 +240,7 @@ class PerturbationTrainerMixin:
         if ratio is None and self.adapter is not None and self.adapter.method == "loraplus":
             ratio = self.adapter.loraplus_lr_ratio
         if ratio is not None:
-            if cfg.adam_beta1 is not None and "betas" in base_kwargs:
-                base_kwargs["betas"] = (cfg.adam_beta1, base_kwargs["betas"][1])
+            base_kwargs = profile_betas(cfg, base_cls, base_kwargs)
             method = cfg.method_config()
             settings = {} if method is None else method.kwargs()
             if cfg.method == "random":
@@ -359,7 +359,11 @@ class PerturbationTrainerMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or not self._ours_under_fsdp():
-            return super()._load_optimizer_and_scheduler(checkpoint)
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            except KeyError:  # torch's bare KeyError('param_groups'): a plain optimizer given a method's state
+                self._refuse_other_method(checkpoint)
+                raise
         from pathlib import Path
 
         from transformers.trainer import SCHEDULER_NAME
@@ -374,6 +378,25 @@ class PerturbationTrainerMixin:
         opt = self.perturbation_optimizer
         opt.load_state_dict(sharded_state(torch.load(mine, map_location=self.args.device, weights_only=False), opt))
         self.lr_scheduler.load_state_dict(torch.load(f"{checkpoint}/{SCHEDULER_NAME}", weights_only=True))
+
+    def _refuse_other_method(self, checkpoint: str) -> None:
+        """The checkpoint's optimizer state was saved by a perturbation method and this run's optimizer is a plain
+        one: a ValueError naming both (torch's own error is a bare KeyError)."""
+        from pathlib import Path
+
+        from transformers.trainer import OPTIMIZER_NAME
+
+        path = Path(checkpoint) / OPTIMIZER_NAME
+        saved = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+        if not (isinstance(saved, dict) and {"base", "own", "extra"} <= set(saved)):
+            return
+        by = saved["extra"].get("method") or "a perturbation method"
+        method = getattr(self.perturbation.resolved(), "method", "adamw") if self._perturbation_given else None
+        mine = type(self.perturbation_optimizer).__name__ + (f" (perturbation method {method!r})" if method else "")
+        raise ValueError(
+            f"resume_from_checkpoint={checkpoint!r}: its optimizer state was saved by {by}, but this run trains "
+            f"with a plain {mine}. A resume never changes the method: resume with the method that wrote the "
+            "checkpoint (perturbation_method=...), or start a new run without resume_from_checkpoint.") from None
 
     # ------------------------------------------------------------------------------------------- clean weights
     def _take_off_perturbation(self) -> None:

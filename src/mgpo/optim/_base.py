@@ -498,13 +498,25 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict:
         """Method-specific scalars/tensors not kept per parameter in ``self.state`` (override to add)."""
-        return {"skipped_steps": self._skipped, "hparams": dict(self.hparams)}
+        return {"method": type(self).__name__, "skipped_steps": self._skipped, "hparams": dict(self.hparams)}
 
     def _load_extra_state(self, extra: dict) -> None:
-        saved = extra.get("hparams")
+        saved, name = extra.get("hparams"), type(self).__name__
+        ignored = {"seed", "diagnostics"}
+        # Saved before the method was recorded: the names of its settings tell (an older version of the same
+        # method lacks a few of them, another method has others).
+        by = extra.get("method")
+        theirs, ours = set(saved or {}) - ignored, set(self.hparams) - ignored
+        if by is None and saved is not None and not (theirs <= ours or ours <= theirs):
+            by = f"another method (its settings: {', '.join(sorted(saved))})"
+        if by is not None and by != name:
+            raise ValueError(
+                f"{name}.load_state_dict: the state was saved by {by}, not by {name}: a resume never changes the "
+                f"method. Resume with the method that wrote it{_method_hint(by)}, or start a new run without "
+                "loading this state.")
         if saved is not None:
             for key in sorted(set(saved) | set(self.hparams)):
-                if key in ("seed", "diagnostics"):  # the noise seed is state: restored, not compared; diagnostics
+                if key in ignored:  # the noise seed is state: restored, not compared; diagnostics
                     continue                           # only add statistics (the trajectory is the same)
                 if saved.get(key) != self.hparams.get(key):
                     raise ValueError(
@@ -526,9 +538,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         if not {"base", "own", "extra"} <= set(state_dict):
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict got a state dict with keys {sorted(state_dict)}; expected "
-                "one saved by the same mgpo optimizer (keys 'base', 'own', 'extra'). To load a plain "
-                f"{type(self.base_optimizer).__name__} state, use opt.base_optimizer.load_state_dict(...)."
+                f"{type(self).__name__}.load_state_dict got a state dict with keys {sorted(state_dict)}: a plain "
+                "optimizer's (a run with method 'adamw', no perturbation), not one saved by the same mgpo optimizer "
+                "(keys 'base', 'own', 'extra'). A resume never changes the method: resume with the method that "
+                f"wrote it, or load it into the base optimizer alone (opt.base_optimizer.load_state_dict(...))."
             )
         self.restore()
         self._load_extra_state(state_dict["extra"])  # first: a mismatch raises before anything is changed
@@ -538,6 +551,14 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, layers={len(self.layers)})"
+
+
+def _method_hint(class_name: str) -> str:
+    """' (mgpo.SAM, perturbation method 'sam')' for an optimizer class name of ours, else ''."""
+    from mgpo.optim.configs import METHOD_CONFIGS
+
+    method = next((m for m, (_, cls) in METHOD_CONFIGS.items() if cls == class_name), None)
+    return f" (mgpo.{class_name}, perturbation method {method!r})" if method else ""
 
 
 def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> None:

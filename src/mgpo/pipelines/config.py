@@ -219,6 +219,10 @@ def _did_you_mean(key: str) -> str:
     return f"; did you mean {' or '.join(guesses)}? (mgpo config --explain lists every field)" if guesses else ""
 
 
+# args.optim values whose optimizer has no betas: a perturbation profile's mu (AdamW's beta1) has nowhere to go.
+NO_BETAS_OPTIM = ("sgd", "adagrad", "rmsprop", "adafactor")
+
+
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     check(ok, name, value, allowed, ConfigError)
 
@@ -292,6 +296,11 @@ def validate(cfg: TrainConfig) -> None:
             obj.validate()
         except ValueError as err:
             raise ConfigError(f"{section}: {err}") from None
+    if cfg.perturbation.profile is not None:  # (mgpo.factory.profile_betas refuses any other one at the start)
+        _check(t.optim not in NO_BETAS_OPTIM, "training.optim", t.optim,
+               f"perturbation.profile={cfg.perturbation.profile!r} sets AdamW's beta1 (mu), which {t.optim} does "
+               "not have; use training.optim=adamw_torch, or drop the profile and set perturbation.rho and "
+               "perturbation.beta yourself")
     _check(_known_encoding(d.encoding), "data.encoding", d.encoding,
            "use a Python codec name such as utf-8, latin-1 or cp1252")
     if is_local_name(d.name):

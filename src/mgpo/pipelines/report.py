@@ -72,6 +72,7 @@ class RunResult:
     # a probed run: its logged `loss` too (minibatch; at the perturbed weights for MGPO), what that curve would say
     trained_steps: list = field(default_factory=list)
     trained_losses: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)  # the run's config.yaml
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Experiment:
     slug: str
     runs: list[RunResult]
     options: dict
+    differences: list[str] = field(default_factory=list)  # loose runs of one method that differ in a setting
 
 
 LOWER_IS_BETTER = ("loss", "perplexity", "error", "time", "memory")  # a metric whose name holds one of these
@@ -141,7 +143,7 @@ def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -
             diagnostics[name] = float(np.median(got))
     return RunResult(path, series, panel, int(seed), status if metrics else (status or "unfinished"), metrics,
                      [r["step"] for r in rows], [r[key] for r in rows], error, kind, diagnostics,
-                     [r["step"] for r in trained], [r["loss"] for r in trained])
+                     [r["step"] for r in trained], [r["loss"] for r in trained], cfg)
 
 
 def trains_at_perturbed_weights(cfg: dict) -> bool:
@@ -182,8 +184,25 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
             raise FileNotFoundError(f"{d} is neither a sweep folder (index.json) nor a run folder (config.yaml): "
                                     "pass folders written by `mgpo sweep` or `mgpo train`.")
     if loose:
-        experiments.append(Experiment("runs", "runs", loose, {}))
+        experiments.append(Experiment("runs", "runs", loose, {}, loose_differences(loose)))
     return experiments
+
+
+def loose_differences(runs: list[RunResult]) -> list[str]:
+    """Loose run folders have no grid: every run of one method is taken as a seed of it. The settings in which
+    such runs differ (other than the seed and bookkeeping), one line per method, so the report can say so."""
+    from mgpo.pipelines.config import BOOKKEEPING_FIELDS
+    from mgpo.pipelines.sweep import _flatten
+
+    lines = []
+    for s in _order(r.series for r in runs):
+        flat = [_flatten(r.config) for r in runs if r.series == s]
+        keys = sorted({k for f in flat for k in f} - {*BOOKKEEPING_FIELDS, SEED_FIELD})
+        differ = {k: _order(json.dumps(f.get(k)) for f in flat) for k in keys}
+        differ = {k: v for k, v in differ.items() if len(v) > 1}
+        if differ:
+            lines.append(f"{s}: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in differ.items()))
+    return lines
 
 
 def _order(values) -> list:
@@ -191,7 +210,8 @@ def _order(values) -> list:
 
 
 def _fmt(x, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+    """'-' for no value; a NaN or infinite value as itself ('nan', 'inf'), not as a missing one."""
+    if x is None:
         return "-"
     return f"{x:.{digits}f}"
 
@@ -217,6 +237,21 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     smooth = smooth or opts.get("smooth")
     spike_factor = spike_factor or opts.get("spike_factor") or measures.SPIKE_FACTOR
     finished = [r for r in exp.runs if r.metrics]
+    seen = {}
+    for r in exp.runs:  # one run per method, panel and seed: a second one would count twice in the mean, once
+        first = seen.setdefault((r.series, r.panel, r.seed), r)  # in the paired differences
+        if first is not r:
+            if first.path.resolve() == r.path.resolve():
+                raise ValueError(f"{exp.title!r}: the run folder {r.path} is given twice; pass each run once.")
+            raise ValueError(
+                f"{exp.title!r}: {first.path} and {r.path} are both {r.series}, seed {r.seed}"
+                f"{f' in panel {r.panel}' if r.panel else ''}. Runs that differ in another setting (training.lr, "
+                "adapter.rank, the data) are not seeds of one method: run them as a sweep with that axis (mgpo "
+                "sweep), or report them separately.")
+    if metric is not None and finished and not any(metric in r.metrics for r in finished):
+        held = sorted({k for r in finished for k, v in r.metrics.items() if isinstance(v, (int, float))})
+        raise ValueError(f"metric {metric!r}: no finished run of {exp.title!r} has it in metrics.json; pass "
+                         f"--metric with one they have: {', '.join(held)}.")
     if metric is None:
         present = [m for m in PRIMARY_METRICS if finished and all(m in r.metrics for r in finished)]
         metric = present[0] if present else "final_loss"
@@ -264,7 +299,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             means[s, "avg"] = float(np.mean(got)) if None not in got else None
     best = {}
     for c in cols:
-        got = [means[s, c] for s in series if means[s, c] is not None]
+        got = [means[s, c] for s in series if means[s, c] is not None and np.isfinite(means[s, c])]
         best[c] = (max(got) if better else min(got)) if got else None
     method_rows = []
     for s in series:
@@ -531,6 +566,10 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
               ("p", f"{n_done} of {len(exp.runs)} runs finished; methods: {', '.join(result['series'])}; "
                     f"primary metric `{m}` ({'higher' if result['better'] else 'lower'} is better); baseline: "
                     f"{base}.")]
+    if exp.differences:
+        blocks.append(("p", "These run folders are not a sweep, so all runs of one method are taken as its seeds; "
+                            "but they differ in more than the seed: " + " | ".join(exp.differences) + ". Their "
+                            "means and paired differences mix those settings: run them as a sweep with that axis."))
     for png, caption in figures:
         blocks.append(("img", png, caption))
     blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"])]

@@ -549,7 +549,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     train_started = time.time()
     started.append(True)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        if trained_to_the_end(checkpoint, total_steps) and not fsdp_arguments(cfg):
+            evaluate_from(trainer, checkpoint)
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
         if stopper.stopped and main:  # before the barrier: once a rank exits 130, torchrun stops the others
             print(f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
                   f"the same command and --resume.", flush=True)
@@ -602,6 +605,50 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     plot_loss_curves({method: out / "log.jsonl"}, out / "loss.png", title=f"{cfg.model.name} on {cfg.data.name}",
                      as_trained=as_trained_label(method))
     return metrics
+
+
+def trained_to_the_end(checkpoint: str | None, total_steps: int) -> bool:
+    """Whether ``checkpoint`` holds the whole training (a session stopped, or killed, in the evaluation after it):
+    saved at the last step, or where early stopping ended the run."""
+    if checkpoint is None:
+        return False
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    early = _saved_early_stopping(state)
+    stopped = early.get("attributes", {}).get("early_stopping_patience_counter", 0) >= \
+        early.get("args", {}).get("early_stopping_patience", math.inf)
+    return state.get("global_step", 0) >= total_steps or stopped
+
+
+def _saved_early_stopping(state) -> dict:
+    saved = (state.get("stateful_callbacks") if isinstance(state, dict) else state.stateful_callbacks) or {}
+    early = saved.get("EarlyStoppingCallback")
+    return early if isinstance(early, dict) else {}
+
+
+def evaluate_from(trainer, checkpoint: str) -> None:
+    """Resume a run whose training had finished: the checkpoint's weights and state, and no training step.
+    ``trainer.train(resume_from_checkpoint=...)`` would train one step past max_steps (its loop checks the limit
+    after a step), and log, save and count it. The session's start and end run as for a training session: the
+    log is cut to the checkpoint's rows, and with load_best_model the best checkpoint is loaded."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    trainer.state.is_local_process_zero = trainer.is_local_process_zero()
+    trainer.state.is_world_process_zero = trainer.is_world_process_zero()
+    handler, args = trainer.callback_handler, trainer.args
+    counter = _saved_early_stopping(trainer.state).get("attributes", {}).get("early_stopping_patience_counter", 0)
+    for cb in handler.callbacks:  # metrics.json's stopped_early reads it
+        if isinstance(cb, EarlyStoppingCallback):
+            cb.early_stopping_patience_counter = counter
+    log = next((cb.jsonl for cb in handler.callbacks if isinstance(cb, StepLog)), None)
+    summary = [r for r in read_log(log) if "train_runtime" in r] if log is not None else []
+    trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)  # drops end-of-run rows
+    for row in summary[-1:]:  # the training's own summary row, which no session writes again
+        trainer.log({k: v for k, v in row.items() if k not in ("step", "epoch")})
+    if args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+        trainer._load_best_model()
+    trainer.control = handler.on_train_end(args, trainer.state, trainer.control)
 
 
 def clean_loss_every(cfg: TrainConfig) -> int:
@@ -670,6 +717,7 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
     ``time_per_step_s`` is the wall time of ``trainer.train`` (checkpoint writes and periodic evaluation
     included) over the steps run in this invocation (after a ``--resume``, only the resumed part).
     ``peak_memory_mb``: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident set size.
+    Both None when the invocation trained no step (``--resume`` of a run whose training had finished).
     ``load_average`` (1, 5, 15 min, at the end) and ``cpus``: how busy the machine was, since wall time per step
     also counts the time other processes held the cores.
     """
@@ -679,7 +727,7 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
     import torch
 
     first = int(checkpoint.rstrip("/").rsplit("-", 1)[1]) if checkpoint else 0
-    steps_run = max(1, trainer.state.global_step - first)
+    steps_run = trainer.state.global_step - first
     if torch.cuda.is_available():
         peak_mb, source = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
     else:  # ru_maxrss is in KiB on Linux
@@ -688,9 +736,10 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
     return {
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
         "total_params": sum(p.numel() for p in params),
-        "peak_memory_mb": round(peak_mb, 1),
-        "peak_memory_source": source,
-        "time_per_step_s": round(train_seconds / steps_run, 4),
+        # a session that trained no step (resumed after its training had finished) measured no training
+        "peak_memory_mb": round(peak_mb, 1) if steps_run > 0 else None,
+        "peak_memory_source": source if steps_run > 0 else None,
+        "time_per_step_s": round(train_seconds / steps_run, 4) if steps_run > 0 else None,
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "cpus": os.cpu_count(),
     }
