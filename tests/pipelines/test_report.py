@@ -202,6 +202,17 @@ def test_each_variant_is_also_compared_with_itself_without_the_perturbation(tmp_
     d = paired_t(accuracy["DoRA-MGPO"], accuracy["DoRA"])
     assert f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" in _md_row(own, "DoRA-MGPO − DoRA")[1]
     assert "DoRA − LoRA" not in own  # only a variant against itself, the baseline comparison is the table above
+    # LoRA-GA is another adapter, not LoRA with a perturbation: never paired with LoRA as "with vs without"
+    for seed, value in enumerate((0.70, 0.71, 0.72)):
+        out = root / f"LoRA-GA-s{seed}"
+        out.mkdir()
+        (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+        (out / "metrics.json").write_text(json.dumps({"test_accuracy": value}))
+        rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                     "labels": {"method": "LoRA-GA", "training.seed": seed}})
+    (root / "index.json").write_text(json.dumps({"title": "methods", "runs": rows}))
+    md = make_report([root], tmp_path / "report2", baseline="DoRA")["markdown"].read_text()
+    assert "LoRA-GA − LoRA" not in md and "LoRA-GA − DoRA" in md
 
 
 def test_curves_and_double_descent_use_the_clean_loss_where_a_run_logged_it(tmp_path):

@@ -43,6 +43,8 @@ ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "pissa": "P
 METHOD_SUFFIX = {"adamw": "", "mgpo": "-MGPO", "msam": " + MSAM", "sam": " + SAM", "random": " + random noise",
                  "ggpo": "-GGPO"}
 PRESET_SUFFIX = {"lora": "", "lora-mgpo": "-MGPO", "mgpo-no-apn": "-MGPO w/o APN", "msam": " + MSAM"}
+# What follows the last "-" of a label "X-MGPO ..." that names a perturbation added to adapter X.
+DASH_SUFFIXES = {"MGPO", "GGPO"}
 # Grid axes that name the method when a sweep has no `method:` axis (the label then comes from the config).
 METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
 # Paired differences to the baseline on the clean training loss (lower is better): key -> what it is.
@@ -339,8 +341,10 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
 
     diff_header = ["difference", *[c or metric for c in diff_cols]]
     diff_table = {"header": diff_header, "rows": [diff_row(s, baseline) for s in series if s != baseline]}
-    # each "X-MGPO" (or any "X-<suffix>") against its own "X": what adding the perturbation did to that adapter
-    own = [(s, ref) for s in series if (ref := s.rsplit("-", 1)[0]) != s and ref in series and ref != baseline]
+    # each "X-MGPO" ("X-GGPO", ...) against its own "X": what adding the perturbation did to that adapter; not
+    # "LoRA-GA" against "LoRA", which is another adapter
+    own = [(s, ref) for s in series if "-" in s and s.rsplit("-", 1)[1].split(" ")[0] in DASH_SUFFIXES
+           and (ref := s.rsplit("-", 1)[0]) in series and ref != baseline]
     own_table = {"header": diff_header, "rows": [diff_row(s, ref) for s, ref in own]} if own else None
     # the clean training loss against the baseline's, where the baseline's runs have it
     loss_diff_tables = []
