@@ -278,6 +278,33 @@ def test_resumed_after_its_training_had_finished_trains_no_further_step(finished
     assert sum("train_runtime" in r for r in rows) == 1 and sum("validation_loss" in r for r in rows) == 1
 
 
+def test_early_stopping_resumed_mid_way_stops_where_the_uninterrupted_run_did(tiny_model_dir, sentiment_csv,
+                                                                             tmp_path):
+    """Killed after an evaluation that did not improve (patience counter 1 of 2), then resumed: the run stops at
+    the step the uninterrupted one stopped at, not one patience later."""
+    def args(out, steps):
+        return overrides(tiny_model_dir, sentiment_csv, out, f"training.max_steps={steps}", "training.lr=5e-2",
+                         "training.lr_scheduler=constant", "training.warmup_ratio=0", "training.eval_steps=2",
+                         "training.save_steps=2", "training.early_stopping_patience=2",
+                         "training.clean_loss_examples=16")
+
+    out = tmp_path / "run"
+    first = train(load_config(None, args(out, 60)))
+    assert first["stopped_early"] and first["steps"] < 60
+    # the checkpoint one evaluation before the stop (rotated away in `out`, which keeps the best and the last):
+    # the same run cut there (a constant learning rate does not depend on max_steps)
+    cut = tmp_path / "cut"
+    train(load_config(None, args(cut, first["steps"] - 2)))
+    before = cut / "checkpoints" / f"checkpoint-{first['steps'] - 2}"
+    state = json.loads((before / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"] == 1
+    shutil.rmtree(out / "checkpoints" / f"checkpoint-{first['steps']}")
+    shutil.copytree(before, out / "checkpoints" / before.name)
+    (out / "metrics.json").unlink()
+    again = train(load_config(None, args(out, 60)), resume=True)
+    assert again["stopped_early"] is True and again["steps"] == first["steps"]
+
+
 def test_resumed_after_early_stopping_had_ended_it_trains_no_further_step(tiny_model_dir, sentiment_csv, tmp_path):
     """Early stopping ended the run at step N (checkpoint-N written), then the evaluation was stopped: --resume
     trained on to the next evaluation (N + eval_steps) and reported that as the run's steps."""

@@ -365,6 +365,9 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
         load_best_model_at_end=t.load_best_model,
         metric_for_best_model="eval_loss" if best else None,  # early stopping compares through it as well
         greater_is_better=False if best else None,
+        # a resumed run's early stopping counts on from the checkpoint's patience counter (HF's default restarts it
+        # at 0, so a run resumed mid-way stopped later than the same run uninterrupted)
+        restore_callback_states_from_checkpoint=t.early_stopping_patience > 0,
         seed=t.seed,
         data_seed=t.seed,
         disable_tqdm=True,  # train() chooses the progress display
