@@ -409,6 +409,7 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     cost = md.split("### Cost")[1].split("###")[0]
     assert "load (5-min avg at end) / CPUs" in cost and "not a measure of cost" in cost
+    assert "Wall time of the finished runs" not in md  # no run has wall_time_s: nothing claimed
     assert _md_row(cost, "LoRA")[-1] == "1.3 / 2" and _md_row(cost, "LoRA-MGPO")[-1] == "4.1 / 2"
 
 
@@ -422,11 +423,13 @@ def test_cost_is_compared_within_each_panel_whatever_runs_have_finished(tmp_path
             out.mkdir(parents=True)
             (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
             (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8, "trainable_params": 1000 * rank,
-                                                          "time_per_step_s": rank / 100}))
+                                                          "time_per_step_s": rank / 100, "wall_time_s": 600.0 * rank}))
             rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
                          "labels": {"rank": str(rank), "method": method, "training.seed": 0}})
     (root / "index.json").write_text(json.dumps({"title": "panels", "runs": rows}))
-    cost = make_report([root], tmp_path / "report")["markdown"].read_text().split("### Cost")[1].split("###")[0]
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    assert f"Wall time of the finished runs: {600 * (8 + 8 + 128) / 3600:.2f} h in all (3 runs;" in md
+    cost = md.split("### Cost")[1].split("###")[0]
     assert _md_row(cost, "rank=8 | LoRA-MGPO")[2:4] == ["8,000", "1.00×"]
     assert _md_row(cost, "rank=128 | LoRA")[2:4] == ["128,000", "1.00×"]
     assert _md_row(cost, "rank=128 | LoRA-MGPO")[2:] == ["-"] * 6

@@ -566,10 +566,14 @@ def _html_table(table: dict) -> str:
 def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> list[tuple]:
     n_done = sum(1 for r in exp.runs if r.metrics)
     m, base = result["metric"], result["baseline"]
+    walls = [r.metrics["wall_time_s"] for r in exp.runs if r.metrics.get("wall_time_s") is not None]
+    wall = (f" Wall time of the finished runs: {sum(walls) / 3600:.2f} h in all ({len(walls)} runs; each run's "
+            "`wall_time_s`: model loading, training and evaluation over all its sessions, less the work an "
+            "interrupted session did after its last checkpoint)." if walls else "")
     blocks = [("h2", exp.title),
               ("p", f"{n_done} of {len(exp.runs)} runs finished; methods: {', '.join(result['series'])}; "
                     f"primary metric `{m}` ({'higher' if result['better'] else 'lower'} is better); baseline: "
-                    f"{base}.")]
+                    f"{base}.{wall}")]
     if exp.differences:
         blocks.append(("p", "These run folders are not a sweep, so all runs of one method are taken as its seeds; "
                             "but they differ in more than the seed: " + " | ".join(exp.differences) + ". Their "
