@@ -504,6 +504,17 @@ def test_presets_and_profiles_build_the_papers_arms():
         o.close()
 
 
+def test_a_given_adam_like_base_optimizer_gets_the_arguments_betas_and_eps(tmp_path):
+    """NAdam is no subclass of Adam: it still takes the arguments' adam_beta1/2 and adam_epsilon (they were dropped,
+    so it trained at its own defaults while the arguments said otherwise); SGD takes neither."""
+    args = make_args(tmp_path, adam_beta1=0.7, adam_beta2=0.95, adam_epsilon=1e-6)
+    trainer = PerturbationTrainer(model=tiny_bert(), args=args, perturbation=PerturbationConfig(method="mgpo"),
+                                  base_optimizer=torch.optim.NAdam)
+    trainer.create_optimizer()
+    defaults = trainer.optimizer.base_optimizer.defaults
+    assert defaults["betas"] == (0.7, 0.95) and defaults["eps"] == 1e-6
+
+
 def test_a_profile_with_a_base_optimizer_without_betas_is_refused(tmp_path):
     """The profile's mu is AdamW's beta1: with SGD (or RMSprop, Adagrad) it was dropped without a word (the run
     trained with the profile's rho and beta but SGD's momentum); with NAdam or Adamax, not Adam subclasses, too."""

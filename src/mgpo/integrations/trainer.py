@@ -47,6 +47,7 @@ The Trainer may wrap the optimizer (accelerate's ``AcceleratedOptimizer``); :fun
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -232,8 +233,9 @@ class PerturbationTrainerMixin:
             base_cls, base_kwargs = base_optimizer_from_args(args, opt_model)
         else:
             base_cls, base_kwargs = self.base_optimizer, {"lr": args.learning_rate}
-            if issubclass(base_cls, (torch.optim.Adam, torch.optim.AdamW)):
-                base_kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+            takes = inspect.signature(base_cls).parameters  # Adam-like (NAdam, RAdam, Adamax too): args' betas, eps
+            base_kwargs.update({k: v for k, v in (("betas", (args.adam_beta1, args.adam_beta2)),
+                                                  ("eps", args.adam_epsilon)) if k in takes})
         lr = base_kwargs.pop("lr")
         cfg = self.perturbation.resolved()
         ratio = getattr(args, "loraplus_lr_ratio", None)
