@@ -83,3 +83,18 @@ def test_tiny_t5_learns_the_label_words_end_to_end(tiny_t5_dir, sentiment_csv, t
         first = model(input_ids=ids, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits[0, 0]
     pos, neg = 3 + len(WORDS), 4 + len(WORDS)
     assert first[pos] > first[neg]  # the saved adapter writes 'pos' for a positive review
+
+
+def test_logged_loss_with_grad_accum_is_the_mean_per_optimizer_step(tiny_t5_dir, sentiment_csv, tmp_path):
+    """T5's forward takes **kwargs, so the Trainer took its loss as already scaled for gradient accumulation (it
+    is a plain mean): with grad_accum=2 the logged loss was the sum of two micro-batch means, twice the loss."""
+    first = {}
+    for accum, batch in ((1, 8), (2, 4)):  # the same 8 examples in the first optimizer step
+        out = tmp_path / f"accum{accum}"
+        train(load_config(None, overrides(tiny_t5_dir, sentiment_csv, out, "data.task=text-to-text",
+                                          "training.max_steps=1", "training.lr=1e-9", "training.clean_loss_every=0",
+                                          f"training.batch_size={batch}", f"training.grad_accum={accum}",
+                                          "perturbation.preset=lora")))
+        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        first[accum] = next(r["loss"] for r in rows if "loss" in r)
+    assert first[2] == pytest.approx(first[1], rel=0.02), first

@@ -543,8 +543,9 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
     if cfg.training.progress and main:
         trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
-    if task in LABELLED_TEXT_TASKS:
-        # transformers 5 assumes encoder classifiers scale their loss for gradient accumulation; they do not
+    if task in (*LABELLED_TEXT_TASKS, "text-to-text"):
+        # transformers 5 takes a forward with **kwargs as scaling its loss for gradient accumulation; encoder
+        # classifiers and T5 (a plain mean) do not, so the logged loss was grad_accum times too large
         trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
     divergence = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, DivergenceStop))
