@@ -320,3 +320,18 @@ def test_resumed_after_early_stopping_had_ended_it_trains_no_further_step(tiny_m
     assert again["steps"] == first["steps"] and again["stopped_early"] is True
     assert again["best_checkpoint"] == first["best_checkpoint"] and again["test_loss"] == first["test_loss"]
     assert max(int(c.name.split("-")[1]) for c in (out / "checkpoints").iterdir()) == first["steps"]
+
+
+def test_resumed_epoch_run_with_grad_accum_trains_its_last_partial_step(tiny_model_dir, sentiment_csv, tmp_path):
+    """128 training rows in batches of 8 with grad_accum=3: 16 micro-batches, and the Trainer takes 6 optimizer
+    steps per epoch (the last one over the 1 micro-batch left). mgpo counted 16 // 3 = 5, so --resume from
+    checkpoint-5 took the run for finished and evaluated it without its last step."""
+    out = tmp_path / "run"
+    args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=-1", "training.epochs=1",
+                     "training.grad_accum=3", "training.save_steps=5", "training.clean_loss_examples=16")
+    first = train(load_config(None, args))
+    assert first["steps"] == 6
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
+    (out / "metrics.json").unlink()
+    again = train(load_config(None, args), resume=True)
+    assert again["steps"] == 6 and (out / "checkpoints" / "checkpoint-6").is_dir()

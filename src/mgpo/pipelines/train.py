@@ -309,10 +309,13 @@ def _label_names(data) -> list[str]:
 
 
 def total_optimizer_steps(cfg: TrainConfig, n_train: int) -> int:
+    """The optimizer steps the Trainer takes: per epoch, each process's micro-batches over grad_accum, rounded up
+    (the last step of an epoch takes the micro-batches left over)."""
     t = cfg.training
     if t.max_steps > 0:
         return t.max_steps
-    per_epoch = max(1, math.ceil(n_train / t.batch_size) // t.grad_accum)
+    batches = math.ceil(math.ceil(n_train / t.batch_size) / world_size())
+    per_epoch = max(1, math.ceil(batches / t.grad_accum))
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
