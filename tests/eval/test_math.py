@@ -17,6 +17,8 @@ from mgpo.eval.math import evaluate_math, extract_answer, is_correct, normalize_
         ("#### 12\nQ: Tom has 5 apples", "12"),  # the #### line wins over later numbers
         ("10-3=7", "7"),
         ("10 - 13 = -3", "-3"),
+        ("The balance is -$5.", "-5"),  # was 5: the sign before a dollar sign was lost
+        ("it changed by -$1,250.50", "-1250.5"),
         ("The answer is: 18", "18"),
         ("1, 2, 3", "3"),  # a list, not a thousands group
         ("no digits here", None),
