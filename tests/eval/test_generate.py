@@ -76,6 +76,21 @@ def test_stop_strings_cut(model, tokenizer):
     assert cut == [text[: text.find(stop)]]
 
 
+def test_each_output_says_whether_max_new_tokens_ended_it(model, tokenizer):
+    """An answer cut off by max_new_tokens was indistinguishable from one the model finished."""
+    outputs = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, progress=False)
+    for prompt, text in zip(PROMPTS, outputs):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0,
+                                                                                                         ids.shape[1]:]
+        assert text.hit_max_new_tokens is (len(new) == 6 and tokenizer.eos_token_id not in new.tolist()), text
+    assert any(o.hit_max_new_tokens for o in outputs)  # a random model rarely writes EOS
+    index, text = next((i, t) for i, t in enumerate(outputs) if len(t) >= 4)
+    stopped = generate(model, tokenizer, [PROMPTS[index]], max_new_tokens=6, stop=[text[2:4]], progress=False)
+    assert stopped == [text[:text.find(text[2:4])]] and not stopped[0].hit_max_new_tokens  # a stop string ended it
+
+
 def test_cut_at_stop():
     assert cut_at_stop("12\n#### 12\nQ: next", ["\nQ:"]) == "12\n#### 12"
     assert cut_at_stop("a b c", ["c", "b"]) == "a "

@@ -14,6 +14,7 @@ from mgpo.eval.humaneval import (
     load_problems,
     pass_at_k,
 )
+from mgpo.eval.generate import Completion
 from mgpo.eval.sandbox import SandboxLimits, judge_many
 
 LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=4)
@@ -190,13 +191,20 @@ def test_evaluate_pass_at_k_with_mixed_samples(tmp_path, problems):
         for p in prompts:  # the first problem: 1 of 3 samples right; the second: all wrong
             seen[p] = seen.get(p, 0) + 1
             right = p == chosen[0]["prompt"] and seen[p] == 1
-            out.append(solutions[p] if right else "    raise NotImplementedError\n")
+            # the second problem's samples ran into max_new_tokens (mgpo.eval.generate.Completion says so)
+            out.append(solutions[p] if right else Completion.of("    raise NotImplementedError\n",
+                                                                p == chosen[1]["prompt"]))
         return out
 
-    metrics = evaluate(generate, chosen, samples_per_problem=3, k=(1, 2), limits=LIMITS, progress=False)
+    out = tmp_path / "samples.jsonl"
+    metrics = evaluate(generate, chosen, samples_per_problem=3, k=(1, 2), limits=LIMITS, progress=False,
+                       out_jsonl=out)
     assert metrics["pass@1"] == pytest.approx((pass_at_k(3, 1, 1) + 0.0) / 2)
     assert metrics["pass@2"] == pytest.approx((pass_at_k(3, 1, 2) + 0.0) / 2)
     assert metrics["status_counts"] == {"passed": 1, "error": 5}
+    assert metrics["num_hit_max_new_tokens"] == 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["hit_max_new_tokens"] for r in rows] == [False] * 3 + [True] * 3
 
 
 def test_evaluate_rejects_bad_input(problems):

@@ -76,7 +76,7 @@ def test_evaluate_math_scores_and_writes_jsonl(tmp_path):
 
     out = tmp_path / "sub" / "preds.jsonl"
     result = evaluate_math(fake_generate, examples, "math", out, progress=False, chunk_size=3)
-    assert result == {"accuracy": 0.5, "correct": 2, "total": 4, "no_answer": 1}
+    assert result == {"accuracy": 0.5, "correct": 2, "total": 4, "no_answer": 1, "hit_max_new_tokens": 0}
     assert [len(c) for c in calls] == [3, 1]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, False, True]
@@ -84,6 +84,21 @@ def test_evaluate_math_scores_and_writes_jsonl(tmp_path):
     assert [r["gold"] for r in rows] == ["5", "6", "9", "7"]
     assert rows[0]["prompt"] == "Q: Ava has 2 cards and finds 3 more. How many?\nA: "
     assert rows[1]["output"] == "10 - 4 = 7"
+
+
+def test_evaluate_math_counts_outputs_that_max_new_tokens_ended(tmp_path):
+    """A reasoning chain cut off by max_new_tokens was scored on its last number, and nothing said it was cut."""
+    from mgpo.eval.generate import Completion
+
+    def cut_short(prompts):
+        return [Completion.of("3 + 4 = 7, then 7 * 2", True), Completion.of("#### 14", False)]
+
+    out = tmp_path / "preds.jsonl"
+    examples = [{"prompt": "a", "answer": "14"}, {"prompt": "b", "answer": "14"}]
+    result = evaluate_math(cut_short, examples, "math", out, progress=False)
+    assert result["hit_max_new_tokens"] == 1 and result["correct"] == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["hit_max_new_tokens"] for r in rows] == [True, False]
 
 
 def test_evaluate_math_custom_template_and_no_file():

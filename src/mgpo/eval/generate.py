@@ -7,7 +7,20 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["chat_generate", "cut_at_stop", "format_chat_plain", "generate"]
+__all__ = ["Completion", "chat_generate", "cut_at_stop", "format_chat_plain", "generate"]
+
+
+class Completion(str):
+    """A generated text (a ``str``) that also says whether generation ran into ``max_new_tokens``."""
+
+    hit_max_new_tokens: bool = False
+    """True when neither EOS nor a stop string ended it: the answer may be cut short."""
+
+    @classmethod
+    def of(cls, text: str, hit_max_new_tokens: bool) -> Completion:
+        done = cls(text)
+        done.hit_max_new_tokens = hit_max_new_tokens
+        return done
 
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
@@ -38,7 +51,8 @@ def generate(
     add_special_tokens: bool = True,
     progress: bool = True,
 ) -> list[str]:
-    """Complete every prompt; returns only the new text, cut before the first stop string.
+    """Complete every prompt; returns only the new text, cut before the first stop string, as
+    :class:`Completion` strings whose ``hit_max_new_tokens`` says that ``max_new_tokens`` ended one.
 
     Prompts are sorted by length and batched with left padding (what decoder-only models need), then
     the outputs are put back in the original order. With ``num_return_sequences=k`` the result has
@@ -101,9 +115,13 @@ def generate(
                 )
             new_tokens = output[:, width:].cpu()
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            full = new_tokens.shape[1] >= max_new_tokens
             for row, i in enumerate(batch):
                 for k in range(num_return_sequences):
-                    results[i].append(cut_at_stop(texts[row * num_return_sequences + k], stop))
+                    n = row * num_return_sequences + k
+                    text = cut_at_stop(texts[n], stop)
+                    ended = (eos_id is not None and bool((new_tokens[n] == eos_id).any())) or text != texts[n]
+                    results[i].append(Completion.of(text, full and not ended))
     finally:
         model.train(was_training)
     return [text for per_prompt in results for text in per_prompt]

@@ -138,9 +138,10 @@ def evaluate(
     """Generate ``samples_per_problem`` completions per problem, run them, and compute pass@k.
 
     ``generate`` receives up to ``batch_size`` prompts at a time and must return one string per prompt.
-    Returns {"pass@1": ..., "num_problems": ..., "num_samples": ..., "status_counts": {...}}; when
+    Returns {"pass@1": ..., "num_problems": ..., "num_samples": ..., "status_counts": {...},
+    "num_hit_max_new_tokens": ... (samples that generation's max_new_tokens ended, maybe cut short)}; when
     ``out_jsonl`` is given it gets one JSON row per sample (task_id, sample, prompt, raw_output,
-    completion, status, passed, detail).
+    completion, status, passed, detail, hit_max_new_tokens).
     """
     ks = sorted(set(k))
     if samples_per_problem < 1:
@@ -180,7 +181,8 @@ def evaluate(
             for (problem, sample), raw, comp, res in zip(jobs, outputs, completions, results):
                 row = {"task_id": problem["task_id"], "sample": sample, "prompt": build_prompt(problem),
                        "raw_output": raw, "completion": comp, "status": res.status, "passed": res.passed,
-                       "detail": res.detail[-1000:]}
+                       "detail": res.detail[-1000:], "hit_max_new_tokens": bool(getattr(raw, "hit_max_new_tokens",
+                                                                                        False))}
                 f.write(json.dumps(row) + "\n")
 
     correct = Counter()
@@ -193,4 +195,6 @@ def evaluate(
     metrics["num_problems"] = len(problems)
     metrics["num_samples"] = len(jobs)
     metrics["status_counts"] = dict(Counter(res.status for res in results))
+    # samples that generation's max_new_tokens ended (mgpo.eval.generate.Completion): their code may be cut short
+    metrics["num_hit_max_new_tokens"] = sum(bool(getattr(raw, "hit_max_new_tokens", False)) for raw in outputs)
     return metrics

@@ -44,7 +44,9 @@ def evaluate_math(
         progress: show a progress bar over chunks of prompts.
         chunk_size: prompts handed to ``generate`` at once (rows are written after each chunk).
 
-    Returns: ``{"accuracy", "correct", "total", "no_answer"}``.
+    Returns: ``{"accuracy", "correct", "total", "no_answer", "hit_max_new_tokens"}``; the last counts the outputs
+    that generation's ``max_new_tokens`` ended (a :class:`mgpo.eval.generate.Completion` says so), whose answer
+    may be cut short.
     """
     rows = list(examples)
     if not rows:
@@ -62,7 +64,7 @@ def evaluate_math(
         path = Path(out_jsonl)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("w", encoding="utf-8")
-    correct = no_answer = 0
+    correct = no_answer = cut = 0
     try:
         starts = range(0, len(prompts), chunk_size)
         for start in tqdm(starts, desc="math eval", unit="chunk", disable=not progress):
@@ -79,11 +81,15 @@ def evaluate_math(
                 ok = is_correct(extracted, gold)
                 correct += ok
                 no_answer += extracted is None
+                hit = bool(getattr(output, "hit_max_new_tokens", False))
+                cut += hit
                 if handle is not None:
-                    record = {"prompt": prompt, "output": output, "extracted": extracted, "gold": gold, "correct": ok}
+                    record = {"prompt": prompt, "output": output, "extracted": extracted, "gold": gold, "correct": ok,
+                              "hit_max_new_tokens": hit}
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if handle is not None:
             handle.close()
     total = len(rows)
-    return {"accuracy": correct / total, "correct": correct, "total": total, "no_answer": no_answer}
+    return {"accuracy": correct / total, "correct": correct, "total": total, "no_answer": no_answer,
+            "hit_max_new_tokens": cut}

@@ -122,7 +122,8 @@ class TrainingConfig:
 
 @dataclass
 class GenerationEvalConfig:
-    max_new_tokens: int = _help("causal-lm evaluation: tokens generated per answer.", 128)
+    max_new_tokens: int = _help("causal-lm evaluation: tokens generated per answer at most; how many answers it "
+                                "cut short is printed and saved (after_hit_max_new_tokens).", 128)
     batch_size: int = _help("causal-lm evaluation: prompts generated together.", 16)
     max_examples: int | None = _help("causal-lm evaluation: evaluate at most this many test examples.", None)
     before_training: bool = _help("causal-lm: also evaluate the model before fine-tuning.", False)

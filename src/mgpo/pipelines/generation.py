@@ -86,4 +86,10 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
             judge = mtbench.JudgeConfig(url=g.judge_url, model=g.judge_model, api_key_env=g.judge_api_key_env)
         result = mtbench.judge(answers, judge, samples)
     result["samples"] = str(samples)
+    cut = result.get("hit_max_new_tokens", result.get("num_hit_max_new_tokens", 0))
+    if cut:
+        total = result.get("total", result.get("num_samples"))
+        print(f"mgpo: {bench} ({prefix}): {cut} of {total} outputs ran into generation.max_new_tokens="
+              f"{g.max_new_tokens} before they ended (scored as written, maybe cut short; see "
+              f"hit_max_new_tokens in {samples}); raise generation.max_new_tokens if that is too few", flush=True)
     return {f"{prefix}_{k}": v for k, v in result.items() if not isinstance(v, (list, dict))}
