@@ -428,6 +428,29 @@ def test_a_label_only_in_test_is_an_error_naming_it_and_the_file(tmp_path, cache
     assert load_text_data(str(tmp_path), cache_dir=cache).num_labels == 2  # the same data without it loads
 
 
+def test_a_class_with_no_training_row_left_after_carving_or_max_train_examples_is_named(tmp_path, cache):
+    """The check above runs before carving: a rare class whose rows all went to validation/test, or that
+    max_train_examples cut out of train, was trained on nowhere and still scored, silently."""
+    rows = [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(199)] + [{"text": "x", "label": "meh"}]
+    folder = tmp_path / "given"
+    folder.mkdir()
+    write_csv(folder / "train.csv", rows)
+    write_csv(folder / "test.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
+    with pytest.raises(DataError, match=r"class 'meh' occurs in the test split .*max_train_examples=3"):
+        load_text_data(str(folder), max_train_examples=3, cache_dir=cache)
+    refused = 0
+    for seed in range(12):  # one 'meh' row among 10: carved into validation or test for some seeds
+        small = str(write_csv(tmp_path / "small.csv", rows[:9] + rows[-1:]))
+        try:
+            data = load_text_data(small, seed=seed, cache_dir=cache)
+        except DataError as err:
+            assert "class 'meh' occurs in the" in str(err) and "data.seed" in str(err)
+            refused += 1
+        else:
+            assert data.label_names.index("meh") in data.splits["train"]["label"]
+    assert refused
+
+
 def test_a_text_column_that_is_not_text_is_named_as_the_user_named_it(tmp_path, cache):
     path = tmp_path / "d.parquet"
     pd.DataFrame({"review": list(range(20)), "sentiment": [i % 2 for i in range(20)]}).to_parquet(path)

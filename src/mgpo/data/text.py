@@ -113,7 +113,8 @@ def load_text_data(
     GLUE test labels are hidden, so GLUE validation becomes the test split and
     validation is carved from train; ``glue/stsb`` is always regression.
     ``encoding`` is the text encoding of local CSV/JSON files. A class label that
-    occurs in validation or test but not in train is an error naming it.
+    occurs in validation or test but not in train is an error naming it, also when carving or
+    ``max_train_examples`` left no training row of it.
     """
     _check_options(task, seed, val_fraction, test_fraction, max_train_examples, max_eval_examples)
     columns = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
@@ -155,7 +156,25 @@ def load_text_data(
         splits[split] = _subsample(splits[split], limits[split], seed)
         if len(splits[split]) == 0:
             raise DataError(f"split {split!r} of {name!r} is empty; provide rows for it or use a larger dataset")
+    if task == "classification":
+        _check_classes_left_in_train(splits, label_names, sources, max_train_examples)
     return TextData(datasets.DatasetDict(splits), task, num_labels, label_names, sources)
+
+
+def _check_classes_left_in_train(splits: dict, label_names: list[str] | None, sources: dict,
+                                 max_train: int | None) -> None:
+    """After carving and max_train_examples: a class in validation or test with no training row left cannot be
+    learned (the check before carving saw the whole train file)."""
+    seen = set(splits["train"]["label"])
+    for split in ("validation", "test"):
+        missing = sorted(set(splits[split]["label"]) - seen)
+        if missing:
+            label = label_names[missing[0]] if label_names else missing[0]
+            cut = f", carved and cut to data.max_train_examples={max_train}" if max_train else ", once carved"
+            raise DataError(
+                f"class {label!r} occurs in the {split} split ({sources[split]}) but in none of the "
+                f"{len(splits['train'])} training rows left{cut}: a model trained on them cannot predict it. "
+                "Use more rows of that class, a larger data.max_train_examples, or another data.seed")
 
 
 def split_dataset(
