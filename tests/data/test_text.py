@@ -80,6 +80,19 @@ def test_max_examples_take_a_seeded_subset(tmp_path, cache):
     assert got == texts(load_text_data(path, max_train_examples=7, max_eval_examples=3, cache_dir=cache))
 
 
+def test_sources_say_what_was_used_of_each_split(tmp_path, cache):
+    """data_splits in metrics.json said "carved from train (10%, seed 0)" for a split cut to 4 rows by
+    max_eval_examples, and "(0%, ...)" for val_fraction=0.004."""
+    path = str(write_csv(tmp_path / "data.csv", sample(1000)))
+    data = load_text_data(path, max_train_examples=7, max_eval_examples=4, val_fraction=0.004, test_fraction=0.125,
+                          cache_dir=cache)
+    assert data.sources == {
+        "train": f"{path}; 7 of its 871 rows (data.max_train_examples, seed 0)",
+        "validation": "carved from train (0.4%, seed 0)",
+        "test": "carved from train (12.5%, seed 0); 4 of its 125 rows (data.max_eval_examples, seed 0)"}
+    assert load_text_data(path, max_train_examples=5000, cache_dir=cache).sources["train"] == path  # all used
+
+
 # ----------------------------------------------------------------------------- files and columns
 
 

@@ -352,6 +352,7 @@ def test_cli_on_a_data_folder_says_what_it_did_quietly(tiny_model_dir, data_fold
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["truncated_examples"] == 12 and metrics["id2label"] == {"0": "neg", "1": "pos"}
     assert metrics["data_splits"]["test"] == str(data_folder / "test.csv")
+    assert metrics["data_rows"] == {"train": 60, "validation": 20, "test": 20}  # what was used of each split
 
 
 def test_quiet_cli_shows_our_warnings_as_one_plain_line(capsys):

@@ -58,7 +58,8 @@ class TextData:
     label_names: list[str] | None
     """Class names indexed by label id, when known."""
     sources: dict[str, str] = field(default_factory=dict)
-    """Where each split came from: a file path, the hub, a built-in corpus, or "carved from train (10%, seed 0)"."""
+    """Where each split came from: a file path, the hub, a built-in corpus, or "carved from train (10%, seed 0)";
+    a split cut by max_train_examples / max_eval_examples adds "; 60 of its 120 rows (data.max_eval_examples, seed 0)"."""
 
 
 @dataclass(frozen=True)
@@ -149,11 +150,15 @@ def load_text_data(
     raw, num_labels, label_names = _encode_labels(raw, task, name, columns["label"] or "label")
     splits = _fill_missing_splits(raw, seed, val_fraction, test_fraction, name)
     fractions = {"validation": val_fraction, "test": test_fraction}
-    sources = {split: sources.get(split) or f"carved from train ({fractions[split]:.0%}, seed {seed})"
+    sources = {split: sources.get(split) or f"carved from train ({fractions[split] * 100:g}%, seed {seed})"
                for split in SPLITS}
     limits = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
     for split in SPLITS:
+        rows = len(splits[split])
         splits[split] = _subsample(splits[split], limits[split], seed)
+        if len(splits[split]) < rows:  # the source says what was used of it
+            arg = "max_train_examples" if split == "train" else "max_eval_examples"
+            sources[split] += f"; {len(splits[split])} of its {rows} rows (data.{arg}, seed {seed})"
         if len(splits[split]) == 0:
             raise DataError(f"split {split!r} of {name!r} is empty; provide rows for it or use a larger dataset")
     if task == "classification":

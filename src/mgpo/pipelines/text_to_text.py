@@ -128,6 +128,7 @@ def prepare_text_to_text(cfg: TrainConfig, tokenizer):
     print(f"mgpo: label words: {', '.join(f'{i} = {w!r}' for i, w in enumerate(words))} (accuracy from the "
           "first decoder token over these words; exact_match from generation)", flush=True)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
-    info = {"data_splits": dict(data.sources), "label_words": words, "truncated_examples": truncated["train"],
+    info = {"data_splits": dict(data.sources), "data_rows": {split: len(ds) for split, ds in splits.items()},
+            "label_words": words, "truncated_examples": truncated["train"],
             "truncated_eval_examples": sum(n for split, n in truncated.items() if split != "train")}
     return data, splits, collator, metrics, words, info

@@ -512,7 +512,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
             _describe_data(data, truncated, cfg.model.max_length)
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
         compute_metrics = classification_metrics(task, data.num_labels)
-        info = {"data_splits": dict(data.sources), "truncated_examples": truncated["train"],
+        info = {"data_splits": dict(data.sources), "data_rows": {split: len(ds) for split, ds in splits.items()},
+                "truncated_examples": truncated["train"],
                 "truncated_eval_examples": sum(n for split, n in truncated.items() if split != "train")}
         if task == "classification":  # the saved model config (and metrics.json) say what each class id means
             model.config.id2label = dict(enumerate(_label_names(data)))
