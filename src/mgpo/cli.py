@@ -137,7 +137,9 @@ def demo(
                                                       "(SmolLM2; three arms)."),
     output_dir: str = typer.Option("runs/demo", help="Where the runs (<output-dir>/<name>/<arm>) and the plot go."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Extra overrides, e.g. --set "
-                                                                       "training.max_steps=40 --set data.name=my.csv"),
+                                                                       "training.max_steps=40 --set data.name=my.csv "
+                                                                       "(not perturbation.* or training.output_dir: "
+                                                                       "the arms set those)"),
     verbose: bool = VERBOSE,
 ):
     """LoRA vs its MGPO arms side by side, same seed and budget, offline; prints a table, writes a loss-curve PNG."""

@@ -448,6 +448,16 @@ def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, mo
     assert "--set" in help_text and "configs/local-files.yaml" in help_text
 
 
+@pytest.mark.parametrize("override", ["perturbation.preset=lora-mgpo", "perturbation.rho=0.2",
+                                      "training.output_dir=elsewhere"])
+def test_demo_refuses_an_override_of_what_its_arms_set(override, tmp_path):
+    """--set perturbation.preset=lora-mgpo made the row labelled LoRA train MGPO, perturbation.rho=0.2 the
+    'rho/10' row train at 0.2, and training.output_dir put every arm into one folder (each deleting the last)."""
+    result = CliRunner().invoke(app, ["demo", "--output-dir", str(tmp_path), "--set", override])
+    assert result.exit_code == 2 and f"--set {override}" in result.output, result.output
+    assert not any(tmp_path.iterdir())  # refused before any run
+
+
 def _worker_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of torchrun's worker with ``RANK=rank``: a descendant of the launcher (parents from
     /proc/<pid>/stat) whose environment says so."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mgpo.pipelines.config import load_config
+from mgpo.pipelines.config import ConfigError, load_config
 from mgpo.pipelines.plots import plot_loss_curves
 from mgpo.pipelines.train import clean_loss_every, train
 
@@ -73,6 +73,7 @@ def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list
     console = console or Console()
     demo = DEMOS[name]
     root = Path(output_dir) / name
+    check_demo_overrides(extra)
     configs = {arm: load_config(None, [*demo["common"], *arm_overrides, f"training.output_dir={root / _folder(arm)}",
                                        *extra]) for arm, arm_overrides in ARMS[name].items()}  # errors before any run
     title = demo_title(configs["LoRA"])
@@ -107,6 +108,20 @@ def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list
                   "the loss the MGPO arms' steps saw is at the perturbed weights (metrics.json: final_loss, best_loss)")
     console.print(f"loss curves: [bold]{png}[/]")
     return results
+
+
+def check_demo_overrides(extra: list[str]) -> None:
+    """The arms set the perturbation fields and their folders themselves: an override of those (applied last, to
+    every arm) would make the row labelled LoRA train MGPO, or every arm write into one folder. Refused by name."""
+    for override in extra:
+        key = override.split("=", 1)[0].strip()
+        if key.startswith("perturbation.") or key == "perturbation":
+            raise ConfigError(f"--set {override}: each demo arm sets the perturbation fields itself (LoRA, "
+                              "LoRA-MGPO, ...), and this would apply to every arm, so the rows would not be what they "
+                              "are labelled. Compare other methods or settings with mgpo train or mgpo sweep.")
+        if key == "training.output_dir":
+            raise ConfigError(f"--set {override}: every arm writes its own folder under --output-dir; use "
+                              "--output-dir instead.")
 
 
 def _fmt(value, digits: int = 4) -> str:
