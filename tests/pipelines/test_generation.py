@@ -76,6 +76,25 @@ def test_best_checkpoint_needs_a_validation_split_and_says_how_to_get_one(tiny_l
         train(cfg)
 
 
+def test_a_math_benchmark_without_a_test_split_is_named_before_training(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "math.jsonl"  # final answers, no test rows, none held out
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}. "
+                                        f"The answer is {i + 1}."}) + "\n" for i in range(16)))
+
+    def cfg(bench, out):
+        return load_config(None, [
+            f"model.name={tiny_llama_dir}", f"data.name={data}", "data.task=causal-lm", "data.template=math",
+            f"training.output_dir={out}", "training.max_steps=2", "training.batch_size=4", "training.progress=false",
+            f"generation.benchmark={bench}"])
+
+    with pytest.raises(ValueError, match="benchmark='math' needs a test split.*data.max_eval_examples"):
+        train(cfg("math", tmp_path / "math"))
+    assert not (tmp_path / "math" / "checkpoints").exists()  # refused before any training
+    metrics = train(cfg("auto", tmp_path / "auto"))
+    assert "after_accuracy" not in metrics
+    assert "benchmark=auto" in capsys.readouterr().out  # said, not silent
+
+
 @pytest.mark.parametrize("bench,extra,expected", [
     ("humaneval", ["generation.num_samples=2"], {"after_pass@1", "after_pass@2"}),
     ("mtbench", [], {"after_judged"}),

@@ -44,6 +44,19 @@ def pick_benchmark(cfg: TrainConfig, data) -> str:
     return "math" if data.test is not None and "answer" in data.test.column_names else "none"
 
 
+def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
+    """Before training: a math benchmark without a test split is refused, and ``auto`` says when data with final
+    answers gets no score for want of one (it would otherwise train and end with no benchmark, without a word)."""
+    if data.test is not None:
+        return
+    fix = "set data.max_eval_examples to hold that many rows out as the test split"
+    if cfg.generation.benchmark == "math":
+        raise ValueError(f"generation.benchmark='math' needs a test split, and data {cfg.data.name!r} has none: {fix}.")
+    if say and cfg.generation.benchmark == "auto" and "answer" in data.train.column_names:
+        print(f"mgpo: generation.benchmark=auto: {cfg.data.name!r} has final answers but no test split, so no math "
+              f"score is taken; {fix}.", flush=True)
+
+
 def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, prefix: str) -> dict:
     """Run the configured benchmark; per-sample JSONL goes to ``out/<prefix>_<benchmark>.jsonl``."""
     from mgpo.eval.generate import chat_generate, generate

@@ -490,9 +490,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     task = cfg.data.task
     if task == "causal-lm":
         model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, dtype=cfg.model.dtype)
-        from mgpo.pipelines.generation import prepare_causal_lm
+        from mgpo.pipelines.generation import check_benchmark, prepare_causal_lm
 
         data, splits, collator, info = prepare_causal_lm(cfg, tokenizer)
+        check_benchmark(cfg, data, say=main)
         compute_metrics = None
         if cfg.generation.before_training:
             from mgpo.pipelines.generation import evaluate_generation
