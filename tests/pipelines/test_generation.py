@@ -4,7 +4,9 @@ math accuracy before and after, and every sample written for inspection."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,6 +95,21 @@ def test_a_math_benchmark_without_a_test_split_is_named_before_training(tiny_lla
     metrics = train(cfg("auto", tmp_path / "auto"))
     assert "after_accuracy" not in metrics
     assert "benchmark=auto" in capsys.readouterr().out  # said, not silent
+
+
+def test_choosing_the_checkpoint_on_the_scored_rows_is_said():
+    import datasets
+
+    from mgpo.pipelines.generation import check_benchmark
+
+    rows = datasets.Dataset.from_dict({"prompt": ["1 + 1?"], "response": ["2"], "answer": ["2"]})
+    data = SimpleNamespace(train=rows, test=rows)
+    with pytest.warns(RuntimeWarning, match="optimistic"):
+        check_benchmark(load_config(None, ["model.name=smollm2-135m", "data.task=causal-lm", "training.eval_steps=2",
+                                           "training.save_steps=2", "training.load_best_model=true"]), data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_benchmark(load_config(None, ["model.name=smollm2-135m", "data.task=causal-lm"]), data)  # last step scored
 
 
 @pytest.mark.parametrize("bench,extra,expected", [

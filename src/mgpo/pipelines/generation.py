@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 from mgpo.pipelines.config import TrainConfig
@@ -47,6 +48,13 @@ def pick_benchmark(cfg: TrainConfig, data) -> str:
 def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
     """Before training: a math benchmark without a test split is refused, and ``auto`` says when data with final
     answers gets no score for want of one (it would otherwise train and end with no benchmark, without a word)."""
+    t = cfg.training
+    chooses = t.load_best_model or t.early_stopping_patience
+    if data.test is not None and chooses and pick_benchmark(cfg, data) != "none":
+        warnings.warn(
+            "causal-lm: the validation loss that training.load_best_model / early_stopping_patience choose by is "
+            "taken on the test split, the rows the benchmark then scores, so its after_* score is an optimistic "
+            "one. For an unbiased score, train without them (the last step is scored).", RuntimeWarning, stacklevel=2)
     if data.test is not None:
         return
     fix = "set data.max_eval_examples to hold that many rows out as the test split"
