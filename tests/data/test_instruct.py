@@ -77,6 +77,14 @@ def test_load_local_csv_parquet_and_folder(tmp_path):
     _write_jsonl(folder / "test.jsonl", [{"prompt": "t", "response": "#### 4"}])
     data = load_instruct_data(str(folder), n_train=1)
     assert len(data.train) == 1 and data.test["answer"] == ["4"]
+    # files that would be ignored without a word are named: a second train file, a validation file
+    frame.to_csv(folder / "train.csv", index=False)
+    with pytest.raises(ValueError, match=r"several train files \(train.csv, train.jsonl\)"):
+        load_instruct_data(str(folder))
+    (folder / "train.csv").unlink()
+    _write_jsonl(folder / "validation.jsonl", [{"prompt": "v", "response": "#### 5"}])
+    with pytest.raises(ValueError, match="has validation.jsonl, but causal-lm data uses train.* and test.* only"):
+        load_instruct_data(str(folder))
 
 
 def test_load_errors(tmp_path):
