@@ -33,6 +33,7 @@ def test_overrides_win_over_the_file_and_keep_types():
     (["training.warmup_ratio=1.5"], "training.warmup_ratio"),
     (["data.task=translation"], "data.task"),
     (["data.val_fraction=0.6", "data.test_fraction=0.5"], "val_fraction"),
+    (["data.val_fraction=0"], "data.val_fraction"),       # the data loader refuses it too: refused up front
     (["adapter.method=qlora"], "method"),
     (["adapter.rank=0"], "rank"),
     (["perturbation.method=adam"], "method"),

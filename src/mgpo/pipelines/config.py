@@ -241,7 +241,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.max_length >= 8, "model.max_length", m.max_length, "use at least 8 tokens")
     for name in ("val_fraction", "test_fraction"):
         value = getattr(d, name)
-        _check(0 <= value < 1, f"data.{name}", value, "use a fraction in [0, 1)")
+        _check(0 < value < 1, f"data.{name}", value, "use a fraction strictly between 0 and 1 (the data loader's rule)")
     _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction",
            d.val_fraction + d.test_fraction, "leave some rows for training (sum < 1)")
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size"):
