@@ -109,6 +109,15 @@ def test_invalid_config_names_the_field_and_value(name, value, tmp_path):
         PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path), perturbation=cfg)
 
 
+def test_a_field_the_preset_sets_given_otherwise_too_is_refused():
+    with pytest.raises(ValueError, match=r"preset='lora-mgpo' sets method='mgpo', but perturbation.method='sam'"):
+        PerturbationConfig(preset="lora-mgpo", method="sam").validate()
+    with pytest.raises(ValueError, match=r"preset='msam' sets apn='off', but perturbation.apn='weight'"):
+        PerturbationConfig(preset="msam", apn="weight").validate()
+    PerturbationConfig(preset="lora-mgpo", apn="weight").validate()  # lora-mgpo leaves apn as given: a rule arm
+    assert PerturbationConfig(preset="lora-mgpo", apn="weight").resolved().apn == "weight"
+
+
 @pytest.mark.parametrize("given, expected", [("optimizer", "optimizer"), ("0.9", 0.9), (0.8, 0.8), (0, 0.0)])
 def test_momentum_accepts_optimizer_or_a_number(given, expected):
     cfg = PerturbationConfig(momentum=given)

@@ -277,6 +277,15 @@ class PerturbationConfig:
         for name, allowed in (("method", METHODS), ("preset", tuple(PRESETS) + (None,)),
                               ("profile", tuple(PROFILES) + (None,))):
             check_choice(f"perturbation.{name}", getattr(self, name), allowed)
+        if self.preset is not None:  # a field the preset sets, given another value too, would be overridden quietly
+            arm = PRESETS[self.preset]
+            sets = {"method": "adamw" if arm is None else "mgpo", **(arm or {})}
+            for name, value in sets.items():
+                given, default = getattr(self, name), PerturbationConfig.__dataclass_fields__[name].default
+                if given not in (value, default):
+                    raise ValueError(f"perturbation.preset={self.preset!r} sets {name}={value!r}, but "
+                                     f"perturbation.{name}={given!r} is given too, and would be ignored: drop one "
+                                     "(without a preset, method, apn, space and norm are used as given).")
         resolved = self.resolved()
         for config_cls, _ in METHOD_CONFIGS.values():  # every field, whichever method is chosen
             config_cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(config_cls)}).validate(
