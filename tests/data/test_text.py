@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import datasets
 import pandas as pd
@@ -303,6 +304,19 @@ def test_a_missing_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
     assert is_local_name("data/my_reviews")  # beside a data/ folder: a path, missing
     assert is_local_name("path/to/folder")  # two slashes: never a hub id
     assert is_local_name("./x") and is_local_name("x.csv")
+
+
+def test_evaluation_rows_seen_in_training_are_said(tmp_path, cache):
+    path = tmp_path / "dup.csv"
+    rows = [f"review {i},{'pos' if i % 2 else 'neg'}" for i in range(40)]
+    path.write_text("text,label\n" + "\n".join(rows + rows[:10]) + "\n")  # 10 rows twice
+    with pytest.warns(RuntimeWarning, match=r"rows of .* have the same text as a training row"):
+        load_text_data(str(path), cache_dir=cache, val_fraction=0.25, test_fraction=0.25, seed=0)
+    clean = tmp_path / "clean.csv"
+    clean.write_text("text,label\n" + "\n".join(rows) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        load_text_data(str(clean), cache_dir=cache, val_fraction=0.25, test_fraction=0.25, seed=0)
 
 
 def test_unknown_extension(tmp_path, cache):

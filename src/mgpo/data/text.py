@@ -19,6 +19,7 @@ Splits that the source lacks are carved out of ``train`` with a seeded shuffle.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,24 @@ def load_text_data(
             raise DataError(f"split {split!r} of {name!r} is empty; provide rows for it or use a larger dataset")
     if task == "classification":
         _check_classes_left_in_train(splits, label_names, sources, max_train_examples)
+    _warn_seen_in_train(splits, name)
     return TextData(datasets.DatasetDict(splits), task, num_labels, label_names, sources)
+
+
+def _warn_seen_in_train(splits: dict, name: str) -> None:
+    """Evaluation rows whose text (and text pair) also occurs in train are scored on seen examples: said."""
+    def keys(ds):
+        return list(zip(*(ds[c] for c in ("text", "text_pair") if c in ds.column_names)))
+
+    seen = set(keys(splits["train"]))
+    for split in ("validation", "test"):
+        rows = keys(splits[split])
+        twice = sum(key in seen for key in rows)
+        if twice:
+            warnings.warn(f"{twice} of the {len(rows)} {split} rows of {name!r} ({100 * twice / len(rows):.1f}%) "
+                          "have the same text as a training row: the "
+                          f"{split} score is partly on seen examples. Remove the duplicates from the data for a "
+                          "clean score.", RuntimeWarning, stacklevel=3)
 
 
 def _check_classes_left_in_train(splits: dict, label_names: list[str] | None, sources: dict,
