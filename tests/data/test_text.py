@@ -302,7 +302,7 @@ def test_a_missing_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     assert not is_local_name("imdb") and not is_local_name("stanfordnlp/imdb")
     assert is_local_name("data/my_reviews")  # beside a data/ folder: a path, missing
-    assert is_local_name("path/to/folder")  # two slashes: never a hub id
+    assert not is_local_name("nyu-mll/glue/mnli")  # owner/name/config: a hub id
     assert is_local_name("./x") and is_local_name("x.csv")
 
 

@@ -17,15 +17,14 @@ PATH_LIKE_SUFFIXES = set(FILE_BUILDERS) | {".tsv", ".txt", ".gz", ".zip", ".arro
 
 
 def is_local_name(name: str) -> bool:
-    """True when ``name`` is (or looks like) a local file or folder rather than a hub dataset id. A hub id is
-    ``name`` or ``owner/name``: more than one slash, or a first part that is a local folder (``data/x`` beside
-    a ``data/`` folder), makes it a path, so a missing one is refused as a missing path."""
+    """True when ``name`` is (or looks like) a local file or folder rather than a hub dataset id (``name``,
+    ``owner/name``, ``owner/name/config``). A first part that is a local folder (``data/x`` beside a ``data/``
+    folder) makes it a path, so a missing one is refused as a missing path."""
     head, sep, _ = name.partition("/")
     return (
         os.path.exists(os.path.expanduser(name))
         or name.startswith((".", "/", "~"))
         or Path(name).suffix.lower() in PATH_LIKE_SUFFIXES
-        or name.count("/") > 1
         or bool(sep and head and os.path.isdir(head))
     )
 
