@@ -280,7 +280,26 @@ def test_a_training_forward_the_hook_never_saw_is_refused_in_eager_mode_too(how)
     if how == "eval mode":
         model.eval()
         forward_backward(batches(1)[0])
-    else:
-        loss_fn(model.base_model, batches(1)[0]).backward()
+    else:  # the layers called one by one: a path past both the PeftModel's hook and its wrapped model's
+        net, (x, y) = model.get_base_model(), batches(1)[0]
+        torch.nn.functional.cross_entropy(net.head(torch.tanh(net.fc2(torch.tanh(net.fc1(x))))), y).backward()
     with pytest.raises(RuntimeError, match="train mode"):
         opt.step()
+
+
+def test_a_training_forward_through_the_wrapped_model_is_perturbed_like_one_through_the_peft_model():
+    """PEFT's LoraModel (model.base_model) and generate() call the wrapped model directly: its own hook perturbs
+    that forward as the PeftModel's would, so the step's gradient is the same."""
+    grads = []
+    for through in ("peft model", "wrapped model"):
+        model, opt, forward_backward, _ = build("mgpo", None)
+        model.train()
+        forward_backward(batches(1)[0])
+        opt.step()
+        opt.zero_grad()
+        loss_fn(model if through == "peft model" else model.base_model, batches(2)[1]).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        opt.step()
+        assert opt.last_stats["perturbation_norm"] > 0
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -18,13 +18,13 @@ from tests.pipelines.test_train import overrides, sentiment_csv, tiny_model_dir 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_config_maps_onto_the_training_arguments(tmp_path, checkpointing):
     cfg = load_config(None, ["training.mixed_precision=bf16", f"training.gradient_checkpointing={checkpointing}",
-                             "training.optim=adafactor", "perturbation.profile=nlg", "perturbation.rho=0.2"])
+                             "training.optim=adamw_torch_fused", "perturbation.profile=nlg", "perturbation.rho=0.2"])
     with warnings.catch_warnings():
         # transformers' renamed-argument warnings (gradient_checkpointing -> activation_checkpointing): none from us
         warnings.simplefilter("error", FutureWarning)
         args = training_arguments(cfg, tmp_path, has_eval=False)
     assert isinstance(args, PerturbationTrainingArguments)
-    assert args.bf16 and not args.fp16 and args.optim == "adafactor"
+    assert args.bf16 and not args.fp16 and args.optim == "adamw_torch_fused"
     assert args.activation_checkpointing is checkpointing
     assert args.activation_checkpointing_kwargs == ({"use_reentrant": False} if checkpointing else None)
     assert args.perturbation_config() == cfg.perturbation

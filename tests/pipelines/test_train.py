@@ -245,7 +245,9 @@ def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, sen
     cfg = load_config(None, [*args, "training.max_steps=" + str(stopped_at + 4)])
     capsys.readouterr()
     metrics = train(cfg, resume=True)
-    assert f"resuming from checkpoint-{stopped_at}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"resuming from checkpoint-{stopped_at}" in said
+    assert f"--resume with a new length (training.max_steps: 400 -> {stopped_at + 4})" in said
     assert metrics["wall_time_s"] > first_session  # both sessions count
     assert metrics["steps"] == stopped_at + 4
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()

@@ -478,9 +478,15 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
                           "docs/distributed.md).")
     checkpoint = start_checkpoint(out, resume=resume, restart=restart, main=main)
     changes = changed_fields(out / "config.yaml", cfg) if checkpoint and (out / "config.yaml").is_file() else []
-    if changes:
-        raise ConfigError(f"--resume: {out} holds a run with another configuration ({'; '.join(changes)}). "
-                          "Resume it with the configuration it started with, or start over with --restart.")
+    length = [c for c in changes if c.split(":")[0] in ("training.max_steps", "training.epochs")]
+    if len(changes) > len(length):
+        raise ConfigError(f"--resume: {out} holds a run with another configuration "
+                          f"({'; '.join(c for c in changes if c not in length)}). Resume it with the configuration it "
+                          "started with (only its length, training.max_steps or training.epochs, may change), or "
+                          "start over with --restart.")
+    if length and main:  # training longer (or shorter) than planned: said, and recorded in config.yaml below
+        print(f"mgpo: --resume with a new length ({'; '.join(length)}): the learning-rate schedule follows the "
+              "new length from the checkpoint on.", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         (out / "config.yaml").write_text(to_yaml(cfg))
