@@ -319,6 +319,19 @@ def test_evaluation_rows_seen_in_training_are_said(tmp_path, cache):
         load_text_data(str(clean), cache_dir=cache, val_fraction=0.25, test_fraction=0.25, seed=0)
 
 
+def test_sparse_integer_class_labels_are_said(tmp_path, cache):
+    years = tmp_path / "years.csv"
+    years.write_text("text,label\n" + "\n".join(f"film {i},{1990 + 10 * (i % 2)}" for i in range(40)) + "\n")
+    with pytest.warns(RuntimeWarning, match=r"class ids 0..2000, so the model gets 2001 outputs of which 1999"):
+        data = load_text_data(str(years), cache_dir=cache)
+    assert data.num_labels == 2001
+    stars = tmp_path / "stars.csv"  # 1..5: one unused id (0), nothing to say
+    stars.write_text("text,label\n" + "\n".join(f"film {i},{1 + i % 5}" for i in range(40)) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert load_text_data(str(stars), cache_dir=cache).num_labels == 6
+
+
 def test_unknown_extension(tmp_path, cache):
     path = tmp_path / "data.tsv"
     path.write_text("text\tlabel\na\t1\n")

@@ -417,6 +417,13 @@ def _encode_labels(raw: dict, task: str, name: str, label: str = "label") -> tup
     else:
         encoded = {split: _as_class_ids(values, _where(name, split, raw)) for split, values in columns.items()}
         num_labels = max(max(ids) for ids in encoded.values()) + 1
+        present = sorted({i for ids in encoded.values() for i in ids})
+        if num_labels - len(present) > len(present):  # e.g. years: a head of 2,001 outputs for 2 classes
+            warnings.warn(f"{name!r}: the integer labels ({', '.join(map(str, present[:4]))}"
+                          f"{', ...' if len(present) > 4 else ''}) are taken as class ids 0..{num_labels - 1}, so "
+                          f"the model gets {num_labels} outputs of which {num_labels - len(present)} no row has. "
+                          "Give the labels as strings (numbered 0..K-1 in sorted order), renumber them, or use "
+                          "data.task=regression.", RuntimeWarning, stacklevel=3)
     for split, labels in encoded.items():
         bad = [row for row, label in enumerate(labels, start=1) if not 0 <= label < num_labels]
         if task == "classification" and bad:
