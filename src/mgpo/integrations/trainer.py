@@ -60,7 +60,7 @@ from transformers import TrainerCallback
 
 from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups, profile_betas
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
-from mgpo.optim._base import PerturbedOptimizer
+from mgpo.optim._base import NOT_COMPARED, PerturbedOptimizer
 from mgpo.optim.configs import METHODS, PerturbationConfig
 from mgpo.optim.distributed import local_state, sharded_state
 
@@ -275,7 +275,7 @@ class PerturbationTrainerMixin:
                 f"{given} while its saved arguments say {cfg.method!r}. Drop optimizers= / optimizer_cls_and_kwargs "
                 "to let the trainer build the method's optimizer, or pass one of the named method.")
         settings = {} if expected is None else cfg.method_config().kwargs()
-        for key in sorted(set(settings) & set(getattr(opt, "hparams", {})) - {"seed", "diagnostics"}):
+        for key in sorted(set(settings) & set(getattr(opt, "hparams", {})) - NOT_COMPARED):
             if settings[key] != opt.hparams[key]:
                 raise ValueError(
                     f"perturbation_{key}={settings[key]!r} is named (arguments or perturbation=), but the optimizer "

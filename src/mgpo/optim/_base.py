@@ -502,11 +502,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, extra: dict) -> None:
         saved, name = extra.get("hparams"), type(self).__name__
-        ignored = {"seed", "diagnostics"}
         # Saved before the method was recorded: the names of its settings tell (an older version of the same
         # method lacks a few of them, another method has others).
         by = extra.get("method")
-        theirs, ours = set(saved or {}) - ignored, set(self.hparams) - ignored
+        theirs, ours = set(saved or {}) - NOT_COMPARED, set(self.hparams) - NOT_COMPARED
         if by is None and saved is not None and not (theirs <= ours or ours <= theirs):
             by = f"another method (its settings: {', '.join(sorted(saved))})"
         if by is not None and by != name:
@@ -516,8 +515,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 "loading this state.")
         if saved is not None:
             for key in sorted(set(saved) | set(self.hparams)):
-                if key in ignored:  # the noise seed is state: restored, not compared; diagnostics
-                    continue                           # only add statistics (the trajectory is the same)
+                if key in NOT_COMPARED:
+                    continue
                 if saved.get(key) != self.hparams.get(key):
                     raise ValueError(
                         f"{type(self).__name__}.load_state_dict: the state was saved with {key}="
@@ -551,6 +550,11 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, layers={len(self.layers)})"
+
+
+# Settings two optimizers of one run may differ in: the noise seed is state (restored, not compared), and
+# diagnostics only add statistics (the trajectory is the same).
+NOT_COMPARED = frozenset({"seed", "diagnostics"})
 
 
 def _method_hint(class_name: str) -> str:

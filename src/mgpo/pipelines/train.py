@@ -628,16 +628,17 @@ def trained_to_the_end(checkpoint: str | None, total_steps: int) -> bool:
     if checkpoint is None:
         return False
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    early = _saved_early_stopping(state)
-    stopped = early.get("attributes", {}).get("early_stopping_patience_counter", 0) >= \
-        early.get("args", {}).get("early_stopping_patience", math.inf)
-    return state.get("global_step", 0) >= total_steps or stopped
+    counter, patience = _saved_patience(state)
+    return state.get("global_step", 0) >= total_steps or counter >= patience
 
 
-def _saved_early_stopping(state) -> dict:
+def _saved_patience(state) -> tuple[int, float]:
+    """Early stopping's (counter, patience) as a checkpoint's trainer state saved them; (0, inf) without it."""
     saved = (state.get("stateful_callbacks") if isinstance(state, dict) else state.stateful_callbacks) or {}
     early = saved.get("EarlyStoppingCallback")
-    return early if isinstance(early, dict) else {}
+    early = early if isinstance(early, dict) else {}
+    return (early.get("attributes", {}).get("early_stopping_patience_counter", 0),
+            early.get("args", {}).get("early_stopping_patience", math.inf))
 
 
 def evaluate_from(trainer, checkpoint: str) -> None:
@@ -652,7 +653,7 @@ def evaluate_from(trainer, checkpoint: str) -> None:
     trainer.state.is_local_process_zero = trainer.is_local_process_zero()
     trainer.state.is_world_process_zero = trainer.is_world_process_zero()
     handler, args = trainer.callback_handler, trainer.args
-    counter = _saved_early_stopping(trainer.state).get("attributes", {}).get("early_stopping_patience_counter", 0)
+    counter, _ = _saved_patience(trainer.state)
     for cb in handler.callbacks:  # metrics.json's stopped_early reads it
         if isinstance(cb, EarlyStoppingCallback):
             cb.early_stopping_patience_counter = counter
