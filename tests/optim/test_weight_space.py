@@ -425,3 +425,35 @@ def test_diagnostics_are_the_dense_ratios_and_change_nothing():
         assert stats["apn_factor_min"] == pytest.approx(min(k), rel=1e-6)  # last_stats are float32
     got = [p.detach() for p in model.parameters() if p.requires_grad]
     assert all(x.equal(y) for x, y in zip(got, plain[-1]))  # diagnostics only read
+
+
+@pytest.mark.parametrize("space", ["weight", "factors"])
+def test_a_layer_frozen_during_training_is_left_clean(space):
+    """Freezing a LoRA layer mid-training (requires_grad False) stops its updates; its old momentum must not keep
+    moving it by a constant offset in every forward."""
+    model = tiny_llama()
+    opt = mgpo.MGPO(model, lr=1e-2, rho=0.3, space=space)
+    batches = data(3)
+    frozen, other = lora_modules(model)[0], lora_modules(model)[1]
+    for i, (ids,) in enumerate(batches):
+        if i == 2:
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out.detach()))
+             for name, m in (("frozen", frozen), ("other", other))]
+    ids = batches[0][0]
+    model.train()
+    with torch.no_grad():
+        opt.perturb()
+        model(input_ids=ids)
+        perturbed = dict(outputs)
+        with opt.unperturbed():
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(perturbed["frozen"], outputs["frozen"])
+    assert not torch.allclose(perturbed["other"], outputs["other"])

@@ -338,9 +338,12 @@ class MGPO(PerturbedOptimizer):
 
     def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state
-        moments = [owner[p].get(self._moment) if p in owner else None for p in tensors]
+        # A tensor frozen since (requires_grad False) gets no update, so its old momentum is no direction: the layer
+        # is left clean rather than moved by a constant offset every step.
+        moments = [owner[p].get(self._moment) if p in owner and p.requires_grad else None for p in tensors]
         if self.hparams["momentum"] == "optimizer":
-            stateful = next((p for p, m in zip(tensors, moments) if m is None and owner.get(p)), None)
+            stateful = next((p for p, m in zip(tensors, moments) if m is None and p.requires_grad and owner.get(p)),
+                            None)
             if stateful is not None:  # the base optimizer keeps state, but not its momentum under this name
                 raise TypeError(
                     f"momentum='optimizer' reuses the base optimizer's first moment (state entry {self._moment!r}), "
