@@ -457,3 +457,33 @@ def test_a_layer_frozen_during_training_is_left_clean(space):
         h.remove()
     assert torch.equal(perturbed["frozen"], outputs["frozen"])
     assert not torch.allclose(perturbed["other"], outputs["other"])
+
+
+@pytest.mark.parametrize("space", ["weight", "factors"])
+def test_merging_inside_the_window_merges_the_clean_factors(space):
+    """A loop left between forward and step, then merge_and_unload(): in factor space A and B are moved in place at
+    that moment; the merge must still see the clean ones (and a deep copy must merge its own layers)."""
+    model = tiny_llama()
+    opt = mgpo.MGPO(model, lr=1e-2, rho=0.3, space=space)
+    for (ids,) in data(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.train()
+    clean = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    expected = {n: (m.base_layer.weight + m.get_delta_weight("default")).detach().clone()
+                for n, m in model.named_modules() if m in lora_modules(model)}
+    ids = data(1, seed=3)[0][0]
+    model(input_ids=ids, labels=ids).loss.backward()  # the window is open
+    assert opt.is_perturbed
+    moved = any(not torch.equal(p, clean[n]) for n, p in model.named_parameters() if "lora_" in n)
+    assert moved == (space == "factors")
+    twin = copy.deepcopy(model)
+    merged = model.merge_and_unload()
+    weights = {n: m.weight for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, w in expected.items():
+        torch.testing.assert_close(weights[name.replace("base_model.model.", "", 1)], w, rtol=0, atol=1e-12)
+    twin_lora = lora_modules(twin)[0]
+    before = twin_lora.base_layer.weight.detach().clone()
+    twin.merge_adapter()  # the copy's guard is bound to the copy: it merges its own layers, not the original's
+    assert not torch.equal(twin_lora.base_layer.weight, before)

@@ -15,6 +15,7 @@ all see the same perturbation, and evaluation, checkpoints and the end of traini
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -27,6 +28,19 @@ from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers 
 from mgpo.optim.distributed import Exchange, check_placements, is_sharded, local
 from mgpo.optim.layers import discover_layers
 
+
+
+class InstanceOverride:
+    """Handle of an instance-level replacement of a module's method (``forward``, ``merge``); ``remove()`` puts the
+    class's method back, unless something replaced it again since."""
+
+    def __init__(self, module: nn.Module, name: str, fn: Callable):
+        self.module, self.name, self.fn = module, name, fn
+        setattr(module, name, fn)
+
+    def remove(self) -> None:
+        if self.module.__dict__.get(self.name) is self.fn:
+            delattr(self.module, self.name)
 
 
 def run_eagerly(fn: Callable) -> Callable:
@@ -244,6 +258,25 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def _install_method_hooks(self) -> None:
         """A method's own hooks (MGPO's weight-space term, the noise methods' forwards), for ``reopen()``."""
+
+    def _guard_merges(self, moved: set[int]) -> list:
+        """PEFT's ``merge_adapter()`` / ``merge_and_unload()`` read each adapter's factors through its layer's
+        ``merge()``, which no forward or state_dict hook sees: inside the window (a loop left between forward and
+        step) they would merge factors moved in place. Each PEFT layer owning a tensor in ``moved`` (ids) gets a
+        ``merge`` that restores first (a bound method, so a deep copy of the model merges its own layers); returns
+        the handles."""
+        ref = weakref.ref(self)
+
+        def merge(module, *args, **kwargs):
+            opt = ref()
+            if opt is not None:
+                opt.restore()
+            return type(module).merge(module, *args, **kwargs)
+
+        return [InstanceOverride(module, "merge", types.MethodType(merge, module))
+                for module in (self.model.modules() if self.model is not None else ())
+                if callable(getattr(module, "merge", None)) and hasattr(module, "unmerge")
+                and hasattr(module, "get_base_layer") and any(id(p) in moved for p in module.parameters())]
 
     def __del__(self):
         try:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpo.optim._base import PerturbedOptimizer, check_range, run_eagerly
+from mgpo.optim._base import InstanceOverride, PerturbedOptimizer, check_range, run_eagerly
 from mgpo.optim.layers import is_lora_linear, is_plain_lora, is_quantized, lowrank_row_sq_norms, noise_targets
 
 
@@ -43,18 +43,6 @@ class _NoisyLinear(torch.autograd.Function):
         grad_x = grad_out @ noisy_weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b
-
-
-class _ForwardOverride:
-    """Handle of an instance-level ``forward`` replacement; ``remove()`` puts the class's forward back."""
-
-    def __init__(self, module: nn.Module, forward):
-        self.module, self.forward = module, forward
-        module.forward = forward
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.forward:
-            del self.module.forward
 
 
 def merged_weight(module: nn.Module) -> torch.Tensor:
@@ -148,7 +136,7 @@ class RandomPerturbation(PerturbedOptimizer):
         for index, module in enumerate(self.targets.values()):
             linear = module.get_base_layer() if is_lora_linear(module) else module
             owner = module if is_lora_linear(module) else None
-            self._hooks.append(_ForwardOverride(linear, self._make_forward(ref, index, linear, owner)))
+            self._hooks.append(InstanceOverride(linear, "forward", self._make_forward(ref, index, linear, owner)))
 
     @staticmethod
     def _make_forward(ref, index: int, linear: nn.Linear, owner: nn.Module | None):
