@@ -111,9 +111,9 @@ def test_resume_refuses_another_configuration_naming_the_field(finished_run, tin
     moved = out.rename(tmp_path / "moved")
     cfg = load_config(None, run_args(tiny_model_dir, sentiment_csv, moved, "training.progress=true",
                                      "perturbation.diagnostics=true"))
-    assert changed_fields(moved / "config.yaml", cfg) == []
+    assert changed_fields(moved / "config.yaml", cfg) == {}
     (moved / "config.yaml").write_text("model: [\n")
-    assert "does not read as a configuration" in changed_fields(moved / "config.yaml", cfg)[0]
+    assert "does not read as a configuration" in changed_fields(moved / "config.yaml", cfg)[str(moved / "config.yaml")]
 
 
 def tensorboard_points(folder: Path, tag: str) -> list[int]:

@@ -348,19 +348,20 @@ def to_yaml(cfg: TrainConfig) -> str:
 BOOKKEEPING_FIELDS = ("training.output_dir", "training.progress", "perturbation.diagnostics")
 
 
-def changed_fields(saved: str | Path, cfg: TrainConfig) -> list[str]:
-    """``section.field: old -> new`` for each field in which ``cfg`` differs from the run configuration saved in
-    ``saved`` (a run folder's config.yaml), bookkeeping fields aside. A file that no longer reads as a
-    configuration is one difference, so a caller refuses it like any other."""
+def changed_fields(saved: str | Path, cfg: TrainConfig) -> dict[str, str]:
+    """``{"section.field": "old -> new"}`` for each field in which ``cfg`` differs from the run configuration saved
+    in ``saved`` (a run folder's config.yaml), bookkeeping fields aside. A file that no longer reads as a
+    configuration is one difference (keyed by its path), so a caller refuses it like any other."""
     try:
         old = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(saved))
     except (OmegaConfBaseException, yaml.YAMLError, OSError, ValueError) as err:
-        return [f"{saved} does not read as a configuration ({str(err).splitlines()[0]})"]
+        return {str(saved): f"does not read as a configuration ({str(err).splitlines()[0]})"}
     new = OmegaConf.structured(cfg)
-    changes = []
-    for section in new:
-        for key, value in new[section].items():
-            name = f"{section}.{key}"
-            if name not in BOOKKEEPING_FIELDS and old[section][key] != value:
-                changes.append(f"{name}: {old[section][key]!r} -> {value!r}")
-    return changes
+    return {f"{section}.{key}": f"{old[section][key]!r} -> {value!r}"
+            for section in new for key, value in new[section].items()
+            if f"{section}.{key}" not in BOOKKEEPING_FIELDS and old[section][key] != value}
+
+
+def said(changes: dict[str, str]) -> str:
+    """``changed_fields()``' differences as one line: ``name: old -> new; ...``."""
+    return "; ".join(f"{name}: {change}" for name, change in changes.items())

@@ -38,7 +38,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mgpo.pipelines.checkpoints import newest_complete, write_json
-from mgpo.pipelines.config import ConfigError, changed_fields, load_config
+from mgpo.pipelines.config import ConfigError, changed_fields, load_config, said
 
 SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
 SEED_FIELD = "training.seed"
@@ -201,7 +201,8 @@ def plan(sweep: Sweep) -> list:
         if run_state(run.output_dir) != "new" and saved.is_file():
             changes = changed_fields(saved, configs[-1])
             if changes:
-                stale.append(f"{run.name} ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''})")
+                shown = dict(list(changes.items())[:3])
+                stale.append(f"{run.name} ({said(shown)}{'; ...' if len(changes) > 3 else ''})")
     if stale:
         raise ConfigError(f"{len(stale)} run folder(s) under {sweep.output_dir} hold a run with another "
                           f"configuration than the spec gives them: {', '.join(stale[:5])}"

@@ -49,7 +49,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from mgpo.checks import check
 from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, rng_mismatch, set_aside,
                                         write_atomic, write_json)
-from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, to_yaml
+from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, said, to_yaml
 from mgpo.tasks import LABELLED_TEXT_TASKS
 
 def process_rank() -> int:
@@ -477,15 +477,15 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
                           "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
                           "docs/distributed.md).")
     checkpoint = start_checkpoint(out, resume=resume, restart=restart, main=main)
-    changes = changed_fields(out / "config.yaml", cfg) if checkpoint and (out / "config.yaml").is_file() else []
-    length = [c for c in changes if c.split(":")[0] in ("training.max_steps", "training.epochs")]
+    changes = changed_fields(out / "config.yaml", cfg) if checkpoint and (out / "config.yaml").is_file() else {}
+    length = {k: v for k, v in changes.items() if k in ("training.max_steps", "training.epochs")}
     if len(changes) > len(length):
         raise ConfigError(f"--resume: {out} holds a run with another configuration "
-                          f"({'; '.join(c for c in changes if c not in length)}). Resume it with the configuration it "
-                          "started with (only its length, training.max_steps or training.epochs, may change), or "
+                          f"({said({k: v for k, v in changes.items() if k not in length})}). Resume it with the "
+                          "configuration it started with (only its length, training.max_steps or training.epochs, may change), or "
                           "start over with --restart.")
     if length and main:  # training longer (or shorter) than planned: said, and recorded in config.yaml below
-        print(f"mgpo: --resume with a new length ({'; '.join(length)}): the learning-rate schedule follows the "
+        print(f"mgpo: --resume with a new length ({said(length)}): the learning-rate schedule follows the "
               "new length from the checkpoint on.", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if main:
