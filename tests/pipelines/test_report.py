@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mgpo.cli import app
 from mgpo.pipelines.measures import double_descent, instability_count, paired_t
-from mgpo.pipelines.report import make_report, mean_std_cell
+from mgpo.pipelines.report import STALLED_FALL, make_report, mean_std_cell
 
 RANKS = (16, 64)
 SEEDS = (0, 1, 2)
@@ -351,6 +351,33 @@ def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[-3] == mean_std_cell([100 * trained[method, s]["rise_rel"] for s in range(4)], 1)
         assert cells[-2] == f"{sum(not trained[method, s]['recovered'] for s in range(4))}/4"
+
+
+def test_a_lower_double_descent_rise_of_runs_that_never_trained_is_marked_stalled(tmp_path):
+    """A method whose clean loss stays flat has no descent to rise from: its smaller rise is marked, with how many
+    of the pairs stalled (clean loss fell by less than STALLED_FALL of its start), not passed off as smoother."""
+    t = np.arange(1, 61)
+    root, rows = tmp_path / "dd", []
+    for method in ("LoRA", "Trains", "Stalls"):
+        for seed in range(4):
+            if method == "Stalls" and seed < 3:  # flat near chance: falls by 2% of its start
+                clean = 0.69 - 0.014 * (1 - np.exp(-t / 10)) + 0.001 * np.sin(t + seed)
+            else:
+                bump = (0.3 if method == "LoRA" else 0.1) * (seed + 1)
+                clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-((t - 40) / 4) ** 2)
+            out = root / f"{method}-{seed}"
+            out.mkdir(parents=True)
+            log = [{"step": int(s), "loss": float(c), "clean_loss": float(c)} for s, c in zip(t, clean)]
+            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8}))
+            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
+                         "labels": {"method": method, "training.seed": seed}})
+    (root / "index.json").write_text(json.dumps({"title": "dd", "runs": rows}))
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    table = md.split("in the double-descent rise on the clean loss")[1].split("###")[0]
+    assert f"fell by less than {100 * STALLED_FALL:g}% of its start" in table
+    assert _md_row(table, "Stalls − LoRA")[1].strip("*").endswith("‡ 3 stalled")
+    assert "‡" not in _md_row(table, "Trains − LoRA")[1]
 
 
 def test_across_experiments_table_names_where_a_method_is_significantly_worse(tmp_path):

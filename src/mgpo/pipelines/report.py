@@ -50,6 +50,9 @@ METHOD_FIELDS = ("adapter.method", "perturbation.method", "perturbation.preset")
 # Paired differences to the baseline on the clean training loss (lower is better): key -> what it is.
 CLEAN_LOSS_DIFFS = {"final_clean_loss": "final clean training loss (probe)",
                     "clean_dd_rise_rel": "double-descent rise on the clean loss (fraction of its running minimum)"}
+# A run whose clean loss fell by less than this fraction of its start barely trained: its double-descent rise is
+# small because there was no descent to rise from, which a lower rise must not be read as (smoother training).
+STALLED_FALL = 0.10
 # The optimizer's per-step diagnostics (perturbation.diagnostics) the report summarises: key -> column.
 DIAGNOSTICS = {"radius_to_weight_mean": "radius / ‖W‖", "radius_to_update_mean": "radius / last update",
                "apn_factor_mean": "radius factor k", "apn_capped": "layers at the APN cap"}
@@ -325,6 +328,10 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                           for name in (s, ref))
             pairs = sorted(set(mine) & set(base))
             d = measures.paired_t([mine[k] for k in pairs], [base[k] for k in pairs])
+            stalled = 0
+            if key == "clean_dd_rise_rel":  # how many of the paired runs of s barely trained (STALLED_FALL)
+                fell = {(x["panel"], x["seed"]): x.get("dd_fall_rel") for x in per_run if x["series"] == s}
+                stalled = sum(fell.get(k) is not None and fell[k] < STALLED_FALL for k in pairs)
             if ref == baseline and key == "value":
                 diffs[s, c] = d
             if not d["n"]:
@@ -336,6 +343,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             else:
                 text = (f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
                         f"{' *' if d['significant'] else ''}")
+            if stalled:
+                text += f" ‡ {stalled} stalled"
             cells.append((text, d["significant"]))
         return cells
 
@@ -592,8 +601,13 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
         blocks += [("h3", "Each variant with the perturbation minus the same variant without, paired by seed"),
                    ("table", result["own_table"])]
     for what, table in result.get("loss_diff_tables", []):
+        note = "Lower is better. Bold and * : the interval excludes 0."
+        if "double-descent" in what:
+            note += (f" ‡ k stalled: in k of the n pairs the method's clean loss fell by less than "
+                     f"{100 * STALLED_FALL:g}% of its start, so it had no descent to rise from; a lower rise there "
+                     "means it did not train, not that it trained more smoothly.")
         blocks += [("h3", f"Difference to {base} in the {what}, paired by seed: mean [95% t interval]"),
-                   ("p", "Lower is better. Bold and * : the interval excludes 0."), ("table", table)]
+                   ("p", note), ("table", table)]
     blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
                ("p", _loss_note(result)),
                ("table", result["dd_table"]),
