@@ -116,6 +116,25 @@ def test_resume_refuses_another_configuration_naming_the_field(finished_run, tin
     assert "does not read as a configuration" in changed_fields(moved / "config.yaml", cfg)[str(moved / "config.yaml")]
 
 
+def test_a_finished_fsdp_run_is_refused_rather_than_trained_a_step_past_its_end(finished_run, tiny_model_dir,
+                                                                                 sentiment_csv, tmp_path,
+                                                                                 monkeypatch):
+    """Under FSDP the checkpoint cannot be evaluated without training (GPU only, so the two processes and the GPU
+    are stood in for): --resume of a run whose training finished says so instead of training one more step."""
+    import mgpo.pipelines.train as train_module
+    from mgpo.pipelines.config import to_yaml
+
+    out = copy_run(finished_run, tmp_path / "run")
+    (out / "metrics.json").unlink()
+    cfg = load_config(None, run_args(tiny_model_dir, sentiment_csv, out, "distributed.strategy=fsdp"))
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    monkeypatch.setattr(train_module, "world_size", lambda: 2)
+    monkeypatch.setattr(train_module, "_cuda", lambda: True)
+    with pytest.raises(ConfigError, match=r"whole training.*fsdp.*--restart"):
+        train(cfg, resume=True)
+    assert not (out / "metrics.json").exists()
+
+
 def tensorboard_points(folder: Path, tag: str) -> list[int]:
     """The steps of ``tag`` as TensorBoard shows them: the event files in order, a restart's purge applied."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

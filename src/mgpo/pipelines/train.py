@@ -531,6 +531,13 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     total_steps = total_optimizer_steps(cfg, len(splits["train"]))
     probe = clean_loss_probe(cfg, splits["train"])
     _check_evaluations(cfg, total_steps)
+    if fsdp_arguments(cfg) and trained_to_the_end(checkpoint, total_steps):
+        # evaluate_from() loads the checkpoint into a model the Trainer has not sharded yet; train() would run one
+        # step past the end (its loop checks the limit after a step) and log, save and count it
+        raise ConfigError(f"--resume: {checkpoint} holds the whole training of this run (the session that wrote it "
+                          "stopped in the evaluation after it). Evaluating a finished run from its checkpoint is not "
+                          "supported under distributed.strategy=fsdp: resuming would train a step past the end. Start "
+                          "over with --restart.")
     grad_batches = _grad_batches(splits["train"], collator, cfg.training.batch_size)
     model = apply_adapter(model, cfg.adapter, task=task, total_steps=total_steps, grad_batches=grad_batches)
     eval_split = splits.get("validation")
@@ -564,7 +571,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     train_started = time.time()
     started.append(True)
     try:
-        if trained_to_the_end(checkpoint, total_steps) and not fsdp_arguments(cfg):
+        if trained_to_the_end(checkpoint, total_steps):  # (refused above under FSDP)
             evaluate_from(trainer, checkpoint)
         else:
             trainer.train(resume_from_checkpoint=checkpoint)
