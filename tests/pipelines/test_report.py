@@ -37,6 +37,32 @@ def curve(method: str, rank: int, seed: int) -> list[float]:
     return [round(float(x), 6) for x in loss]
 
 
+def add_run(root: Path, rows: list, name: str, labels: dict, log: list[dict], metrics: dict,
+            config: str | None = None) -> Path:
+    """A finished run folder ``root/name`` (log.jsonl, metrics.json, config.yaml if given), appended to ``rows``
+    as the sweep's index.json lists it."""
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (out / "config.yaml").write_text(config)
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    rows.append({"index": len(rows), "name": name, "status": "done", "output_dir": str(out), "labels": labels})
+    return out
+
+
+def write_index(root: Path, title: str, rows: list) -> None:
+    (root / "index.json").write_text(json.dumps({"title": title, "runs": rows}))
+
+
+def seeded(method: str, seed: int) -> dict:
+    return {"method": method, "training.seed": seed}
+
+
+def falling(steps: int = 20) -> list[dict]:
+    return [{"step": i + 1, "loss": 1 / (i + 1)} for i in range(steps)]
+
+
 @pytest.fixture
 def sweep_dir(tmp_path) -> Path:
     root = tmp_path / "rank-sweep"
@@ -44,26 +70,20 @@ def sweep_dir(tmp_path) -> Path:
     for rank in RANKS:
         for method in ("LoRA", "LoRA-MGPO"):
             for seed in SEEDS:
-                name = f"r{rank}-{method}-s{seed}"
-                out = root / name
-                out.mkdir(parents=True)
                 p_method = "mgpo" if method == "LoRA-MGPO" else "adamw"
-                (out / "config.yaml").write_text(f"adapter: {{method: lora, rank: {rank}}}\n"
-                                                 f"perturbation: {{method: {p_method}}}\ntraining: {{seed: {seed}}}\n")
-                (out / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                                                       for i, v in enumerate(curve(method, rank, seed))))
                 params, mem, tps = COST[method]
-                (out / "metrics.json").write_text(json.dumps({
-                    "test_accuracy": ACCURACY[method, rank][seed], "trainable_params": params,
-                    "peak_memory_mb": mem, "time_per_step_s": tps}))
-                rows.append({"index": len(rows), "name": name, "status": "done", "output_dir": str(out),
-                             "labels": {"rank": str(rank), "method": method, "training.seed": seed}})
+                add_run(root, rows, f"r{rank}-{method}-s{seed}", {"rank": str(rank), **seeded(method, seed)},
+                        [{"step": i + 1, "loss": v} for i, v in enumerate(curve(method, rank, seed))],
+                        {"test_accuracy": ACCURACY[method, rank][seed], "trainable_params": params,
+                         "peak_memory_mb": mem, "time_per_step_s": tps},
+                        config=f"adapter: {{method: lora, rank: {rank}}}\nperturbation: {{method: {p_method}}}\n"
+                               f"training: {{seed: {seed}}}\n")
     failed = root / "r64-LoRA-s3"
     failed.mkdir()
     rows.append({"index": len(rows), "name": failed.name, "status": "failed", "output_dir": str(failed),
                  "labels": {"rank": "64", "method": "LoRA", "training.seed": 3},
                  "error": "exit code 2\nerror: out of memory"})
-    (root / "index.json").write_text(json.dumps({"title": "rank sweep", "runs": rows}))
+    write_index(root, "rank sweep", rows)
     (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
     return root
 
@@ -188,14 +208,8 @@ def test_each_variant_is_also_compared_with_itself_without_the_perturbation(tmp_
     root, rows = tmp_path / "methods", []
     for method, values in accuracy.items():
         for seed, value in enumerate(values):
-            out = root / f"{method}-s{seed}"
-            out.mkdir(parents=True)
-            (out / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 1 / (i + 1)}) + "\n"
-                                                   for i in range(20)))
-            (out / "metrics.json").write_text(json.dumps({"test_accuracy": value}))
-            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                         "labels": {"method": method, "training.seed": seed}})
-    (root / "index.json").write_text(json.dumps({"title": "methods", "runs": rows}))
+            add_run(root, rows, f"{method}-s{seed}", seeded(method, seed), falling(), {"test_accuracy": value})
+    write_index(root, "methods", rows)
     (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     own = md.split("same variant without")[1].split("###")[0]
@@ -204,13 +218,8 @@ def test_each_variant_is_also_compared_with_itself_without_the_perturbation(tmp_
     assert "DoRA − LoRA" not in own  # only a variant against itself, the baseline comparison is the table above
     # LoRA-GA is another adapter, not LoRA with a perturbation: never paired with LoRA as "with vs without"
     for seed, value in enumerate((0.70, 0.71, 0.72)):
-        out = root / f"LoRA-GA-s{seed}"
-        out.mkdir()
-        (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-        (out / "metrics.json").write_text(json.dumps({"test_accuracy": value}))
-        rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                     "labels": {"method": "LoRA-GA", "training.seed": seed}})
-    (root / "index.json").write_text(json.dumps({"title": "methods", "runs": rows}))
+        add_run(root, rows, f"LoRA-GA-s{seed}", seeded("LoRA-GA", seed), falling(1), {"test_accuracy": value})
+    write_index(root, "methods", rows)
     md = make_report([root], tmp_path / "report2", baseline="DoRA")["markdown"].read_text()
     assert "LoRA-GA − LoRA" not in md and "LoRA-GA − DoRA" in md
 
@@ -224,16 +233,11 @@ def test_curves_and_double_descent_use_the_clean_loss_where_a_run_logged_it(tmp_
     root, rows = tmp_path / "probe", []
     for method, preset, with_probe in (("LoRA", "lora", True), ("LoRA-MGPO", "lora-mgpo", True),
                                        ("LoRA-MGPO old", "lora-mgpo", False)):
-        out = root / method.replace(" ", "-")
-        out.mkdir(parents=True)
-        (out / "config.yaml").write_text(f"perturbation: {{preset: {preset}}}\n")
         log = [{"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if with_probe and s % 2 == 0 else {})}
                for s, a, c in zip(t, as_trained, clean)]
-        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8}))
-        rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                     "labels": {"method": method, "training.seed": 0}})
-    (root / "index.json").write_text(json.dumps({"title": "probe", "runs": rows}))
+        add_run(root, rows, method.replace(" ", "-"), seeded(method, 0), log, {"test_accuracy": 0.8},
+                config=f"perturbation: {{preset: {preset}}}\n")
+    write_index(root, "probe", rows)
     paths = make_report([root], tmp_path / "report")
     runs = {r["series"]: r for r in csv.DictReader(paths["csv"].open())}
     expected = double_descent(t[1::2], clean[1::2])
@@ -259,14 +263,8 @@ def test_a_single_method_report_has_no_empty_difference_table_and_its_bars_start
 
     root, rows = tmp_path / "single", []
     for seed in range(3):
-        out = root / f"LoRA-s{seed}"
-        out.mkdir(parents=True)
-        (out / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 1 / (i + 1)}) + "\n"
-                                               for i in range(20)))
-        (out / "metrics.json").write_text(json.dumps({"test_accuracy": 1.0}))
-        rows.append({"index": seed, "name": out.name, "status": "done", "output_dir": str(out),
-                     "labels": {"method": "LoRA", "training.seed": seed}})
-    (root / "index.json").write_text(json.dumps({"title": "single", "runs": rows}))
+        add_run(root, rows, f"LoRA-s{seed}", seeded("LoRA", seed), falling(), {"test_accuracy": 1.0})
+    write_index(root, "single", rows)
     limits, save = {}, report._save
 
     def keep_limits(fig, out_png):
@@ -289,9 +287,6 @@ def test_the_perturbation_size_table_holds_medians_over_steps_averaged_over_seed
     root, rows, expected = tmp_path / "diag", [], {}
     for method, preset in (("LoRA", "lora"), ("LoRA-MGPO", "lora-mgpo")):
         for seed in (0, 1):
-            out = root / f"{method}-{seed}"
-            out.mkdir(parents=True)
-            (out / "config.yaml").write_text(f"perturbation: {{preset: {preset}}}\n")
             log = []
             for step in range(1, 8):
                 row = {"step": step, "loss": 1.0 / step}
@@ -300,11 +295,9 @@ def test_the_perturbation_size_table_holds_medians_over_steps_averaged_over_seed
                                 "radius_to_update_mean": float("nan") if step == 1 else 3.0 + step,
                                 "apn_factor_mean": 10.0})
                 log.append(row)
-            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8}))
-            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                         "labels": {"method": method, "training.seed": seed}})
-    (root / "index.json").write_text(json.dumps({"title": "diag", "runs": rows}))
+            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log, {"test_accuracy": 0.8},
+                    config=f"perturbation: {{preset: {preset}}}\n")
+    write_index(root, "diag", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     table = md.split("### Perturbation size")[1].split("###")[0]
     assert _md_row(table, "-")[1:] == ["LoRA-MGPO", f"{(0.04 + 0.08) / 2:.4f}", f"{np.median(range(5, 11)):.4f}",
@@ -323,20 +316,15 @@ def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_
             bump = 0.3 * (seed + 1) if method == "LoRA" else 0.05 * seed
             clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-((t - 40) / 4) ** 2) + 0.01 * seed
             as_trained = 1.5 * np.exp(-t / 10) + 0.1 + (0.6 * np.exp(-((t - 20) / 3) ** 2) if seed % 2 else 0)
-            out = root / f"{method}-{seed}"
-            out.mkdir(parents=True)
-            (out / "config.yaml").write_text(f"perturbation: {{preset: {preset}}}\n")
             log = [{"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if s % 2 == 0 else {})}
                    for s, a, c in zip(t, as_trained, clean)]
-            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
             final[method, seed] = float(clean[-1]) + (0.05 + 0.01 * seed if method == "LoRA" else 0.0)
-            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8, "final_clean_loss":
-                                                          final[method, seed]}))
+            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log,
+                    {"test_accuracy": 0.8, "final_clean_loss": final[method, seed]},
+                    config=f"perturbation: {{preset: {preset}}}\n")
             rises[method, seed] = double_descent(t[1::2], clean[1::2])["rise_rel"]
             trained[method, seed] = double_descent(t, as_trained)
-            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                         "labels": {"method": method, "training.seed": seed}})
-    (root / "index.json").write_text(json.dumps({"title": "dd", "runs": rows}))
+    write_index(root, "dd", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     for what, values in (("final clean training loss", final), ("double-descent rise on the clean loss", rises)):
         table = md.split(f"in the {what}")[1].split("###")[0]
@@ -365,14 +353,9 @@ def test_a_lower_double_descent_rise_of_runs_that_never_trained_is_marked_stalle
             else:
                 bump = (0.3 if method == "LoRA" else 0.1) * (seed + 1)
                 clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-((t - 40) / 4) ** 2)
-            out = root / f"{method}-{seed}"
-            out.mkdir(parents=True)
             log = [{"step": int(s), "loss": float(c), "clean_loss": float(c)} for s, c in zip(t, clean)]
-            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8}))
-            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                         "labels": {"method": method, "training.seed": seed}})
-    (root / "index.json").write_text(json.dumps({"title": "dd", "runs": rows}))
+            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log, {"test_accuracy": 0.8})
+    write_index(root, "dd", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     table = md.split("in the double-descent rise on the clean loss")[1].split("###")[0]
     assert f"fell by less than {100 * STALLED_FALL:g}% of its start" in table
@@ -396,13 +379,8 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
         metric = "test_accuracy" if sweep == "acc" else "test_loss"
         for method, per_seed in methods.items():
             for seed, v in enumerate(per_seed):
-                out = root / f"{method}-s{seed}"
-                out.mkdir(parents=True)
-                (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-                (out / "metrics.json").write_text(json.dumps({metric: v}))
-                rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                             "labels": {"method": method, "training.seed": seed}})
-        (root / "index.json").write_text(json.dumps({"title": sweep, "runs": rows}))
+                add_run(root, rows, f"{method}-s{seed}", seeded(method, seed), falling(1), {metric: v})
+        write_index(root, sweep, rows)
         (root / "sweep.yaml").write_text(f"report: {{baseline: LoRA, metric: {metric}}}\n")
         dirs.append(root)
     md = make_report(dirs, tmp_path / "report")["markdown"].read_text()
@@ -425,14 +403,9 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     root, rows = tmp_path / "load", []
     for method, loads in (("LoRA", [(1.0, 1.2, 1.5), (1.1, 1.4, 1.5)]), ("LoRA-MGPO", [(3.9, 4.1, 3.0), None])):
         for seed, load in enumerate(loads):
-            out = root / f"{method}-{seed}"
-            out.mkdir(parents=True)
-            (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8, "time_per_step_s": 0.5,
-                                                          **({"load_average": load, "cpus": 2} if load else {})}))
-            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                         "labels": {"method": method, "training.seed": seed}})
-    (root / "index.json").write_text(json.dumps({"title": "load", "runs": rows}))
+            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), falling(1),
+                    {"test_accuracy": 0.8, "time_per_step_s": 0.5, **({"load_average": load, "cpus": 2} if load else {})})
+    write_index(root, "load", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     cost = md.split("### Cost")[1].split("###")[0]
     assert "load (5-min avg at end) / CPUs" in cost and "not a measure of cost" in cost
@@ -446,14 +419,10 @@ def test_cost_is_compared_within_each_panel_whatever_runs_have_finished(tmp_path
     root, rows = tmp_path / "panels", []
     for rank, methods in ((8, ("LoRA", "LoRA-MGPO")), (128, ("LoRA",))):
         for method in methods:
-            out = root / f"r{rank}-{method}"
-            out.mkdir(parents=True)
-            (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-            (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8, "trainable_params": 1000 * rank,
-                                                          "time_per_step_s": rank / 100, "wall_time_s": 600.0 * rank}))
-            rows.append({"index": len(rows), "name": out.name, "status": "done", "output_dir": str(out),
-                         "labels": {"rank": str(rank), "method": method, "training.seed": 0}})
-    (root / "index.json").write_text(json.dumps({"title": "panels", "runs": rows}))
+            add_run(root, rows, f"r{rank}-{method}", {"rank": str(rank), **seeded(method, 0)}, falling(1),
+                    {"test_accuracy": 0.8, "trainable_params": 1000 * rank, "time_per_step_s": rank / 100,
+                     "wall_time_s": 600.0 * rank})
+    write_index(root, "panels", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     assert f"Wall time of the finished runs: {600 * (8 + 8 + 128) / 3600:.2f} h in all (3 runs;" in md
     cost = md.split("### Cost")[1].split("###")[0]
