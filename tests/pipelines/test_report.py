@@ -404,7 +404,8 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     for method, loads in (("LoRA", [(1.0, 1.2, 1.5), (1.1, 1.4, 1.5)]), ("LoRA-MGPO", [(3.9, 4.1, 3.0), None])):
         for seed, load in enumerate(loads):
             add_run(root, rows, f"{method}-{seed}", seeded(method, seed), falling(1),
-                    {"test_accuracy": 0.8, "time_per_step_s": 0.5, **({"load_average": load, "cpus": 2} if load else {})})
+                    {"test_accuracy": 0.8, "time_per_step_s": 0.5,
+                     **({"load_average": load, "cpus": 2} if load else {})})
     write_index(root, "load", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     cost = md.split("### Cost")[1].split("###")[0]

@@ -329,7 +329,8 @@ class MGPO(PerturbedOptimizer):
                 self._hooks.remove(handle)
         self._term_hooks = []
         for module in {id(m): m for _, m, *_ in self._pairs}.values():
-            self._term_hooks.append(module.register_forward_hook(_term_hook(self._shared, id(module)), with_kwargs=True))
+            hook = _term_hook(self._shared, id(module))
+            self._term_hooks.append(module.register_forward_hook(hook, with_kwargs=True))
         self._term_hooks += self._guard_merges({id(p) for _, p in self._inplace})
         self._hooks += self._term_hooks
 

@@ -482,8 +482,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     if len(changes) > len(length):
         raise ConfigError(f"--resume: {out} holds a run with another configuration "
                           f"({said({k: v for k, v in changes.items() if k not in length})}). Resume it with the "
-                          "configuration it started with (only its length, training.max_steps or training.epochs, may change), or "
-                          "start over with --restart.")
+                          "configuration it started with (only its length, training.max_steps or training.epochs, "
+                          "may change), or start over with --restart.")
     if length and main:  # training longer (or shorter) than planned: said, and recorded in config.yaml below
         print(f"mgpo: --resume with a new length ({said(length)}): the learning-rate schedule follows the "
               "new length from the checkpoint on.", flush=True)
