@@ -309,7 +309,7 @@ class MGPO(PerturbedOptimizer):
                           f"{quantized[0]}); their radius relative to the weight norm is left out of "
                           "radius_to_weight_*.", RuntimeWarning, stacklevel=3)
         self._device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        self._install_layer_hooks()
+        self._install_method_hooks()
 
     @property
     def _terms(self) -> dict[int, list] | None:
@@ -320,7 +320,7 @@ class MGPO(PerturbedOptimizer):
     def _terms(self, value: dict[int, list] | None) -> None:
         self._shared.terms = value
 
-    def _install_layer_hooks(self) -> None:
+    def _install_method_hooks(self) -> None:
         """The weight-space term's forward hooks, and merge guards on layers whose factors are moved in place
         (factor space, the DoRA/AdaLoRA fallback); those of a previous set-up are removed first."""
         for handle in getattr(self, "_term_hooks", []):
@@ -333,9 +333,6 @@ class MGPO(PerturbedOptimizer):
             self._term_hooks.append(module.register_forward_hook(hook, with_kwargs=True))
         self._term_hooks += self._guard_merges({id(p) for _, p in self._inplace})
         self._hooks += self._term_hooks
-
-    def _install_method_hooks(self) -> None:
-        self._install_layer_hooks()
 
     def _moments(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         owner = self.base_optimizer.state if self.hparams["momentum"] == "optimizer" else self.state

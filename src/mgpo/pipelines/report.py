@@ -602,7 +602,7 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                    ("table", result["own_table"])]
     for what, table in result.get("loss_diff_tables", []):
         note = "Lower is better. Bold and * : the interval excludes 0."
-        if "double-descent" in what:
+        if what == CLEAN_LOSS_DIFFS["clean_dd_rise_rel"]:
             note += (f" ‡ k stalled: in k of the n pairs the method's clean loss fell by less than "
                      f"{100 * STALLED_FALL:g}% of its start, so it had no descent to rise from; a lower rise there "
                      "means it did not train, not that it trained more smoothly.")
