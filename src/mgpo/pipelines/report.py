@@ -179,7 +179,9 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
             spec = OmegaConf.to_container(OmegaConf.load(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
             varying = {a for a in index["runs"][0]["labels"]
                        if len({json.dumps(r["labels"][a]) for r in index["runs"]}) > 1} if index["runs"] else set()
-            runs = [_load_run(Path(r["output_dir"]) if Path(r["output_dir"]).is_dir() else d / r["name"],
+            # the run folder inside this sweep folder (it may be a copy, e.g. the records kept under docs/), else
+            # where the sweep wrote it
+            runs = [_load_run(d / r["name"] if (d / r["name"]).is_dir() else Path(r["output_dir"]),
                               {a: v for a, v in r["labels"].items() if a in varying or a in ("method", SEED_FIELD)},
                               r["status"], r.get("error")) for r in index["runs"]]
             experiments.append(Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {}))
@@ -328,10 +330,11 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                           for name in (s, ref))
             pairs = sorted(set(mine) & set(base))
             d = measures.paired_t([mine[k] for k in pairs], [base[k] for k in pairs])
-            stalled = 0
-            if key == "clean_dd_rise_rel":  # how many of the paired runs of s barely trained (STALLED_FALL)
-                fell = {(x["panel"], x["seed"]): x.get("dd_fall_rel") for x in per_run if x["series"] == s}
-                stalled = sum(fell.get(k) is not None and fell[k] < STALLED_FALL for k in pairs)
+            stalled = {}
+            if key == "clean_dd_rise_rel":  # how many of the paired runs barely trained (STALLED_FALL), per side
+                for side in (s, ref):
+                    fell = {(x["panel"], x["seed"]): x.get("dd_fall_rel") for x in per_run if x["series"] == side}
+                    stalled[side] = sum(fell.get(k) is not None and fell[k] < STALLED_FALL for k in pairs)
             if ref == baseline and key == "value":
                 diffs[s, c] = d
             if not d["n"]:
@@ -343,8 +346,10 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             else:
                 text = (f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
                         f"{' *' if d['significant'] else ''}")
-            if stalled:
-                text += f" ‡ {stalled} stalled"
+            if stalled.get(s):
+                text += f" ‡ {stalled[s]} stalled"
+            if stalled.get(ref):
+                text += f" ‡ {ref}: {stalled[ref]} stalled"
             cells.append((text, d["significant"]))
         return cells
 
@@ -605,7 +610,8 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
         if what == CLEAN_LOSS_DIFFS["clean_dd_rise_rel"]:
             note += (f" ‡ k stalled: in k of the n pairs the method's clean loss fell by less than "
                      f"{100 * STALLED_FALL:g}% of its start, so it had no descent to rise from; a lower rise there "
-                     "means it did not train, not that it trained more smoothly.")
+                     f"means it did not train, not that it trained more smoothly. ‡ {base}: k stalled: the same "
+                     f"for {base}'s runs, whose missing rise makes the method's look larger.")
         blocks += [("h3", f"Difference to {base} in the {what}, paired by seed: mean [95% t interval]"),
                    ("p", note), ("table", table)]
     blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
