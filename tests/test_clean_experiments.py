@@ -63,6 +63,7 @@ def test_a_stopped_sweep_stops_the_queue_with_its_exit_code(tmp_path):
 def test_commit_takes_the_kept_records_only(tmp_path):
     git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True, text=True)
     git("init", "-q")
+    shutil.copy(ROOT / ".gitignore", tmp_path)  # the project's own: it must not ignore the kept records
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
     (tmp_path / "work.py").write_text("x = 1\n")
     git("add", "work.py")  # someone's staged work in the same checkout
@@ -71,5 +72,6 @@ def test_commit_takes_the_kept_records_only(tmp_path):
     assert result.returncode == 0, result.stderr
     log = git("log", "--format=%s", "--name-only").stdout
     assert log.count("runs kept") == len(SWEEPS) and "work.py" not in log
+    assert "docs/experiments-clean/runs/cpu-dd-clean/run-a/metrics.json" in log
     assert "experiments: cpu-dd-clean, 1 runs kept" in log
     assert git("status", "--porcelain").stdout.splitlines()[0] == "A  work.py"
