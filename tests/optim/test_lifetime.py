@@ -100,6 +100,48 @@ def test_two_optimizers_on_two_models_do_not_interact():
             assert torch.equal(p, q), n
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("name", SINGLE_PASS)
+def test_a_copy_of_the_model_is_clean_and_detached_from_the_optimizer(name, how, tmp_path):
+    """A copy made inside the window (an EMA or reference model, a snapshot) holds the clean weights, is not
+    perturbed by the original's optimizer in its own training forwards, and leaves that optimizer alone; the
+    original trains on exactly as without the copy. torch.save(model) works (the hooks were closures)."""
+    import copy
+
+    data = batches(5)
+    solo = make_model()
+    solo_opt = build(name, solo)
+    for batch in data[:4]:
+        train_step(solo, solo_opt, [batch])
+    model = make_model()
+    opt = build(name, model)
+    for batch in data[:2]:
+        train_step(model, opt, [batch])
+    clean = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    loss_fn(model, data[2]).backward()  # window open: the perturbation is applied
+    assert opt.is_perturbed
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        twin = torch.load(tmp_path / "model.pt", weights_only=False)
+    reference = make_model()
+    reference.load_state_dict(clean)
+    x = data[4][0]
+    for mode in ("train", "eval"):
+        getattr(twin, mode)(), getattr(reference, mode)()
+        assert torch.equal(twin(x), reference(x)), mode  # train mode with gradients: no perturbation
+    assert all(torch.equal(v, clean[k]) for k, v in raw_params(twin).items() if k in clean)
+    opt.step()
+    opt.zero_grad()
+    twin.train()
+    loss_fn(twin, data[4]).backward()  # the copy's training forward: nothing reaches the original's optimizer
+    train_step(model, opt, [data[3]])
+    for (n, p), q in zip(snapshot(model).items(), snapshot(solo).values()):
+        assert torch.equal(p, q), n
+
+
 def test_two_optimizers_on_one_model_with_disjoint_tensors():
     model = make_model()
     head = [p for n, p in model.named_parameters() if p.requires_grad and "head" in n]

@@ -15,6 +15,7 @@ all see the same perturbation, and evaluation, checkpoints and the end of traini
 from __future__ import annotations
 
 import contextlib
+import copy
 import types
 import warnings
 import weakref
@@ -30,13 +31,56 @@ from mgpo.optim.layers import discover_layers
 
 
 
+def _no_hook(*_args, **_kwargs) -> None:
+    """What an optimizer's hook becomes in a copy of the model: nothing."""
+    return None
+
+
+def _inert() -> Callable:
+    return _no_hook
+
+
+def _own_method(module: nn.Module, name: str) -> Callable:
+    """What an optimizer's override of ``module.name`` becomes in a copy of the model: the class's own method."""
+    return types.MethodType(getattr(type(module), name), module)
+
+
+class Installed:
+    """A function an optimizer installs in a model: a hook, or (with ``module`` and ``name``) an override of
+    ``module.name``. A copy of the model (``copy.deepcopy``, pickle, ``torch.save(model)``) gets an inert hook, or
+    the class's own method, in its place: the copy is neither perturbed by this optimizer nor acts on it (a closure
+    would be shared by both models, and cannot be pickled). ``before_copy`` runs first: the model's own hooks
+    restore the clean weights there, as its ``state_dict()`` does, before the copy reaches its layers (a module's
+    hooks are copied before its submodules)."""
+
+    def __init__(self, fn: Callable, module: nn.Module | None = None, name: str | None = None,
+                 before_copy: Callable[[], None] | None = None):
+        self.fn, self.module, self.name, self.before_copy = fn, module, name, before_copy
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Callable:
+        if self.before_copy is not None:
+            self.before_copy()
+        if self.module is None:
+            return _no_hook
+        twin = memo.get(id(self.module))
+        return _own_method(twin if twin is not None else copy.deepcopy(self.module, memo), self.name)
+
+    def __reduce__(self):
+        if self.before_copy is not None:
+            self.before_copy()
+        return (_inert, ()) if self.module is None else (_own_method, (self.module, self.name))
+
+
 class InstanceOverride:
     """Handle of an instance-level replacement of a module's method (``forward``, ``merge``); ``remove()`` puts the
     class's method back, unless something replaced it again since."""
 
     def __init__(self, module: nn.Module, name: str, fn: Callable):
-        self.module, self.name, self.fn = module, name, fn
-        setattr(module, name, fn)
+        self.module, self.name, self.fn = module, name, Installed(fn, module, name)
+        setattr(module, name, self.fn)
 
     def remove(self) -> None:
         if self.module.__dict__.get(self.name) is self.fn:
@@ -214,10 +258,14 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             if opt is not None:
                 opt.restore()
 
+        def before_copy():
+            restore_hook()
+
         # prepend: before FSDP2's own pre-forward hook, so a perturbation moved in place into a sharded tensor is
         # what FSDP gathers for the forward (docs/distributed.md)
-        self._hooks.append(model.register_forward_pre_hook(forward_hook, prepend=True))
-        self._hooks.append(model.register_state_dict_pre_hook(restore_hook))
+        self._hooks.append(model.register_forward_pre_hook(Installed(forward_hook, before_copy=before_copy),
+                                                           prepend=True))
+        self._hooks.append(model.register_state_dict_pre_hook(Installed(restore_hook, before_copy=before_copy)))
         inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
         if isinstance(inner, nn.Module) and inner is not model:
             # PEFT's generate() and get_base_model() reach the wrapped model without the PeftModel's forward or
@@ -227,8 +275,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 if not torch.compiler.is_compiling():
                     forward_hook(module, args)
 
-            self._hooks.append(inner.register_forward_pre_hook(inner_hook, prepend=True))
-            self._hooks.append(inner.register_state_dict_pre_hook(restore_hook))
+            self._hooks.append(inner.register_forward_pre_hook(Installed(inner_hook, before_copy=before_copy),
+                                                               prepend=True))
+            self._hooks.append(inner.register_state_dict_pre_hook(Installed(restore_hook, before_copy=before_copy)))
 
     def close(self) -> None:
         """Take the perturbation off and remove every hook this optimizer installed. Idempotent; garbage
@@ -263,8 +312,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         """PEFT's ``merge_adapter()`` / ``merge_and_unload()`` read each adapter's factors through its layer's
         ``merge()``, which no forward or state_dict hook sees: inside the window (a loop left between forward and
         step) they would merge factors moved in place. Each PEFT layer owning a tensor in ``moved`` (ids) gets a
-        ``merge`` that restores first (a bound method, so a deep copy of the model merges its own layers); returns
-        the handles."""
+        ``merge`` that restores first (a copy of the model gets the class's own); returns the handles."""
         ref = weakref.ref(self)
 
         def merge(module, *args, **kwargs):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpo.optim._base import HookState, PerturbedOptimizer, check_range, moment_key
+from mgpo.optim._base import HookState, Installed, PerturbedOptimizer, check_range, moment_key
 from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (with the configs)
                                 SPACES)
 from mgpo.optim.distributed import local
@@ -330,7 +330,7 @@ class MGPO(PerturbedOptimizer):
         self._term_hooks = []
         for module in {id(m): m for _, m, *_ in self._pairs}.values():
             hook = _term_hook(self._shared, id(module))
-            self._term_hooks.append(module.register_forward_hook(hook, with_kwargs=True))
+            self._term_hooks.append(module.register_forward_hook(Installed(hook), with_kwargs=True))
         self._term_hooks += self._guard_merges({id(p) for _, p in self._inplace})
         self._hooks += self._term_hooks
 
