@@ -258,14 +258,11 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             if opt is not None:
                 opt.restore()
 
-        def before_copy():
-            restore_hook()
-
         # prepend: before FSDP2's own pre-forward hook, so a perturbation moved in place into a sharded tensor is
         # what FSDP gathers for the forward (docs/distributed.md)
-        self._hooks.append(model.register_forward_pre_hook(Installed(forward_hook, before_copy=before_copy),
+        self._hooks.append(model.register_forward_pre_hook(Installed(forward_hook, before_copy=restore_hook),
                                                            prepend=True))
-        self._hooks.append(model.register_state_dict_pre_hook(Installed(restore_hook, before_copy=before_copy)))
+        self._hooks.append(model.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
         inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
         if isinstance(inner, nn.Module) and inner is not model:
             # PEFT's generate() and get_base_model() reach the wrapped model without the PeftModel's forward or
@@ -275,9 +272,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 if not torch.compiler.is_compiling():
                     forward_hook(module, args)
 
-            self._hooks.append(inner.register_forward_pre_hook(Installed(inner_hook, before_copy=before_copy),
+            self._hooks.append(inner.register_forward_pre_hook(Installed(inner_hook, before_copy=restore_hook),
                                                                prepend=True))
-            self._hooks.append(inner.register_state_dict_pre_hook(Installed(restore_hook, before_copy=before_copy)))
+            self._hooks.append(inner.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
 
     def close(self) -> None:
         """Take the perturbation off and remove every hook this optimizer installed. Idempotent; garbage
