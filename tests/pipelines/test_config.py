@@ -55,6 +55,20 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_file_or_override_that_is_not_yaml_is_a_config_error_saying_where(tmp_path):
+    from mgpo.pipelines.sweep import load_sweep
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: {lr: [1e-3}\n")
+    for load in (load_config, load_sweep):  # a training config and a sweep spec
+        with pytest.raises(ConfigError, match=r"'.*bad\.yaml' is not valid YAML: .*line 1, column 21"):
+            load(bad)
+    with pytest.raises(ConfigError, match=r"override 'training\.lr=\[1': its value is not valid YAML"):
+        load_config(None, ["training.seed=3", "training.lr=[1"])
+    result = CliRunner().invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "not valid YAML" in result.output
+
+
 def test_cli_reports_config_errors_without_a_traceback():
     result = CliRunner().invoke(app, ["config", "training.batch_size=0"])
     assert result.exit_code == 2

@@ -164,6 +164,39 @@ class TrainConfig:
                                            factory=DistributedConfig)
 
 
+def _yaml_problem(err: Exception) -> str:
+    """PyYAML's message on one line, without its "in <unicode string>" for a parsed string."""
+    return " ".join(str(err).replace('in "<unicode string>", ', "").split())
+
+
+def read_yaml(path: Path):
+    """``OmegaConf.load(path)``, a file that is not valid YAML being a ConfigError that says where and what."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{str(path)!r} is not valid YAML: {_yaml_problem(err)}. Fix the file and run the "
+                          "command again.") from None
+
+
+def _read_overrides(overrides: list[str]):
+    """``OmegaConf.from_dotlist``, an override whose value is not valid YAML being a ConfigError naming it."""
+    import yaml
+
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except yaml.YAMLError:
+        for override in overrides:
+            try:
+                OmegaConf.from_dotlist([override])
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {override!r}: its value is not valid YAML ({_yaml_problem(err)}). "
+                                  "Quote a value with brackets, braces or a colon in it, e.g. "
+                                  "'data.name=\"my: data\"'.") from None
+        raise
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults <- YAML file <- ``section.field=value`` overrides, type-checked and validated."""
     base = OmegaConf.structured(TrainConfig)
@@ -173,12 +206,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples.")
-            layers.append(OmegaConf.load(path))
+            layers.append(read_yaml(path))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form section.field=value "
                               f"(e.g. training.lr=3e-4){_did_you_mean(bad[0])}.")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_read_overrides(list(overrides)))
         cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)

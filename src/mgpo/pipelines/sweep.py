@@ -38,7 +38,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mgpo.pipelines.checkpoints import newest_complete, write_json
-from mgpo.pipelines.config import ConfigError, changed_fields, load_config, said
+from mgpo.pipelines.config import ConfigError, changed_fields, load_config, read_yaml, said
 
 SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
 SEED_FIELD = "training.seed"
@@ -91,7 +91,7 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
     spec_path = Path(spec_path)
     if not spec_path.is_file():
         raise ConfigError(f"sweep spec {str(spec_path)!r} does not exist; see configs/experiments/ for examples.")
-    spec = OmegaConf.to_container(OmegaConf.load(spec_path), resolve=True)
+    spec = OmegaConf.to_container(read_yaml(spec_path), resolve=True)
     if not isinstance(spec, dict):
         _fail(spec_path, "the file must be a mapping with at least `grid:` (see docs/experiments.md).")
     unknown = sorted(set(spec) - set(SPEC_KEYS))
