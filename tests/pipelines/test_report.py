@@ -382,6 +382,16 @@ def test_a_copied_sweep_folder_is_read_from_the_copy_not_from_where_the_sweep_wr
     assert "0.75" in csv and "0.5," not in csv
 
 
+@pytest.mark.parametrize("broken", ["index.json", "LoRA-s0/metrics.json"])
+def test_a_cut_short_json_file_is_named(tmp_path, broken):
+    root, rows = tmp_path / "sweep", []
+    add_run(root, rows, "LoRA-s0", seeded("LoRA", 0), falling(), {"test_accuracy": 0.5})
+    write_index(root, "cut", rows)
+    (root / broken).write_text('{"runs": [')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(root / broken))} is not valid JSON"):
+        make_report([root], tmp_path / "report")
+
+
 def test_across_experiments_table_names_where_a_method_is_significantly_worse(tmp_path):
     """Two sweeps (accuracy: higher is better; a loss metric: lower is better): each method minus its sweep's
     baseline per sweep, with the t interval of that sweep's difference table, and the verdict column naming

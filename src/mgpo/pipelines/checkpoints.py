@@ -55,6 +55,15 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=float))
 
 
+def read_json(path: Path):
+    """The JSON in ``path``; a file that is not valid JSON (cut short, edited by hand) is a ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): it was cut short or edited; restore it, or move the "
+                         "folder away and run again.") from None
+
+
 def checkpoint_number(folder: Path) -> int | None:
     found = re.fullmatch(r"checkpoint-(\d+)", folder.name)
     return int(found.group(1)) if found else None

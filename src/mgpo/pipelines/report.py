@@ -29,6 +29,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from mgpo.pipelines import measures
+from mgpo.pipelines.checkpoints import read_json
 from mgpo.pipelines.plots import plt
 from mgpo.pipelines.sweep import SEED_FIELD
 from mgpo.optim.configs import DEFAULT_RHO, PRESETS, PROFILES
@@ -135,7 +136,7 @@ def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -
     panel_axes = [a for a in labels if a not in ("method", SEED_FIELD, *METHOD_FIELDS)]
     panel = ", ".join(_panel_label(a, labels[a]) for a in panel_axes)
     seed = labels.get(SEED_FIELD, cfg.get("training", {}).get("seed", 0))
-    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     log = read_log(path / "log.jsonl")
     key = "clean_loss" if any("clean_loss" in r for r in log) else "loss"
     kind = "clean" if key == "clean_loss" else "perturbed" if trains_at_perturbed_weights(cfg) else "trained"
@@ -175,7 +176,7 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
     experiments, loose = [], []
     for d in map(Path, dirs):
         if (d / "index.json").is_file():
-            index = json.loads((d / "index.json").read_text())
+            index = read_json(d / "index.json")
             spec = OmegaConf.to_container(OmegaConf.load(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
             varying = {a for a in index["runs"][0]["labels"]
                        if len({json.dumps(r["labels"][a]) for r in index["runs"]}) > 1} if index["runs"] else set()
