@@ -382,13 +382,15 @@ def test_a_copied_sweep_folder_is_read_from_the_copy_not_from_where_the_sweep_wr
     assert "0.75" in csv and "0.5," not in csv
 
 
-@pytest.mark.parametrize("broken", ["index.json", "LoRA-s0/metrics.json"])
-def test_a_cut_short_json_file_is_named(tmp_path, broken):
+@pytest.mark.parametrize("broken", ["index.json", "LoRA-s0/metrics.json", "sweep.yaml", "LoRA-s0/config.yaml"])
+def test_a_cut_short_json_or_yaml_file_is_named(tmp_path, broken):
     root, rows = tmp_path / "sweep", []
-    add_run(root, rows, "LoRA-s0", seeded("LoRA", 0), falling(), {"test_accuracy": 0.5})
+    add_run(root, rows, "LoRA-s0", seeded("LoRA", 0), falling(), {"test_accuracy": 0.5}, config="adapter: {}\n")
     write_index(root, "cut", rows)
+    (root / "sweep.yaml").write_text("title: cut\n")
     (root / broken).write_text('{"runs": [')
-    with pytest.raises(ValueError, match=rf"{re.escape(str(root / broken))} is not valid JSON"):
+    kind = "JSON" if broken.endswith(".json") else "YAML"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(root / broken))}'? is not valid {kind}"):
         make_report([root], tmp_path / "report")
 
 

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from mgpo.pipelines import measures
 from mgpo.pipelines.checkpoints import read_json
+from mgpo.pipelines.config import read_yaml
 from mgpo.pipelines.plots import plt
 from mgpo.pipelines.sweep import SEED_FIELD
 from mgpo.optim.configs import DEFAULT_RHO, PRESETS, PROFILES
@@ -127,7 +128,7 @@ def _panel_label(axis: str, value) -> str:
 
 
 def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -> RunResult:
-    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").is_file() else {}
+    cfg = OmegaConf.to_container(read_yaml(path / "config.yaml")) if (path / "config.yaml").is_file() else {}
     labels = labels or {}
     if "method" in labels:
         series = str(labels["method"])
@@ -177,7 +178,7 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
     for d in map(Path, dirs):
         if (d / "index.json").is_file():
             index = read_json(d / "index.json")
-            spec = OmegaConf.to_container(OmegaConf.load(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
+            spec = OmegaConf.to_container(read_yaml(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
             varying = {a for a in index["runs"][0]["labels"]
                        if len({json.dumps(r["labels"][a]) for r in index["runs"]}) > 1} if index["runs"] else set()
             # the run folder inside this sweep folder (it may be a copy, e.g. the records kept under docs/), else
