@@ -487,9 +487,14 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     if length and main:  # training longer (or shorter) than planned: said, and recorded in config.yaml below
         print(f"mgpo: --resume with a new length ({said(length)}): the learning-rate schedule follows the "
               "new length from the checkpoint on.", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    try:  # a path through a file, an existing file, a folder we may not write to: the field and the fix, no traceback
+        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            (out / "config.yaml").write_text(to_yaml(cfg))
+    except OSError as err:
+        why = "it is a file, not a folder" if out.is_file() else f"{err.strerror or err} ({err.filename or out})"
+        raise ConfigError(f"training.output_dir={str(out)!r} cannot be used: {why}. Choose a folder that can be "
+                          "created and written to.") from None
     set_seed(cfg.training.seed)
     clock = WallClock(checkpoint)
 
