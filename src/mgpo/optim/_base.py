@@ -682,6 +682,7 @@ def moment_key(base: torch.optim.Optimizer) -> str:
         return _SGD_MOMENT
     raise TypeError(
         f"momentum='optimizer' reuses the base optimizer's momentum, but {type(base).__name__} with these "
-        "settings keeps none. Fix: use an optimizer with momentum (AdamW, Adam, or SGD with momentum>0), or "
-        "pass momentum=0.9 so MGPO keeps its own momentum buffer (paper eq. 5)."
+        "settings keeps none. Fix: use an optimizer with momentum (AdamW, Adam, or SGD with momentum>0, given as "
+        "base_kwargs={'momentum': 0.9}: a momentum= keyword is MGPO's own setting, not SGD's), or pass "
+        "momentum=0.9 so MGPO keeps its own momentum buffer (paper eq. 5; the base optimizer then has none)."
     )
