@@ -49,7 +49,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from mgpo.checks import check
 from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, rng_mismatch, set_aside,
                                         write_atomic, write_json)
-from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, said, to_yaml
+from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, said, to_yaml, unusable_folder
 from mgpo.tasks import LABELLED_TEXT_TASKS
 
 def process_rank() -> int:
@@ -492,9 +492,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
         if main:
             (out / "config.yaml").write_text(to_yaml(cfg))
     except OSError as err:
-        why = "it is a file, not a folder" if out.is_file() else f"{err.strerror or err} ({err.filename or out})"
-        raise ConfigError(f"training.output_dir={str(out)!r} cannot be used: {why}. Choose a folder that can be "
-                          "created and written to.") from None
+        raise unusable_folder(out, "training.output_dir", err) from None
     set_seed(cfg.training.seed)
     clock = WallClock(checkpoint)
 
