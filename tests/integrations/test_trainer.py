@@ -384,6 +384,31 @@ def test_statistics_reach_the_logs_and_loraplus_groups_are_used(tmp_path):
                                                               pytest.approx(0.1, rel=1e-4)]
 
 
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
+    """BERT's classifier takes **kwargs but returns a plain mean: transformers then skipped its division by
+    gradient_accumulation_steps, and the loss, gradient and MGPO's gbar (the APN radius) came out twice as large
+    with 4 x 2 micro-batches as with one batch of 8."""
+    logs = {}
+    for batch, accum in ((BATCH, 2), (2 * BATCH, 1)):
+        trainer = PerturbationTrainer(model=tiny_bert(), train_dataset=cls_data(32), perturbation=cfg_for("mgpo"),
+                                      args=make_args(tmp_path / str(accum), per_device_train_batch_size=batch,
+                                                     gradient_accumulation_steps=accum, max_steps=2))
+        trainer.train()
+        assert trainer.model_accepts_loss_kwargs is False
+        logs[accum] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("loss", "grad_norm", "gbar_mean"):
+        assert [e[key] for e in logs[2]] == pytest.approx([e[key] for e in logs[1]], rel=1e-4), key
+
+
+def test_a_causal_lm_keeps_dividing_its_loss_by_the_token_count():
+    from transformers import LlamaForCausalLM
+
+    from mgpo.integrations.trainer import _scales_by_items
+
+    assert _scales_by_items(LlamaForCausalLM.__new__(LlamaForCausalLM))
+    assert not _scales_by_items(BertForSequenceClassification.__new__(BertForSequenceClassification))
+
+
 @pytest.mark.parametrize("max_scale, warns", [(1e-6, True), (None, False)])
 def test_a_capped_apn_factor_is_reported_once(max_scale, warns, tmp_path):
     """max_scale=1e-6 puts every layer's APN factor at its cap (1/gbar >= 1e-6 always); no cap: never capped."""

@@ -50,7 +50,6 @@ from mgpo.checks import check
 from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, rng_mismatch, set_aside,
                                         write_atomic, write_json)
 from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, said, to_yaml, unusable_folder
-from mgpo.tasks import LABELLED_TEXT_TASKS
 
 def process_rank() -> int:
     """This process's rank under torchrun / accelerate launch (0 in a single process)."""
@@ -564,10 +563,6 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
     if cfg.training.progress and main:
         trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
-    if task in (*LABELLED_TEXT_TASKS, "text-to-text"):
-        # transformers 5 takes a forward with **kwargs as scaling its loss for gradient accumulation; encoder
-        # classifiers and T5 (a plain mean) do not, so the logged loss was grad_accum times too large
-        trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
     divergence = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, DivergenceStop))
     divergence.trainer = trainer
