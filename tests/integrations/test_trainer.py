@@ -378,7 +378,35 @@ def test_statistics_reach_the_logs_and_loraplus_groups_are_used(tmp_path):
         for key in ("perturbation_norm", "momentum_norm", "gbar_mean"):
             assert entry[key] == pytest.approx(sum(s[key] for s in window) / 2, rel=1e-6)
         assert entry["skipped_steps"] == 0
-    assert logs[0]["perturbation_norm"] == pytest.approx(0.1, rel=1e-4)  # apn="normalized" keeps the radius at rho
+    # apn="normalized" keeps the radius at rho; step 1 ran at the clean weights (no momentum yet): steps 1-2 average
+    # to rho / 2, steps 3-4 are at rho
+    assert [entry["perturbation_norm"] for entry in logs] == [pytest.approx(0.05, rel=1e-4),
+                                                              pytest.approx(0.1, rel=1e-4)]
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
+    """BERT's classifier takes **kwargs but returns a plain mean: transformers then skipped its division by
+    gradient_accumulation_steps, and the loss, gradient and MGPO's gbar (the APN radius) came out twice as large
+    with 4 x 2 micro-batches as with one batch of 8."""
+    logs = {}
+    for batch, accum in ((BATCH, 2), (2 * BATCH, 1)):
+        trainer = PerturbationTrainer(model=tiny_bert(), train_dataset=cls_data(32), perturbation=cfg_for("mgpo"),
+                                      args=make_args(tmp_path / str(accum), per_device_train_batch_size=batch,
+                                                     gradient_accumulation_steps=accum, max_steps=2))
+        trainer.train()
+        assert trainer.model_accepts_loss_kwargs is False
+        logs[accum] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("loss", "grad_norm", "gbar_mean"):
+        assert [e[key] for e in logs[2]] == pytest.approx([e[key] for e in logs[1]], rel=1e-4), key
+
+
+def test_a_causal_lm_keeps_dividing_its_loss_by_the_token_count():
+    from transformers import LlamaForCausalLM
+
+    from mgpo.integrations.trainer import _scales_by_items
+
+    assert _scales_by_items(LlamaForCausalLM.__new__(LlamaForCausalLM))
+    assert not _scales_by_items(BertForSequenceClassification.__new__(BertForSequenceClassification))
 
 
 @pytest.mark.parametrize("max_scale, warns", [(1e-6, True), (None, False)])
@@ -483,7 +511,8 @@ def test_sft_trainer_with_mgpo_on_a_tiny_llama(tmp_path):
     opt = trainer.perturbation_optimizer
     assert isinstance(opt, mgpo.MGPO) and not opt.is_perturbed
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 2 and all(entry["perturbation_norm"] == pytest.approx(0.1, rel=1e-4) for entry in logs)
+    # step 1 ran at the clean weights (no momentum yet), step 2 at radius rho
+    assert [entry["perturbation_norm"] for entry in logs] == [0.0, pytest.approx(0.1, rel=1e-4)]
     assert all("mean_token_accuracy" in entry for entry in logs)  # TRL's own logging still there
     after = trainable(model)
     assert all(not torch.equal(after[n], before[n]) for n in before)

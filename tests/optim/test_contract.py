@@ -245,6 +245,15 @@ def test_optimizer_momentum_without_momentum_state_is_a_type_error_naming_the_fi
         mgpo.MGPO(make_model(), torch.optim.SGD, lr=0.1, base_kwargs=dict(lr=0.2))
 
 
+def test_the_sgd_momentum_fix_says_how_to_give_sgd_its_momentum():
+    """MGPO(model, SGD, momentum=0.9) sets MGPO's own buffer and leaves SGD without momentum: the fix "SGD with
+    momentum>0" written that way would train another base optimizer than meant, so the message shows base_kwargs."""
+    with pytest.raises(TypeError, match=r"base_kwargs=\{'momentum': 0.9\}") as err:
+        mgpo.MGPO(make_model(), torch.optim.SGD, lr=0.1)
+    opt = mgpo.MGPO(make_model(), torch.optim.SGD, lr=0.1, base_kwargs={"momentum": 0.9})  # the fix it names
+    assert opt.base_optimizer.defaults["momentum"] == 0.9 and "momentum=0.9" in str(err.value)
+
+
 class _Adam8bitLike(torch.optim.Adam):
     """Adam keeping its moments under other names, as bitsandbytes' Adam8bit / AdamW8bit / Lion do ('state1')."""
 

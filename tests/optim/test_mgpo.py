@@ -281,3 +281,48 @@ def test_a_state_saved_without_layer_sizes_resumes_with_diagnostics_on(apn):
         assert math.isfinite(fresh_opt.last_stats["radius_to_weight_mean"])
     got, want = snapshot(fresh), snapshot(full)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _applied_perturbation_norm(model, opt, space: str) -> float:
+    """||eps|| of the perturbation on now, measured from the model: the tensors' displacement (factor space), or
+    per LoRA layer the change of its output for the identity input, eps_l^T (weight space)."""
+    with torch.no_grad():
+        if space == "factors":
+            moved = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+            with opt.unperturbed():
+                return math.sqrt(sum(float((moved[n] - p).square().sum()) for n, p in model.named_parameters()
+                                     if p.requires_grad))
+        total = 0.0
+        for module in (model.get_base_model().fc1, model.get_base_model().fc2):
+            x = torch.eye(module.in_features)
+            perturbed = module(x)
+            with opt.unperturbed():
+                total += float((perturbed - module(x)).square().sum())
+        return math.sqrt(total)
+
+
+@pytest.mark.parametrize("space", ["weight", "factors"])
+def test_perturbation_norm_is_that_of_the_perturbation_the_steps_forwards_ran_at(space):
+    """The statistic lands in the row of the step's loss, so it is the perturbation that loss was taken at, not the
+    one set up for the next step: 0 at step 1 (no momentum yet) and for a step run inside unperturbed()."""
+    from tests.optim.helpers import batches, loss_fn, make_model
+
+    rho = 0.05
+    model = make_model()
+    opt = mgpo.MGPO(model, lr=1e-2, rho=rho, apn="normalized", space=space)  # "normalized": total radius rho
+    data = batches(3)
+    model.train()
+    loss_fn(model, data[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    assert opt.last_stats["perturbation_norm"] == 0.0  # step 1 ran at the clean weights
+    loss_fn(model, data[1]).backward()
+    ran_at = _applied_perturbation_norm(model, opt, space)
+    opt.step()
+    opt.zero_grad()
+    assert ran_at == pytest.approx(rho, rel=1e-4)
+    assert opt.last_stats["perturbation_norm"] == pytest.approx(ran_at, rel=1e-4)
+    with opt.unperturbed():
+        loss_fn(model, data[2]).backward()
+    opt.step()
+    assert opt.last_stats["perturbation_norm"] == 0.0

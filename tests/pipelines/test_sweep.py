@@ -118,6 +118,18 @@ def test_an_invalid_run_config_stops_the_sweep_before_any_training(tmp_path):
     assert not (tmp_path / "s" / "lr0.001").exists()
 
 
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_an_output_dir_that_cannot_be_a_folder_is_one_clear_line(tmp_path, where):
+    spec = write_spec(tmp_path, "grid: {training.lr: [0.001]}\n")
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    out = blocker if where == "a file" else blocker / "sweep"
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--output-dir", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "output_dir=" in result.output and "Traceback" not in result.output
+    assert blocker.read_text() == "not a folder"
+
+
 def sweep_spec(tmp_path, model_dir, csv, grid: str) -> Path:
     return write_spec(tmp_path, f"""
 title: tiny

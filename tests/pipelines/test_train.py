@@ -186,6 +186,17 @@ def test_bad_inputs_are_one_clear_line(tiny_model_dir, sentiment_csv, tmp_path, 
     assert message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_an_output_dir_that_cannot_be_a_folder_is_one_clear_line(tiny_model_dir, sentiment_csv, tmp_path, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    out = blocker if where == "a file" else blocker / "run"
+    result = CliRunner().invoke(app, ["train", *overrides(tiny_model_dir, sentiment_csv, out)])
+    assert result.exit_code == 2, result.output
+    assert "training.output_dir=" in result.output and "Traceback" not in result.output
+    assert blocker.read_text() == "not a folder"
+
+
 def test_best_checkpoint_is_loaded_and_early_stopping_ends_the_run(tiny_model_dir, sentiment_csv, tmp_path):
     """A learning rate high enough for the validation loss to turn up: the run stops at the first evaluation
     without a lower loss (patience 1) and ends on the best checkpoint's weights, not on the last step's."""

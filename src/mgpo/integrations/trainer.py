@@ -57,6 +57,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import unwrap_peft_model
 
 from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups, profile_betas
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
@@ -191,6 +192,13 @@ class PerturbationTrainerMixin:
         self.nonfinite_losses = torch.zeros((), dtype=torch.int64)
         super().__init__(*args, **kwargs)
         self._check_clean_loss_every()
+        inner = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+        if self.model_accepts_loss_kwargs and not hasattr(inner, "accepts_loss_kwargs") and not _scales_by_items(inner):
+            # transformers takes a forward with **kwargs as dividing its loss by num_items_in_batch itself and
+            # then skips its own division by gradient_accumulation_steps. Encoder classifiers (BERT and kin) and
+            # T5 take **kwargs but return a plain mean, so their gradient came out grad_accum times too large, and
+            # with it MGPO's gbar and so the APN radius of every layer below the cap. The Trainer divides instead.
+            self.model_accepts_loss_kwargs = False
         self.add_callback(_PerturbationCallback(self))
 
     def _check_clean_loss_every(self) -> None:
@@ -487,6 +495,17 @@ class PerturbationTrainerMixin:
             f"perturbed at radius {hp['max_scale'] * hp['rho']:.3g}. If the loss stalls, lower rho (e.g. "
             f"rho={hp['rho'] / hp['max_scale']:.3g}); docs/method.md, 'the radius a layer gets'.", RuntimeWarning,
             stacklevel=2)
+
+
+def _scales_by_items(model: nn.Module) -> bool:
+    """Whether the forward of ``model`` can divide its loss by ``num_items_in_batch``: its code calls
+    ``self.loss_function`` (transformers' losses take the count) or reads the count itself. A heuristic on the
+    code (no way to ask a model); True when the code cannot be read, leaving transformers' own choice in place."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True
+    return "loss_function" in source or "num_items_in_batch" in source
 
 
 class PerturbationTrainer(PerturbationTrainerMixin, transformers.Trainer):

@@ -181,7 +181,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         # Host-side flags of the hook guard (_check_hooks_ran), reset at every step(): did a training forward reach
         # the model's pre-hook, was the window opened, did a layer's hook (weight-space term, noise) run?
         self._auto = auto_perturb and not self.two_pass
-        self._saw_forward = self._opened = False
+        self._saw_forward = self._opened = self._window_was_open = False
         self._grad_marks = self._mark_grads(self._params_with_grad())  # gradients already there are not this step's
         if self._auto:
             self._install_hooks(model)
@@ -490,6 +490,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             self._warn_no_gradient()
             return loss
         self._check_layout(params)
+        # Whether this step's forwards ran with the window open (read before the hook guard resets the flag): the
+        # step's statistics report the perturbation they ran at, 0 when they ran at the clean weights.
+        self._window_was_open = self._opened
         self._check_hooks_ran(params)
         grad_norms, ok = self._grad_norms(params)
         self._update(params, grad_norms, ok)
@@ -679,6 +682,7 @@ def moment_key(base: torch.optim.Optimizer) -> str:
         return _SGD_MOMENT
     raise TypeError(
         f"momentum='optimizer' reuses the base optimizer's momentum, but {type(base).__name__} with these "
-        "settings keeps none. Fix: use an optimizer with momentum (AdamW, Adam, or SGD with momentum>0), or "
-        "pass momentum=0.9 so MGPO keeps its own momentum buffer (paper eq. 5)."
+        "settings keeps none. Fix: use an optimizer with momentum (AdamW, Adam, or SGD with momentum>0, given as "
+        "base_kwargs={'momentum': 0.9}: a momentum= keyword is MGPO's own setting, not SGD's), or pass "
+        "momentum=0.9 so MGPO keeps its own momentum buffer (paper eq. 5; the base optimizer then has none)."
     )

@@ -238,6 +238,7 @@ class MGPO(PerturbedOptimizer):
         self._gathered: list[tuple] | None = None  # FSDP: whole (A, g_A) of every pair with a gradient (eq. 8)
         self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # (n_l, has_grad) from record_gradients()
         self._direction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (d_l, ||D||^2, has_m)
+        self._pending_norm: torch.Tensor | None = None  # ||eps|| of the pending perturbation
         self._recorded_micro = False  # record_gradients() updated gbar in this step (gbar_update="micro_batch")
         self._sizes: dict[str, torch.Tensor] = {}  # per-layer ||W_l||, ||last update of W_l|| (apn weight/update)
         self._setup_layers()
@@ -576,6 +577,9 @@ class MGPO(PerturbedOptimizer):
         hp = self.hparams
         device, dtype = grad_norms.device, grad_norms.dtype
         self._terms = None  # last step's U, V: not needed any more (the window is closed)
+        # ||eps|| of the perturbation this step's forwards ran at (set up by the previous step), for its statistics:
+        # the row of this step's loss. 0 when they ran at the clean weights (step 1, unperturbed()).
+        ran_at = self._pending_norm if self._window_was_open and self._pending_norm is not None else None
         if self._perturbable and not any(id(p) in self._perturbable for p in params):
             self._warn_no_gradient("no layer it perturbs")
         n_layers = len(self.layers)
@@ -657,6 +661,8 @@ class MGPO(PerturbedOptimizer):
         self._direction = (d_sq.sqrt(), d_sq, self._cached(tuple(has_m), torch.bool))
         self._sizes = self._layer_sizes(before, n_layers, device, dtype)
         self._set_coef()
+        self._stats["perturbation_norm"] = ran_at if ran_at is not None else torch.zeros((), device=device,
+                                                                                          dtype=dtype)
         self._build_terms(factors, with_m)
 
     def _snapshot(self) -> tuple[list, list] | None:
@@ -744,11 +750,11 @@ class MGPO(PerturbedOptimizer):
             coef = -rho * k / (d + _TINY)
         perturbed = has_m & (d > _TINY) & torch.isfinite(coef)
         self._coef = torch.where(perturbed, coef, torch.zeros_like(coef))
+        self._pending_norm = (self._coef * d).square().sum().sqrt()  # ||eps|| of the next step's forwards
 
         seen = self._seen
         count = seen.sum().clamp_min(1)
         self._stats = {
-            "perturbation_norm": (self._coef * d).square().sum().sqrt(),
             "momentum_norm": d_sq.sum().sqrt(),
             "gbar_min": torch.where(seen, self.gbar, torch.full_like(self.gbar, float("inf"))).min(),
             "gbar_mean": (self.gbar * seen).sum() / count,
@@ -786,6 +792,8 @@ class MGPO(PerturbedOptimizer):
         super()._load_extra_state(extra)
         self.gbar, self._seen, self._coef = extra["gbar"], extra["seen"], extra.get("coef")
         self._direction = extra.get("direction")
+        ready = self._coef is not None and self._direction is not None and self._coef.shape == self._direction[0].shape
+        self._pending_norm = (self._coef * self._direction[0]).square().sum().sqrt() if ready else None
         self._sizes = extra.get("sizes") or {}
         self._terms = None  # rebuilt at the next perturb() from the loaded factors and momenta
         self._index_cache = {}

@@ -31,6 +31,14 @@ class ConfigError(ValueError):
     """A configuration problem, naming the field and what would be valid."""
 
 
+def unusable_folder(out, field: str, err: OSError) -> ConfigError:
+    """The error for an output folder that cannot be created or written (a file, a path through a file, no write
+    permission): the field and the fix in one line, not an OSError traceback."""
+    why = "it is a file, not a folder" if out.is_file() else f"{err.strerror or err} ({err.filename or out})"
+    return ConfigError(f"{field}={str(out)!r} cannot be used: {why}. Choose a folder that can be created and "
+                       "written to.")
+
+
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"help": text})

@@ -38,7 +38,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mgpo.pipelines.checkpoints import newest_complete, write_json
-from mgpo.pipelines.config import ConfigError, changed_fields, load_config, read_yaml, said
+from mgpo.pipelines.config import ConfigError, changed_fields, load_config, read_yaml, said, unusable_folder
 
 SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
 SEED_FIELD = "training.seed"
@@ -245,8 +245,11 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     plan(sweep)  # every configuration is valid before the first run starts
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
-    (sweep.output_dir / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(sweep.spec)))
+    try:  # the spec's output_dir or --output-dir: said by name when it cannot be a folder, not a traceback
+        sweep.output_dir.mkdir(parents=True, exist_ok=True)
+        (sweep.output_dir / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(sweep.spec)))
+    except OSError as err:
+        raise unusable_folder(sweep.output_dir, "output_dir", err) from None
     write_index(sweep)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:

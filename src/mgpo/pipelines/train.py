@@ -49,8 +49,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from mgpo.checks import check
 from mgpo.pipelines.checkpoints import (WALL_TIME_FILE, newest_complete, remove_run, rng_mismatch, set_aside,
                                         write_atomic, write_json)
-from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, said, to_yaml
-from mgpo.tasks import LABELLED_TEXT_TASKS
+from mgpo.pipelines.config import ConfigError, TrainConfig, changed_fields, said, to_yaml, unusable_folder
 
 def process_rank() -> int:
     """This process's rank under torchrun / accelerate launch (0 in a single process)."""
@@ -487,9 +486,12 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     if length and main:  # training longer (or shorter) than planned: said, and recorded in config.yaml below
         print(f"mgpo: --resume with a new length ({said(length)}): the learning-rate schedule follows the "
               "new length from the checkpoint on.", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    try:  # a path through a file, an existing file, a folder we may not write to: the field and the fix, no traceback
+        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            (out / "config.yaml").write_text(to_yaml(cfg))
+    except OSError as err:
+        raise unusable_folder(out, "training.output_dir", err) from None
     set_seed(cfg.training.seed)
     clock = WallClock(checkpoint)
 
@@ -561,10 +563,6 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     trainer.remove_callback(PrinterCallback)  # Hugging Face's printed log dicts: the numbers are in log.jsonl
     if cfg.training.progress and main:
         trainer.add_callback(QuietProgress() if sys.stdout.isatty() else PlainProgress())
-    if task in (*LABELLED_TEXT_TASKS, "text-to-text"):
-        # transformers 5 takes a forward with **kwargs as scaling its loss for gradient accumulation; encoder
-        # classifiers and T5 (a plain mean) do not, so the logged loss was grad_accum times too large
-        trainer.model_accepts_loss_kwargs = False
     stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
     divergence = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, DivergenceStop))
     divergence.trainer = trainer
