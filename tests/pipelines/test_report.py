@@ -147,6 +147,28 @@ def test_a_method_with_fewer_seeds_is_paired_on_the_seeds_both_have_and_says_n(s
     assert row[-1].strip("*") == f"{pooled['mean']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}] n=5 "
 
 
+def test_a_column_whose_methods_have_different_seeds_shows_n_and_marks_no_best(sweep_dir, tmp_path):
+    """A partial sweep: LoRA has a 4th seed at rank 16 (a lucky one) the other method has not yet. Its mean over 4
+    seeds then tops the column though on the 3 shared seeds LoRA-MGPO is better: that column says each cell's n
+    and bolds no best; the complete rank-64 column still does."""
+    index = json.loads((sweep_dir / "index.json").read_text())
+    rows = index["runs"]
+    lucky = 0.99
+    add_run(sweep_dir, rows, "r16-LoRA-s3", {"rank": "16", **seeded("LoRA", 3)}, falling(),
+            {"test_accuracy": lucky}, config="adapter: {method: lora, rank: 16}\ntraining: {seed: 3}\n")
+    write_index(sweep_dir, "rank sweep", rows)
+    lora16 = ACCURACY["LoRA", 16] + [lucky]
+    assert np.mean(lora16) > np.mean(ACCURACY["LoRA-MGPO", 16])  # unpaired, LoRA would look best
+    md = make_report([sweep_dir], tmp_path / "report")["markdown"].read_text()
+    table = md.split("## rank sweep")[1].split("### Difference")[0]
+    lora, mgpo = _md_row(table, "LoRA"), _md_row(table, "LoRA-MGPO")
+    assert lora[1] == f"{mean_std_cell(lora16)} (n=4)"
+    assert mgpo[1] == f"{mean_std_cell(ACCURACY['LoRA-MGPO', 16])} (n=3)"
+    assert not any(row[i].startswith("**") for row in (lora, mgpo) for i in (1, 3))  # rank=16 and avg
+    assert mgpo[2] == f"**{mean_std_cell(ACCURACY['LoRA-MGPO', 64])}**"
+    assert "no best is marked" in table and "rank=16" in table.split("|")[0]
+
+
 def test_loose_run_folders_are_labelled_from_their_config(sweep_dir, tmp_path):
     runs = [sweep_dir / "r16-LoRA-s0", sweep_dir / "r16-LoRA-MGPO-s0"]
     result = CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "r")])

@@ -306,18 +306,28 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
         if len(panels) > 1:
             got = [means[s, p] for p in panels]
             means[s, "avg"] = float(np.mean(got)) if None not in got else None
+    # A partial sweep has more seeds of some methods than of others: their means are over different seeds (a
+    # lucky or unlucky extra seed can reorder them), so such a column shows each cell's n and marks no best.
+    uneven = {p for p in panels
+              if len({frozenset(x["seed"] for x in per_run if x["series"] == s and x["panel"] == p
+                                and x["value"] is not None) for s in series} - {frozenset()}) > 1}
+    if uneven and "avg" in cols:
+        uneven.add("avg")
     best = {}
     for c in cols:
         got = [means[s, c] for s in series if means[s, c] is not None and np.isfinite(means[s, c])]
-        best[c] = (max(got) if better else min(got)) if got else None
+        best[c] = (max(got) if better else min(got)) if got and c not in uneven else None
     method_rows = []
     for s in series:
         cells = [(s, False)]
         for c in cols:
             text = mean_std_cell(values(s, c, "value")) if c != "avg" else _fmt(means[s, c])
+            if c in uneven and c != "avg" and values(s, c, "value"):
+                text += f" (n={len(values(s, c, 'value'))})"
             cells.append((text, means[s, c] is not None and means[s, c] == best[c]))
         method_rows.append(cells)
-    method_table = {"header": ["method", *[c or metric for c in cols]], "rows": method_rows}
+    method_table = {"header": ["method", *[c or metric for c in cols]], "rows": method_rows,
+                    "uneven": [c for c in cols if c in uneven]}
 
     # paired differences vs the baseline, paired by (panel, seed)
     diff_cols = panels + (["all"] if len(panels) > 1 else [])
@@ -596,7 +606,13 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                             "means and paired differences mix those settings: run them as a sweep with that axis."))
     for png, caption in figures:
         blocks.append(("img", png, caption))
-    blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"])]
+    blocks.append(("h3", f"{m}: mean ± std over seeds (best in bold)"))
+    if result["method_table"]["uneven"]:
+        blocks.append(("p", "Not all methods have the same finished seeds in "
+                            f"{', '.join(c or m for c in result['method_table']['uneven'])}: there each cell says "
+                            "its number of seeds n, and no best is marked, as means over different seeds do not "
+                            "rank the methods. The paired differences below compare only the seeds both have."))
+    blocks.append(("table", result["method_table"]))
     if result["diff_table"]["rows"]:
         blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
                    ("p", "Bold and * : the interval excludes 0. Student t interval of the n paired differences "
