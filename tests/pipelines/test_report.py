@@ -388,6 +388,50 @@ def test_a_lower_double_descent_rise_of_runs_that_never_trained_is_marked_stalle
     assert "for LoRA's runs, whose missing rise" in table
 
 
+def test_stalled_runs_are_marked_in_the_double_descent_table_and_figure(tmp_path, monkeypatch):
+    """A method flat near chance in one panel has the lowest rise there; the double-descent table counts its
+    stalled seeds and the figure rings and labels the point, rather than calling it the smoothest."""
+    import mgpo.pipelines.report as report
+
+    t = np.arange(1, 61)
+    root, rows = tmp_path / "dd2", []
+    for panel in ("a", "b"):
+        for method in ("LoRA", "Stalls"):
+            for seed in range(3):
+                if method == "Stalls" and panel == "b":
+                    clean = 0.69 - 0.014 * (1 - np.exp(-t / 10)) + 0.001 * np.sin(t + seed)
+                else:
+                    clean = 1.5 * np.exp(-t / 10) + 0.4 + 0.3 * np.exp(-((t - 40) / 4) ** 2)
+                log = [{"step": int(s), "loss": float(c), "clean_loss": float(c)} for s, c in zip(t, clean)]
+                add_run(root, rows, f"{panel}-{method}-{seed}", {"panel": panel, **seeded(method, seed)}, log,
+                        {"test_accuracy": 0.8})
+    write_index(root, "dd2", rows)
+    figures = {}
+
+    def keep(fig, out_png):
+        figures[out_png.name] = [t.get_text() for ax in fig.axes for t in ax.texts] + [
+            ax.get_title() for ax in fig.axes]
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    paths = make_report([root], tmp_path / "report")
+    md = paths["markdown"].read_text()
+    dd = md.split("### Double descent")[1].split("###")[0]
+    runs = list(csv.DictReader(paths["csv"].open()))
+    for panel in ("a", "b"):
+        for method in ("LoRA", "Stalls"):
+            fell = [float(r["dd_fall_rel"]) for r in runs if r["series"] == method and r["panel"] == f"panel={panel}"]
+            stalled = sum(f < STALLED_FALL for f in fell)
+            header = _md_row(dd, "panel")
+            row = _md_row(dd, f"panel={panel} | {method}")
+            assert row[header.index(f"stalled (fell < {100 * STALLED_FALL:g}%)")] == f"{stalled}/{len(fell)}"
+    assert "Stalls: 3/3 stalled" in figures["dd2-double-descent.png"]
+    assert not any("LoRA:" in text and "stalled" in text for text in figures["dd2-double-descent.png"])
+    assert not any("lower = smoother" in text for text in figures["dd2-double-descent.png"])
+
+
 def test_a_copied_sweep_folder_is_read_from_the_copy_not_from_where_the_sweep_wrote_it(tmp_path):
     """scripts/clean-experiments.sh keeps finished runs under docs/; their index.json still names runs/...: the
     report of the copy must show the copy's runs even while the originals (here: other numbers) still exist."""

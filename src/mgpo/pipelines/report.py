@@ -393,6 +393,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             curves = sorted({x["loss_curve"] for x in rows})
             dd_rows.append([(p or "-", False), (s, False), (" / ".join(curves), False),
                             (mean_std_cell([100 * x["dd_fall_rel"] for x in rows], 1), False),
+                            (f"{sum(x['dd_fall_rel'] < STALLED_FALL for x in rows)}/{len(rows)}", False),
                             (mean_std_cell([x["dd_rise"] for x in rows]), False),
                             (mean_std_cell([100 * x["dd_rise_rel"] for x in rows], 1), False),
                             (_fmt(np.mean([x["dd_peak_step"] for x in rows if x["dd_peak_step"] is not None]), 0)
@@ -406,7 +407,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                          f"{sum(not x['trained_dd_recovered'] for x in got)}/{len(got)}",
                          mean_std_cell([x["trained_spikes"] for x in got], 1)] if got else ["-"] * 3
                 dd_rows[-1] += [(c, False) for c in cells]
-    dd_table = {"header": ["panel", "method", "loss", "fell (% of start)", "rise (loss)", "rise (% of min)",
+    dd_table = {"header": ["panel", "method", "loss", "fell (% of start)",
+                           f"stalled (fell < {100 * STALLED_FALL:g}%)", "rise (loss)", "rise (% of min)",
                            "peak step", "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"]
                 + (["logged loss: rise (% of min)", "logged loss: not recovered", "logged loss: spikes"]
                    if with_trained else []),
@@ -550,15 +552,25 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
     panels, series = result["panels"], result["series"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     for s, color in zip(series, _colors(len(series))):
-        stats = [_mean_std([100 * r["dd_rise_rel"] for r in result["per_run"] if r["series"] == s
-                            and r["panel"] == p and "dd_rise_rel" in r] or [np.nan]) for p in panels]
+        got = [[r for r in result["per_run"] if r["series"] == s and r["panel"] == p and "dd_rise_rel" in r]
+               for p in panels]
+        stats = [_mean_std([100 * r["dd_rise_rel"] for r in rows] or [np.nan]) for rows in got]
         ax.errorbar(range(len(panels)), [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3,
                     label=s, color=color)
+        # a run that never trained has no descent to rise from: its low rise must not read as smooth training
+        for x, (rows, (mean, _)) in enumerate(zip(got, stats)):
+            stalled = sum(r["dd_fall_rel"] < STALLED_FALL for r in rows)
+            if stalled:
+                ax.plot(x, mean, marker="o", markersize=11, markerfacecolor="none", markeredgecolor=color)
+                ax.annotate(f"{s}: {stalled}/{len(rows)} stalled", (x, mean), textcoords="offset points",
+                            xytext=(8, 4), fontsize=7, color=color)
     ax.set_xticks(range(len(panels)), panels, fontsize=9)
     ax.set_ylabel("double-descent rise (% of running min)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{textwrap.fill(exp.title, 70)}\ndouble-descent measure (lower = smoother)", fontsize=10)
+    ax.set_title(f"{textwrap.fill(exp.title, 70)}\ndouble-descent rise: mean over seeds, whiskers: std; lower = "
+                 f"smaller rise\nringed, 'k/n stalled': k seeds' loss fell < {100 * STALLED_FALL:g}% (never "
+                 "trained), no descent to rise from", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
 
