@@ -432,6 +432,35 @@ def test_stalled_runs_are_marked_in_the_double_descent_table_and_figure(tmp_path
     assert not any("lower = smoother" in text for text in figures["dd2-double-descent.png"])
 
 
+def test_loss_legend_names_each_method_once_and_the_table_says_its_smoothing_window(tmp_path, monkeypatch):
+    """Two panels, LoRA with 3 seeds in one and 2 in the other: the legend had 'LoRA (mean of 3 seeds)' and
+    'LoRA (mean of 2 seeds)' as if two series. One entry per method, its seeds per panel; and the double-descent
+    note says the moving-average window the measure used."""
+    import mgpo.pipelines.report as report
+
+    root, rows = tmp_path / "legend", []
+    for panel in ("a", "b"):
+        for method in ("LoRA", "Other"):
+            for seed in range(3 if (panel, method) != ("b", "LoRA") else 2):
+                log = [{"step": i + 1, "loss": 1 / (i + 1), "clean_loss": 1 / (i + 1)} for i in range(40)]
+                add_run(root, rows, f"{panel}-{method}-{seed}", {"panel": panel, **seeded(method, seed)}, log,
+                        {"test_accuracy": 0.8})
+    write_index(root, "legend", rows)
+    legends = {}
+
+    def keep(fig, out_png):
+        legends[out_png.name] = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    assert legends["legend-loss.png"] == ["LoRA (seeds per panel: 3, 2)", "Other (mean of 3 seeds)"]
+    window = double_descent(range(40), [1 / (i + 1) for i in range(40)])["window"]
+    assert f"moving average over {window} logged points (the logged-loss columns: {window})" in md
+
+
 def test_a_copied_sweep_folder_is_read_from_the_copy_not_from_where_the_sweep_wrote_it(tmp_path):
     """scripts/clean-experiments.sh keeps finished runs under docs/; their index.json still names runs/...: the
     report of the copy must show the copy's runs even while the originals (here: other numbers) still exist."""

@@ -284,8 +284,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
         if r.trained_losses:  # the same measure on the logged minibatch loss (at the perturbed weights for MGPO)
             window = smooth or measures.default_window(len(r.trained_losses))
             dd = measures.double_descent(r.trained_steps, r.trained_losses, window)
-            row.update(trained_dd_rise_rel=dd["rise_rel"], trained_dd_recovered=dd["recovered"],
-                       trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor))
+            row.update(trained_dd_window=window, trained_dd_rise_rel=dd["rise_rel"],
+                       trained_dd_recovered=dd["recovered"], trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor))
         for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "load_average", "cpus",
                   "final_clean_loss", "best_clean_loss", "final_loss", "best_loss"):
             row[k] = r.metrics.get(k)
@@ -479,6 +479,7 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.4 * nrows + 1.2), dpi=110, sharex=True,
                              sharey=True, squeeze=False)
     colors = _colors(len(series))
+    counts = {s: [] for s in series}  # seeds in each panel's mean, per method
     for ax, panel in zip(axes.flat, panels):
         for i, s in enumerate(series):
             runs = [r for r in exp.runs if r.series == s and r.panel == panel and r.losses]
@@ -491,8 +492,8 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
                 ax.plot(r.steps, r.losses, color=color, alpha=0.2, linewidth=0.7)
             same = [r for r in runs if r.steps == first.steps]
             mean = np.mean([measures.smooth(r.losses, window) for r in same], axis=0)
-            ax.plot(first.steps, mean, color=color, linewidth=2,
-                    label=f"{s}" + (f" (mean of {len(same)} seeds)" if len(same) > 1 else ""))
+            ax.plot(first.steps, mean, color=color, linewidth=2, label=s)
+            counts[s].append(len(same))
         ax.set_title(panel or "", fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
@@ -501,7 +502,12 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
         ax.set_ylabel("clean training loss (probe)" if result["loss"].startswith("clean") else "training loss")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    # one entry per method (its colour is the same in every panel), with the seeds behind each panel's mean:
+    # a label per seed count listed one method twice, without saying which panel each entry belonged to
     handles, labels = _legend_entries(axes)
+    labels = [s + ("" if counts[s] == [1] * len(counts[s]) else f" (mean of {counts[s][0]} seeds)"
+                   if len(set(counts[s])) == 1 else f" (seeds per panel: {', '.join(map(str, counts[s]))})")
+              for s in labels]
     per_row = 4 if width >= 12 else 2  # long labels ("LoRA-MGPO (APN normalized) (mean of 3 seeds)") need room
     fig.suptitle(f"{exp.title}\n{result['loss']}\nfaint: raw, each seed; bold: moving average, mean over seeds",
                  fontsize=11)
@@ -675,6 +681,15 @@ def _loss_note(result: dict) -> str:
             "`clean_loss`, the mean loss of a fixed set of training examples at the clean weights, the same "
             "measurement for every method; `as trained` is the logged `loss`, which for MGPO, MSAM and the noise "
             "methods is the loss at the perturbed weights.")
+    windows = _order(x["dd_window"] for x in result["per_run"] if "dd_window" in x)
+    if windows:
+        trained = _order(x["trained_dd_window"] for x in result["per_run"] if "trained_dd_window" in x)
+        note += (f" Smoothed: trailing moving average over {' / '.join(map(str, windows))} logged points"
+                 + (f" (the logged-loss columns: {' / '.join(map(str, trained))})" if trained else "") + ". Rise: "
+                 "the largest amount the smoothed loss climbs above its running minimum. `peak step`: mean over "
+                 "the seeds with a rise; `steps to recover`: mean over the seeds that got back to that minimum "
+                 "(`not recovered` counts the others); spikes: logged losses above the factor times the median of "
+                 "the window before them.")
     if result["no_clean_loss"] and result["mixed_losses"]:
         note += (f" Runs without `clean_loss` (logged before the probe existed, or with "
                  f"`training.clean_loss_every=0`) fall back to the loss as trained, so they are not measured like "
