@@ -561,21 +561,22 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
         got = [[r for r in result["per_run"] if r["series"] == s and r["panel"] == p and "dd_rise_rel" in r]
                for p in panels]
         stats = [_mean_std([100 * r["dd_rise_rel"] for r in rows] or [np.nan]) for rows in got]
+        # a run that never trained has no descent to rise from: its low rise must not read as smooth training.
+        # Counts go in the legend (labels beside the points overlapped where stalled methods all sit near 0).
+        stalled = [sum(r["dd_fall_rel"] < STALLED_FALL for r in rows) for rows in got]
+        label = s + (f" (stalled per panel: {', '.join(f'{k}/{len(rows)}' for k, rows in zip(stalled, got))})"
+                     if any(stalled) else "")
         ax.errorbar(range(len(panels)), [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3,
-                    label=s, color=color)
-        # a run that never trained has no descent to rise from: its low rise must not read as smooth training
-        for x, (rows, (mean, _)) in enumerate(zip(got, stats)):
-            stalled = sum(r["dd_fall_rel"] < STALLED_FALL for r in rows)
-            if stalled:
+                    label=label, color=color)
+        for x, (k, (mean, _)) in enumerate(zip(stalled, stats)):
+            if k:
                 ax.plot(x, mean, marker="o", markersize=11, markerfacecolor="none", markeredgecolor=color)
-                ax.annotate(f"{s}: {stalled}/{len(rows)} stalled", (x, mean), textcoords="offset points",
-                            xytext=(8, 4), fontsize=7, color=color)
     ax.set_xticks(range(len(panels)), panels, fontsize=9)
     ax.set_ylabel("double-descent rise (% of running min)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)  # off the points
     ax.set_title(f"{textwrap.fill(exp.title, 70)}\ndouble-descent rise: mean over seeds, whiskers: std; lower = "
-                 f"smaller rise\nringed, 'k/n stalled': k seeds' loss fell < {100 * STALLED_FALL:g}% (never "
+                 f"smaller rise\nringed, 'stalled k/n': k seeds' loss fell < {100 * STALLED_FALL:g}% (never "
                  "trained), no descent to rise from", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
