@@ -603,7 +603,9 @@ def test_a_run_counted_twice_or_runs_merged_as_seeds_are_named(tmp_path):
     f = _loose_run(tmp_path, "lora-lr3-s2", "adamw", 2, 0.5, lr=3e-4)
     md = make_report([a, b, c, d, f], tmp_path / "r4")["markdown"].read_text()
     assert "differ in more than the seed: LoRA: training.lr = 0.0001, 0.0003" in md
-    assert _md_row(md, "LoRA-MGPO")[1] == "nan ± nan" and _md_row(md, "LoRA")[1].startswith("**")
+    # LoRA has 3 seeds here, LoRA-MGPO 2: each cell says its n and no best is marked
+    assert _md_row(md, "LoRA-MGPO")[1] == "nan ± nan (n=2)"
+    assert _md_row(md, "LoRA")[1] == f"{mean_std_cell([0.8, 0.7, 0.5])} (n=3)"
     result = CliRunner().invoke(app, ["report", str(a), str(a), "--out", str(tmp_path / "r5")])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "given twice; pass each run once" in said and "Traceback" not in said
