@@ -147,6 +147,28 @@ def test_a_method_with_fewer_seeds_is_paired_on_the_seeds_both_have_and_says_n(s
     assert row[-1].strip("*") == f"{pooled['mean']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}] n=5 "
 
 
+def test_a_column_whose_methods_have_different_seeds_shows_n_and_marks_no_best(sweep_dir, tmp_path):
+    """A partial sweep: LoRA has a 4th seed at rank 16 (a lucky one) the other method has not yet. Its mean over 4
+    seeds then tops the column though on the 3 shared seeds LoRA-MGPO is better: that column says each cell's n
+    and bolds no best; the complete rank-64 column still does."""
+    index = json.loads((sweep_dir / "index.json").read_text())
+    rows = index["runs"]
+    lucky = 0.99
+    add_run(sweep_dir, rows, "r16-LoRA-s3", {"rank": "16", **seeded("LoRA", 3)}, falling(),
+            {"test_accuracy": lucky}, config="adapter: {method: lora, rank: 16}\ntraining: {seed: 3}\n")
+    write_index(sweep_dir, "rank sweep", rows)
+    lora16 = ACCURACY["LoRA", 16] + [lucky]
+    assert np.mean(lora16) > np.mean(ACCURACY["LoRA-MGPO", 16])  # unpaired, LoRA would look best
+    md = make_report([sweep_dir], tmp_path / "report")["markdown"].read_text()
+    table = md.split("## rank sweep")[1].split("### Difference")[0]
+    lora, mgpo = _md_row(table, "LoRA"), _md_row(table, "LoRA-MGPO")
+    assert lora[1] == f"{mean_std_cell(lora16)} (n=4)"
+    assert mgpo[1] == f"{mean_std_cell(ACCURACY['LoRA-MGPO', 16])} (n=3)"
+    assert not any(row[i].startswith("**") for row in (lora, mgpo) for i in (1, 3))  # rank=16 and avg
+    assert mgpo[2] == f"**{mean_std_cell(ACCURACY['LoRA-MGPO', 64])}**"
+    assert "no best is marked" in table and "rank=16" in table.split("|")[0]
+
+
 def test_loose_run_folders_are_labelled_from_their_config(sweep_dir, tmp_path):
     runs = [sweep_dir / "r16-LoRA-s0", sweep_dir / "r16-LoRA-MGPO-s0"]
     result = CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "r")])
@@ -366,6 +388,79 @@ def test_a_lower_double_descent_rise_of_runs_that_never_trained_is_marked_stalle
     assert "for LoRA's runs, whose missing rise" in table
 
 
+def test_stalled_runs_are_marked_in_the_double_descent_table_and_figure(tmp_path, monkeypatch):
+    """A method flat near chance in one panel has the lowest rise there; the double-descent table counts its
+    stalled seeds and the figure rings and labels the point, rather than calling it the smoothest."""
+    import mgpo.pipelines.report as report
+
+    t = np.arange(1, 61)
+    root, rows = tmp_path / "dd2", []
+    for panel in ("a", "b"):
+        for method in ("LoRA", "Stalls"):
+            for seed in range(3):
+                if method == "Stalls" and panel == "b":
+                    clean = 0.69 - 0.014 * (1 - np.exp(-t / 10)) + 0.001 * np.sin(t + seed)
+                else:
+                    clean = 1.5 * np.exp(-t / 10) + 0.4 + 0.3 * np.exp(-((t - 40) / 4) ** 2)
+                log = [{"step": int(s), "loss": float(c), "clean_loss": float(c)} for s, c in zip(t, clean)]
+                add_run(root, rows, f"{panel}-{method}-{seed}", {"panel": panel, **seeded(method, seed)}, log,
+                        {"test_accuracy": 0.8})
+    write_index(root, "dd2", rows)
+    figures = {}
+
+    def keep(fig, out_png):
+        figures[out_png.name] = [t.get_text() for ax in fig.axes if ax.get_legend()
+                                 for t in ax.get_legend().get_texts()] + [ax.get_title() for ax in fig.axes]
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    paths = make_report([root], tmp_path / "report")
+    md = paths["markdown"].read_text()
+    dd = md.split("### Double descent")[1].split("###")[0]
+    runs = list(csv.DictReader(paths["csv"].open()))
+    for panel in ("a", "b"):
+        for method in ("LoRA", "Stalls"):
+            fell = [float(r["dd_fall_rel"]) for r in runs if r["series"] == method and r["panel"] == f"panel={panel}"]
+            stalled = sum(f < STALLED_FALL for f in fell)
+            header = _md_row(dd, "panel")
+            row = _md_row(dd, f"panel={panel} | {method}")
+            assert row[header.index(f"stalled (fell < {100 * STALLED_FALL:g}%)")] == f"{stalled}/{len(fell)}"
+    assert "Stalls (stalled per panel: 0/3, 3/3)" in figures["dd2-double-descent.png"]
+    assert "LoRA" in figures["dd2-double-descent.png"]  # no stalled seed: no count
+    assert not any("lower = smoother" in text for text in figures["dd2-double-descent.png"])
+
+
+def test_loss_legend_names_each_method_once_and_the_table_says_its_smoothing_window(tmp_path, monkeypatch):
+    """Two panels, LoRA with 3 seeds in one and 2 in the other: the legend had 'LoRA (mean of 3 seeds)' and
+    'LoRA (mean of 2 seeds)' as if two series. One entry per method, its seeds per panel; and the double-descent
+    note says the moving-average window the measure used."""
+    import mgpo.pipelines.report as report
+
+    root, rows = tmp_path / "legend", []
+    for panel in ("a", "b"):
+        for method in ("LoRA", "Other"):
+            for seed in range(3 if (panel, method) != ("b", "LoRA") else 2):
+                log = [{"step": i + 1, "loss": 1 / (i + 1), "clean_loss": 1 / (i + 1)} for i in range(40)]
+                add_run(root, rows, f"{panel}-{method}-{seed}", {"panel": panel, **seeded(method, seed)}, log,
+                        {"test_accuracy": 0.8})
+    write_index(root, "legend", rows)
+    legends = {}
+
+    def keep(fig, out_png):
+        legends[out_png.name] = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    assert legends["legend-loss.png"] == ["LoRA (seeds per panel: 3, 2)", "Other (mean of 3 seeds)"]
+    window = double_descent(range(40), [1 / (i + 1) for i in range(40)])["window"]
+    assert f"moving average over {window} logged points (the logged-loss columns: {window})" in md
+
+
 def test_a_copied_sweep_folder_is_read_from_the_copy_not_from_where_the_sweep_wrote_it(tmp_path):
     """scripts/clean-experiments.sh keeps finished runs under docs/; their index.json still names runs/...: the
     report of the copy must show the copy's runs even while the originals (here: other numbers) still exist."""
@@ -508,7 +603,9 @@ def test_a_run_counted_twice_or_runs_merged_as_seeds_are_named(tmp_path):
     f = _loose_run(tmp_path, "lora-lr3-s2", "adamw", 2, 0.5, lr=3e-4)
     md = make_report([a, b, c, d, f], tmp_path / "r4")["markdown"].read_text()
     assert "differ in more than the seed: LoRA: training.lr = 0.0001, 0.0003" in md
-    assert _md_row(md, "LoRA-MGPO")[1] == "nan ± nan" and _md_row(md, "LoRA")[1].startswith("**")
+    # LoRA has 3 seeds here, LoRA-MGPO 2: each cell says its n and no best is marked
+    assert _md_row(md, "LoRA-MGPO")[1] == "nan ± nan (n=2)"
+    assert _md_row(md, "LoRA")[1] == f"{mean_std_cell([0.8, 0.7, 0.5])} (n=3)"
     result = CliRunner().invoke(app, ["report", str(a), str(a), "--out", str(tmp_path / "r5")])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "given twice; pass each run once" in said and "Traceback" not in said

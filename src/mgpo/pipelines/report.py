@@ -284,8 +284,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
         if r.trained_losses:  # the same measure on the logged minibatch loss (at the perturbed weights for MGPO)
             window = smooth or measures.default_window(len(r.trained_losses))
             dd = measures.double_descent(r.trained_steps, r.trained_losses, window)
-            row.update(trained_dd_rise_rel=dd["rise_rel"], trained_dd_recovered=dd["recovered"],
-                       trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor))
+            row.update(trained_dd_window=window, trained_dd_rise_rel=dd["rise_rel"],
+                       trained_dd_recovered=dd["recovered"], trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor))
         for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "load_average", "cpus",
                   "final_clean_loss", "best_clean_loss", "final_loss", "best_loss"):
             row[k] = r.metrics.get(k)
@@ -306,18 +306,28 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
         if len(panels) > 1:
             got = [means[s, p] for p in panels]
             means[s, "avg"] = float(np.mean(got)) if None not in got else None
+    # A partial sweep has more seeds of some methods than of others: their means are over different seeds (a
+    # lucky or unlucky extra seed can reorder them), so such a column shows each cell's n and marks no best.
+    uneven = {p for p in panels
+              if len({frozenset(x["seed"] for x in per_run if x["series"] == s and x["panel"] == p
+                                and x["value"] is not None) for s in series} - {frozenset()}) > 1}
+    if uneven and "avg" in cols:
+        uneven.add("avg")
     best = {}
     for c in cols:
         got = [means[s, c] for s in series if means[s, c] is not None and np.isfinite(means[s, c])]
-        best[c] = (max(got) if better else min(got)) if got else None
+        best[c] = (max(got) if better else min(got)) if got and c not in uneven else None
     method_rows = []
     for s in series:
         cells = [(s, False)]
         for c in cols:
             text = mean_std_cell(values(s, c, "value")) if c != "avg" else _fmt(means[s, c])
+            if c in uneven and c != "avg" and values(s, c, "value"):
+                text += f" (n={len(values(s, c, 'value'))})"
             cells.append((text, means[s, c] is not None and means[s, c] == best[c]))
         method_rows.append(cells)
-    method_table = {"header": ["method", *[c or metric for c in cols]], "rows": method_rows}
+    method_table = {"header": ["method", *[c or metric for c in cols]], "rows": method_rows,
+                    "uneven": [c for c in cols if c in uneven]}
 
     # paired differences vs the baseline, paired by (panel, seed)
     diff_cols = panels + (["all"] if len(panels) > 1 else [])
@@ -383,6 +393,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             curves = sorted({x["loss_curve"] for x in rows})
             dd_rows.append([(p or "-", False), (s, False), (" / ".join(curves), False),
                             (mean_std_cell([100 * x["dd_fall_rel"] for x in rows], 1), False),
+                            (f"{sum(x['dd_fall_rel'] < STALLED_FALL for x in rows)}/{len(rows)}", False),
                             (mean_std_cell([x["dd_rise"] for x in rows]), False),
                             (mean_std_cell([100 * x["dd_rise_rel"] for x in rows], 1), False),
                             (_fmt(np.mean([x["dd_peak_step"] for x in rows if x["dd_peak_step"] is not None]), 0)
@@ -396,7 +407,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                          f"{sum(not x['trained_dd_recovered'] for x in got)}/{len(got)}",
                          mean_std_cell([x["trained_spikes"] for x in got], 1)] if got else ["-"] * 3
                 dd_rows[-1] += [(c, False) for c in cells]
-    dd_table = {"header": ["panel", "method", "loss", "fell (% of start)", "rise (loss)", "rise (% of min)",
+    dd_table = {"header": ["panel", "method", "loss", "fell (% of start)",
+                           f"stalled (fell < {100 * STALLED_FALL:g}%)", "rise (loss)", "rise (% of min)",
                            "peak step", "steps to recover", "not recovered", f"spikes (> {spike_factor:g}× median)"]
                 + (["logged loss: rise (% of min)", "logged loss: not recovered", "logged loss: spikes"]
                    if with_trained else []),
@@ -467,6 +479,7 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.4 * nrows + 1.2), dpi=110, sharex=True,
                              sharey=True, squeeze=False)
     colors = _colors(len(series))
+    counts = {s: [] for s in series}  # seeds in each panel's mean, per method
     for ax, panel in zip(axes.flat, panels):
         for i, s in enumerate(series):
             runs = [r for r in exp.runs if r.series == s and r.panel == panel and r.losses]
@@ -479,8 +492,8 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
                 ax.plot(r.steps, r.losses, color=color, alpha=0.2, linewidth=0.7)
             same = [r for r in runs if r.steps == first.steps]
             mean = np.mean([measures.smooth(r.losses, window) for r in same], axis=0)
-            ax.plot(first.steps, mean, color=color, linewidth=2,
-                    label=f"{s}" + (f" (mean of {len(same)} seeds)" if len(same) > 1 else ""))
+            ax.plot(first.steps, mean, color=color, linewidth=2, label=s)
+            counts[s].append(len(same))
         ax.set_title(panel or "", fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
@@ -489,7 +502,12 @@ def plot_curves(exp: Experiment, result: dict, out_png: Path) -> Path:
         ax.set_ylabel("clean training loss (probe)" if result["loss"].startswith("clean") else "training loss")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    # one entry per method (its colour is the same in every panel), with the seeds behind each panel's mean:
+    # a label per seed count listed one method twice, without saying which panel each entry belonged to
     handles, labels = _legend_entries(axes)
+    labels = [s + ("" if counts[s] == [1] * len(counts[s]) else f" (mean of {counts[s][0]} seeds)"
+                   if len(set(counts[s])) == 1 else f" (seeds per panel: {', '.join(map(str, counts[s]))})")
+              for s in labels]
     per_row = 4 if width >= 12 else 2  # long labels ("LoRA-MGPO (APN normalized) (mean of 3 seeds)") need room
     fig.suptitle(f"{exp.title}\n{result['loss']}\nfaint: raw, each seed; bold: moving average, mean over seeds",
                  fontsize=11)
@@ -540,15 +558,26 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
     panels, series = result["panels"], result["series"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     for s, color in zip(series, _colors(len(series))):
-        stats = [_mean_std([100 * r["dd_rise_rel"] for r in result["per_run"] if r["series"] == s
-                            and r["panel"] == p and "dd_rise_rel" in r] or [np.nan]) for p in panels]
+        got = [[r for r in result["per_run"] if r["series"] == s and r["panel"] == p and "dd_rise_rel" in r]
+               for p in panels]
+        stats = [_mean_std([100 * r["dd_rise_rel"] for r in rows] or [np.nan]) for rows in got]
+        # a run that never trained has no descent to rise from: its low rise must not read as smooth training.
+        # Counts go in the legend (labels beside the points overlapped where stalled methods all sit near 0).
+        stalled = [sum(r["dd_fall_rel"] < STALLED_FALL for r in rows) for rows in got]
+        label = s + (f" (stalled per panel: {', '.join(f'{k}/{len(rows)}' for k, rows in zip(stalled, got))})"
+                     if any(stalled) else "")
         ax.errorbar(range(len(panels)), [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3,
-                    label=s, color=color)
+                    label=label, color=color)
+        for x, (k, (mean, _)) in enumerate(zip(stalled, stats)):
+            if k:
+                ax.plot(x, mean, marker="o", markersize=11, markerfacecolor="none", markeredgecolor=color)
     ax.set_xticks(range(len(panels)), panels, fontsize=9)
     ax.set_ylabel("double-descent rise (% of running min)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{textwrap.fill(exp.title, 70)}\ndouble-descent measure (lower = smoother)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)  # off the points
+    ax.set_title(f"{textwrap.fill(exp.title, 70)}\ndouble-descent rise: mean over seeds, whiskers: std; lower = "
+                 f"smaller rise\nringed, 'stalled k/n': k seeds' loss fell < {100 * STALLED_FALL:g}% (never "
+                 "trained), no descent to rise from", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -596,7 +625,13 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                             "means and paired differences mix those settings: run them as a sweep with that axis."))
     for png, caption in figures:
         blocks.append(("img", png, caption))
-    blocks += [("h3", f"{m}: mean ± std over seeds (best in bold)"), ("table", result["method_table"])]
+    blocks.append(("h3", f"{m}: mean ± std over seeds (best in bold)"))
+    if result["method_table"]["uneven"]:
+        blocks.append(("p", "Not all methods have the same finished seeds in "
+                            f"{', '.join(c or m for c in result['method_table']['uneven'])}: there each cell says "
+                            "its number of seeds n, and no best is marked, as means over different seeds do not "
+                            "rank the methods. The paired differences below compare only the seeds both have."))
+    blocks.append(("table", result["method_table"]))
     if result["diff_table"]["rows"]:
         blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
                    ("p", "Bold and * : the interval excludes 0. Student t interval of the n paired differences "
@@ -647,6 +682,15 @@ def _loss_note(result: dict) -> str:
             "`clean_loss`, the mean loss of a fixed set of training examples at the clean weights, the same "
             "measurement for every method; `as trained` is the logged `loss`, which for MGPO, MSAM and the noise "
             "methods is the loss at the perturbed weights.")
+    windows = _order(x["dd_window"] for x in result["per_run"] if "dd_window" in x)
+    if windows:
+        trained = _order(x["trained_dd_window"] for x in result["per_run"] if "trained_dd_window" in x)
+        note += (f" Smoothed: trailing moving average over {' / '.join(map(str, windows))} logged points"
+                 + (f" (the logged-loss columns: {' / '.join(map(str, trained))})" if trained else "") + ". Rise: "
+                 "the largest amount the smoothed loss climbs above its running minimum. `peak step`: mean over "
+                 "the seeds with a rise; `steps to recover`: mean over the seeds that got back to that minimum "
+                 "(`not recovered` counts the others); spikes: logged losses above the factor times the median of "
+                 "the window before them.")
     if result["no_clean_loss"] and result["mixed_losses"]:
         note += (f" Runs without `clean_loss` (logged before the probe existed, or with "
                  f"`training.clean_loss_every=0`) fall back to the loss as trained, so they are not measured like "
