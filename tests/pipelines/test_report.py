@@ -477,6 +477,16 @@ def test_a_copied_sweep_folder_is_read_from_the_copy_not_from_where_the_sweep_wr
     assert "0.75" in csv and "0.5," not in csv
 
 
+def test_a_run_the_sweep_found_finished_before_is_said_done_before_not_skipped(tmp_path):
+    root, rows = tmp_path / "sweep", []
+    for seed in range(2):
+        add_run(root, rows, f"LoRA-s{seed}", seeded("LoRA", seed), falling(), {"test_accuracy": 0.5})
+    rows[0]["status"] = "skipped"  # what the sweep writes for a run finished in an earlier session
+    write_index(root, "resumed", rows)
+    csv = (make_report([root], tmp_path / "report")["markdown"].parent / "runs.csv").read_text()
+    assert "done before" in csv and "skipped" not in csv
+
+
 @pytest.mark.parametrize("broken", ["index.json", "LoRA-s0/metrics.json", "sweep.yaml", "LoRA-s0/config.yaml"])
 def test_a_cut_short_json_or_yaml_file_is_named(tmp_path, broken):
     root, rows = tmp_path / "sweep", []

@@ -127,7 +127,12 @@ def _panel_label(axis: str, value) -> str:
     return f"{short}={value}"
 
 
+# A sweep's "skipped" is a run it found finished by an earlier session, not one it left out: said as that.
+STATUS_SAID = {"skipped": "done before"}
+
+
 def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -> RunResult:
+    status = STATUS_SAID.get(status, status)
     cfg = OmegaConf.to_container(read_yaml(path / "config.yaml")) if (path / "config.yaml").is_file() else {}
     labels = labels or {}
     if "method" in labels:
