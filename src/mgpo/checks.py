@@ -15,8 +15,11 @@ def check(ok: bool, name: str, value: Any, allowed: str, error: type[Exception] 
 
 def check_choice(name: str, value: Any, choices, error: type[Exception] = ValueError) -> None:
     """``value`` must be one of ``choices``."""
-    if value not in tuple(choices):
-        raise error(f"{name}={value!r} is unknown: choose one of {', '.join(str(c) for c in choices)}.")
+    choices = tuple(choices)
+    if value not in choices:
+        named = ", ".join(str(c) for c in choices if c is not None)
+        unset = " (or null: leave it unset)" if None in choices else ""  # "None" read like a value to type
+        raise error(f"{name}={value!r} is unknown: choose one of {named}{unset}.")
 
 
 def is_number(value: Any) -> bool:

@@ -109,6 +109,14 @@ def test_invalid_config_names_the_field_and_value(name, value, tmp_path):
         PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path), perturbation=cfg)
 
 
+def test_an_unknown_choice_lists_the_values_to_type_and_says_null_leaves_it_unset():
+    with pytest.raises(ValueError) as info:
+        PerturbationConfig(preset="mgpo").validate()
+    msg = str(info.value)
+    assert "choose one of lora, mgpo-no-apn, lora-mgpo, msam (or null: leave it unset)." in msg
+    assert "None" not in msg
+
+
 def test_a_field_the_preset_sets_given_otherwise_too_is_refused():
     with pytest.raises(ValueError, match=r"preset='lora-mgpo' sets method='mgpo', but perturbation.method='sam'"):
         PerturbationConfig(preset="lora-mgpo", method="sam").validate()

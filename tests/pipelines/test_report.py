@@ -619,3 +619,46 @@ def test_a_run_counted_twice_or_runs_merged_as_seeds_are_named(tmp_path):
     result = CliRunner().invoke(app, ["report", str(a), str(a), "--out", str(tmp_path / "r5")])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "given twice; pass each run once" in said and "Traceback" not in said
+
+
+def test_figures_join_no_settings_by_a_line_and_each_bar_says_its_seeds(sweep_dir, tmp_path, monkeypatch):
+    """Panels are separate settings: the double-descent figure draws points with whiskers, no line from one panel
+    to the next, each method beside the other. Each accuracy bar carries its number of seeds, and the columns
+    over all panels say they mix them."""
+    import mgpo.pipelines.report as report
+
+    shutil.rmtree(sweep_dir / "r64-LoRA-MGPO-s2")  # one bar of 2 seeds beside bars of 3
+    figures = {}
+
+    def keep(fig, out_png):
+        ax = fig.axes[0]
+        figures[out_png.name] = {"lines": [(line.get_linestyle(), tuple(line.get_xdata())) for line in ax.lines
+                                           if len(line.get_xdata()) > 1],
+                                 "texts": [t.get_text() for t in ax.texts]}
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    md = make_report([sweep_dir], tmp_path / "report")["markdown"].read_text()
+    dd = figures["rank-sweep-double-descent.png"]["lines"]
+    assert dd and all(style == "None" for style, _ in dd)  # points, whiskers' caps: no line
+    assert len({xs for _, xs in dd}) == 2  # LoRA's and LoRA-MGPO's points sit side by side, not on top of each other
+    assert sorted(figures["rank-sweep-test_accuracy.png"]["texts"]) == ["n=2"] + ["n=3"] * 3
+    assert _md_row(md, "method")[-1] == "mean of panels"
+    assert _md_row(md, "difference")[-1] == "all panels pooled"
+
+
+def test_a_radius_rule_has_no_apn_cap_and_the_table_says_so(tmp_path):
+    """A rule run (apn=weight) logs apn_capped = 0 because it has no cap; the table says 'no cap' rather than
+    a 0 that reads as 'no layer reached it'."""
+    root, rows = tmp_path / "rule", []
+    for method, apn in (("LoRA-MGPO", "inverse"), ("MGPO weight-rule", "weight")):
+        log = [{"step": s, "loss": 1.0 / s, "apn_capped": 1.0 if apn == "inverse" else 0.0, "apn_factor_mean": 5.0}
+               for s in range(1, 6)]
+        add_run(root, rows, f"{apn}-0", {"method": method, "training.seed": 0}, log, {"test_accuracy": 0.8},
+                config=f"perturbation: {{method: mgpo, apn: {apn}, max_scale: 10.0}}\n")
+    write_index(root, "rule", rows)
+    table = make_report([root], tmp_path / "report")["markdown"].read_text().split("### Perturbation size")[1]
+    assert _md_row(table, "- | LoRA-MGPO")[-1] == "1.0000"
+    assert _md_row(table, "- | MGPO weight-rule")[-1] == "no cap"

@@ -58,6 +58,11 @@ STALLED_FALL = 0.10
 # The optimizer's per-step diagnostics (perturbation.diagnostics) the report summarises: key -> column.
 DIAGNOSTICS = {"radius_to_weight_mean": "radius / ‖W‖", "radius_to_update_mean": "radius / last update",
                "apn_factor_mean": "radius factor k", "apn_capped": "layers at the APN cap"}
+# Columns over several panels (settings): a mean of the panels' means, and the paired differences of every panel
+# pooled (each pair still within one panel, but the interval then mixes settings whose spread can differ a lot)
+MEAN_OF_PANELS = "mean of panels"
+POOLED = "all panels pooled"
+NO_CAP = "no cap"  # the apn_capped cell of a run whose radius rule has no APN cap
 # Which training loss a run's curve is: the clean-loss probe, or (runs without it) the loss the steps saw.
 LOSS_KINDS = {"clean": "clean (probe)", "perturbed": "as trained (at the perturbed weights)",
               "trained": "as trained"}
@@ -153,6 +158,9 @@ def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -
         got = [r[name] for r in log if isinstance(r.get(name), (int, float)) and np.isfinite(r[name])]
         if got:
             diagnostics[name] = float(np.median(got))
+    pert = cfg.get("perturbation") or {}
+    if "apn_capped" in diagnostics and (pert.get("apn") not in (None, "inverse") or pert.get("max_scale", 1) is None):
+        diagnostics["apn_capped"] = NO_CAP  # a rule (or APN off / uncapped) has no cap: 0 "at the cap" misleads
     return RunResult(path, series, panel, int(seed), status if metrics else (status or "unfinished"), metrics,
                      [r["step"] for r in rows], [r[key] for r in rows], error, kind, diagnostics,
                      [r["step"] for r in trained], [r["loss"] for r in trained], cfg)
@@ -302,7 +310,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
 
     better = higher_is_better(metric)
     # method table: mean ± std per panel, plus the average over panels
-    cols = panels + (["avg"] if len(panels) > 1 else [])
+    cols = panels + ([MEAN_OF_PANELS] if len(panels) > 1 else [])
     means = {}
     for s in series:
         for p in panels:
@@ -310,14 +318,14 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             means[s, p] = float(np.mean(v)) if v else None
         if len(panels) > 1:
             got = [means[s, p] for p in panels]
-            means[s, "avg"] = float(np.mean(got)) if None not in got else None
+            means[s, MEAN_OF_PANELS] = float(np.mean(got)) if None not in got else None
     # A partial sweep has more seeds of some methods than of others: their means are over different seeds (a
     # lucky or unlucky extra seed can reorder them), so such a column shows each cell's n and marks no best.
     uneven = {p for p in panels
               if len({frozenset(x["seed"] for x in per_run if x["series"] == s and x["panel"] == p
                                 and x["value"] is not None) for s in series} - {frozenset()}) > 1}
-    if uneven and "avg" in cols:
-        uneven.add("avg")
+    if uneven and MEAN_OF_PANELS in cols:
+        uneven.add(MEAN_OF_PANELS)
     best = {}
     for c in cols:
         got = [means[s, c] for s in series if means[s, c] is not None and np.isfinite(means[s, c])]
@@ -326,8 +334,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     for s in series:
         cells = [(s, False)]
         for c in cols:
-            text = mean_std_cell(values(s, c, "value")) if c != "avg" else _fmt(means[s, c])
-            if c in uneven and c != "avg" and values(s, c, "value"):
+            text = mean_std_cell(values(s, c, "value")) if c != MEAN_OF_PANELS else _fmt(means[s, c])
+            if c in uneven and c != MEAN_OF_PANELS and values(s, c, "value"):
                 text += f" (n={len(values(s, c, 'value'))})"
             cells.append((text, means[s, c] is not None and means[s, c] == best[c]))
         method_rows.append(cells)
@@ -335,13 +343,13 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                     "uneven": [c for c in cols if c in uneven]}
 
     # paired differences vs the baseline, paired by (panel, seed)
-    diff_cols = panels + (["all"] if len(panels) > 1 else [])
+    diff_cols = panels + ([POOLED] if len(panels) > 1 else [])
     diffs = {}
 
     def diff_row(s: str, ref: str, key: str = "value") -> list:
         cells = [(f"{s} − {ref}", False)]
         for c in diff_cols:
-            keys = panels if c == "all" else [c]
+            keys = panels if c == POOLED else [c]
             mine, base = ({(x["panel"], x["seed"]): x[key] for x in per_run
                            if x["series"] == name and x.get(key) is not None and x["panel"] in keys}
                           for name in (s, ref))
@@ -452,8 +460,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             runs = [r for r in exp.runs if r.series == s and r.panel == p and r.diagnostics]
             if runs:
                 diag_rows.append([(p or "-", False), (s, False)] + [
-                    (_fmt(np.mean(got), 4) if (got := [r.diagnostics[k] for r in runs if k in r.diagnostics])
-                     else "-", False) for k in DIAGNOSTICS])
+                    (_diag_cell([r.diagnostics[k] for r in runs if k in r.diagnostics]), False)
+                    for k in DIAGNOSTICS])
     diag_table = {"header": ["panel", "method", *DIAGNOSTICS.values()], "rows": diag_rows}
     failed = [(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics]
     fallback = [r.path.name for r in exp.runs if r.losses and r.loss_kind != "clean"]  # runs without the probe
@@ -465,6 +473,14 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             "dd_table": dd_table, "cost_table": cost_table,
             "diag_table": diag_table,
             "failed": failed, "smooth": smooth, "spike_factor": spike_factor}
+
+
+def _diag_cell(got: list) -> str:
+    if not got:
+        return "-"
+    if NO_CAP in got:
+        return NO_CAP if all(g == NO_CAP for g in got) else "mixed: some runs have no cap"
+    return _fmt(np.mean(got), 4)
 
 
 # ---------------------------------------------------------------- figures
@@ -541,8 +557,13 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
     for i, s in enumerate(series):
         stats = [_mean_std([r["value"] for r in result["per_run"] if r["series"] == s and r["panel"] == p
                             and r["value"] is not None] or [np.nan]) for p in panels]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, [m for m, _ in stats], width, yerr=[e for _, e in stats],
-               capsize=3, label=s, color=colors[i])
+        counts = [sum(r["series"] == s and r["panel"] == p and r["value"] is not None for r in result["per_run"])
+                  for p in panels]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, [m for m, _ in stats], width,
+                      yerr=[e for _, e in stats], capsize=3, label=s, color=colors[i])
+        # each bar says its number of seeds: a mean of 2 seeds beside one of 5 must not read the same
+        ax.bar_label(bars, [f"n={n}" if n else "" for n in counts], label_type="center", fontsize=6, rotation=90,
+                     color="white")
         extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
     ax.set_xticks(x, [p or metric for p in panels], fontsize=9)
     ax.set_ylabel(metric)
@@ -553,7 +574,7 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(series), 3), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     ax.set_title(f"{textwrap.fill(exp.title, 70)}\n{metric} ({'higher' if result['better'] else 'lower'} is "
-                 "better); bars: mean over seeds, whiskers: std", fontsize=10)
+                 "better); bars: mean over the n seeds written on each, whiskers: std", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -562,7 +583,11 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
     """Relative double-descent rise per panel (e.g. rank or learning rate), one line per method."""
     panels, series = result["panels"], result["series"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
-    for s, color in zip(series, _colors(len(series))):
+    # Panels are separate settings (a rank, a learning rate), not points on one axis: no line joins them, and each
+    # method sits a little beside the panel's tick so the whiskers do not cover each other.
+    step = 0.6 / max(len(series), 1)
+    for j, (s, color) in enumerate(zip(series, _colors(len(series)))):
+        xs = [x + (j - (len(series) - 1) / 2) * step for x in range(len(panels))]
         got = [[r for r in result["per_run"] if r["series"] == s and r["panel"] == p and "dd_rise_rel" in r]
                for p in panels]
         stats = [_mean_std([100 * r["dd_rise_rel"] for r in rows] or [np.nan]) for rows in got]
@@ -571,9 +596,9 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
         stalled = [sum(r["dd_fall_rel"] < STALLED_FALL for r in rows) for rows in got]
         label = s + (f" (stalled per panel: {', '.join(f'{k}/{len(rows)}' for k, rows in zip(stalled, got))})"
                      if any(stalled) else "")
-        ax.errorbar(range(len(panels)), [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3,
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3, linestyle="none",
                     label=label, color=color)
-        for x, (k, (mean, _)) in enumerate(zip(stalled, stats)):
+        for x, k, (mean, _) in zip(xs, stalled, stats):
             if k:
                 ax.plot(x, mean, marker="o", markersize=11, markerfacecolor="none", markeredgecolor=color)
     ax.set_xticks(range(len(panels)), panels, fontsize=9)
