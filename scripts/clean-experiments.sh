@@ -11,7 +11,9 @@
 #                                                                  # editing the running file would break it)
 set -uo pipefail
 cd "${MGPO_ROOT:-$(dirname "$0")/..}" || exit 1
-sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-methods-clean cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean)
+# the sweeps that decide whether a radius rule is shipped (every task it must not lose on) before the method
+# table, which takes the shipped rule as a third arm if there is one
+sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean cpu-methods-clean)
 keep=docs/experiments-clean/runs
 every=${MGPO_KEEP_EVERY:-60}  # seconds between looks for newly finished runs
 commit=false; [[ "${1:-}" == "--commit" ]] && commit=true

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-SWEEPS = ["cpu-dd-clean", "cpu-dd-clean-full", "cpu-methods-clean", "cpu-core-tweets", "cpu-arithmetic-core",
-          "cpu-ablation-clean"]
+SWEEPS = ["cpu-dd-clean", "cpu-dd-clean-full", "cpu-core-tweets", "cpu-arithmetic-core", "cpu-ablation-clean",
+          "cpu-methods-clean"]
 # `mgpo sweep configs/experiments/NAME.yaml`: logs whether run-a was already done, then writes one finished run
 # (with a checkpoint that must not be kept) and one half-finished run; exits $STOP_AT's code on that sweep
 FAKE_MGPO = r"""#!/bin/bash
@@ -53,11 +53,11 @@ def test_finished_runs_are_kept_and_put_back_on_a_fresh_checkout(tmp_path):
 
 
 def test_a_stopped_sweep_stops_the_queue_with_its_exit_code(tmp_path):
-    result = queue(tmp_path, stop_at="cpu-methods-clean")
+    result = queue(tmp_path, stop_at="cpu-core-tweets")
     assert result.returncode == 130 and "rerun to resume" in result.stdout
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert calls == [f"{n} run-a trained" for n in SWEEPS[:3]]
-    assert (tmp_path / "docs" / "experiments-clean" / "runs" / "cpu-methods-clean" / "run-a" / "metrics.json").is_file()
+    assert (tmp_path / "docs" / "experiments-clean" / "runs" / "cpu-core-tweets" / "run-a" / "metrics.json").is_file()
 
 
 def test_commit_takes_the_kept_records_only(tmp_path):
