@@ -535,6 +535,59 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()
 
 
+def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdict(tmp_path, monkeypatch):
+    """The figure beside the shipping test: per sweep, each method's paired difference to the baseline as a point
+    whose whiskers are its t interval; red where significantly worse, green where better (a lower loss is
+    better), grey otherwise, and a method a sweep did not run is said so, not drawn at 0."""
+    import mgpo.pipelines.report as report
+
+    values = {"acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69],
+                      "Other": [0.81, 0.80, 0.83, 0.79]},
+              "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47]}}
+    dirs = []
+    for sweep, methods in values.items():
+        root, rows = tmp_path / sweep, []
+        metric = "test_accuracy" if sweep == "acc" else "test_loss"
+        for method, per_seed in methods.items():
+            for seed, v in enumerate(per_seed):
+                add_run(root, rows, f"{method}-s{seed}", seeded(method, seed), falling(1), {metric: v})
+        write_index(root, sweep, rows)
+        (root / "sweep.yaml").write_text(f"report: {{baseline: LoRA, metric: {metric}}}\n")
+        dirs.append(root)
+    drawn = {}
+
+    def keep(fig, out_png):
+        if out_png.name == "across-experiments.png":
+            for ax in fig.axes:
+                if not ax.get_visible():
+                    continue
+                labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+                ticks = list(fig.axes[0].get_yticks())
+                points = {}
+                for line in ax.lines:
+                    xs, ys = line.get_xdata(), line.get_ydata()
+                    if len(xs) == 1 and line.get_marker() == "o":
+                        points[labels[ticks.index(ys[0])]] = (xs[0], line.get_color())
+                caps = sorted(x for c in ax.collections for seg in c.get_segments() for x in (seg[0][0], seg[1][0]))
+                drawn[ax.get_title()] = {"points": points, "whiskers": caps,
+                                         "texts": [t.get_text() for t in ax.texts]}
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    md = make_report(dirs, tmp_path / "report")["markdown"].read_text()
+    assert "figures/across-experiments.png" in md.split("## Across experiments")[1].split("\n## ")[0]
+    acc, loss = drawn["acc"], drawn["loss"]
+    d = paired_t(values["acc"]["Rule"], values["acc"]["LoRA"])
+    assert acc["points"]["Rule"] == (pytest.approx(d["mean"]), "tab:red")
+    assert pytest.approx(d["low"]) in acc["whiskers"] and pytest.approx(d["high"]) in acc["whiskers"]
+    assert acc["points"]["Other"][1] == "tab:grey"
+    assert loss["points"]["Rule"][1] == "tab:green"  # lower loss: better
+    assert "Other" not in loss["points"] and "not in this sweep" in loss["texts"]
+    assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()
+
+
 def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     root, rows = tmp_path / "load", []
     for method, loads in (("LoRA", [(1.0, 1.2, 1.5), (1.1, 1.4, 1.5)]), ("LoRA-MGPO", [(3.9, 4.1, 3.0), None])):

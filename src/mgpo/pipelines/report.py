@@ -612,6 +612,53 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
     return _save(fig, out_png)
 
 
+def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path | None:
+    """The across-experiments table as a figure: one panel per sweep and setting, each method's paired difference to
+    that sweep's baseline as a point with its 95% t interval, a line at 0. Red: significantly worse; green:
+    significantly better; grey: the interval holds 0. A panel's own scale: the metrics differ between sweeps."""
+    series = _order(s for res in results for s in res["series"] if s != res["baseline"])
+    cols = [(i, p) for i, res in enumerate(results) for p in res["panels"]
+            if any((s, p) in res["diffs"] and res["diffs"][s, p]["n"] for s in res["series"])]
+    if len(results) < 2 or not series or not cols:
+        return None
+    ncols = min(4, len(cols))
+    nrows = -(-len(cols) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.5, 0.38 * len(series) * nrows + 1.6 * nrows),
+                             dpi=110, sharey=True, squeeze=False)
+    ys = {s: len(series) - 1 - k for k, s in enumerate(series)}  # first method on top
+    for ax, (i, p) in zip(axes.flat, cols):
+        res = results[i]
+        ax.axvline(0, color="black", linewidth=0.8, linestyle="--")
+        for s in series:
+            d = res["diffs"].get((s, p))
+            if s not in res["series"] or d is None or not d["n"] or d["nonfinite"]:
+                why = ("not in this sweep" if s not in res["series"] else
+                       "non-finite" if d and d["nonfinite"] else "no pairs yet")
+                ax.text(0.5, ys[s], why, transform=ax.get_yaxis_transform(), ha="center", va="center",
+                        fontsize=7, color="grey")
+                continue
+            good = ((d["low"] > 0) == res["better"]) if d["significant"] else None
+            color = {True: "tab:green", False: "tab:red", None: "tab:grey"}[good]
+            err = None if d["low"] is None else [[d["mean"] - d["low"]], [d["high"] - d["mean"]]]
+            ax.errorbar([d["mean"]], [ys[s]], xerr=err, marker="o", capsize=3, color=color, linestyle="none")
+            ax.annotate(f"n={d['n']}", (d["mean"], ys[s]), textcoords="offset points", xytext=(0, 5), ha="center",
+                        fontsize=6, color=color)
+        arrow = "higher is better →" if res["better"] else "← lower is better"
+        ax.set_xlabel(f"{res['metric']} − {res['baseline']}\n({arrow})", fontsize=8)
+        ax.set_title(textwrap.fill(f"{titles[i]}{f' ({p})' if p else ''}", 38), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_yticks(list(ys.values()), list(ys), fontsize=8)
+        ax.set_ylim(-0.7, len(series) - 0.3)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.set_visible(False)
+    fig.suptitle("Each method minus its sweep's baseline, paired by seed: mean and 95% t interval\n"
+                 "red: significantly worse, green: significantly better, grey: the interval holds 0", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
 def _save(fig, out_png: Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, bbox_inches="tight")  # nothing clipped, whatever the title and legend lengths
@@ -862,7 +909,8 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
                          f"{exp.title}: double-descent measure per panel"))
         figures_all += [p for p, _ in figs]
         blocks += _blocks(exp, result, figs)
-    verdicts = verdict_table(results, [e.slug for e in experiments if any(r.metrics or r.losses for r in e.runs)])
+    titles = [e.slug for e in experiments if any(r.metrics or r.losses for r in e.runs)]
+    verdicts = verdict_table(results, titles)
     if verdicts:
         blocks = [("h2", "Across experiments: each method minus the baseline"),
                   ("p", "The primary metric of each experiment and panel, the method minus that experiment's "
@@ -871,6 +919,10 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
                         "rule is shipped only if it is significantly worse nowhere; that is not evidence of no "
                         "harm: the lower end of each interval is the largest loss the seeds cannot rule out."),
                   ("table", verdicts)] + blocks
+        across = plot_verdicts(results, titles, out_dir / "figures" / "across-experiments.png")
+        if across:
+            figures_all.append(across)
+            blocks.insert(3, ("img", across, "Each method minus its sweep's baseline, with 95% t intervals"))
     md = write_markdown(blocks, out_dir / "report.md", title)
     page = write_html(blocks, out_dir / "report.html", title)
     csv_path = write_runs_csv(results, out_dir / "runs.csv")
