@@ -543,7 +543,8 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
 
     values = {"acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69],
                       "Other": [0.81, 0.80, 0.83, 0.79]},
-              "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47]}}
+              "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47]},
+              "alone": {"LoRA": [0.80, 0.81, 0.79, 0.80]}}  # the baseline alone: nothing to compare, no column
     dirs = []
     for sweep, methods in values.items():
         root, rows = tmp_path / sweep, []
@@ -577,7 +578,9 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
 
     monkeypatch.setattr(report, "_save", keep)
     md = make_report(dirs, tmp_path / "report")["markdown"].read_text()
-    assert "figures/across-experiments.png" in md.split("## Across experiments")[1].split("\n## ")[0]
+    table = md.split("## Across experiments")[1].split("\n## ")[0]
+    assert "figures/across-experiments.png" in table
+    assert "alone" not in table and set(drawn) == {"acc", "loss"}
     acc, loss = drawn["acc"], drawn["loss"]
     d = paired_t(values["acc"]["Rule"], values["acc"]["LoRA"])
     assert acc["points"]["Rule"] == (pytest.approx(d["mean"]), "tab:red")

@@ -841,7 +841,9 @@ def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
     interval, the numbers of each experiment's difference table), and where it is significantly worse. The
     question a rule must pass to be shipped: never significantly worse than the baseline on any task. A method
     is judged only in the sweeps that ran it; a non-finite value (a NaN Pearson r) counts as a failure."""
-    cols = [(i, p) for i, res in enumerate(results) for p in res["panels"]]
+    # a sweep of the baseline alone (full fine-tuning at its own rates) has nothing to compare: no column
+    cols = [(i, p) for i, res in enumerate(results) for p in res["panels"]
+            if any(s != res["baseline"] for s in res["series"])]
     series = _order(s for res in results for s in res["series"] if s != res["baseline"])
     if len(results) < 2 or not series:  # one experiment: its own difference table says it all
         return None
