@@ -523,7 +523,7 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     table = md.split("## Across experiments")[1].split("\n## ")[0]
     rule, other = _md_row(table, "Rule"), _md_row(table, "Other")
     d = paired_t(values["acc"]["Rule"], values["acc"]["LoRA"])
-    assert rule[1] == f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=4 worse *"
+    assert rule[1] == f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=4 worse ***"  # bold: significant
     d = paired_t(values["loss"]["Rule"], values["loss"]["LoRA"])
     assert rule[2] == f"**{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=4 better ***"  # lower loss: better
     assert rule[3] == "acc" and other[3] == "nowhere"

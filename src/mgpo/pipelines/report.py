@@ -873,7 +873,7 @@ def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
                 if good is False:
                     worse.append(name[i, p])
                 tag = " better *" if good else " worse *" if good is False else ""
-                cells.append((f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}{tag}", bool(good)))
+                cells.append((f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}{tag}", good is not None))
         if worse:
             verdict = ", ".join(worse)
         elif not pending:
