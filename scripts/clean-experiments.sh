@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "${MGPO_ROOT:-$(dirname "$0")/..}" || exit 1
 # the sweeps that decide whether a radius rule is shipped (every task it must not lose on) before the method
-# table, which takes the shipped rule as a third arm if there is one
+# table, which would take a shipped rule as a third arm (none passed: docs/results.md)
 sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean cpu-methods-clean)
 keep=docs/experiments-clean/runs
 every=${MGPO_KEEP_EVERY:-60}  # seconds between looks for newly finished runs
