@@ -84,6 +84,9 @@ def test_paired_t_interval():
     assert mixed["mean"] == 0 and mixed["low"] < 0 < mixed["high"] and not mixed["significant"]
     single = paired_t([2.0], [1.0])
     assert single["mean"] == 1.0 and single["low"] is None and not single["significant"]
+    same = paired_t([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])  # no spread: t is undefined, not a zero-width certainty
+    assert same["no_spread"] and same["low"] == same["high"] == 0 and not same["significant"]
+    assert not up["no_spread"]
 
 
 def test_paired_t_interval_covers_the_true_difference_95_percent_of_the_time_at_5_seeds():

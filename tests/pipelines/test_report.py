@@ -506,7 +506,7 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     values = {  # sweep -> method -> per seed
         "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79],
                 "Only here": [0.81, 0.82, 0.80, 0.80]},
-        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47], "Other": [0.50, 0.54, 0.49, 0.52],
+        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47], "Other": [0.50, 0.54, 0.49, 0.52],
                  "Collapsed": [0.5, float("nan"), 0.5, 0.5]},
     }
     dirs = []
@@ -543,7 +543,7 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
 
     values = {"acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69],
                       "Other": [0.81, 0.80, 0.83, 0.79]},
-              "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.49, 0.47]},
+              "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47]},
               "alone": {"LoRA": [0.80, 0.81, 0.79, 0.80]}}  # the baseline alone: nothing to compare, no column
     dirs = []
     for sweep, methods in values.items():
@@ -718,3 +718,21 @@ def test_a_radius_rule_has_no_apn_cap_and_the_table_says_so(tmp_path):
     table = make_report([root], tmp_path / "report")["markdown"].read_text().split("### Perturbation size")[1]
     assert _md_row(table, "- | LoRA-MGPO")[-1] == "1.0000"
     assert _md_row(table, "- | MGPO weight-rule")[-1] == "no cap"
+
+
+def test_a_difference_that_is_the_same_in_every_pair_says_so_instead_of_a_zero_width_interval(tmp_path):
+    """Short runs whose clean loss only falls have no rise: every paired difference is 0, and a t interval of
+    [+0.0000, +0.0000] would read as a measured certainty. The cell says every pair is the same instead."""
+    root, rows = tmp_path / "flat", []
+    for method in ("LoRA", "LoRA-MGPO"):
+        for seed in range(3):
+            log = [{"step": i + 1, "loss": 1 / (i + 1), "clean_loss": 1 / (i + 1)} for i in range(20)]
+            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log,
+                    {"test_accuracy": 0.8 + 0.01 * seed + (0.02 if method == "LoRA" else 0),
+                     "final_clean_loss": 0.05 + 0.01 * seed})
+    write_index(root, "flat", rows)
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    rise = md.split("in the double-descent rise on the clean loss")[1].split("###")[0]
+    assert _md_row(rise, "LoRA-MGPO − LoRA")[1] == "+0.0000 in all 3 pairs (no spread: no interval)"
+    accuracy = md.split("### Difference to LoRA, paired by seed")[1].split("###")[0]
+    assert _md_row(accuracy, "LoRA-MGPO − LoRA")[1] == "-0.0200 in all 3 pairs (no spread: no interval)"  # not bold

@@ -79,13 +79,17 @@ def paired_t(a, b, *, confidence: float = CONFIDENCE) -> dict:
     claim); the t interval is exact for normal differences and the usual choice at this n. With fewer than two
     pairs, or a non-finite value in a pair (``nonfinite`` counts them: a NaN Pearson r of a collapsed model is a
     failure, not a missing number), there is no interval (``low``/``high`` None). ``significant``: the interval
-    excludes 0.
+    excludes 0. ``no_spread``: every pair differs by the same amount, so there is no interval to compute
+    (``low`` = ``high`` = the mean, not significant).
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     nonfinite = int((~np.isfinite(d)).sum())
     out = {"n": int(len(d)), "mean": float(d.mean()) if len(d) else float("nan"), "low": None, "high": None,
-           "significant": False, "nonfinite": nonfinite}
+           "significant": False, "nonfinite": nonfinite, "no_spread": False}
     if len(d) < 2 or nonfinite:
+        return out
+    if d.std(ddof=1) == 0:  # the same difference in every pair (0 where neither arm's loss ever rose): t is undefined
+        out.update(low=out["mean"], high=out["mean"], no_spread=True)
         return out
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
     out.update(low=out["mean"] - half, high=out["mean"] + half,

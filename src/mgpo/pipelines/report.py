@@ -368,6 +368,8 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                 text = f"non-finite in {d['nonfinite']} of {d['n']} pairs"
             elif d["low"] is None:
                 text = f"{d['mean']:+.4f} (n=1)"
+            elif d["no_spread"]:  # every pair differs by the same amount (both 0: no rise in any run)
+                text = f"{d['mean']:+.4f} in all {d['n']} pairs (no spread: no interval)"
             else:
                 text = (f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
                         f"{' *' if d['significant'] else ''}")
@@ -865,8 +867,9 @@ def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
             elif d["nonfinite"]:
                 cells.append((f"non-finite in {d['nonfinite']} of {d['n']} pairs", False))
                 worse.append(f"{name[i, p]} (non-finite)")
-            elif d["low"] is None:
-                cells.append((f"{d['mean']:+.4f} (n=1)", False))
+            elif d["low"] is None or d["no_spread"]:
+                cells.append((f"{d['mean']:+.4f} " + ("(n=1)" if d["low"] is None else
+                                                       f"in all {d['n']} pairs (no spread: no interval)"), False))
                 pending += 1
             else:
                 good = (d["low"] > 0) == results[i]["better"] if d["significant"] else None
