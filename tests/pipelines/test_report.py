@@ -499,16 +499,9 @@ def test_a_cut_short_json_or_yaml_file_is_named(tmp_path, broken):
         make_report([root], tmp_path / "report")
 
 
-def test_across_experiments_table_names_where_a_method_is_significantly_worse(tmp_path):
-    """Two sweeps (accuracy: higher is better; a loss metric: lower is better): each method minus its sweep's
-    baseline per sweep, with the t interval of that sweep's difference table, and the verdict column naming
-    the sweeps where the interval excludes 0 on the bad side."""
-    values = {  # sweep -> method -> per seed
-        "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79],
-                "Only here": [0.81, 0.82, 0.80, 0.80]},
-        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47], "Other": [0.50, 0.54, 0.49, 0.52],
-                 "Collapsed": [0.5, float("nan"), 0.5, 0.5]},
-    }
+def metric_sweeps(tmp_path: Path, values: dict) -> list[Path]:
+    """One sweep folder per key of ``values`` (sweep -> method -> value per seed), baseline LoRA; the sweep named
+    "acc" scores test_accuracy (higher is better), every other test_loss (lower is better)."""
     dirs = []
     for sweep, methods in values.items():
         root, rows = tmp_path / sweep, []
@@ -519,6 +512,20 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
         write_index(root, sweep, rows)
         (root / "sweep.yaml").write_text(f"report: {{baseline: LoRA, metric: {metric}}}\n")
         dirs.append(root)
+    return dirs
+
+
+def test_across_experiments_table_names_where_a_method_is_significantly_worse(tmp_path):
+    """Two sweeps (accuracy: higher is better; a loss metric: lower is better): each method minus its sweep's
+    baseline per sweep, with the t interval of that sweep's difference table, and the verdict column naming
+    the sweeps where the interval excludes 0 on the bad side."""
+    values = {  # sweep -> method -> per seed
+        "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79],
+                "Only here": [0.81, 0.82, 0.80, 0.80]},
+        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47], "Other": [0.50, 0.54, 0.49, 0.52],
+                 "Collapsed": [0.5, float("nan"), 0.5, 0.5]},
+    }
+    dirs = metric_sweeps(tmp_path, values)
     md = make_report(dirs, tmp_path / "report")["markdown"].read_text()
     table = md.split("## Across experiments")[1].split("\n## ")[0]
     rule, other = _md_row(table, "Rule"), _md_row(table, "Other")
@@ -545,16 +552,7 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
                       "Other": [0.81, 0.80, 0.83, 0.79]},
               "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47]},
               "alone": {"LoRA": [0.80, 0.81, 0.79, 0.80]}}  # the baseline alone: nothing to compare, no column
-    dirs = []
-    for sweep, methods in values.items():
-        root, rows = tmp_path / sweep, []
-        metric = "test_accuracy" if sweep == "acc" else "test_loss"
-        for method, per_seed in methods.items():
-            for seed, v in enumerate(per_seed):
-                add_run(root, rows, f"{method}-s{seed}", seeded(method, seed), falling(1), {metric: v})
-        write_index(root, sweep, rows)
-        (root / "sweep.yaml").write_text(f"report: {{baseline: LoRA, metric: {metric}}}\n")
-        dirs.append(root)
+    dirs = metric_sweeps(tmp_path, values)
     drawn = {}
 
     def keep(fig, out_png):

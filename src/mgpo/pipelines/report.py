@@ -614,6 +614,11 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
     return _save(fig, out_png)
 
 
+def _judged(d: dict, higher_better: bool) -> bool | None:
+    """A paired difference's verdict: True significantly better, False significantly worse, None neither."""
+    return (d["low"] > 0) == higher_better if d["significant"] else None
+
+
 def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path | None:
     """The across-experiments table as a figure: one panel per sweep and setting, each method's paired difference to
     that sweep's baseline as a point with its 95% t interval, a line at 0. Red: significantly worse; green:
@@ -639,7 +644,7 @@ def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path
                 ax.text(0.5, ys[s], why, transform=ax.get_yaxis_transform(), ha="center", va="center",
                         fontsize=7, color="grey")
                 continue
-            good = ((d["low"] > 0) == res["better"]) if d["significant"] else None
+            good = _judged(d, res["better"])
             color = {True: "tab:green", False: "tab:red", None: "tab:grey"}[good]
             err = None if d["low"] is None else [[d["mean"] - d["low"]], [d["high"] - d["mean"]]]
             ax.errorbar([d["mean"]], [ys[s]], xerr=err, marker="o", capsize=3, color=color, linestyle="none")
@@ -872,7 +877,7 @@ def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
                                                        f"in all {d['n']} pairs (no spread: no interval)"), False))
                 pending += 1
             else:
-                good = (d["low"] > 0) == results[i]["better"] if d["significant"] else None
+                good = _judged(d, results[i]["better"])
                 if good is False:
                     worse.append(name[i, p])
                 tag = " better *" if good else " worse *" if good is False else ""
