@@ -619,13 +619,19 @@ def _judged(d: dict, higher_better: bool) -> bool | None:
     return (d["low"] > 0) == higher_better if d["significant"] else None
 
 
+def _compared_columns(results: list[dict]) -> list[tuple[int, str]]:
+    """(experiment index, panel) of every panel with a method besides the baseline: a sweep of the baseline alone
+    (full fine-tuning at its own rates) has nothing to compare and gets no column in the table or the figure."""
+    return [(i, p) for i, res in enumerate(results) for p in res["panels"]
+            if any(s != res["baseline"] for s in res["series"])]
+
+
 def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path | None:
     """The across-experiments table as a figure: one panel per sweep and setting, each method's paired difference to
     that sweep's baseline as a point with its 95% t interval, a line at 0. Red: significantly worse; green:
     significantly better; grey: the interval holds 0. A panel's own scale: the metrics differ between sweeps."""
     series = _order(s for res in results for s in res["series"] if s != res["baseline"])
-    cols = [(i, p) for i, res in enumerate(results) for p in res["panels"]
-            if any((s, p) in res["diffs"] and res["diffs"][s, p]["n"] for s in res["series"])]
+    cols = _compared_columns(results)
     if len(results) < 2 or not series or not cols:
         return None
     ncols = min(4, len(cols))
@@ -648,7 +654,7 @@ def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path
             color = {True: "tab:green", False: "tab:red", None: "tab:grey"}[good]
             err = None if d["low"] is None else [[d["mean"] - d["low"]], [d["high"] - d["mean"]]]
             ax.errorbar([d["mean"]], [ys[s]], xerr=err, marker="o", capsize=3, color=color, linestyle="none")
-            ax.annotate(f"n={d['n']}", (d["mean"], ys[s]), textcoords="offset points", xytext=(0, 5), ha="center",
+            ax.annotate(f"n={d['n']}" + (", no spread" if d["no_spread"] else ""), (d["mean"], ys[s]), textcoords="offset points", xytext=(0, 5), ha="center",
                         fontsize=6, color=color)
         arrow = "higher is better →" if res["better"] else "← lower is better"
         ax.set_xlabel(f"{res['metric']} − {res['baseline']}\n({arrow})", fontsize=8)
@@ -848,9 +854,7 @@ def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
     interval, the numbers of each experiment's difference table), and where it is significantly worse. The
     question a rule must pass to be shipped: never significantly worse than the baseline on any task. A method
     is judged only in the sweeps that ran it; a non-finite value (a NaN Pearson r) counts as a failure."""
-    # a sweep of the baseline alone (full fine-tuning at its own rates) has nothing to compare: no column
-    cols = [(i, p) for i, res in enumerate(results) for p in res["panels"]
-            if any(s != res["baseline"] for s in res["series"])]
+    cols = _compared_columns(results)
     series = _order(s for res in results for s in res["series"] if s != res["baseline"])
     if len(results) < 2 or not series:  # one experiment: its own difference table says it all
         return None
