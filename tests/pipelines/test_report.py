@@ -734,3 +734,37 @@ def test_a_difference_that_is_the_same_in_every_pair_says_so_instead_of_a_zero_w
     assert _md_row(rise, "LoRA-MGPO − LoRA")[1] == "+0.0000 in all 3 pairs (no spread: no interval)"
     accuracy = md.split("### Difference to LoRA, paired by seed")[1].split("###")[0]
     assert _md_row(accuracy, "LoRA-MGPO − LoRA")[1] == "-0.0200 in all 3 pairs (no spread: no interval)"  # not bold
+
+
+def test_accuracy_bars_draw_the_chance_level_the_runs_recorded_and_the_table_states_it(tmp_path, monkeypatch):
+    """A bar's height means little without chance beside it: runs that record their split's majority-class share
+    (``test_majority``) get a dashed line at it in each panel and a sentence under the table; a panel with a run
+    that did not record it, or runs on splits with different shares, gets none rather than a wrong one."""
+    import mgpo.pipelines.report as report
+
+    root, rows = tmp_path / "sweep", []
+    for panel, shares in (("a", (0.6, 0.6)), ("b", (0.55, None)), ("c", (0.5, 0.7))):
+        for method, share in zip(("LoRA", "LoRA-MGPO"), shares):
+            for seed in (0, 1):
+                metrics = {"test_accuracy": 0.8 + 0.01 * seed} | ({"test_majority": share} if share else {})
+                add_run(root, rows, f"{panel}-{method}-s{seed}", {"setting": panel, **seeded(method, seed)},
+                        falling(), metrics)
+    write_index(root, "chance", rows)
+    lines = {}
+
+    def keep(fig, out_png):
+        ax = fig.axes[0]
+        lines[out_png.name] = [(tuple(seg[:, 1]), tuple(seg[:, 0])) for c in ax.collections
+                               for seg in c.get_segments()] if ax.collections else []
+        lines[out_png.name + ":legend"] = ax.get_legend_handles_labels()[1]
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    drawn = [seg for seg in lines["sweep-test_accuracy.png"] if seg[0][0] == seg[0][1] == 0.6]
+    assert len(drawn) == 1 and drawn[0][1][0] < 0 < drawn[0][1][1]  # over panel a's group only
+    assert not [seg for seg in lines["sweep-test_accuracy.png"] if seg[0][0] in (0.55, 0.5, 0.7)]
+    assert lines["sweep-test_accuracy.png:legend"].count("chance (majority class)") == 1
+    assert "recorded by each run): setting=a: 0.600." in md

@@ -305,6 +305,16 @@ def test_f1_is_named_for_the_positive_class_and_macro_f1_beside_it():
     assert "f1" not in three and three["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
 
 
+def test_the_majority_class_share_is_recorded_as_the_chance_level_of_accuracy():
+    from types import SimpleNamespace
+
+    from mgpo.pipelines.train import classification_metrics
+
+    got = classification_metrics("classification", 3)(SimpleNamespace(predictions=np.eye(3)[[0, 0, 0, 0, 0]],
+                                                                       label_ids=np.array([2, 1, 2, 0, 2])))
+    assert got["majority"] == pytest.approx(3 / 5) and got["accuracy"] == pytest.approx(1 / 5)
+
+
 def test_loss_plot_with_nothing_logged_says_so_without_warnings(tmp_path):
     import warnings
 

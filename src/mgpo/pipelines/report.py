@@ -287,7 +287,10 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     for r in exp.runs:
         row = {"experiment": exp.title, "series": r.series, "panel": r.panel, "seed": r.seed, "status": r.status,
                "path": str(r.path), "metric": metric, "value": r.metrics.get(metric),
-               "loss_curve": LOSS_KINDS[r.loss_kind] if r.losses else None}
+               "loss_curve": LOSS_KINDS[r.loss_kind] if r.losses else None,
+               # chance of an accuracy: the split's majority-class share (runs from before it was recorded: None)
+               "chance": r.metrics.get(metric[:-len("accuracy")] + "majority") if metric.endswith("accuracy")
+               else None}
         if r.losses:
             window = smooth or measures.default_window(len(r.losses))
             row.update({f"dd_{k}": v for k, v in measures.double_descent(r.steps, r.losses, window).items()})
@@ -549,6 +552,15 @@ def _legend_entries(axes):
     return list(seen.values()), list(seen)
 
 
+def _panel_chance(result: dict, panel) -> float | None:
+    """The chance level of a panel's accuracy bars: the majority-class share its finished runs recorded, where
+    they all recorded one and it is the same (runs evaluated on different splits have no common chance line)."""
+    got = [x["chance"] for x in result["per_run"] if x["panel"] == panel and x["value"] is not None]
+    if not got or any(c is None for c in got) or max(got) - min(got) > 1e-9:
+        return None
+    return got[0]
+
+
 def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
     """Grouped bars (paper Figure 4): one group per panel, one bar per method, error bars = std over seeds."""
     panels, series, metric = result["panels"], result["series"], result["metric"]
@@ -567,6 +579,14 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
         ax.bar_label(bars, [f"n={n}" if n else "" for n in counts], label_type="center", fontsize=6, rotation=90,
                      color="white")
         extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
+    labelled = False
+    for j, p in enumerate(panels):
+        chance = _panel_chance(result, p)
+        if chance is not None:  # without it, a bar at 0.5 of a balanced split reads as half-way to perfect
+            ax.hlines(chance, x[j] - 0.45, x[j] + 0.45, colors="black", linestyles="--", linewidth=1,
+                      **({} if labelled else {"label": "chance (majority class)"}))
+            labelled = True
+            extents.append(chance)
     ax.set_xticks(x, [p or metric for p in panels], fontsize=9)
     ax.set_ylabel(metric)
     if extents and min(extents) >= 0:
@@ -722,6 +742,12 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                             "its number of seeds n, and no best is marked, as means over different seeds do not "
                             "rank the methods. The paired differences below compare only the seeds both have."))
     blocks.append(("table", result["method_table"]))
+    chance = {p: _panel_chance(result, p) for p in result["panels"]}
+    if any(c is not None for c in chance.values()):
+        blocks.append(("p", "Chance (always guessing the most frequent label of the split the metric is taken on, "
+                            "recorded by each run): " + "; ".join(f"{p + ': ' if p else ''}{c:.3f}"
+                                                                 for p, c in chance.items() if c is not None)
+                       + ". In the figure: the dashed line."))
     if result["diff_table"]["rows"]:
         blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
                    ("p", "Bold and * : the interval excludes 0. Student t interval of the n paired differences "

@@ -253,7 +253,9 @@ def classification_metrics(task: str, num_labels: int):
             scores = np.asarray(logits).reshape(-1)
             return {"pearson": float(pearsonr(scores, labels)[0]), "spearman": float(spearmanr(scores, labels)[0])}
         guess = np.asarray(logits).argmax(-1)
-        out = {"accuracy": float(accuracy_score(labels, guess))}
+        out = {"accuracy": float(accuracy_score(labels, guess)),
+               # chance for accuracy: what always guessing the split's most frequent label scores
+               "majority": float(np.bincount(np.asarray(labels, dtype=int)).max() / max(len(labels), 1))}
         if num_labels == 2:  # "f1": the positive class (id 1); "macro_f1": the mean over both classes
             out["f1"] = float(f1_score(labels, guess, average="binary", zero_division=0))
         out["macro_f1"] = float(f1_score(labels, guess, average="macro", labels=list(range(num_labels)),
