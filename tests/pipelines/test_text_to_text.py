@@ -43,6 +43,7 @@ def test_first_token_accuracy_reads_the_label_words_logits():
     labels = np.array([[7, 1], [3, 1], [7, 1], [7, -100]])              # gold    0, 1, 0, 0
     result = metrics(SimpleNamespace(predictions=scores, label_ids=labels))
     assert result["accuracy"] == 0.75 and -1 <= result["matthews"] <= 1
+    assert result["majority"] == 0.75  # gold 0, 1, 0, 0: always guessing class 0 scores 3 of 4
 
 
 def test_label_words_must_start_differently_and_match_the_classes(tiny_t5_dir):

@@ -79,6 +79,8 @@ class FirstTokenMetrics:
         gold = np.array([index.get(int(row[0]), -1) for row in np.asarray(pred.label_ids)])
         n = len(self.first_ids)
         return {"accuracy": float((guess == gold).mean()),
+                # chance for accuracy: always guessing the most frequent label word
+                "majority": float(np.bincount(gold[gold >= 0], minlength=n).max() / max(len(gold), 1)),
                 "macro_f1": float(f1_score(gold, guess, average="macro", labels=list(range(n)), zero_division=0)),
                 "matthews": float(matthews_corrcoef(gold, guess))}
 
