@@ -768,3 +768,30 @@ def test_accuracy_bars_draw_the_chance_level_the_runs_recorded_and_the_table_sta
     assert not [seg for seg in lines["sweep-test_accuracy.png"] if seg[0][0] in (0.55, 0.5, 0.7)]
     assert lines["sweep-test_accuracy.png:legend"].count("chance (majority class)") == 1
     assert "recorded by each run): setting=a: 0.600." in md
+
+
+def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_from_the_spec(tmp_path):
+    """Mid-sweep, a run not yet started has no config.yaml: its method comes from the overrides the sweep will
+    start it with. Labelled from nothing, every pending run read as "LoRA", clashed with the finished LoRA run of
+    its seed, and the progress report refused to be made."""
+    root, rows = tmp_path / "methods", []
+    for adapter, preset, done in (("lora", "lora", True), ("lora", "lora-mgpo", True), ("dora", "lora", False),
+                                  ("dora", "lora-mgpo", False)):
+        labels = {"training.seed": 0, "adapter.method": adapter, "perturbation.preset": preset}
+        overrides = ["perturbation.profile=nlu", "perturbation.rho=0.005", f"adapter.method={adapter}",
+                     f"perturbation.preset={preset}", "training.seed=0"]
+        if done:
+            add_run(root, rows, f"{adapter}-{preset}-s0", labels, falling(),
+                    {"test_accuracy": 0.75 if preset == "lora" else 0.74},
+                    config=f"adapter: {{method: {adapter}}}\nperturbation: {{preset: {preset}, profile: nlu, "
+                           "rho: 0.005}\ntraining: {seed: 0}\n")
+            rows[-1]["overrides"] = overrides
+        else:
+            rows.append({"index": len(rows), "name": f"{adapter}-{preset}-s0", "status": "pending",
+                         "output_dir": str(root / f"{adapter}-{preset}-s0"), "labels": labels,
+                         "overrides": overrides})
+    write_index(root, "methods", rows)
+    md = make_report([root], tmp_path / "report")["markdown"].read_text()
+    assert [_md_row(md, m)[1] for m in ("LoRA", "LoRA-MGPO rho/10", "DoRA", "DoRA-MGPO rho/10")] == \
+        ["**0.7500**", "0.7400", "-", "-"]
+    assert "| DoRA-MGPO_rho_10-s0 |" not in md and "| dora-lora-mgpo-s0 | pending |" in md

@@ -136,9 +136,13 @@ def _panel_label(axis: str, value) -> str:
 STATUS_SAID = {"skipped": "done before"}
 
 
-def _load_run(path: Path, labels: dict | None, status: str, error: str | None) -> RunResult:
+def _load_run(path: Path, labels: dict | None, status: str, error: str | None,
+              overrides: list[str] | None = None) -> RunResult:
     status = STATUS_SAID.get(status, status)
-    cfg = OmegaConf.to_container(read_yaml(path / "config.yaml")) if (path / "config.yaml").is_file() else {}
+    if (path / "config.yaml").is_file():
+        cfg = OmegaConf.to_container(read_yaml(path / "config.yaml"))
+    else:  # a run the sweep has not started: its settings are the overrides the sweep will start it with
+        cfg = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])))
     labels = labels or {}
     if "method" in labels:
         series = str(labels["method"])
@@ -198,7 +202,7 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
             # where the sweep wrote it
             runs = [_load_run(d / r["name"] if (d / r["name"]).is_dir() else Path(r["output_dir"]),
                               {a: v for a, v in r["labels"].items() if a in varying or a in ("method", SEED_FIELD)},
-                              r["status"], r.get("error")) for r in index["runs"]]
+                              r["status"], r.get("error"), r.get("overrides")) for r in index["runs"]]
             experiments.append(Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {}))
         elif (d / "config.yaml").is_file():
             loose.append(_load_run(d, None, "done", None))
