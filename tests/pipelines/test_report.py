@@ -545,7 +545,7 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
 def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdict(tmp_path, monkeypatch):
     """The figure beside the shipping test: per sweep, each method's paired difference to the baseline as a point
     whose whiskers are its t interval; red where significantly worse, green where better (a lower loss is
-    better), grey otherwise, and a method a sweep did not run is said so, not drawn at 0."""
+    better), grey otherwise; a panel lists only its sweep's methods (a method it did not run is not drawn at 0)."""
     import mgpo.pipelines.report as report
 
     values = {"acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69],
@@ -560,15 +560,15 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
             for ax in fig.axes:
                 if not ax.get_visible():
                     continue
-                labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-                ticks = list(fig.axes[0].get_yticks())
+                labels = [t.get_text() for t in ax.get_yticklabels()]
+                ticks = list(ax.get_yticks())
                 points = {}
                 for line in ax.lines:
                     xs, ys = line.get_xdata(), line.get_ydata()
                     if len(xs) == 1 and line.get_marker() == "o":
                         points[labels[ticks.index(ys[0])]] = (xs[0], line.get_color())
                 caps = sorted(x for c in ax.collections for seg in c.get_segments() for x in (seg[0][0], seg[1][0]))
-                drawn[ax.get_title()] = {"points": points, "whiskers": caps,
+                drawn[ax.get_title()] = {"points": points, "whiskers": caps, "rows": labels,
                                          "texts": [t.get_text() for t in ax.texts]}
         out_png.parent.mkdir(parents=True, exist_ok=True)
         out_png.write_bytes(b"")
@@ -585,7 +585,7 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
     assert pytest.approx(d["low"]) in acc["whiskers"] and pytest.approx(d["high"]) in acc["whiskers"]
     assert acc["points"]["Other"][1] == "tab:grey"
     assert loss["points"]["Rule"][1] == "tab:green"  # lower loss: better
-    assert "Other" not in loss["points"] and "not in this sweep" in loss["texts"]
+    assert acc["rows"] == ["Rule", "Other"] and loss["rows"] == ["Rule"]  # each panel lists its own sweep's methods
     assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()
 
 

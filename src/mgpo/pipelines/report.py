@@ -651,48 +651,51 @@ def _compared_columns(results: list[dict]) -> list[tuple[int, str]]:
 
 
 def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path | None:
-    """The across-experiments table as a figure: one panel per sweep and setting, each method's paired difference to
-    that sweep's baseline as a point with its 95% t interval, a line at 0. Red: significantly worse; green:
-    significantly better; grey: the interval holds 0. A panel's own scale: the metrics differ between sweeps."""
-    series = _order(s for res in results for s in res["series"] if s != res["baseline"])
+    """The across-experiments table as a figure: one panel per sweep and setting, each of its methods' paired
+    difference to that sweep's baseline as a point with its 95% t interval, a line at 0. Red: significantly worse;
+    green: significantly better; grey: the interval holds 0. A panel's own scale: the metrics differ between sweeps.
+    Each panel lists only its own sweep's methods (the table says where a method did not run): with every method
+    of every sweep on every panel, six sweeps made a figure of mostly "not in this sweep"."""
     cols = _compared_columns(results)
-    if len(results) < 2 or not series or not cols:
+    if len(results) < 2 or not cols:
         return None
-    ncols = min(4, len(cols))
+    names = {c: [s for s in results[c[0]]["series"] if s != results[c[0]]["baseline"]] for c in cols}
+    ncols = min(3, len(cols))
     nrows = -(-len(cols) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.5, 0.38 * len(series) * nrows + 1.6 * nrows),
-                             dpi=110, sharey=True, squeeze=False)
-    ys = {s: len(series) - 1 - k for k, s in enumerate(series)}  # first method on top
-    for ax, (i, p) in zip(axes.flat, cols):
-        res = results[i]
+    # a row of panels is as tall as its longest list of methods
+    heights = [max(len(names[c]) for c in cols[r * ncols:(r + 1) * ncols]) for r in range(nrows)]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, sum(0.38 * h + 1.6 for h in heights)), dpi=110,
+                             squeeze=False, gridspec_kw={"height_ratios": [0.38 * h + 1.6 for h in heights]})
+    for k, (ax, (i, p)) in enumerate(zip(axes.flat, cols)):
+        res, height = results[i], heights[k // ncols]
+        ys = {s: height - 1 - k for k, s in enumerate(names[i, p])}  # first method on top
         ax.axvline(0, color="black", linewidth=0.8, linestyle="--")
-        for s in series:
+        for s, y in ys.items():
             d = res["diffs"].get((s, p))
-            if s not in res["series"] or d is None or not d["n"] or d["nonfinite"]:
-                why = ("not in this sweep" if s not in res["series"] else
-                       "non-finite" if d and d["nonfinite"] else "no pairs yet")
-                ax.text(0.5, ys[s], why, transform=ax.get_yaxis_transform(), ha="center", va="center",
-                        fontsize=7, color="grey")
+            if d is None or not d["n"] or d["nonfinite"]:
+                ax.text(0.5, y, "non-finite" if d and d["nonfinite"] else "no pairs yet",
+                        transform=ax.get_yaxis_transform(), ha="center", va="center", fontsize=7, color="grey")
                 continue
             good = _judged(d, res["better"])
             color = {True: "tab:green", False: "tab:red", None: "tab:grey"}[good]
             err = None if d["low"] is None else [[d["mean"] - d["low"]], [d["high"] - d["mean"]]]
-            ax.errorbar([d["mean"]], [ys[s]], xerr=err, marker="o", capsize=3, color=color, linestyle="none")
-            ax.annotate(f"n={d['n']}" + (", no spread" if d["no_spread"] else ""), (d["mean"], ys[s]), textcoords="offset points", xytext=(0, 5), ha="center",
-                        fontsize=6, color=color)
+            ax.errorbar([d["mean"]], [y], xerr=err, marker="o", capsize=3, color=color, linestyle="none")
+            ax.annotate(f"n={d['n']}" + (", no spread" if d["no_spread"] else ""), (d["mean"], y),
+                        textcoords="offset points", xytext=(0, 5), ha="center", fontsize=6, color=color)
         arrow = "higher is better →" if res["better"] else "← lower is better"
         ax.set_xlabel(f"{res['metric']} − {res['baseline']}\n({arrow})", fontsize=8)
-        ax.set_title(textwrap.fill(f"{titles[i]}{f' ({p})' if p else ''}", 38), fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(axis="x", alpha=0.3)
-    for ax in axes[:, 0]:
+        ax.set_title(textwrap.fill(f"{titles[i]}{f' ({p})' if p else ''}", 45), fontsize=8)
         ax.set_yticks(list(ys.values()), list(ys), fontsize=8)
-        ax.set_ylim(-0.7, len(series) - 0.3)
+        ax.set_ylim(-0.7, height - 0.3)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
     for ax in list(axes.flat)[len(cols):]:
         ax.set_visible(False)
-    fig.suptitle("Each method minus its sweep's baseline, paired by seed: mean and 95% t interval\n"
-                 "red: significantly worse, green: significantly better, grey: the interval holds 0", fontsize=10)
     fig.tight_layout()
+    # above the panels (savefig's tight box takes it in): placed inside, it covered the top panels' titles
+    fig.suptitle("Each method minus its sweep's baseline, paired by seed: mean and 95% t interval\n"
+                 "red: significantly worse, green: significantly better, grey: the interval holds 0", fontsize=10,
+                 y=1.0, va="bottom")
     return _save(fig, out_png)
 
 
