@@ -767,7 +767,9 @@ def test_accuracy_bars_draw_the_chance_level_the_runs_recorded_and_the_table_sta
     assert len(drawn) == 1 and drawn[0][1][0] < 0 < drawn[0][1][1]  # over panel a's group only
     assert not [seg for seg in lines["sweep-test_accuracy.png"] if seg[0][0] in (0.55, 0.5, 0.7)]
     assert lines["sweep-test_accuracy.png:legend"].count("chance (majority class)") == 1
-    assert "recorded by each run): setting=a: 0.600." in md
+    assert ("as each run recorded it): setting=a: 0.6000 (the dashed line in the figure). No chance line for "
+            "setting=b: 2 of its 4 runs did not record it; setting=c: its runs recorded different shares "
+            "(0.5000-0.7000: different splits).") in md
 
 
 def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_from_the_spec(tmp_path):
@@ -795,3 +797,11 @@ def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_
     assert [_md_row(md, m)[1] for m in ("LoRA", "LoRA-MGPO rho/10", "DoRA", "DoRA-MGPO rho/10")] == \
         ["**0.7500**", "0.7400", "-", "-"]
     assert "| DoRA-MGPO_rho_10-s0 |" not in md and "| dora-lora-mgpo-s0 | pending |" in md
+    # a spec whose base is a config file: the file's settings are not among the overrides, the index names it
+    base = tmp_path / "base.yaml"
+    base.write_text("perturbation: {profile: nlu, rho: 0.005}\n")
+    for r in rows:
+        r["overrides"] = [o for o in r["overrides"] if not o.startswith(("perturbation.profile", "perturbation.rho"))]
+    (root / "index.json").write_text(json.dumps({"title": "methods", "runs": rows, "base": str(base)}))
+    md = make_report([root], tmp_path / "report-2")["markdown"].read_text()
+    assert _md_row(md, "DoRA-MGPO rho/10")[1] == "-" and "| DoRA-MGPO |" not in md

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from mgpo.cli import app
 from mgpo.pipelines.config import ConfigError, to_yaml
-from mgpo.pipelines.sweep import load_sweep, plan, run_state, run_sweep
+from mgpo.pipelines.sweep import load_sweep, plan, run_state, run_sweep, write_index
 from tests.pipelines.test_train import sentiment_csv, tiny_model_dir  # noqa: F401 (fixtures)
 
 
@@ -50,6 +50,8 @@ output_dir: out
     assert (c.training.lr, c.training.max_steps, c.training.batch_size) == (1e-3, 7, 4)
     assert c.training.output_dir == str(tmp_path / "sweep" / "LoRA-MGPO-s1")
     assert {run_state(r.output_dir) for r in sweep.runs} == {"new"}
+    write_index(sweep)  # the base file is named in the index: with each run's overrides, its whole configuration
+    assert json.loads((tmp_path / "sweep" / "index.json").read_text())["base"] == str(tmp_path / "base.yaml")
 
 
 def test_inline_base_and_default_names(tmp_path):

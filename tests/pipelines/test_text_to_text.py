@@ -44,6 +44,9 @@ def test_first_token_accuracy_reads_the_label_words_logits():
     result = metrics(SimpleNamespace(predictions=scores, label_ids=labels))
     assert result["accuracy"] == 0.75 and -1 <= result["matthews"] <= 1
     assert result["majority"] == 0.75  # gold 0, 1, 0, 0: always guessing class 0 scores 3 of 4
+    # a target that is no label word (token 5) is an example no guess gets right, in accuracy and in chance alike
+    odd = metrics(SimpleNamespace(predictions=scores, label_ids=np.array([[7, 1], [3, 1], [5, 1], [5, 1]])))
+    assert odd["accuracy"] == 0.5 and odd["majority"] == 0.25
 
 
 def test_label_words_must_start_differently_and_match_the_classes(tiny_t5_dir):

@@ -71,6 +71,14 @@ def instability_count(losses, window: int | None = None, factor: float = SPIKE_F
     return int(sum(v[i] > factor * np.median(v[max(0, i - window):i]) for i in range(1, len(v))))
 
 
+def majority_share(gold, num_labels: int) -> float:
+    """Chance for accuracy: the share of examples whose label is the most frequent one (what always guessing it
+    scores). Labels outside 0..num_labels-1 (a text-to-text target that is no label word: -1) count as examples
+    no guess gets right."""
+    gold = np.asarray(gold, dtype=int)
+    return float(np.bincount(gold[(gold >= 0) & (gold < num_labels)], minlength=num_labels).max() / len(gold))
+
+
 def paired_t(a, b, *, confidence: float = CONFIDENCE) -> dict:
     """Mean of the paired differences a - b and its Student t interval, ``mean +- t_(n-1) sd / sqrt(n)``.
 

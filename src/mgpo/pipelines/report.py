@@ -137,12 +137,13 @@ STATUS_SAID = {"skipped": "done before"}
 
 
 def _load_run(path: Path, labels: dict | None, status: str, error: str | None,
-              overrides: list[str] | None = None) -> RunResult:
+              overrides: list[str] | None = None, base: str | None = None) -> RunResult:
     status = STATUS_SAID.get(status, status)
     if (path / "config.yaml").is_file():
         cfg = OmegaConf.to_container(read_yaml(path / "config.yaml"))
-    else:  # a run the sweep has not started: its settings are the overrides the sweep will start it with
-        cfg = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])))
+    else:  # a run the sweep has not started: its settings are its base config and the overrides it will start with
+        start = read_yaml(base) if base and Path(base).is_file() else OmegaConf.create()
+        cfg = OmegaConf.to_container(OmegaConf.merge(start, OmegaConf.from_dotlist(list(overrides or []))))
     labels = labels or {}
     if "method" in labels:
         series = str(labels["method"])
@@ -202,7 +203,8 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
             # where the sweep wrote it
             runs = [_load_run(d / r["name"] if (d / r["name"]).is_dir() else Path(r["output_dir"]),
                               {a: v for a, v in r["labels"].items() if a in varying or a in ("method", SEED_FIELD)},
-                              r["status"], r.get("error"), r.get("overrides")) for r in index["runs"]]
+                              r["status"], r.get("error"), r.get("overrides"), index.get("base"))
+                    for r in index["runs"]]
             experiments.append(Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {}))
         elif (d / "config.yaml").is_file():
             loose.append(_load_run(d, None, "done", None))
@@ -556,13 +558,18 @@ def _legend_entries(axes):
     return list(seen.values()), list(seen)
 
 
-def _panel_chance(result: dict, panel) -> float | None:
+def _panel_chance(result: dict, panel) -> tuple[float | None, str | None]:
     """The chance level of a panel's accuracy bars: the majority-class share its finished runs recorded, where
-    they all recorded one and it is the same (runs evaluated on different splits have no common chance line)."""
+    they all recorded one and it is the same (runs evaluated on different splits have no common chance line).
+    Else None and why not (None when no run recorded one: an accuracy from before the share was recorded)."""
     got = [x["chance"] for x in result["per_run"] if x["panel"] == panel and x["value"] is not None]
-    if not got or any(c is None for c in got) or max(got) - min(got) > 1e-9:
-        return None
-    return got[0]
+    if not any(c is not None for c in got):
+        return None, None
+    if any(c is None for c in got):
+        return None, f"{sum(c is None for c in got)} of its {len(got)} runs did not record it"
+    if max(got) - min(got) > 1e-9:
+        return None, f"its runs recorded different shares ({min(got):.4f}-{max(got):.4f}: different splits)"
+    return got[0], None
 
 
 def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
@@ -585,7 +592,7 @@ def plot_metric_bars(exp: Experiment, result: dict, out_png: Path) -> Path:
         extents += [v for m, e in stats if np.isfinite(m) for v in (m - e, m + e)]
     labelled = False
     for j, p in enumerate(panels):
-        chance = _panel_chance(result, p)
+        chance, _ = _panel_chance(result, p)
         if chance is not None:  # without it, a bar at 0.5 of a balanced split reads as half-way to perfect
             ax.hlines(chance, x[j] - 0.45, x[j] + 0.45, colors="black", linestyles="--", linewidth=1,
                       **({} if labelled else {"label": "chance (majority class)"}))
@@ -666,8 +673,8 @@ def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path
     heights = [max(len(names[c]) for c in cols[r * ncols:(r + 1) * ncols]) for r in range(nrows)]
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, sum(0.38 * h + 1.6 for h in heights)), dpi=110,
                              squeeze=False, gridspec_kw={"height_ratios": [0.38 * h + 1.6 for h in heights]})
-    for k, (ax, (i, p)) in enumerate(zip(axes.flat, cols)):
-        res, height = results[i], heights[k // ncols]
+    for j, (ax, (i, p)) in enumerate(zip(axes.flat, cols)):
+        res, height = results[i], heights[j // ncols]
         ys = {s: height - 1 - k for k, s in enumerate(names[i, p])}  # first method on top
         ax.axvline(0, color="black", linewidth=0.8, linestyle="--")
         for s, y in ys.items():
@@ -750,11 +757,13 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                             "rank the methods. The paired differences below compare only the seeds both have."))
     blocks.append(("table", result["method_table"]))
     chance = {p: _panel_chance(result, p) for p in result["panels"]}
-    if any(c is not None for c in chance.values()):
+    said = [f"{p + ': ' if p else ''}{c:.4f}" for p, (c, _) in chance.items() if c is not None]
+    gaps = [f"{p or m}: {why}" for p, (_, why) in chance.items() if why]
+    if said or gaps:
         blocks.append(("p", "Chance (always guessing the most frequent label of the split the metric is taken on, "
-                            "recorded by each run): " + "; ".join(f"{p + ': ' if p else ''}{c:.3f}"
-                                                                 for p, c in chance.items() if c is not None)
-                       + ". In the figure: the dashed line."))
+                            "as each run recorded it): " + ("; ".join(said) + " (the dashed line in the figure)"
+                                                            if said else "none common to a panel")
+                       + (". No chance line for " + "; ".join(gaps) if gaps else "") + "."))
     if result["diff_table"]["rows"]:
         blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
                    ("p", "Bold and * : the interval excludes 0. Student t interval of the n paired differences "

@@ -222,7 +222,10 @@ def write_index(sweep: Sweep) -> None:
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"index": r.index, "name": r.name, "status": r.status, "output_dir": str(r.output_dir),
              "labels": r.labels, "overrides": r.overrides, "error": r.error, "wall_s": r.wall_s} for r in sweep.runs]
-    write_json(sweep.output_dir / "index.json", {"title": sweep.title, "runs": rows})
+    # the base config file (if the spec names one) and each run's overrides are its whole configuration: enough
+    # for a report to name the method of a run that has not started
+    write_json(sweep.output_dir / "index.json", {"title": sweep.title, "runs": rows,
+                                                 **({"base": str(sweep.base)} if sweep.base else {})})
     axes = list(sweep.runs[0].labels) if sweep.runs else []
     tmp = sweep.output_dir / "index.csv.tmp"
     with tmp.open("w", newline="") as f:

@@ -73,14 +73,15 @@ class FirstTokenMetrics:
     def __call__(self, pred) -> dict:
         from sklearn.metrics import f1_score, matthews_corrcoef
 
+        from mgpo.pipelines.measures import majority_share
+
         scores = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         guess = np.asarray(scores).argmax(-1)
         index = {token: i for i, token in enumerate(self.first_ids)}
         gold = np.array([index.get(int(row[0]), -1) for row in np.asarray(pred.label_ids)])
         n = len(self.first_ids)
         return {"accuracy": float((guess == gold).mean()),
-                # chance for accuracy: always guessing the most frequent label word
-                "majority": float(np.bincount(gold[gold >= 0], minlength=n).max() / max(len(gold), 1)),
+                "majority": majority_share(gold, n),  # chance: always the most frequent label word
                 "macro_f1": float(f1_score(gold, guess, average="macro", labels=list(range(n)), zero_division=0)),
                 "matthews": float(matthews_corrcoef(gold, guess))}
 

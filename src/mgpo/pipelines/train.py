@@ -245,6 +245,8 @@ def classification_metrics(task: str, num_labels: int):
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+    from mgpo.pipelines.measures import majority_share
+
     def compute(pred):
         logits, labels = pred.predictions, pred.label_ids
         if isinstance(logits, tuple):
@@ -253,9 +255,7 @@ def classification_metrics(task: str, num_labels: int):
             scores = np.asarray(logits).reshape(-1)
             return {"pearson": float(pearsonr(scores, labels)[0]), "spearman": float(spearmanr(scores, labels)[0])}
         guess = np.asarray(logits).argmax(-1)
-        out = {"accuracy": float(accuracy_score(labels, guess)),
-               # chance for accuracy: what always guessing the split's most frequent label scores
-               "majority": float(np.bincount(np.asarray(labels, dtype=int)).max() / max(len(labels), 1))}
+        out = {"accuracy": float(accuracy_score(labels, guess)), "majority": majority_share(labels, num_labels)}
         if num_labels == 2:  # "f1": the positive class (id 1); "macro_f1": the mean over both classes
             out["f1"] = float(f1_score(labels, guess, average="binary", zero_division=0))
         out["macro_f1"] = float(f1_score(labels, guess, average="macro", labels=list(range(num_labels)),
