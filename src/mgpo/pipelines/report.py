@@ -371,17 +371,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                     stalled[side] = sum(fell.get(k) is not None and fell[k] < STALLED_FALL for k in pairs)
             if ref == baseline and key == "value":
                 diffs[s, c] = d
-            if not d["n"]:
-                text = "-"
-            elif d["nonfinite"]:
-                text = f"non-finite in {d['nonfinite']} of {d['n']} pairs"
-            elif d["low"] is None:
-                text = f"{d['mean']:+.4f} (n=1)"
-            elif d["no_spread"]:  # every pair differs by the same amount (both 0: no rise in any run)
-                text = f"{d['mean']:+.4f} in all {d['n']} pairs (no spread: no interval)"
-            else:
-                text = (f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
-                        f"{' *' if d['significant'] else ''}")
+            text = _diff_text(d, " *" if d["significant"] else "") if d["n"] else "-"
             if stalled.get(s):
                 text += f" ‡ {stalled[s]} stalled"
             if stalled.get(ref):
@@ -643,6 +633,17 @@ def plot_dd(exp: Experiment, result: dict, out_png: Path) -> Path:
                  "trained), no descent to rise from", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def _diff_text(d: dict, mark: str = "") -> str:
+    """A paired difference as the tables print it; ``mark`` follows an interval (" *", " worse *", ...)."""
+    if d["nonfinite"]:
+        return f"non-finite in {d['nonfinite']} of {d['n']} pairs"
+    if d["low"] is None:
+        return f"{d['mean']:+.4f} (n=1)"
+    if d["no_spread"]:  # every pair differs by the same amount (both 0: no rise in any run)
+        return f"{d['mean']:+.4f} in all {d['n']} pairs (no spread: no interval)"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}{mark}"
 
 
 def _judged(d: dict, higher_better: bool) -> bool | None:
@@ -916,18 +917,17 @@ def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
                 cells.append(("no pairs yet", False))
                 pending += 1
             elif d["nonfinite"]:
-                cells.append((f"non-finite in {d['nonfinite']} of {d['n']} pairs", False))
+                cells.append((_diff_text(d), False))
                 worse.append(f"{name[i, p]} (non-finite)")
             elif d["low"] is None or d["no_spread"]:
-                cells.append((f"{d['mean']:+.4f} " + ("(n=1)" if d["low"] is None else
-                                                       f"in all {d['n']} pairs (no spread: no interval)"), False))
+                cells.append((_diff_text(d), False))
                 pending += 1
             else:
                 good = _judged(d, results[i]["better"])
                 if good is False:
                     worse.append(name[i, p])
                 tag = " better *" if good else " worse *" if good is False else ""
-                cells.append((f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}{tag}", good is not None))
+                cells.append((_diff_text(d, tag), good is not None))
         if worse:
             verdict = ", ".join(worse)
         elif not pending:
