@@ -542,6 +542,47 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()
 
 
+def test_a_method_one_setting_of_a_sweep_did_not_run_is_absent_there_not_pending(tmp_path, monkeypatch):
+    """A sweep made of a list of grids (full fine-tuning at r 8 only): in the other setting the method is "not in
+    this setting" in the across table and not drawn in that panel; it is judged where it ran."""
+    import mgpo.pipelines.report as report
+
+    root, rows = tmp_path / "grids", []
+    per_seed = {("LoRA", "8"): [0.80, 0.82, 0.81], ("Rule", "8"): [0.81, 0.82, 0.80], ("Full", "8"): [0.79, 0.83, 0.82],
+                ("LoRA", "128"): [0.60, 0.62, 0.61], ("Rule", "128"): [0.61, 0.63, 0.60]}
+    for (method, rank), values in per_seed.items():
+        for seed, v in enumerate(values):
+            add_run(root, rows, f"r{rank}-{method}-s{seed}", {"rank": rank, **seeded(method, seed)}, falling(1),
+                    {"test_accuracy": v})
+    write_index(root, "grids", rows)
+    (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
+    other = metric_sweeps(tmp_path, {"acc": {"LoRA": [0.8, 0.81, 0.79], "Rule": [0.8, 0.8, 0.8]}})
+    drawn = {}
+
+    def keep(fig, out_png):
+        if out_png.name == "across-experiments.png":
+            drawn.update({ax.get_title(): ([t.get_text() for t in ax.get_yticklabels()],
+                                           [t.get_text() for t in ax.texts]) for ax in fig.axes if ax.get_visible()})
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(b"")
+        return out_png
+
+    monkeypatch.setattr(report, "_save", keep)
+    table = make_report([root, *other], tmp_path / "report")["markdown"].read_text().split(
+        "## Across experiments")[1].split("\n## ")[0]
+    header = [c.strip() for c in table.splitlines()[4].strip("|").split("|")]
+    full = dict(zip(header, _md_row(table, "Full")))
+    at8 = next(v for k, v in full.items() if "grids" in k and "8" in k and "128" not in k)
+    at128 = next(v for k, v in full.items() if "grids" in k and "128" in k)
+    d = paired_t(per_seed["Full", "8"], per_seed["LoRA", "8"])
+    assert at8 == f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=3"
+    assert at128 == "not in this setting" and full["significantly worse in"] == "nowhere"
+    assert next(v for k, v in full.items() if k.startswith("acc")) == "not in this sweep"
+    (rows128, texts128), = [v for k, v in drawn.items() if "grids" in k and "128" in k]
+    (rows8, _), = [v for k, v in drawn.items() if "grids" in k and "128" not in k]
+    assert rows128 == ["Rule"] and "no pairs yet" not in texts128 and rows8 == ["Rule", "Full"]
+
+
 def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdict(tmp_path, monkeypatch):
     """The figure beside the shipping test: per sweep, each method's paired difference to the baseline as a point
     whose whiskers are its t interval; red where significantly worse, green where better (a lower loss is

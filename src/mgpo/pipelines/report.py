@@ -658,6 +658,12 @@ def _compared_columns(results: list[dict]) -> list[tuple[int, str]]:
             if any(s != res["baseline"] for s in res["series"])]
 
 
+def _in_panel(res: dict, series: str, panel) -> bool:
+    """Whether a sweep ran a method in a panel at all (finished or not): a sweep built from a list of grids can run
+    a method in one setting only, and elsewhere it is absent, not pending."""
+    return any(r["series"] == series and r["panel"] == panel for r in res["per_run"])
+
+
 def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path | None:
     """The across-experiments table as a figure: one panel per sweep and setting, each of its methods' paired
     difference to that sweep's baseline as a point with its 95% t interval, a line at 0. Red: significantly worse;
@@ -667,7 +673,8 @@ def plot_verdicts(results: list[dict], titles: list[str], out_png: Path) -> Path
     cols = _compared_columns(results)
     if len(results) < 2 or not cols:
         return None
-    names = {c: [s for s in results[c[0]]["series"] if s != results[c[0]]["baseline"]] for c in cols}
+    names = {(i, p): [s for s in results[i]["series"] if s != results[i]["baseline"] and _in_panel(results[i], s, p)]
+             for i, p in cols}
     ncols = min(3, len(cols))
     nrows = -(-len(cols) // ncols)
     # a row of panels is as tall as its longest list of methods
@@ -911,6 +918,9 @@ def verdict_table(results: list[dict], titles: list[str]) -> dict | None:
             d = results[i]["diffs"].get((s, p))
             if s not in results[i]["series"]:
                 cells.append(("not in this sweep", False))
+                continue
+            if not _in_panel(results[i], s, p):
+                cells.append(("not in this setting", False))
                 continue
             judged += 1
             if d is None or not d["n"]:
