@@ -846,3 +846,8 @@ def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_
     (root / "index.json").write_text(json.dumps({"title": "methods", "runs": rows, "base": str(base)}))
     md = make_report([root], tmp_path / "report-2")["markdown"].read_text()
     assert _md_row(md, "DoRA-MGPO rho/10")[1] == "-" and "| DoRA-MGPO |" not in md
+    assert "is not on this machine" not in md
+    base.unlink()  # the base file missing where the report is made: said, with the runs it touches
+    md = make_report([root], tmp_path / "report-3")["markdown"].read_text()
+    assert (f"The sweep's base config {base} is not on this machine, so the 2 runs not started yet are labelled "
+            "from their overrides alone") in md and "(dora-lora-s0, dora-lora-mgpo-s0)" in md

@@ -94,6 +94,7 @@ class Experiment:
     runs: list[RunResult]
     options: dict
     differences: list[str] = field(default_factory=list)  # loose runs of one method that differ in a setting
+    notes: list[str] = field(default_factory=list)  # what the reader must know about how runs were read
 
 
 LOWER_IS_BETTER = ("loss", "perplexity", "error", "time", "memory")  # a metric whose name holds one of these
@@ -205,7 +206,17 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
                               {a: v for a, v in r["labels"].items() if a in varying or a in ("method", SEED_FIELD)},
                               r["status"], r.get("error"), r.get("overrides"), index.get("base"))
                     for r in index["runs"]]
-            experiments.append(Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {}))
+            notes = []
+            unstarted = [r["name"] for r in index["runs"] if not (d / r["name"] / "config.yaml").is_file()
+                         and not (Path(r["output_dir"]) / "config.yaml").is_file()]
+            if index.get("base") and not Path(index["base"]).is_file() and unstarted:
+                notes.append(f"The sweep's base config {index['base']} is not on this machine, so the "
+                             f"{len(unstarted)} runs not started yet are labelled from their overrides alone: a "
+                             f"method set in the base file may be named wrongly there ({', '.join(unstarted[:5])}"
+                             f"{', ...' if len(unstarted) > 5 else ''}). Report from the machine that ran the sweep, "
+                             "or from a checkout with that file.")
+            experiments.append(Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {},
+                                          notes=notes))
         elif (d / "config.yaml").is_file():
             loose.append(_load_run(d, None, "done", None))
         else:
@@ -751,6 +762,7 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
               ("p", f"{n_done} of {len(exp.runs)} runs finished; methods: {', '.join(result['series'])}; "
                     f"primary metric `{m}` ({'higher' if result['better'] else 'lower'} is better); baseline: "
                     f"{base}.{wall}")]
+    blocks += [("p", note) for note in exp.notes]
     if exp.differences:
         blocks.append(("p", "These run folders are not a sweep, so all runs of one method are taken as its seeds; "
                             "but they differ in more than the seed: " + " | ".join(exp.differences) + ". Their "
