@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["clean_loss"]
+__all__ = ["clean_loss", "task_loss_only"]
 
 
 def clean_loss(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.Optimizer | None = None,
@@ -37,7 +37,8 @@ def clean_loss(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the batch's mean loss. Default:
             ``model(**batch).loss``.
 
-    Each batch's loss is weighted by its number of examples (the first dimension of its first tensor), so the
+    The loss is the task's alone: a penalty the model adds to its own loss (AdaLoRA's orthogonality term) is left
+    out, see :func:`task_loss_only`. Each batch's loss is weighted by its number of examples (the first dimension of its first tensor), so the
     result is the mean over examples whatever the batch sizes. A model's own loss over tokens (a causal LM's)
     is the mean over the tokens of each batch. Weights and optimizer state are left as they were.
     """
@@ -48,7 +49,7 @@ def clean_loss(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.
     was_training = model.training
     total, count = None, 0
     try:
-        with window, torch.no_grad():
+        with window, torch.no_grad(), task_loss_only(model):
             model.eval()  # an eval-mode forward also takes an mgpo perturbation off; the window makes it explicit
             for batch in batches:
                 loss = loss_fn(model, batch) if loss_fn is not None else _model_loss(model, batch)
@@ -62,6 +63,25 @@ def clean_loss(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.
         raise ValueError("clean_loss: `batches` held no examples; pass a non-empty list of batches (the same "
                          "ones at every call).")
     return float(total) / count
+
+
+@contextlib.contextmanager
+def task_loss_only(model: nn.Module):
+    """Inside, the model's loss is the task's loss alone. PEFT's AdaLoRA adds its orthogonality penalty
+    (``orth_reg_weight`` x the mean ‖P Pᵀ − I‖ of its factors) to ``outputs.loss`` at every forward that computes a
+    loss, in eval mode too. That is the objective it trains on, but a probe or test loss that held it was mostly
+    the penalty (1.9 against a task loss of 0.69 at step 10 of a 100-step MiniLM run), not the quantity every
+    other method's loss is. Found by the attribute (no PEFT import here); no-op for other models."""
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, dict) else None
+    if config is None or not hasattr(config, "orth_reg_weight"):
+        yield
+        return
+    weight, config.orth_reg_weight = config.orth_reg_weight, 0.0  # PEFT adds 0 x the penalty
+    try:
+        yield
+    finally:
+        config.orth_reg_weight = weight
 
 
 def _model_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -97,6 +97,31 @@ def test_hugging_face_style_batches_need_no_loss_fn():
     assert mgpo.clean_loss(model, [batch]) == pytest.approx(expected, rel=1e-6) and model.training
 
 
+def test_an_adalora_model_gives_its_task_loss_without_the_orthogonality_penalty_and_keeps_its_objective():
+    """PEFT's AdaLoRA adds its orthogonality penalty to every loss it computes, in eval mode too; the probe
+    measures the task's loss alone, and the penalty's weight is back for training afterwards."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=24))
+    model = get_peft_model(model, AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2, total_step=10,
+                                                orth_reg_weight=0.5, target_modules=["query", "value"]))
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 50, (4, 6), generator=gen), "labels": torch.tensor([0, 1, 1, 0])}
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+        task = torch.nn.functional.cross_entropy(logits, batch["labels"]).item()
+        penalised = model(**batch).loss.item()
+    assert penalised > task + 0.1
+    assert mgpo.clean_loss(model, [batch]) == pytest.approx(task, rel=1e-6)
+    assert model.peft_config["default"].orth_reg_weight == 0.5
+    with torch.no_grad():
+        assert model(**batch).loss.item() == pytest.approx(penalised)
+
+
 def test_bad_batches_say_what_to_pass():
     model = make_model()
     with pytest.raises(TypeError, match="loss_fn="):

@@ -35,6 +35,8 @@ that says so.
   the clean weights (:func:`mgpo.clean_loss`: eval mode, no grad, inside ``optimizer.unperturbed()``). The
   Trainer's ``loss`` is the loss each training forward saw, which for MGPO, MSAM and the noise methods is the loss
   at the perturbed weights (SAM's is its first, clean pass); ``clean_loss`` is measured alike for every method.
+  Both ``clean_loss`` and evaluation losses are the task's loss alone: AdaLoRA's orthogonality penalty, which
+  PEFT adds to every loss it computes, is in the logged training ``loss`` (the objective) but not in them.
 
 Resuming (``trainer.train(resume_from_checkpoint=...)``) needs nothing special: the Trainer saves and loads
 ``optimizer.state_dict()``, which holds the whole method state (keys ``base``, ``own``, ``extra``; ``extra`` names
@@ -64,6 +66,7 @@ from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
 from mgpo.optim._base import NOT_COMPARED, PerturbedOptimizer
 from mgpo.optim.configs import METHODS, PerturbationConfig
 from mgpo.optim.distributed import local_state, sharded_state
+from mgpo.probe import task_loss_only
 
 __all__ = ["METHODS", "PerturbationConfig", "PerturbationTrainer", "PerturbationTrainerMixin", "build_optimizer",
            "base_optimizer_from_args", "perturbed", "unwrap_optimizer"]
@@ -417,6 +420,10 @@ class PerturbationTrainerMixin:
     def evaluate(self, *args, **kwargs):
         self._take_off_perturbation()
         return super().evaluate(*args, **kwargs)
+
+    def prediction_step(self, *args, **kwargs):
+        with task_loss_only(self.model):  # the task loss alone, for AdaLoRA too (mgpo.probe.task_loss_only)
+            return super().prediction_step(*args, **kwargs)
 
     def save_model(self, *args, **kwargs):
         self._take_off_perturbation()
