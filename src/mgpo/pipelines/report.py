@@ -818,7 +818,9 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
                          "steps); radius factor k: what rho is multiplied by, the APN factor min(1/gbar, max_scale) "
                          "(1 without APN), or for the radius rules ‖W_l‖ (apn=weight) and ‖W_l(t) − W_l(t−1)‖ "
                          "(apn=update); share of layers at the APN cap. Means over the perturbed layers at each "
-                         "step (docs/method.md, section 13)."),
+                         "step (docs/method.md, section 13). A layer perturbed in factor space (AdaLoRA; full "
+                         "fine-tuning's tensors) has its radius and sizes taken over the tensors it moves: ‖W‖ is "
+                         "their norm, a bias's or a LayerNorm's included."),
                    ("table", result["diag_table"])]
     if result["failed"]:
         blocks += [("h3", "Runs without results"),
