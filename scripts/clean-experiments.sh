@@ -4,7 +4,7 @@
 # what docs/experiments-clean is built from. A run kept there but missing under runs/ (a fresh checkout) is put
 # back first, so the sweep skips it instead of training it again. Checkpoints and adapters are not kept.
 #
-#   bash scripts/clean-experiments.sh            # run (or resume) all six sweeps; Ctrl-C stops after a checkpoint
+#   bash scripts/clean-experiments.sh            # run (or resume) all seven sweeps; Ctrl-C stops after a checkpoint
 #   bash scripts/clean-experiments.sh --commit   # ... and git-commit each newly kept run record
 #   MGPO_SRC=/path/to/frozen/src bash scripts/clean-experiments.sh   # train with a frozen copy of the code
 #   MGPO_ROOT=/path/to/checkout bash /tmp/copy-of-this-script.sh   # run a copy (bash reads a script as it runs it:
@@ -13,7 +13,8 @@ set -uo pipefail
 cd "${MGPO_ROOT:-$(dirname "$0")/..}" || exit 1
 # the sweeps that decide whether a radius rule is shipped (every task it must not lose on) before the method
 # table, which would take a shipped rule as a third arm (none passed: docs/results.md)
-sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean cpu-methods-clean)
+sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean cpu-methods-clean
+        cpu-methods-uncapped)
 keep=docs/experiments-clean/runs
 every=${MGPO_KEEP_EVERY:-60}  # seconds between looks for newly finished runs
 commit=false; [[ "${1:-}" == "--commit" ]] && commit=true

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 SWEEPS = ["cpu-dd-clean", "cpu-dd-clean-full", "cpu-core-tweets", "cpu-arithmetic-core", "cpu-ablation-clean",
-          "cpu-methods-clean"]
+          "cpu-methods-clean", "cpu-methods-uncapped"]
 # `mgpo sweep configs/experiments/NAME.yaml`: logs whether run-a was already done, then writes one finished run
 # (with a checkpoint that must not be kept) and one half-finished run; exits $STOP_AT's code on that sweep
 FAKE_MGPO = r"""#!/bin/bash
