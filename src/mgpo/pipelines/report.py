@@ -207,8 +207,7 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
                               r["status"], r.get("error"), r.get("overrides"), index.get("base"))
                     for r in index["runs"]]
             notes = []
-            unstarted = [r["name"] for r in index["runs"] if not (d / r["name"] / "config.yaml").is_file()
-                         and not (Path(r["output_dir"]) / "config.yaml").is_file()]
+            unstarted = [r.path.name for r in runs if not (r.path / "config.yaml").is_file()]  # as _load_run read them
             if index.get("base") and not Path(index["base"]).is_file() and unstarted:
                 notes.append(f"The sweep's base config {index['base']} is not on this machine, so the "
                              f"{len(unstarted)} runs not started yet are labelled from their overrides alone: a "
