@@ -102,10 +102,15 @@ def test_the_forgery_from_the_issue_is_not_a_pass():
     "    class Same(str):\n        def __eq__(self, other):\n            return True\n        __hash__ = str.__hash__\n"
     "    return Same('')\n",
 ], ids=["object", "int_subclass", "str_subclass"])
-def test_objects_with_their_own_eq_do_not_cross_the_boundary(completion):
+def test_objects_with_their_own_eq_cannot_forge_a_pass(completion):
+    """An object of its own class does not cross; a subclass of a builtin type crosses as its base value (0,
+    ''), read without its own methods, so its __eq__ stays behind and the comparison with 5 fails."""
     result = check(PROBLEM, completion, LIMITS)
-    assert not result.passed and result.status == "error", result.detail
-    assert "cannot cross the sandbox boundary" in result.detail
+    assert not result.passed, result.detail
+    if "Same()" in completion:
+        assert result.status == "error" and "cannot cross the sandbox boundary" in result.detail, result.detail
+    else:
+        assert result.status == "failed" and "AssertionError" in result.detail, result.detail
 
 
 @pytest.mark.parametrize("completion", [
@@ -139,15 +144,16 @@ def test_a_garbage_frame_on_every_descriptor_is_an_error_not_a_pass():
                   "            posix.write(fd, (2**31).to_bytes(4, 'big') + b'{\"return\": 5}')\n"
                   "        except OSError:\n            pass\n    return 5\n")
     result = check(PROBLEM, completion, NO_GUARD)
-    assert not result.passed and result.status == "error", result.detail
+    assert not result.passed and result.status == "reply_limit", result.detail  # 2 GiB announced: not read
+    assert "exceeds the limit of 4194304 bytes" in result.detail
 
 
 def test_exceptions_in_the_candidate_are_relayed_as_exceptions():
     result = check(PROBLEM, "    raise ValueError('no sums today')\n", LIMITS)
     assert result.status == "error"
-    assert "ValueError: no sums today" in result.detail
+    assert "ValueError (the program's message: 'no sums today')" in result.detail
     failed = check(PROBLEM, "    assert a < 0, 'negative only'\n", LIMITS)
-    assert failed.status == "failed" and "AssertionError: negative only" in failed.detail
+    assert failed.status == "failed" and "AssertionError (the program's message: 'negative only')" in failed.detail
     assert check(PROBLEM, PROBLEM["canonical_solution"], LIMITS).passed
 
 

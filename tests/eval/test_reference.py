@@ -32,14 +32,14 @@ from pathlib import Path
 
 import pytest
 
-from mgpo.eval.humaneval import build_program, build_tests, load_problems
+from mgpo.eval.humaneval import answer_files, build_program, build_tests, load_problems
 from mgpo.eval.sandbox import SandboxLimits, judge_many
 
 DATA = Path(__file__).parent / "data"
 TIMEOUT_S = 3
 LIMITS = SandboxLimits(timeout_s=TIMEOUT_S, cpu_s=TIMEOUT_S)  # the defaults apart from the time limits
 WORKERS = 2
-STATUSES = {"passed", "failed", "error", "timeout", "memory", "file_limit", "killed"}  # RunResult.status
+STATUSES = {"passed", "failed", "error", "timeout", "memory", "file_limit", "reply_limit", "killed"}  # RunResult.status
 
 # Runs in the subprocess: the original harness, unchanged, on a batch of (problem, completion) pairs read from
 # stdin. The verdicts go out as the last line of stdout (the harness swallows the completions' own prints).
@@ -110,7 +110,7 @@ def mgpo_verdicts(problems: dict, rows: list[dict]):
     """mgpo's RunResult for each row: the judge, two at a time, as humaneval.evaluate grades."""
     jobs = [(build_program(problems[row["task_id"]], row["completion"]), problems[row["task_id"]]["entry_point"],
              build_tests(problems[row["task_id"]])) for row in rows]
-    return judge_many(jobs, LIMITS, workers=WORKERS)
+    return judge_many(jobs, LIMITS, workers=WORKERS, hidden=answer_files())
 
 
 def read_rows(path: Path) -> list[dict]:

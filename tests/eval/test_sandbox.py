@@ -587,6 +587,6 @@ def test_judge_reports_each_way_of_not_passing():
     memory = judge("def add(a, b):\n    return bytearray(2**40)\n", "add", "candidate(1, 2)\n", FAST)
     assert memory.status == "memory", memory.detail
     huge = judge("def add(a, b):\n    return 'x' * 5 * 2**20\n", "add", "candidate(1, 2)\n", FAST)
-    assert huge.status == "error" and "exceeds the limit of 4194304 bytes" in huge.detail, huge.detail
+    assert huge.status == "reply_limit" and "exceeds the limit of 4194304 bytes" in huge.detail, huge.detail
     with pytest.raises(ValueError, match="identifier"):
         judge(add, "not a name", "", FAST)

