@@ -135,7 +135,7 @@ from typing import Iterable
 __all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "judge", "judge_many", "describe_isolation",
            "switches_user", "uses_namespaces", "answers_visible"]
 
-_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_GONE, _EXIT_EXIT, _EXIT_REPLY = 92, 93, 94, 95, 96, 97
+_EXIT_ERROR, _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_GONE, _EXIT_EXIT, _EXIT_REPLY, _EXIT_JUDGE_MEMORY = 92, 93, 94, 95, 96, 97, 98
 _SCRATCH = "/tmp"  # the scratch directory inside bubblewrap: the private, size-limited /tmp
 _MAX_OPEN_FILES = 64  # RLIMIT_NOFILE: also bounds memfd/pipe memory outside the address space (see above)
 _MAX_REQUEST = 64 * 2**20  # the largest argument list (bytes of JSON) the harness sends: the tests are trusted
@@ -535,12 +535,12 @@ except Malformed as err:
 except ReplyLimit as err:
     sys.stderr.write(f"the program's reply is over the judge's bounds: {err}\n"); sys.stderr.flush(); os._exit(97)
 except OutOfMemory:
-    sys.stderr.write(f"the judge ran out of memory ({mem_b >> 20} MiB, SandboxLimits.harness_memory_mb) reading "
-                     "a reply\n"); sys.stderr.flush(); os._exit(94)
+    sys.stderr.write("the judge ran out of memory reading a reply\n"); sys.stderr.flush(); os._exit(98)
 except BaseException as err:
     traceback.print_exc(); sys.stderr.flush()
-    kind = err.type_name if isinstance(err, CandidateError) else type(err).__name__
-    os._exit({"AssertionError": 93, "MemoryError": 94, "SystemExit": 96}.get(kind, 92))
+    if isinstance(err, CandidateError):  # the program's function raised it
+        os._exit({"AssertionError": 93, "MemoryError": 94, "SystemExit": 96}.get(err.type_name, 92))
+    os._exit(98 if isinstance(err, MemoryError) else 93 if isinstance(err, AssertionError) else 92)
 sys.stderr.flush()
 os._exit(0)
 """
@@ -1121,7 +1121,10 @@ def _judge_status(verdict: int, timed_out: bool, rc: int | None, stderr: str, li
     if verdict == _EXIT_EXIT:
         return "failed", "the program called sys.exit during the tests: not counted as passed"
     if verdict == _EXIT_MEMORY:
-        return "memory", f"memory limit of {limits.memory_mb} MiB reached (the program's, or the judge's own)"
+        return "memory", f"memory limit of {limits.memory_mb} MiB reached"
+    if verdict == _EXIT_JUDGE_MEMORY:
+        return "memory", (f"the judge's harness ran out of memory (SandboxLimits.harness_memory_mb="
+                          f"{limits.harness_memory_mb})")
     if verdict == _EXIT_REPLY:
         return "reply_limit", "a reply of the program's function went over the judge's own bounds"
     if verdict == _EXIT_ERROR:
