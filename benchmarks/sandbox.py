@@ -2,7 +2,8 @@
 
 `run_program` runs one trivial program (`pass`); `judge` grades a trivial function with one call from the harness
 (the sandboxed program plus the harness process); the 164 canonical solutions are graded with `judge_many`, as
-`mgpo train` does with `generation.benchmark=humaneval`.
+`mgpo train` does with `generation.benchmark=humaneval` (the answer file hidden; in process isolation, which
+cannot hide it, with `allow_visible_answers`).
 
     python benchmarks/sandbox.py                 # both modes, 20 trivial programs + the 164 solutions each
     python benchmarks/sandbox.py --repeats 50
@@ -20,7 +21,7 @@ import resource
 import statistics
 import time
 
-from mgpo.eval.humaneval import build_program, build_tests, load_problems
+from mgpo.eval.humaneval import answer_files, build_program, build_tests, load_problems
 from mgpo.eval.sandbox import SandboxLimits, describe_isolation, judge, judge_many, run_program
 
 
@@ -39,7 +40,8 @@ def main() -> None:
           "| 164 canonical solutions, judged (s) | their CPU time (s) | passed |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in ("process", "bwrap"):
-        limits = SandboxLimits(isolation=mode)
+        # process isolation cannot hide HumanEval's answers: it grades only when told to accept that
+        limits = SandboxLimits(isolation=mode, allow_visible_answers=mode == "process")
         try:
             describe_isolation(limits)
         except RuntimeError as err:  # bwrap asked for but not usable here
@@ -59,7 +61,7 @@ def main() -> None:
         # it hardly depends on what else the machine runs
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        results = judge_many(jobs, limits, workers=args.workers)
+        results = judge_many(jobs, limits, workers=args.workers, hidden=answer_files())  # as humaneval grades
         total = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime

