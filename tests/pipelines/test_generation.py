@@ -112,6 +112,27 @@ def test_choosing_the_checkpoint_on_the_scored_rows_is_said():
         check_benchmark(load_config(None, ["model.name=smollm2-135m", "data.task=causal-lm"]), data)  # last step scored
 
 
+def test_humaneval_where_the_answers_cannot_be_hidden_is_refused_before_training(monkeypatch):
+    import datasets
+
+    import mgpo.eval.sandbox as sandbox
+    from mgpo.pipelines.generation import check_benchmark
+
+    rows = datasets.Dataset.from_dict({"prompt": ["Write f."], "response": ["def f(): pass"]})
+    data = SimpleNamespace(train=rows, test=None)
+    base = ["model.name=smollm2-135m", "data.task=causal-lm", "generation.benchmark=humaneval"]
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)  # no bubblewrap: process isolation
+    sandbox._runner.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the sandbox's own fallback warning
+            with pytest.raises(ValueError, match="answers are on disk.*generation.allow_visible_answers=true"):
+                check_benchmark(load_config(None, base), data)
+            check_benchmark(load_config(None, [*base, "generation.allow_visible_answers=true"]), data)
+    finally:
+        sandbox._runner.cache_clear()
+
+
 @pytest.mark.parametrize("bench,extra,expected", [
     ("humaneval", ["generation.num_samples=2"], {"after_pass@1", "after_pass@2"}),
     ("mtbench", [], {"after_judged"}),
@@ -132,3 +153,5 @@ def test_code_and_dialogue_benchmarks_run_end_to_end(tiny_llama_dir, tmp_path, b
     assert len(rows) >= 2
     if bench == "mtbench":
         assert metrics["after_judged"] is False and "not judged" in metrics["after_message"]
+    else:
+        assert metrics["after_answers_visible"] is False and json.loads(rows[0])["answers_visible"] is False

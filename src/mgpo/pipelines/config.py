@@ -140,6 +140,10 @@ class GenerationEvalConfig:
     num_samples: int = _help("humaneval: completions per problem; > 1 samples at `temperature` and reports pass@k "
                              "(unbiased estimator) for k = 1 and num_samples.", 1)
     temperature: float = _help("Sampling temperature when num_samples > 1 (greedy otherwise).", 0.8)
+    allow_visible_answers: bool = _help("humaneval: grade even where the sandbox cannot hide HumanEval's answers "
+                                        "from the graded code (no bubblewrap: apt-get install bubblewrap); every "
+                                        "sample row and after_answers_visible then say so. Off: such a machine "
+                                        "refuses before training.", False)
     judge_url: str | None = _help("mtbench: base URL of an OpenAI-compatible judge API; unset = answers are "
                                   "written but not judged. Judgements are kept as they arrive: after a judge "
                                   "outage, rerun with --resume to ask only for the missing ones.", None)

@@ -45,6 +45,12 @@ def pick_benchmark(cfg: TrainConfig, data) -> str:
     return "math" if data.test is not None and "answer" in data.test.column_names else "none"
 
 
+def _sandbox_limits(cfg: TrainConfig):
+    from mgpo.eval.sandbox import SandboxLimits
+
+    return SandboxLimits(allow_visible_answers=cfg.generation.allow_visible_answers)
+
+
 def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
     """Before training: a math benchmark without a test split is refused, and ``auto`` says when data with final
     answers gets no score for want of one (it would otherwise train and end with no benchmark, without a word)."""
@@ -55,6 +61,15 @@ def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
             "causal-lm: the validation loss that training.load_best_model / early_stopping_patience choose by is "
             "taken on the test split, the rows the benchmark then scores, so its after_* score is an optimistic "
             "one. For an unbiased score, train without them (the last step is scored).", RuntimeWarning, stacklevel=2)
+    if pick_benchmark(cfg, data) == "humaneval":
+        from mgpo.eval.humaneval import answer_files
+        from mgpo.eval.sandbox import answers_visible
+
+        try:  # before training, not after it
+            answers_visible(_sandbox_limits(cfg), answer_files())
+        except RuntimeError as err:
+            raise ValueError(f"generation.benchmark='humaneval': {err} In a config: "
+                             "generation.allow_visible_answers=true.") from err
     if data.test is not None:
         return
     fix = "set data.max_eval_examples to hold that many rows out as the test split"
@@ -92,7 +107,10 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
         sampling = dict(do_sample=True, temperature=g.temperature) if g.num_samples > 1 else {}
         result = humaneval.evaluate(functools.partial(gen, stop=list(humaneval.STOP_SEQUENCES), **sampling),
                                     problems, samples_per_problem=g.num_samples, k=sorted({1, g.num_samples}),
-                                    out_jsonl=samples, progress=bars)
+                                    out_jsonl=samples, progress=bars, limits=_sandbox_limits(cfg))
+        if result["answers_visible"]:
+            print(f"mgpo: humaneval ({prefix}): graded where the programs could read HumanEval's answers (no "
+                  "bubblewrap; generation.allow_visible_answers=true): a completion that reads them passes", flush=True)
     else:
         from mgpo.eval import mtbench
 
