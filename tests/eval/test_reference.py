@@ -13,8 +13,24 @@ Two files of completions (one JSON object per line: task_id, completion, ...):
   reference because the completion shares its process with the tests (an ``__eq__`` that always says yes, a
   patched builtin, a redefined helper the tests use, a forged result): there the reference passes and mgpo
   must not.
-* ``data/humaneval_smollm2.jsonl``: real SmolLM2-135M completions (``mgpo train ...
-  generation.benchmark=humaneval``), skipped when absent.
+* ``data/humaneval_smollm2.jsonl``: real SmolLM2-135M-Instruct completions of all 164 problems from the CLI,
+  287 distinct (task, completion) pairs out of 656 (``sample`` says which run): two samples at temperature 0.8
+  per problem, and greedy ones before and after one training step::
+
+      mgpo train configs/arithmetic-smollm2-mgpo.yaml model.max_length=1024 generation.benchmark=humaneval \
+          generation.num_samples=2 generation.max_new_tokens=256 generation.before_training=true \
+          training.max_steps=20 training.output_dir=runs/he-sampled       # before_humaneval.jsonl
+      mgpo train ... generation.num_samples=1 training.max_steps=1 ...    # before_ and after_humaneval.jsonl
+
+  On raw HumanEval prompts this model writes prose, Markdown fences, repeated signatures and broken code, and
+  none of them passes: they test agreement on real model output's failures (syntax errors, empty bodies,
+  stray top-level code); the passes are the variants'.
+
+Known differences, left out of the files on purpose: the sandbox's limits (more than 16 MiB of output, 700 MB
+allocated, more threads than ``max_processes`` allows) fail a correct answer the reference passes; the
+reference's own guard (``os.getcwd``, ``os.remove`` disabled) fails a correct answer mgpo passes; a failing
+top-level ``if __name__ == "__main__":`` block runs in mgpo only (model output never has one: extraction cuts
+there).
 
 Both judges get the same wall-clock limit (TIMEOUT_S). A completion whose tests take close to it may get a
 different verdict from the two (their start-up costs differ); the variants stay far from it.
