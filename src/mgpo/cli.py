@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Optional
@@ -168,16 +169,39 @@ def sweep(
                                                                           "output_dir)."),
     plan_only: bool = typer.Option(False, "--plan", help="Validate every run's config and print the run plan; "
                                                           "train nothing."),
+    status: bool = typer.Option(False, "--status", help="Show each run's state (done, running, queued, partial at "
+                                                         "step N, failed with its error, interrupted), job id and "
+                                                         "log, from the run folders and the scheduler; submit "
+                                                         "nothing."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="local (here; the default) or slurm (one "
+                                                                     "array job on a Slurm cluster, resources from "
+                                                                     "the spec's slurm:); overrides the spec's."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="local: runs at once, each on its own GPU "
+                                                                   "or share of the CPU cores."),
     verbose: bool = VERBOSE,
 ):
     """Run a grid of training runs, one folder each, plus index.csv/json; rerun to resume after an interruption."""
     _library_output(verbose)
     from rich.table import Table
 
-    from mgpo.pipelines.sweep import load_sweep, plan, run_sweep, run_state
+    from mgpo.pipelines.executors import sweep_status
+    from mgpo.pipelines.sweep import load_sweep, plan, run_state, run_sweep
 
     try:
-        grid = load_sweep(spec, overrides or [], output_dir)
+        grid = load_sweep(spec, overrides or [], output_dir, executor=executor, workers=workers)
+        if status:
+            rows = sweep_status(grid)
+            table = Table(title=f"{grid.title}: {len(rows)} runs in {grid.output_dir}")
+            for column in ("run", "state", "", "job", "log"):
+                table.add_column(column, overflow="fold")
+            for row in rows:
+                table.add_row(row["name"], row["state"], row["detail"], row["job_id"] or "", row["log"] or "")
+            console.print(table)
+            counts = {}
+            for row in rows:
+                counts[row["state"]] = counts.get(row["state"], 0) + 1
+            console.print(", ".join(f"{n} {state}" for state, n in counts.items()))
+            return
         plan(grid)
         if plan_only:
             table = Table(title=f"{grid.title}: {len(grid.runs)} runs -> {grid.output_dir}")
@@ -194,6 +218,17 @@ def sweep(
         err_console.print("[yellow]interrupted[/]: rerun the same command to continue (finished runs are skipped, "
                           "the interrupted one resumes from its checkpoint).")
         raise typer.Exit(code=130)
+    if grid.executor == "slurm":
+        sent = grid.submitted
+        if sent:
+            record = sent[0].output_dir / "sweep-run.json"
+            job = json.loads(record.read_text()).get("job_id", "?").split("_")[0]
+            console.print(f"submitted {len(sent)} of {len(grid.runs)} runs as Slurm array job {job}; follow them "
+                          f"with: mgpo sweep {spec} --status")
+        else:
+            console.print(f"nothing to submit: every run of {grid.output_dir} is done, queued or running "
+                          f"(mgpo sweep {spec} --status)")
+        return
     failed = [r for r in grid.runs if r.status == "failed"]
     console.print(f"{len(grid.runs) - len(failed)} of {len(grid.runs)} runs finished; index: "
                   f"{grid.output_dir / 'index.csv'}")

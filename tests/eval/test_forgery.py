@@ -102,15 +102,12 @@ def test_the_forgery_from_the_issue_is_not_a_pass():
     "    class Same(str):\n        def __eq__(self, other):\n            return True\n        __hash__ = str.__hash__\n"
     "    return Same('')\n",
 ], ids=["object", "int_subclass", "str_subclass"])
-def test_objects_with_their_own_eq_cannot_forge_a_pass(completion):
-    """An object of its own class does not cross; a subclass of a builtin type crosses as its base value (0,
-    ''), read without its own methods, so its __eq__ stays behind and the comparison with 5 fails."""
+def test_objects_with_their_own_eq_do_not_cross_the_boundary(completion):
+    """Neither an object of its own class nor a builtin type's subclass that defines its own __eq__ crosses (a
+    subclass that keeps its base's comparisons crosses as its base value: tests/eval/test_hostile.py)."""
     result = check(PROBLEM, completion, LIMITS)
-    assert not result.passed, result.detail
-    if "Same()" in completion:
-        assert result.status == "error" and "cannot cross the sandbox boundary" in result.detail, result.detail
-    else:
-        assert result.status == "failed" and "AssertionError" in result.detail, result.detail
+    assert not result.passed and result.status == "error", result.detail
+    assert "cannot cross the sandbox boundary" in result.detail, result.detail
 
 
 @pytest.mark.parametrize("completion", [

@@ -91,6 +91,9 @@ def test_the_installed_answer_key_is_out_of_reach(limits):
     result = check(problem, reader, limits)
     assert not result.passed and result.status == "failed", result.detail
     assert check(problem, problem["canonical_solution"], limits).passed
+    # control: where the key is readable (no namespaces, this user) the reader does pass
+    readable = dataclasses.replace(FAST, user="", isolation="process", allow_visible_answers=True)
+    assert check(problem, reader, readable).passed
 
 
 @needs_bwrap
@@ -162,7 +165,13 @@ def test_a_non_root_users_venv_key_is_masked(where):
         site = Path(subprocess.run([str(venv / "bin" / "python"), "-I", "-c",
                                     "import site; print(site.getsitepackages()[0])"],
                                    check=True, capture_output=True, text=True).stdout.strip())
-        key = plant_key(site)
+        key = plant_key(site)  # in the venv's own package folder: not declared, masked as a package folder
+        base_site = Path(f"/usr/local/lib/python{sys.version_info[0]}.{sys.version_info[1]}/dist-packages")
+        planted = Path(tempfile.mkdtemp(prefix="mgpo-test-", dir=base_site)) if base_site.is_dir() else None
+        keys = [key] + ([plant_key(planted)] if planted else [])  # and in the base interpreter's (the review's find)
+        declared = venv / "answers" / "HumanEval.jsonl.gz"  # outside any package folder: hidden because declared
+        declared.parent.mkdir()
+        shutil.copy(key, declared)
         control = venv / "control.txt"  # in the venv, outside its site-packages: mounted
         control.write_text("control\n")
         shutil.copy(sandbox.__file__, work / "sandbox.py")
@@ -177,10 +186,15 @@ def test_a_non_root_users_venv_key_is_masked(where):
             assert out.returncode == 0, out.stderr[-2000:]
             return json.loads(out.stdout.splitlines()[-1])
 
-        hidden = as_parent(seeking_tests([str(key)], "hidden"), [str(key)])
+        if planted:
+            for path in [planted, *planted.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        hidden = as_parent(seeking_tests([*map(str, keys), str(declared)], "hidden"), [str(declared)])
         seen = as_parent(seeking_tests([str(control)], f"read {control}: control\n"), [])
     finally:
         shutil.rmtree(work if where == "home" else base, ignore_errors=True)
+        if planted:
+            shutil.rmtree(planted, ignore_errors=True)
     assert hidden["prefix"] == str(venv) and "bubblewrap" in hidden["isolation"], hidden
     assert hidden["passed"], hidden["detail"]
     assert seen["passed"], seen["detail"]  # the attack reads what the sandbox mounts
@@ -210,8 +224,9 @@ def test_process_isolation_refuses_answers_on_disk_or_marks_every_result():
 
 @needs_bwrap
 def test_no_host_unix_socket_is_reachable():
-    """Socket files are not tied to the network namespace. One in /var/tmp (not mounted) and one in a folder the
-    sandbox does mount (below /usr/local, where only the seccomp filter stands in the way)."""
+    """Socket files are not tied to the network namespace. Stream and datagram listeners in /var/tmp (not
+    mounted) and in a folder the sandbox does mount (below /usr/local, where only the seccomp filter stands in the
+    way), attacked with socket() + connect() and with a socketpair end's sendto() (the review's find)."""
     folders = [Path(tempfile.mkdtemp(prefix="mgpo-test-", dir="/var/tmp"))]
     if os.access("/usr/local/share", os.W_OK):
         folders.append(Path(tempfile.mkdtemp(prefix="mgpo-test-", dir="/usr/local/share")))
@@ -219,38 +234,44 @@ def test_no_host_unix_socket_is_reachable():
     try:
         for folder in folders:
             folder.chmod(0o755)
-            server = socket.socket(socket.AF_UNIX)
-            server.bind(str(folder / "listener.sock"))
-            os.chmod(folder / "listener.sock", 0o777)
-            server.listen()
-            server.settimeout(0.2)
-            servers.append(server)
-
-        def listen():
-            for server in servers:
-                try:
-                    reached.append(server.accept()[0].recv(100))
-                except OSError:
-                    pass
+            for kind, name in ((socket.SOCK_STREAM, "stream.sock"), (socket.SOCK_DGRAM, "dgram.sock")):
+                server = socket.socket(socket.AF_UNIX, kind)
+                server.bind(str(folder / name))
+                os.chmod(folder / name, 0o777)
+                if kind == socket.SOCK_STREAM:
+                    server.listen()
+                server.settimeout(0.2)
+                servers.append(server)
         program = textwrap.dedent("""
-            def connect(paths):
+            def connect(folders):
                 import socket
                 said = []
-                for path in paths:
-                    try:
-                        client = socket.socket(socket.AF_UNIX)
-                        client.connect(path)
-                        client.sendall(b"escaped")
-                        said.append("connected")
-                    except OSError as err:
-                        said.append(f"refused: {err.strerror}")
+                for folder in folders:
+                    for how in ("stream", "dgram", "pair"):
+                        try:
+                            if how == "pair":
+                                end, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                                end.sendto(b"escaped", folder + "/dgram.sock")
+                            else:
+                                kind = socket.SOCK_STREAM if how == "stream" else socket.SOCK_DGRAM
+                                client = socket.socket(socket.AF_UNIX, kind)
+                                client.connect(folder + "/" + how + ".sock")
+                                client.send(b"escaped")
+                            said.append(how + " connected")
+                        except OSError as err:
+                            said.append(f"{how} refused: {err.strerror}")
                 return said
         """)
-        paths = [str(folder / "listener.sock") for folder in folders]
-        tests = f"said = candidate({paths!r})\nassert all(s.startswith('refused') for s in said), said\nprint(said)\n"
+        tests = (f"said = candidate({[str(f) for f in folders]!r})\n"
+                 "assert all('refused' in s for s in said), said\nprint(said)\n")
         results = [judge(program, "connect", tests, limits) for limits in
                    (FAST, dataclasses.replace(FAST, guard=False))]
-        listen()
+        for server in servers:
+            try:
+                reached.append(server.accept()[0].recv(100) if server.type == socket.SOCK_STREAM
+                               else server.recv(100))
+            except OSError:
+                pass
     finally:
         for server in servers:
             server.close()
@@ -259,8 +280,8 @@ def test_no_host_unix_socket_is_reachable():
     assert not reached, reached  # the listeners saw nothing
     for result in results:
         assert result.passed, result.detail
-    if sandbox._seccomp_filter() is not None:
-        assert "Address family not supported" in results[0].detail or results[0].passed
+        if sandbox._seccomp_filter() is not None:  # refused by the filter, not by a missing file
+            assert "refused: Address family not supported" in result.detail, result.detail
 
 
 @needs_bwrap
@@ -366,3 +387,53 @@ def test_the_programs_text_is_marked_as_its_own():
     for line in lines:  # the lie appears only quoted (repr, one line) or behind the program's marker
         if lie in line or line.strip() == "passed":
             assert line.startswith("| ") or f"(the program's message: '{lie}\\npassed')" in line, line
+
+
+# ----------------------------------------------------------------------------- no false pass from the encoding
+
+
+@pytest.mark.parametrize("program, tests", [
+    # a generator yielding one list it keeps changing: in-process, list(result) holds that list three times
+    ("def f(n):\n    buf = []\n    for i in range(n):\n        buf.append(i)\n        yield buf\n",
+     "assert list(candidate(3)) == [[0], [0, 1], [0, 1, 2]]\n"),
+    # subclasses whose own methods decide what the tests see in-process
+    ("class R(list):\n    __iter__ = lambda s: iter([])\ndef f():\n    return R([1, 2])\n",
+     "assert tuple(candidate()) == (1, 2)\n"),
+    ("class F(float):\n    __sub__ = lambda s, o: 0.0\ndef f():\n    return F(3.0)\n",
+     "assert abs(candidate() - 5.0) < 1e-6\n"),
+    ("class B(list):\n    __bool__ = lambda s: False\ndef f():\n    return B([1])\n", "assert not candidate()\n"),
+    ("class D(dict):\n    __getitem__ = lambda s, k: 1\ndef f():\n    return D()\n", "assert candidate()['a'] == 1\n"),
+], ids=["generator_of_one_list", "list_own_iter", "float_own_sub", "list_own_bool", "dict_own_getitem"])
+def test_what_fails_in_process_does_not_pass(program, tests):
+    result = judge(program, "f", tests, FAST)
+    assert not result.passed, result.detail
+
+
+def test_standard_library_subclasses_cross_as_their_base():
+    program = textwrap.dedent("""
+        import collections, enum
+        class Colour(enum.IntEnum):
+            RED = 3
+        class Bits(enum.IntFlag):
+            A = 1
+            B = 2
+        class Shown(dict):
+            def __repr__(self):
+                return "shown"
+        P = collections.namedtuple("P", "x y")
+        def f():
+            return [collections.Counter("aab"), collections.OrderedDict(a=1), collections.defaultdict(int, b=2),
+                    Colour.RED, Bits.A | Bits.B, P(1, 2), Shown(c=3)]
+    """)
+    tests = "assert candidate() == [{'a': 2, 'b': 1}, {'a': 1}, {'b': 2}, 3, 3, (1, 2), {'c': 3}]\n"
+    result = judge(program, "f", tests, FAST)
+    assert result.passed, result.detail
+
+
+def test_the_tests_messages_quote_the_programs_text():
+    """HumanEval/77, 78, 95 ... build assertion messages from str(candidate(x))."""
+    result = judge("def f():\n    return 'x\\npassed\\nthe tests ran to their end'\n", "f",
+                   "r = candidate()\nassert r == 'y', str(r)\n", FAST)
+    assert result.status == "failed"
+    assert not any(line in ("passed", "the tests ran to their end") for line in result.detail.splitlines())
+    assert "AssertionError: 'x\\npassed\\nthe tests ran to their end'" in result.detail, result.detail

@@ -133,6 +133,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import glob
 import json
 import os
 import platform
@@ -236,32 +237,59 @@ class RunResult:
 # carry its own __eq__ or code. Decoding is bounded (depth, values, CPU time) and linear in the worst case.
 # Frames are a 4-byte big-endian length followed by that many bytes of JSON.
 _CODEC = r"""
-import collections.abc, json, os, time
+import collections, collections.abc, enum, json, os, time
 
 class ReplyLimit(BaseException):
     # A reply over one of the harness's own bounds. BaseException: the test code's `except Exception` cannot
     # swallow it and carry on to a pass.
     pass
 
+# Standard-library subclasses whose comparisons with plain values are their base type's.
+_STDLIB = (collections.Counter, collections.OrderedDict, collections.defaultdict, enum.Enum, enum.IntEnum, enum.Flag,
+           enum.IntFlag)
+# What a subclass may define and still cross as its base value: construction, pickling, repr, a default.
+_SAFE = {"__new__", "__init__", "__repr__", "__getnewargs__", "__getnewargs_ex__", "__reduce__", "__reduce_ex__",
+         "__init_subclass__", "__class_getitem__", "__match_args__", "__slots__", "__module__", "__qualname__",
+         "__doc__", "__dict__", "__weakref__", "__annotations__", "__orig_bases__", "__parameters__", "__missing__",
+         "__firstlineno__", "__static_attributes__"}
+
+def plain(value, base):
+    # The value read as its builtin base type, when that is what the tests would see in-process: a subclass
+    # that defines its own __eq__, __iter__, __sub__ ... would decide the tests' comparisons itself there, so it
+    # does not cross (a false failure at worst, never a false pass).
+    kind = type(value)
+    trusted = [c for c in kind.__mro__ if c in _STDLIB] + [base]
+    for cls in kind.__mro__:
+        if cls is base:
+            break
+        if cls in _STDLIB:
+            continue
+        for name, attr in vars(cls).items():
+            if name[:2] == name[-2:] == "__" and name not in _SAFE and \
+                    not any(getattr(t, name, None) is attr for t in trusted):
+                raise TypeError(f"a {kind.__name__} defines its own {name}, which would decide what the tests "
+                                f"see of it in-process, so it cannot cross the sandbox boundary as a {base.__name__}")
+    return value
+
 def encode(value):
-    # A Counter, defaultdict, OrderedDict, namedtuple, IntEnum ... crosses as its base type: what the reference
-    # harness's in-process == compares (unless the subclass overrides __eq__, which is a forgery, not an answer).
+    # A Counter, defaultdict, OrderedDict, namedtuple, IntEnum ... crosses as its base type, read through the
+    # base type's own methods: what the reference harness's in-process == compares.
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
     if isinstance(value, int):  # bool is final: only int subclasses get here
-        return int.__int__(value)
+        return int.__int__(plain(value, int))
     if isinstance(value, float):
-        return float.__float__(value)
+        return float.__float__(plain(value, float))
     if isinstance(value, str):
-        return str.__str__(value)
+        return str.__str__(plain(value, str))
     if isinstance(value, list):
-        return [encode(v) for v in list.__iter__(value)]
+        return [encode(v) for v in list.__iter__(plain(value, list))]
     for base in (tuple, set, frozenset):
         if isinstance(value, base):
-            return {base.__name__: [encode(v) for v in base.__iter__(value)]}
+            return {base.__name__: [encode(v) for v in base.__iter__(plain(value, base))]}
     if isinstance(value, dict):
-        return {"dict": [[encode(k), encode(v)] for k, v in dict.items(value)]}
+        return {"dict": [[encode(k), encode(v)] for k, v in dict.items(plain(value, dict))]}
     # What tests may do with a result without comparing it by ==: tuple(result), sorted(result), `in`. These
     # arrive as the harness's own objects of the same kind (a list iterator, a view of a fresh dict, a range).
     if kind is range:
@@ -271,8 +299,8 @@ def encode(value):
     for view in (type({}.keys()), type({}.values())):
         if isinstance(value, view):
             return {view.__name__: [encode(v) for v in value]}
-    if isinstance(value, collections.abc.Iterator):  # a generator, map, zip, reversed ...: what it yields
-        return {"iterator": [encode(v) for v in value]}
+    if isinstance(value, collections.abc.Iterator):  # a generator, map, zip, reversed ...: what it yields,
+        return {"iterator": [encode(v) for v in list(value)]}  # all of it first, as tuple(result) sees it
     raise TypeError(f"a {kind.__name__} cannot cross the sandbox boundary (only plain data: numbers, str, bool, "
                     "None, list, tuple, dict, set, frozenset and their subclasses, dict views, range, iterators)")
 
@@ -332,7 +360,7 @@ def decode(data, max_depth=1000, max_items=1 << 62, deadline=None):
 
     return walk(data, 0)
 
-def read_exact(fd, n):
+def read_exact(fd, n, deadline=None):
     chunks = []
     while n:
         chunk = os.read(fd, min(n, 1 << 20))
@@ -340,17 +368,19 @@ def read_exact(fd, n):
             return None
         chunks.append(chunk)
         n -= len(chunk)
+        if deadline is not None and time.process_time() > deadline:  # a reply trickled a byte at a time
+            raise ReplyLimit("reading the replies took more CPU time than SandboxLimits.decode_s")
     return b"".join(chunks)
 
-def read_frame(fd, limit):
+def read_frame(fd, limit, deadline=None):
     # The next message, or None when the other side closed the channel. A message over the limit is not read.
-    head = read_exact(fd, 4)
+    head = read_exact(fd, 4, deadline)
     if head is None:
         return None
     size = int.from_bytes(head, "big")
     if size > limit:
         raise ReplyLimit(f"a message of {size} bytes exceeds the limit of {limit} bytes (SandboxLimits.reply_mb)")
-    body = read_exact(fd, size)
+    body = read_exact(fd, size, deadline)
     return None if body is None else json.loads(body)
 
 def write_frame(fd, message):
@@ -518,7 +548,7 @@ def receive():
         raise ReplyLimit(f"decoding the replies took more than {decode_s} s of CPU time (SandboxLimits.decode_s)")
     start = time.process_time()
     try:
-        reply = read_frame(rep_fd, max_reply)
+        reply = read_frame(rep_fd, max_reply, start + decode_s - spent)
         if reply is None:
             raise Gone()
         if type(reply) is dict and len(reply) == 1 and "return" in reply:
@@ -558,11 +588,15 @@ except ReplyLimit as err:
 except OutOfMemory:
     sys.stderr.write("the judge ran out of memory reading a reply\n"); sys.stderr.flush(); os._exit(98)
 except BaseException as err:
-    traceback.print_exc(); sys.stderr.flush()
+    # The message last, quoted: the tests' own messages can hold the program's text (str(candidate(x)))
+    sys.stdout.flush()
+    sys.stderr.write("Traceback (most recent call last):\n" + "".join(traceback.format_tb(err.__traceback__))
+                     + f"{type(err).__name__}: {str(err) if isinstance(err, CandidateError) else repr(str(err))}\n")
+    sys.stderr.flush()
     if isinstance(err, CandidateError):  # the program's function raised it
         os._exit({"AssertionError": 93, "MemoryError": 94, "SystemExit": 96}.get(err.type_name, 92))
     os._exit(98 if isinstance(err, MemoryError) else 93 if isinstance(err, AssertionError) else 92)
-sys.stderr.flush()
+sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)
 """
 
@@ -650,18 +684,27 @@ def _site_dirs(python: str) -> tuple[str, ...]:
     try:
         probe = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=30, cwd="/",
                                env=_minimal_env("/"), stdin=subprocess.DEVNULL)
-        return tuple(sorted({os.path.realpath(p) for p in json.loads(probe.stdout)}))
+        listed = json.loads(probe.stdout)
     except (OSError, subprocess.SubprocessError, ValueError) as err:
         raise RuntimeError(f"sandbox: cannot list the package folders of {python} to hide them ({err}); set "
                            "SandboxLimits.python to a working interpreter.") from err
+    # Every interpreter's packages below the mounted folders, not only this one's: a venv's base interpreter
+    # (its prefix is mounted too), the system's pythons under /usr and /usr/local, a conda base's environments
+    # and package cache.
+    roots = [*_prefixes(python), "/usr", "/usr/local"]
+    patterns = ["lib*/python*/site-packages", "lib*/python*/dist-packages", "lib/python3/dist-packages",
+                "envs/*/lib*/python*/site-packages", "pkgs"]
+    found = [path for root in roots for pattern in patterns for path in glob.glob(os.path.join(root, pattern))]
+    return tuple(sorted({os.path.realpath(p) for p in [*listed, *found]}))
 
 
-# A seccomp filter (classic BPF, loaded by bwrap --seccomp) that makes socket(AF_UNIX, ...) fail with
-# EAFNOSUPPORT. A unix socket file is not tied to the network namespace: one that a host process listens on would
+# A seccomp filter (classic BPF, loaded by bwrap --seccomp) that makes socket(AF_UNIX, ...) and
+# socketpair(AF_UNIX, ...) fail with EAFNOSUPPORT (so asyncio, which needs a socketpair, cannot run). A unix socket file is not tied to the network namespace: one that a host process listens on would
 # be reachable wherever the mount namespace shows it. The filter also refuses io_uring (whose operations can open
 # and connect sockets past seccomp) and every syscall of another ABI (x32, and i386 through int 0x80).
 # Hand-written: it is a dozen instructions, and libseccomp's Python bindings are not on PyPI.
-_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, True), "aarch64": (0xC00000B7, 198, False)}  # arch, socket(), x32
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, 53, True), "aarch64": (0xC00000B7, 198, 199, False)}
+# (audit arch, socket(), socketpair(), x32 ABI) per machine
 _IO_URING_SETUP = 425  # the same number on every architecture
 
 
@@ -671,15 +714,17 @@ def _seccomp_filter() -> bytes | None:
     arch = _SECCOMP_ARCH.get(platform.machine())
     if arch is None or sys.byteorder != "little":
         return None
-    audit_arch, socket_nr, x32 = arch
+    audit_arch, socket_nr, socketpair_nr, x32 = arch
     load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, ...JGE..., BPF_RET
     allow, fail = 0x7FFF0000, 0x00050000  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno
     program = [(load, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, fail | errno.EPERM),  # seccomp_data.arch
                (load, 0, 0, 0)]  # seccomp_data.nr
     if x32:
         program += [(jge, 0, 1, 0x40000000), (ret, 0, 0, fail | errno.ENOSYS)]
+    # socketpair too: a datagram end of a unix pair can sendto() a socket file's path
     program += [(jeq, 0, 1, _IO_URING_SETUP), (ret, 0, 0, fail | errno.ENOSYS),
-                (jeq, 0, 3, socket_nr), (load, 0, 0, 16),  # seccomp_data.args[0], low half: the address family
+                (jeq, 1, 0, socket_nr), (jeq, 0, 3, socketpair_nr),
+                (load, 0, 0, 16),  # seccomp_data.args[0], low half: the address family
                 (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, fail | errno.EAFNOSUPPORT),
                 (ret, 0, 0, allow)]
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)

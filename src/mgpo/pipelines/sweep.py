@@ -14,12 +14,17 @@ A sweep spec is a YAML file (format in docs/experiments.md)::
     name: "{method}-s{training.seed}"          # run folder name (optional)
     output_dir: runs/experiments/example       # the sweep folder (optional; default runs/sweeps/<spec name>)
     report: {baseline: LoRA}                   # options for `mgpo report` (optional)
+    executor: local                            # local (default) or slurm; --executor overrides it
+    workers: 1                                 # local: runs at once, each on its own device (--workers)
+    slurm: {partition: gpu, time_min: 240, gpus_per_run: 1, cpus_per_run: 8, parallelism: 8}   # (slurm)
 
 Each run trains in its own ``python -m mgpo train`` process (a crash or out-of-memory does not end the sweep,
 and the peak memory measured is that run's). The sweep folder holds ``sweep.yaml`` (the spec),
 ``index.json`` / ``index.csv`` (one row per run: its axis values, status, error, time) and one folder per run.
 Rerunning the same command skips finished runs (``metrics.json`` present), resumes half-finished ones from their
-last complete checkpoint and retries failed ones.
+last complete checkpoint and retries failed ones. Where the runs train is the executor's business
+(:mod:`mgpo.pipelines.executors`): here, one or N at a time, or on a Slurm cluster as one array job per
+submission; each leaves its record in its run folder, which ``--status`` reads.
 """
 
 from __future__ import annotations
@@ -28,24 +33,18 @@ import csv
 import itertools
 import json
 import re
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mgpo.pipelines.checkpoints import newest_complete, write_json
+from mgpo.pipelines.checkpoints import write_json
 from mgpo.pipelines.config import ConfigError, changed_fields, load_config, read_yaml, said, unusable_folder
+from mgpo.pipelines.executors import EXECUTORS, SlurmConfig, run_local, run_state, submit_slurm
 
-SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report")
+SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report", "executor", "workers", "slurm")
 SEED_FIELD = "training.seed"
-# Exit codes of a run stopped on request, not failed: mgpo train's own (after its checkpoint), or the signal
-# itself (negative: the signal arrived before training installed its handler).
-STOPPED = {130: "SIGINT", 143: "SIGTERM", -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM",
-           -signal.SIGHUP: "SIGHUP"}
 
 
 @dataclass
@@ -68,6 +67,10 @@ class Sweep:
     output_dir: Path
     runs: list[Run]
     spec: dict
+    executor: str = "local"
+    workers: int = 1
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    submitted: list = field(default_factory=list)  # slurm: the runs the last submission sent
 
 
 def _fail(spec_path, message: str):
@@ -86,8 +89,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_") or "run"
 
 
-def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | Path | None = None) -> Sweep:
-    """Read a sweep spec and expand its grid into runs (nothing is trained or downloaded)."""
+def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | Path | None = None,
+               executor: str | None = None, workers: int | None = None) -> Sweep:
+    """Read a sweep spec and expand its grid into runs (nothing is trained or downloaded). ``executor`` and
+    ``workers`` (the command line's) override the spec's."""
     spec_path = Path(spec_path)
     if not spec_path.is_file():
         raise ConfigError(f"sweep spec {str(spec_path)!r} does not exist; see configs/experiments/ for examples.")
@@ -144,8 +149,18 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
         overrides = [*base_overrides, *(_as_override(k, v) for k, v in fields.items()),
                      f"training.output_dir={out}"]
         runs.append(Run(i, name, labels, overrides, out))
+    executor = executor or spec.get("executor") or "local"
+    if executor not in EXECUTORS:
+        _fail(spec_path, f"executor {executor!r} is unknown: use one of {', '.join(EXECUTORS)}.")
+    workers = workers if workers is not None else spec.get("workers", 1)
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        _fail(spec_path, f"workers={workers!r}: use a whole number of runs at once, at least 1.")
+    if workers > 1 and executor != "local":
+        _fail(spec_path, f"workers={workers} is for --executor local; on Slurm, slurm.parallelism sets how many "
+                         "runs of the array run at once.")
     return Sweep(title=str(spec.get("title") or spec_path.stem), base=base, base_overrides=base_overrides,
-                 output_dir=out_root, runs=runs, spec=spec)
+                 output_dir=out_root, runs=runs, spec=spec, executor=executor, workers=workers,
+                 slurm=SlurmConfig.from_spec(spec_path, spec.get("slurm")))
 
 
 def _combinations(spec_path, grid: dict) -> list[tuple]:
@@ -211,13 +226,6 @@ def plan(sweep: Sweep) -> list:
     return configs
 
 
-def run_state(out: Path) -> str:
-    """done (metrics.json written), partial (a complete checkpoint to resume from) or new."""
-    if (out / "metrics.json").is_file():
-        return "done"
-    return "partial" if newest_complete(out / "checkpoints")[0] is not None else "new"
-
-
 def write_index(sweep: Sweep) -> None:
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"index": r.index, "name": r.name, "status": r.status, "output_dir": str(r.output_dir),
@@ -237,14 +245,9 @@ def write_index(sweep: Sweep) -> None:
     tmp.replace(sweep.output_dir / "index.csv")
 
 
-def _error_tail(log: Path, lines: int = 6) -> str:
-    text = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-    useful = [line for line in text if line.strip() and "%|" not in line]  # drop progress bars
-    return "\n".join(useful[-lines:]) or "no output"
-
-
 def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executable) -> Sweep:
-    """Run the plan in order; returns the sweep with each run's status (done, skipped, failed)."""
+    """Run the plan with the sweep's executor; returns the sweep with each run's status (local: done, skipped,
+    failed, resumed; slurm: queued for those submitted, the others as --status shows them)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     plan(sweep)  # every configuration is valid before the first run starts
@@ -254,55 +257,25 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
     except OSError as err:
         raise unusable_folder(sweep.output_dir, "output_dir", err) from None
     write_index(sweep)
+    if sweep.executor == "slurm":
+        sweep.submitted = submit_slurm(sweep, sweep.slurm, python, write_index)
+        return sweep
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(sweep.title, total=len(sweep.runs))
-        for run in sweep.runs:
-            state = run_state(run.output_dir)
-            if state == "done":
-                run.status = "skipped"
+
+        def report(run, outcome):
+            if outcome is None:
                 bar.console.print(f"[dim]skip[/] {run.name} (finished before)")
-                bar.advance(task)
-                write_index(sweep)
-                continue
-            run.status = "running"
-            write_index(sweep)
-            bar.update(task, description=f"{sweep.title}: {run.name}")
-            run.output_dir.mkdir(parents=True, exist_ok=True)
-            # a partial run resumes from its newest complete checkpoint; what a run killed before its first one
-            # left is discarded (--restart removes mgpo train's files only, not train.out)
-            command = [python, "-m", "mgpo", "train", *([str(sweep.base)] if sweep.base else []),
-                       *run.overrides, "training.progress=false", "--resume" if state == "partial" else "--restart"]
-            started = time.time()
-            log = run.output_dir / "train.out"
-            with log.open("a") as f:
-                f.write(f"$ {' '.join(command)}\n")
-                f.flush()
-                proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
-                try:
-                    code = proc.wait()
-                except KeyboardInterrupt:  # the run got the Ctrl-C too: let it write its checkpoint and stop
-                    proc.wait()
-                    run.status = "interrupted"
-                    write_index(sweep)
-                    raise
-            run.wall_s = round(time.time() - started, 1)
-            if code in STOPPED and not (run.output_dir / "metrics.json").is_file():
-                # the run itself was stopped by SIGINT/SIGTERM/SIGHUP (sent to it alone, or to a sweep that ignores
-                # SIGINT, as a background job does): in training it wrote a checkpoint and exited 130/143; before
-                # training (loading, resuming) the signal ended it at once, with nothing to lose. Either way it did
-                # not fail: stop the sweep as its owner asked
-                run.status, run.error = "interrupted", f"exit code {code}: stopped by {STOPPED[code]}"
-                write_index(sweep)
+            elif outcome.status in ("done", "resumed"):
+                bar.console.print(f"[green]done[/] {run.name} ({outcome.wall_s:.0f} s)")
+            elif outcome.status == "interrupted":
                 bar.console.print(f"[yellow]interrupted[/] {run.name}: rerun the same command to resume it")
-                raise KeyboardInterrupt
-            if (run.output_dir / "metrics.json").is_file():
-                run.status, run.error = ("resumed" if state == "partial" else "done"), None
-                bar.console.print(f"[green]done[/] {run.name} ({run.wall_s:.0f} s)")
             else:
-                run.status = "failed"
-                run.error = f"exit code {code}: {_error_tail(log)}"
-                bar.console.print(f"[red]failed[/] {run.name}: {run.error.splitlines()[-1]} (see {log})")
-            write_index(sweep)
-            bar.advance(task)
+                bar.console.print(f"[red]failed[/] {run.name}: {outcome.error.splitlines()[-1]} "
+                                  f"(see {run.output_dir / 'train.out'})")
+            if outcome is None or outcome.status != "interrupted":
+                bar.advance(task)
+
+        run_local(sweep, sweep.workers, python, report, write_index)
     return sweep
