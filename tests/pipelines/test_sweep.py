@@ -244,3 +244,62 @@ def test_a_run_stopped_before_it_trains_is_interrupted_too(tmp_path, tiny_model_
     runs = index(tmp_path)
     assert runs["max_steps400"]["status"] == "interrupted" and runs["max_steps5"]["status"] == "pending", runs
     assert "stopped by SIGTERM" in runs["max_steps400"]["error"] and "failed" not in output
+
+
+def records(folder: Path) -> dict:
+    """What a run leaves that must not depend on where it ran: its adapter's bytes, its final metrics and its
+    logged losses (wall times and paths left out)."""
+    out = {}
+    for run in sorted(p for p in folder.iterdir() if (p / "metrics.json").is_file()):
+        metrics = json.loads((run / "metrics.json").read_text())
+        adapter = sorted((run / "adapter").glob("*.safetensors")) if (run / "adapter").is_dir() else []
+        out[run.name] = {
+            "metrics": {k: v for k, v in metrics.items() if not isinstance(v, str) and not any(
+                measured in k for measured in ("time", "wall", "per_second", "memory", "load_average"))},
+            "losses": [(r.get("step"), r.get("loss")) for r in map(json.loads, (run / "log.jsonl").read_text()
+                                                                     .splitlines()) if "loss" in r],
+            "adapter": [p.read_bytes() for p in adapter],
+        }
+    return out
+
+
+def test_two_local_workers_give_the_same_records_as_one(tmp_path, tiny_model_dir, sentiment_csv):  # noqa: F811
+    """Bit-identical when each run gets the same number of torch threads (threads_per_run)."""
+    spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0, 1, 2]}\nthreads_per_run: 1")
+    one = run_sweep(load_sweep(spec, output_dir=tmp_path / "one"), progress=False)
+    two = run_sweep(load_sweep(spec, output_dir=tmp_path / "two", workers=2), progress=False)
+    assert [r.status for r in one.runs] == [r.status for r in two.runs] == ["done"] * 3
+    first, second = records(tmp_path / "one"), records(tmp_path / "two")
+    assert list(first) == ["seed0", "seed1", "seed2"] and all(r["adapter"] for r in first.values())
+    assert first == second
+    ran_on = {json.loads((tmp_path / "two" / name / "sweep-run.json").read_text())["device"] for name in second}
+    assert ran_on == {"1 CPU threads"}
+
+
+def test_status_reads_the_run_folders(tmp_path, tiny_model_dir, sentiment_csv):  # noqa: F811
+    """done, failed with its error line, partial at step N, interrupted, new: from the folders alone."""
+    spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{data.text_column: [stars, review]}")
+    run_sweep(load_sweep(spec), progress=False)
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--status"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "done" in result.output and "failed" in result.output and "1 failed, 1 done" in result.output
+    assert "both as text and as label" in " ".join(result.output.split()), result.output
+    from mgpo.pipelines.executors import sweep_status, write_record
+    sweep = load_sweep(spec)
+    write_record(sweep.runs[0].output_dir, state="interrupted", error="exit code 143: stopped by SIGTERM")
+    rows = {r["name"]: r for r in sweep_status(sweep)}
+    assert rows["text_columnstars"]["state"] == "interrupted" and "SIGTERM" in rows["text_columnstars"]["detail"]
+    assert rows["text_columnreview"]["state"] == "done"
+
+
+def test_bad_executor_settings_are_one_clear_line(tmp_path):
+    spec = write_spec(tmp_path, "grid: {training.seed: [0]}\nexecutor: kubernetes\n")
+    with pytest.raises(ConfigError, match="executor 'kubernetes' is unknown: use one of local, slurm"):
+        load_sweep(spec)
+    spec = write_spec(tmp_path, "grid: {training.seed: [0]}\nslurm: {partition: gpu, gpu_per_run: 1}\n")
+    with pytest.raises(ConfigError, match="unknown slurm setting 'gpu_per_run'"):
+        load_sweep(spec)
+    with pytest.raises(ConfigError, match="workers=0"):
+        load_sweep(write_spec(tmp_path, "grid: {training.seed: [0]}\n"), workers=0)
+    with pytest.raises(ConfigError, match="workers=2 is for --executor local"):
+        load_sweep(write_spec(tmp_path, "grid: {training.seed: [0]}\n"), executor="slurm", workers=2)

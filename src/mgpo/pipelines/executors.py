@@ -173,14 +173,20 @@ def train_run(python: str, base: Path | None, overrides: list[str], out: Path, e
 # ----------------------------------------------------------------------------- local: here, N at a time
 
 
-def device_envs(workers: int) -> list[dict]:
+def threads_env(threads: int) -> dict:
+    """torch's CPU threads for a run. Records are bit-identical across executors only when each run gets the
+    same number: a float sum split over other thread counts rounds otherwise."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def device_envs(workers: int, threads: int = 0) -> list[dict | None]:
     """One environment per worker: its own GPU (CUDA_VISIBLE_DEVICES) where there are GPUs, else an equal share
-    of the CPU cores as torch threads (OMP_NUM_THREADS)."""
-    if workers == 1:
-        return [None]  # this process's environment, as one run at a time always had
+    of the CPU cores as torch threads (``threads`` each when set)."""
+    env = dict(os.environ)
+    if workers == 1:  # this process's environment, as one run at a time always had
+        return [{**env, **threads_env(threads)} if threads else None]
     import torch
 
-    env = dict(os.environ)
     gpus = torch.cuda.device_count()
     if gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -188,18 +194,19 @@ def device_envs(workers: int) -> list[dict]:
         if workers > len(ids):
             raise ConfigError(f"--workers {workers}: each run gets a GPU of its own, and {len(ids)} are visible "
                               f"({', '.join(ids)}); use --workers {len(ids)} or fewer.")
-        return [{**env, "CUDA_VISIBLE_DEVICES": ids[i]} for i in range(workers)]
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    return [{**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} for _ in range(workers)]
+        extra = threads_env(threads) if threads else {}
+        return [{**env, **extra, "CUDA_VISIBLE_DEVICES": ids[i]} for i in range(workers)]
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    return [{**env, **threads_env(threads)} for _ in range(workers)]
 
 
-def run_local(sweep, workers: int, python: str, report, write_index) -> None:
+def run_local(sweep, workers: int, python: str, report, write_index, threads: int = 0) -> None:
     """Train the sweep's unfinished runs here, ``workers`` at a time (each in its own process with its own device).
 
     ``report(run, outcome)`` says what happened (outcome None: skipped, finished before); ``write_index(sweep)``
     saves the sweep's index. A run stopped by a signal stops the sweep: no new run starts, the others running
     finish (or stop, when the signal reached them too), and KeyboardInterrupt is raised."""
-    envs = device_envs(workers)
+    envs = device_envs(workers, threads)
     free = list(range(workers))
     lock = threading.Lock()
     stop = threading.Event()
@@ -332,7 +339,7 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str] | None:
     return states
 
 
-def submit_slurm(sweep, config: SlurmConfig, python: str, write_index) -> list:
+def submit_slurm(sweep, config: SlurmConfig, python: str, write_index, threads: int = 0) -> list:
     """Submit the sweep's runs that are not done, queued or running as one array job; returns those runs."""
     check_slurm()
     submitit = _submitit()
@@ -347,7 +354,8 @@ def submit_slurm(sweep, config: SlurmConfig, python: str, write_index) -> list:
     executor = submitit.SlurmExecutor(folder=folder / "%j", python=python, max_num_timeout=config.max_requeues)
     params = dict(time=config.time_min, cpus_per_task=config.cpus_per_run, signal_delay_s=config.signal_s,
                   job_name=f"mgpo-{sweep.output_dir.name}", stderr_to_stdout=True,
-                  setup=[f"export OMP_NUM_THREADS={config.cpus_per_run}", *config.setup],
+                  setup=[*(f"export {k}={v}" for k, v in threads_env(threads or config.cpus_per_run).items()),
+                         *config.setup],
                   additional_parameters=dict(config.extra))
     if config.parallelism:
         params["array_parallelism"] = config.parallelism

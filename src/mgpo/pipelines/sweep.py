@@ -16,6 +16,7 @@ A sweep spec is a YAML file (format in docs/experiments.md)::
     report: {baseline: LoRA}                   # options for `mgpo report` (optional)
     executor: local                            # local (default) or slurm; --executor overrides it
     workers: 1                                 # local: runs at once, each on its own device (--workers)
+    threads_per_run: 1                         # torch CPU threads of each run (default: the executor's share)
     slurm: {partition: gpu, time_min: 240, gpus_per_run: 1, cpus_per_run: 8, parallelism: 8}   # (slurm)
 
 Each run trains in its own ``python -m mgpo train`` process (a crash or out-of-memory does not end the sweep,
@@ -43,7 +44,8 @@ from mgpo.pipelines.checkpoints import write_json
 from mgpo.pipelines.config import ConfigError, changed_fields, load_config, read_yaml, said, unusable_folder
 from mgpo.pipelines.executors import EXECUTORS, SlurmConfig, run_local, run_state, submit_slurm
 
-SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report", "executor", "workers", "slurm")
+SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report", "executor", "workers", "threads_per_run",
+             "slurm")
 SEED_FIELD = "training.seed"
 
 
@@ -69,6 +71,7 @@ class Sweep:
     spec: dict
     executor: str = "local"
     workers: int = 1
+    threads_per_run: int = 0  # 0: the executor's choice (all cores, their share, or slurm.cpus_per_run)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     submitted: list = field(default_factory=list)  # slurm: the runs the last submission sent
 
@@ -158,8 +161,11 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
     if workers > 1 and executor != "local":
         _fail(spec_path, f"workers={workers} is for --executor local; on Slurm, slurm.parallelism sets how many "
                          "runs of the array run at once.")
+    threads = spec.get("threads_per_run", 0)
+    if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0):
+        _fail(spec_path, f"threads_per_run={threads!r}: use a whole number of threads (0: the executor's share).")
     return Sweep(title=str(spec.get("title") or spec_path.stem), base=base, base_overrides=base_overrides,
-                 output_dir=out_root, runs=runs, spec=spec, executor=executor, workers=workers,
+                 output_dir=out_root, runs=runs, spec=spec, executor=executor, workers=workers, threads_per_run=threads,
                  slurm=SlurmConfig.from_spec(spec_path, spec.get("slurm")))
 
 
@@ -258,7 +264,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
         raise unusable_folder(sweep.output_dir, "output_dir", err) from None
     write_index(sweep)
     if sweep.executor == "slurm":
-        sweep.submitted = submit_slurm(sweep, sweep.slurm, python, write_index)
+        sweep.submitted = submit_slurm(sweep, sweep.slurm, python, write_index, sweep.threads_per_run)
         return sweep
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -277,5 +283,5 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
             if outcome is None or outcome.status != "interrupted":
                 bar.advance(task)
 
-        run_local(sweep, sweep.workers, python, report, write_index)
+        run_local(sweep, sweep.workers, python, report, write_index, sweep.threads_per_run)
     return sweep
