@@ -132,11 +132,11 @@ def train_command(python: str, base: Path | None, overrides: list[str], state: s
 
 
 def train_run(python: str, base: Path | None, overrides: list[str], out: Path, env: dict | None = None,
-              started_proc=None, **where) -> Outcome:
+              started_proc=None, ignore=(), **where) -> Outcome:
     """Train one run in its own process, its output appended to ``out/train.out``; record how it ended.
 
-    ``started_proc(proc)`` is called with the process once it runs (to signal it); ``where`` goes into the
-    record (job id, host)."""
+    ``started_proc(proc)`` is called with the process once it runs (to signal it); ``ignore``: signals the
+    training process ignores; ``where`` goes into the record (job id, host)."""
     state = run_state(out)
     command = train_command(python, base, overrides, state)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,8 @@ def train_run(python: str, base: Path | None, overrides: list[str], out: Path, e
     with log.open("a") as f:
         f.write(f"$ {' '.join(command)}\n")
         f.flush()
-        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+        ignoring = (lambda: [signal.signal(sig, signal.SIG_IGN) for sig in ignore]) if ignore else None
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=ignoring)
         if started_proc is not None:
             started_proc(proc)
         try:
@@ -296,8 +297,11 @@ class SlurmRun:
 
     def __call__(self):
         job = _submitit().JobEnvironment()
+        # Slurm sends the time-limit signal (USR2) to every process of the job: the training process must not
+        # die of it; submitit's handler in this one stops it with SIGTERM instead, after its checkpoint
         outcome = train_run(self.python, self.base, self.overrides, self.out,
-                            started_proc=lambda proc: setattr(self, "_proc", proc), job_id=job.job_id)
+                            started_proc=lambda proc: setattr(self, "_proc", proc), ignore=(signal.SIGUSR2,),
+                            job_id=job.job_id)
         return outcome.status
 
     def checkpoint(self, *args, **kwargs):
