@@ -303,3 +303,9 @@ def test_bad_executor_settings_are_one_clear_line(tmp_path):
         load_sweep(write_spec(tmp_path, "grid: {training.seed: [0]}\n"), workers=0)
     with pytest.raises(ConfigError, match="workers=2 is for --executor local"):
         load_sweep(write_spec(tmp_path, "grid: {training.seed: [0]}\n"), executor="slurm", workers=2)
+
+
+def test_a_run_on_several_gpus_is_refused_by_name(tmp_path):
+    spec = write_spec(tmp_path, "grid: {training.seed: [0]}\nexecutor: slurm\nslurm: {gpus_per_run: 4}\n")
+    with pytest.raises(ConfigError, match="gpus_per_run=4: each run trains in one process on one GPU"):
+        load_sweep(spec)

@@ -46,7 +46,7 @@ class SlurmConfig:
     qos: str | None = _help("Quality of service (sbatch --qos).", None)
     time_min: int = _help("Time limit of each run in minutes. A run that reaches it is told signal_s before, "
                           "writes a checkpoint, is requeued and resumes.", 240)
-    gpus_per_run: int = _help("GPUs of each run (sbatch --gpus-per-node).", 0)
+    gpus_per_run: int = _help("GPUs of each run (sbatch --gpus-per-node): 0 or 1 (a run is one process).", 0)
     cpus_per_run: int = _help("CPU cores of each run (sbatch --cpus-per-task); also its torch threads.", 1)
     mem_gb: float | None = _help("Memory of each run in GB (sbatch --mem); unset: the partition's default.", None)
     parallelism: int = _help("Runs of the array at once (sbatch --array=...%N); 0: as many as the cluster "
@@ -74,6 +74,10 @@ class SlurmConfig:
             if not (isinstance(getattr(config, name), int) and getattr(config, name) >= 1):
                 raise ConfigError(f"sweep {str(spec_path)!r}: slurm.{name}={getattr(config, name)!r} must be a "
                                   "whole number of at least 1.")
+        if isinstance(config.gpus_per_run, int) and config.gpus_per_run > 1:
+            raise ConfigError(f"sweep {str(spec_path)!r}: slurm.gpus_per_run={config.gpus_per_run}: each run trains "
+                              "in one process on one GPU here (a run on several GPUs, e.g. full fine-tuning at 7B, "
+                              "goes through torchrun: docs/distributed.md); use gpus_per_run: 1.")
         for name in ("gpus_per_run", "parallelism", "signal_s", "max_requeues"):
             if not (isinstance(getattr(config, name), int) and getattr(config, name) >= 0):
                 raise ConfigError(f"sweep {str(spec_path)!r}: slurm.{name}={getattr(config, name)!r} must be a "
