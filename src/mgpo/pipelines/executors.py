@@ -15,6 +15,7 @@ States: ``done``, ``running``, ``queued`` (submitted, not started), ``partial`` 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -116,8 +117,19 @@ def resume_step(out: Path) -> int | None:
 
 def error_tail(log: Path, lines: int = 6) -> str:
     text = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-    useful = [line for line in text if line.strip() and "%|" not in line]  # drop progress bars
+    # drop progress bars and the command line the log starts each attempt with
+    useful = [line for line in text if line.strip() and "%|" not in line and not line.startswith("$ ")]
     return "\n".join(useful[-lines:]) or "no output"
+
+
+def error_line(error: str) -> str:
+    """The error's own message in one line: from the last ``error: ...`` line mgpo prints (wrapped to the
+    terminal's width) or the last exception line of a traceback, else the last line."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error:") or re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", lines[i]):
+            return " ".join(lines[i:])
+    return lines[-1] if lines else ""
 
 
 @dataclass
@@ -409,10 +421,9 @@ def sweep_status(sweep) -> list[dict]:
             shown, detail = "done", ""
         elif where in SCHEDULED:
             shown = SCHEDULED[where]
-            detail = f"at step {step}" if step is not None and shown == "running" else ""
+            detail = "" if step is None else f"at step {step}" if shown == "running" else f"resumes from step {step}"
         elif said in ("failed", "interrupted"):
-            shown, detail = said, (rec.get("error") or "").strip().splitlines()[-1:] or [""]
-            detail = detail[0]
+            shown, detail = said, error_line(rec.get("error") or "")
         elif said in ("queued", "running", "requeued") and job and scheduler is not None:
             # the scheduler no longer knows the job and the run never said how it ended: killed outright
             # (scancel past its grace time, node failure). Not failed: resubmitting resumes it.

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from mgpo.pipelines.checkpoints import write_json
 from mgpo.pipelines.config import ConfigError, changed_fields, load_config, read_yaml, said, unusable_folder
-from mgpo.pipelines.executors import EXECUTORS, SlurmConfig, run_local, run_state, submit_slurm
+from mgpo.pipelines.executors import EXECUTORS, SlurmConfig, error_line, run_local, run_state, submit_slurm
 
 SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report", "executor", "workers", "threads_per_run",
              "slurm")
@@ -278,7 +278,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
             elif outcome.status == "interrupted":
                 bar.console.print(f"[yellow]interrupted[/] {run.name}: rerun the same command to resume it")
             else:
-                bar.console.print(f"[red]failed[/] {run.name}: {outcome.error.splitlines()[-1]} "
+                bar.console.print(f"[red]failed[/] {run.name}: {error_line(outcome.error)} "
                                   f"(see {run.output_dir / 'train.out'})")
             if outcome is None or outcome.status != "interrupted":
                 bar.advance(task)
