@@ -78,12 +78,13 @@ def test_an_array_of_four_runs_two_at_a_time_equals_a_local_run(tmp_path, local_
 @needs_slurm
 def test_a_failing_run_shows_its_error_and_the_others_finish(tmp_path, local_slurm, tiny_model_dir,
                                                             sentiment_csv):  # noqa: F811
-    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{data.text_column: [stars, review]}")
+    """A data path that passes the plan (a hub id: checked when the run loads it) and fails in its job."""
+    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, f"{{data.name: [no-such-org/no-such-data, {sentiment_csv}]}}")
     sweep = run_sweep(load_sweep(spec), progress=False)
     rows = wait_until(sweep, lambda rows: all(r["state"] in ENDED for r in rows.values()))
-    assert rows["text_columnreview"]["state"] == "done"
-    failed = rows["text_columnstars"]
-    assert failed["state"] == "failed" and "both as text and as label" in failed["detail"], failed
+    done, failed = rows[sweep.runs[1].name], rows[sweep.runs[0].name]
+    assert done["state"] == "done", rows
+    assert failed["state"] == "failed" and failed["detail"].startswith("error: 'no-such-org/no-such-data'"), failed
     assert Path(failed["log"]).is_file() and "Traceback" not in failed["detail"]
     shown = CliRunner().invoke(app, ["sweep", str(spec), "--status"], env={"COLUMNS": "300"})
     assert shown.exit_code == 0 and "1 failed, 1 done" in shown.output.replace("1 done, 1 failed", "1 failed, 1 done")

@@ -116,10 +116,17 @@ def resume_step(out: Path) -> int | None:
 
 
 def error_tail(log: Path, lines: int = 6) -> str:
+    """The last ``lines`` lines of the log, or from its last error line when that is further back (a wrapped
+    error message, a traceback's last exception)."""
     text = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
     # drop progress bars and the command line the log starts each attempt with
-    useful = [line for line in text if line.strip() and "%|" not in line and not line.startswith("$ ")]
-    return "\n".join(useful[-lines:]) or "no output"
+    useful = [line for line in text if line.strip() and "%|" not in line and not line.startswith("$ ")][-40:]
+    start = next((i for i in range(len(useful) - 1, -1, -1) if _ERROR.match(useful[i].strip())), len(useful))
+    return "\n".join(useful[min(start, max(0, len(useful) - lines)):]) or "no output"
+
+
+# mgpo's own error line, or an exception's (after the "exit code N: " the record puts first)
+_ERROR = re.compile(r"^(?:exit code -?\d+: )?((?:error:|[A-Za-z_.]*(?:Error|Exception|Interrupt)\b.*:).*)")
 
 
 def error_line(error: str) -> str:
@@ -127,8 +134,9 @@ def error_line(error: str) -> str:
     terminal's width) or the last exception line of a traceback, else the last line."""
     lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("error:") or re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", lines[i]):
-            return " ".join(lines[i:])
+        found = _ERROR.match(lines[i])
+        if found:
+            return " ".join([found.group(1), *lines[i + 1:]])
     return lines[-1] if lines else ""
 
 
