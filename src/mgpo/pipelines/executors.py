@@ -249,6 +249,11 @@ def run_local(sweep, workers: int, python: str, report, write_index, threads: in
                                 started_proc=lambda proc: running.__setitem__(run.index, proc),
                                 **({"device": envs[slot].get("CUDA_VISIBLE_DEVICES") or
                                     f"{envs[slot]['OMP_NUM_THREADS']} CPU threads"} if workers > 1 else {}))
+        except KeyboardInterrupt:  # Ctrl-C while this (main) thread waited for the run: it checkpointed and stopped
+            with lock:
+                run.status, run.error = "interrupted", "stopped by SIGINT"
+                write_index(sweep)
+            raise
         finally:
             running.pop(run.index, None)
             with lock:
