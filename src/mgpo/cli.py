@@ -273,7 +273,7 @@ def show_config(
     explain: bool = typer.Option(False, "--explain", help="List every field with its default and help text."),
 ):
     """Print the resolved configuration (defaults <- file <- overrides), validated; exit status 2 if invalid."""
-    from mgpo.pipelines.config import load_config, to_yaml
+    from mgpo.pipelines.config import load_config, to_shown_yaml
 
     if explain:
         _explain_fields()
@@ -281,7 +281,7 @@ def show_config(
 
     config, overrides = _config_and_overrides(config, overrides)
     try:
-        console.print(to_yaml(load_config(config, overrides)), highlight=False, markup=False)
+        console.print(to_shown_yaml(load_config(config, overrides)), highlight=False, markup=False)
     except _user_errors() as err:
         _fail(err)
 

@@ -123,6 +123,8 @@ def test_create_optimizer_errors_name_the_value():
         create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, method="mpgo")
     with pytest.raises(ValueError, match="rho"):
         create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, method="adamw", rho=0.1)
+    with pytest.raises(TypeError, match=r"^GGPO got an unexpected keyword argument 'rho'.*sigma, beta_g"):
+        create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, method="ggpo", rho=0.05)
 
 
 @pytest.mark.parametrize("method", ["mgpo", "msam", "sam", "random", "ggpo"])

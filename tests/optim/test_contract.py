@@ -287,6 +287,27 @@ def test_hyper_parameters_do_not_leak_into_the_base_optimizer():
     assert "rho" not in opt.base_optimizer.param_groups[0] and "beta" not in opt.base_optimizer.param_groups[0]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_an_unknown_keyword_names_the_method_its_settings_and_the_base_optimizers(name):
+    """Not AdamW's bare 'unexpected keyword argument', which names neither the method nor what it takes."""
+    cls = METHODS[name][0]
+    with pytest.raises(TypeError, match=rf"^{cls.__name__} got an unexpected keyword argument 'wieght_decay' "
+                                        r"\(did you mean 'weight_decay'\?\)") as err:
+        cls(make_model(), torch.optim.AdamW, lr=1e-3, wieght_decay=0.01)
+    said = str(err.value)
+    assert f"{cls.__name__}'s settings: {', '.join(cls.settings())};" in said
+    assert "every other keyword goes to the base optimizer AdamW, which takes: lr, betas, eps, weight_decay" in said
+
+
+def test_a_misspelt_or_another_methods_setting_is_named():
+    with pytest.raises(TypeError, match=r"^MGPO got an unexpected keyword argument 'rhoo' \(did you mean 'rho'\?\)"):
+        mgpo.MGPO(make_model(), lr=1e-3, rhoo=0.05)
+    with pytest.raises(TypeError, match=r"^GGPO got an unexpected keyword argument 'rho'.*settings: sigma, beta_g"):
+        mgpo.GGPO(make_model(), lr=1e-3, rho=0.05)
+    assert mgpo.GGPO.settings()[:2] == ["sigma", "beta_g"] and "rho" not in mgpo.GGPO.settings()
+    assert "apn" in mgpo.MGPO.settings() and not set(mgpo.MSAM.FIXED) & set(mgpo.MSAM.settings())
+
+
 @pytest.mark.parametrize("name", ["random", "ggpo"])
 def test_noise_methods_need_the_model(name):
     model = make_model()

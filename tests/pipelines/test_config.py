@@ -82,6 +82,22 @@ def test_cli_config_prints_the_resolved_yaml():
     assert "lr: 0.002" in result.output
 
 
+def test_cli_config_says_what_the_profile_and_the_preset_resolve_to():
+    """rho and beta are null in the config when a profile sets them: shown as what they resolve to and why, and the
+    printed YAML still loads as the same config."""
+    from omegaconf import OmegaConf
+
+    result = CliRunner().invoke(app, ["config", "perturbation.profile=nlg", "perturbation.preset=msam"],
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "  rho: null  # resolves to 0.01 (profile nlg)" in lines
+    assert "  beta: null  # resolves to 0.8 (profile nlg)" in lines
+    assert "  apn: inverse  # resolves to off (preset msam)" in lines
+    assert "  max_scale: 10.0" in lines  # a field neither sets is shown as it is
+    assert OmegaConf.create(result.output).perturbation.rho is None
+
+
 def test_cli_explains_every_field_with_its_help():
     import dataclasses
 

@@ -177,6 +177,18 @@ def test_loose_run_folders_are_labelled_from_their_config(sweep_dir, tmp_path):
     assert _md_row(md, "LoRA")[1] == "0.8000" and _md_row(md, "LoRA-MGPO")[1].strip("*") == "0.8300"
 
 
+def test_a_run_that_logged_no_loss_is_named_and_the_others_are_reported(sweep_dir, tmp_path):
+    """max_steps below logging_steps: a finished run with metrics but an empty log.jsonl, given with a sweep."""
+    lone = add_run(tmp_path, [], "no-loss", {}, [], {"test_accuracy": 0.7},
+                   config="adapter: {method: lora}\nperturbation: {method: mgpo}\n")
+    result = CliRunner().invoke(app, ["report", str(sweep_dir), str(lone), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "No logged training loss" in md and ": no-loss." in md
+    assert "figures/rank-sweep-loss.png" in md and "runs-loss.png" not in md  # no empty curve for the lone run
+    assert "| LoRA-MGPO | **0.7000** |" in md  # the lone run's metric is reported
+
+
 def test_report_errors_name_the_bad_input(sweep_dir, tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "neither a sweep folder" in result.output

@@ -145,6 +145,16 @@ def test_cli_logs_the_clean_loss_at_the_clean_weights(tiny_model_dir, sentiment_
     assert clean[8] == pytest.approx(total / 40, rel=1e-5)
 
 
+def test_fsdp_in_a_single_process_says_once_that_it_is_ignored(tiny_model_dir, sentiment_csv, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train(load_config(None, overrides(tiny_model_dir, sentiment_csv, tmp_path / "run", "training.max_steps=2",
+                                      "distributed.strategy=fsdp")))
+    said = capsys.readouterr().out
+    assert said.count("distributed.strategy=fsdp is ignored in a single process") == 1, said
+    assert (tmp_path / "run" / "metrics.json").is_file()  # and it trains, unsharded
+
+
 def test_regression_task(tiny_model_dir, tmp_path):
     csv = tmp_path / "scores.csv"
     csv.write_text("text,score\n" + "\n".join(f"the movie was {w},{i % 5 - 2}" for i, w in

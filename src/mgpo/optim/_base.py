@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
+import inspect
 import types
 import warnings
 import weakref
@@ -150,6 +152,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if clash:
             raise ValueError(f"{sorted(clash)} given both as keywords and in base_kwargs; give each once.")
         base_kwargs = {**(base_kwargs or {}), **more_base_kwargs}
+        self._check_base_kwargs(base_optimizer, base_kwargs)
         params, model = _split_model(params, model)
         if auto_perturb and not self.two_pass and model is None:
             name = type(self).__name__
@@ -185,6 +188,34 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._grad_marks = self._mark_grads(self._params_with_grad())  # gradients already there are not this step's
         if self._auto:
             self._install_hooks(model)
+
+    @classmethod
+    def settings(cls) -> list[str]:
+        """The keywords the method itself takes; every other keyword goes to the base optimizer."""
+        return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and name not in ("self", "params", "base_optimizer")]
+
+    def _check_base_kwargs(self, base_optimizer: type[torch.optim.Optimizer], base_kwargs: dict) -> None:
+        """A keyword neither the method nor the base optimizer takes (a misspelt or another method's setting) is
+        refused here, naming the method and both lists, rather than as the base optimizer's bare TypeError."""
+        try:
+            taken = inspect.signature(base_optimizer).parameters
+        except (TypeError, ValueError):  # no signature to read: the base optimizer itself will say
+            return
+        if any(p.kind is p.VAR_KEYWORD for p in taken.values()):
+            return
+        base = [name for name in taken if name != "params"]
+        unknown = [name for name in base_kwargs if name not in base]
+        if not unknown:
+            return
+        name, own = unknown[0], self.settings()
+        close = difflib.get_close_matches(name, own + base, n=1)
+        raise TypeError(
+            f"{type(self).__name__} got an unexpected keyword argument {name!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f". {type(self).__name__}'s settings: {', '.join(own)}; every other keyword goes to the base optimizer "
+            f"{base_optimizer.__name__}, which takes: {', '.join(base)}.")
 
     # ----------------------------------------------------------------------------------------- the window
     @run_eagerly

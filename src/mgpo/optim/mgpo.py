@@ -823,8 +823,14 @@ class MGPO(PerturbedOptimizer):
 class MSAM(MGPO):
     """Momentum-SAM (Becker et al. 2024): MGPO in factor space, no APN, one global norm, the optimizer's momentum."""
 
+    FIXED = ("apn", "momentum", "beta", "space", "norm", "max_scale")  # MGPO's settings MSAM sets itself
+
+    @classmethod
+    def settings(cls) -> list[str]:
+        return [name for name in MGPO.settings() if name not in cls.FIXED]
+
     def __init__(self, params, base_optimizer=torch.optim.AdamW, *, rho: float = 0.05, **kwargs):
-        for fixed in ("apn", "momentum", "beta", "space", "norm", "max_scale"):
+        for fixed in self.FIXED:
             if fixed in kwargs:
                 raise ValueError(f"MSAM fixes {fixed}; use mgpo.MGPO to choose {fixed}={kwargs[fixed]!r}.")
         super().__init__(params, base_optimizer, rho=rho, apn="off", momentum="optimizer", space="factors",

@@ -388,6 +388,24 @@ def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def to_shown_yaml(cfg: TrainConfig) -> str:
+    """``to_yaml`` for reading (``mgpo config``): a perturbation field the preset or the profile sets is followed by
+    the value it resolves to and what sets it (``rho: null  # resolves to 0.01 (profile nlg)``). The values are
+    left as given, so the output still loads as the same config."""
+    given, resolved = cfg.perturbation, cfg.perturbation.resolved()
+    lines, section = [], None
+    for line in to_yaml(cfg).splitlines():
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+        name = line.strip().split(":")[0]
+        if section == "perturbation" and hasattr(given, name) and getattr(given, name) != getattr(resolved, name):
+            source = (f"preset {given.preset}" if name not in ("rho", "beta")
+                      else f"profile {given.profile}" if given.profile else "no profile: the default")
+            line += f"  # resolves to {getattr(resolved, name)} ({source})"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 # Fields a run's results do not depend on: where its folder is, how progress is shown, and the optimizer's
 # diagnostics (extra logged numbers; the trajectory is the same with and without them, tests/optim).
 BOOKKEEPING_FIELDS = ("training.output_dir", "training.progress", "perturbation.diagnostics")

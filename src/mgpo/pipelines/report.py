@@ -475,6 +475,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
                     for k in DIAGNOSTICS])
     diag_table = {"header": ["panel", "method", *DIAGNOSTICS.values()], "rows": diag_rows}
     failed = [(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics]
+    no_loss = [r.path.name for r in exp.runs if r.metrics and not r.losses]  # finished, but no loss ever logged
     fallback = [r.path.name for r in exp.runs if r.losses and r.loss_kind != "clean"]  # runs without the probe
     mixed = bool(fallback) and any(r.loss_kind == "clean" for r in exp.runs if r.losses)
     return {"loss": loss_description(exp.runs), "no_clean_loss": fallback, "mixed_losses": mixed, "metric": metric,
@@ -483,7 +484,7 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
             "diff_table": diff_table, "own_table": own_table, "loss_diff_tables": loss_diff_tables,
             "dd_table": dd_table, "cost_table": cost_table,
             "diag_table": diag_table,
-            "failed": failed, "smooth": smooth, "spike_factor": spike_factor}
+            "failed": failed, "no_loss": no_loss, "smooth": smooth, "spike_factor": spike_factor}
 
 
 def _diag_cell(got: list) -> str:
@@ -803,8 +804,11 @@ def _blocks(exp: Experiment, result: dict, figures: list[tuple[Path, str]]) -> l
         blocks += [("h3", f"Difference to {base} in the {what}, paired by seed: mean [95% t interval]"),
                    ("p", note), ("table", table)]
     blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
-               ("p", _loss_note(result)),
-               ("table", result["dd_table"]),
+               ("p", _loss_note(result))]
+    if result["no_loss"]:
+        blocks.append(("p", f"No logged training loss (training.max_steps below training.logging_steps?), so not "
+                            f"in the curves or this table: {', '.join(result['no_loss'])}."))
+    blocks += [("table", result["dd_table"]),
                ("h3", f"Cost relative to {base}"),
                ("p", "Time per step is wall time: it also counts the time other processes held the cores. Where the "
                      "load column is above the number of CPUs, the runs shared the machine and their times are not "
@@ -978,12 +982,14 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
             continue
         result = analyse(exp, metric=metric, baseline=baseline, smooth=smooth, spike_factor=spike_factor)
         results.append(result)
+        logged = any(r.losses for r in exp.runs)  # else no curve and no double descent to draw (result["no_loss"])
         figs = [(plot_curves(exp, result, out_dir / "figures" / f"{exp.slug}-loss.png"),
-                 f"{exp.title}: {result['loss']}, per {'panel' if any(result['panels']) else 'method'}")]
+                 f"{exp.title}: {result['loss']}, per {'panel' if any(result['panels']) else 'method'}")
+                ] if logged else []
         if any(r["value"] is not None for r in result["per_run"]):
             bars = out_dir / "figures" / f"{exp.slug}-{_file(result['metric'])}.png"
             figs.append((plot_metric_bars(exp, result, bars), f"{exp.title}: {result['metric']} per method"))
-        if len(result["panels"]) > 1:
+        if len(result["panels"]) > 1 and logged:
             figs.append((plot_dd(exp, result, out_dir / "figures" / f"{exp.slug}-double-descent.png"),
                          f"{exp.title}: double-descent measure per panel"))
         figures_all += [p for p, _ in figs]

@@ -477,6 +477,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
                           "accelerators only, and on CPU would silently fall back to DDP. Use distributed.strategy="
                           "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
                           "docs/distributed.md).")
+    if cfg.distributed.strategy == "fsdp" and world_size() == 1:  # fsdp_arguments is empty: said, not silently
+        print("mgpo: distributed.strategy=fsdp is ignored in a single process: this run "
+              "trains the whole model in one process. Launch it with torchrun --nproc_per_node N (docs/"
+              "distributed.md) to shard.", flush=True)
     checkpoint = start_checkpoint(out, resume=resume, restart=restart, main=main)
     changes = changed_fields(out / "config.yaml", cfg) if checkpoint and (out / "config.yaml").is_file() else {}
     length = {k: v for k, v in changes.items() if k in ("training.max_steps", "training.epochs")}
