@@ -23,13 +23,14 @@ from tests.slurm import local_slurm, needs_slurm  # noqa: F401 (fixture)
 ENDED = {"done", "failed", "interrupted"}
 
 
-def slurm_spec(tmp_path, model_dir, csv, grid: str, time_min: int = 10, steps: int = 6, name: str = "spec") -> Path:
+def slurm_spec(tmp_path, model_dir, csv, grid: str, time_min: int = 10, steps: int = 6, name: str = "spec",
+               save_steps: int = 4) -> Path:
     return write_spec(tmp_path, f"""
 title: tiny on slurm
 base:
   model: {{name: {model_dir}, max_length: 16}}
   data: {{name: {csv}, text_column: review, label_column: stars}}
-  training: {{batch_size: 8, lr: 5.0e-3, save_steps: 4, max_steps: {steps}}}
+  training: {{batch_size: 8, lr: 5.0e-3, save_steps: {save_steps}, max_steps: {steps}}}
 grid: {grid}
 threads_per_run: 1
 executor: slurm
@@ -116,14 +117,15 @@ def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(tmp_pa
 @needs_slurm
 def test_a_time_limit_checkpoints_requeues_and_finishes(tmp_path, local_slurm, tiny_model_dir,
                                                        sentiment_csv):  # noqa: F811
-    """time_min 1: Slurm signals (USR2) up to a minute early, here about 15 s after the start; the run stops
-    after its checkpoint, is requeued, resumes, and (signalled again while it is still short of its steps)
-    finishes on a later start: the adapter equals an uninterrupted run's."""
-    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", time_min=1,
-                      steps=400)  # ~20 s of training: more than one start's share
+    """time_min 1: Slurm signals (USR2) before the limit, and up to a minute early: here 12 to 30-odd s after
+    the start. The run stops after its checkpoint, is requeued, resumes, and (signalled again while it is still
+    short of its steps) finishes on a later start: the adapter equals an uninterrupted run's. 1000 steps are
+    about 40 s of training plus the start-up: the first start cannot finish before its signal (at most ~30 s)."""
+    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", time_min=1, steps=1000,
+                      save_steps=400)  # the stop on the signal writes its own checkpoint
     sweep = run_sweep(load_sweep(spec), progress=False)
     out = sweep.runs[0].output_dir
-    rows = wait_until(sweep, lambda rows: rows["seed0"]["state"] in ENDED, timeout=420)
+    rows = wait_until(sweep, lambda rows: rows["seed0"]["state"] in ENDED, timeout=900)
     assert rows["seed0"]["state"] == "done", (rows, (out / "train.out").read_text()[-3000:])
     log = (out / "train.out").read_text()
     assert log.count("$ ") >= 2 and "--resume" in log, log[-3000:]  # it was stopped and resumed
