@@ -218,7 +218,7 @@ def sweep(
         err_console.print("[yellow]interrupted[/]: rerun the same command to continue (finished runs are skipped, "
                           "the interrupted one resumes from its checkpoint).")
         raise typer.Exit(code=130)
-    if grid.executor == "slurm":
+    if grid.submitted is not None:  # submitted to a scheduler: nothing trained here
         sent = grid.submitted
         if sent:
             record = sent[0].output_dir / "sweep-run.json"

@@ -73,7 +73,7 @@ class Sweep:
     workers: int = 1
     threads_per_run: int = 0  # 0: the executor's choice (all cores, their share, or slurm.cpus_per_run)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    submitted: list = field(default_factory=list)  # slurm: the runs the last submission sent
+    submitted: list | None = None  # the runs a submission to a scheduler sent (None: they trained here)
 
 
 def _fail(spec_path, message: str):
