@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from mgpo.pipelines.checkpoints import newest_complete, read_json, write_json
+from mgpo.pipelines.checkpoints import checkpoint_number, newest_complete, read_json, write_json
 from mgpo.pipelines.config import ConfigError, _help
 
 EXECUTORS = ("local", "slurm")
@@ -112,7 +112,7 @@ def run_state(out: Path) -> str:
 def resume_step(out: Path) -> int | None:
     """The step of the newest complete checkpoint, or None."""
     newest = newest_complete(out / "checkpoints")[0]
-    return int(newest.name.rsplit("-", 1)[-1]) if newest is not None and newest.name[-1:].isdigit() else None
+    return None if newest is None else checkpoint_number(newest)
 
 
 def error_tail(log: Path, lines: int = 6) -> str:
@@ -426,8 +426,11 @@ def sweep_status(sweep) -> list[dict]:
     rows = []
     for run in sweep.runs:
         rec = records[run.name]
-        state, job = run_state(run.output_dir), rec.get("job_id")
-        step = resume_step(run.output_dir)
+        job = rec.get("job_id")
+        # one look at the checkpoints (each is checked file by file): run_state's partial is "has a step"
+        done = (run.output_dir / "metrics.json").is_file()
+        step = None if done else resume_step(run.output_dir)
+        state = "done" if done else "partial" if step is not None else "new"
         said = rec.get("state")
         where = (scheduler or {}).get(job) if job else None
         if state == "done":
