@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import Optional
@@ -184,7 +183,9 @@ def sweep(
     _library_output(verbose)
     from rich.table import Table
 
-    from mgpo.pipelines.executors import sweep_status
+    from collections import Counter
+
+    from mgpo.pipelines.executors import record, sweep_status
     from mgpo.pipelines.sweep import load_sweep, plan, run_state, run_sweep
 
     try:
@@ -197,9 +198,7 @@ def sweep(
             for row in rows:
                 table.add_row(row["name"], row["state"], row["detail"], row["job_id"] or "", row["log"] or "")
             console.print(table)
-            counts = {}
-            for row in rows:
-                counts[row["state"]] = counts.get(row["state"], 0) + 1
+            counts = Counter(row["state"] for row in rows)
             console.print(", ".join(f"{n} {state}" for state, n in counts.items()))
             return
         plan(grid)
@@ -221,8 +220,7 @@ def sweep(
     if grid.submitted is not None:  # submitted to a scheduler: nothing trained here
         sent = grid.submitted
         if sent:
-            record = sent[0].output_dir / "sweep-run.json"
-            job = json.loads(record.read_text()).get("job_id", "?").split("_")[0]
+            job = record(sent[0].output_dir).get("job_id", "?").split("_")[0]
             console.print(f"submitted {len(sent)} of {len(grid.runs)} runs as Slurm array job {job}; follow them "
                           f"with: mgpo sweep {spec} --status")
         else:

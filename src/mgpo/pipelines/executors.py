@@ -20,11 +20,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mgpo.pipelines.checkpoints import checkpoint_number, newest_complete, read_json, write_json
