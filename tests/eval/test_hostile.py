@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import mgpo.eval.sandbox as sandbox
+from mgpo.eval.sandbox import isolation
 from mgpo.eval.humaneval import answer_files, check, evaluate, load_problems
 from mgpo.eval.sandbox import SandboxLimits, describe_isolation, judge, uses_namespaces
 
@@ -137,9 +138,8 @@ def _test_user() -> pwd.struct_passwd:
 PARENT = r'''
 import importlib.util, json, sys, warnings
 warnings.simplefilter("ignore")
-spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
-sandbox = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
-spec.loader.exec_module(sandbox)
+sys.path.insert(0, sys.argv[1])  # the folder holding a copy of the sandbox package (standard library only)
+import sandbox
 job = json.load(sys.stdin)
 limits = sandbox.SandboxLimits(timeout_s=10, cpu_s=5)
 result = sandbox.judge(job["program"], "seek", job["tests"], limits, hidden=job["hidden"])
@@ -174,13 +174,13 @@ def test_a_non_root_users_venv_key_is_masked(where):
         shutil.copy(key, declared)
         control = venv / "control.txt"  # in the venv, outside its site-packages: mounted
         control.write_text("control\n")
-        shutil.copy(sandbox.__file__, work / "sandbox.py")
+        shutil.copytree(Path(sandbox.__file__).parent, work / "lib" / "sandbox")
         for path in [base, *work.rglob("*"), work]:
             os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
 
         def as_parent(tests: str, hidden: list[str]) -> dict:
             job = json.dumps({"program": SEEKER, "tests": tests, "hidden": hidden})
-            out = subprocess.run([str(venv / "bin" / "python"), "-c", PARENT, str(work / "sandbox.py")], input=job,
+            out = subprocess.run([str(venv / "bin" / "python"), "-c", PARENT, str(work / "lib")], input=job,
                                  capture_output=True, text=True, cwd=work, user=user.pw_uid, group=user.pw_gid,
                                  extra_groups=[], env={"HOME": user.pw_dir, "PATH": "/usr/bin:/bin"}, timeout=120)
             assert out.returncode == 0, out.stderr[-2000:]
@@ -280,14 +280,14 @@ def test_no_host_unix_socket_is_reachable():
     assert not reached, reached  # the listeners saw nothing
     for result in results:
         assert result.passed, result.detail
-        if sandbox._seccomp_filter() is not None:  # refused by the filter, not by a missing file
+        if isolation.seccomp_filter() is not None:  # refused by the filter, not by a missing file
             assert "refused: Address family not supported" in result.detail, result.detail
 
 
 @needs_bwrap
 def test_no_nested_user_namespace():
     """A new user namespace inside the sandbox would give the program root in it (and more kernel surface)."""
-    if "--disable-userns" not in sandbox._bwrap_usage(shutil.which("bwrap")):
+    if "--disable-userns" not in isolation.bwrap_usage(shutil.which("bwrap")):
         pytest.skip("this bubblewrap has no --disable-userns")
     unshare = shutil.which("unshare")
     if unshare is None:

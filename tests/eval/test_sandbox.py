@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import mgpo.eval.sandbox as sandbox
+from mgpo.eval.sandbox import cgroup, isolation
 from mgpo.eval.sandbox import (
     RunResult,
     SandboxLimits,
@@ -286,8 +286,8 @@ def test_process_fallback_runs_programs_and_its_guard_blocks(tmp_path):
 
 
 def test_missing_bwrap_warns_once_naming_it_and_falls_back(monkeypatch):
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    sandbox._runner.cache_clear()
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: None)
+    isolation.runner.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match=r"bubblewrap \(bwrap\) is not installed.*WITHOUT network"):
             result = run_program("print(1)\n", FAST)
@@ -299,32 +299,32 @@ def test_missing_bwrap_warns_once_naming_it_and_falls_back(monkeypatch):
         with pytest.raises(RuntimeError, match="isolation='bwrap'.*apt-get install bubblewrap"):
             run_program("print(3)\n", dataclasses.replace(FAST, isolation="bwrap"))
     finally:
-        sandbox._runner.cache_clear()
+        isolation.runner.cache_clear()
 
 
 def test_too_old_bwrap_is_named_with_the_fix(monkeypatch, tmp_path):
     fake = tmp_path / "bwrap"  # a bubblewrap from before --size (Ubuntu 22.04 ships 0.6.1)
     fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo bubblewrap 0.6.1; else echo '--args FD'; fi\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: str(fake))
-    sandbox._runner.cache_clear()
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: str(fake))
+    isolation.runner.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"bubblewrap 0.6.1 is too old.*--size.*upgrade the bubblewrap package"):
             run_program("print(1)\n", dataclasses.replace(FAST, isolation="bwrap"))
         with pytest.warns(RuntimeWarning, match=r"too old.*WITHOUT network"):
             assert run_program("print(2)\n", FAST).passed
     finally:
-        sandbox._runner.cache_clear()
+        isolation.runner.cache_clear()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the warning is about running untrusted code as root")
 def test_staying_root_warns_that_the_budget_does_not_hold():
-    sandbox._runner.cache_clear()
+    isolation.runner.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match=r"RLIMIT_NPROC.*memory_budget_mb does not hold"):
             describe_isolation(dataclasses.replace(FAST, user=""))
     finally:
-        sandbox._runner.cache_clear()
+        isolation.runner.cache_clear()
 
 
 def test_bad_isolation_is_rejected():
@@ -520,8 +520,8 @@ def test_a_1_gib_flood_on_either_stream_is_a_file_limit(stream):
     assert not judged.passed and judged.status == "file_limit", judged.detail
 
 
-needs_cgroup = pytest.mark.skipif(sandbox._cgroup_homes()[0] is None,
-                                  reason=f"no memory cgroup for the programs here: {sandbox._cgroup_homes()[1]}")
+needs_cgroup = pytest.mark.skipif(cgroup.cgroup_homes()[0] is None,
+                                  reason=f"no memory cgroup for the programs here: {cgroup.cgroup_homes()[1]}")
 
 
 @needs_cgroup
@@ -540,7 +540,7 @@ def test_memory_outside_the_address_space_is_bounded_by_the_cgroup():
     assert not result.passed and result.status == "memory", result.detail
     assert "memory budget of 600 MiB" in result.detail
     assert int(result.output.split()[-1]) * 15 <= 600
-    home_memory, home_pids = sandbox._cgroup_homes()[0]
+    home_memory, home_pids = cgroup.cgroup_homes()[0]
     assert not [n for h in (home_memory, home_pids) for n in os.listdir(h) if n.startswith("mgpo-sandbox-")]
 
 
@@ -590,3 +590,17 @@ def test_judge_reports_each_way_of_not_passing():
     assert huge.status == "reply_limit" and "exceeds the limit of 4194304 bytes" in huge.detail, huge.detail
     with pytest.raises(ValueError, match="identifier"):
         judge(add, "not a name", "", FAST)
+
+
+def test_the_programs_are_sent_as_the_codec_then_the_module_without_its_codec_import(tmp_path, monkeypatch):
+    from mgpo.eval.sandbox import programs
+    for name, text in (("launcher", programs.LAUNCHER), ("harness", programs.HARNESS)):
+        compile(text, name, "exec")  # one valid module: the codec's names are defined above the program's code
+        assert "from .codec import" not in text and "def encode(" in text and text.index("def encode(") < \
+            text.index("def main(")
+    # a program that does not import the codec in one statement is refused by name, not sent half-built
+    monkeypatch.setattr(programs, "_HERE", tmp_path)
+    (tmp_path / "codec.py").write_text("X = 1\n")
+    (tmp_path / "broken.py").write_text("import json\n")
+    with pytest.raises(RuntimeError, match="broken.py must import the codec"):
+        programs.source("broken")

@@ -115,14 +115,14 @@ def test_choosing_the_checkpoint_on_the_scored_rows_is_said():
 def test_humaneval_where_the_answers_cannot_be_hidden_is_refused_before_training(monkeypatch):
     import datasets
 
-    import mgpo.eval.sandbox as sandbox
+    from mgpo.eval.sandbox import isolation
     from mgpo.pipelines.generation import check_benchmark
 
     rows = datasets.Dataset.from_dict({"prompt": ["Write f."], "response": ["def f(): pass"]})
     data = SimpleNamespace(train=rows, test=None)
     base = ["model.name=smollm2-135m", "data.task=causal-lm", "generation.benchmark=humaneval"]
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)  # no bubblewrap: process isolation
-    sandbox._runner.cache_clear()
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: None)  # no bubblewrap: process isolation
+    isolation.runner.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the sandbox's own fallback warning
@@ -130,7 +130,7 @@ def test_humaneval_where_the_answers_cannot_be_hidden_is_refused_before_training
                 check_benchmark(load_config(None, base), data)
             check_benchmark(load_config(None, [*base, "generation.allow_visible_answers=true"]), data)
     finally:
-        sandbox._runner.cache_clear()
+        isolation.runner.cache_clear()
 
 
 @pytest.mark.parametrize("bench,extra,expected", [
