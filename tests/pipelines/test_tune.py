@@ -1,0 +1,218 @@
+"""``mgpo tune``: the study's bookkeeping against a stand-in trainer whose score is a known function of rho
+(tests/pipelines/fake_train.py: same trials for the same sampler seed, two workers on one SQLite study without a
+trial counted twice, a kill -9 and a resume finishing with the right number of trials, pruning that stops runs),
+one real study of a tiny model end to end through the CLI, the verdict's logic, and one-line errors for bad
+input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mgpo.cli import app
+from mgpo.pipelines.config import ConfigError
+from mgpo.pipelines.tune import BASELINE, SEARCH, SEEDS, counts, load_tune, run_tune
+from mgpo.pipelines.tune.report import Setting, settings, verdict, write_report
+from tests.pipelines.test_train import sentiment_csv, tiny_model_dir  # noqa: F401 (fixtures)
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture()
+def fake_python(tmp_path) -> str:
+    """An executable that stands in for the interpreter the trials are started with (``PY -m mgpo train ...``)."""
+    path = tmp_path / "fake-python"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_train.py'} \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def write_config(tmp_path, csv, tune: str, name: str = "tune.yaml", data: str = "") -> Path:
+    path = tmp_path / name
+    model = "smollm2-135m" if "causal-lm" in data else "minilm"
+    path.write_text(f"""
+model: {{name: {model}, max_length: 16}}
+data: {{name: {csv}, text_column: review, label_column: stars{data}}}
+training: {{batch_size: 8, lr: 5.0e-3}}
+tune: {tune}
+""")
+    return path
+
+
+def search_trials(study) -> list:
+    return [t for t in study.get_trials() if t.user_attrs.get("phase") == SEARCH and t.user_attrs["arm"] != BASELINE]
+
+
+def test_a_fixed_sampler_seed_gives_the_same_trials_and_the_same_choice(tmp_path, sentiment_csv, fake_python):
+    config = write_config(tmp_path, sentiment_csv, "{trials: 6, max_steps: 4, evals: 2, sampler_seed: 3}")
+    studies = [run_tune(load_tune(config, output_dir=tmp_path / name), python=fake_python) for name in "ab"]
+    rhos = [[t.params["rho"] for t in search_trials(s)] for s in studies]
+    assert rhos[0] == rhos[1] and len(rhos[0]) == 6 and len(set(rhos[0])) == 6
+    assert studies[0].best_trial.params == studies[1].best_trial.params
+    other = run_tune(load_tune(write_config(tmp_path, sentiment_csv, "{trials: 6, max_steps: 4, evals: 2, "
+                                                                     "sampler_seed: 4}", "other.yaml"),
+                               output_dir=tmp_path / "c"), python=fake_python)
+    assert [t.params["rho"] for t in search_trials(other)] != rhos[0]  # the seed is what fixed them
+    # trial 0 is LoRA without perturbation, and every rho stays in the default range around the profile's 0.05
+    first = studies[0].get_trials()[0]
+    assert first.number == 0 and first.user_attrs["arm"] == BASELINE and first.params == {}
+    assert all(0.0005 <= r <= 0.5 for r in rhos[0])
+
+
+def test_two_workers_share_one_sqlite_study_without_a_trial_counted_twice(tmp_path, sentiment_csv, fake_python):
+    config = write_config(tmp_path, sentiment_csv, "{trials: 8, max_steps: 6, evals: 2, pruner: none}")
+    plan = load_tune(config, output_dir=tmp_path / "t")
+    os.environ["FAKE_STEP_S"] = "0.05"
+    try:
+        study = run_tune(plan, workers=2, python=fake_python)
+    finally:
+        del os.environ["FAKE_STEP_S"]
+    assert counts(study) == {"COMPLETE": 8}
+    runs = [t.user_attrs["run"] for t in study.get_trials()]
+    assert len(runs) == len(set(runs)) == 9  # LoRA and 8 search trials, one folder each
+    starts = sorted((t.datetime_start, t.datetime_complete) for t in study.get_trials())
+    assert any(b[0] < a[1] for a, b in zip(starts, starts[1:])), "the two workers never overlapped"
+    # a rerun of the finished study adds nothing
+    assert counts(run_tune(plan, workers=2, python=fake_python)) == {"COMPLETE": 8}
+
+
+KILLED = """
+import sys
+from mgpo.pipelines.tune import load_tune, run_tune
+run_tune(load_tune(sys.argv[1], output_dir=sys.argv[2]), python=sys.argv[3])
+"""
+
+
+def test_a_kill_mid_study_then_a_resume_finishes_with_the_right_number_of_trials(tmp_path, sentiment_csv,
+                                                                                  fake_python):
+    config = write_config(tmp_path, sentiment_csv, "{trials: 5, max_steps: 20, evals: 2, pruner: none}")
+    out = tmp_path / "t"
+    env = {**os.environ, "FAKE_STEP_S": "0.1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(config), str(out), fake_python], env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list((out / "trials").glob("*/metrics.json"))) < 2:  # LoRA and one search trial done
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(0.5)  # the third is running now
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    plan = load_tune(config, output_dir=out)
+    study = run_tune(plan, python=fake_python)
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1, [(t.number, t.state) for t in trials]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == failed[0].params
+    assert counts(study) == {"COMPLETE": 5, "FAIL": 1}  # five counted, the killed one not among them
+
+
+def test_the_pruner_stops_poor_trials_at_a_validation_evaluation(tmp_path, sentiment_csv, fake_python):
+    config = write_config(tmp_path, sentiment_csv, "{trials: 10, max_steps: 40, evals: 4, sampler_seed: 0}")
+    os.environ["FAKE_STEP_S"] = "0.02"
+    try:
+        study = run_tune(load_tune(config, output_dir=tmp_path / "t"), python=fake_python)
+    finally:
+        del os.environ["FAKE_STEP_S"]
+    pruned = [t for t in study.get_trials() if t.state.name == "PRUNED"]
+    assert pruned, [(t.params, t.value) for t in study.get_trials()]
+    for t in pruned:  # stopped by SIGTERM at the step it was pruned at, long before the end
+        logged = [json.loads(line) for line in (Path(t.user_attrs["run"]) / "log.jsonl").read_text().splitlines()]
+        assert t.user_attrs["pruned_at"] < 40 and logged[-1]["step"] < 40
+        assert not (Path(t.user_attrs["run"]) / "metrics.json").exists()
+    assert counts(study).get("COMPLETE", 0) + len(pruned) == 10
+    assert study.get_trials()[0].state.name == "COMPLETE"  # LoRA is never pruned
+
+
+def test_seed_reruns_pair_the_best_settings_with_lora_and_the_verdict_reads_them(tmp_path, sentiment_csv,
+                                                                                  fake_python):
+    config = write_config(tmp_path, sentiment_csv, "{trials: 6, max_steps: 4, evals: 2, top: 2}")
+    plan = load_tune(config, output_dir=tmp_path / "t")
+    study = run_tune(plan, seeds=3, python=fake_python)
+    again = [t for t in study.get_trials() if t.user_attrs.get("phase") == SEEDS]
+    assert sorted((t.user_attrs["of"] == 0, t.user_attrs["seed"]) for t in again) == \
+        sorted([(True, 1), (True, 2)] + [(False, 1), (False, 2)] * 2)
+    summary = write_report(plan, study)
+    best, lora = summary["best"], summary["lora"]
+    assert sorted(best.scores) == sorted(lora.scores) == [0, 1, 2]
+    # the stand-in's score differs from LoRA's by the same amount on every seed: a zero-width interval
+    assert best.low == pytest.approx(best.high) == pytest.approx(best.diff)
+    for name in ("tune.md", "trials.csv", "score-vs-rho.png", "best.yaml"):
+        assert (plan.output_dir / name).stat().st_size > 0
+    assert summary["verdict"] in (plan.output_dir / "tune.md").read_text()
+    # a rerun with the same seeds queues nothing more
+    assert len(run_tune(plan, seeds=3, python=fake_python).get_trials()) == len(study.get_trials())
+
+
+def test_the_verdict_says_when_no_radius_beats_lora(tmp_path, sentiment_csv):
+    plan = load_tune(write_config(tmp_path, sentiment_csv, "{trials: 2}"), output_dir=tmp_path / "t")
+    lora = Setting(0, BASELINE, {}, {0: 0.80, 1: 0.82, 2: 0.81})
+    rows = [{"trial": 0, "arm": BASELINE, "phase": SEARCH, "seed": s, "of": 0, "state": "complete",
+             "score": v, **dict.fromkeys(("rho", "lr", "max_scale", "apn"))} for s, v in lora.scores.items()]
+    noisy = {0: 0.83, 1: 0.80, 2: 0.815}  # +0.03, -0.02, +0.005: no consistent gain
+    rows += [{"trial": 1, "arm": "mgpo", "phase": SEARCH if s == 0 else SEEDS, "seed": s, "of": 1,
+              "state": "complete", "score": v, "rho": 0.01, "lr": None, "max_scale": None, "apn": None}
+             for s, v in noisy.items()]
+    lora_setting, found = settings(rows, maximize=True)
+    said = verdict(plan, lora_setting, found)
+    assert said.startswith("no radius helps on this task at 100 steps; LoRA is as good") and "3 seeds" in said
+    clear = {0: 0.85, 1: 0.86, 2: 0.855}
+    for row in rows:
+        if row["trial"] == 1:
+            row["score"] = clear[row["seed"]]
+    lora_setting, found = settings(rows, maximize=True)
+    assert "beats LoRA" in verdict(plan, lora_setting, found)
+
+
+def test_a_real_study_of_a_tiny_model_through_the_cli(tmp_path, tiny_model_dir, sentiment_csv):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""
+model: {{name: {tiny_model_dir}, max_length: 16}}
+data: {{name: {sentiment_csv}, text_column: review, label_column: stars}}
+training: {{batch_size: 8, lr: 5.0e-3}}
+tune: {{trials: 2, max_steps: 6, evals: 2, top: 1}}
+""")
+    out = tmp_path / "t"
+    result = CliRunner().invoke(app, ["tune", str(config), "--output-dir", str(out), "--seeds", "2",
+                                      "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "trial 0 (LoRA, seed 0): complete" in result.output and "verdict: " in result.output
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5  # LoRA, 2 search trials, LoRA and the best with seed 1
+    best = (out / "best.yaml").read_text()
+    assert best.startswith("# mgpo tune's best setting") and "rho:" in best
+    from mgpo.pipelines.config import load_config
+
+    cfg = load_config(out / "best.yaml")  # ready for mgpo train
+    assert cfg.model.name == str(tiny_model_dir) and cfg.perturbation.rho is not None
+    report = (out / "tune.md").read_text()
+    assert "apn_capped" in report and "| 0 | lora | 0 | complete |" in report
+
+
+@pytest.mark.parametrize("tune,data,message", [
+    ("{search: {rho: {low: 0, high: 0.1}}}", "", "tune.search.rho: low=0 and high=0.1 must be numbers above 0"),
+    ("{search: {rho: {low: 0.1, high: 0.01}}}", "", "low=0.1 must be below high=0.01"),
+    ("{search: {beta: {low: 0.5, high: 0.9}}}", "", "unknown parameter 'beta' in tune.search; tunable: rho, lr"),
+    ("{search: {apn: [inverse, sometimes]}}", "", "perturbation.apn"),
+    ("{trials: 0}", "", "tune.trials=0 must be a whole number of at least 1"),
+    ("{tirals: 5}", "", "unknown tune setting 'tirals'"),
+    ("{metric: accuracy}", "", "tune.metric='accuracy' is unknown: choose one of task, loss"),
+    ("{}", ", task: causal-lm, prompt_column: review, response_column: stars",
+     "it has no validation split of its own: causal-lm runs take their validation loss on the test split"),
+])
+def test_bad_input_is_one_line_naming_the_problem(tmp_path, sentiment_csv, tune, data, message):
+    config = write_config(tmp_path, sentiment_csv, tune, data=data)
+    with pytest.raises(ConfigError, match=None) as err:
+        load_tune(config, output_dir=tmp_path / "t")
+    assert message in str(err.value)
+    result = CliRunner().invoke(app, ["tune", str(config), "--output-dir", str(tmp_path / "t")])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "t").exists()  # nothing written before the config is known to be good
