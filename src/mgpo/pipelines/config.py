@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mgpo.checks import check
@@ -218,7 +219,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples.")
-            layers.append(read_yaml(path))
+            layer = read_yaml(path)
+            if isinstance(layer, DictConfig) and "tune" in layer:  # mgpo tune's section (mgpo.pipelines.tune)
+                warnings.warn(f"{str(path)!r}: its tune: section is read by `mgpo tune` only; this command "
+                              "ignores it.", UserWarning, stacklevel=2)
+                layer = OmegaConf.masked_copy(layer, [k for k in layer if k != "tune"])
+            layers.append(layer)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form section.field=value "
