@@ -45,3 +45,28 @@ def test_readme_train_commands_of_different_runs_use_different_folders():
                        config["training"]["output_dir"])
             first = folders.setdefault(out, args)
             assert first == args, f"{shlex.join(first)} and {shlex.join(args)} both write {out}"
+
+
+def test_every_documented_mgpo_command_names_a_command_and_files_that_exist():
+    """The shell blocks are too long to run in CI (training runs, sweeps of hours); what they name must exist: the
+    mgpo subcommand, and every config, spec, script and benchmark file."""
+    from mgpo.cli import app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    problems = []
+    for path in DOCS:
+        for code in blocks(path, "bash"):
+            for line in code.splitlines():
+                try:
+                    args = shlex.split(line, comments=True)
+                except ValueError:
+                    continue
+                for i, word in enumerate(args):
+                    if word == "mgpo" and i + 1 < len(args) and not args[i + 1].startswith("-") and \
+                            (i == 0 or args[i - 1] in ("-m", "&&", ";", "|")):
+                        if args[i + 1] not in commands:
+                            problems.append(f"{path.name}: unknown command in {line.strip()!r}")
+                    if re.fullmatch(r"(configs|scripts|benchmarks)/[\w./-]+\.(yaml|sh|py)", word) and \
+                            not (ROOT / word).is_file():
+                        problems.append(f"{path.name}: {word} does not exist ({line.strip()!r})")
+    assert not problems, problems
