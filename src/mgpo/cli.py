@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA fine-tuning with momentum-guided perturbation (LoRA-MGPO) and its baselines.\n\n"
                        "Any config field can be changed: `mgpo train|config [CONFIG] section.field=value ...`, "
                        "`mgpo demo --set section.field=value`; `mgpo config --explain` lists every field. "
@@ -34,7 +36,67 @@ def _config_and_overrides(config: str | None, overrides: list[str] | None) -> tu
     return config, list(overrides or [])
 
 
+INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): a bug, in mgpo or in a library it called
+
+
+def _is_input_error(err: BaseException) -> bool:
+    """Whether ``err`` is mgpo's own message about the user's input: a ConfigError, or an error mgpo raised itself
+    (a ``raise`` statement in mgpo's code), which names the bad value and the fix. The same types raised inside a
+    library (numpy, transformers) or by an operation in mgpo's code are bugs, not the user's mistake."""
+    from mgpo.pipelines.config import ConfigError
+
+    if isinstance(err, ConfigError):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return True  # raised, not propagated: a message composed for the user
+    last = frames[-1]
+    return f"{os.sep}mgpo{os.sep}" in last.filename and (last.line or "").lstrip().startswith("raise ")
+
+
+def _internal(err: BaseException) -> None:
+    """An unexpected error: its traceback, a line asking for a report, exit 70."""
+    traceback.print_exception(err, file=sys.stderr)
+    err_console.print(f"[bold red]internal error[/] ({type(err).__name__}): this is a bug in mgpo or a library it "
+                      "calls, not a problem with your input. Please report it to mgpo's issue tracker with the "
+                      "traceback above and the command you ran.", highlight=False)
+    raise typer.Exit(code=INTERNAL_ERROR)
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is a full disk or an exceeded quota: safetensors and torch
+    report it in their own exception types, with the OS's words."""
+    import errno
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(seen) for words in ("No space left on device", "Disk quota exceeded")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _no_space(err: BaseException, out: str) -> None:
+    """One message for a full disk while a run wrote its files: the folder, the last complete checkpoint, and
+    --resume; exit 1."""
+    from pathlib import Path
+
+    from mgpo.pipelines.checkpoints import newest_complete
+
+    last, _ = newest_complete(Path(out) / "checkpoints")
+    where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was written yet"
+    err_console.print(f"[bold red]error:[/] the disk is full (or over its quota) while writing {out} "
+                      f"({str(err).splitlines()[0][:200]}). Training stopped; {where}. Free some space, then rerun "
+                      "the same command with --resume (a checkpoint cut short is set aside).", highlight=False)
+    raise typer.Exit(code=1)
+
+
 def _fail(err: BaseException) -> None:
+    """One line naming the problem and exit 2 for the user's input; anything else is an internal error."""
+    if not _is_input_error(err):
+        _internal(err)
     err_console.print(f"[bold red]error:[/] {err}", highlight=False)
     raise typer.Exit(code=2)
 
@@ -100,7 +162,8 @@ def train(
 
     Exit status: 0 when training finished, 130/143 when stopped by Ctrl-C/SIGTERM (checkpoint written; continue
     with --resume), 2 for a problem with the configuration or the data, 3 when training diverged (non-finite
-    weights or too many non-finite steps; the last good checkpoint is kept), 1 for anything else."""
+    weights or too many non-finite steps; the last good checkpoint is kept), 1 for a full disk (continue with
+    --resume once there is space) or a judge that stopped answering, 70 for an internal error (a bug)."""
     _library_output(verbose)
     from mgpo.eval.mtbench import JudgeError
     from mgpo.pipelines.config import load_config
@@ -108,17 +171,23 @@ def train(
     from mgpo.pipelines.train import train as run
 
     config, overrides = _config_and_overrides(config, overrides)
+    cfg = None
     try:
         cfg = load_config(config, overrides)
         metrics = run(cfg, resume=resume, restart=restart)
-    except _user_errors() as err:
-        _fail(err)
-    except TrainingDiverged as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
-        raise typer.Exit(code=3)
-    except JudgeError as err:  # the MT-Bench judge stopped answering: the judgements so far are on disk
-        err_console.print(f"[bold red]error:[/] {err} (mgpo train: the same command with --resume)", highlight=False)
-        raise typer.Exit(code=1)
+    except Exception as err:
+        if cfg is not None and _disk_full(err):
+            _no_space(err, cfg.training.output_dir)
+        if isinstance(err, _user_errors()):
+            _fail(err)
+        if isinstance(err, TrainingDiverged):
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(code=3)
+        if isinstance(err, JudgeError):  # the MT-Bench judge stopped answering: the judgements so far are on disk
+            err_console.print(f"[bold red]error:[/] {err} (mgpo train: the same command with --resume)",
+                              highlight=False)
+            raise typer.Exit(code=1)
+        raise
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last periodic checkpoint is the one to use
         err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from the last "
                           "checkpoint.")
@@ -360,7 +429,15 @@ def _explain_fields() -> None:
 
 
 def main() -> None:
-    app(prog_name="mgpo")
+    try:
+        app(prog_name="mgpo")
+    except (typer.Exit, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 -- anything a command did not expect is reported as a bug
+        try:
+            _internal(err)
+        except typer.Exit as end:
+            sys.exit(end.exit_code)
 
 
 if __name__ == "__main__":
