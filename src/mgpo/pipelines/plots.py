@@ -97,3 +97,35 @@ def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "trai
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def plot_demo(runs: dict[str, Path], out_png: Path, *, title: str, as_trained: str) -> Path:
+    """The demo's figure, read at a glance: the clean losses in one panel, the losses as trained (moving averages)
+    in a second, fainter one below, one colour per arm, the legend beside the panels, a one-line title."""
+    fig, (clean_ax, trained_ax) = plt.subplots(2, 1, figsize=(8, 5.6), dpi=120, sharex=True,
+                                               gridspec_kw={"height_ratios": [3, 2]})
+    for i, (label, path) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        clean_steps, clean = _read_clean(path)
+        steps, losses = _read_losses(path)
+        clean_ax.plot(clean_steps, clean, color=color, linewidth=2, marker="o", markersize=3, label=label)
+        window = max(1, len(steps) // 20)
+        trained_ax.plot(steps, _smooth(losses, window), color=color, linewidth=1, alpha=0.6)
+    clean_ax.set_ylabel("clean loss")
+    clean_ax.set_title(title, fontsize=10)
+    clean_ax.text(0.01, 0.02, f"{CLEAN_LABEL}: fixed training examples at the clean weights, eval mode",
+                  transform=clean_ax.transAxes, fontsize=7, color="0.4")
+    trained_ax.set_ylabel("loss as trained", color="0.4")
+    trained_ax.text(0.01, 0.04, textwrap.shorten(f"{as_trained} (moving average)", 110),
+                    transform=trained_ax.transAxes, fontsize=7, color="0.4")
+    trained_ax.set_xlabel("optimizer step")
+    for ax in (clean_ax, trained_ax):
+        ax.grid(alpha=0.3)
+    trained_ax.tick_params(colors="0.4")
+    clean_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, bbox_inches="tight")
+    plt.close(fig)
+    return out_png
