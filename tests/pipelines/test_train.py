@@ -588,10 +588,10 @@ def test_distributed_section_maps_onto_fsdp2_and_is_validated(tiny_model_dir, se
     plugin = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **mapped).fsdp_plugin_args
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False
     assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["state_dict_type"] == "FULL_STATE_DICT"
-    import mgpo.pipelines.train as pipeline
+    from mgpo.pipelines import ranks
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(pipeline, "_cuda", lambda: False)
+    monkeypatch.setattr(ranks, "cuda_available", lambda: False)
     with pytest.raises(ConfigError, match="fsdp needs GPUs.*distributed.strategy=ddp on CPU"):
         train(cfg)
 

@@ -34,7 +34,7 @@ from mgpo.pipelines.config import read_yaml
 from mgpo.pipelines.plots import plt
 from mgpo.pipelines.sweep import SEED_FIELD
 from mgpo.optim.configs import DEFAULT_RHO, PRESETS, PROFILES
-from mgpo.pipelines.train import PERTURBED_FORWARD, read_log
+from mgpo.pipelines.runlog import PERTURBED_FORWARD, read_log
 
 # The first of these a run's metrics.json holds is its primary metric (override with --metric).
 PRIMARY_METRICS = ("test_accuracy", "test_pearson", "after_accuracy", "after_pass@1", "after_score",
