@@ -457,7 +457,7 @@ def test_quiet_mode_is_set_before_the_pipelines_import_peft(command, tmp_path):
     (run / "metrics.json").write_text('{"test_accuracy": 1.0}')
     args = ["training.lr=-1"] if command == "train" else [str(run), "--out", str(tmp_path / "report")]
     script = ("import sys\nimport mgpo.cli as cli\nreal = cli._library_output\n"
-              "cli._library_output = lambda verbose: print('peft imported:', 'peft' in sys.modules) or real(verbose)\n"
+              "cli._library_output = lambda *a, **k: print('peft imported:', 'peft' in sys.modules) or real(*a, **k)\n"
               f"sys.argv = ['mgpo', {command!r}, *{args!r}]\ncli.main()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "peft imported: False" in done.stdout, done.stdout + done.stderr

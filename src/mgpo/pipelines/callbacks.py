@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import ProgressCallback
 
 from mgpo.integrations.hf_private import tensorboard_writer_class
 from mgpo.pipelines.checkpoints import WALL_TIME_FILE, newest_complete, write_json

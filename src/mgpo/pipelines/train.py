@@ -35,8 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import EarlyStoppingCallback, set_seed
-from transformers.trainer_callback import PrinterCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
 from mgpo.pipelines import ranks
 from mgpo.pipelines.callbacks import (DivergenceStop, GracefulStop, PlainProgress, QuietProgress, RunTensorBoard,
