@@ -4,10 +4,9 @@ the documents."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from mgpo.pipelines.report.analysis import Analysis, analyse
-from mgpo.pipelines.report.collect import Experiment, collect
+from mgpo.pipelines.report.analysis import analyse
+from mgpo.pipelines.report.collect import collect
 from mgpo.pipelines.report.figures import plot_curves, plot_dd, plot_metric_bars, plot_verdicts
 from mgpo.pipelines.report.render import _blocks, write_html, write_markdown, write_runs_csv
 from mgpo.pipelines.report.verdicts import verdict_table
@@ -16,7 +15,8 @@ from mgpo.pipelines.report.verdicts import verdict_table
 def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title: str = "mgpo experiments",
                 metric: str | None = None, baseline: str | None = None, smooth: int | None = None,
                 spike_factor: float | None = None) -> dict:
-    """Write report.md, report.html, runs.csv and figures/ under ``out_dir``; returns their paths."""
+    """Write report.md, report.html, runs.csv and figures/ under ``out_dir``; returns their paths, and under
+    ``results`` each reported experiment's :class:`~mgpo.pipelines.report.analysis.Analysis`."""
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     experiments = collect(dirs)

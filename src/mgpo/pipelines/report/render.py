@@ -33,6 +33,11 @@ def _html_table(table: Table) -> str:
 
 
 def _blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) -> list[tuple]:
+    """One experiment's section: its summary and method table, its differences, its measures."""
+    return _summary_blocks(exp, result, figures) + _difference_blocks(result) + _measure_blocks(result)
+
+
+def _summary_blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) -> list[tuple]:
     n_done = sum(1 for r in exp.runs if r.metrics)
     m, base = result.metric, result.baseline
     walls = [r.metrics["wall_time_s"] for r in exp.runs if r.metrics.get("wall_time_s") is not None]
@@ -65,6 +70,11 @@ def _blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) 
                             "as each run recorded it): " + ("; ".join(said) + " (the dashed line in the figure)"
                                                             if said else "none common to a panel")
                        + (". No chance line for " + "; ".join(gaps) if gaps else "") + "."))
+    return blocks
+
+
+def _difference_blocks(result: Analysis) -> list[tuple]:
+    base, blocks = result.baseline, []
     if result.differences.table.rows:
         blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
                    ("p", "Bold and * : the interval excludes 0. Student t interval of the n paired differences "
@@ -84,6 +94,11 @@ def _blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) 
                      f"for {base}'s runs, whose missing rise makes the method's look larger.")
         blocks += [("h3", f"Difference to {base} in the {what}, paired by seed: mean [95% t interval]"),
                    ("p", note), ("table", table)]
+    return blocks
+
+
+def _measure_blocks(result: Analysis) -> list[tuple]:
+    base, blocks = result.baseline, []
     blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
                ("p", _loss_note(result))]
     if result.no_loss:
@@ -111,6 +126,8 @@ def _blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) 
                    ("table", Table(["run", "status", "error"],
                                    [[(a, False), (b, False), (c.splitlines()[-1][:200], False)]
                                     for a, b, c in result.failed]))]
+
+
     return blocks
 
 

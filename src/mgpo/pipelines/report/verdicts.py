@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mgpo.pipelines.report.analysis import Analysis
 from mgpo.pipelines.report.labels import _order
-from mgpo.pipelines.report.tables import Cell, Table, _diff_text, _judged
+from mgpo.pipelines.report.tables import Table, _diff_text, _judged
 
 
 def _compared_columns(results: list[Analysis]) -> list[tuple[int, str]]:
