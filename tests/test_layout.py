@@ -85,6 +85,18 @@ def test_config_explain_loads_no_ml_library():
     assert loaded_after(code) == []
 
 
+def test_mgpo_report_loads_no_ml_library(tmp_path):
+    """`mgpo report` reads JSON, YAML and CSV: a whole report, figures and all, without transformers, torch or
+    PEFT (it imported transformers through the train pipeline, and the CLI quieted transformers' logs first)."""
+    runs = SRC.parent / "docs" / "experiments-clean" / "runs" / "cpu-methods-uncapped"
+    two = [str(p) for p in sorted(runs.iterdir()) if p.is_dir()][:2]
+    code = ("from typer.testing import CliRunner\nfrom mgpo.cli import app\n"
+            f"result = CliRunner().invoke(app, ['report', *{two!r}, '--out', {str(tmp_path)!r}])\n"
+            "assert result.exit_code == 0, result.output")
+    assert loaded_after(code) == []
+    assert (tmp_path / "report.md").is_file()
+
+
 def test_lazy_names_resolve():
     assert loaded_after("import mgpo\nassert mgpo.MGPO.__name__ == 'MGPO' and callable(mgpo.create_optimizer)") == [
         "torch"]

@@ -112,22 +112,25 @@ def _not_bnb_cpu_kernel_line(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(BNB_CPU_KERNEL_LINE)
 
 
-def _library_output(verbose: bool) -> None:
+def _library_output(verbose: bool, *, ml_libraries: bool = True) -> None:
     """Quiet by default: no load reports, dataset progress bars or deprecation warnings from the libraries.
-    Called before the pipelines are imported: importing them imports peft, and peft imports bitsandbytes."""
+    Called before the pipelines are imported: importing them imports peft, and peft imports bitsandbytes.
+    ``ml_libraries=False`` (``mgpo report``, which loads none of them): the warnings alone, and transformers and
+    datasets are not imported just to quiet them."""
     if verbose:
         return
     import warnings
 
     logging.getLogger(BNB_LOGGER).addFilter(_not_bnb_cpu_kernel_line)  # a filter is added once, however often
 
-    import datasets
-    import transformers
+    if ml_libraries:
+        import datasets
+        import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # "Loading weights" bars
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights" bars
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
 
@@ -194,7 +197,7 @@ def train(
         raise typer.Exit(code=130)
     if metrics.get("interrupted"):
         _stopped(metrics)
-    from mgpo.pipelines.train import process_rank
+    from mgpo.pipelines.ranks import process_rank
 
     if process_rank() == 0:  # under torchrun every rank returns the metrics; one prints them
         console.print_json(data={k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
@@ -322,7 +325,7 @@ def report(
     verbose: bool = VERBOSE,
 ):
     """Figures, method/ablation/cost tables with paired t intervals, and the double-descent measure."""
-    _library_output(verbose)
+    _library_output(verbose, ml_libraries=False)  # a report reads files: no transformers, no torch
     from mgpo.pipelines.report import make_report
 
     try:

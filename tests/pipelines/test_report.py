@@ -293,19 +293,19 @@ def test_curves_and_double_descent_use_the_clean_loss_where_a_run_logged_it(tmp_
 def test_a_single_method_report_has_no_empty_difference_table_and_its_bars_start_at_0(tmp_path, monkeypatch):
     """One method, every seed at accuracy 1.0: no table of differences (there is nothing to take them against)
     and the bar chart's y-axis runs from 0 past 1.0 (it was 0.99-1.01, zoomed on bars that all reach 1.0)."""
-    import mgpo.pipelines.report as report
+    from mgpo.pipelines.report import figures as report_figures
 
     root, rows = tmp_path / "single", []
     for seed in range(3):
         add_run(root, rows, f"LoRA-s{seed}", seeded("LoRA", seed), falling(), {"test_accuracy": 1.0})
     write_index(root, "single", rows)
-    limits, save = {}, report._save
+    limits, save = {}, report_figures._save
 
     def keep_limits(fig, out_png):
         limits[out_png.name] = fig.axes[0].get_ylim()
         return save(fig, out_png)
 
-    monkeypatch.setattr(report, "_save", keep_limits)
+    monkeypatch.setattr(report_figures, "_save", keep_limits)
     paths = make_report([root], tmp_path / "report")
     md = paths["markdown"].read_text()
     assert "Difference to" not in md and "| difference |" not in md
@@ -403,7 +403,7 @@ def test_a_lower_double_descent_rise_of_runs_that_never_trained_is_marked_stalle
 def test_stalled_runs_are_marked_in_the_double_descent_table_and_figure(tmp_path, monkeypatch):
     """A method flat near chance in one panel has the lowest rise there; the double-descent table counts its
     stalled seeds and the figure rings and labels the point, rather than calling it the smoothest."""
-    import mgpo.pipelines.report as report
+    from mgpo.pipelines.report import figures as report_figures
 
     t = np.arange(1, 61)
     root, rows = tmp_path / "dd2", []
@@ -427,7 +427,7 @@ def test_stalled_runs_are_marked_in_the_double_descent_table_and_figure(tmp_path
         out_png.write_bytes(b"")
         return out_png
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_figures, "_save", keep)
     paths = make_report([root], tmp_path / "report")
     md = paths["markdown"].read_text()
     dd = md.split("### Double descent")[1].split("###")[0]
@@ -448,7 +448,7 @@ def test_loss_legend_names_each_method_once_and_the_table_says_its_smoothing_win
     """Two panels, LoRA with 3 seeds in one and 2 in the other: the legend had 'LoRA (mean of 3 seeds)' and
     'LoRA (mean of 2 seeds)' as if two series. One entry per method, its seeds per panel; and the double-descent
     note says the moving-average window the measure used."""
-    import mgpo.pipelines.report as report
+    from mgpo.pipelines.report import figures as report_figures
 
     root, rows = tmp_path / "legend", []
     for panel in ("a", "b"):
@@ -466,7 +466,7 @@ def test_loss_legend_names_each_method_once_and_the_table_says_its_smoothing_win
         out_png.write_bytes(b"")
         return out_png
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_figures, "_save", keep)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     assert legends["legend-loss.png"] == ["LoRA (seeds per panel: 3, 2)", "Other (mean of 3 seeds)"]
     window = double_descent(range(40), [1 / (i + 1) for i in range(40)])["window"]
@@ -557,7 +557,7 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
 def test_a_method_one_setting_of_a_sweep_did_not_run_is_absent_there_not_pending(tmp_path, monkeypatch):
     """A sweep made of a list of grids (full fine-tuning at r 8 only): in the other setting the method is "not in
     this setting" in the across table and not drawn in that panel; it is judged where it ran."""
-    import mgpo.pipelines.report as report
+    from mgpo.pipelines.report import figures as report_figures
 
     root, rows = tmp_path / "grids", []
     per_seed = {("LoRA", "8"): [0.80, 0.82, 0.81], ("Rule", "8"): [0.81, 0.82, 0.80], ("Full", "8"): [0.79, 0.83, 0.82],
@@ -579,7 +579,7 @@ def test_a_method_one_setting_of_a_sweep_did_not_run_is_absent_there_not_pending
         out_png.write_bytes(b"")
         return out_png
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_figures, "_save", keep)
     table = make_report([root, *other], tmp_path / "report")["markdown"].read_text().split(
         "## Across experiments")[1].split("\n## ")[0]
     header = [c.strip() for c in table.splitlines()[4].strip("|").split("|")]
@@ -599,7 +599,7 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
     """The figure beside the shipping test: per sweep, each method's paired difference to the baseline as a point
     whose whiskers are its t interval; red where significantly worse, green where better (a lower loss is
     better), grey otherwise; a panel lists only its sweep's methods (a method it did not run is not drawn at 0)."""
-    import mgpo.pipelines.report as report
+    from mgpo.pipelines.report import figures as report_figures
 
     values = {"acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69],
                       "Other": [0.81, 0.80, 0.83, 0.79]},
@@ -627,7 +627,7 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
         out_png.write_bytes(b"")
         return out_png
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_figures, "_save", keep)
     md = make_report(dirs, tmp_path / "report")["markdown"].read_text()
     table = md.split("## Across experiments")[1].split("\n## ")[0]
     assert "figures/across-experiments.png" in table
@@ -732,7 +732,7 @@ def test_figures_join_no_settings_by_a_line_and_each_bar_says_its_seeds(sweep_di
     """Panels are separate settings: the double-descent figure draws points with whiskers, no line from one panel
     to the next, each method beside the other. Each accuracy bar carries its number of seeds, and the columns
     over all panels say they mix them."""
-    import mgpo.pipelines.report as report
+    from mgpo.pipelines.report import figures as report_figures
 
     shutil.rmtree(sweep_dir / "r64-LoRA-MGPO-s2")  # one bar of 2 seeds beside bars of 3
     figures = {}
@@ -746,7 +746,7 @@ def test_figures_join_no_settings_by_a_line_and_each_bar_says_its_seeds(sweep_di
         out_png.write_bytes(b"")
         return out_png
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_figures, "_save", keep)
     md = make_report([sweep_dir], tmp_path / "report")["markdown"].read_text()
     dd = figures["rank-sweep-double-descent.png"]["lines"]
     assert dd and all(style == "None" for style, _ in dd)  # points, whiskers' caps: no line
@@ -793,7 +793,7 @@ def test_accuracy_bars_draw_the_chance_level_the_runs_recorded_and_the_table_sta
     """A bar's height means little without chance beside it: runs that record their split's majority-class share
     (``test_majority``) get a dashed line at it in each panel and a sentence under the table; a panel with a run
     that did not record it, or runs on splits with different shares, gets none rather than a wrong one."""
-    import mgpo.pipelines.report as report
+    from mgpo.pipelines.report import figures as report_figures
 
     root, rows = tmp_path / "sweep", []
     for panel, shares in (("a", (0.6, 0.6)), ("b", (0.55, None)), ("c", (0.5, 0.7))):
@@ -814,7 +814,7 @@ def test_accuracy_bars_draw_the_chance_level_the_runs_recorded_and_the_table_sta
         out_png.write_bytes(b"")
         return out_png
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_figures, "_save", keep)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     drawn = [seg for seg in lines["sweep-test_accuracy.png"] if seg[0][0] == seg[0][1] == 0.6]
     assert len(drawn) == 1 and drawn[0][1][0] < 0 < drawn[0][1][1]  # over panel a's group only

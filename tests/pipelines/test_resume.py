@@ -121,15 +121,15 @@ def test_a_finished_fsdp_run_is_refused_rather_than_trained_a_step_past_its_end(
                                                                                  monkeypatch):
     """Under FSDP the checkpoint cannot be evaluated without training (GPU only, so the two processes and the GPU
     are stood in for): --resume of a run whose training finished says so instead of training one more step."""
-    import mgpo.pipelines.train as train_module
+    from mgpo.pipelines import ranks
     from mgpo.pipelines.config import to_yaml
 
     out = copy_run(finished_run, tmp_path / "run")
     (out / "metrics.json").unlink()
     cfg = load_config(None, run_args(tiny_model_dir, sentiment_csv, out, "distributed.strategy=fsdp"))
     (out / "config.yaml").write_text(to_yaml(cfg))
-    monkeypatch.setattr(train_module, "world_size", lambda: 2)
-    monkeypatch.setattr(train_module, "_cuda", lambda: True)
+    monkeypatch.setattr(ranks, "world_size", lambda: 2)
+    monkeypatch.setattr(ranks, "cuda_available", lambda: True)
     with pytest.raises(ConfigError, match=r"whole training.*fsdp.*--restart"):
         train(cfg, resume=True)
     assert not (out / "metrics.json").exists()

@@ -457,7 +457,7 @@ def test_quiet_mode_is_set_before_the_pipelines_import_peft(command, tmp_path):
     (run / "metrics.json").write_text('{"test_accuracy": 1.0}')
     args = ["training.lr=-1"] if command == "train" else [str(run), "--out", str(tmp_path / "report")]
     script = ("import sys\nimport mgpo.cli as cli\nreal = cli._library_output\n"
-              "cli._library_output = lambda verbose: print('peft imported:', 'peft' in sys.modules) or real(verbose)\n"
+              "cli._library_output = lambda *a, **k: print('peft imported:', 'peft' in sys.modules) or real(*a, **k)\n"
               f"sys.argv = ['mgpo', {command!r}, *{args!r}]\ncli.main()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "peft imported: False" in done.stdout, done.stdout + done.stderr
@@ -599,10 +599,10 @@ def test_distributed_section_maps_onto_fsdp2_and_is_validated(tiny_model_dir, se
     plugin = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **mapped).fsdp_plugin_args
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False
     assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["state_dict_type"] == "FULL_STATE_DICT"
-    import mgpo.pipelines.train as pipeline
+    from mgpo.pipelines import ranks
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(pipeline, "_cuda", lambda: False)
+    monkeypatch.setattr(ranks, "cuda_available", lambda: False)
     with pytest.raises(ConfigError, match="fsdp needs GPUs.*distributed.strategy=ddp on CPU"):
         train(cfg)
 

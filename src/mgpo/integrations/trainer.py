@@ -62,6 +62,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import unwrap_peft_model
 
 from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay_groups, profile_betas
+from mgpo.integrations import hf_private
+from mgpo.integrations.hf_private import TrainerOverrides
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
 from mgpo.optim._base import NOT_COMPARED, PerturbedOptimizer
 from mgpo.optim.configs import METHODS, PerturbationConfig
@@ -102,17 +104,39 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Opt
     return optimizer
 
 
+class _StepState:
+    """What the trainer keeps between its hooks, shared with :class:`_PerturbationCallback`: SAM's stored
+    micro-batches of the accumulation window, and the optimizer's statistics summed since the last log."""
+
+    def __init__(self) -> None:
+        self.sam_window: list[tuple[nn.Module, Any, Any]] = []
+        self.stats_sum: dict[str, torch.Tensor] = {}
+        self.stats_count = 0
+
+    def reset_stats(self) -> None:
+        self.stats_sum, self.stats_count = {}, 0
+
+    def add_stats(self, opt: torch.optim.Optimizer | None) -> None:
+        """Sums the step's statistics on the device; they are read back only when the Trainer logs."""
+        stats = getattr(opt, "stats_tensors", None)
+        if not stats:
+            return
+        for key, value in stats.items():
+            self.stats_sum[key] = value.detach().float() + self.stats_sum.get(key, 0.0)
+        self.stats_count += 1
+
+
 class _PerturbationCallback(TrainerCallback):
     """Runs between the optimizer step and the Trainer's ``model.zero_grad()``: statistics, AdaLoRA, SAM's store."""
 
-    def __init__(self, trainer: PerturbationTrainerMixin):
+    def __init__(self, trainer: PerturbationTrainerMixin, steps: _StepState):
         self._trainer = weakref.ref(trainer)
+        self.steps = steps
 
     def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if trainer is not None:
-            trainer._reset_stats()
-            trainer._sam_window.clear()
+        if self._trainer() is not None:
+            self.steps.reset_stats()
+            self.steps.sam_window.clear()
 
     def on_train_end(self, args, state, control, **kwargs):
         """Training is over: take the perturbation off and remove the optimizer's hooks, so that a later train-mode
@@ -127,16 +151,16 @@ class _PerturbationCallback(TrainerCallback):
         trainer = self._trainer()
         if trainer is None:
             return
-        trainer._sam_window.clear()
+        self.steps.sam_window.clear()
         if not trainer.accelerator.optimizer_step_was_skipped:  # e.g. an fp16 overflow: no new statistics
-            trainer._add_stats(trainer.perturbation_optimizer)
+            self.steps.add_stats(trainer.perturbation_optimizer)
         # AdaLoRA's allocation (``adapter``, else the model's own PEFT config). Gradients are still there
         # (zero_grad comes later); global_step is the 0-based number of this step, the counter PEFT's own AdaLoRA
         # examples pass.
         adapter_step(trainer.accelerator.unwrap_model(trainer.model), trainer.adapter, state.global_step)
 
 
-class PerturbationTrainerMixin:
+class PerturbationTrainerMixin(TrainerOverrides):
     """Mix into ``transformers.Trainer`` or any subclass (``trl.SFTTrainer``); see the module docstring.
 
     The method's settings come from the arguments when they are :class:`PerturbationTrainingArguments` (or
@@ -184,9 +208,7 @@ class PerturbationTrainerMixin:
             adapter.validate()
         self.adapter = adapter
         self.base_optimizer = base_optimizer
-        self._sam_window: list[tuple[nn.Module, Any, Any]] = []
-        self._stats_sum: dict[str, torch.Tensor] = {}
-        self._stats_count = 0
+        self._steps = _StepState()
         self._total_steps: int | None = None
         self.clean_loss_probe = clean_loss_probe
         self.clean_loss_every = clean_loss_every
@@ -202,7 +224,7 @@ class PerturbationTrainerMixin:
             # T5 take **kwargs but return a plain mean, so their gradient came out grad_accum times too large, and
             # with it MGPO's gbar and so the APN radius of every layer below the cap. The Trainer divides instead.
             self.model_accepts_loss_kwargs = False
-        self.add_callback(_PerturbationCallback(self))
+        self.add_callback(_PerturbationCallback(self, self._steps))
 
     def _check_clean_loss_every(self) -> None:
         every, args = self.clean_loss_every, self.args
@@ -298,7 +320,7 @@ class PerturbationTrainerMixin:
         opt = self.perturbation_optimizer
         if getattr(opt, "two_pass", False):
             # Kept for the second pass at the optimizer step; a shallow copy, since compute_loss may pop keys.
-            self._sam_window.append((model, dict(inputs) if isinstance(inputs, Mapping) else inputs,
+            self._steps.sam_window.append((model, dict(inputs) if isinstance(inputs, Mapping) else inputs,
                                      num_items_in_batch))
             opt.closure = self._second_pass
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -309,13 +331,13 @@ class PerturbationTrainerMixin:
             opt.record_gradients(self._grad_unscale())
         return loss
 
-    def _clip_grad_norm(self, model):
-        """MGPO's gbar is taken from the gradients before clipping, as in the authors' code (their EMA is updated in
-        ``training_step``); the base update then uses the clipped ones."""
+    def _gradients_before_clipping(self) -> None:
+        """Called just before the Trainer clips (hf_private.TrainerOverrides): MGPO's gbar is taken from the
+        gradients before clipping, as in the authors' code (their EMA is updated in ``training_step``); the base
+        update then uses the clipped ones."""
         opt = self.perturbation_optimizer
         if getattr(opt, "hparams", {}).get("gbar_update") == "step":
             opt.record_gradients(self._grad_unscale())
-        return super()._clip_grad_norm(model)
 
     def _grad_unscale(self) -> float:
         """1 / loss scale while fp16's GradScaler still holds scaled gradients (read once per call), else 1."""
@@ -324,7 +346,7 @@ class PerturbationTrainerMixin:
 
     def _second_pass(self) -> torch.Tensor:
         """SAM's closure: forward/backward over the stored micro-batches (weights now at W + eps)."""
-        window, self._sam_window = self._sam_window, []
+        window, self._steps.sam_window = self._steps.sam_window, []
         if not window:
             raise RuntimeError("SAM's second pass found no stored micro-batches: the optimizer was stepped outside "
                                "PerturbationTrainer.training_step. Train through trainer.train().")
@@ -345,7 +367,7 @@ class PerturbationTrainerMixin:
             if self.args.max_grad_norm and self.args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         elif self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            self._clip_grad_norm(model)
+            hf_private.clip_grad_norm(self, model)
         return loss
 
     # ------------------------------------------------------------------------------------------- FSDP checkpoints
@@ -355,31 +377,26 @@ class PerturbationTrainerMixin:
     def _ours_under_fsdp(self) -> bool:
         return getattr(self, "is_fsdp_enabled", False) and isinstance(self.perturbation_optimizer, PerturbedOptimizer)
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+    def _save_method_state(self, output_dir: str) -> bool:
         """Under FSDP each rank saves its shard of the method's state (torch's FSDP optimizer checkpointing
-        expects a plain optimizer's state-dict layout); otherwise as the Trainer does."""
+        expects a plain optimizer's state-dict layout): True. Otherwise False, and the Trainer saves as usual."""
         if not self._ours_under_fsdp():
-            return super()._save_optimizer_and_scheduler(output_dir)
+            return False
         from accelerate.utils import save_fsdp_model
-        from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
-        from transformers.trainer import SCHEDULER_NAME
 
         save_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir,
-                        **get_fsdp_ckpt_kwargs())
+                        **hf_private.fsdp_checkpoint_kwargs())
         torch.save(local_state(self.perturbation_optimizer.state_dict()), self._fsdp_optimizer_file(output_dir))
         if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{SCHEDULER_NAME}")
+            torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{hf_private.scheduler_file_name()}")
+        return True
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+    def _load_method_state(self, checkpoint: str | None) -> bool:
+        """Under FSDP each rank loads its own shard (saved by :meth:`_save_method_state`): True. Otherwise
+        False, and the Trainer loads as usual."""
         if checkpoint is None or not self._ours_under_fsdp():
-            try:
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            except KeyError:  # torch's bare KeyError('param_groups'): a plain optimizer given a method's state
-                self._refuse_other_method(checkpoint)
-                raise
+            return False
         from pathlib import Path
-
-        from transformers.trainer import SCHEDULER_NAME
 
         mine = Path(self._fsdp_optimizer_file(checkpoint))
         if not mine.is_file():
@@ -390,16 +407,16 @@ class PerturbationTrainerMixin:
                 "of processes it was saved with.")
         opt = self.perturbation_optimizer
         opt.load_state_dict(sharded_state(torch.load(mine, map_location=self.args.device, weights_only=False), opt))
-        self.lr_scheduler.load_state_dict(torch.load(f"{checkpoint}/{SCHEDULER_NAME}", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(f"{checkpoint}/{hf_private.scheduler_file_name()}",
+                                                     weights_only=True))
+        return True
 
     def _refuse_other_method(self, checkpoint: str) -> None:
         """The checkpoint's optimizer state was saved by a perturbation method and this run's optimizer is a plain
         one: a ValueError naming both (torch's own error is a bare KeyError)."""
         from pathlib import Path
 
-        from transformers.trainer import OPTIMIZER_NAME
-
-        path = Path(checkpoint) / OPTIMIZER_NAME
+        path = Path(checkpoint) / hf_private.optimizer_file_name()
         saved = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
         if not (isinstance(saved, dict) and {"base", "own", "extra"} <= set(saved)):
             return
@@ -430,18 +447,6 @@ class PerturbationTrainerMixin:
         return super().save_model(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- logging
-    def _reset_stats(self) -> None:
-        self._stats_sum, self._stats_count = {}, 0
-
-    def _add_stats(self, opt) -> None:
-        """Sums the step's statistics on the device; they are read back only when the Trainer logs."""
-        stats = getattr(opt, "stats_tensors", None)
-        if not stats:
-            return
-        for key, value in stats.items():
-            self._stats_sum[key] = value.detach().float() + self._stats_sum.get(key, 0.0)
-        self._stats_count += 1
-
     # ------------------------------------------------------------------------------------------- clean loss
     def clean_loss(self) -> float:
         """The mean loss of ``clean_loss_probe`` at the clean weights now (see the class docstring)."""
@@ -455,15 +460,15 @@ class PerturbationTrainerMixin:
         if self._probe_loader is None:  # the probe's batches, kept for the run; no sampler shards them over ranks
             probe, collator = self.clean_loss_probe, self.data_collator
             if isinstance(probe, datasets.Dataset):
-                probe = self._remove_unused_columns(probe, description="clean-loss probe")
+                probe = hf_private.remove_unused_columns(self, probe, "clean-loss probe")
             else:
-                collator = self._get_collator_with_removed_columns(collator, description="clean-loss probe")
+                collator = hf_private.collator_with_removed_columns(self, collator, "clean-loss probe")
             self._probe_loader = torch.utils.data.DataLoader(probe, batch_size=self.args.per_device_eval_batch_size,
                                                              collate_fn=collator, shuffle=False)
         return clean_loss(self.model, self._probe_loader, optimizer=self.optimizer, loss_fn=self._probe_batch_loss)
 
     def _probe_batch_loss(self, model, batch) -> torch.Tensor:
-        inputs = self._prepare_inputs(dict(batch))
+        inputs = hf_private.prepare_inputs(self, dict(batch))
         with self.compute_loss_context_manager():  # autocast as in training (bf16 / fp16)
             return self.compute_loss(model, inputs)  # the model's own mean over the batch (no num_items_in_batch)
 
@@ -476,14 +481,15 @@ class PerturbationTrainerMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._clean_loss_due():
             logs["clean_loss"] = self.clean_loss()
-        if "loss" in logs and self._stats_count:
-            keys = list(self._stats_sum)
-            values = torch.stack([self._stats_sum[k] for k in keys]).tolist()  # one transfer per log
-            logs.update({k: v / self._stats_count for k, v in zip(keys, values)})
+        steps = self._steps
+        if "loss" in logs and steps.stats_count:
+            keys = list(steps.stats_sum)
+            values = torch.stack([steps.stats_sum[k] for k in keys]).tolist()  # one transfer per log
+            logs.update({k: v / steps.stats_count for k, v in zip(keys, values)})
             opt = self.perturbation_optimizer
             if isinstance(opt, PerturbedOptimizer):
                 logs["skipped_steps"] = float(opt.skipped_steps)
-            self._reset_stats()
+            steps.reset_stats()
             self._warn_if_capped(logs)
         return super().log(logs, *args, **kwargs)
 
