@@ -99,12 +99,25 @@ def rule(name: str) -> APNRule:
     return RULES[name]
 
 
+def is_default(name: str | None) -> bool:
+    """``apn=name`` is the paper's rule (None: not set, so the default)."""
+    return (name or DEFAULT) == DEFAULT
+
+
 def caps(name: str | None, max_scale: float | None = 10.0) -> bool:
     """Whether a run with ``apn=name`` (None: the default) and this ``max_scale`` has an APN cap at all (its
-    ``apn_capped`` statistic means something)."""
-    return RULES[name or DEFAULT].caps and max_scale is not None
+    ``apn_capped`` statistic means something). An unknown name has none."""
+    found = RULES.get(name or DEFAULT)
+    return found is not None and found.caps and max_scale is not None
 
 
 def label(name: str | None) -> str:
-    """How reports name the rule ``name`` (None: the default)."""
-    return RULES[name or DEFAULT].label
+    """How reports name the rule ``name`` (None: the default; an unknown name: itself)."""
+    found = RULES.get(name or DEFAULT)
+    return found.label if found is not None else str(name)
+
+
+def cap_meaning(name: str | None) -> str:
+    """What a layer at the cap of the rule ``name`` means (warnings, reports); "" for a rule without a cap."""
+    found = RULES.get(name or DEFAULT)
+    return found.cap_meaning if found is not None else ""

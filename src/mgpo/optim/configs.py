@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, field
 
 from mgpo.checks import check, check_choice, check_range
+from mgpo.optim.apn import DEFAULT as APN_DEFAULT  # the APN rules' registry (pure Python)
+from mgpo.optim.apn import NAMES as APN_MODES
 
 METHODS = ("adamw", "mgpo", "msam", "sam", "random", "ggpo")
-APN_MODES = ("inverse", "off", "normalized", "weight", "update")
 SPACES = ("weight", "factors")
 NORMS = ("layer", "global")
 GBAR_UPDATES = ("step", "micro_batch")
@@ -123,7 +124,7 @@ class MGPOConfig(_MethodConfig):
 
     rho: float = _f("rho", 0.05)
     beta: float = _f("beta", 0.9)
-    apn: str = _f("apn", "inverse")
+    apn: str = _f("apn", APN_DEFAULT)
     space: str = _f("space", "weight")
     norm: str = _f("norm", "layer")
     max_scale: float | None = _f("max_scale", 10.0)
@@ -226,7 +227,7 @@ class PerturbationConfig:
     profile: str | None = _f("profile", None)
     rho: float | None = field(default=None, metadata={"help": HELP["rho"] + " Unset: the profile's, else 0.05."})
     beta: float | None = field(default=None, metadata={"help": HELP["beta"] + " Unset: the profile's, else 0.9."})
-    apn: str = _f("apn", "inverse")
+    apn: str = _f("apn", APN_DEFAULT)
     space: str = _f("space", "weight")
     norm: str = _f("norm", "layer")
     max_scale: float | None = _f("max_scale", 10.0)

@@ -147,7 +147,7 @@ class MGPO(PerturbedOptimizer):
         *,
         rho: float = 0.05,
         beta: float = 0.9,
-        apn: str = "inverse",
+        apn: str = rules.DEFAULT,
         norm: str = "layer",
         max_scale: float | None = 10.0,
         momentum: str | float = "optimizer",
