@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from mgpo.checks import check, check_choice, check_range
 from mgpo.optim.apn import DEFAULT as APN_DEFAULT  # the APN rules' registry (pure Python)
@@ -81,6 +82,22 @@ HELP = {
 
 
 DEFAULT_RHO, DEFAULT_BETA = 0.05, 0.9  # without a profile
+
+
+def profile(name: str, beta2: float = 0.999) -> dict[str, Any]:
+    """MGPO keywords for a paper profile, AdamW's ``betas=(mu, beta2)`` included: ``MGPO(model, **profile("nlg"))``."""
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r} is unknown: choose one of {', '.join(map(repr, PROFILES))}.")
+    p = PROFILES[name]
+    return {"rho": p["rho"], "beta": p["beta"], "betas": (p["mu"], beta2)}
+
+
+def preset(name: str) -> dict[str, Any] | None:
+    """MGPO keywords of an ablation arm (``None``: train with the plain base optimizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: choose one of {', '.join(map(repr, PRESETS))}.")
+    arm = PRESETS[name]
+    return None if arm is None else dict(arm)
 
 
 def _f(name: str, default):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,41 +35,18 @@ from torch import Tensor, nn
 from mgpo.optim import apn as rules
 from mgpo.optim import functional as F
 from mgpo.optim._base import Installed, PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (with the configs)
-                                SPACES, MGPOConfig)
+from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (re-exported)
+                                SPACES, MGPOConfig, preset, profile)
 from mgpo.optim.diagnostics import Snapshot, apn_statistics, layer_sizes, radius_diagnostics, snapshot
 from mgpo.optim.distributed import local
-from mgpo.optim.lowrank import WeightSpaceTerm, dora_term, lowrank_sq_norms, row_norms  # noqa: F401  (re-exported)
+from mgpo.optim.lowrank import WeightSpaceTerm, dora_term, row_norms  # noqa: F401  (re-exported)
+from mgpo.optim.norms import (GradNorms, add_pair_norms, direction, grad_owners, grad_v, gradient_norms,
+                              pair_grad_sq)
 from mgpo.optim.plan import DeviceConstants, LayerPlan, build_plan
 from mgpo.optim.weight_space import Factors, Terms, build_terms, term_hook
 
 _TINY = F.TINY  # older imports
 _WeightSpaceTerm = WeightSpaceTerm  # older imports (tests, benchmarks)
-
-
-class GradNorms(NamedTuple):
-    """eq. (8)'s inputs of a step: per-layer ``sum ||g||^2`` of the tensors moved in place, which layers have a
-    gradient, the pairs with one (``owners``) and their ``||s (g_B A + B g_A)||^2`` (``parts``, not yet added)."""
-
-    grad_sq: Tensor
-    has_grad: tuple[bool, ...]
-    owners: list[int]
-    parts: Tensor | None
-
-
-def profile(name: str, beta2: float = 0.999) -> dict[str, Any]:
-    """MGPO keywords for a paper profile, AdamW's ``betas=(mu, beta2)`` included: ``MGPO(model, **profile("nlg"))``."""
-    if name not in PROFILES:
-        raise ValueError(f"profile={name!r} is unknown: choose one of {', '.join(map(repr, PROFILES))}.")
-    p = PROFILES[name]
-    return {"rho": p["rho"], "beta": p["beta"], "betas": (p["mu"], beta2)}
-
-
-def preset(name: str) -> dict[str, Any] | None:
-    """MGPO keywords of an ablation arm (``None``: train with the plain base optimizer)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset={name!r} is unknown: choose one of {', '.join(map(repr, PRESETS))}.")
-    return None if PRESETS[name] is None else dict(PRESETS[name])
 
 
 def _check_settings(rho: float, beta: float, apn: str, norm: str, max_scale: float | None, momentum: str | float,
@@ -345,69 +322,22 @@ class MGPO(PerturbedOptimizer):
             torch._foreach_addcmul_(ps, moments, [-c.to(p.dtype) for c, p in zip(coefs, ps)])
 
     # ------------------------------------------------------------------------------- eq. (8)'s inputs
-    def _grad_owners(self) -> list[int]:
-        return [i for i, pr in enumerate(self._plan.pairs) if pr.a.grad is not None or pr.b.grad is not None]
-
-    def _grad_v(self, owners: list[int]) -> list[Tensor]:
-        """``[A; g_A]`` (whole) of every pair with a gradient; a missing gradient is zero."""
-        flat = []
-        for i in owners:
-            a = self._plan.pairs[i].a
-            flat += [a, a.grad if a.grad is not None else torch.zeros_like(a)]
-        return flat
-
     def _sum_over_ranks(self, parts: Tensor) -> Tensor:
         """Under FSDP the gradient norms' partial sums ride on the gather of ``[A; g_A]`` that eq. (8) needs (one
         collective before the base step; an all-reduce only when there is nothing to gather)."""
-        flat, summed = self.exchange.full_and_sum(self._grad_v(self._grad_owners()), parts)
+        flat, summed = self.exchange.full_and_sum(grad_v(self._plan.pairs, grad_owners(self._plan.pairs)), parts)
         self._gathered = list(zip(flat[0::2], flat[1::2]))
         assert summed is not None
         return summed
 
-    def _eq8_parts(self, owners: list[int], dtype: torch.dtype) -> Tensor | None:
-        """eq. (8) for every pair with a gradient, in ``owners`` order: ``||s (g_B A + B g_A)||^2``, from Gram blocks,
-        layers of equal shapes batched (``lowrank.lowrank_sq_norms``). Under FSDP: this rank's rows of ``g_B`` and
-        ``B`` against the whole ``A`` and ``g_A`` (gathered), partial sums that add up over the ranks."""
-        if not owners:
-            return None
-        if self.exchange.sharded:  # gathered by _sum_over_ranks, with the gradient norms
-            assert self._gathered is not None
-            whole = self._gathered
-        else:
-            flat = self._grad_v(owners)
-            whole = list(zip(flat[0::2], flat[1::2]))
-        items = []
-        for (a, g_a), i in zip(whole, owners):
-            b = self._plan.pairs[i].b
-            g_b = local(b.grad) if b.grad is not None else torch.zeros_like(local(b))
-            items.append(((g_b, a), (local(b), g_a)))
-        self._gathered = None
-        scale = self._constants(tuple(self._plan.pairs[i].scaling ** 2 for i in owners), dtype)
-        return lowrank_sq_norms(items).to(dtype) * scale
-
     def _gradient_norms(self, params: list[Tensor], grad_norms: Tensor, dtype: torch.dtype) -> GradNorms:
-        """eq. (8)'s inputs, before the base step changes A and B: per-layer ``sum ||g||^2`` of the tensors moved in
-        place, which layers have a gradient, the pairs with one and their ``||s (g_B A + B g_A)||^2`` (not yet
-        added: under FSDP they are per-rank partial sums)."""
-        layer_of, n_layers = self._plan.layer_of, len(self.layers)
-        sel = [j for j, p in enumerate(params) if id(p) in layer_of]
-        layers = [layer_of[id(params[j])] for j in sel]
-        norms = grad_norms[self._constants.index(tuple(sel))] if sel else grad_norms[:0]
-        grad_sq = F.layer_sq_sums(self._constants.index(tuple(layers)), norms, n_layers)
-        has_grad = [False] * n_layers
-        for i in layers:
-            has_grad[i] = True
-        owners = self._grad_owners()
-        for i in owners:
-            has_grad[self._plan.pairs[i].layer] = True
-        return GradNorms(grad_sq, tuple(has_grad), owners, self._eq8_parts(owners, dtype))
-
-    def _add_pair_norms(self, norms: GradNorms, parts: Tensor | None) -> Tensor:
-        """``n_l^2``: the pairs' eq. (8) parts (summed over the ranks) added to the per-layer sums."""
-        if parts is not None:
-            layers = self._constants.index(tuple(self._plan.pairs[i].layer for i in norms.owners))
-            norms.grad_sq.index_add_(0, layers, parts)
-        return norms.grad_sq
+        """eq. (8)'s inputs, before the base step changes A and B (:func:`norms.gradient_norms`). Under FSDP the
+        pairs' parts use the whole ``(A, g_A)`` gathered with the gradient norms, and are per-rank partial sums."""
+        owners, whole = grad_owners(self._plan.pairs), self._gathered
+        self._gathered = None
+        assert whole is not None or not self.exchange.sharded  # gathered by _sum_over_ranks
+        parts = pair_grad_sq(self._plan.pairs, owners, whole, self._constants, dtype) if owners else None
+        return gradient_norms(self._plan, params, grad_norms, len(self.layers), self._constants, owners, parts)
 
     def _size_buffers(self, n_layers: int, device: torch.device, dtype: torch.dtype) -> None:
         """gbar, seen and c_l sized to the layers: at the first step, or for layers added since."""
@@ -451,7 +381,7 @@ class MGPO(PerturbedOptimizer):
         parts = grads.parts
         if parts is not None and self.exchange.sharded:
             parts = self.exchange.all_reduce(parts)
-        n = self._add_pair_norms(grads, parts).sqrt() * scale
+        n = add_pair_norms(self._plan, grads, parts, self._constants).sqrt() * scale
         has = self._constants(grads.has_grad, torch.bool) & torch.isfinite(n)
         if self.config.gbar_update == "step":
             self._recorded = (n, has)
@@ -485,7 +415,7 @@ class MGPO(PerturbedOptimizer):
         if recorded is not None:  # eq. (8) from the gradients before clipping (record_gradients())
             self._ema(recorded[0], recorded[1] & ok)
         elif norms is not None:  # a skipped step: no EMA (micro_batch: updated after each micro-batch already)
-            self._ema(self._add_pair_norms(norms, parts).sqrt(), self._constants(norms.has_grad, torch.bool) & ok)
+            self._ema(add_pair_norms(self._plan, norms, parts, self._constants).sqrt(), self._constants(norms.has_grad, torch.bool) & ok)
         self._sizes = self._layer_sizes(before, dtype)
         self._set_coef()  # eqs. (4), (6)
         zero = torch.zeros((), device=grad_norms.device, dtype=dtype)
@@ -541,20 +471,10 @@ class MGPO(PerturbedOptimizer):
             eq8 = summed if eq8 is not None else None
         else:
             factors, with_m, _ = self._direction_factors()
-        d_sq = torch.zeros(n_layers, device=self._constants.device, dtype=dtype)
-        if factors:  # ||D_l||^2 = s^2 ||m_B A + B m_A||^2, layers of equal shapes batched
-            scale = self._constants(tuple(self._plan.pairs[i].scaling ** 2 for i in with_m), dtype)
-            d_sq.index_add_(0, self._constants.index(tuple(self._plan.pairs[i].layer for i in with_m)),
-                            lowrank_sq_norms([((f.m_b, f.a), (f.b, f.m_a)) for f in factors]).to(dtype) * scale)
-        has_m = [False] * n_layers
-        for i in with_m:
-            has_m[self._plan.pairs[i].layer] = True
-        if m_norm and m_part is not None:  # ||D_l||^2 = sum ||m||^2 over the layer's tensors
-            norms = m_part.sqrt() if sharded else m_part
-            d_sq += F.layer_sq_sums(self._constants.index(tuple(i for i, _ in m_norm)), norms, n_layers)
-            for i, _ in m_norm:
-                has_m[i] = True
-        return F.Direction(d_sq.sqrt(), d_sq, self._constants(tuple(has_m), torch.bool)), factors, with_m, eq8
+        m_layers = [i for i, _ in m_norm]
+        m_norms = m_part.sqrt() if sharded and m_part is not None else m_part
+        d = direction(self._plan, factors, with_m, m_layers, m_norms, n_layers, self._constants, dtype)
+        return d, factors, with_m, eq8
 
     def _ema(self, n: Tensor, has_grad: Tensor) -> None:
         """eq. (8): ``gbar_l = n_l`` at a layer's first gradient, then ``beta gbar_l + (1 - beta) n_l``."""
