@@ -75,7 +75,7 @@ def test_hooks_are_closed_after_training_and_reopened_by_train(tmp_path):
     model = tiny_llama()
     trainer = hf_train(model, tmp_path, steps=3, accum=1, clip=0.0)
     opt = trainer.perturbation_optimizer
-    assert opt.closed and not opt.is_perturbed and opt._coef is not None
+    assert opt.closed and not opt.is_perturbed and opt.coef is not None
     ids = rows()[0]["input_ids"][None]
     model.train()
     with torch.enable_grad():

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mgpo
-from mgpo.optim import layers as layers_mod
+from mgpo.optim import lowrank as layers_mod  # the Gram norms moved there (issue 32)
 from mgpo.optim.layers import lowrank_sq_norms
 from tests.optim.test_weight_space import PROJ, data, max_relative_error, ours
 
@@ -67,9 +67,9 @@ def dense_norms(opt, moment):
     """Per layer, the obvious loop: ``s ||X_B A + B X_A||`` for every pair (X = the gradient or the momentum),
     ``||X||`` for a tensor moved in place."""
     out = torch.zeros(len(opt.layers), dtype=torch.float64)
-    for i, _, _, a, b, s in opt._pairs:
+    for i, _, _, a, b, s, _ in opt.plan.pairs:
         out[i] = (s * (moment(b) @ a + b @ moment(a))).norm()
-    for i, p in opt._inplace:
+    for i, p in opt.plan.inplace:
         out[i] = moment(p).norm()
     return out
 
@@ -80,8 +80,8 @@ def test_step_norms_equal_the_per_layer_loop_for_mixed_shapes(dora):
     DoRA) layers of four shapes and a head moved in place, equal the per-layer dense loop."""
     model = mixed_llama(dora=dora)
     opt = mgpo.MGPO(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.0, perturb_non_lora=True)
-    shapes = {(tuple(a.shape), tuple(b.shape)) for _, _, _, a, b, _ in opt._pairs}
-    assert len(shapes) == 4 and len(opt._inplace) == 1 and len(opt._dora) == (len(opt._pairs) if dora else 0)
+    shapes = {(tuple(a.shape), tuple(b.shape)) for _, _, _, a, b, _, _ in opt.plan.pairs}
+    assert len(shapes) == 4 and len(opt.plan.inplace) == 1 and len(opt.plan.dora) == (len(opt.plan.pairs) if dora else 0)
     model.train()
     for step, (ids,) in enumerate(data(3)):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -93,7 +93,7 @@ def test_step_norms_equal_the_per_layer_loop_for_mixed_shapes(dora):
             d_ref = dense_norms(opt, lambda p: opt.base_optimizer.state[p]["exp_avg"])
         if step == 0:
             assert torch.allclose(opt.gbar, n_ref, rtol=1e-12, atol=0)
-        assert torch.allclose(opt._direction[0], d_ref, rtol=1e-12, atol=0)
+        assert torch.allclose(opt.direction.norm, d_ref, rtol=1e-12, atol=0)
         opt.zero_grad()
 
 
@@ -110,8 +110,8 @@ def test_pending_terms_hold_no_copies():
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
     owned |= {t.untyped_storage().data_ptr() for st in opt.base_optimizer.state.values() for t in st.values()
               if torch.is_tensor(t)}
-    terms = [t for entries in opt._shared.terms.values() for _, factors, _ in entries for t in factors]
-    assert len(terms) == 5 * len(opt._pairs)
+    terms = [t for entries in opt.terms.values() for _, factors, _ in entries for t in factors]
+    assert len(terms) == 5 * len(opt.plan.pairs)
     for t in terms:
         assert t.dim() == 0 or t.untyped_storage().data_ptr() in owned
 
@@ -153,7 +153,7 @@ def test_step_products_do_not_grow_with_the_number_of_layers():
 def test_the_term_takes_bf16_factors_with_fp32_momenta():
     """A bf16 factor with an fp32 momentum (an optimizer keeping fp32 state): the term computes in the promoted
     dtype, forward and backward, and matches the float64 product."""
-    from mgpo.optim.mgpo import _WeightSpaceTerm
+    from mgpo.optim.lowrank import WeightSpaceTerm as _WeightSpaceTerm
 
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(4, 12, generator=gen).bfloat16(), torch.randn(10, 4, generator=gen).bfloat16())

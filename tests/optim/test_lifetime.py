@@ -177,7 +177,7 @@ def test_tensors_only_needs_explicit_perturb_and_says_so():
     for batch in data:
         clean = raw_params(model)
         opt.perturb()
-        if opt._coef is not None:
+        if opt.coef is not None:
             assert any(not torch.equal(p, clean[n]) for n, p in raw_params(model).items())
         loss_fn(model, batch).backward()
         opt.step()
@@ -314,7 +314,7 @@ def test_no_out_by_in_allocation_on_a_4096_layer():
     step_ref, window_ref, _ = peak_per_phase(lambda m: torch.optim.AdamW(
         [p for p in m.parameters() if p.requires_grad], lr=1e-3))
     step, window, opt = peak_per_phase(lambda m: mgpo.MGPO(m, lr=1e-3))
-    assert opt._coef is not None and bool((opt._coef != 0).any())  # the term was really applied
+    assert opt.coef is not None and bool((opt.coef != 0).any())  # the term was really applied
     assert step - step_ref < 0.01 * dense, (step, step_ref)
     assert window - window_ref < 0.01 * dense, (window, window_ref)
 

@@ -174,7 +174,7 @@ def test_weight_space_matches_a_dense_float64_recomputation(case):
     model = tiny_llama()
     ref = reference(copy.deepcopy(model), batches, **hp)
     got, opt = ours(model, batches, **hp)
-    assert len(opt._pairs) == 2 * len(PROJ)  # every projection is a weight-space layer
+    assert len(opt.plan.pairs) == 2 * len(PROJ)  # every projection is a weight-space layer
     assert max_relative_error(got, ref) < 1e-9
 
 
@@ -212,7 +212,7 @@ def test_base_weights_and_factors_are_never_written(dtype):
         for ids in micro:
             before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             model(input_ids=ids, labels=ids).loss.backward()
-            assert opt.is_perturbed or opt._coef is None
+            assert opt.is_perturbed or opt.coef is None
             for n, p in model.named_parameters():  # nothing written inside the window
                 if p.requires_grad:
                     assert torch.equal(p, before[n]), n
@@ -237,10 +237,10 @@ def test_the_term_is_the_dense_perturbation_and_disable_adapter_gets_none():
         perturbed = model(input_ids=ids).logits
         with opt.unperturbed():  # dense: add eps_l = c_l D_l to every base weight of a copy
             dense = copy.deepcopy(model)
-            for (layer, module, adapter, a, b, s), m in zip(opt._pairs, lora_modules(dense)):
+            for (layer, module, adapter, a, b, s, _), m in zip(opt.plan.pairs, lora_modules(dense)):
                 mom = opt.base_optimizer.state
                 d = s * (mom[b]["exp_avg"] @ a + b @ mom[a]["exp_avg"])
-                m.base_layer.weight += opt._coef[layer] * d
+                m.base_layer.weight += opt.coef[layer] * d
             dense.train()
             expected = dense(input_ids=ids).logits
             clean = model(input_ids=ids).logits
@@ -298,7 +298,7 @@ def test_trainable_head_is_left_alone_by_default_and_perturbed_with_the_option(p
     assert max_relative_error(got, ref) < 1e-9
     other, _ = ours(model, batches, perturb_non_lora=not perturb_head)
     assert max_relative_error(other, ref) > 1e-6
-    assert (opt._unperturbed == []) == perturb_head
+    assert (not opt.plan.unperturbed) == perturb_head
 
 
 def test_non_lora_layers_are_moved_in_place_and_restored_exactly():
@@ -312,7 +312,7 @@ def test_non_lora_layers_are_moved_in_place_and_restored_exactly():
         clean = head.detach().clone()
         model.train()
         model(input_ids=micro[0], labels=micro[0]).loss.backward()
-        if opt._coef is not None:
+        if opt.coef is not None:
             assert not torch.equal(head, clean)  # perturbed in place inside the window
         opt.step()
         opt.zero_grad()
@@ -334,7 +334,7 @@ def test_dora_gets_the_authors_weight_space_rule():
                 p.mul_(1 + 0.3 * torch.rand_like(p))
     ref = reference(copy.deepcopy(model), batches, **PAPER)
     got, opt = ours(copy.deepcopy(model), batches)
-    assert len(opt._dora) == 2 * len(PROJ) and not opt._inplace  # every projection, nothing moved in place
+    assert len(opt.plan.dora) == 2 * len(PROJ) and not opt.plan.inplace  # every projection, nothing moved in place
     assert max_relative_error(got, ref) < 1e-9
     factors, _ = ours(model, batches, space="factors")  # the factor-space rule is a different trajectory
     assert max_relative_error(factors, ref) > 1e-4
@@ -343,7 +343,7 @@ def test_dora_gets_the_authors_weight_space_rule():
 def test_dora_with_dropout_says_it_falls_back_to_factor_space():
     with pytest.warns(RuntimeWarning, match=r"DoRA layer.*lora_dropout > 0.*factor space"):
         opt = mgpo.MGPO(tiny_llama(dora=True, dropout=0.1), lr=1e-2)
-    assert not opt._dora and len(opt._inplace) == 3 * 2 * len(PROJ)  # A, B and magnitude, in place
+    assert not opt.plan.dora and len(opt.plan.inplace) == 3 * 2 * len(PROJ)  # A, B and magnitude, in place
 
 
 def test_lora_on_a_conv1d_says_it_falls_back_to_factor_space():
@@ -365,7 +365,7 @@ def test_lora_on_a_conv1d_says_it_falls_back_to_factor_space():
 
     with pytest.warns(RuntimeWarning, match=r"1 LoRA layer\(s\) wrap .*c_fc \(Conv1D\).*factor space"):
         opt = mgpo.MGPO(model(), lr=1e-2)
-    assert [type(m.get_base_layer()) for _, m, *_ in opt._pairs] == [torch.nn.Linear] and len(opt._inplace) == 2
+    assert [type(m.get_base_layer()) for _, m, *_ in opt.plan.pairs] == [torch.nn.Linear] and len(opt.plan.inplace) == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         mgpo.MSAM(model(), lr=1e-2)
@@ -410,7 +410,7 @@ def test_diagnostics_are_the_dense_ratios_and_change_nothing():
                 a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
                 st = opt.base_optimizer.state
                 d = s * (st[b]["exp_avg"] @ a + b @ st[a]["exp_avg"])
-                g = float(opt.gbar[opt._pairs[j][0]])
+                g = float(opt.gbar[opt.plan.pairs[j].layer])
                 k.append(min(1 / (g + TINY), 10.0))
                 radius.append(0.05 * k[-1] * float(d.norm()) / (float(d.norm()) + TINY))  # ||eps_l||
                 weight.append(float((m.base_layer.weight + dense(m)).norm()))

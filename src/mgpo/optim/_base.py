@@ -28,95 +28,13 @@ import torch
 from torch import nn
 
 from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers import it from here)
-from mgpo.optim.distributed import Exchange, check_placements, is_sharded, local
+from mgpo.optim.distributed import Exchange, is_sharded, local
+from mgpo.optim.guards import (NOT_COMPARED, check_same_method, moment_key,  # noqa: F401  (re-exported)
+                               refuse_unsupported)
+from mgpo.optim.hooks import (HookState, InstanceOverride, Installed, guard_merges,  # noqa: F401  (re-exported)
+                              install_model_hooks, run_eagerly)
 from mgpo.optim.layers import discover_layers
 
-
-
-def _no_hook(*_args, **_kwargs) -> None:
-    """What an optimizer's hook becomes in a copy of the model: nothing."""
-    return None
-
-
-def _inert() -> Callable:
-    return _no_hook
-
-
-def _own_method(module: nn.Module, name: str) -> Callable:
-    """What an optimizer's override of ``module.name`` becomes in a copy of the model: the class's own method."""
-    return types.MethodType(getattr(type(module), name), module)
-
-
-class Installed:
-    """A function an optimizer installs in a model: a hook, or (with ``module`` and ``name``) an override of
-    ``module.name``. A copy of the model (``copy.deepcopy``, pickle, ``torch.save(model)``) gets an inert hook, or
-    the class's own method, in its place: the copy is neither perturbed by this optimizer nor acts on it (a closure
-    would be shared by both models, and cannot be pickled). ``before_copy`` runs first: the model's own hooks
-    restore the clean weights there, as its ``state_dict()`` does, before the copy reaches its layers (a module's
-    hooks are copied before its submodules)."""
-
-    def __init__(self, fn: Callable, module: nn.Module | None = None, name: str | None = None,
-                 before_copy: Callable[[], None] | None = None):
-        self.fn, self.module, self.name, self.before_copy = fn, module, name, before_copy
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict) -> Callable:
-        if self.before_copy is not None:
-            self.before_copy()
-        if self.module is None:
-            return _no_hook
-        twin = memo.get(id(self.module))
-        return _own_method(twin if twin is not None else copy.deepcopy(self.module, memo), self.name)
-
-    def __reduce__(self):
-        if self.before_copy is not None:
-            self.before_copy()
-        return (_inert, ()) if self.module is None else (_own_method, (self.module, self.name))
-
-
-class InstanceOverride:
-    """Handle of an instance-level replacement of a module's method (``forward``, ``merge``); ``remove()`` puts the
-    class's method back, unless something replaced it again since."""
-
-    def __init__(self, module: nn.Module, name: str, fn: Callable):
-        self.module, self.name, self.fn = module, name, Installed(fn, module, name)
-        setattr(module, name, self.fn)
-
-    def remove(self) -> None:
-        if self.module.__dict__.get(self.name) is self.fn:
-            delattr(self.module, self.name)
-
-
-def run_eagerly(fn: Callable) -> Callable:
-    """``fn`` opaque to ``torch.compile``: it runs in Python at every call, a graph break around it.
-
-    The model's pre-hook, the noise forwards and ``step()`` decide from the optimizer's Python state (is a
-    perturbation pending? which tensors, which noise?) and change it. Traced by dynamo, they ran with the state of
-    the first trace, and their writes to the optimizer were dropped: a model compiled after the optimizer was built
-    trained as the plain base optimizer without a word. This is ``torch.compiler.disable``, imported at the first
-    call (as torch.optim does for its own methods), so importing mgpo does not import dynamo."""
-    return torch._disable_dynamo(fn)
-
-
-class HookState:
-    """What the hooks inside the model read and write: a plain object, not the optimizer.
-
-    torch.compile may trace a hook into its graph (MGPO's weight-space term is, to keep the model one graph). Dynamo
-    guards on the plain attributes read here and replays the writes at every call of the compiled code; on an
-    optimizer object it drops such writes. A hook holding this object does not keep the optimizer alive.
-    """
-
-    def __init__(self):
-        self.applied = False  # the perturbation is on (the window is open)
-        self.terms: dict | None = None  # MGPO's pending weight-space terms, by module
-        self.saw_layer = False  # a layer's hook ran in training mode since the last step (the hook guard)
-
-
-# Base optimizers whose first moment MGPO can reuse, by the name of the state entry holding it.
-_ADAM_MOMENT = "exp_avg"  # Adam, AdamW, NAdam, RAdam, Adamax
-_SGD_MOMENT = "momentum_buffer"  # SGD / RMSprop with momentum > 0
 
 
 def _split_model(params: Any, model: nn.Module | None) -> tuple[Any, nn.Module | None]:
@@ -187,7 +105,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._saw_forward = self._opened = self._window_was_open = False
         self._grad_marks = self._mark_grads(self._params_with_grad())  # gradients already there are not this step's
         if self._auto:
-            self._install_hooks(model)
+            self._hooks += install_model_hooks(self, model)
 
     @classmethod
     def settings(cls) -> list[str]:
@@ -272,41 +190,6 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         elif not module.training:
             self.restore()
 
-    def _install_hooks(self, model: nn.Module) -> None:
-        """A forward pre-hook (apply at a training forward, restore at an eval one) and a state_dict pre-hook
-        (restore) on the model. They hold the optimizer weakly: dropping it ends its effect."""
-        ref = weakref.ref(self)
-
-        @run_eagerly
-        def forward_hook(module, _args):
-            opt = ref()
-            if opt is not None:
-                opt._on_forward(module)
-
-        @run_eagerly
-        def restore_hook(*_):
-            opt = ref()
-            if opt is not None:
-                opt.restore()
-
-        # prepend: before FSDP2's own pre-forward hook, so a perturbation moved in place into a sharded tensor is
-        # what FSDP gathers for the forward (docs/distributed.md)
-        self._hooks.append(model.register_forward_pre_hook(Installed(forward_hook, before_copy=restore_hook),
-                                                           prepend=True))
-        self._hooks.append(model.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
-        inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
-        if isinstance(inner, nn.Module) and inner is not model:
-            # PEFT's generate() and get_base_model() reach the wrapped model without the PeftModel's forward or
-            # state_dict(): an eval-mode generation (or a save) inside the window restores there too. Skipped
-            # while traced (the wrapper's own hook serves compiled forwards), so it adds no graph break.
-            def inner_hook(module, args):
-                if not torch.compiler.is_compiling():
-                    forward_hook(module, args)
-
-            self._hooks.append(inner.register_forward_pre_hook(Installed(inner_hook, before_copy=restore_hook),
-                                                               prepend=True))
-            self._hooks.append(inner.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
-
     def close(self) -> None:
         """Take the perturbation off and remove every hook this optimizer installed. Idempotent; garbage
         collection does the same. The base optimizer stays usable (``opt.base_optimizer``); ``reopen()`` puts the
@@ -326,7 +209,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             return
         self._closed = False
         if self._auto and not self.two_pass:
-            self._install_hooks(self.model)
+            self._hooks += install_model_hooks(self, self.model)
         self._install_method_hooks()
 
     @property
@@ -336,23 +219,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def _install_method_hooks(self) -> None:
         """A method's own hooks (MGPO's weight-space term, the noise methods' forwards), for ``reopen()``."""
 
-    def _guard_merges(self, moved: set[int]) -> list:
-        """PEFT's ``merge_adapter()`` / ``merge_and_unload()`` read each adapter's factors through its layer's
-        ``merge()``, which no forward or state_dict hook sees: inside the window (a loop left between forward and
-        step) they would merge factors moved in place. Each PEFT layer owning a tensor in ``moved`` (ids) gets a
-        ``merge`` that restores first (a copy of the model gets the class's own); returns the handles."""
-        ref = weakref.ref(self)
-
-        def merge(module, *args, **kwargs):
-            opt = ref()
-            if opt is not None:
-                opt.restore()
-            return type(module).merge(module, *args, **kwargs)
-
-        return [InstanceOverride(module, "merge", types.MethodType(merge, module))
-                for module in (self.model.modules() if self.model is not None else ())
-                if callable(getattr(module, "merge", None)) and hasattr(module, "unmerge")
-                and hasattr(module, "get_base_layer") and any(id(p) in moved for p in module.parameters())]
+    def _guard_merges(self, moved: set[int]) -> list[InstanceOverride]:
+        """PEFT's ``merge()`` restores first on every layer owning a tensor in ``moved`` (:func:`hooks.guard_merges`)."""
+        return guard_merges(self, self.model, moved)
 
     def __del__(self):
         try:
@@ -612,30 +481,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         """Method-specific scalars/tensors not kept per parameter in ``self.state`` (override to add)."""
         return {"method": type(self).__name__, "skipped_steps": self._skipped, "hparams": dict(self.hparams)}
 
-    def _load_extra_state(self, extra: dict) -> None:
-        saved, name = extra.get("hparams"), type(self).__name__
-        # Saved before the method was recorded: the names of its settings tell (an older version of the same
-        # method lacks a few of them, another method has others).
-        by = extra.get("method")
-        theirs, ours = set(saved or {}) - NOT_COMPARED, set(self.hparams) - NOT_COMPARED
-        if by is None and saved is not None and not (theirs <= ours or ours <= theirs):
-            by = f"another method (its settings: {', '.join(sorted(saved))})"
-        if by is not None and by != name:
-            raise ValueError(
-                f"{name}.load_state_dict: the state was saved by {by}, not by {name}: a resume never changes the "
-                f"method. Resume with the method that wrote it{_method_hint(by)}, or start a new run without "
-                "loading this state.")
-        if saved is not None:
-            for key in sorted(set(saved) | set(self.hparams)):
-                if key in NOT_COMPARED:
-                    continue
-                if saved.get(key) != self.hparams.get(key):
-                    raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: the state was saved with {key}="
-                        f"{saved.get(key)!r} but this optimizer has {key}={self.hparams.get(key)!r}. Build the "
-                        f"optimizer with {key}={saved.get(key)!r} to resume that run (a resume never changes the "
-                        "method silently)."
-                    )
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        check_same_method(extra, type(self).__name__, self.hparams)  # a resume never changes the method
         skipped = extra["skipped_steps"]
         self._skipped = torch.as_tensor(skipped) if skipped is not None and not torch.is_tensor(skipped) else skipped
 
@@ -664,56 +511,3 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, layers={len(self.layers)})"
 
 
-# Settings two optimizers of one run may differ in: the noise seed is state (restored, not compared), and
-# diagnostics only add statistics (the trajectory is the same).
-NOT_COMPARED = frozenset({"seed", "diagnostics"})
-
-
-def _method_hint(class_name: str) -> str:
-    """' (mgpo.SAM, perturbation method 'sam')' for an optimizer class name of ours, else ''."""
-    from mgpo.optim.configs import METHOD_CONFIGS
-
-    method = next((m for m, (_, cls) in METHOD_CONFIGS.items() if cls == class_name), None)
-    return f" (mgpo.{class_name}, perturbation method {method!r})" if method else ""
-
-
-def refuse_unsupported(param_groups: list[dict], model: nn.Module | None) -> None:
-    """Refuse, at construction, set-ups the optimizers would train wrongly (docs/method.md, section 12 "Known gaps")."""
-    if model is not None and (type(model).__name__ == "DeepSpeedEngine" or hasattr(model, "zero_optimization")):
-        raise ValueError(
-            "DeepSpeed is not supported: ZeRO shards parameters and optimizer state behind its own engine, so the "
-            "perturbation's norms and momenta would be per-rank fragments. Use PyTorch DDP or FSDP "
-            "(torch.distributed.fsdp.fully_shard), e.g. through accelerate, instead."
-        )
-    if model is not None and any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-        raise ValueError(
-            "FSDP1 (FullyShardedDataParallel) is not supported: its flattened parameters hide the LoRA layers and "
-            "their shards. Use FSDP2 instead: torch.distributed.fsdp.fully_shard, or fsdp_config version 2 in the "
-            "HF Trainer / accelerate (mgpo train: distributed.strategy=fsdp); or DDP."
-        )
-    params = [p for g in param_groups for p in g["params"]]
-    if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
-        raise ValueError("These parameters are partitioned by DeepSpeed ZeRO, which is not supported; use PyTorch "
-                         "DDP or FSDP (fully_shard) instead.")
-    check_placements(params)  # FSDP2 on a 1-D mesh only; tensor parallelism and mixed layouts are refused
-    devices = sorted({str(p.device) for p in params})
-    if len(devices) > 1:
-        raise ValueError(
-            f"The parameters are on several devices ({', '.join(devices)}), e.g. from device_map='auto'. The "
-            "optimizer computes its norms on one device and does not support this; load the model on one device "
-            "(device_map={'': 0}) or shard it with FSDP."
-        )
-
-
-def moment_key(base: torch.optim.Optimizer) -> str:
-    """The state entry of ``base`` that holds its momentum, or a TypeError naming the fix."""
-    if "betas" in base.defaults:
-        return _ADAM_MOMENT
-    if all(g.get("momentum", 0) > 0 for g in base.param_groups):
-        return _SGD_MOMENT
-    raise TypeError(
-        f"momentum='optimizer' reuses the base optimizer's momentum, but {type(base).__name__} with these "
-        "settings keeps none. Fix: use an optimizer with momentum (AdamW, Adam, or SGD with momentum>0, given as "
-        "base_kwargs={'momentum': 0.9}: a momentum= keyword is MGPO's own setting, not SGD's), or pass "
-        "momentum=0.9 so MGPO keeps its own momentum buffer (paper eq. 5; the base optimizer then has none)."
-    )

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from mgpo.checks import check, check_choice, check_range
+from mgpo.optim.apn import DEFAULT as APN_DEFAULT  # the APN rules' registry (pure Python)
+from mgpo.optim.apn import NAMES as APN_MODES
 
 METHODS = ("adamw", "mgpo", "msam", "sam", "random", "ggpo")
-APN_MODES = ("inverse", "off", "normalized", "weight", "update")
 SPACES = ("weight", "factors")
 NORMS = ("layer", "global")
 GBAR_UPDATES = ("step", "micro_batch")
@@ -82,6 +84,22 @@ HELP = {
 DEFAULT_RHO, DEFAULT_BETA = 0.05, 0.9  # without a profile
 
 
+def profile(name: str, beta2: float = 0.999) -> dict[str, Any]:
+    """MGPO keywords for a paper profile, AdamW's ``betas=(mu, beta2)`` included: ``MGPO(model, **profile("nlg"))``."""
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r} is unknown: choose one of {', '.join(map(repr, PROFILES))}.")
+    p = PROFILES[name]
+    return {"rho": p["rho"], "beta": p["beta"], "betas": (p["mu"], beta2)}
+
+
+def preset(name: str) -> dict[str, Any] | None:
+    """MGPO keywords of an ablation arm (``None``: train with the plain base optimizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: choose one of {', '.join(map(repr, PRESETS))}.")
+    arm = PRESETS[name]
+    return None if arm is None else dict(arm)
+
+
 def _f(name: str, default):
     return field(default=default, metadata={"help": HELP[name]})
 
@@ -123,7 +141,7 @@ class MGPOConfig(_MethodConfig):
 
     rho: float = _f("rho", 0.05)
     beta: float = _f("beta", 0.9)
-    apn: str = _f("apn", "inverse")
+    apn: str = _f("apn", APN_DEFAULT)
     space: str = _f("space", "weight")
     norm: str = _f("norm", "layer")
     max_scale: float | None = _f("max_scale", 10.0)
@@ -226,7 +244,7 @@ class PerturbationConfig:
     profile: str | None = _f("profile", None)
     rho: float | None = field(default=None, metadata={"help": HELP["rho"] + " Unset: the profile's, else 0.05."})
     beta: float | None = field(default=None, metadata={"help": HELP["beta"] + " Unset: the profile's, else 0.9."})
-    apn: str = _f("apn", "inverse")
+    apn: str = _f("apn", APN_DEFAULT)
     space: str = _f("space", "weight")
     norm: str = _f("norm", "layer")
     max_scale: float | None = _f("max_scale", 10.0)

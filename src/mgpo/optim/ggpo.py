@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mgpo.optim._base import check_range
+from mgpo.optim.configs import GGPOConfig
 from mgpo.optim.layers import is_lora_linear, lowrank_row_sq_norms
 from mgpo.optim.random_perturbation import RandomPerturbation, _lowrank_delta
 
@@ -48,6 +49,7 @@ class GGPO(RandomPerturbation):
                  seed: int = 0, model: nn.Module | None = None, auto_perturb: bool = True, **base_kwargs):
         check_range("sigma", sigma, 0.0, float("inf"))
         check_range("beta_g", beta_g, 0.0, float("inf"))
+        self.config = GGPOConfig(sigma=sigma, beta_g=beta_g, seed=seed)  # the seed: opt.hparams (restored on load)
         self._init_noise(params, base_optimizer, dict(sigma=sigma, beta_g=beta_g), None, seed, model,
                          auto_perturb, base_kwargs)
         if self.exchange.sharded:
@@ -59,18 +61,18 @@ class GGPO(RandomPerturbation):
         self._warned_no_grad_term = False
 
     def _would_perturb(self) -> bool:
-        return self.hparams["sigma"] > 0 or self.hparams["beta_g"] > 0
+        return self.config.sigma > 0 or self.config.beta_g > 0
 
     def _row_sigma(self, index: int, module: nn.Module) -> torch.Tensor:
-        sigma = self.hparams["sigma"] * self._merged_row_norms(index, module)
+        sigma = self.config.sigma * self._merged_row_norms(index, module)
         grad_rows = self._grad_rows.get(index)
-        if grad_rows is not None and self.hparams["beta_g"] != 0:
-            sigma = sigma + self.hparams["beta_g"] * grad_rows
+        if grad_rows is not None and self.config.beta_g != 0:
+            sigma = sigma + self.config.beta_g * grad_rows
         in_features = (module.get_base_layer() if is_lora_linear(module) else module).weight.shape[1]
         return sigma / math.sqrt(in_features)
 
     def _update(self, params: list[torch.Tensor], grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
-        if self.hparams["beta_g"] != 0:  # gn_i of this step, used by the next step's noise
+        if self.config.beta_g != 0:  # gn_i of this step, used by the next step's noise
             with torch.no_grad():
                 for index, module in enumerate(self.targets.values()):
                     rows = delta_grad_row_norms(module)

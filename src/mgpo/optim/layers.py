@@ -11,6 +11,9 @@ import re
 import torch
 from torch import nn
 
+from mgpo.optim.lowrank import (STACK_ELEMENTS, lowrank_row_sq_norms,  # noqa: F401  (re-exported: older imports)
+                                lowrank_sq_norms)
+
 # ``encoder.layer.0.query.lora_A.default.weight`` -> ("encoder.layer.0.query", "default"). Covers lora_A/lora_B,
 # DoRA's lora_magnitude_vector, AdaLoRA's lora_E (a ParameterDict, so no ".weight") and lora_embedding_A/B.
 _LORA_NAME = re.compile(r"^(?P<module>.*)\.lora_[A-Za-z_]+\.(?P<adapter>[^.]+)(?:\.weight)?$")
@@ -120,57 +123,3 @@ def is_quantized(module: nn.Module) -> bool:
     weight = getattr(base, "weight", None)
     return type(base).__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq") or (
         weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params")))
-
-
-# At most this many values are stacked at once by lowrank_sq_norms (16 MiB in float32): it bounds the step's
-# transient memory, whatever the number of layers of one shape.
-STACK_ELEMENTS = 1 << 22
-
-
-def lowrank_sq_norms(items: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> torch.Tensor:
-    """``||X_1 Y_1 + ... + X_k Y_k||_F^2`` of every item ``((X_1, Y_1), ..., (X_k, Y_k))`` (X: out x r, Y: r x in),
-    in item order, float32 at least (float64 when a tensor is), from r x r Gram blocks:
-    ``sum_i <X_i^T X_i, Y_i Y_i^T> + 2 sum_{i<j} <X_i^T X_j, Y_i Y_j^T>``; nothing out x in is formed.
-
-    Items whose tensors have equal shapes and dtypes are stacked and done together with batched products
-    (``torch.bmm``): a fixed number of operations per shape instead of per layer, and for k = 2 a quarter fewer
-    multiply-adds than one 2r x 2r Gram matrix per side (``X_2^T X_1`` is the transpose of ``X_1^T X_2``). One
-    side is stacked at a time, at most ``max(STACK_ELEMENTS, one item's side)`` values (a chunk holds one item at
-    least), in the tensors' own dtype before the conversion to float32."""
-    groups: dict[tuple, list[int]] = {}
-    for n, item in enumerate(items):
-        key = tuple((x.shape, x.dtype, y.shape, y.dtype) for x, y in item) + (item[0][0].device,)
-        groups.setdefault(key, []).append(n)
-    wide = any(t.dtype == torch.float64 for item in items for pr in item for t in pr)
-    values: list[torch.Tensor | None] = [None] * len(items)
-    for key, members in groups.items():
-        dtype = torch.float64 if any(torch.float64 in (xd, yd) for _, xd, _, yd in key[:-1]) else torch.float32
-        side = max(sum(x.numel() for x, *_ in key[:-1]), sum(y.numel() for _, _, y, _ in key[:-1]), 1)
-        k, chunk = len(key) - 1, max(1, STACK_ELEMENTS // side)
-        pairs = [(i, j) for i in range(k) for j in range(i, k)]
-        for start in range(0, len(members), chunk):
-            which = members[start:start + chunk]
-            xs = [_stacked([items[n][i][0] for n in which], dtype) for i in range(k)]  # (L, out, r)
-            grams = [torch.bmm(xs[i].mT, xs[j]) for i, j in pairs]  # X_i^T X_j, r x r
-            del xs
-            ys = [_stacked([items[n][i][1] for n in which], dtype) for i in range(k)]  # (L, r, in)
-            acc = None  # sum over the blocks of (X_i^T X_j) * (Y_i Y_j^T), elementwise, per item
-            for (i, j), g in zip(pairs, grams):
-                h = torch.bmm(ys[i], ys[j].mT)  # Y_i Y_j^T, r x r
-                acc = g.mul_(h) if acc is None else acc.addcmul_(g, h, value=1 if i == j else 2)
-            del ys, grams
-            total = acc.sum((1, 2))
-            for n, v in zip(which, (total.double() if wide and dtype != torch.float64 else total).unbind()):
-                values[n] = v
-    return torch.stack(values) if values else torch.zeros(0)
-
-
-def _stacked(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    out = torch.stack(tensors)
-    return out if out.dtype == dtype else out.to(dtype)
-
-
-def lowrank_row_sq_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Squared row norms of ``U V`` (out x in) without forming it: ``rowsum((U (V V^T)) * U)``."""
-    u, v = u.float() if u.dtype != torch.float64 else u, v.float() if v.dtype != torch.float64 else v
-    return ((u @ (v @ v.mT)) * u).sum(1)

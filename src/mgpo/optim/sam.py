@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from mgpo.optim._base import PerturbedOptimizer, check_range, run_eagerly
+from mgpo.optim.configs import SAMConfig
 from mgpo.optim.distributed import local
 
 _TINY = 1e-12
@@ -35,6 +36,7 @@ class SAM(PerturbedOptimizer):
             raise ValueError(f"adaptive={adaptive!r} is invalid: use True (ASAM) or False (SAM).")
         self.closure: Callable | None = None  # default second pass, for trainers that call step() bare
         self._clean = None
+        self.config = SAMConfig(rho=rho, adaptive=adaptive)
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), model=model, **base_kwargs)
 
     @run_eagerly  # inside a compiled training step too: the state it keeps must not be traced away
@@ -50,17 +52,17 @@ class SAM(PerturbedOptimizer):
         grads = [local(p.grad) for p in params]
         params = [local(p) for p in params]
         # SAM: eps = rho g / ||g||;  ASAM: eps = rho w^2 g / ||w g||
-        scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if self.hparams["adaptive"] else grads
-        eps = torch._foreach_mul(scaled, torch._foreach_abs(params)) if self.hparams["adaptive"] else grads
+        scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if self.config.adaptive else grads
+        eps = torch._foreach_mul(scaled, torch._foreach_abs(params)) if self.config.adaptive else grads
         dtype = self._norm_dtype(params)  # float32 at least, float64 for float64 tensors
         norm = torch.stack(torch._foreach_norm(scaled, dtype=dtype))
-        eps_norm = torch.stack(torch._foreach_norm(eps, dtype=dtype)) if self.hparams["adaptive"] else norm
+        eps_norm = torch.stack(torch._foreach_norm(eps, dtype=dtype)) if self.config.adaptive else norm
         if self.exchange.sharded:
             both = self.exchange.all_reduce(torch.stack([norm.square().sum(), eps_norm.square().sum()]))
             norm, eps_norm = both.sqrt().unbind()
         else:
             norm, eps_norm = norm.norm(), eps_norm.norm()
-        scale = torch.where(torch.isfinite(norm), self.hparams["rho"] / (norm + _TINY), 0.0)
+        scale = torch.where(torch.isfinite(norm), self.config.rho / (norm + _TINY), 0.0)
         eps = torch._foreach_mul(eps, scale)
         for e in eps:  # NaN * 0 is NaN: a non-finite first gradient must move nothing
             e.nan_to_num_(0.0, 0.0, 0.0)
