@@ -114,7 +114,7 @@ def test_apn_cap_warning_is_silent_at_rho_zero(tmp_path):
                                      disable_tqdm=True, learning_rate=1e-2)
             PerturbationTrainer(model=tiny_llama(), args=args, train_dataset=rows(),
                                 perturbation=PerturbationConfig(rho=rho, max_scale=0.5)).train()
-        return [w for w in seen if "APN factor" in str(w.message)]
+        return [w for w in seen if "at the APN cap" in str(w.message)]
 
     assert capped_warnings(0.05)  # gbar < 2 everywhere: every factor at the cap 0.5, and said so
     assert not capped_warnings(0.0)

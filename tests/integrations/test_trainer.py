@@ -443,18 +443,38 @@ def test_a_causal_lm_keeps_dividing_its_loss_by_the_token_count():
 
 @pytest.mark.parametrize("max_scale, warns", [(1e-6, True), (None, False)])
 def test_a_capped_apn_factor_is_reported_once(max_scale, warns, tmp_path):
-    """max_scale=1e-6 puts every layer's APN factor at its cap (1/gbar >= 1e-6 always); no cap: never capped."""
+    """max_scale=1e-6 puts every layer's APN factor at its cap (1/gbar >= 1e-6 always); no cap: never capped. A run
+    shorter than the ~50 steps the README reads apn_capped after is told so, at its end."""
     trainer = PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path, logging_steps=1, max_steps=4),
                                   train_dataset=cls_data(32), perturbation=cfg_for("mgpo", max_scale=max_scale))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    capped = [w for w in caught if "APN factor" in str(w.message)]
+    capped = [w for w in caught if "at the APN cap" in str(w.message)]
     assert len(capped) == int(warns)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["apn_capped"] for entry in logs] == ([1.0] * 4 if warns else [0.0] * 4)
     if warns:
-        assert "max_scale=1e-06" in str(capped[0].message) and "lower rho" in str(capped[0].message)
+        said = str(capped[0].message)
+        assert "at step 4 (early: after 4 of the ~50 steps the README reads it after)" in said
+        assert "is at max_scale" in said and "divide rho by ten (rho=0.01)" in said
+
+
+@pytest.mark.parametrize("rho, advice", [(0.05, "divide rho by ten (rho=0.005)"),
+                                         (0.005, "rho=0.005 is already a tenth of the profile's 0.05 or less")])
+def test_the_cap_warning_reads_after_fifty_steps_and_gives_the_readmes_advice(rho, advice, tmp_path):
+    """The README: read apn_capped after the first fifty or so steps; if most layers are still capped, divide rho
+    by ten, once. The warning waits for step 50 and does not ask a run already at rho / 10 to divide again."""
+    trainer = PerturbationTrainer(model=tiny_bert(), args=make_args(tmp_path, logging_steps=5, max_steps=60),
+                                  train_dataset=cls_data(32),
+                                  perturbation=PerturbationConfig(method="mgpo", rho=rho, max_scale=1e-6,
+                                                                  profile="nlu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    capped = [str(w.message) for w in caught if "at the APN cap" in str(w.message)]
+    assert len(capped) == 1 and capped[0].startswith("MGPO: at step 50, 100% of the layers") and advice in capped[0]
+    assert "early" not in capped[0]
 
 
 def test_random_ramp_spans_the_runs_steps(tmp_path):

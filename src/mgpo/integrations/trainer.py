@@ -66,9 +66,13 @@ from mgpo.integrations import hf_private
 from mgpo.integrations.hf_private import TrainerOverrides
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
 from mgpo.optim._base import NOT_COMPARED, PerturbedOptimizer
-from mgpo.optim.configs import METHODS, PerturbationConfig
+from mgpo.optim import apn as apn_rules
+from mgpo.optim.configs import DEFAULT_RHO, METHODS, PROFILES, PerturbationConfig
 from mgpo.optim.distributed import local_state, sharded_state
 from mgpo.probe import task_loss_only
+
+# The step after which the cap warning reads apn_capped, as the README tells a user to (gbar's EMA settles first)
+CAP_READ_STEPS = 50
 
 __all__ = ["METHODS", "PerturbationConfig", "PerturbationTrainer", "PerturbationTrainerMixin", "build_optimizer",
            "base_optimizer_from_args", "perturbed", "unwrap_optimizer"]
@@ -494,20 +498,33 @@ class PerturbationTrainerMixin(TrainerOverrides):
         return super().log(logs, *args, **kwargs)
 
     def _warn_if_capped(self, logs: dict[str, float]) -> None:
-        """Once per run: most layers' APN factor at its cap means every one of them is perturbed at
-        max_scale x rho whatever its gradient, a setting in which training can stall (docs/method.md)."""
+        """Once per run, on the main process: most layers' APN factor at its cap means every one of them is
+        perturbed at max_scale x rho whatever its gradient, a setting in which training can stall (docs/method.md).
+        Read as the README says: after the first CAP_READ_STEPS steps (a shorter run is told it is early)."""
         if logs.get("apn_capped", 0.0) < 0.5 or getattr(self, "_warned_capped", False):
             return
-        hp = self.perturbation_optimizer.hparams
-        if not hp.get("rho"):  # rho = 0: nothing is perturbed, whatever the factor
-            return
+        hp, step = self.perturbation_optimizer.hparams, self.state.global_step
+        if not hp.get("rho") or not apn_rules.caps(hp.get("apn"), hp.get("max_scale")):
+            return  # rho = 0 perturbs nothing; a rule without a cap has no apn_capped to read
+        if step < CAP_READ_STEPS and step < self.state.max_steps:
+            return  # the share at the first logs says little: gbar's EMA is young
         self._warned_capped = True
+        if not self.is_world_process_zero():
+            return  # one warning per run, not one per rank
+        early = f" (early: after {step} of the ~{CAP_READ_STEPS} steps the README reads it after)" \
+            if step < CAP_READ_STEPS else ""
+        paper = PROFILES.get(self.perturbation.profile, {}).get("rho", DEFAULT_RHO)
+        if hp["rho"] > paper / 10 * (1 + 1e-9):
+            advice = (f"The README's rule: divide rho by ten (rho={hp['rho'] / 10:.3g}) and read apn_capped again; "
+                      "`mgpo tune` searches it on your validation data")
+        else:
+            advice = (f"rho={hp['rho']:g} is already a tenth of the profile's {paper:g} or less, so the README's rule "
+                      "(divide once) is done: on small models the cap stays (docs/results.md: level with LoRA there). "
+                      "If the loss stalls, `mgpo tune` searches rho on your validation data")
         warnings.warn(
-            f"MGPO: {logs['apn_capped']:.0%} of the layers have their APN factor min(1/gbar, max_scale) at the cap "
-            f"max_scale={hp['max_scale']:g} (gradient norms gbar below {1 / hp['max_scale']:.3g}), so each is "
-            f"perturbed at radius {hp['max_scale'] * hp['rho']:.3g}. If the loss stalls, lower rho (e.g. "
-            f"rho={hp['rho'] / hp['max_scale']:.3g}); docs/method.md, 'the radius a layer gets'.", RuntimeWarning,
-            stacklevel=2)
+            f"MGPO: at step {step}{early}, {logs['apn_capped']:.0%} of the layers are at the APN cap: "
+            f"{apn_rules.cap_meaning(hp.get('apn'))} = {hp['max_scale'] * hp['rho']:.3g}. {advice}; docs/method.md, "
+            "'the radius a layer gets'.", RuntimeWarning, stacklevel=2)
 
 
 def _scales_by_items(model: nn.Module) -> bool:

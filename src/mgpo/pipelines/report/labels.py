@@ -1,5 +1,5 @@
 """What the report calls things: method labels from a run's config, the metrics it looks for, and the names
-of its columns. The APN rule names are read in two functions only, :func:`_apn_label` and :func:`_apn_caps`."""
+of its columns. What an APN rule is comes from the registry (mgpo.optim.apn), asked in :func:`_apn_label` and :func:`_apn_caps`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from mgpo.optim import apn as apn_rules
 from mgpo.optim.configs import DEFAULT_RHO, PRESETS, PROFILES
 from mgpo.pipelines.runlog import PERTURBED_FORWARD
 
@@ -51,13 +52,13 @@ def higher_is_better(metric: str) -> bool:
 
 
 def _apn_label(apn: str | None) -> str:
-    """What a method label adds for its radius rule: nothing for APN's own (``inverse``, the default)."""
-    return "" if apn in (None, "inverse") else f" apn={apn}"
+    """What a method label adds for its radius rule: nothing for the paper's (the registry's default)."""
+    return "" if apn_rules.is_default(apn) else f" apn={apn}"
 
 
 def _apn_caps(perturbation: dict[str, Any]) -> bool:
-    """Whether a run's radius rule has an APN cap: APN's own rule (``inverse``) with a ``max_scale``."""
-    return perturbation.get("apn") in (None, "inverse") and perturbation.get("max_scale", 1) is not None
+    """Whether a run's radius rule has an APN cap (the registry says which rules cap) with a ``max_scale``."""
+    return apn_rules.caps(perturbation.get("apn"), perturbation.get("max_scale", 1))
 
 
 def method_label(cfg: dict) -> str:
