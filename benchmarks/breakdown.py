@@ -13,8 +13,6 @@ import sys
 import time
 import warnings
 
-import torch
-
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 import overhead  # noqa: E402
 

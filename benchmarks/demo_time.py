@@ -27,15 +27,18 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "mgpo", "demo", args.demo, "--output-dir", out],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "mgpo", "demo", args.demo, "--output-dir", out], capture_output=True, text=True
+            )
             wall = time.perf_counter() - start
         if done.returncode != 0:
             sys.exit(f"the demo failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         walls.append(wall)
         print(done.stdout if i == 0 else "", end="")
-        print(f"run {i + 1}: {wall:.0f} s (1-minute load average {load_before:.2f} before, "
-              f"{os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs)")
+        print(
+            f"run {i + 1}: {wall:.0f} s (1-minute load average {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs)"
+        )
     print(f"mgpo demo {args.demo}: {statistics.median(walls):.0f} s wall time (median of {len(walls)})")
 
 

@@ -88,15 +88,27 @@ class Settings:
     foreach: bool = True  # the vectorised AdamW everywhere (baseline, inside every method, and the fused peer)
 
 
-QUICK = dict(warmup=2, rounds=8, memory_steps=1, opt_warmup=1, opt_rounds=5, bootstrap=500, wide_rounds=3,
-             long_rounds=3)
+QUICK = dict(
+    warmup=2, rounds=8, memory_steps=1, opt_warmup=1, opt_rounds=5, bootstrap=500, wide_rounds=3, long_rounds=3
+)
 # --shape: the default toy model, or a 1B-class Llama (hidden 2048, 16 layers) for a GPU, where the toy model's
 # steps are too short to time. The 1B shape is a wide shape already, so the separate wide table is left out.
 SHAPES = {
     "toy": {},
-    "1b": dict(hidden=2048, intermediate=5504, layers=16, heads=16, vocab=32000, seq_lens=(512,), ranks=(8, 64),
-               methods=("AdamW", "MGPO", "MSAM", "MSAM-fused", "RandomPerturbation"), wide=False,
-               rounds=20, opt_layers=4, opt_rounds=20),
+    "1b": dict(
+        hidden=2048,
+        intermediate=5504,
+        layers=16,
+        heads=16,
+        vocab=32000,
+        seq_lens=(512,),
+        ranks=(8, 64),
+        methods=("AdamW", "MGPO", "MSAM", "MSAM-fused", "RandomPerturbation"),
+        wide=False,
+        rounds=20,
+        opt_layers=4,
+        opt_rounds=20,
+    ),
 }
 # The targets of issue 18, checked at the end of the report.
 STEP_TARGET = {64: 1.10, 512: 1.04}  # whole step MGPO / AdamW at rank 8, by tokens per sequence (batch 2)
@@ -270,7 +282,9 @@ def cpu_step_peak(step: Callable[[], None]) -> int:
     before = live_tensor_bytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
+    ]
     balance = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         balance += e.nbytes()
@@ -385,8 +399,11 @@ def run(s: Settings) -> str:
         f"norm='layer'); MGPO-dense and MSAM-fused from benchmarks/peers.py; GGPO defaults; AdamW "
         f"foreach={s.foreach} everywhere",
         f"- timing: {s.warmup} warm-up + {s.rounds} timed round-robin rounds"
-        + (f" ({s.long_rounds} at {', '.join(map(str, s.seq_lens[1:]))} tokens per sequence)"
-           if len(s.seq_lens) > 1 else "")
+        + (
+            f" ({s.long_rounds} at {', '.join(map(str, s.seq_lens[1:]))} tokens per sequence)"
+            if len(s.seq_lens) > 1
+            else ""
+        )
         + f"; ratio = median(method) / median(AdamW), 95% interval by paired bootstrap over rounds ({s.bootstrap} "
         "resamples)",
         "",
@@ -417,10 +434,20 @@ def run(s: Settings) -> str:
 
     wide_ratios = None
     if s.wide:
-        ws = dataclasses.replace(s, hidden=s.wide_hidden, intermediate=s.wide_intermediate, layers=s.wide_layers,
-                                 seq_len=s.seq_lens[0], rounds=s.wide_rounds, warmup=min(s.warmup, 2))
-        print(f"[overhead] whole step, wide shape (hidden {ws.hidden}), rank {s.wide_rank} ...", file=sys.stderr,
-              flush=True)
+        ws = dataclasses.replace(
+            s,
+            hidden=s.wide_hidden,
+            intermediate=s.wide_intermediate,
+            layers=s.wide_layers,
+            seq_len=s.seq_lens[0],
+            rounds=s.wide_rounds,
+            warmup=min(s.warmup, 2),
+        )
+        print(
+            f"[overhead] whole step, wide shape (hidden {ws.hidden}), rank {s.wide_rank} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         wide_times = time_whole_step(ws, s.wide_rank, WIDE_METHODS)
         wide_rows, wide_ratios = timing_rows(wide_times, ws)
         lines += [
@@ -454,8 +481,13 @@ def run(s: Settings) -> str:
             "",
         ]
 
-    lines += ["## Targets", "", "| target | measured | met |", "|---|---:|:---:|",
-              *target_rows(s, summary, wide_ratios, opt_ratios)]
+    lines += [
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---:|:---:|",
+        *target_rows(s, summary, wide_ratios, opt_ratios),
+    ]
     lines += [
         "",
         f"Total benchmark time: {time.perf_counter() - started:.0f} s. Load average (1/5/15 min) at start "
@@ -477,13 +509,16 @@ def target_rows(s: Settings, summary: dict, wide_ratios: dict | None, opt_ratios
             rows.append(f"| whole step MGPO/AdamW <= {limit:.2f}, {where} | {got:.3f} | {yes(got <= limit)} |")
         if rank == 128 and "MGPO" in mem:
             got = mem["MGPO"]
-            rows.append(f"| peak memory MGPO/AdamW <= {MEMORY_TARGET:.2f}, {where} | {got:.4f} | "
-                        f"{yes(got <= MEMORY_TARGET)} |")
+            rows.append(
+                f"| peak memory MGPO/AdamW <= {MEMORY_TARGET:.2f}, {where} | {got:.4f} | {yes(got <= MEMORY_TARGET)} |"
+            )
         if "MSAM" in times and "MSAM-fused" in times:
             got = median(times["MSAM"]) / median(times["MSAM-fused"])
             low, high = ratio_interval(times["MSAM"], times["MSAM-fused"], s)
-            rows.append(f"| MSAM / fused Momentum-SAM <= 1.00 (within the interval), {where} | {got:.3f} "
-                        f"({fmt_interval(low, high)}) | {yes(low <= 1.0)} |")
+            rows.append(
+                f"| MSAM / fused Momentum-SAM <= 1.00 (within the interval), {where} | {got:.3f} "
+                f"({fmt_interval(low, high)}) | {yes(low <= 1.0)} |"
+            )
         for name in ("RandomPerturbation", "GGPO"):
             if name in ratios:
                 got = ratios[name]
@@ -492,22 +527,30 @@ def target_rows(s: Settings, summary: dict, wide_ratios: dict | None, opt_ratios
         for name in ("MGPO", "MSAM"):
             if name in opt_ratios:
                 got = opt_ratios[name]
-                rows.append(f"| optimizer alone {name}/AdamW <= {OPTIMIZER_TARGET:.1f}, rank 128 | {got:.3f} | "
-                            f"{yes(got <= OPTIMIZER_TARGET)} |")
+                rows.append(
+                    f"| optimizer alone {name}/AdamW <= {OPTIMIZER_TARGET:.1f}, rank 128 | {got:.3f} | "
+                    f"{yes(got <= OPTIMIZER_TARGET)} |"
+                )
     # earlier targets, kept so that a regression shows
     for (seq_len, rank), (ratios, _, _) in summary.items():
         if "MGPO-dense" in ratios:
             got = ratios["MGPO"] / ratios["MGPO-dense"]
-            rows.append(f"| MGPO <= 0.6 x dense MGPO, {tokens} {seq_len}, rank {rank} | {got:.3f} | {yes(got <= 0.6)} |")
+            rows.append(
+                f"| MGPO <= 0.6 x dense MGPO, {tokens} {seq_len}, rank {rank} | {got:.3f} | {yes(got <= 0.6)} |"
+            )
         if "SAM" in ratios:
             got = ratios["SAM"]
-            rows.append(f"| SAM/AdamW near 2.0 (1.8–2.2), {tokens} {seq_len}, rank {rank} | {got:.3f} | "
-                        f"{yes(1.8 <= got <= 2.2)} |")
+            rows.append(
+                f"| SAM/AdamW near 2.0 (1.8–2.2), {tokens} {seq_len}, rank {rank} | {got:.3f} | "
+                f"{yes(1.8 <= got <= 2.2)} |"
+            )
     if wide_ratios is not None:
         got = wide_ratios["MGPO"] / wide_ratios["MGPO-dense"]
         rows.append(f"| MGPO <= 0.6 x dense MGPO, wide shape rank {s.wide_rank} | {got:.3f} | {yes(got <= 0.6)} |")
         got = wide_ratios["MGPO"]
-        rows.append(f"| whole step MGPO/AdamW <= 1.10, wide shape rank {s.wide_rank} | {got:.3f} | {yes(got <= 1.10)} |")
+        rows.append(
+            f"| whole step MGPO/AdamW <= 1.10, wide shape rank {s.wide_rank} | {got:.3f} | {yes(got <= 1.10)} |"
+        )
     return rows
 
 
@@ -524,27 +567,77 @@ def device_name(device: str) -> str:
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     defaults = Settings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda (cuda:N)")
-    parser.add_argument("--shape", choices=list(SHAPES), default="toy",
-                        help=f"model and methods: toy (the defaults below) or 1b ({SHAPES['1b']})")
-    parser.add_argument("--ranks", type=int, nargs="+", default=None,
-                        help=f"LoRA ranks of the whole-step benchmark at the first sequence length (default {list(defaults.ranks)})")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
-                        help=f"tokens per sequence, one set of whole-step tables each (default {list(defaults.seq_lens)})")
-    parser.add_argument("--long-ranks", type=int, nargs="*", default=None,
-                        help=f"LoRA ranks at the sequence lengths after the first (default {list(defaults.long_ranks)})")
-    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
-                        help="whole-step methods (AdamW is always included, first)")
+    parser.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        default="toy",
+        help=f"model and methods: toy (the defaults below) or 1b ({SHAPES['1b']})",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"LoRA ranks of the whole-step benchmark at the first sequence length (default {list(defaults.ranks)})",
+    )
+    parser.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"tokens per sequence, one set of whole-step tables each (default {list(defaults.seq_lens)})",
+    )
+    parser.add_argument(
+        "--long-ranks",
+        type=int,
+        nargs="*",
+        default=None,
+        help=f"LoRA ranks at the sequence lengths after the first (default {list(defaults.long_ranks)})",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(METHODS),
+        help="whole-step methods (AdamW is always included, first)",
+    )
     parser.add_argument("--no-wide", action="store_true", help="leave out the wide-shape table")
     parser.add_argument("--quick", action="store_true", help=f"smoke run (about a minute): {QUICK}")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
     parser.add_argument("--no-foreach", action="store_true", help="use torch's default AdamW implementation")
-    for name in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "warmup", "rounds", "long_rounds",
-                 "memory_steps", "opt_layers", "opt_rank", "opt_warmup", "opt_rounds", "bootstrap", "seed",
-                 "wide_hidden", "wide_intermediate", "wide_layers", "wide_rank", "wide_rounds"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"default {getattr(defaults, name)} ({QUICK.get(name, getattr(defaults, name))} with --quick)")
+    for name in (
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "vocab",
+        "batch",
+        "warmup",
+        "rounds",
+        "long_rounds",
+        "memory_steps",
+        "opt_layers",
+        "opt_rank",
+        "opt_warmup",
+        "opt_rounds",
+        "bootstrap",
+        "seed",
+        "wide_hidden",
+        "wide_intermediate",
+        "wide_layers",
+        "wide_rank",
+        "wide_rounds",
+    ):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=None,
+            help=f"default {getattr(defaults, name)} ({QUICK.get(name, getattr(defaults, name))} with --quick)",
+        )
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--rho", type=float, default=defaults.rho)
     args = parser.parse_args(argv)
@@ -562,8 +655,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
         values["wide"] = False
     for name in Settings.__dataclass_fields__:
         given = getattr(args, name, None)
-        if name not in ("device", "ranks", "seq_lens", "long_ranks", "methods", "wide", "lr", "rho", "foreach") \
-                and given is not None:
+        if (
+            name not in ("device", "ranks", "seq_lens", "long_ranks", "methods", "wide", "lr", "rho", "foreach")
+            and given is not None
+        ):
             values[name] = given
     s = Settings(**values)
     check(s)
@@ -572,11 +667,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
 
 def check(s: Settings) -> None:
     if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {s.device}: no CUDA device is visible to torch {torch.__version__}; use --device cpu.")
+        raise SystemExit(
+            f"--device {s.device}: no CUDA device is visible to torch {torch.__version__}; use --device cpu."
+        )
     if not (s.device == "cpu" or s.device.startswith("cuda")):
         raise SystemExit(f"--device {s.device!r} is not supported: use cpu or cuda.")
-    for name in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "rounds", "long_rounds",
-                 "memory_steps", "opt_layers", "opt_rank", "opt_rounds", "bootstrap"):
+    for name in (
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "vocab",
+        "batch",
+        "rounds",
+        "long_rounds",
+        "memory_steps",
+        "opt_layers",
+        "opt_rank",
+        "opt_rounds",
+        "bootstrap",
+    ):
         if getattr(s, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(s, name)} is invalid: use a positive integer.")
     if s.warmup < 0 or s.opt_warmup < 0:

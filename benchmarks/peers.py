@@ -21,13 +21,23 @@ import torch
 class DenseMGPO:
     """Weight-space MGPO the dense way (the authors'): +1 dense fp32 matrix per LoRA layer while perturbed."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, rho: float = 0.05, beta: float = 0.9,
-                 max_scale: float = 10.0, foreach: bool | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        rho: float = 0.05,
+        beta: float = 0.9,
+        max_scale: float = 10.0,
+        foreach: bool | None = None,
+    ):
         self.model, self.rho, self.beta, self.max_scale = model, rho, beta, max_scale
         params = [p for p in model.parameters() if p.requires_grad]
         self.base = torch.optim.AdamW(params, lr=lr, foreach=foreach)
-        self.layers = [(m, m.lora_A["default"].weight, m.lora_B["default"].weight, float(m.scaling["default"]))
-                       for m in model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
+        self.layers = [
+            (m, m.lora_A["default"].weight, m.lora_B["default"].weight, float(m.scaling["default"]))
+            for m in model.modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+        ]
         self.gbar: list[float | None] = [None] * len(self.layers)
         self.eps: list[torch.Tensor] = []
         model.register_forward_pre_hook(lambda module, args: self.perturb() if module.training else None)

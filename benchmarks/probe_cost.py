@@ -26,11 +26,27 @@ from mgpo.pipelines.config import load_config
 from mgpo.pipelines.train import clean_loss_probe
 
 SETTINGS = {
-    "sentiment": ["model.name=minilm", "model.max_length=64", "data.name=movie-reviews", "data.max_eval_examples=600",
-                  "training.batch_size=16", "perturbation.preset=lora-mgpo", "perturbation.rho=0.005"],
-    "arithmetic": ["model.name=smollm2-135m", "model.max_length=128", "data.name=arithmetic", "data.task=causal-lm",
-                   "data.max_train_examples=800", "data.max_eval_examples=60", "training.batch_size=8",
-                   "perturbation.preset=lora-mgpo", "perturbation.profile=nlg", "perturbation.rho=0.001"],
+    "sentiment": [
+        "model.name=minilm",
+        "model.max_length=64",
+        "data.name=movie-reviews",
+        "data.max_eval_examples=600",
+        "training.batch_size=16",
+        "perturbation.preset=lora-mgpo",
+        "perturbation.rho=0.005",
+    ],
+    "arithmetic": [
+        "model.name=smollm2-135m",
+        "model.max_length=128",
+        "data.name=arithmetic",
+        "data.task=causal-lm",
+        "data.max_train_examples=800",
+        "data.max_eval_examples=60",
+        "training.batch_size=8",
+        "perturbation.preset=lora-mgpo",
+        "perturbation.profile=nlg",
+        "perturbation.rho=0.001",
+    ],
 }
 
 
@@ -88,10 +104,12 @@ def main(argv=None) -> dict:
     for n in map(int, args.sizes.split(",")):
         cfg.training.clean_loss_examples = n
         probe = clean_loss_probe(cfg, train)
-        probes[f"probe{n}"] = [collate([probe[i] for i in range(s, min(s + 64, len(probe)))])
-                               for s in range(0, len(probe), 64)]
-    opt = mgpo.create_optimizer(model, torch.optim.AdamW, {"lr": cfg.training.lr}, method="mgpo",
-                                rho=cfg.perturbation.rho)
+        probes[f"probe{n}"] = [
+            collate([probe[i] for i in range(s, min(s + 64, len(probe)))]) for s in range(0, len(probe), 64)
+        ]
+    opt = mgpo.create_optimizer(
+        model, torch.optim.AdamW, {"lr": cfg.training.lr}, method="mgpo", rho=cfg.perturbation.rho
+    )
     batch_size, count = cfg.training.batch_size, [0]
 
     def step():
@@ -114,9 +132,13 @@ def main(argv=None) -> dict:
                 samples[name].append(seconds)
             else:
                 rejected[name] += 1
-    out = {"setting": args.setting, "threads": torch.get_num_threads(), "wall_s": round(time.time() - started),
-           "rejected": rejected,
-           "padded_tokens": {k: sum(int(b["input_ids"].numel()) for b in v) for k, v in probes.items()}}
+    out = {
+        "setting": args.setting,
+        "threads": torch.get_num_threads(),
+        "wall_s": round(time.time() - started),
+        "rejected": rejected,
+        "padded_tokens": {k: sum(int(b["input_ids"].numel()) for b in v) for k, v in probes.items()},
+    }
     for name, v in samples.items():
         out[name] = {"n": len(v), "median_s": statistics.median(v) if v else None, "min_s": min(v) if v else None}
     print(json.dumps(out))

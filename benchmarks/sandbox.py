@@ -13,6 +13,7 @@ user switch, Python guard). A trivial program (`pass`) measures the fixed cost o
 canonical HumanEval solutions, two at a time as `mgpo train` grades them, measure what a user waits for.
 Run it on an otherwise idle machine: it times wall clock.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,15 @@ def main() -> None:
 
     problems = load_problems()
     jobs = [(build_program(p, p["canonical_solution"]), p["entry_point"], build_tests(p)) for p in problems]
-    trivial = {"run_program": lambda limits: run_program("pass\n", limits),
-               "judge": lambda limits: judge("def f():\n    return 1\n", "f", "assert candidate() == 1\n", limits)}
+    trivial = {
+        "run_program": lambda limits: run_program("pass\n", limits),
+        "judge": lambda limits: judge("def f():\n    return 1\n", "f", "assert candidate() == 1\n", limits),
+    }
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    print("| isolation | trivial run_program, median (s) | min-max (s) | trivial judge, median (s) | min-max (s) "
-          "| 164 canonical solutions, judged (s) | their CPU time (s) | passed |")
+    print(
+        "| isolation | trivial run_program, median (s) | min-max (s) | trivial judge, median (s) | min-max (s) "
+        "| 164 canonical solutions, judged (s) | their CPU time (s) | passed |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in ("process", "bwrap"):
         # process isolation cannot hide HumanEval's answers: it grades only when told to accept that
@@ -48,7 +53,7 @@ def main() -> None:
             print(f"| {mode} | not available: {err} | | | | | | |")
             continue
         cells = []
-        for name, run in trivial.items():
+        for run in trivial.values():
             run(limits)  # warm the page cache and the runner choice
             times = []
             for _ in range(args.repeats):
@@ -69,6 +74,7 @@ def main() -> None:
         cpu_cell = f"{cpu:.1f}" if mode == "process" else "-"  # bwrap is killed before it reaps its children
         print(f"| {mode} | {' | '.join(cells)} | {total:.1f} | {cpu_cell} | {passed}/{len(jobs)} |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -57,14 +57,22 @@ def main() -> None:
     base = {k: v for k, v in best.items() if k != "training"}
     base["training"] = {**best["training"], "max_steps": 100, "save_steps": 100}
     base["training"].pop("output_dir", None)
-    spec = {"title": f"mgpo tune's choice (rho {rho:.3g}) against LoRA on the test split",
-            "base": base, "grid": {"training.seed": list(range(args.seeds)),
-                                   "perturbation.preset": ["lora", "lora-mgpo"]},
-            "name": "{perturbation.preset}-s{training.seed}", "output_dir": str(work / "test")}
+    spec = {
+        "title": f"mgpo tune's choice (rho {rho:.3g}) against LoRA on the test split",
+        "base": base,
+        "grid": {"training.seed": list(range(args.seeds)), "perturbation.preset": ["lora", "lora-mgpo"]},
+        "name": "{perturbation.preset}-s{training.seed}",
+        "output_dir": str(work / "test"),
+    }
     (work / "test.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     run(sys.executable, "-m", "mgpo", "sweep", str(work / "test.yaml"))
-    acc = {arm: [json.loads((work / "test" / f"{arm}-s{s}" / "metrics.json").read_text())["test_accuracy"]
-                 for s in range(args.seeds)] for arm in ("lora", "lora-mgpo")}
+    acc = {
+        arm: [
+            json.loads((work / "test" / f"{arm}-s{s}" / "metrics.json").read_text())["test_accuracy"]
+            for s in range(args.seeds)
+        ]
+        for arm in ("lora", "lora-mgpo")
+    }
     mean, low, high = paired(acc["lora-mgpo"], acc["lora"])
     summary = (study / "tune.md").read_text()
     verdict = next(line for line in summary.splitlines() if line.startswith("**Verdict**"))
@@ -73,20 +81,31 @@ def main() -> None:
     shutil.copy(study / "score-vs-rho.png", figures / "tune-movie-reviews.png")
     below = "significantly below" if high < 0 else "not significantly below"
     page = [
-        "# mgpo tune on the movie reviews (MiniLM, CPU)", "",
+        "# mgpo tune on the movie reviews (MiniLM, CPU)",
+        "",
         f"Command: `python benchmarks/tune_movie_reviews.py` (study: `mgpo tune configs/tune-movie-reviews.yaml`, "
-        f"then {args.seeds} seeds of the choice and of LoRA on the test split).", "",
+        f"then {args.seeds} seeds of the choice and of LoRA on the test split).",
+        "",
         f"- **Chosen rho: {rho:.3g}**, {PAPER_RHO / rho:.3g} times below the paper's {PAPER_RHO} (which stalls MiniLM "
         f"wherever APN sits at its cap: docs/results.md) and {rho / OUR_RHO:.3g} x our rho / 10 ({OUR_RHO}).",
         f"- Study verdict (validation split, one seed per trial): {verdict.removeprefix('**Verdict**: ')}",
         f"- **Test split, {args.seeds} seeds, 100 steps:** LoRA {sum(acc['lora']) / args.seeds:.4f}, the choice "
         f"{sum(acc['lora-mgpo']) / args.seeds:.4f}; paired difference {mean:+.4f} [{low:+.4f}, {high:+.4f}] "
-        f"(95% t interval): the choice is {below} LoRA.", "",
-        "![validation accuracy against rho](figures/tune-movie-reviews.png)", "",
-        "## The study", "", *(line for line in summary.splitlines()[2:] if "score-vs-rho.png" not in line
-                               and "best.yaml" not in line), "",
-        "## Test accuracy by seed", "", "| seed | LoRA | choice |", "|---|---|---|",
-        *(f"| {s} | {acc['lora'][s]:.4f} | {acc['lora-mgpo'][s]:.4f} |" for s in range(args.seeds)), ""]
+        f"(95% t interval): the choice is {below} LoRA.",
+        "",
+        "![validation accuracy against rho](figures/tune-movie-reviews.png)",
+        "",
+        "## The study",
+        "",
+        *(line for line in summary.splitlines()[2:] if "score-vs-rho.png" not in line and "best.yaml" not in line),
+        "",
+        "## Test accuracy by seed",
+        "",
+        "| seed | LoRA | choice |",
+        "|---|---|---|",
+        *(f"| {s} | {acc['lora'][s]:.4f} | {acc['lora-mgpo'][s]:.4f} |" for s in range(args.seeds)),
+        "",
+    ]
     (ROOT / args.out).write_text("\n".join(page))
     print(f"wrote {args.out}")
 

@@ -51,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA GPU is visible to torch {torch.__version__} (torch.cuda.is_available() is "
-              "False): nothing was run and no report was written.")
+        print(
+            f"gpu-check: no CUDA GPU is visible to torch {torch.__version__} (torch.cuda.is_available() is "
+            "False): nothing was run and no report was written."
+        )
         return 0
-    try:
-        import peft, pytest, transformers  # noqa: F401, E401
-    except ImportError as e:
-        print(f"gpu-check: {e.name} is missing; set up first with: bash scripts/install.sh --test", file=sys.stderr)
+    import importlib.util
+
+    missing = [name for name in ("peft", "pytest", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"gpu-check: {missing[0]} is missing; set up first with: bash scripts/install.sh --test", file=sys.stderr)
         return 2
     return check(args.out)
 
@@ -89,8 +92,13 @@ def plan() -> dict:
 
 
 def collect_tests() -> list[str]:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", TESTS],
-                          capture_output=True, text=True, cwd=ROOT, env=child_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", TESTS],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=child_env(),
+    )
     tests = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
     if proc.returncode != 0 or not tests:
         raise SystemExit(f"gpu-check: could not collect {TESTS}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -108,21 +116,33 @@ def dry_run() -> int:
         (f"{n_small} small-model tests", n_small * a["test"], f"{n_small} x {a['test']} s"),
         (f"{n_fsdp} FSDP2 test", n_fsdp * a["fsdp"], f"{n_fsdp} x {a['fsdp']:.0f} s"),
         (f"{p['builds']} model builds", p["builds"] * a["build"], f"{p['builds']} x {a['build']} s"),
-        (f"{n_steps} whole 1B-class steps", n_steps * a["step"],
-         f"({p['timed_steps']} timed incl. warm-up + {p['memory_steps']} for peak memory) x {a['step']} s"),
-        (f"{p['opt_steps']} optimizer-only steps", p["opt_steps"] * a["opt_step"],
-         f"{p['opt_steps']} x {a['opt_step']} s"),
+        (
+            f"{n_steps} whole 1B-class steps",
+            n_steps * a["step"],
+            f"({p['timed_steps']} timed incl. warm-up + {p['memory_steps']} for peak memory) x {a['step']} s",
+        ),
+        (
+            f"{p['opt_steps']} optimizer-only steps",
+            p["opt_steps"] * a["opt_step"],
+            f"{p['opt_steps']} x {a['opt_step']} s",
+        ),
     ]
     total = sum(seconds for _, seconds, _ in parts)
     print("gpu-check --dry-run: the work, and its time on one H100-class GPU from the assumptions below")
     print(f"- tests: {len(p['tests'])} in {TESTS}")
-    print(f"- benchmark: python benchmarks/overhead.py --device cuda {' '.join(BENCH_ARGS)}: hidden {s.hidden}, "
-          f"{s.layers} layers, vocab {s.vocab}, methods {', '.join(s.methods)}")
+    print(
+        f"- benchmark: python benchmarks/overhead.py --device cuda {' '.join(BENCH_ARGS)}: hidden {s.hidden}, "
+        f"{s.layers} layers, vocab {s.vocab}, methods {', '.join(s.methods)}"
+    )
     for seq_len, rank, rounds in p["configs"]:
-        print(f"  - {s.batch} x {seq_len} tokens, LoRA rank {rank}: {len(s.methods)} methods x ({s.warmup} warm-up + "
-              f"{rounds} timed rounds), then each alone for peak memory ({s.warmup} + {s.memory_steps} steps)")
-    print(f"  - optimizer alone (rank {s.opt_rank}, {s.opt_layers} layers): "
-          f"{len(p['opt_methods'])} methods x ({s.opt_warmup} + {s.opt_rounds}) rounds")
+        print(
+            f"  - {s.batch} x {seq_len} tokens, LoRA rank {rank}: {len(s.methods)} methods x ({s.warmup} warm-up + "
+            f"{rounds} timed rounds), then each alone for peak memory ({s.warmup} + {s.memory_steps} steps)"
+        )
+    print(
+        f"  - optimizer alone (rank {s.opt_rank}, {s.opt_layers} layers): "
+        f"{len(p['opt_methods'])} methods x ({s.opt_warmup} + {s.opt_rounds}) rounds"
+    )
     print("- estimate (pessimistic per-unit times; a 1B-class fp32 step of 2 x 512 tokens is ~3.7 TFLOP):")
     for what, seconds, how in parts:
         print(f"  - {what}: {how} = {seconds:.0f} s")
@@ -144,39 +164,82 @@ def check(out: Path) -> int:
         print(f"gpu-check: running {TESTS} ...", flush=True)
         junit = Path(tmp) / "junit.xml"
         timeout = ["--timeout", "300"] if has_module("pytest_timeout") else []
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", TESTS,
-                                f"--junitxml={junit}", *timeout], cwd=ROOT, env=child_env(), text=True,
-                               capture_output=True)
+        tests = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-rs",
+                TESTS,
+                f"--junitxml={junit}",
+                *timeout,
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            text=True,
+            capture_output=True,
+        )
         results = read_junit(junit) if junit.exists() else []
         counts = {r: sum(1 for _, res, _ in results if res == r) for r in ("passed", "failed", "skipped")}
-        lines += [f"## Tests: {TESTS}", "",
-                  f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
-                  f"(pytest exit status {tests.returncode}).", "",
-                  "| test | result | detail |", "|---|---|---|"]
-        lines += [f"| {name} | {'**failed**' if res == 'failed' else res} | {detail} |" for name, res, detail in results]
+        lines += [
+            f"## Tests: {TESTS}",
+            "",
+            f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
+            f"(pytest exit status {tests.returncode}).",
+            "",
+            "| test | result | detail |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {'**failed**' if res == 'failed' else res} | {detail} |" for name, res, detail in results
+        ]
         if not results:
-            lines += ["", "pytest wrote no results; its output ends with:", "", "```", tests.stdout[-3000:],
-                      tests.stderr[-3000:], "```"]
+            lines += [
+                "",
+                "pytest wrote no results; its output ends with:",
+                "",
+                "```",
+                tests.stdout[-3000:],
+                tests.stderr[-3000:],
+                "```",
+            ]
         lines.append("")
 
         print("gpu-check: running the benchmark ...", flush=True)
         report = Path(tmp) / "bench.md"
-        command = [sys.executable, "benchmarks/overhead.py", "--device", BENCH_DEVICE, *BENCH_ARGS,
-                   "--out", str(report)]
+        command = [
+            sys.executable,
+            "benchmarks/overhead.py",
+            "--device",
+            BENCH_DEVICE,
+            *BENCH_ARGS,
+            "--out",
+            str(report),
+        ]
         bench = subprocess.run(command, cwd=ROOT, env=child_env(), text=True, capture_output=True)
         lines += [f"## Benchmark: `python {' '.join(command[1:-2])}`", ""]
         if bench.returncode == 0 and report.exists():
             lines.append(re.sub(r"^## ", "### ", report.read_text(), flags=re.M))  # under this section
         else:
-            lines += [f"The benchmark failed (exit status {bench.returncode}); its output ends with:", "", "```",
-                      bench.stderr[-4000:], "```"]
+            lines += [
+                f"The benchmark failed (exit status {bench.returncode}); its output ends with:",
+                "",
+                "```",
+                bench.stderr[-4000:],
+                "```",
+            ]
     ok = tests.returncode == 0 and counts["failed"] == 0 and bench.returncode == 0
     verdict = "all passed" if ok else "FAILURES above"
     lines += ["", f"Whole check: {time.perf_counter() - started:.0f} s; {verdict}.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    print(f"gpu-check: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped; "
-          f"benchmark {'done' if bench.returncode == 0 else 'FAILED'}; report: {out}")
+    print(
+        f"gpu-check: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped; "
+        f"benchmark {'done' if bench.returncode == 0 else 'FAILED'}; report: {out}"
+    )
     return 0 if ok else 1
 
 
@@ -187,13 +250,25 @@ def environment() -> list[str]:
 
     props = torch.cuda.get_device_properties(0)
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        driver = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
     except (OSError, subprocess.SubprocessError, IndexError):
         driver = "unknown (nvidia-smi not available)"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                                timeout=30).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=30
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return [
@@ -222,8 +297,11 @@ def read_junit(path: Path) -> list[tuple[str, str, str]]:
             found = case.find(tag)
             if found is not None:
                 result = res
-                detail = (found.get("message") or found.text or "").strip().splitlines()[0] if \
-                    (found.get("message") or found.text or "").strip() else ""
+                detail = (
+                    (found.get("message") or found.text or "").strip().splitlines()[0]
+                    if (found.get("message") or found.text or "").strip()
+                    else ""
+                )
                 break
         rows.append((name, result, detail.replace("|", "\\|")[:200]))
     return rows

@@ -28,8 +28,17 @@ STATE_DIR = Path(os.environ.get("MGPO_SLURM_TEST_DIR", "/tmp/mgpo-slurm-test"))
 PORTS = {"MGPO_SLURMCTLD_PORT": "6827", "MGPO_SLURMD_PORT": "6828"}
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel")
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def _which(tool: str) -> str | None:
@@ -48,7 +57,8 @@ _WHY = why_no_slurm()
 needs_slurm = pytest.mark.skipif(
     _WHY is not None,
     reason=f"needs a local one-node Slurm cluster ({_WHY}): run as root, after `bash scripts/install.sh --test` "
-           "(which installs slurm-wlm and munge)")
+    "(which installs slurm-wlm and munge)",
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,9 @@ class LocalSlurm:
 
 def _script(command: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, **PORTS}
-    return subprocess.run(["bash", str(SCRIPT), command, str(STATE_DIR)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), command, str(STATE_DIR)], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +84,10 @@ def local_slurm():
     already_up = _script("status").returncode == 0
     started = _script("start")
     if started.returncode != 0:
-        pytest.fail(f"scripts/slurm-local.sh start failed ({started.returncode}):\n{started.stdout}{started.stderr}",
-                    pytrace=False)
+        pytest.fail(
+            f"scripts/slurm-local.sh start failed ({started.returncode}):\n{started.stdout}{started.stderr}",
+            pytrace=False,
+        )
     conf = STATE_DIR / "slurm.conf"
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
@@ -103,9 +116,11 @@ def sbatch(*args: str) -> str:
 
 
 def job_state(job_id: str) -> str | None:
-    """RUNNING, PENDING, COMPLETED, CANCELLED, ... or None once Slurm has forgotten the job (MinJobAge after its end)."""
-    done = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                          timeout=30)
+    """RUNNING, PENDING, COMPLETED, CANCELLED, ... or None once Slurm has forgotten the job (MinJobAge after its
+    end)."""
+    done = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+    )
     if done.returncode != 0 and "Invalid job id" not in done.stderr:  # what squeue says of a forgotten job
         raise RuntimeError(f"squeue -j {job_id} failed ({done.returncode}): {done.stderr.strip()}")
     out = done.stdout.split()

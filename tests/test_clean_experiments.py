@@ -7,8 +7,15 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-SWEEPS = ["cpu-dd-clean", "cpu-dd-clean-full", "cpu-core-tweets", "cpu-arithmetic-core", "cpu-ablation-clean",
-          "cpu-methods-clean", "cpu-methods-uncapped"]
+SWEEPS = [
+    "cpu-dd-clean",
+    "cpu-dd-clean-full",
+    "cpu-core-tweets",
+    "cpu-arithmetic-core",
+    "cpu-ablation-clean",
+    "cpu-methods-clean",
+    "cpu-methods-uncapped",
+]
 # `mgpo sweep configs/experiments/NAME.yaml`: logs whether run-a was already done, then writes one finished run
 # (with a checkpoint that must not be kept) and one half-finished run; exits $STOP_AT's code on that sweep
 FAKE_MGPO = r"""#!/bin/bash
@@ -30,10 +37,22 @@ def queue(tmp_path: Path, stop_at: str = "", *args: str, **env: str) -> subproce
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "mgpo").write_text(FAKE_MGPO)
     (bin_dir / "mgpo").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.log"),
-           "STOP_AT": stop_at, "MGPO_KEEP_EVERY": "0.1", **env}
-    return subprocess.run(["bash", "scripts/clean-experiments.sh", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CALLS": str(tmp_path / "calls.log"),
+        "STOP_AT": stop_at,
+        "MGPO_KEEP_EVERY": "0.1",
+        **env,
+    }
+    return subprocess.run(
+        ["bash", "scripts/clean-experiments.sh", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_finished_runs_are_kept_and_put_back_on_a_fresh_checkout(tmp_path):
@@ -42,8 +61,7 @@ def test_finished_runs_are_kept_and_put_back_on_a_fresh_checkout(tmp_path):
     keep = tmp_path / "docs" / "experiments-clean" / "runs"
     for name in SWEEPS:
         assert sorted(p.name for p in (keep / name).iterdir()) == ["index.json", "run-a", "sweep.yaml"]
-        assert sorted(p.name for p in (keep / name / "run-a").iterdir()) == ["config.yaml", "log.jsonl",
-                                                                              "metrics.json"]
+        assert sorted(p.name for p in (keep / name / "run-a").iterdir()) == ["config.yaml", "log.jsonl", "metrics.json"]
     shutil.rmtree(tmp_path / "runs")  # a new machine: only what git holds is left
     result = queue(tmp_path)
     assert result.returncode == 0, result.stderr
@@ -67,8 +85,15 @@ def test_commit_takes_the_kept_records_only(tmp_path):
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
     (tmp_path / "work.py").write_text("x = 1\n")
     git("add", "work.py")  # someone's staged work in the same checkout
-    result = queue(tmp_path, "", "--commit", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-                   GIT_COMMITTER_EMAIL="t@t")
+    result = queue(
+        tmp_path,
+        "",
+        "--commit",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     assert result.returncode == 0, result.stderr
     log = git("log", "--format=%s", "--name-only").stdout
     assert log.count("runs kept") == len(SWEEPS) and "work.py" not in log

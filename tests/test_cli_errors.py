@@ -41,20 +41,22 @@ def test_an_operation_failing_in_mgpo_code_is_internal_too(tmp_path, monkeypatch
 
 
 def test_an_unexpected_exception_outside_the_handled_types_exits_70_from_the_command_line(tmp_path):
-    code = ("import sys, mgpo.pipelines.report as r\n"
-            "def boom(*a, **k): raise KeyError('x')\n"
-            "r.make_report = boom\n"
-            "from mgpo.cli import main\n"
-            f"sys.argv = ['mgpo', 'report', {str(tmp_path)!r}]\n"
-            "main()\n")
+    code = (
+        "import sys, mgpo.pipelines.report as r\n"
+        "def boom(*a, **k): raise KeyError('x')\n"
+        "r.make_report = boom\n"
+        "from mgpo.cli import main\n"
+        f"sys.argv = ['mgpo', 'report', {str(tmp_path)!r}]\n"
+        "main()\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == INTERNAL_ERROR, out.stderr[-2000:]
     assert "Traceback" in out.stderr and "KeyError" in out.stderr and "issue tracker" in out.stderr
 
 
-def test_a_full_disk_while_checkpointing_names_the_folder_the_last_checkpoint_and_resume(tmp_path, monkeypatch,
-                                                                                       tiny_model_dir,
-                                                                                       sentiment_csv):
+def test_a_full_disk_while_checkpointing_names_the_folder_the_last_checkpoint_and_resume(
+    tmp_path, monkeypatch, tiny_model_dir, sentiment_csv
+):
     import errno
 
     import torch

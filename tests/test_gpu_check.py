@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_script(tmp_path, *args):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}
-    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu-check.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):

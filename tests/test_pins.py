@@ -30,13 +30,15 @@ def requirements() -> dict[str, Requirement]:
 def test_installed_version_is_within_the_pin(name):
     req = requirements()[name]
     assert req.specifier.contains(Version(version(name)), prereleases=True), (
-        f"{name} {version(name)} is installed but pyproject.toml asks for {req}")
+        f"{name} {version(name)} is installed but pyproject.toml asks for {req}"
+    )
 
 
 @pytest.mark.parametrize("name", PINNED)
 def test_pin_has_an_upper_bound(name):
     assert any(spec.operator in ("<", "<=", "~=", "==") for spec in requirements()[name].specifier), (
-        f"{name} has no upper bound in pyproject.toml: a new major release could change what the code relies on")
+        f"{name} has no upper bound in pyproject.toml: a new major release could change what the code relies on"
+    )
 
 
 def test_transformers_4_is_excluded():

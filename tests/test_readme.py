@@ -25,10 +25,19 @@ def test_a_python_block_imports_the_standard_modules_it_uses():
     for path in DOCS:
         for code in blocks(path, "python"):
             tree = ast.parse(code)
-            imported = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
-                        if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-            used = {node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                    and isinstance(node.value, ast.Name) and node.value.id in sys.stdlib_module_names}
+            imported = {
+                alias.asname or alias.name.split(".")[0]
+                for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names
+            }
+            used = {
+                node.value.id
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in sys.stdlib_module_names
+            }
             missing += [f"{path.name}: {name} in {code.splitlines()[0]!r}" for name in sorted(used - imported)]
     assert not missing, missing
 
@@ -41,8 +50,10 @@ def test_readme_train_commands_of_different_runs_use_different_folders():
             if args[:2] != ["mgpo", "train"] or {"--resume", "--restart"} & set(args):
                 continue  # --resume / --restart continue or redo the run above them, in its folder
             config = yaml.safe_load((ROOT / args[2]).read_text())
-            out = next((a.split("=", 1)[1] for a in args if a.startswith("training.output_dir=")),
-                       config["training"]["output_dir"])
+            out = next(
+                (a.split("=", 1)[1] for a in args if a.startswith("training.output_dir=")),
+                config["training"]["output_dir"],
+            )
             first = folders.setdefault(out, args)
             assert first == args, f"{shlex.join(first)} and {shlex.join(args)} both write {out}"
 
@@ -62,11 +73,17 @@ def test_every_documented_mgpo_command_names_a_command_and_files_that_exist():
                 except ValueError:
                     continue
                 for i, word in enumerate(args):
-                    if word == "mgpo" and i + 1 < len(args) and not args[i + 1].startswith("-") and \
-                            (i == 0 or args[i - 1] in ("-m", "&&", ";", "|")):
+                    if (
+                        word == "mgpo"
+                        and i + 1 < len(args)
+                        and not args[i + 1].startswith("-")
+                        and (i == 0 or args[i - 1] in ("-m", "&&", ";", "|"))
+                    ):
                         if args[i + 1] not in commands:
                             problems.append(f"{path.name}: unknown command in {line.strip()!r}")
-                    if re.fullmatch(r"(configs|scripts|benchmarks)/[\w./-]+\.(yaml|sh|py)", word) and \
-                            not (ROOT / word).is_file():
+                    if (
+                        re.fullmatch(r"(configs|scripts|benchmarks)/[\w./-]+\.(yaml|sh|py)", word)
+                        and not (ROOT / word).is_file()
+                    ):
                         problems.append(f"{path.name}: {word} does not exist ({line.strip()!r})")
     assert not problems, problems

@@ -14,8 +14,12 @@ pytestmark = [needs_slurm, pytest.mark.timeout(180)]
 
 def test_cluster_is_up_with_requeue_and_no_accounting(local_slurm):
     assert slurm("sinfo", "-h", "-p", "debug", "-o", "%T").split()[0] in ("idle", "mixed", "allocated")
-    config = {key.strip(): value.strip() for key, _, value in
-              (line.partition("=") for line in slurm("scontrol", "show", "config").splitlines() if "=" in line)}
+    config = {
+        key.strip(): value.strip()
+        for key, _, value in (
+            line.partition("=") for line in slurm("scontrol", "show", "config").splitlines() if "=" in line
+        )
+    }
     assert config["SlurmctldHost[0]"].startswith(subprocess.check_output(["hostname", "-s"], text=True).strip())
     assert config["JobRequeue"] == "1"
     assert config["AccountingStorageType"] == "accounting_storage/none"  # hence no sacct
@@ -27,7 +31,9 @@ def test_cluster_is_up_with_requeue_and_no_accounting(local_slurm):
 
 
 def test_sbatch_wrap_runs_to_completion(local_slurm, tmp_path):
-    job = sbatch("--time=1", f"--output={tmp_path}/out-%j.txt", "--wrap", 'echo "hello from $SLURM_JOB_ID on $(hostname)"')
+    job = sbatch(
+        "--time=1", f"--output={tmp_path}/out-%j.txt", "--wrap", 'echo "hello from $SLURM_JOB_ID on $(hostname)"'
+    )
     assert wait_for(job) == "COMPLETED"
     host = subprocess.check_output(["hostname"], text=True).strip()
     assert (tmp_path / f"out-{job}.txt").read_text() == f"hello from {job} on {host}\n"
@@ -36,9 +42,18 @@ def test_sbatch_wrap_runs_to_completion(local_slurm, tmp_path):
 def test_two_one_cpu_jobs_run_at_once(local_slurm, tmp_path):
     if local_slurm.cpus < 2:
         pytest.skip(f"the node has {local_slurm.cpus} CPU")
-    # each job marks that it runs, then waits (30 s at most) for the other's mark: both complete only if both ran at once
+    # each job marks that it runs, then waits (30 s at most) for the other's mark: both complete only if both ran at
+    # once
     script = 'touch "{dir}/{me}"; for i in $(seq 300); do [ -e "{dir}/{other}" ] && exit 0; sleep 0.1; done; exit 1'
-    jobs = [sbatch("--ntasks=1", "--cpus-per-task=1", "--time=1", f"--output={tmp_path}/{me}.log",
-                   "--wrap", script.format(dir=tmp_path, me=me, other=other))
-            for me, other in (("a", "b"), ("b", "a"))]
+    jobs = [
+        sbatch(
+            "--ntasks=1",
+            "--cpus-per-task=1",
+            "--time=1",
+            f"--output={tmp_path}/{me}.log",
+            "--wrap",
+            script.format(dir=tmp_path, me=me, other=other),
+        )
+        for me, other in (("a", "b"), ("b", "a"))
+    ]
     assert [wait_for(job) for job in jobs] == ["COMPLETED", "COMPLETED"]

@@ -17,17 +17,48 @@ import importlib
 __version__ = "0.1.0"
 
 _WHERE = {
-    "MGPO": "mgpo.optim.mgpo", "MSAM": "mgpo.optim.mgpo", "preset": "mgpo.optim.mgpo", "profile": "mgpo.optim.mgpo",
-    "SAM": "mgpo.optim.sam", "RandomPerturbation": "mgpo.optim.random_perturbation", "GGPO": "mgpo.optim.ggpo",
-    "PRESETS": "mgpo.optim.configs", "PROFILES": "mgpo.optim.configs",
-    "PerturbationConfig": "mgpo.optim.configs", "MGPOConfig": "mgpo.optim.configs", "MSAMConfig": "mgpo.optim.configs",
-    "SAMConfig": "mgpo.optim.configs", "RandomConfig": "mgpo.optim.configs", "GGPOConfig": "mgpo.optim.configs",
-    "create_optimizer": "mgpo.factory", "build_optimizer": "mgpo.factory",
-    "decay_parameter_names": "mgpo.factory", "clean_loss": "mgpo.probe",
+    "MGPO": "mgpo.optim.mgpo",
+    "MSAM": "mgpo.optim.mgpo",
+    "preset": "mgpo.optim.mgpo",
+    "profile": "mgpo.optim.mgpo",
+    "SAM": "mgpo.optim.sam",
+    "RandomPerturbation": "mgpo.optim.random_perturbation",
+    "GGPO": "mgpo.optim.ggpo",
+    "PRESETS": "mgpo.optim.configs",
+    "PROFILES": "mgpo.optim.configs",
+    "PerturbationConfig": "mgpo.optim.configs",
+    "MGPOConfig": "mgpo.optim.configs",
+    "MSAMConfig": "mgpo.optim.configs",
+    "SAMConfig": "mgpo.optim.configs",
+    "RandomConfig": "mgpo.optim.configs",
+    "GGPOConfig": "mgpo.optim.configs",
+    "create_optimizer": "mgpo.factory",
+    "build_optimizer": "mgpo.factory",
+    "decay_parameter_names": "mgpo.factory",
+    "clean_loss": "mgpo.probe",
 }
-__all__ = ["MGPO", "MSAM", "SAM", "RandomPerturbation", "GGPO", "PRESETS", "PROFILES", "preset", "profile",
-           "PerturbationConfig", "MGPOConfig", "MSAMConfig", "SAMConfig", "RandomConfig", "GGPOConfig",
-           "create_optimizer", "build_optimizer", "decay_parameter_names", "clean_loss", "__version__"]
+__all__ = [
+    "MGPO",
+    "MSAM",
+    "SAM",
+    "RandomPerturbation",
+    "GGPO",
+    "PRESETS",
+    "PROFILES",
+    "preset",
+    "profile",
+    "PerturbationConfig",
+    "MGPOConfig",
+    "MSAMConfig",
+    "SAMConfig",
+    "RandomConfig",
+    "GGPOConfig",
+    "create_optimizer",
+    "build_optimizer",
+    "decay_parameter_names",
+    "clean_loss",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -27,11 +27,22 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_range(name: str, value: Any, low: float, high: float, *, low_open=False, high_open=True,
-                error: type[Exception] = ValueError) -> None:
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open=False,
+    high_open=True,
+    error: type[Exception] = ValueError,
+) -> None:
     """``value`` must be a finite number in the interval; the message names the field, value and interval."""
-    ok = is_number(value) and (value > low if low_open else value >= low) and (value < high if high_open
-                                                                               else value <= high)
+    ok = (
+        is_number(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
     if not ok:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise error(f"{name}={value!r} is invalid: {name} must be a finite number in {interval}.")

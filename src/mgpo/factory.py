@@ -30,11 +30,17 @@ _NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that get weight decay: Hugging Face's rule (not biases, not norm weights)."""
-    no_decay = {f"{prefix}.{name}" if prefix else name
-                for prefix, module in model.named_modules() if isinstance(module, nn.LayerNorm)
-                for name, _ in module.named_parameters(recurse=False)}
-    return {name for name, _ in model.named_parameters()
-            if name not in no_decay and not _NO_DECAY_NAMES.search(name.lower())}
+    no_decay = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, nn.LayerNorm)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    return {
+        name
+        for name, _ in model.named_parameters()
+        if name not in no_decay and not _NO_DECAY_NAMES.search(name.lower())
+    }
 
 
 def decay_groups(model: nn.Module, weight_decay: float, decay_names: set[str] | None = None) -> list[dict]:
@@ -42,10 +48,14 @@ def decay_groups(model: nn.Module, weight_decay: float, decay_names: set[str] | 
     decay_names = decay_parameter_names(model) if decay_names is None else set(decay_names)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("The model has no trainable parameters: apply an adapter (get_peft_model) or set "
-                         "requires_grad on the tensors to train.")
-    groups = [{"params": [p for n, p in trainable if n in decay_names], "weight_decay": weight_decay},
-              {"params": [p for n, p in trainable if n not in decay_names], "weight_decay": 0.0}]
+        raise ValueError(
+            "The model has no trainable parameters: apply an adapter (get_peft_model) or set "
+            "requires_grad on the tensors to train."
+        )
+    groups = [
+        {"params": [p for n, p in trainable if n in decay_names], "weight_decay": weight_decay},
+        {"params": [p for n, p in trainable if n not in decay_names], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -80,18 +90,20 @@ def create_optimizer(
     check_choice("method", method, METHODS)
     kwargs = dict(optimizer_kwargs or {})
     if "lr" not in kwargs:
-        raise ValueError("optimizer_kwargs has no 'lr': give the base optimizer's learning rate, e.g. "
-                         "optimizer_kwargs={'lr': 2e-4}.")
+        raise ValueError(
+            "optimizer_kwargs has no 'lr': give the base optimizer's learning rate, e.g. optimizer_kwargs={'lr': 2e-4}."
+        )
     if method == "adamw" and method_kwargs:
-        raise ValueError(f"method='adamw' takes no method settings, got {sorted(method_kwargs)}; choose a "
-                         f"perturbation method ({', '.join(m for m in METHODS if m != 'adamw')}) or drop them.")
+        raise ValueError(
+            f"method='adamw' takes no method settings, got {sorted(method_kwargs)}; choose a "
+            f"perturbation method ({', '.join(m for m in METHODS if m != 'adamw')}) or drop them."
+        )
 
     def build(param_groups, **base_kwargs):
         param_groups = [group for group in param_groups if group["params"]]  # PEFT's LoRA+ may leave some empty
         if method == "adamw":
             return optimizer_cls(param_groups, **base_kwargs)
-        return _method_class(method)(param_groups, optimizer_cls, model=model, base_kwargs=base_kwargs,
-                                     **method_kwargs)
+        return _method_class(method)(param_groups, optimizer_cls, model=model, base_kwargs=base_kwargs, **method_kwargs)
 
     build.__name__ = f"{method}_{optimizer_cls.__name__}"  # PEFT looks at the class name (8-bit Adam)
     if loraplus_lr_ratio is not None:
@@ -99,8 +111,9 @@ def create_optimizer(
 
         lr = kwargs.pop("lr")
         weight_decay = kwargs.pop("weight_decay", 0.0)
-        return create_loraplus_optimizer(model, build, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
-                                         loraplus_weight_decay=weight_decay, **kwargs)
+        return create_loraplus_optimizer(
+            model, build, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=weight_decay, **kwargs
+        )
     groups = decay_groups(model, kwargs.pop("weight_decay", 0.0), decay_names)
     return build(groups, **kwargs)
 
@@ -121,7 +134,8 @@ def profile_betas(cfg: PerturbationConfig, base_optimizer: type[torch.optim.Opti
             f"momentum is AdamW's exp_avg), but {base_optimizer.__name__} has no betas, so the profile would be "
             "applied only in part. Use an Adam-like base optimizer (AdamW, Adam, NAdam, RAdam, Adamax; "
             "training.optim=adamw_torch), or drop the profile and set perturbation.rho and perturbation.beta "
-            f"yourself (the profile's: rho={PROFILES[cfg.profile]['rho']:g}, beta={PROFILES[cfg.profile]['beta']:g}).")
+            f"yourself (the profile's: rho={PROFILES[cfg.profile]['rho']:g}, beta={PROFILES[cfg.profile]['beta']:g})."
+        )
     return {**base_kwargs, "betas": (mu, default.default[1])}
 
 

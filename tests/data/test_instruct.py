@@ -4,7 +4,6 @@ import datasets
 import pytest
 import torch
 
-from tests.tiny import bpe_tokenizer
 from mgpo.data.instruct import (
     TEMPLATES,
     CausalLMCollator,
@@ -12,6 +11,7 @@ from mgpo.data.instruct import (
     load_instruct_data,
     tokenize_for_causal_lm,
 )
+from tests.tiny import bpe_tokenizer
 
 CORPUS = [
     "Q: Ava has 3 marbles. She finds 4 more. How many marbles does Ava have now?\nA: 3 + 4 = 7\n#### 7",
@@ -32,7 +32,9 @@ def _write_jsonl(path, rows):
 def test_format_prompt():
     assert format_prompt("math", "What is 2 + 2?") == "Q: What is 2 + 2?\nA: "
     alpaca = format_prompt("alpaca", "Sort a list.")
-    assert alpaca.startswith("Below is an instruction") and "### Instruction:\nSort a list.\n\n### Response:\n" in alpaca
+    assert (
+        alpaca.startswith("Below is an instruction") and "### Instruction:\nSort a list.\n\n### Response:\n" in alpaca
+    )
     assert format_prompt("<{query}>", "x {y}") == "<x {y}>"  # braces in the query are kept as is
     assert set(TEMPLATES) == {"math", "alpaca"}
     with pytest.raises(ValueError, match="unknown prompt template 'poem'"):
@@ -135,7 +137,9 @@ def test_tokenize_truncation_is_counted(tokenizer):
     ds = datasets.Dataset.from_dict({"prompt": ["How many?"] * 2 + ["How many? " * 40], "response": responses})
     max_length = 40
     full = [
-        len(tokenizer(format_prompt("math", p))["input_ids"]) + len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1
+        len(tokenizer(format_prompt("math", p))["input_ids"])
+        + len(tokenizer(r, add_special_tokens=False)["input_ids"])
+        + 1
         for p, r in zip(ds["prompt"], ds["response"])
     ]
     prompt_lengths = [len(tokenizer(format_prompt("math", p))["input_ids"]) for p in ds["prompt"]]
@@ -160,7 +164,11 @@ def test_tokenize_bad_input(tokenizer):
 def test_collator_pads_right_with_minus_100(tokenizer):
     features = [
         {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
-        {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], "attention_mask": [1] * 10, "labels": [-100] * 4 + list(range(9, 15))},
+        {
+            "input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+            "attention_mask": [1] * 10,
+            "labels": [-100] * 4 + list(range(9, 15)),
+        },
     ]
     tokenizer.padding_side = "left"  # generation may leave it like this; training still pads right
     try:
@@ -184,4 +192,6 @@ def test_collator_on_tokenized_dataset(tokenizer):
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] >= max(lengths)
     assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert (batch["labels"] != -100).sum().item() == sum((torch.tensor(l) != -100).sum().item() for l in tokenized["labels"])
+    assert (batch["labels"] != -100).sum().item() == sum(
+        (torch.tensor(l) != -100).sum().item() for l in tokenized["labels"]
+    )

@@ -85,12 +85,14 @@ def test_sources_say_what_was_used_of_each_split(tmp_path, cache):
     """data_splits in metrics.json said "carved from train (10%, seed 0)" for a split cut to 4 rows by
     max_eval_examples, and "(0%, ...)" for val_fraction=0.004."""
     path = str(write_csv(tmp_path / "data.csv", sample(1000)))
-    data = load_text_data(path, max_train_examples=7, max_eval_examples=4, val_fraction=0.004, test_fraction=0.125,
-                          cache_dir=cache)
+    data = load_text_data(
+        path, max_train_examples=7, max_eval_examples=4, val_fraction=0.004, test_fraction=0.125, cache_dir=cache
+    )
     assert data.sources == {
         "train": f"{path}; 7 of its 871 rows (data.max_train_examples, seed 0)",
         "validation": "carved from train (0.4%, seed 0)",
-        "test": "carved from train (12.5%, seed 0); 4 of its 125 rows (data.max_eval_examples, seed 0)"}
+        "test": "carved from train (12.5%, seed 0); 4 of its 125 rows (data.max_eval_examples, seed 0)",
+    }
     assert load_text_data(path, max_train_examples=5000, cache_dir=cache).sources["train"] == path  # all used
 
 
@@ -146,8 +148,11 @@ def test_directory_with_all_splits_is_used_as_given(tmp_path, cache):
     assert got["train"] == [row["text"] for row in sample(12, "train")]
     assert got["validation"] == [row["text"] for row in sample(4, "val")]
     assert got["test"] == [row["text"] for row in sample(5, "test")]
-    assert data.sources == {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "validation.jsonl"),
-                            "test": str(tmp_path / "test.parquet")}
+    assert data.sources == {
+        "train": str(tmp_path / "train.csv"),
+        "validation": str(tmp_path / "validation.jsonl"),
+        "test": str(tmp_path / "test.parquet"),
+    }
 
 
 def test_directory_missing_test_split_carves_it_from_train(tmp_path, cache):
@@ -155,8 +160,11 @@ def test_directory_missing_test_split_carves_it_from_train(tmp_path, cache):
     write_csv(tmp_path / "dev.csv", sample(6, "dev"))
     data = load_text_data(str(tmp_path), test_fraction=0.25, seed=3, cache_dir=cache)
     got = texts(data)
-    assert data.sources == {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "dev.csv"),
-                            "test": "carved from train (25%, seed 3)"}
+    assert data.sources == {
+        "train": str(tmp_path / "train.csv"),
+        "validation": str(tmp_path / "dev.csv"),
+        "test": "carved from train (25%, seed 3)",
+    }
     assert got["validation"] == [row["text"] for row in sample(6, "dev")]
     assert len(got["test"]) == 10 and len(got["train"]) == 30
     assert sorted(got["train"] + got["test"]) == sorted(row["text"] for row in sample(40, "train"))
@@ -341,8 +349,11 @@ def test_unknown_extension(tmp_path, cache):
 
 def test_missing_column_lists_columns_and_argument(tmp_path, cache):
     path = write_csv(tmp_path / "data.csv", [{"sentence": "a", "label": 1}] * 10)
-    with pytest.raises(DataError, match=r"no column 'text' \(columns: sentence, label\); pass text_column=<name> "
-                                        r"\(mgpo: data\.text_column=<name>\)"):
+    with pytest.raises(
+        DataError,
+        match=r"no column 'text' \(columns: sentence, label\); pass text_column=<name> "
+        r"\(mgpo: data\.text_column=<name>\)",
+    ):
         load_text_data(str(path), cache_dir=cache)
     with pytest.raises(DataError, match=r"no column 'gold' \(columns: sentence, label\); pass label_column="):
         load_text_data(str(path), text_column="sentence", label_column="gold", cache_dir=cache)

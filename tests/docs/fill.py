@@ -21,9 +21,17 @@ def base_lm(seed: int = 0):
 
     torch.manual_seed(seed)
     tok = tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return LlamaForCausalLM(config), tok
 
 
@@ -52,7 +60,7 @@ def batches(tok, n: int = 4, size: int = 2) -> list[dict]:
     rows = texts(n * size)
     out = []
     for i in range(n):
-        enc = tok(rows[i * size:(i + 1) * size], return_tensors="pt", padding=True)
+        enc = tok(rows[i * size : (i + 1) * size], return_tensors="pt", padding=True)
         out.append({**enc, "labels": enc["input_ids"].clone()})
     return out
 

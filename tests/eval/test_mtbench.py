@@ -16,8 +16,8 @@ import pytest
 
 from mgpo.eval.mtbench import (
     NEED_REFERENCE,
-    JudgeConfig,
     NO_RATING,
+    JudgeConfig,
     JudgeError,
     generate_answers,
     judge,
@@ -70,9 +70,16 @@ class FakeJudge(BaseHTTPRequestHandler):
             return self._send(int(failure), {"error": {"message": "boom"}})
         prompt = body["messages"][-1]["content"]
         text = "The answer is vague." if "NO_RATING" in prompt else f"Helpful.\nRating: [[{fake_rating(prompt)}]]"
-        return self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                             "finish_reason": "stop"}]})
+        return self._send(
+            200,
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            },
+        )
 
     def _send(self, code, payload, headers=None):
         data = json.dumps(payload).encode()
@@ -113,10 +120,13 @@ def api_key(monkeypatch):
 
 
 def _answers():
-    writing = {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Make it shorter."],
-               "answers": ["Roses are red.", "Red."]}
-    math = {"question_id": 111, "category": "math", "turns": ["What is 2+2?", "And 3+3?"],
-            "answers": ["4", "6"]}
+    writing = {
+        "question_id": 81,
+        "category": "writing",
+        "turns": ["Write a poem.", "Make it shorter."],
+        "answers": ["Roses are red.", "Red."],
+    }
+    math = {"question_id": 111, "category": "math", "turns": ["What is 2+2?", "And 3+3?"], "answers": ["4", "6"]}
     return [writing, math]
 
 
@@ -163,9 +173,11 @@ def test_generate_answers_keeps_the_conversation():
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
     assert answers[0]["answers"] == ["reply 1", "reply 3"]
     assert seen[0] == [{"role": "user", "content": questions[0]["turns"][0]}]
-    assert seen[1] == [{"role": "user", "content": questions[0]["turns"][0]},
-                       {"role": "assistant", "content": "reply 1"},
-                       {"role": "user", "content": questions[0]["turns"][1]}]
+    assert seen[1] == [
+        {"role": "user", "content": questions[0]["turns"][0]},
+        {"role": "assistant", "content": "reply 1"},
+        {"role": "user", "content": questions[0]["turns"][1]},
+    ]
     with pytest.raises(TypeError, match="must return a str"):
         generate_answers(lambda m: None, questions[:1], progress=False)
 
@@ -188,12 +200,17 @@ def test_judge_through_local_endpoint(server, api_key, tmp_path):
     assert result["judged"] is True
     assert result["score"] == pytest.approx(sum(ratings) / 4)
     assert result["score_turn_1"] == pytest.approx((ratings[0] + ratings[2]) / 2)
-    assert result["per_category"] == pytest.approx({"writing": (ratings[0] + ratings[1]) / 2,
-                                                    "math": (ratings[2] + ratings[3]) / 2})
+    assert result["per_category"] == pytest.approx(
+        {"writing": (ratings[0] + ratings[1]) / 2, "math": (ratings[2] + ratings[3]) / 2}
+    )
     assert result["num_judged"] == 4 and result["num_failed"] == 0 and result["num_reused"] == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["question_id"], r["turn"], r["rating"]) for r in rows] == [
-        (81, 1, ratings[0]), (81, 2, ratings[1]), (111, 1, ratings[2]), (111, 2, ratings[3])]
+        (81, 1, ratings[0]),
+        (81, 2, ratings[1]),
+        (111, 1, ratings[2]),
+        (111, 2, ratings[3]),
+    ]
 
 
 def test_the_client_retries_failures_and_scores_stay_the_same(server, api_key, tmp_path):
@@ -218,8 +235,10 @@ def test_an_outage_mid_run_keeps_the_judgements_and_a_rerun_asks_only_for_the_mi
     assert "question 111 turn 1" in message and f"2 judgement(s) are kept in {out}" in message
     assert "rerun to resume" in message
     assert len(FakeJudge.requests) == 4  # 2 answered, then the third judgement: first try and one retry
-    assert [(json.loads(line)["question_id"], json.loads(line)["turn"]) for line in out.read_text().splitlines()] \
-        == [(81, 1), (81, 2)]
+    assert [(json.loads(line)["question_id"], json.loads(line)["turn"]) for line in out.read_text().splitlines()] == [
+        (81, 1),
+        (81, 2),
+    ]
 
     FakeJudge.down_from = None
     FakeJudge.requests.clear()
@@ -259,8 +278,9 @@ def test_judgements_of_other_answers_or_another_judge_are_not_reused(server, api
     answers[1]["answers"] = ["5", "7"]
     config = JudgeConfig(url=server, model="fake-judge", api_key_env=api_key, timeout_s=5)
     assert judge(answers, config, out)["num_reused"] == 2
-    assert len(FakeJudge.requests) == 2 and all("7" in r["body"]["messages"][-1]["content"]
-                                                for r in FakeJudge.requests[1:])
+    assert len(FakeJudge.requests) == 2 and all(
+        "7" in r["body"]["messages"][-1]["content"] for r in FakeJudge.requests[1:]
+    )
     config = JudgeConfig(url=server, model="other-judge", api_key_env=api_key, timeout_s=5)
     assert judge(answers, config, out)["num_reused"] == 0
     assert len(FakeJudge.requests) == 6
@@ -277,7 +297,7 @@ def test_a_judgement_without_a_rating_is_recorded_and_counted(server, api_key, t
     rated = [fake_rating(r["body"]["messages"][-1]["content"]) for r in FakeJudge.requests[:3]]
     assert result["score"] == pytest.approx(sum(rated) / 3)
     assert result["failures"] == [f"question 111 turn 2: {NO_RATING}"]
-    assert f"1 without a parsable [[rating]]" in capsys.readouterr().err
+    assert "1 without a parsable [[rating]]" in capsys.readouterr().err
     last = json.loads(out.read_text().splitlines()[-1])
     assert last["rating"] is None and last["error"] == NO_RATING and last["judgment"] == "The answer is vague."
     assert judge(answers, config, out)["num_unrated"] == 1 and len(FakeJudge.requests) == 4  # kept, not re-asked
@@ -310,8 +330,9 @@ def test_unreachable_endpoint_fails_fast(tmp_path, api_key):
     with socket.socket() as s:  # a port that nothing listens on once this socket is closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = JudgeConfig(url=f"http://127.0.0.1:{port}/v1", model="fake-judge", api_key_env=api_key,
-                         timeout_s=2, max_retries=1)
+    config = JudgeConfig(
+        url=f"http://127.0.0.1:{port}/v1", model="fake-judge", api_key_env=api_key, timeout_s=2, max_retries=1
+    )
     start = time.monotonic()
     with pytest.raises(JudgeError, match=f"cannot reach the judge at http://127.0.0.1:{port}/v1/chat/completions"):
         judge(_answers(), config, tmp_path / "judged.jsonl")
@@ -327,10 +348,17 @@ def test_without_config_answers_are_written_not_judged(tmp_path):
     assert rows == _answers()
 
 
-@pytest.mark.parametrize("text, rating", [
-    ("Good.\nRating: [[7]]", 7.0), ("[[8.5]]", 8.5), ("score [9]", 9.0), ("Rating: [[11]]", None),
-    ("no score", None), ("[[0]]", None),
-])
+@pytest.mark.parametrize(
+    "text, rating",
+    [
+        ("Good.\nRating: [[7]]", 7.0),
+        ("[[8.5]]", 8.5),
+        ("score [9]", 9.0),
+        ("Rating: [[11]]", None),
+        ("no score", None),
+        ("[[0]]", None),
+    ],
+)
 def test_parse_rating(text, rating):
     assert parse_rating(text) == rating
 

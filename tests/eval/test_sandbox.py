@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from mgpo.eval.sandbox import cgroup, isolation
 from mgpo.eval.sandbox import (
     RunResult,
     SandboxLimits,
+    cgroup,
     describe_isolation,
+    isolation,
     judge,
     run_program,
     run_programs,
@@ -34,8 +35,9 @@ PROCESS = dataclasses.replace(FAST, isolation="process")
 HOSTILE = dataclasses.replace(FAST, guard=False, isolation="bwrap")  # the namespaces alone
 PROJECT = Path(__file__).resolve().parents[2]
 
-needs_bwrap = pytest.mark.skipif(not uses_namespaces(FAST),
-                                 reason=f"bubblewrap is not usable here: {describe_isolation(FAST)}")
+needs_bwrap = pytest.mark.skipif(
+    not uses_namespaces(FAST), reason=f"bubblewrap is not usable here: {describe_isolation(FAST)}"
+)
 
 needs_user_switch = pytest.mark.skipif(
     not switches_user(FAST),
@@ -48,12 +50,15 @@ def src(text: str) -> str:
 
 
 def test_correct_program_passes_and_output_is_captured():
-    result = run_program(src("""
+    result = run_program(
+        src("""
         def add(a, b):
             return a + b
         assert add(2, 3) == 5
         print("hello from the sandbox")
-    """), FAST)
+    """),
+        FAST,
+    )
     assert isinstance(result, RunResult)
     assert result.passed and result.status == "passed", result.detail
     assert result.output.strip() == "hello from the sandbox"
@@ -74,12 +79,15 @@ def test_failed_assertion_and_exceptions_are_failures():
 
 @pytest.mark.parametrize("exit_code", ["import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit"])
 def test_premature_exit_does_not_count_as_pass(exit_code):
-    result = run_program(src(f"""
+    result = run_program(
+        src(f"""
         def solution():
             return 1
         {exit_code}
         assert solution() == 2
-    """), FAST)
+    """),
+        FAST,
+    )
     assert not result.passed
     assert result.status == "failed"
     assert "before its code finished" in result.detail
@@ -104,11 +112,14 @@ def test_busy_loop_hits_the_cpu_limit():
 
 def test_unbounded_allocation_hits_the_memory_limit():
     limits = SandboxLimits(timeout_s=20, cpu_s=10, memory_mb=200, max_processes=8)
-    result = run_program(src("""
+    result = run_program(
+        src("""
         blocks = []
         while True:
             blocks.append(bytearray(10 * 2**20))
-    """), limits)
+    """),
+        limits,
+    )
     assert (result.passed, result.status) == (False, "memory")
 
 
@@ -119,11 +130,14 @@ def test_huge_output_is_bounded():
 
 
 def test_fork_bomb_is_blocked_by_the_guard():
-    result = run_program(src("""
+    result = run_program(
+        src("""
         import os
         while True:
             os.fork()
-    """), FAST)
+    """),
+        FAST,
+    )
     assert (result.passed, result.status) == (False, "error")
     assert "os.fork is disabled" in result.detail
     blocked = run_program("import subprocess\nsubprocess.run(['true'])\n", FAST)
@@ -151,7 +165,8 @@ def test_fork_bomb_without_guard_is_bounded_by_rlimit_nproc_and_cleaned_up(isola
     # Unusual memory size: its byte count appears in every forked child's command line.
     limits = SandboxLimits(timeout_s=3, cpu_s=2, memory_mb=237, max_processes=6, guard=False, isolation=isolation)
     marker = str(237 * 2**20)
-    result = run_program(src("""
+    result = run_program(
+        src("""
         import os, time
         children = 0
         while True:
@@ -163,7 +178,9 @@ def test_fork_bomb_without_guard_is_bounded_by_rlimit_nproc_and_cleaned_up(isola
             except OSError:
                 print("fork refused after", children, "children", flush=True)
                 time.sleep(60)
-    """), limits)
+    """),
+        limits,
+    )
     assert not result.passed and result.status == "timeout"
     assert "fork refused after" in result.output
     refused_after = int(result.output.split("after")[1].split()[0])
@@ -177,31 +194,37 @@ def test_fork_bomb_without_guard_is_bounded_by_rlimit_nproc_and_cleaned_up(isola
 
 def test_writing_outside_the_working_directory_is_blocked(tmp_path):
     target = tmp_path / "escaped.txt"
-    for code in (f"open({str(target)!r}, 'w').write('x')\n",
-                 f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')\n",
-                 f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))\n",
-                 f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})\n"):
+    for code in (
+        f"open({str(target)!r}, 'w').write('x')\n",
+        f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')\n",
+        f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))\n",
+        f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})\n",
+    ):
         (tmp_path / "keep.txt").write_text("keep")
         result = run_program(code, FAST)
         assert not result.passed and result.status == "error", code
         assert not target.exists()
         assert (tmp_path / "keep.txt").read_text() == "keep"
-    inside = run_program(src("""
+    inside = run_program(
+        src("""
         import os, pathlib
         open("a.txt", "w").write("data")
         pathlib.Path("sub").mkdir()
         pathlib.Path("sub/b.txt").write_text("more")
         assert open("a.txt").read() == "data"
         os.remove("a.txt")
-    """), FAST)
+    """),
+        FAST,
+    )
     assert inside.passed, inside.detail
 
 
 @needs_user_switch
 def test_writing_outside_without_guard_is_refused_by_the_os(tmp_path):
     target = tmp_path / "escaped.txt"
-    result = run_program(f"open({str(target)!r}, 'w').write('x')\n",
-                         SandboxLimits(timeout_s=5, guard=False, isolation="process"))
+    result = run_program(
+        f"open({str(target)!r}, 'w').write('x')\n", SandboxLimits(timeout_s=5, guard=False, isolation="process")
+    )
     assert not result.passed and "PermissionError" in result.detail
     assert not target.exists()
 
@@ -209,8 +232,9 @@ def test_writing_outside_without_guard_is_refused_by_the_os(tmp_path):
 @pytest.mark.parametrize("limits", [FAST, PROCESS], ids=["default", "process"])
 def test_working_directory_is_fresh_and_removed(limits):
     marker = f"left-{secrets.token_hex(4)}.txt"
-    first = run_program(f"import os\nprint(os.getcwd())\nprint(os.listdir('.'))\nopen({marker!r}, 'w').write('x')\n",
-                        limits)
+    first = run_program(
+        f"import os\nprint(os.getcwd())\nprint(os.listdir('.'))\nopen({marker!r}, 'w').write('x')\n", limits
+    )
     assert first.passed, first.detail
     workdir, listing = first.output.split("\n")[:2]
     assert listing == "[]"  # nothing of the launcher is left on disk
@@ -224,27 +248,32 @@ def test_working_directory_is_fresh_and_removed(limits):
 def test_killing_the_parent_or_itself_costs_only_its_own_result():
     parent = run_program("import os\nos.kill(os.getppid(), 9)\n", FAST)
     assert not parent.passed and parent.status == "error" and "os.kill is disabled" in parent.detail
-    own = run_program("import os\nos.kill(os.getpid(), 9)\nprint('unreachable')\n",
-                      SandboxLimits(timeout_s=5, guard=False))
+    own = run_program(
+        "import os\nos.kill(os.getpid(), 9)\nprint('unreachable')\n", SandboxLimits(timeout_s=5, guard=False)
+    )
     assert not own.passed and own.status == "killed" and "SIGKILL" in own.detail
     assert os.getpid() > 0  # still here
 
 
 @needs_user_switch
 def test_killing_the_parent_without_guard_is_refused_by_the_os():
-    result = run_program("import os\nos.kill(os.getppid(), 9)\n",
-                         SandboxLimits(timeout_s=5, guard=False, isolation="process"))
+    result = run_program(
+        "import os\nos.kill(os.getppid(), 9)\n", SandboxLimits(timeout_s=5, guard=False, isolation="process")
+    )
     assert not result.passed and "PermissionError" in result.detail
 
 
 def test_parent_environment_secrets_are_not_visible(monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2-do-not-leak")
-    result = run_program(src("""
+    result = run_program(
+        src("""
         import os
         print(sorted(os.environ))
         assert "SECRET_TOKEN" not in os.environ
         assert all("hunter2" not in v for v in os.environ.values())
-    """), FAST)
+    """),
+        FAST,
+    )
     assert result.passed, result.detail
     assert "SECRET_TOKEN" not in result.output
 
@@ -258,8 +287,11 @@ def test_parent_environment_cannot_be_read_through_proc(monkeypatch):
 
 
 def test_run_programs_keeps_order():
-    results = run_programs(["assert True\n", "assert False\n", "while True: pass\n", "print(6 * 7)\n"],
-                           SandboxLimits(timeout_s=1.5, cpu_s=5, max_processes=4), workers=2)
+    results = run_programs(
+        ["assert True\n", "assert False\n", "while True: pass\n", "print(6 * 7)\n"],
+        SandboxLimits(timeout_s=1.5, cpu_s=5, max_processes=4),
+        workers=2,
+    )
     assert [r.status for r in results] == ["passed", "failed", "timeout", "passed"]
     assert results[3].output.strip() == "42"
 
@@ -339,14 +371,17 @@ def test_bad_isolation_is_rejected():
 def test_no_network_even_to_the_hosts_loopback():
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
-        result = run_program(src(f"""
+        result = run_program(
+            src(f"""
             import socket
             try:
                 socket.create_connection(("127.0.0.1", {port}), timeout=2)
                 print("connected")
             except OSError as err:
                 print("refused:", err)
-        """), HOSTILE)
+        """),
+            HOSTILE,
+        )
         server.settimeout(0.5)
         with pytest.raises(OSError):  # nothing ever reached the server
             server.accept()
@@ -372,9 +407,14 @@ def test_secret_file_in_the_project_cannot_be_read():
 
 @needs_bwrap
 def test_writes_outside_the_scratch_dir_fail_and_leave_nothing(tmp_path):
-    targets = [tmp_path / "escaped.txt", PROJECT / f".escaped-{secrets.token_hex(4)}", Path("/var/tmp/escaped"),
-               Path("/etc/escaped")]
-    result = run_program(src(f"""
+    targets = [
+        tmp_path / "escaped.txt",
+        PROJECT / f".escaped-{secrets.token_hex(4)}",
+        Path("/var/tmp/escaped"),
+        Path("/etc/escaped"),
+    ]
+    result = run_program(
+        src(f"""
         for path in {[str(t) for t in targets]!r}:
             try:
                 open(path, "w").write("x")
@@ -383,7 +423,9 @@ def test_writes_outside_the_scratch_dir_fail_and_leave_nothing(tmp_path):
                 print("refused", path, type(err).__name__)
         open("/tmp/private.txt", "w").write("the private /tmp is writable")
         open("scratch.txt", "w").write("so is the scratch dir")
-    """), HOSTILE)
+    """),
+        HOSTILE,
+    )
     assert result.passed, result.detail
     assert result.output.count("refused") == len(targets), result.output
     assert not any(t.exists() for t in targets)
@@ -391,8 +433,10 @@ def test_writes_outside_the_scratch_dir_fail_and_leave_nothing(tmp_path):
 
 @needs_bwrap
 def test_memory_bomb_and_infinite_loop_are_stopped():
-    memory = run_program("b = []\nwhile True:\n    b.append(bytearray(10 * 2**20))\n",
-                         dataclasses.replace(HOSTILE, memory_mb=200, timeout_s=20))
+    memory = run_program(
+        "b = []\nwhile True:\n    b.append(bytearray(10 * 2**20))\n",
+        dataclasses.replace(HOSTILE, memory_mb=200, timeout_s=20),
+    )
     assert memory.status == "memory", memory.detail
     loop = run_program("while True: pass\n", dataclasses.replace(HOSTILE, cpu_s=1, timeout_s=20))
     assert loop.status == "timeout" and "CPU" in loop.detail
@@ -404,7 +448,8 @@ def test_memory_bomb_and_infinite_loop_are_stopped():
 def test_program_cannot_see_or_kill_the_parent_or_other_processes():
     victim = subprocess.Popen(["sleep", "60"])
     try:
-        result = run_program(src(f"""
+        result = run_program(
+            src(f"""
             import os
             print("pid", os.getpid(), "processes", sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
             for pid in (os.getppid(), {os.getpid()}, {victim.pid}):
@@ -412,7 +457,9 @@ def test_program_cannot_see_or_kill_the_parent_or_other_processes():
                     os.kill(pid, 9)
                 except OSError as err:
                     print("refused", pid, type(err).__name__)
-        """), HOSTILE)
+        """),
+            HOSTILE,
+        )
         assert victim.poll() is None  # still running
     finally:
         victim.kill()
@@ -424,13 +471,16 @@ def test_program_cannot_see_or_kill_the_parent_or_other_processes():
 @needs_bwrap
 def test_setsid_escape_is_killed_with_the_namespace():
     marker = f"{secrets.randbelow(10**6) + 10**6}.5"  # a sleep duration no other process uses
-    result = run_program(src(f"""
+    result = run_program(
+        src(f"""
         import os
         if os.fork() == 0:
             os.setsid()
             os.execv("/bin/sleep", ["sleep", "{marker}"])
         print("parent done")
-    """), HOSTILE)
+    """),
+        HOSTILE,
+    )
     assert result.passed, result.detail
     for _ in range(50):  # killed processes may take a moment to disappear
         if not _alive_with_args(marker):
@@ -447,7 +497,8 @@ def test_setsid_escape_is_killed_with_the_namespace():
 def test_in_memory_file_systems_are_size_limited(where):
     """posix.open is not covered by the guard; only the tmpfs size stops the writes."""
     limits = dataclasses.replace(HOSTILE, guard=True, tmpfs_mb=8, timeout_s=20)
-    result = run_program(src(f"""
+    result = run_program(
+        src(f"""
         import posix
         written = 0
         try:
@@ -458,7 +509,9 @@ def test_in_memory_file_systems_are_size_limited(where):
                 written += 1
         finally:
             print("written MiB", written, flush=True)
-    """), limits)
+    """),
+        limits,
+    )
     assert not result.passed and result.status == "error", result.detail
     assert "No space left on device" in result.detail
     assert int(result.output.split()[-1]) <= limits.tmpfs_mb
@@ -474,7 +527,8 @@ def test_dev_is_read_only():
 @needs_user_switch
 def test_forked_children_cannot_together_hold_more_than_the_budget():
     limits = SandboxLimits(timeout_s=30, cpu_s=20, memory_mb=512, guard=False, isolation="bwrap")
-    result = run_program(src("""
+    result = run_program(
+        src("""
         import os, select, time
         read_end, write_end = os.pipe()
         for _ in range(4):
@@ -492,7 +546,9 @@ def test_forked_children_cannot_together_hold_more_than_the_budget():
         while held < 4 and select.select([read_end], [], [], max(0, deadline - time.time()))[0]:
             held += len(os.read(read_end, 4))
         print("children holding 400 MiB:", held, flush=True)
-    """), limits)
+    """),
+        limits,
+    )
     held = int(result.output.split()[-1])
     assert held < 4, result.output
     assert held * 400 + 400 <= limits.memory_budget_mb  # the children and their parent
@@ -501,11 +557,14 @@ def test_forked_children_cannot_together_hold_more_than_the_budget():
 @needs_bwrap
 def test_proc_1_cmdline_names_no_host_path():
     hidden = [str(PROJECT), os.path.expanduser("~"), os.getcwd(), "mgpo-sandbox"]
-    result = run_program(src(f"""
+    result = run_program(
+        src(f"""
         for path in ("/proc/1/cmdline", "/proc/self/cmdline", "/proc/1/environ", "/proc/self/environ"):
             text = open(path, "rb").read().replace(b"\\0", b" ").decode(errors="replace")
             print(path, text[:20].strip(), [h for h in {hidden!r} if h in text])
-    """), HOSTILE)
+    """),
+        HOSTILE,
+    )
     assert result.passed, result.detail
     assert "bwrap --arg" in result.output.splitlines()[0], result.output  # options came through a descriptor
     assert result.output.count("[]") == 4, result.output
@@ -515,28 +574,35 @@ def test_proc_1_cmdline_names_no_host_path():
 def test_a_1_gib_flood_on_either_stream_is_a_file_limit(stream):
     result = run_program(f"import sys\nfor _ in range(1024):\n    sys.{stream}.write('x' * 2**20)\n", FAST)
     assert not result.passed and result.status == "file_limit", result.detail
-    judged = judge(f"import sys\ndef f():\n    for _ in range(1024):\n        sys.{stream}.write('x' * 2**20)\n"
-                   "    return 1\n", "f", "assert candidate() == 1\n", FAST)
+    judged = judge(
+        f"import sys\ndef f():\n    for _ in range(1024):\n        sys.{stream}.write('x' * 2**20)\n    return 1\n",
+        "f",
+        "assert candidate() == 1\n",
+        FAST,
+    )
     assert not judged.passed and judged.status == "file_limit", judged.detail
 
 
-needs_cgroup = pytest.mark.skipif(cgroup.cgroup_homes()[0] is None,
-                                  reason=f"no memory cgroup for the programs here: {cgroup.cgroup_homes()[1]}")
+needs_cgroup = pytest.mark.skipif(
+    cgroup.cgroup_homes()[0] is None, reason=f"no memory cgroup for the programs here: {cgroup.cgroup_homes()[1]}"
+)
 
 
 @needs_cgroup
 def test_memory_outside_the_address_space_is_bounded_by_the_cgroup():
     """memfd files that are never mapped count toward no rlimit; the cgroup charges them to the budget."""
-    limits = SandboxLimits(timeout_s=20, memory_mb=256, max_processes=2, tmpfs_mb=8, memory_budget_mb=600,
-                           guard=False)
-    result = run_program(src("""
+    limits = SandboxLimits(timeout_s=20, memory_mb=256, max_processes=2, tmpfs_mb=8, memory_budget_mb=600, guard=False)
+    result = run_program(
+        src("""
         import os
         for i in range(60):  # 60 files x 15 MiB = 900 MiB, each under the per-file limit
             fd = os.memfd_create("hold")
             for _ in range(15):
                 os.write(fd, b"x" * 2**20)
             print(i + 1, flush=True)
-    """), limits)
+    """),
+        limits,
+    )
     assert not result.passed and result.status == "memory", result.detail
     assert "memory budget of 600 MiB" in result.detail
     assert int(result.output.split()[-1]) * 15 <= 600
@@ -555,8 +621,25 @@ def test_a_budget_the_limits_exceed_is_refused():
 
 def test_judge_passes_plain_data_both_ways():
     program = "def echo(*args, **kwargs):\n    return [args, kwargs]\n"
-    values = [0, -7, 10**40, 1.5, -0.0, float("inf"), "text ü", "", True, None, [1, [2, []]], (1, "a"), (),
-              {1: "x", "k": [1.0]}, {"a": {"b": (1,)}}, {1, 2}, frozenset({(1, 2)})]
+    values = [
+        0,
+        -7,
+        10**40,
+        1.5,
+        -0.0,
+        float("inf"),
+        "text ü",
+        "",
+        True,
+        None,
+        [1, [2, []]],
+        (1, "a"),
+        (),
+        {1: "x", "k": [1.0]},
+        {"a": {"b": (1,)}},
+        {1, 2},
+        frozenset({(1, 2)}),
+    ]
     tests = src(f"""
         import math
         inf = math.inf
@@ -578,11 +661,19 @@ def test_judge_reports_each_way_of_not_passing():
     assert judge(add, "add", "candidate('a', 1)\n", FAST).status == "error"
     assert judge("def add(:\n", "add", "candidate(1, 2)\n", FAST).status == "error"
     assert judge(add, "missing", "candidate(1, 2)\n", FAST).status == "error"
-    slow = judge("def add(a, b):\n    while True: pass\n", "add", "candidate(1, 2)\n",
-                 dataclasses.replace(FAST, timeout_s=20, cpu_s=1))
+    slow = judge(
+        "def add(a, b):\n    while True: pass\n",
+        "add",
+        "candidate(1, 2)\n",
+        dataclasses.replace(FAST, timeout_s=20, cpu_s=1),
+    )
     assert slow.status == "timeout" and "CPU" in slow.detail, slow.detail
-    hang = judge("import time\ndef add(a, b):\n    time.sleep(60)\n", "add", "candidate(1, 2)\n",
-                 dataclasses.replace(FAST, timeout_s=1))
+    hang = judge(
+        "import time\ndef add(a, b):\n    time.sleep(60)\n",
+        "add",
+        "candidate(1, 2)\n",
+        dataclasses.replace(FAST, timeout_s=1),
+    )
     assert hang.status == "timeout" and "wall-clock" in hang.detail
     memory = judge("def add(a, b):\n    return bytearray(2**40)\n", "add", "candidate(1, 2)\n", FAST)
     assert memory.status == "memory", memory.detail
@@ -594,10 +685,14 @@ def test_judge_reports_each_way_of_not_passing():
 
 def test_the_programs_are_sent_as_the_codec_then_the_module_without_its_codec_import(tmp_path, monkeypatch):
     from mgpo.eval.sandbox import programs
+
     for name, text in (("launcher", programs.LAUNCHER), ("harness", programs.HARNESS)):
         compile(text, name, "exec")  # one valid module: the codec's names are defined above the program's code
-        assert "from .codec import" not in text and "def encode(" in text and text.index("def encode(") < \
-            text.index("def main(")
+        assert (
+            "from .codec import" not in text
+            and "def encode(" in text
+            and text.index("def encode(") < text.index("def main(")
+        )
     # a program that does not import the codec in one statement is refused by name, not sent half-built
     monkeypatch.setattr(programs, "_HERE", tmp_path)
     (tmp_path / "codec.py").write_text("X = 1\n")

@@ -29,7 +29,7 @@ def train(method: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     opt = cls(model, lr=1e-2, **kwargs)
     b = w.BATCH // world
     for x, y in w.data():
-        train_step(model, opt, [(x[rank * b:(rank + 1) * b].to(DEVICE), y[rank * b:(rank + 1) * b].to(DEVICE))])
+        train_step(model, opt, [(x[rank * b : (rank + 1) * b].to(DEVICE), y[rank * b : (rank + 1) * b].to(DEVICE))])
     return {k: v.cpu() for k, v in w.whole(model).items()}
 
 

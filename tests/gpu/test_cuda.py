@@ -80,12 +80,15 @@ def test_fp16_autocast_steps_with_a_grad_scaler(name):
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         if isinstance(opt, mgpo.SAM):
+
             def closure(batch=batch):
                 with torch.autocast(DEVICE, dtype=torch.float16):
                     second = loss_fn(model, batch)
                 scaler.scale(second).backward()
-                torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None],
-                                    1.0 / scaler.get_scale())
+                torch._foreach_mul_(
+                    [p.grad for p in model.parameters() if p.grad is not None], 1.0 / scaler.get_scale()
+                )
+
             opt.step(closure)
         else:
             scaler.step(opt)
@@ -140,12 +143,30 @@ def test_fsdp2_two_processes_on_one_gpu(tmp_path):
     refused = []
     for backend in ("nccl", "gloo"):
         out = tmp_path / f"{backend}.pt"
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
         try:
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                   "2", str(ROOT / "tests" / "gpu" / "fsdp_worker.py"), backend, str(out)],
-                                  capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    "2",
+                    str(ROOT / "tests" / "gpu" / "fsdp_worker.py"),
+                    backend,
+                    str(out),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=100,
+                env=env,
+                cwd=ROOT,
+            )
         except subprocess.TimeoutExpired:
             refused.append(f"{backend}: timed out after 100 s")
             continue

@@ -51,12 +51,14 @@ def run(how: str, method: str, backend: str | None = None, rho_on: bool = True, 
     model = tiny_bert()
     compile_args = {} if backend is None else dict(torch_compile=True, torch_compile_backend=backend)
     args = make_args(tmp, max_steps=STEPS, **compile_args)
-    cfg = PerturbationConfig(method=method, rho=0.1 if rho_on else 0.0, sigma=0.05 if rho_on else 0.0,
-                             beta_g=0.05 if rho_on else 0.0)
+    cfg = PerturbationConfig(
+        method=method, rho=0.1 if rho_on else 0.0, sigma=0.05 if rho_on else 0.0, beta_g=0.05 if rho_on else 0.0
+    )
     common = dict(model=model, args=args, train_dataset=cls_data(2 * STEPS * 4), compute_loss_func=summed_ce)
     if how == "plain Trainer":  # the optimizer built by hand on the model, before the Trainer compiles it
-        opt = build_optimizer(model, cfg, [{"params": [p for p in model.parameters() if p.requires_grad]}],
-                              lr=1e-2, total_steps=STEPS)
+        opt = build_optimizer(
+            model, cfg, [{"params": [p for p in model.parameters() if p.requires_grad]}], lr=1e-2, total_steps=STEPS
+        )
         trainer = Trainer(optimizers=(opt, None), **common)
     else:
         trainer = PerturbationTrainer(perturbation=cfg, **common)
@@ -76,13 +78,16 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 # GGPO's hooks are RandomPerturbation's (a subclass); tests/optim/test_compile.py runs both in every idiom
-@pytest.mark.parametrize("how, method, backend", [
-    ("plain Trainer", "mgpo", "aot_eager"),
-    ("plain Trainer", "msam", "eager"),
-    ("PerturbationTrainer", "mgpo", "eager"),
-    ("PerturbationTrainer", "random", "eager"),
-    ("PerturbationTrainer", "sam", "eager"),
-])
+@pytest.mark.parametrize(
+    "how, method, backend",
+    [
+        ("plain Trainer", "mgpo", "aot_eager"),
+        ("plain Trainer", "msam", "eager"),
+        ("PerturbationTrainer", "mgpo", "eager"),
+        ("PerturbationTrainer", "random", "eager"),
+        ("PerturbationTrainer", "sam", "eager"),
+    ],
+)
 def test_torch_compile_true_trains_as_eager(how, method, backend, tmp_path):
     weights, trainer, graphs = run(how, method, backend, tmp=tmp_path)
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"  # the Trainer did compile the model

@@ -29,13 +29,28 @@ def rows(n=ROWS, seed=3):
 
 
 def hf_train(model, out, *, steps, accum, clip, gbar_update="step"):
-    args = TrainingArguments(str(out), max_steps=steps, per_device_train_batch_size=ROWS // accum,
-                             gradient_accumulation_steps=accum, learning_rate=1e-2, lr_scheduler_type="constant",
-                             weight_decay=0.0, max_grad_norm=clip, train_sampling_strategy="sequential",
-                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
-                             seed=0, dataloader_num_workers=0, optim="adamw_torch")
-    trainer = PerturbationTrainer(model=model, args=args, train_dataset=rows(),
-                                  perturbation=PerturbationConfig(gbar_update=gbar_update))
+    args = TrainingArguments(
+        str(out),
+        max_steps=steps,
+        per_device_train_batch_size=ROWS // accum,
+        gradient_accumulation_steps=accum,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=clip,
+        train_sampling_strategy="sequential",
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+    )
+    trainer = PerturbationTrainer(
+        model=model, args=args, train_dataset=rows(), perturbation=PerturbationConfig(gbar_update=gbar_update)
+    )
     trainer.train()
     return trainer
 
@@ -109,11 +124,23 @@ def test_apn_cap_warning_is_silent_at_rho_zero(tmp_path):
     def capped_warnings(rho):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            args = TrainingArguments(str(tmp_path / str(rho)), max_steps=3, per_device_train_batch_size=ROWS,
-                                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                                     disable_tqdm=True, learning_rate=1e-2)
-            PerturbationTrainer(model=tiny_llama(), args=args, train_dataset=rows(),
-                                perturbation=PerturbationConfig(rho=rho, max_scale=0.5)).train()
+            args = TrainingArguments(
+                str(tmp_path / str(rho)),
+                max_steps=3,
+                per_device_train_batch_size=ROWS,
+                report_to=[],
+                use_cpu=True,
+                save_strategy="no",
+                logging_steps=1,
+                disable_tqdm=True,
+                learning_rate=1e-2,
+            )
+            PerturbationTrainer(
+                model=tiny_llama(),
+                args=args,
+                train_dataset=rows(),
+                perturbation=PerturbationConfig(rho=rho, max_scale=0.5),
+            ).train()
         return [w for w in seen if "at the APN cap" in str(w.message)]
 
     assert capped_warnings(0.05)  # gbar < 2 everywhere: every factor at the cap 0.5, and said so

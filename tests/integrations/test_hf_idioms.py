@@ -42,9 +42,18 @@ def _fast_gc():
 
 def tiny_llama(seed: int = 0, vocab: int = 40) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -61,8 +70,9 @@ def word_tokenizer(vocab: int = 40):
     words = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(4, vocab)])}
     backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def lora_llama(seed: int = 0) -> torch.nn.Module:
@@ -80,8 +90,15 @@ def names_of(model, params) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ create_optimizer
-@pytest.mark.parametrize("make", [lambda: BertForSequenceClassification(BertConfig(
-    vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20)), tiny_llama])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BertForSequenceClassification(
+            BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20)
+        ),
+        tiny_llama,
+    ],
+)
 def test_decay_rule_is_hugging_faces(make, tmp_path):
     model = make()  # full fine-tuning: biases, LayerNorm and RMSNorm weights are all trainable
     trainer = Trainer(model=model, args=base.make_args(tmp_path))
@@ -97,13 +114,18 @@ def test_create_optimizer_with_loraplus_uses_peft_groups():
     from peft.optimizers import create_loraplus_optimizer
 
     model = lora_llama()
-    opt = create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}, method="mgpo",
-                           loraplus_lr_ratio=8.0, rho=0.1)
-    reference = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8.0,
-                                          loraplus_weight_decay=0.01)
+    opt = create_optimizer(
+        model, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}, method="mgpo", loraplus_lr_ratio=8.0, rho=0.1
+    )
+    reference = create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8.0, loraplus_weight_decay=0.01
+    )
     ours = sorted((g["lr"], g["weight_decay"], tuple(sorted(names_of(model, g["params"])))) for g in opt.param_groups)
-    peft = sorted((g["lr"], g["weight_decay"], tuple(sorted(names_of(model, g["params"]))))
-                  for g in reference.param_groups if g["params"])
+    peft = sorted(
+        (g["lr"], g["weight_decay"], tuple(sorted(names_of(model, g["params"]))))
+        for g in reference.param_groups
+        if g["params"]
+    )
     assert ours == peft and {g["lr"] for g in opt.param_groups} == {1e-3, 8e-3}
     assert isinstance(opt, mgpo.MGPO) and type(opt.base_optimizer) is torch.optim.AdamW
     assert opt.hparams["rho"] == 0.1 and opt.model is model
@@ -146,19 +168,33 @@ def test_each_method_config_builds_its_optimizer(method):
 # ------------------------------------------------------------------------------------------------ Trainer idioms
 def test_optimizer_cls_and_kwargs_with_the_model(tmp_path):
     model = lora_llama()
-    trainer = Trainer(model=model, args=base.make_args(tmp_path, max_steps=2), train_dataset=lm_data(),
-                      optimizer_cls_and_kwargs=(mgpo.MGPO, {"model": model, "lr": 1e-2, "rho": 0.1}))
+    trainer = Trainer(
+        model=model,
+        args=base.make_args(tmp_path, max_steps=2),
+        train_dataset=lm_data(),
+        optimizer_cls_and_kwargs=(mgpo.MGPO, {"model": model, "lr": 1e-2, "rho": 0.1}),
+    )
     trainer.train()
     opt = unwrap_optimizer(trainer.optimizer)
     assert isinstance(opt, mgpo.MGPO) and opt.model is model and opt.hparams["rho"] == 0.1
     assert names_of(model, [p for g in opt.param_groups for p in g["params"]]) == {
-        n for n, p in model.named_parameters() if p.requires_grad}
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
     assert opt.last_stats["perturbation_norm"] > 0 and not opt.is_perturbed
 
 
 def perturbation_args(out, **fields) -> PerturbationTrainingArguments:
-    return PerturbationTrainingArguments(str(out), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
-                                         report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, **fields)
+    return PerturbationTrainingArguments(
+        str(out),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        **fields,
+    )
 
 
 def test_a_given_optimizer_must_be_the_method_the_arguments_name(tmp_path):
@@ -167,16 +203,29 @@ def test_a_given_optimizer_must_be_the_method_the_arguments_name(tmp_path):
     model = lora_llama()
     trainable = [p for p in model.parameters() if p.requires_grad]
     args = perturbation_args(tmp_path, perturbation_method="mgpo", perturbation_rho=0.1)
-    cases = [(args, lambda: dict(optimizers=(torch.optim.AdamW(trainable, lr=1e-2), None)),
-              r"perturbation_method='mgpo'.*AdamW"),
-             (args, lambda: dict(optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-2})),
-              r"perturbation_method='mgpo'.*AdamW"),
-             (args, lambda: dict(optimizers=(mgpo.MGPO(model, lr=1e-2, rho=0.05), None)),
-              r"perturbation_rho=0.1.*rho=0.05"),
-             (args, lambda: dict(optimizers=(mgpo.MSAM(model, lr=1e-2, rho=0.1), None)),
-              r"perturbation_apn='inverse'.*apn='off'"),
-             (perturbation_args(tmp_path, perturbation_method="adamw"),
-              lambda: dict(optimizers=(mgpo.MGPO(model, lr=1e-2), None)), r"perturbation_method='adamw'.*MGPO")]
+    cases = [
+        (
+            args,
+            lambda: dict(optimizers=(torch.optim.AdamW(trainable, lr=1e-2), None)),
+            r"perturbation_method='mgpo'.*AdamW",
+        ),
+        (
+            args,
+            lambda: dict(optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-2})),
+            r"perturbation_method='mgpo'.*AdamW",
+        ),
+        (args, lambda: dict(optimizers=(mgpo.MGPO(model, lr=1e-2, rho=0.05), None)), r"perturbation_rho=0.1.*rho=0.05"),
+        (
+            args,
+            lambda: dict(optimizers=(mgpo.MSAM(model, lr=1e-2, rho=0.1), None)),
+            r"perturbation_apn='inverse'.*apn='off'",
+        ),
+        (
+            perturbation_args(tmp_path, perturbation_method="adamw"),
+            lambda: dict(optimizers=(mgpo.MGPO(model, lr=1e-2), None)),
+            r"perturbation_method='adamw'.*MGPO",
+        ),
+    ]
     for case_args, given, message in cases:
         trainer = PerturbationTrainer(model=model, args=case_args, train_dataset=lm_data(), **given())
         with pytest.raises(ValueError, match=message):
@@ -196,8 +245,11 @@ def test_generate_inside_the_window_is_at_the_clean_weights(method):
     a training backward and step() (the window open) used to run at the perturbed weights; an eval forward did not."""
     model = lora_llama()
     kwargs = {"mgpo": dict(rho=0.5), "mgpo-factors": dict(rho=0.5, space="factors")}.get(method)
-    opt = mgpo.MGPO(model, lr=1e-2, **kwargs) if kwargs else mgpo.RandomPerturbation(model, lr=1e-2, rho=0.5,
-                                                                                      total_steps=4)
+    opt = (
+        mgpo.MGPO(model, lr=1e-2, **kwargs)
+        if kwargs
+        else mgpo.RandomPerturbation(model, lr=1e-2, rho=0.5, total_steps=4)
+    )
     ids = torch.tensor(lm_data()["input_ids"][:4])
     for step in range(3):
         model.train()
@@ -208,8 +260,9 @@ def test_generate_inside_the_window_is_at_the_clean_weights(method):
     assert opt.is_perturbed  # the window of step 3 is open
 
     def last_logits():
-        out = model.generate(ids[:, :4], max_new_tokens=1, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            ids[:, :4], max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         return out.logits[0]
 
     model.eval()
@@ -231,15 +284,26 @@ def test_sft_trainer_builds_the_optimizer_after_peft_wraps_the_model(tmp_path):
     from mgpo.integrations.sft import PerturbationSFTConfig, PerturbationSFTTrainer
 
     model = tiny_llama()  # a plain model: the trainer applies peft_config itself
-    args = PerturbationSFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                                 use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                                 learning_rate=1e-2, perturbation_method="mgpo", perturbation_rho=0.1,
-                                 perturbation_apn="normalized")
+    args = PerturbationSFTConfig(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-2,
+        perturbation_method="mgpo",
+        perturbation_rho=0.1,
+        perturbation_apn="normalized",
+    )
     assert isinstance(args, trl.SFTConfig)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     text = datasets.Dataset.from_dict({"text": [" ".join(f"w{i}" for i in row) for row in lm_data()["input_ids"]]})
-    trainer = PerturbationSFTTrainer(model=model, args=args, train_dataset=text, peft_config=peft_config,
-                                     processing_class=word_tokenizer())
+    trainer = PerturbationSFTTrainer(
+        model=model, args=args, train_dataset=text, peft_config=peft_config, processing_class=word_tokenizer()
+    )
     trainer.train()
     opt = trainer.perturbation_optimizer
     assert isinstance(opt, mgpo.MGPO) and opt.model is trainer.model
@@ -253,8 +317,21 @@ def test_sft_trainer_builds_the_optimizer_after_peft_wraps_the_model(tmp_path):
 # ------------------------------------------------------------------------------------------------ arguments
 def test_training_arguments_hold_the_method_and_are_saved(tmp_path):
     (args,) = HfArgumentParser(PerturbationTrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--perturbation_method", "msam",
-         "--perturbation_rho", "0.2", "--perturbation_profile", "nlu", "--report_to", "none"])
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "true",
+            "--perturbation_method",
+            "msam",
+            "--perturbation_rho",
+            "0.2",
+            "--perturbation_profile",
+            "nlu",
+            "--report_to",
+            "none",
+        ]
+    )
     cfg = args.perturbation_config()
     assert (cfg.method, cfg.rho, cfg.profile) == ("msam", 0.2, "nlu")
     assert pickle.loads(pickle.dumps(args)).perturbation_config() == cfg
@@ -274,9 +351,16 @@ def test_loraplus_and_adalora_without_the_adapter_keyword(tmp_path):
     """LoRA+ from the arguments, AdaLoRA from the model's own PEFT config (as TRL's peft_config gives it)."""
     from peft import AdaLoraConfig
 
-    args = PerturbationTrainingArguments(str(tmp_path / "plus"), use_cpu=True, report_to="none", max_steps=1,
-                                         learning_rate=1e-3, loraplus_lr_ratio=4.0, save_strategy="no",
-                                         lr_scheduler_type="constant")
+    args = PerturbationTrainingArguments(
+        str(tmp_path / "plus"),
+        use_cpu=True,
+        report_to="none",
+        max_steps=1,
+        learning_rate=1e-3,
+        loraplus_lr_ratio=4.0,
+        save_strategy="no",
+        lr_scheduler_type="constant",
+    )
     trainer = PerturbationTrainer(model=lora_llama(), args=args, train_dataset=lm_data())
     trainer.train()
     assert sorted({g["lr"] for g in trainer.perturbation_optimizer.param_groups}) == pytest.approx([1e-3, 4e-3])
@@ -284,22 +368,47 @@ def test_loraplus_and_adalora_without_the_adapter_keyword(tmp_path):
         PerturbationTrainingArguments(str(tmp_path), use_cpu=True, loraplus_lr_ratio=0.5)
 
     torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                                    num_attention_heads=2, intermediate_size=37, num_labels=2))
-    model = get_peft_model(bert, AdaLoraConfig(
-        init_r=6, target_r=2, total_step=20, tinit=2, tfinal=4, deltaT=1, task_type="SEQ_CLS",
-        target_modules=["query", "value"]))
-    trainer = PerturbationTrainer(model=model, args=base.make_args(tmp_path / "ada", max_steps=20,
-                                                                   gradient_accumulation_steps=1),
-                                  train_dataset=base.cls_data(80), perturbation=base.cfg_for("mgpo"))
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            num_labels=2,
+        )
+    )
+    model = get_peft_model(
+        bert,
+        AdaLoraConfig(
+            init_r=6,
+            target_r=2,
+            total_step=20,
+            tinit=2,
+            tfinal=4,
+            deltaT=1,
+            task_type="SEQ_CLS",
+            target_modules=["query", "value"],
+        ),
+    )
+    trainer = PerturbationTrainer(
+        model=model,
+        args=base.make_args(tmp_path / "ada", max_steps=20, gradient_accumulation_steps=1),
+        train_dataset=base.cls_data(80),
+        perturbation=base.cfg_for("mgpo"),
+    )
     trainer.train()
     ranks = [int(torch.count_nonzero(p)) for n, p in model.named_parameters() if "lora_E" in n]
     assert ranks and sum(ranks) < 6 * len(ranks)  # singular values were masked: the budget was allocated
 
 
 def test_args_optim_is_the_base_optimizer(tmp_path):
-    trainer = PerturbationTrainer(model=base.tiny_bert(), args=base.make_args(tmp_path, optim="sgd", max_steps=1),
-                                  train_dataset=base.cls_data(8), perturbation=base.cfg_for("mgpo", momentum="0.9"))
+    trainer = PerturbationTrainer(
+        model=base.tiny_bert(),
+        args=base.make_args(tmp_path, optim="sgd", max_steps=1),
+        train_dataset=base.cls_data(8),
+        perturbation=base.cfg_for("mgpo", momentum="0.9"),
+    )
     trainer.train()
     assert type(trainer.perturbation_optimizer.base_optimizer) is torch.optim.SGD
     cls, kwargs = base_optimizer_from_args(base.make_args(tmp_path, optim="adamw_torch_fused", adam_beta1=0.7))
@@ -315,10 +424,15 @@ def test_mgpo_trains_in_bf16_on_cpu(tmp_path):
     model.to(torch.bfloat16)  # model.dtype=bfloat16: frozen weights in bf16, LoRA factors too
     autocast = []  # seen inside the model (accelerate wraps the outer forward in autocast)
     model.get_base_model().bert.encoder.register_forward_pre_hook(
-        lambda m, _: autocast.append(torch.is_autocast_enabled("cpu")))
+        lambda m, _: autocast.append(torch.is_autocast_enabled("cpu"))
+    )
     before = base.trainable(model)
-    trainer = PerturbationTrainer(model=model, args=base.make_args(tmp_path, max_steps=3, bf16=True),
-                                  train_dataset=base.cls_data(24), perturbation=base.cfg_for("mgpo"))
+    trainer = PerturbationTrainer(
+        model=model,
+        args=base.make_args(tmp_path, max_steps=3, bf16=True),
+        train_dataset=base.cls_data(24),
+        perturbation=base.cfg_for("mgpo"),
+    )
     trainer.train()
     opt = trainer.perturbation_optimizer
     assert autocast and all(autocast)
@@ -335,10 +449,13 @@ def test_gradient_checkpointing_gives_the_same_training(method, tmp_path):
     runs = []
     for checkpointing in (False, True):
         model = lora_llama()
-        args = base.make_args(tmp_path / str(checkpointing), max_steps=2, gradient_checkpointing=checkpointing,
-                              gradient_checkpointing_kwargs={"use_reentrant": False})
-        PerturbationTrainer(model=model, args=args, train_dataset=lm_data(),
-                            perturbation=base.cfg_for(method)).train()
+        args = base.make_args(
+            tmp_path / str(checkpointing),
+            max_steps=2,
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        PerturbationTrainer(model=model, args=args, train_dataset=lm_data(), perturbation=base.cfg_for(method)).train()
         runs.append(base.trainable(model))
     for name in runs[0]:
         torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-5, atol=1e-6)
@@ -377,8 +494,9 @@ def test_a_gradient_scaler_unscales_once_and_matches_the_unscaled_run(method, tm
     for scaled in (False, True):
         model = base.tiny_bert()
         args = base.make_args(tmp_path / str(scaled), max_steps=3, max_grad_norm=0.5, fp16=scaled)
-        trainer = PerturbationTrainer(model=model, args=args, train_dataset=base.cls_data(24),
-                                      perturbation=base.cfg_for(method))
+        trainer = PerturbationTrainer(
+            model=model, args=args, train_dataset=base.cls_data(24), perturbation=base.cfg_for(method)
+        )
         if scaled:
             callback = _Fp16Scaling(trainer)
             trainer.add_callback(callback)
@@ -396,10 +514,15 @@ def test_saved_adapter_loads_with_peft(tmp_path):
     torch.manual_seed(0)
     base_model = tiny_llama()
     base_model.save_pretrained(tmp_path / "base")
-    model = get_peft_model(base_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                  task_type="CAUSAL_LM"))
-    trainer = PerturbationTrainer(model=model, args=base.make_args(tmp_path / "run", max_steps=3),
-                                  train_dataset=lm_data(), perturbation=base.cfg_for("mgpo"))
+    model = get_peft_model(
+        base_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    trainer = PerturbationTrainer(
+        model=model,
+        args=base.make_args(tmp_path / "run", max_steps=3),
+        train_dataset=lm_data(),
+        perturbation=base.cfg_for("mgpo"),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
     ids = torch.tensor([[5, 9, 11, 20, 7]])

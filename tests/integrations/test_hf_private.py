@@ -13,8 +13,7 @@ import pytest
 import transformers
 
 from mgpo.integrations import hf_private
-from mgpo.integrations.hf_private import (INTERNAL_NAMES, PRIVATE_API, PRIVATE_INSTANCE_ATTRIBUTES,
-                                          TrainerOverrides)
+from mgpo.integrations.hf_private import INTERNAL_NAMES, PRIVATE_API, PRIVATE_INSTANCE_ATTRIBUTES, TrainerOverrides
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "mgpo"
 SEAM = SRC / "integrations" / "hf_private.py"
@@ -35,10 +34,14 @@ def test_each_private_method_exists_and_takes_what_mgpo_passes(name):
     params = list(inspect.signature(method).parameters.values())[1:]  # after self
     expected = PRIVATE_API[name]
     names = [p.name for p in params]
-    assert names[:len(expected)] == list(expected), (
-        f"{VERSION}: {name} takes ({', '.join(names)}); mgpo calls it with ({', '.join(expected)}): {ADAPT}.")
-    extra = [p.name for p in params[len(expected):] if p.default is inspect.Parameter.empty
-             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    assert names[: len(expected)] == list(expected), (
+        f"{VERSION}: {name} takes ({', '.join(names)}); mgpo calls it with ({', '.join(expected)}): {ADAPT}."
+    )
+    extra = [
+        p.name
+        for p in params[len(expected) :]
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     assert not extra, f"{VERSION}: {name} now requires {extra}, which mgpo does not pass: {ADAPT}."
 
 
@@ -47,16 +50,18 @@ def test_the_trainer_still_calls_each_method_mgpo_overrides(name):
     """An override the Trainer no longer calls would be skipped silently (gbar from clipped gradients, FSDP
     checkpoints without the method's state)."""
     source = inspect.getsource(importlib.import_module("transformers.trainer"))
-    assert f"self.{name}(" in source, f"{VERSION}: transformers.Trainer no longer calls {name}, which mgpo " \
-                                      f"overrides: {ADAPT}."
+    assert f"self.{name}(" in source, (
+        f"{VERSION}: transformers.Trainer no longer calls {name}, which mgpo overrides: {ADAPT}."
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PRIVATE_INSTANCE_ATTRIBUTES))
 def test_each_private_instance_attribute_exists(name):
     owner, attr = name.split(".")
     instance = _owner(name)()
-    assert hasattr(instance, attr), f"{VERSION}: a {owner} has no {attr} ({PRIVATE_INSTANCE_ATTRIBUTES[name]}): " \
-                                    f"{ADAPT}."
+    assert hasattr(instance, attr), (
+        f"{VERSION}: a {owner} has no {attr} ({PRIVATE_INSTANCE_ATTRIBUTES[name]}): {ADAPT}."
+    )
 
 
 @pytest.mark.parametrize("name", INTERNAL_NAMES)
@@ -88,14 +93,19 @@ def test_no_other_module_touches_transformers_private_names():
     transformers' internal modules."""
     names = "|".join(map(re.escape, _private_names()))
     internal = "|".join(re.escape(n.rsplit(".", 1)[0]) for n in INTERNAL_NAMES)
-    patterns = {"a trainer's private attribute": re.compile(r"\btrainer\._\w"),
-                "a transformers private name": re.compile(rf"\b({names})\b"),
-                "an internal transformers module": re.compile(rf"\b({internal})\b")}
+    patterns = {
+        "a trainer's private attribute": re.compile(r"\btrainer\._\w"),
+        "a transformers private name": re.compile(rf"\b({names})\b"),
+        "an internal transformers module": re.compile(rf"\b({internal})\b"),
+    }
     found = []
     for path in sorted(SRC.rglob("*.py")):
         if path == SEAM:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            found += [f"{path.relative_to(SRC.parent)}:{number}: {what}: {line.strip()}"
-                      for what, pattern in patterns.items() if pattern.search(line)]
+            found += [
+                f"{path.relative_to(SRC.parent)}:{number}: {what}: {line.strip()}"
+                for what, pattern in patterns.items()
+                if pattern.search(line)
+            ]
     assert not found, "transformers' private API outside mgpo/integrations/hf_private.py:\n" + "\n".join(found)

@@ -5,33 +5,47 @@ import torch
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from mgpo.factory import create_optimizer
 from mgpo.integrations.peft_variants import (
     METHODS,
     AdapterConfig,
     adapter_step,
     apply_adapter,
 )
-from mgpo.factory import create_optimizer
 
 
 def adamw_for(model, cfg, lr, weight_decay=0.0):
     """Plain AdamW with Hugging Face's decay groups, or PEFT's LoRA+ groups for loraplus."""
     ratio = cfg.loraplus_lr_ratio if cfg.method == "loraplus" else None
-    return create_optimizer(model, torch.optim.AdamW, {"lr": lr, "weight_decay": weight_decay}, method="adamw",
-                            loraplus_lr_ratio=ratio)
+    return create_optimizer(
+        model, torch.optim.AdamW, {"lr": lr, "weight_decay": weight_decay}, method="adamw", loraplus_lr_ratio=ratio
+    )
 
 
 def tiny_bert(num_labels=2):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, num_labels=num_labels)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(config)
 
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -66,8 +80,11 @@ def build(method, task="classification", model=None, **kwargs):
 
 
 def expected_lora_params(model, rank, skip=("classifier", "lm_head")):
-    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in skip)
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in skip
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -167,8 +184,9 @@ def test_loraga_uses_the_requested_number_of_batches():
             calls.append(i)
             yield cls_batch(seed=i)
 
-    apply_adapter(tiny_bert(), AdapterConfig(method="lora-ga", loraga_batches=2), task="classification",
-                  grad_batches=batches)
+    apply_adapter(
+        tiny_bert(), AdapterConfig(method="lora-ga", loraga_batches=2), task="classification", grad_batches=batches
+    )
     assert len(calls) == 2
 
 

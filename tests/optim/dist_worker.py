@@ -55,8 +55,13 @@ def make_model(head: bool = False) -> nn.Module:
     import peft
 
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=RANK, lora_alpha=8, target_modules=["fc"], init_lora_weights="gaussian",
-                             modules_to_save=["head"] if head else None)
+    config = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=8,
+        target_modules=["fc"],
+        init_lora_weights="gaussian",
+        modules_to_save=["head"] if head else None,
+    )
     model = peft.get_peft_model(Net().double(), config).double()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -67,8 +72,10 @@ def make_model(head: bool = False) -> nn.Module:
 
 def data():
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, D_IN, generator=gen, dtype=torch.float64), torch.randint(0, D_OUT, (BATCH,),
-             generator=gen)) for _ in range(STEPS)]
+    return [
+        (torch.randn(BATCH, D_IN, generator=gen, dtype=torch.float64), torch.randint(0, D_OUT, (BATCH,), generator=gen))
+        for _ in range(STEPS)
+    ]
 
 
 def _shard_fsdp(model):
@@ -104,9 +111,11 @@ class Counter:
         from torch.distributed.tensor.debug import CommDebugMode
 
         for name, fn in self._orig.items():
+
             def wrapped(tensor, *args, _fn=fn, _name=name, **kwargs):
                 self.calls.append((_name, tensor.numel()))
                 return _fn(tensor, *args, **kwargs)
+
             setattr(self.dist, name, wrapped)
         self.mode = CommDebugMode()
         self.mode.__enter__()
@@ -151,8 +160,15 @@ def _resume(model, opt, method: str, strategy: str, head: bool):
     return new_model, new_opt
 
 
-def run_case(method: str, strategy: str = "none", rank: int = 0, world: int = 1, head: bool = False,
-             count: bool = False, resume_at: int | None = None) -> dict:
+def run_case(
+    method: str,
+    strategy: str = "none",
+    rank: int = 0,
+    world: int = 1,
+    head: bool = False,
+    count: bool = False,
+    resume_at: int | None = None,
+) -> dict:
     """Train 5 steps; this rank sees rows ``[rank * b, (rank + 1) * b)`` of each global batch (b = 8 / world).
     ``resume_at=k``: after k steps continue in a fresh model and optimizer from a per-rank checkpoint."""
     from tests.optim.helpers import train_step
@@ -163,7 +179,7 @@ def run_case(method: str, strategy: str = "none", rank: int = 0, world: int = 1,
     for step, (x, y) in enumerate(data()):
         if step == resume_at:
             model, opt = _resume(model, opt, method, strategy, head)
-        mb = (x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+        mb = (x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b])
         if count:
             original_step = opt.step
             counter = Counter()
@@ -171,6 +187,7 @@ def run_case(method: str, strategy: str = "none", rank: int = 0, world: int = 1,
             def counted(*args, _step=original_step, _counter=counter, **kwargs):
                 with _counter:
                     return _step(*args, **kwargs)
+
             opt.step = counted
             train_step(model, opt, [mb])
             opt.step = original_step
@@ -196,8 +213,10 @@ CASES = [  # (name, method, strategy, head, count collectives)
 ]
 # 1/gbar stays below APN's cap of 10 on this model, so the default MGPO sees the reduced gbar (and the test fails
 # without it), not only the direction norms
-NEGATIVE = [("noreduce-fsdp-mgpo", "mgpo", "fsdp", False, False),
-            ("noreduce-fsdp-mgpo-factors", "mgpo-factors", "fsdp", True, False)]
+NEGATIVE = [
+    ("noreduce-fsdp-mgpo", "mgpo", "fsdp", False, False),
+    ("noreduce-fsdp-mgpo-factors", "mgpo-factors", "fsdp", True, False),
+]
 
 
 def refusals(rank: int, world: int) -> dict[str, str]:

@@ -37,8 +37,9 @@ def make_model(seed: int = 0) -> nn.Module:
     import peft
 
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"],
-                             init_lora_weights="gaussian")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"], init_lora_weights="gaussian"
+    )
     model = peft.get_peft_model(Net(), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -66,11 +67,13 @@ def train_step(model, opt, micro_batches, *, clip: float | None = None, schedule
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     if isinstance(opt, mgpo.SAM):
+
         def closure():
             for mb in micro_batches:
                 (loss_fn(model, mb) * scale).backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+
         opt.step(closure)
     else:
         opt.step()

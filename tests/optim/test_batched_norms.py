@@ -23,11 +23,21 @@ def dense_sq(item):
 
 def mixed_items(gen):
     """Items of interleaved shapes, ranks, dtypes and numbers of products (k = 1, 2, 3)."""
-    shapes = [(5, 7, 2, torch.float64, 2), (3, 4, 2, torch.float64, 2), (5, 7, 2, torch.float64, 2),
-              (5, 7, 3, torch.float64, 2), (6, 2, 1, torch.float32, 2), (5, 7, 2, torch.float64, 1),
-              (3, 4, 2, torch.float64, 2), (4, 4, 2, torch.float32, 3), (6, 2, 1, torch.float32, 2)]
-    return [tuple((torch.randn(o, r, generator=gen).to(dt), torch.randn(r, i, generator=gen).to(dt))
-                  for _ in range(k)) for o, i, r, dt, k in shapes]
+    shapes = [
+        (5, 7, 2, torch.float64, 2),
+        (3, 4, 2, torch.float64, 2),
+        (5, 7, 2, torch.float64, 2),
+        (5, 7, 3, torch.float64, 2),
+        (6, 2, 1, torch.float32, 2),
+        (5, 7, 2, torch.float64, 1),
+        (3, 4, 2, torch.float64, 2),
+        (4, 4, 2, torch.float32, 3),
+        (6, 2, 1, torch.float32, 2),
+    ]
+    return [
+        tuple((torch.randn(o, r, generator=gen).to(dt), torch.randn(r, i, generator=gen).to(dt)) for _ in range(k))
+        for o, i, r, dt, k in shapes
+    ]
 
 
 @pytest.mark.parametrize("stack_elements", [None, 1, 40])
@@ -49,12 +59,26 @@ def test_lowrank_sq_norms_equal_the_dense_norms_in_item_order(monkeypatch, stack
 def mixed_llama(seed=0, dora=False):
     """A tiny Llama whose LoRA layers come in four shapes: ranks differ by module (rank_pattern), and a trainable
     head that is not a LoRA factor (a layer of its own between the pairs)."""
-    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float64)
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=PROJ, init_lora_weights="gaussian", use_dora=dora,
-                             rank_pattern={"q_proj": 3, "down_proj": 1}, modules_to_save=["lm_head"])
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=PROJ,
+        init_lora_weights="gaussian",
+        use_dora=dora,
+        rank_pattern={"q_proj": 3, "down_proj": 1},
+        modules_to_save=["lm_head"],
+    )
     model = peft.get_peft_model(model, config)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -81,7 +105,9 @@ def test_step_norms_equal_the_per_layer_loop_for_mixed_shapes(dora):
     model = mixed_llama(dora=dora)
     opt = mgpo.MGPO(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.0, perturb_non_lora=True)
     shapes = {(tuple(a.shape), tuple(b.shape)) for _, _, _, a, b, _, _ in opt.plan.pairs}
-    assert len(shapes) == 4 and len(opt.plan.inplace) == 1 and len(opt.plan.dora) == (len(opt.plan.pairs) if dora else 0)
+    assert (
+        len(shapes) == 4 and len(opt.plan.inplace) == 1 and len(opt.plan.dora) == (len(opt.plan.pairs) if dora else 0)
+    )
     model.train()
     for step, (ids,) in enumerate(data(3)):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -108,8 +134,12 @@ def test_pending_terms_hold_no_copies():
         opt.step()
         opt.zero_grad()
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    owned |= {t.untyped_storage().data_ptr() for st in opt.base_optimizer.state.values() for t in st.values()
-              if torch.is_tensor(t)}
+    owned |= {
+        t.untyped_storage().data_ptr()
+        for st in opt.base_optimizer.state.values()
+        for t in st.values()
+        if torch.is_tensor(t)
+    }
     terms = [t for entries in opt.terms.values() for _, factors, _ in entries for t in factors]
     assert len(terms) == 5 * len(opt.plan.pairs)
     for t in terms:
@@ -127,11 +157,19 @@ def test_stacking_a_few_layers_at_a_time_gives_the_same_trajectory(monkeypatch):
 
 
 def matmul_calls(n_layers):
-    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=n_layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=n_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
-    model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=PROJ,
-                                                                       init_lora_weights="gaussian"))
+    model = peft.get_peft_model(
+        LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=PROJ, init_lora_weights="gaussian")
+    )
     opt = mgpo.MGPO(model, lr=1e-2, auto_perturb=False)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:

@@ -17,8 +17,13 @@ from tests.optim.helpers import METHODS, assert_same, batches, loss_fn, make_mod
 
 STEPS = 5  # momentum from step 1, so steps 2-5 are perturbed
 SINGLE_PASS = ["mgpo", "mgpo-factors", "msam", "random", "ggpo"]
-IDIOMS = ["optimizer on the compiled model", "torch.compile(model) after", "model.compile()",
-          "compiled loss function", "compiled forward-backward function"]
+IDIOMS = [
+    "optimizer on the compiled model",
+    "torch.compile(model) after",
+    "model.compile()",
+    "compiled loss function",
+    "compiled forward-backward function",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +66,11 @@ def build(method: str, idiom: str | None, rho_on: bool = True, backend=None, war
         loss = functools.partial(loss_fn, model)
     elif idiom in ("compiled loss function", "compiled forward-backward function"):
         loss = compile_(lambda b: loss_fn(model, b))
-    forward_backward = compile_(lambda b: loss_fn(model, b).backward()) \
-        if idiom == "compiled forward-backward function" else lambda b: loss(b).backward()
+    forward_backward = (
+        compile_(lambda b: loss_fn(model, b).backward())
+        if idiom == "compiled forward-backward function"
+        else lambda b: loss(b).backward()
+    )
     if warm:
         model.train()
         forward_backward(batches(1, seed=9)[0])
@@ -72,14 +80,15 @@ def build(method: str, idiom: str | None, rho_on: bool = True, backend=None, war
     return model, opt, forward_backward, loss
 
 
-def train(model, opt, forward_backward, loss, steps: int = STEPS, on_step=None, step_fn=None
-          ) -> dict[str, torch.Tensor]:
+def train(
+    model, opt, forward_backward, loss, steps: int = STEPS, on_step=None, step_fn=None
+) -> dict[str, torch.Tensor]:
     """Two micro-batches per step (accumulation), an eval forward between steps (the window closes and reopens).
     ``step_fn(micro_batches)``, if given, does a whole training step instead."""
     data = batches(2 * steps + 1)
     for step in range(steps):
         model.train()
-        micro = data[2 * step: 2 * step + 2]
+        micro = data[2 * step : 2 * step + 2]
         if step_fn is not None:
             step_fn(micro)
         else:
@@ -181,8 +190,7 @@ def test_a_compiled_training_step_that_calls_opt_step_is_eager():
             opt.zero_grad()
 
         compiled_step = torch.compile(training_step, backend="eager")
-        weights = train(model, opt, lambda _: None, loss, on_step=None,
-                        step_fn=lambda micro: compiled_step(micro))
+        weights = train(model, opt, lambda _: None, loss, on_step=None, step_fn=lambda micro: compiled_step(micro))
         assert_as_eager(method, weights, tol=0.0)
 
 
@@ -220,6 +228,7 @@ def test_compiled_code_run_before_the_optimizer_is_refused_or_exact(method, idio
 def test_manual_perturb_under_compile_is_eager(method):
     """auto_perturb=False: opt.perturb() before each step's forwards. Not refused, and the traced weight-space
     term follows the window as in eager mode."""
+
     def run(idiom):
         torch._dynamo.reset()
         model, opt, forward_backward, loss = build(method, idiom, backend="eager", auto_perturb=False)
@@ -227,11 +236,12 @@ def test_manual_perturb_under_compile_is_eager(method):
         for step in range(STEPS):
             model.train()
             opt.perturb()
-            for b in data[2 * step: 2 * step + 2]:
+            for b in data[2 * step : 2 * step + 2]:
                 forward_backward(b)
             opt.step()
             opt.zero_grad()
         return raw_params(model), opt
+
     eager, _ = run(None)
     compiled, opt = run("compiled loss function")
     assert max_diff(compiled, eager) == 0.0

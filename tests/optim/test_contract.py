@@ -12,7 +12,14 @@ import torch
 
 import mgpo
 from tests.optim.helpers import (
-    METHODS, assert_same, batches, loss_fn, make_model, raw_params, snapshot, train_step,
+    METHODS,
+    assert_same,
+    batches,
+    loss_fn,
+    make_model,
+    raw_params,
+    snapshot,
+    train_step,
 )
 
 NAMES = list(METHODS)
@@ -31,7 +38,7 @@ def run(name, steps=6, *, off=False, accum=1, clip=None, sched=False, base=torch
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if sched else None
     data = batches(steps * accum)
     for s in range(steps):
-        train_step(model, opt, data[s * accum:(s + 1) * accum], clip=clip, scheduler=scheduler)
+        train_step(model, opt, data[s * accum : (s + 1) * accum], clip=clip, scheduler=scheduler)
     return model, opt
 
 
@@ -42,7 +49,7 @@ def run_base(steps=6, *, accum=1, clip=None, sched=False, base=torch.optim.AdamW
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if sched else None
     data = batches(steps * accum)
     for s in range(steps):
-        train_step(model, opt, data[s * accum:(s + 1) * accum], clip=clip, scheduler=scheduler)
+        train_step(model, opt, data[s * accum : (s + 1) * accum], clip=clip, scheduler=scheduler)
     return model
 
 
@@ -137,13 +144,13 @@ def test_resume_in_a_fresh_process(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from tests.optim.helpers import METHODS, batches, make_model, train_step
-        ckpt = torch.load({str(tmp_path / 'ckpt.pt')!r}, weights_only=False)
+        ckpt = torch.load({str(tmp_path / "ckpt.pt")!r}, weights_only=False)
         model = make_model(seed=7); model.load_state_dict(ckpt["model"])
         cls, kwargs, _ = METHODS["mgpo"]
         opt = cls(model, torch.optim.AdamW, lr=1e-2, **kwargs); opt.load_state_dict(ckpt["opt"])
         for batch in batches(6)[3:]:
             train_step(model, opt, [batch])
-        torch.save(model.state_dict(), {str(tmp_path / 'final.pt')!r})
+        torch.save(model.state_dict(), {str(tmp_path / "final.pt")!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
     resumed = torch.load(tmp_path / "final.pt")
@@ -216,9 +223,19 @@ def test_sgd_with_momentum_as_base(name):
 
 
 INVALID = {
-    "mgpo": [("rho", -0.1), ("rho", float("nan")), ("beta", 1.0), ("beta", -0.5), ("apn", "sqrt"),
-             ("momentum", 1.0), ("momentum", "adam"), ("max_scale", 0.0),
-             ("space", "dense"), ("norm", "row"), ("exact_restore", "yes")],
+    "mgpo": [
+        ("rho", -0.1),
+        ("rho", float("nan")),
+        ("beta", 1.0),
+        ("beta", -0.5),
+        ("apn", "sqrt"),
+        ("momentum", 1.0),
+        ("momentum", "adam"),
+        ("max_scale", 0.0),
+        ("space", "dense"),
+        ("norm", "row"),
+        ("exact_restore", "yes"),
+    ],
     "msam": [("rho", -1.0)],
     "sam": [("rho", -0.01), ("adaptive", "yes")],
     "random": [("rho", -0.1), ("total_steps", 0), ("total_steps", 2.5), ("seed", "x")],
@@ -291,8 +308,11 @@ def test_hyper_parameters_do_not_leak_into_the_base_optimizer():
 def test_an_unknown_keyword_names_the_method_its_settings_and_the_base_optimizers(name):
     """Not AdamW's bare 'unexpected keyword argument', which names neither the method nor what it takes."""
     cls = METHODS[name][0]
-    with pytest.raises(TypeError, match=rf"^{cls.__name__} got an unexpected keyword argument 'wieght_decay' "
-                                        r"\(did you mean 'weight_decay'\?\)") as err:
+    with pytest.raises(
+        TypeError,
+        match=rf"^{cls.__name__} got an unexpected keyword argument 'wieght_decay' "
+        r"\(did you mean 'weight_decay'\?\)",
+    ) as err:
         cls(make_model(), torch.optim.AdamW, lr=1e-3, wieght_decay=0.01)
     said = str(err.value)
     assert f"{cls.__name__}'s settings: {', '.join(cls.settings())};" in said
@@ -330,10 +350,18 @@ def test_loading_a_foreign_state_dict_names_the_fix():
 
 # older: a state saved before the method was recorded in it, told apart by the names of its settings (MSAM is
 # MGPO with fixed settings: the same names)
-@pytest.mark.parametrize("saved, loaded, older", [("mgpo", "sam", False), ("sam", "mgpo", False),
-                                                  ("random", "ggpo", False), ("mgpo", "msam", False),
-                                                  ("mgpo", "sam", True), ("sam", "mgpo", True),
-                                                  ("random", "ggpo", True)])
+@pytest.mark.parametrize(
+    "saved, loaded, older",
+    [
+        ("mgpo", "sam", False),
+        ("sam", "mgpo", False),
+        ("random", "ggpo", False),
+        ("mgpo", "msam", False),
+        ("mgpo", "sam", True),
+        ("sam", "mgpo", True),
+        ("random", "ggpo", True),
+    ],
+)
 def test_loading_another_methods_state_names_both_methods(saved, loaded, older):
     """A state saved by one method loaded into another ended in a misleading fix ('saved with adaptive=None, build
     it with adaptive=None') instead of naming the two methods."""
@@ -390,6 +418,8 @@ def test_step_without_any_gradient_does_nothing(name):
 
 
 def test_the_optimizer_layer_imports_no_huggingface_package():
-    code = "import sys, mgpo; bad = [m for m in ('transformers', 'peft', 'datasets', 'accelerate') if m in sys.modules]; " \
-           "assert not bad, bad"
+    code = (
+        "import sys, mgpo; bad = [m for m in ('transformers', 'peft', 'datasets', 'accelerate') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -31,12 +31,28 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH",
-                                                                                                        "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "optim" / "dist_worker.py"), str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "optim" / "dist_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     saved = torch.load(out, weights_only=False)
     assert saved["world"] == 2
@@ -129,13 +145,16 @@ def test_fsdp_collective_budget(runs):
         assert reduces == [6, 6] and gathers == []
 
 
-@pytest.mark.parametrize("case,words", [
-    ("tensor-parallel", ["tensor parallelism", "not supported", "DDP", "fully_shard"]),
-    ("replicated-dtensor", ["Replicate", "not supported", "FSDP2"]),
-    ("mixed", ["fully_shard to the root module"]),
-    ("ggpo-fsdp", ["GGPO under FSDP is not supported", "DDP"]),
-    ("built-before-sharding", ["sharded by FSDP after this optimizer was built", "after fully_shard(model)"]),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("tensor-parallel", ["tensor parallelism", "not supported", "DDP", "fully_shard"]),
+        ("replicated-dtensor", ["Replicate", "not supported", "FSDP2"]),
+        ("mixed", ["fully_shard to the root module"]),
+        ("ggpo-fsdp", ["GGPO under FSDP is not supported", "DDP"]),
+        ("built-before-sharding", ["sharded by FSDP after this optimizer was built", "after fully_shard(model)"]),
+    ],
+)
 def test_unsupported_layouts_are_refused_by_name(runs, case, words):
     message = runs[0]["refusals"][case]
     for word in words:

@@ -73,8 +73,9 @@ def test_close_restores_and_removes_every_hook(name):
     assert not opt.is_perturbed
     for n, p in raw_params(model).items():
         assert torch.equal(p, clean[n]), n
-    assert all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
-               for m in model.modules())
+    assert all(
+        not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ for m in model.modules()
+    )
     with pytest.raises(RuntimeError, match="closed"):
         opt.perturb()
 
@@ -188,6 +189,7 @@ def test_tensors_only_needs_explicit_perturb_and_says_so():
 def test_manual_perturb_forgotten_is_named_not_trained_silently(space):
     """auto_perturb=False and no opt.perturb() before the forwards: every step trained as the plain base optimizer
     without a word. Warned once (a first step has nothing to apply yet); calling perturb() or rho = 0 stays quiet."""
+
     def run(call_perturb, rho=0.05):
         model = make_model()
         opt = mgpo.MGPO(model.parameters(), lr=1e-2, rho=rho, space=space, auto_perturb=False)
@@ -269,8 +271,11 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t._is_view():
                 storage = t.untyped_storage()
@@ -290,8 +295,9 @@ def peak_per_phase(make_opt, steps=3):
     """Peak bytes created by the step and by a training forward/backward, over a few steps."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4096, 4096, bias=False))
-    model = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
-                                                     init_lora_weights="gaussian"))
+    model = peft.get_peft_model(
+        net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights="gaussian")
+    )
     opt = make_opt(model)
     x = torch.randn(2, 4096)
     step_peak = window_peak = 0
@@ -311,8 +317,9 @@ def test_no_out_by_in_allocation_on_a_4096_layer():
     """in = out = 4096, r = 4: MGPO's peak memory beyond AdamW's, in the step and in the forward/backward of the
     perturbed window, stays below 1% of one dense weight (64 MiB)."""
     dense = 4096 * 4096 * 4
-    step_ref, window_ref, _ = peak_per_phase(lambda m: torch.optim.AdamW(
-        [p for p in m.parameters() if p.requires_grad], lr=1e-3))
+    step_ref, window_ref, _ = peak_per_phase(
+        lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    )
     step, window, opt = peak_per_phase(lambda m: mgpo.MGPO(m, lr=1e-3))
     assert opt.coef is not None and bool((opt.coef != 0).any())  # the term was really applied
     assert step - step_ref < 0.01 * dense, (step, step_ref)

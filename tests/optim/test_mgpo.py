@@ -76,8 +76,19 @@ def run_mgpo(steps, *, rho, beta, apn, momentum, lr=0.05):
     params = [p.float().clone().requires_grad_() for p in params]
     base = torch.optim.AdamW if momentum == "optimizer" else torch.optim.SGD
     kwargs = dict(weight_decay=0.0) if momentum == "optimizer" else {}
-    opt = mgpo.MGPO(params, base, lr=lr, rho=rho, beta=beta, apn=apn, momentum=momentum, space="factors",
-                    norm="global", auto_perturb=False, **kwargs)
+    opt = mgpo.MGPO(
+        params,
+        base,
+        lr=lr,
+        rho=rho,
+        beta=beta,
+        apn=apn,
+        momentum=momentum,
+        space="factors",
+        norm="global",
+        auto_perturb=False,
+        **kwargs,
+    )
     xf, yf = x.float(), y.float()
     trajectory = []
     for _ in range(steps):
@@ -250,8 +261,9 @@ def test_a_state_saved_without_layer_sizes_resumes_with_diagnostics_on(apn):
     from tests.optim.helpers import batches, loss_fn, make_model, snapshot
 
     def build(model, diagnostics):
-        return mgpo.MGPO(model, torch.optim.AdamW, lr=1e-2, rho=0.01, apn=apn, gbar_update="micro_batch",
-                         diagnostics=diagnostics)
+        return mgpo.MGPO(
+            model, torch.optim.AdamW, lr=1e-2, rho=0.01, apn=apn, gbar_update="micro_batch", diagnostics=diagnostics
+        )
 
     def step(model, opt, batch):
         model.train()
@@ -290,8 +302,9 @@ def _applied_perturbation_norm(model, opt, space: str) -> float:
         if space == "factors":
             moved = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
             with opt.unperturbed():
-                return math.sqrt(sum(float((moved[n] - p).square().sum()) for n, p in model.named_parameters()
-                                     if p.requires_grad))
+                return math.sqrt(
+                    sum(float((moved[n] - p).square().sum()) for n, p in model.named_parameters() if p.requires_grad)
+                )
         total = 0.0
         for module in (model.get_base_model().fc1, model.get_base_model().fc2):
             x = torch.eye(module.in_features)

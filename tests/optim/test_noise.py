@@ -22,8 +22,9 @@ def lora_layer(seed=0):
     net = nn.Sequential(nn.Linear(IN, OUT))
     with torch.no_grad():  # rows of very different norms, so a wrong per-row scale shows
         net[0].weight.mul_(torch.linspace(0.2, 5.0, OUT)[:, None])
-    model = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
-                                                     init_lora_weights="gaussian"))
+    model = peft.get_peft_model(
+        net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights="gaussian")
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

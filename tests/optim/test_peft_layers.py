@@ -11,12 +11,13 @@ import mgpo
 
 VARIANTS = {
     "lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
-    "dora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True,
-                            task_type="SEQ_CLS"),
-    "rslora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_rslora=True,
-                              task_type="SEQ_CLS"),
-    "adalora": peft.AdaLoraConfig(init_r=6, target_r=4, target_modules=["query", "value"], total_step=40,
-                                  tinit=0, tfinal=0, task_type="SEQ_CLS"),
+    "dora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True, task_type="SEQ_CLS"),
+    "rslora": peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], use_rslora=True, task_type="SEQ_CLS"
+    ),
+    "adalora": peft.AdaLoraConfig(
+        init_r=6, target_r=4, target_modules=["query", "value"], total_step=40, tinit=0, tfinal=0, task_type="SEQ_CLS"
+    ),
 }
 # tensors per LoRA layer: A and B, plus DoRA's magnitude or AdaLoRA's E
 PER_LAYER = {"lora": 2, "dora": 3, "rslora": 2, "adalora": 3}
@@ -24,9 +25,17 @@ PER_LAYER = {"lora": 2, "dora": 3, "rslora": 2, "adalora": 3}
 
 def tiny_model(variant):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return peft.get_peft_model(BertForSequenceClassification(config), VARIANTS[variant])
 
 

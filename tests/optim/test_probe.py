@@ -86,8 +86,9 @@ def test_hugging_face_style_batches_need_no_loss_fn():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=24))
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24)
+    )
     gen = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 50, (4, 6), generator=gen), "labels": torch.tensor([0, 1, 1, 0])}
     model.eval()
@@ -104,10 +105,20 @@ def test_an_adalora_model_gives_its_task_loss_without_the_orthogonality_penalty_
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=24))
-    model = get_peft_model(model, AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2, total_step=10,
-                                                orth_reg_weight=0.5, target_modules=["query", "value"]))
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24)
+    )
+    model = get_peft_model(
+        model,
+        AdaLoraConfig(
+            task_type="SEQ_CLS",
+            init_r=4,
+            target_r=2,
+            total_step=10,
+            orth_reg_weight=0.5,
+            target_modules=["query", "value"],
+        ),
+    )
     gen = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 50, (4, 6), generator=gen), "labels": torch.tensor([0, 1, 1, 0])}
     model.eval()
@@ -133,8 +144,15 @@ def test_bad_batches_say_what_to_pass():
 
 def test_clean_loss_imports_no_hugging_face_library():
     src = Path(__file__).resolve().parents[2] / "src"
-    code = "import sys, mgpo; mgpo.clean_loss; print(','.join(m for m in ('transformers', 'peft', 'datasets') " \
-           "if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(src)})
+    code = (
+        "import sys, mgpo; mgpo.clean_loss; print(','.join(m for m in ('transformers', 'peft', 'datasets') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(src)},
+    )
     assert out.stdout.strip() == ""

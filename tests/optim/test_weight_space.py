@@ -22,12 +22,23 @@ TINY = 1e-12
 
 
 def tiny_llama(seed=0, dtype=torch.float64, dora=False, dropout=0.0):
-    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=PROJ, lora_dropout=dropout,
-                                                       init_lora_weights="gaussian", use_dora=dora))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=PROJ, lora_dropout=dropout, init_lora_weights="gaussian", use_dora=dora
+        ),
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -44,8 +55,21 @@ def lora_modules(model):
     return [m for m in model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
 
 
-def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0, lr=1e-2, clip=None,
-              head=None, per_micro_batch=False):
+def reference(
+    model,
+    batches,
+    *,
+    rho,
+    beta,
+    apn,
+    norm,
+    momentum,
+    max_scale=10.0,
+    lr=1e-2,
+    clip=None,
+    head=None,
+    per_micro_batch=False,
+):
     """The spec's list, dense, float64, with torch's AdamW as the base optimizer.
 
     ``clip``: gradients clipped to this total norm after gbar's update and before AdamW (HF Trainer's order).
@@ -119,7 +143,8 @@ def reference(model, batches, *, rho, beta, apn, norm, momentum, max_scale=10.0,
             after = [w + dense(m) for m, w in zip(layers, w0)] + ([head.detach()] if head is not None else [])
             sizes["weight"] = [w.norm() for w in after]
             sizes["update"] = [(dense(m) - b).norm() for m, b in zip(layers, before)] + (
-                [(head - before[-1]).norm()] if head is not None else [])
+                [(head - before[-1]).norm()] if head is not None else []
+            )
             if momentum != "optimizer":
                 for p in params:
                     own[id(p)] = momentum * own[id(p)] + p.grad
@@ -162,9 +187,14 @@ def max_relative_error(a, b):
 
 
 # every APN mode, both norms and both momentum sources, each value at least twice (normalized ignores norm)
-CASES = [dict(apn="inverse", norm="layer", momentum="optimizer"), dict(apn="inverse", norm="global", momentum=0.9),
-         dict(apn="off", norm="layer", momentum=0.9), dict(apn="off", norm="global", momentum="optimizer"),
-         dict(apn="normalized", norm="layer", momentum="optimizer"), dict(apn="normalized", norm="layer", momentum=0.9)]
+CASES = [
+    dict(apn="inverse", norm="layer", momentum="optimizer"),
+    dict(apn="inverse", norm="global", momentum=0.9),
+    dict(apn="off", norm="layer", momentum=0.9),
+    dict(apn="off", norm="global", momentum="optimizer"),
+    dict(apn="normalized", norm="layer", momentum="optimizer"),
+    dict(apn="normalized", norm="layer", momentum=0.9),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
@@ -183,11 +213,13 @@ def test_defaults_are_the_papers_and_match_the_dense_recomputation_with_gradient
     gradient (the authors' code updates it per micro-batch; docs/method.md)."""
     opt = mgpo.MGPO(tiny_llama(), lr=1e-2)
     assert {k: opt.hparams[k] for k in ("space", "apn", "norm", "max_scale", "momentum", "rho", "beta")} == dict(
-        space="weight", apn="inverse", norm="layer", max_scale=10.0, momentum="optimizer", rho=0.05, beta=0.9)
+        space="weight", apn="inverse", norm="layer", max_scale=10.0, momentum="optimizer", rho=0.05, beta=0.9
+    )
     batches = data(6, accum=3)
     model = tiny_llama()
-    ref = reference(copy.deepcopy(model), batches, rho=0.05, beta=0.9, apn="inverse", norm="layer",
-                    momentum="optimizer")
+    ref = reference(
+        copy.deepcopy(model), batches, rho=0.05, beta=0.9, apn="inverse", norm="layer", momentum="optimizer"
+    )
     got, _ = ours(model, batches)
     assert max_relative_error(got, ref) < 1e-9
 
@@ -195,8 +227,9 @@ def test_defaults_are_the_papers_and_match_the_dense_recomputation_with_gradient
 def test_plain_adamw_does_not_match():
     batches = data(10)
     model = tiny_llama()
-    ref = reference(copy.deepcopy(model), batches, rho=0.05, beta=0.9, apn="inverse", norm="layer",
-                    momentum="optimizer")
+    ref = reference(
+        copy.deepcopy(model), batches, rho=0.05, beta=0.9, apn="inverse", norm="layer", momentum="optimizer"
+    )
     got, _ = ours(model, batches, rho=0.0)
     assert max_relative_error(got, ref) > 1e-4
 
@@ -371,8 +404,9 @@ def test_lora_on_a_conv1d_says_it_falls_back_to_factor_space():
         mgpo.MSAM(model(), lr=1e-2)
 
 
-@pytest.mark.parametrize("apn,norm", [("weight", "layer"), ("update", "layer"), ("weight", "global"),
-                                      ("update", "global")])
+@pytest.mark.parametrize(
+    "apn,norm", [("weight", "layer"), ("update", "layer"), ("weight", "global"), ("update", "global")]
+)
 def test_candidate_radius_rules_match_the_dense_recomputation(apn, norm):
     """apn="weight": radius rho ||W0 + s B A||_F; apn="update": rho ||W_l(t) - W_l(t-1)||_F (a look-ahead of rho
     of the layer's last updates); both against the dense float64 reference, with a trainable head perturbed too."""
@@ -417,9 +451,13 @@ def test_diagnostics_are_the_dense_ratios_and_change_nothing():
                 update.append(float((dense(m) - before[j]).norm()))
         to_weight = [r / w for r, w in zip(radius, weight)]
         to_update = [r / u for r, u in zip(radius, update)]
-        assert stats["radius_to_weight_mean"] == pytest.approx(sum(to_weight) / len(to_weight), rel=1e-6)  # last_stats are float32
+        assert stats["radius_to_weight_mean"] == pytest.approx(
+            sum(to_weight) / len(to_weight), rel=1e-6
+        )  # last_stats are float32
         assert stats["radius_to_weight_max"] == pytest.approx(max(to_weight), rel=1e-6)  # last_stats are float32
-        assert stats["radius_to_update_mean"] == pytest.approx(sum(to_update) / len(to_update), rel=1e-6)  # last_stats are float32
+        assert stats["radius_to_update_mean"] == pytest.approx(
+            sum(to_update) / len(to_update), rel=1e-6
+        )  # last_stats are float32
         assert stats["radius_to_update_max"] == pytest.approx(max(to_update), rel=1e-6)  # last_stats are float32
         assert stats["apn_factor_mean"] == pytest.approx(sum(k) / len(k), rel=1e-6)  # last_stats are float32
         assert stats["apn_factor_min"] == pytest.approx(min(k), rel=1e-6)  # last_stats are float32
@@ -443,8 +481,10 @@ def test_a_layer_frozen_during_training_is_left_clean(space):
         opt.step()
         opt.zero_grad()
     outputs = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out.detach()))
-             for name, m in (("frozen", frozen), ("other", other))]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out.detach()))
+        for name, m in (("frozen", frozen), ("other", other))
+    ]
     ids = batches[0][0]
     model.train()
     with torch.no_grad():
@@ -471,8 +511,11 @@ def test_merging_inside_the_window_merges_the_clean_factors(space):
         opt.zero_grad()
     model.train()
     clean = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    expected = {n: (m.base_layer.weight + m.get_delta_weight("default")).detach().clone()
-                for n, m in model.named_modules() if m in lora_modules(model)}
+    expected = {
+        n: (m.base_layer.weight + m.get_delta_weight("default")).detach().clone()
+        for n, m in model.named_modules()
+        if m in lora_modules(model)
+    }
     ids = data(1, seed=3)[0][0]
     model(input_ids=ids, labels=ids).loss.backward()  # the window is open
     assert opt.is_perturbed

@@ -43,8 +43,11 @@ CONFIGS: dict[str, tuple] = {
     "mgpo-clip": (mgpo.MGPO, dict(rho=0.05), dict(clip=0.5, record=True)),
     "mgpo-clip-unrecorded": (mgpo.MGPO, dict(rho=0.05), dict(clip=0.5)),
     "mgpo-micro": (mgpo.MGPO, dict(rho=0.05, gbar_update="micro_batch"), dict(accum=2, record=True)),
-    "mgpo-micro-update": (mgpo.MGPO, dict(rho=0.5, apn="update", gbar_update="micro_batch"),
-                          dict(accum=2, record=True)),
+    "mgpo-micro-update": (
+        mgpo.MGPO,
+        dict(rho=0.5, apn="update", gbar_update="micro_batch"),
+        dict(accum=2, record=True),
+    ),
     "mgpo-sgd": (mgpo.MGPO, dict(rho=0.05, base_kwargs={"momentum": 0.9}), dict(base=torch.optim.SGD)),
     "mgpo-dora": (mgpo.MGPO, dict(rho=0.05, diagnostics=True), dict(model="dora")),
     "mgpo-full": (mgpo.MGPO, dict(rho=0.05, diagnostics=True), dict(model="full")),
@@ -65,8 +68,22 @@ CONFIGS: dict[str, tuple] = {
     "ggpo-full": (mgpo.GGPO, dict(), dict(model="full")),
 }
 # the configurations whose state_dict() after SAVE_AT steps is kept (float32): every APN rule and every method
-SAVED = ("mgpo", "mgpo-off", "mgpo-normalized", "mgpo-weight", "mgpo-update", "mgpo-micro-update",
-         "mgpo-diagnostics", "mgpo-mu", "mgpo-factors", "msam", "sam", "asam", "random", "ggpo")
+SAVED = (
+    "mgpo",
+    "mgpo-off",
+    "mgpo-normalized",
+    "mgpo-weight",
+    "mgpo-update",
+    "mgpo-micro-update",
+    "mgpo-diagnostics",
+    "mgpo-mu",
+    "mgpo-factors",
+    "msam",
+    "sam",
+    "asam",
+    "random",
+    "ggpo",
+)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -78,8 +95,9 @@ def build_model(kind: str, dtype: torch.dtype) -> nn.Module:
         import peft
 
         torch.manual_seed(0)
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights="gaussian",
-                                 use_dora=True)
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights="gaussian", use_dora=True
+        )
         model = peft.get_peft_model(Net(), config)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -105,7 +123,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, how: dict, steps: range,
     stats = []
     model.train()
     for s in steps:
-        group = data[s * accum:(s + 1) * accum]
+        group = data[s * accum : (s + 1) * accum]
 
         def backward(group=group) -> None:
             for mb in group:

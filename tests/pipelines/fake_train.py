@@ -20,7 +20,7 @@ def score(rho: float | None, seed: int, lora: bool) -> float:
 
 
 def main() -> None:
-    args = sys.argv[sys.argv.index("train") + 2:]
+    args = sys.argv[sys.argv.index("train") + 2 :]
     settings = dict(a.split("=", 1) for a in args if "=" in a)
     out = Path(settings["training.output_dir"])
     out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,14 @@ RUNS = Path("docs/experiments-clean/runs")  # relative: runs.csv records the run
 
 
 def clean_dirs() -> list[Path]:
-    names = ("cpu-dd-clean", "cpu-dd-clean-full", "cpu-core-tweets", "cpu-arithmetic-core", "cpu-ablation-clean",
-             "cpu-methods-clean")
+    names = (
+        "cpu-dd-clean",
+        "cpu-dd-clean-full",
+        "cpu-core-tweets",
+        "cpu-arithmetic-core",
+        "cpu-ablation-clean",
+        "cpu-methods-clean",
+    )
     return [RUNS / n for n in names]
 
 
@@ -25,16 +31,22 @@ def uncapped_dirs() -> list[Path]:
     """`$M/{rslora,pissa,loraplus,lora-ga}-lora-s* $M/{...}-lora-mgpo-s* .../cpu-methods-uncapped/*/`, as the
     shell expands it (each pattern's matches sorted)."""
     adapters, methods = ("rslora", "pissa", "loraplus", "lora-ga"), RUNS / "cpu-methods-clean"
-    dirs = [p for suffix in ("-lora-s*", "-lora-mgpo-s*") for a in adapters
-            for p in sorted((ROOT / methods).glob(a + suffix))]
+    dirs = [
+        p
+        for suffix in ("-lora-s*", "-lora-mgpo-s*")
+        for a in adapters
+        for p in sorted((ROOT / methods).glob(a + suffix))
+    ]
     dirs += sorted(p for p in (ROOT / RUNS / "cpu-methods-uncapped").iterdir() if p.is_dir())
     return [p.relative_to(ROOT) for p in dirs]
 
 
 REPORTS = {
     "experiments-clean": (clean_dirs, "Does MGPO help? Clean-loss experiments, 5 seeds"),
-    "experiments-clean/uncapped": (uncapped_dirs, "Uncapped adapters: without MGPO, MGPO at rho / 10 and at the "
-                                                  "paper's rho (MiniLM, movie reviews)"),
+    "experiments-clean/uncapped": (
+        uncapped_dirs,
+        "Uncapped adapters: without MGPO, MGPO at rho / 10 and at the paper's rho (MiniLM, movie reviews)",
+    ),
 }
 
 
@@ -45,8 +57,11 @@ def test_a_committed_report_regenerates_byte_for_byte(name, tmp_path, monkeypatc
     committed = ROOT / "docs" / name
     make_report(dirs(), tmp_path, title=title)
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    kept = sorted(p.relative_to(committed) for p in committed.rglob("*")
-                  if p.is_file() and not p.relative_to(committed).parts[0] in ("runs", "uncapped"))
+    kept = sorted(
+        p.relative_to(committed)
+        for p in committed.rglob("*")
+        if p.is_file() and p.relative_to(committed).parts[0] not in ("runs", "uncapped")
+    )
     assert set(kept) <= set(written), f"committed but no longer written: {set(kept) - set(written)}"
     assert {Path("report.md"), Path("runs.csv")} <= set(kept)
     changed = [str(p) for p in kept if (tmp_path / p).read_bytes() != (committed / p).read_bytes()]

@@ -32,26 +32,29 @@ def test_overrides_win_over_the_file_and_keep_types():
     assert cfg.training.lr == 3e-4 and cfg.adapter.method == "dora" and cfg.perturbation.rho == 0.1
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (["training.lrr=1"], "lrr"),                         # unknown key
-    (["training.batch_size=abc"], "batch_size"),         # wrong type
-    (["training.batch_size=0"], "training.batch_size"),  # out of range
-    (["training.lr=-1"], "training.lr"),
-    (["training.warmup_ratio=1.5"], "training.warmup_ratio"),
-    (["data.task=translation"], "data.task"),
-    (["data.val_fraction=0.6", "data.test_fraction=0.5"], "val_fraction"),
-    (["data.val_fraction=0"], "data.val_fraction"),       # the data loader refuses it too: refused up front
-    (["adapter.method=qlora"], "method"),
-    (["adapter.rank=0"], "rank"),
-    (["perturbation.method=adam"], "method"),
-    (["perturbation.rho=-0.1"], "rho"),
-    (["perturbation.apn=sqrt"], "apn"),
-    (["generation.benchmark=bleu"], "generation.benchmark"),
-    (["data.task=causal-lm", "model.name=minilm"], "model.name"),     # incompatible choices
-    (["data.name=arithmetic"], "data.task"),
-    (["lr"], "section.field=value"),
-    (["perturbation.profile=nlu", "training.optim=sgd"], "training.optim"),  # the profile's beta1: nowhere to go
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["training.lrr=1"], "lrr"),  # unknown key
+        (["training.batch_size=abc"], "batch_size"),  # wrong type
+        (["training.batch_size=0"], "training.batch_size"),  # out of range
+        (["training.lr=-1"], "training.lr"),
+        (["training.warmup_ratio=1.5"], "training.warmup_ratio"),
+        (["data.task=translation"], "data.task"),
+        (["data.val_fraction=0.6", "data.test_fraction=0.5"], "val_fraction"),
+        (["data.val_fraction=0"], "data.val_fraction"),  # the data loader refuses it too: refused up front
+        (["adapter.method=qlora"], "method"),
+        (["adapter.rank=0"], "rank"),
+        (["perturbation.method=adam"], "method"),
+        (["perturbation.rho=-0.1"], "rho"),
+        (["perturbation.apn=sqrt"], "apn"),
+        (["generation.benchmark=bleu"], "generation.benchmark"),
+        (["data.task=causal-lm", "model.name=minilm"], "model.name"),  # incompatible choices
+        (["data.name=arithmetic"], "data.task"),
+        (["lr"], "section.field=value"),
+        (["perturbation.profile=nlu", "training.optim=sgd"], "training.optim"),  # the profile's beta1: nowhere to go
+    ],
+)
 def test_bad_values_raise_config_error_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, overrides)
@@ -94,8 +97,9 @@ def test_cli_config_says_what_the_profile_and_the_preset_resolve_to():
     printed YAML still loads as the same config."""
     from omegaconf import OmegaConf
 
-    result = CliRunner().invoke(app, ["config", "perturbation.profile=nlg", "perturbation.preset=msam"],
-                                terminal_width=200)
+    result = CliRunner().invoke(
+        app, ["config", "perturbation.profile=nlg", "perturbation.preset=msam"], terminal_width=200
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert "  rho: null  # resolves to 0.01 (profile nlg)" in lines
@@ -118,16 +122,21 @@ def test_cli_explains_every_field_with_its_help():
             assert f"{section.name}.{f.name}" in result.output
     # CliRunner's output is not a terminal: one tab-separated line per field, so `| grep` finds a field whole
     lines = {line.split("\t")[0]: line.split("\t") for line in result.output.splitlines()}
-    assert lines["training.max_steps"][1:] == ["-1", TrainConfig().training.__dataclass_fields__["max_steps"]
-                                                .metadata["help"]]
+    assert lines["training.max_steps"][1:] == [
+        "-1",
+        TrainConfig().training.__dataclass_fields__["max_steps"].metadata["help"],
+    ]
 
 
-@pytest.mark.parametrize("overrides,suggestion", [
-    (["training.learning_rate=1e-3"], "training.lr"),     # Hugging Face's name
-    (["lr=1e-3"], "training.lr"),                         # section left out
-    (["lr"], "training.lr"),                              # not even an override
-    (["training.batchsize=8"], "training.batch_size"),    # misspelt
-])
+@pytest.mark.parametrize(
+    "overrides,suggestion",
+    [
+        (["training.learning_rate=1e-3"], "training.lr"),  # Hugging Face's name
+        (["lr=1e-3"], "training.lr"),  # section left out
+        (["lr"], "training.lr"),  # not even an override
+        (["training.batchsize=8"], "training.batch_size"),  # misspelt
+    ],
+)
 def test_unknown_fields_get_a_did_you_mean(overrides, suggestion):
     with pytest.raises(ConfigError, match=rf"did you mean {suggestion.replace('.', chr(92) + '.')}\b"):
         load_config(None, overrides)
@@ -157,17 +166,25 @@ def test_config_checks_columns_and_labels_of_local_files_without_the_ml_stack(tm
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "label 'meh'" in said and "test.csv" in said
     (tmp_path / "test.csv").write_text("review,sentiment\nc,neg\n")
-    code = ("import sys; from mgpo.cli import main; sys.argv = ['mgpo', 'config', sys.argv[1], sys.argv[2], "
-            "'data.label_column=sentiment']\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\nassert not heavy, heavy")
+    code = (
+        "import sys; from mgpo.cli import main; sys.argv = ['mgpo', 'config', sys.argv[1], sys.argv[2], "
+        "'data.label_column=sentiment']\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\nassert not heavy, heavy"
+    )
     done = subprocess.run([sys.executable, "-c", code, base[1], base[2]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("override, key", [("training.lr=inf", "training.lr"), ("training.weight_decay=inf",
-                                            "training.weight_decay"), ("training.epochs=inf", "training.epochs"),
-                                           ("perturbation.rho=nan", "perturbation.rho"),
-                                           ("training.max_steps=-5", "training.max_steps")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("training.lr=inf", "training.lr"),
+        ("training.weight_decay=inf", "training.weight_decay"),
+        ("training.epochs=inf", "training.epochs"),
+        ("perturbation.rho=nan", "perturbation.rho"),
+        ("training.max_steps=-5", "training.max_steps"),
+    ],
+)
 def test_non_finite_and_out_of_range_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"{key}="):
         load_config(None, [override])

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mgpo.data.arithmetic import make_arithmetic
-from tests.tiny import bpe_tokenizer
 from mgpo.pipelines.config import ConfigError, load_config
 from mgpo.pipelines.train import train
+from tests.tiny import bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,18 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=None,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -36,12 +45,25 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("method", ["mgpo", "sam"])
 def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_dir, tmp_path, method):
     out = tmp_path / "run"
-    cfg = load_config(None, [
-        f"model.name={tiny_llama_dir}", "model.max_length=96", "data.name=arithmetic", "data.task=causal-lm",
-        "data.max_train_examples=64", "data.max_eval_examples=8", f"perturbation.method={method}",
-        f"training.output_dir={out}", "training.max_steps=4", "training.batch_size=8", "training.lr=3e-3",
-        "training.progress=false", "generation.max_new_tokens=12", "generation.before_training=true",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_llama_dir}",
+            "model.max_length=96",
+            "data.name=arithmetic",
+            "data.task=causal-lm",
+            "data.max_train_examples=64",
+            "data.max_eval_examples=8",
+            f"perturbation.method={method}",
+            f"training.output_dir={out}",
+            "training.max_steps=4",
+            "training.batch_size=8",
+            "training.lr=3e-3",
+            "training.progress=false",
+            "generation.max_new_tokens=12",
+            "generation.before_training=true",
+        ],
+    )
     metrics = train(cfg)
     for prefix in ("before", "after"):
         assert 0.0 <= metrics[f"{prefix}_accuracy"] <= 1.0
@@ -54,13 +76,26 @@ def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_d
 
 def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):
     data = tmp_path / "long.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}", "response": "1 + 1 = 2. " * (40 if i % 2 else 1)}) + "\n"
-                            for i in range(16)))
-    cfg = load_config(None, [
-        f"model.name={tiny_llama_dir}", "model.max_length=32", f"data.name={data}", "data.task=causal-lm",
-        "data.template=math", f"training.output_dir={tmp_path / 'run'}", "training.max_steps=2",
-        "training.batch_size=4", "training.progress=false", "generation.benchmark=none",
-    ])
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}", "response": "1 + 1 = 2. " * (40 if i % 2 else 1)}) + "\n" for i in range(16)
+        )
+    )
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_llama_dir}",
+            "model.max_length=32",
+            f"data.name={data}",
+            "data.task=causal-lm",
+            "data.template=math",
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.max_steps=2",
+            "training.batch_size=4",
+            "training.progress=false",
+            "generation.benchmark=none",
+        ],
+    )
     metrics = train(cfg)
     assert metrics["truncated_examples"] == 8
 
@@ -68,26 +103,51 @@ def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):
 def test_best_checkpoint_needs_a_validation_split_and_says_how_to_get_one(tiny_llama_dir, tmp_path):
     data = tmp_path / "instruct.jsonl"  # no test rows, none held out: causal-lm data without a validation split
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}"}) + "\n" for i in range(16)))
-    cfg = load_config(None, [
-        f"model.name={tiny_llama_dir}", f"data.name={data}", "data.task=causal-lm", "data.template=alpaca",
-        f"training.output_dir={tmp_path / 'run'}", "training.max_steps=4", "training.batch_size=4",
-        "training.eval_steps=2", "training.save_steps=2", "training.load_best_model=true",
-        "training.progress=false", "generation.benchmark=none",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_llama_dir}",
+            f"data.name={data}",
+            "data.task=causal-lm",
+            "data.template=alpaca",
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.max_steps=4",
+            "training.batch_size=4",
+            "training.eval_steps=2",
+            "training.save_steps=2",
+            "training.load_best_model=true",
+            "training.progress=false",
+            "generation.benchmark=none",
+        ],
+    )
     with pytest.raises(ConfigError, match="data.max_eval_examples"):
         train(cfg)
 
 
 def test_a_math_benchmark_without_a_test_split_is_named_before_training(tiny_llama_dir, tmp_path, capsys):
     data = tmp_path / "math.jsonl"  # final answers, no test rows, none held out
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}. "
-                                        f"The answer is {i + 1}."}) + "\n" for i in range(16)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}. The answer is {i + 1}."}) + "\n"
+            for i in range(16)
+        )
+    )
 
     def cfg(bench, out):
-        return load_config(None, [
-            f"model.name={tiny_llama_dir}", f"data.name={data}", "data.task=causal-lm", "data.template=math",
-            f"training.output_dir={out}", "training.max_steps=2", "training.batch_size=4", "training.progress=false",
-            f"generation.benchmark={bench}"])
+        return load_config(
+            None,
+            [
+                f"model.name={tiny_llama_dir}",
+                f"data.name={data}",
+                "data.task=causal-lm",
+                "data.template=math",
+                f"training.output_dir={out}",
+                "training.max_steps=2",
+                "training.batch_size=4",
+                "training.progress=false",
+                f"generation.benchmark={bench}",
+            ],
+        )
 
     with pytest.raises(ValueError, match="benchmark='math' needs a test split.*data.max_eval_examples"):
         train(cfg("math", tmp_path / "math"))
@@ -105,8 +165,19 @@ def test_choosing_the_checkpoint_on_the_scored_rows_is_said():
     rows = datasets.Dataset.from_dict({"prompt": ["1 + 1?"], "response": ["2"], "answer": ["2"]})
     data = SimpleNamespace(train=rows, test=rows)
     with pytest.warns(RuntimeWarning, match="optimistic"):
-        check_benchmark(load_config(None, ["model.name=smollm2-135m", "data.task=causal-lm", "training.eval_steps=2",
-                                           "training.save_steps=2", "training.load_best_model=true"]), data)
+        check_benchmark(
+            load_config(
+                None,
+                [
+                    "model.name=smollm2-135m",
+                    "data.task=causal-lm",
+                    "training.eval_steps=2",
+                    "training.save_steps=2",
+                    "training.load_best_model=true",
+                ],
+            ),
+            data,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_benchmark(load_config(None, ["model.name=smollm2-135m", "data.task=causal-lm"]), data)  # last step scored
@@ -133,20 +204,35 @@ def test_humaneval_where_the_answers_cannot_be_hidden_is_refused_before_training
         isolation.runner.cache_clear()
 
 
-@pytest.mark.parametrize("bench,extra,expected", [
-    ("humaneval", ["generation.num_samples=2"], {"after_pass@1", "after_pass@2"}),
-    ("mtbench", [], {"after_judged"}),
-])
+@pytest.mark.parametrize(
+    "bench,extra,expected",
+    [
+        ("humaneval", ["generation.num_samples=2"], {"after_pass@1", "after_pass@2"}),
+        ("mtbench", [], {"after_judged"}),
+    ],
+)
 def test_code_and_dialogue_benchmarks_run_end_to_end(tiny_llama_dir, tmp_path, bench, extra, expected):
     data = tmp_path / "instruct.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}"}) + "\n" for i in range(16)))
     out = tmp_path / "run"
-    cfg = load_config(None, [
-        f"model.name={tiny_llama_dir}", "model.max_length=200", f"data.name={data}", "data.task=causal-lm",
-        "data.template=alpaca", f"training.output_dir={out}", "training.max_steps=2", "training.batch_size=4",
-        "training.progress=false", f"generation.benchmark={bench}", "generation.max_examples=2",
-        "generation.max_new_tokens=8", *extra,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_llama_dir}",
+            "model.max_length=200",
+            f"data.name={data}",
+            "data.task=causal-lm",
+            "data.template=alpaca",
+            f"training.output_dir={out}",
+            "training.max_steps=2",
+            "training.batch_size=4",
+            "training.progress=false",
+            f"generation.benchmark={bench}",
+            "generation.max_examples=2",
+            "generation.max_new_tokens=8",
+            *extra,
+        ],
+    )
     metrics = train(cfg)
     assert expected <= set(metrics), sorted(metrics)
     rows = (out / f"after_{bench}.jsonl").read_text().splitlines()

@@ -20,9 +20,9 @@ def test_a_bump_after_convergence_is_measured_exactly():
     steps = list(range(10, 110, 10))
     losses = [5, 4, 3, 2, 1, 2, 3, 2, 1, 0.5]
     dd = double_descent(steps, losses, window=1)
-    assert dd["rise"] == 2.0 and dd["rise_rel"] == 2.0      # back up to 3 from a minimum of 1
+    assert dd["rise"] == 2.0 and dd["rise_rel"] == 2.0  # back up to 3 from a minimum of 1
     assert dd["onset_step"] == 50 and dd["peak_step"] == 70  # minimum at step 50, peak at step 70
-    assert dd["recover_steps"] == 20 and dd["recovered"]     # loss <= 1 again at step 90
+    assert dd["recover_steps"] == 20 and dd["recovered"]  # loss <= 1 again at step 90
 
 
 def test_fall_says_whether_the_run_learned_at_all():
@@ -58,7 +58,7 @@ def test_the_largest_of_two_bumps_wins():
 def test_a_larger_divergence_measures_larger():
     t = np.arange(200)
     base = 2 * np.exp(-t / 30) + 0.5
-    small, large = (base + h * np.exp(-((t - 120) / 10) ** 2) for h in (0.2, 0.8))
+    small, large = (base + h * np.exp(-(((t - 120) / 10) ** 2)) for h in (0.2, 0.8))
     assert double_descent(t, large)["rise"] > double_descent(t, small)["rise"] > 0
 
 
@@ -69,7 +69,7 @@ def test_bad_input_is_a_clear_error():
 
 def test_instability_counts_spikes_above_k_times_the_running_median():
     losses = [1.0] * 10 + [2.0] + [1.0] * 5 + [1.4] + [1.0] * 3
-    assert instability_count(losses, window=5, factor=1.5) == 1   # 2.0 > 1.5, 1.4 is not
+    assert instability_count(losses, window=5, factor=1.5) == 1  # 2.0 > 1.5, 1.4 is not
     assert instability_count(losses, window=5, factor=1.3) == 2
     assert instability_count(np.linspace(3, 1, 40), window=5) == 0
 

@@ -17,8 +17,16 @@ from tests.pipelines.test_train import overrides, sentiment_csv, tiny_model_dir 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_config_maps_onto_the_training_arguments(tmp_path, checkpointing):
-    cfg = load_config(None, ["training.mixed_precision=bf16", f"training.gradient_checkpointing={checkpointing}",
-                             "training.optim=adamw_torch_fused", "perturbation.profile=nlg", "perturbation.rho=0.2"])
+    cfg = load_config(
+        None,
+        [
+            "training.mixed_precision=bf16",
+            f"training.gradient_checkpointing={checkpointing}",
+            "training.optim=adamw_torch_fused",
+            "perturbation.profile=nlg",
+            "perturbation.rho=0.2",
+        ],
+    )
     with warnings.catch_warnings():
         # transformers' renamed-argument warnings (gradient_checkpointing -> activation_checkpointing): none from us
         warnings.simplefilter("error", FutureWarning)
@@ -37,8 +45,10 @@ def test_fp16_on_cpu_says_to_use_bf16(tmp_path):
         training_arguments(cfg, tmp_path, has_eval=False)
 
 
-@pytest.mark.parametrize("override, field", [("model.dtype=half", "model.dtype"),
-                                             ("training.mixed_precision=fp8", "training.mixed_precision")])
+@pytest.mark.parametrize(
+    "override, field",
+    [("model.dtype=half", "model.dtype"), ("training.mixed_precision=fp8", "training.mixed_precision")],
+)
 def test_bad_precision_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])
@@ -49,9 +59,18 @@ def test_bf16_checkpointed_run_saves_arguments_and_a_peft_adapter(tiny_model_dir
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "run"
-    cfg = load_config(None, overrides(tiny_model_dir, sentiment_csv, out, "training.mixed_precision=bf16",
-                                      "training.gradient_checkpointing=true", "training.max_steps=4",
-                                      "perturbation.method=mgpo"))
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_model_dir,
+            sentiment_csv,
+            out,
+            "training.mixed_precision=bf16",
+            "training.gradient_checkpointing=true",
+            "training.max_steps=4",
+            "perturbation.method=mgpo",
+        ),
+    )
     metrics = train(cfg)
     assert metrics["steps"] == 4
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -22,8 +22,10 @@ from mgpo.pipelines.report import STALLED_FALL, make_report, mean_std_cell
 RANKS = (16, 64)
 SEEDS = (0, 1, 2)
 ACCURACY = {  # (method, rank) -> accuracy per seed
-    ("LoRA", 16): [0.80, 0.82, 0.81], ("LoRA", 64): [0.78, 0.74, 0.76],
-    ("LoRA-MGPO", 16): [0.83, 0.84, 0.82], ("LoRA-MGPO", 64): [0.85, 0.83, 0.84],
+    ("LoRA", 16): [0.80, 0.82, 0.81],
+    ("LoRA", 64): [0.78, 0.74, 0.76],
+    ("LoRA-MGPO", 16): [0.83, 0.84, 0.82],
+    ("LoRA-MGPO", 64): [0.85, 0.83, 0.84],
 }
 COST = {"LoRA": (1000, 500.0, 0.10), "LoRA-MGPO": (1000, 550.0, 0.12)}
 
@@ -33,12 +35,13 @@ def curve(method: str, rank: int, seed: int) -> list[float]:
     t = np.arange(1, 101)
     loss = 2.0 * np.exp(-t / 15) + 0.3 + 0.01 * np.sin(t + seed)
     if method == "LoRA":
-        loss += (rank / 64) * 0.5 * np.exp(-((t - 70) / 6) ** 2)
+        loss += (rank / 64) * 0.5 * np.exp(-(((t - 70) / 6) ** 2))
     return [round(float(x), 6) for x in loss]
 
 
-def add_run(root: Path, rows: list, name: str, labels: dict, log: list[dict], metrics: dict,
-            config: str | None = None) -> Path:
+def add_run(
+    root: Path, rows: list, name: str, labels: dict, log: list[dict], metrics: dict, config: str | None = None
+) -> Path:
     """A finished run folder ``root/name`` (log.jsonl, metrics.json, config.yaml if given), appended to ``rows``
     as the sweep's index.json lists it."""
     out = root / name
@@ -72,17 +75,33 @@ def sweep_dir(tmp_path) -> Path:
             for seed in SEEDS:
                 p_method = "mgpo" if method == "LoRA-MGPO" else "adamw"
                 params, mem, tps = COST[method]
-                add_run(root, rows, f"r{rank}-{method}-s{seed}", {"rank": str(rank), **seeded(method, seed)},
-                        [{"step": i + 1, "loss": v} for i, v in enumerate(curve(method, rank, seed))],
-                        {"test_accuracy": ACCURACY[method, rank][seed], "trainable_params": params,
-                         "peak_memory_mb": mem, "time_per_step_s": tps},
-                        config=f"adapter: {{method: lora, rank: {rank}}}\nperturbation: {{method: {p_method}}}\n"
-                               f"training: {{seed: {seed}}}\n")
+                add_run(
+                    root,
+                    rows,
+                    f"r{rank}-{method}-s{seed}",
+                    {"rank": str(rank), **seeded(method, seed)},
+                    [{"step": i + 1, "loss": v} for i, v in enumerate(curve(method, rank, seed))],
+                    {
+                        "test_accuracy": ACCURACY[method, rank][seed],
+                        "trainable_params": params,
+                        "peak_memory_mb": mem,
+                        "time_per_step_s": tps,
+                    },
+                    config=f"adapter: {{method: lora, rank: {rank}}}\nperturbation: {{method: {p_method}}}\n"
+                    f"training: {{seed: {seed}}}\n",
+                )
     failed = root / "r64-LoRA-s3"
     failed.mkdir()
-    rows.append({"index": len(rows), "name": failed.name, "status": "failed", "output_dir": str(failed),
-                 "labels": {"rank": "64", "method": "LoRA", "training.seed": 3},
-                 "error": "exit code 2\nerror: out of memory"})
+    rows.append(
+        {
+            "index": len(rows),
+            "name": failed.name,
+            "status": "failed",
+            "output_dir": str(failed),
+            "labels": {"rank": "64", "method": "LoRA", "training.seed": 3},
+            "error": "exit code 2\nerror: out of memory",
+        }
+    )
     write_index(root, "rank sweep", rows)
     (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
     return root
@@ -103,8 +122,9 @@ def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
     # the best mean of each column is bold: LoRA-MGPO in both panels here
     assert _md_row(md, "LoRA-MGPO")[1].startswith("**") and not _md_row(md, "LoRA")[1].startswith("**")
     # paired differences with the t interval, pooled over ranks and seeds
-    diff = paired_t([a for r in RANKS for a in ACCURACY["LoRA-MGPO", r]],
-                            [a for r in RANKS for a in ACCURACY["LoRA", r]])
+    diff = paired_t(
+        [a for r in RANKS for a in ACCURACY["LoRA-MGPO", r]], [a for r in RANKS for a in ACCURACY["LoRA", r]]
+    )
     cell = _md_row(md, "LoRA-MGPO − LoRA")[-1]
     assert f"{diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]" in cell
     # per-run double-descent numbers in runs.csv equal the measure computed on the logs
@@ -128,8 +148,11 @@ def test_report_tables_hold_the_numbers_of_the_fixture(sweep_dir, tmp_path):
         assert _md_row(cost, f"rank={rank} | LoRA-MGPO")[2:] == ["1,000", "1.00×", "550", "1.10×", "0.120", "1.20×"]
     # the failed run is listed with its error, not silently dropped
     assert "r64-LoRA-s3" in md and "out of memory" in md
-    assert {p.name for p in paths["figures"]} == {"rank-sweep-loss.png", "rank-sweep-test_accuracy.png",
-                                                  "rank-sweep-double-descent.png"}
+    assert {p.name for p in paths["figures"]} == {
+        "rank-sweep-loss.png",
+        "rank-sweep-test_accuracy.png",
+        "rank-sweep-double-descent.png",
+    }
     html = paths["html"].read_text()
     assert html.count("src='data:image/png;base64,") == 3 and "<img src='figures" not in html
 
@@ -142,8 +165,9 @@ def test_a_method_with_fewer_seeds_is_paired_on_the_seeds_both_have_and_says_n(s
     row = _md_row(md.split("### Difference")[1], "LoRA-MGPO − LoRA")
     r16 = paired_t(ACCURACY["LoRA-MGPO", 16][:2], ACCURACY["LoRA", 16][:2])
     assert row[1].strip("*") == f"{r16['mean']:+.4f} [{r16['low']:+.4f}, {r16['high']:+.4f}] n=2"
-    pooled = paired_t(ACCURACY["LoRA-MGPO", 16][:2] + ACCURACY["LoRA-MGPO", 64],
-                      ACCURACY["LoRA", 16][:2] + ACCURACY["LoRA", 64])
+    pooled = paired_t(
+        ACCURACY["LoRA-MGPO", 16][:2] + ACCURACY["LoRA-MGPO", 64], ACCURACY["LoRA", 16][:2] + ACCURACY["LoRA", 64]
+    )
     assert row[-1].strip("*") == f"{pooled['mean']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}] n=5 "
 
 
@@ -154,8 +178,15 @@ def test_a_column_whose_methods_have_different_seeds_shows_n_and_marks_no_best(s
     index = json.loads((sweep_dir / "index.json").read_text())
     rows = index["runs"]
     lucky = 0.99
-    add_run(sweep_dir, rows, "r16-LoRA-s3", {"rank": "16", **seeded("LoRA", 3)}, falling(),
-            {"test_accuracy": lucky}, config="adapter: {method: lora, rank: 16}\ntraining: {seed: 3}\n")
+    add_run(
+        sweep_dir,
+        rows,
+        "r16-LoRA-s3",
+        {"rank": "16", **seeded("LoRA", 3)},
+        falling(),
+        {"test_accuracy": lucky},
+        config="adapter: {method: lora, rank: 16}\ntraining: {seed: 3}\n",
+    )
     write_index(sweep_dir, "rank sweep", rows)
     lora16 = ACCURACY["LoRA", 16] + [lucky]
     assert np.mean(lora16) > np.mean(ACCURACY["LoRA-MGPO", 16])  # unpaired, LoRA would look best
@@ -179,8 +210,15 @@ def test_loose_run_folders_are_labelled_from_their_config(sweep_dir, tmp_path):
 
 def test_a_run_that_logged_no_loss_is_named_and_the_others_are_reported(sweep_dir, tmp_path):
     """max_steps below logging_steps: a finished run with metrics but an empty log.jsonl, given with a sweep."""
-    lone = add_run(tmp_path, [], "no-loss", {}, [], {"test_accuracy": 0.7},
-                   config="adapter: {method: lora}\nperturbation: {method: mgpo}\n")
+    lone = add_run(
+        tmp_path,
+        [],
+        "no-loss",
+        {},
+        [],
+        {"test_accuracy": 0.7},
+        config="adapter: {method: lora}\nperturbation: {method: mgpo}\n",
+    )
     result = CliRunner().invoke(app, ["report", str(sweep_dir), str(lone), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     md = (tmp_path / "r" / "report.md").read_text()
@@ -218,16 +256,31 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-@pytest.mark.skipif(chromium() is None, reason="no chromium binary on PATH: `bash scripts/install.sh --test` "
-                                                "installs Debian's chromium (apt-get install chromium)")
+@pytest.mark.skipif(
+    chromium() is None,
+    reason="no chromium binary on PATH: `bash scripts/install.sh --test` "
+    "installs Debian's chromium (apt-get install chromium)",
+)
 def test_html_report_renders_in_a_headless_browser(sweep_dir, tmp_path):
     paths = make_report([sweep_dir], tmp_path / "report")
     page = paths["html"].read_text()
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
-    proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = re.search(r'<pre id="__probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, proc.stderr[-2000:]
     probe = json.loads(found.group(1).replace("&quot;", '"'))
@@ -263,14 +316,26 @@ def test_curves_and_double_descent_use_the_clean_loss_where_a_run_logged_it(tmp_
     must be the clean curve's. A run from before the probe falls back to its loss, and the report says so."""
     t = np.arange(1, 61)
     as_trained = 1.5 * np.exp(-t / 10) + 0.1
-    clean = 1.5 * np.exp(-t / 10) + 0.4 + 0.5 * np.exp(-((t - 40) / 4) ** 2)
+    clean = 1.5 * np.exp(-t / 10) + 0.4 + 0.5 * np.exp(-(((t - 40) / 4) ** 2))
     root, rows = tmp_path / "probe", []
-    for method, preset, with_probe in (("LoRA", "lora", True), ("LoRA-MGPO", "lora-mgpo", True),
-                                       ("LoRA-MGPO old", "lora-mgpo", False)):
-        log = [{"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if with_probe and s % 2 == 0 else {})}
-               for s, a, c in zip(t, as_trained, clean)]
-        add_run(root, rows, method.replace(" ", "-"), seeded(method, 0), log, {"test_accuracy": 0.8},
-                config=f"perturbation: {{preset: {preset}}}\n")
+    for method, preset, with_probe in (
+        ("LoRA", "lora", True),
+        ("LoRA-MGPO", "lora-mgpo", True),
+        ("LoRA-MGPO old", "lora-mgpo", False),
+    ):
+        log = [
+            {"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if with_probe and s % 2 == 0 else {})}
+            for s, a, c in zip(t, as_trained, clean)
+        ]
+        add_run(
+            root,
+            rows,
+            method.replace(" ", "-"),
+            seeded(method, 0),
+            log,
+            {"test_accuracy": 0.8},
+            config=f"perturbation: {{preset: {preset}}}\n",
+        )
     write_index(root, "probe", rows)
     paths = make_report([root], tmp_path / "report")
     runs = {r["series"]: r for r in csv.DictReader(paths["csv"].open())}
@@ -318,24 +383,41 @@ def test_a_single_method_report_has_no_empty_difference_table_and_its_bars_start
 def test_the_perturbation_size_table_holds_medians_over_steps_averaged_over_seeds(tmp_path):
     """Runs that logged the optimizer's diagnostics get a row each (median over their steps, mean over seeds,
     non-finite steps left out); a run without them (LoRA) gets none."""
-    root, rows, expected = tmp_path / "diag", [], {}
+    root, rows = tmp_path / "diag", []
     for method, preset in (("LoRA", "lora"), ("LoRA-MGPO", "lora-mgpo")):
         for seed in (0, 1):
             log = []
             for step in range(1, 8):
                 row = {"step": step, "loss": 1.0 / step}
                 if method == "LoRA-MGPO":
-                    row.update({"radius_to_weight_mean": 0.01 * step * (seed + 1), "apn_capped": 1.0,
-                                "radius_to_update_mean": float("nan") if step == 1 else 3.0 + step,
-                                "apn_factor_mean": 10.0})
+                    row.update(
+                        {
+                            "radius_to_weight_mean": 0.01 * step * (seed + 1),
+                            "apn_capped": 1.0,
+                            "radius_to_update_mean": float("nan") if step == 1 else 3.0 + step,
+                            "apn_factor_mean": 10.0,
+                        }
+                    )
                 log.append(row)
-            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log, {"test_accuracy": 0.8},
-                    config=f"perturbation: {{preset: {preset}}}\n")
+            add_run(
+                root,
+                rows,
+                f"{method}-{seed}",
+                seeded(method, seed),
+                log,
+                {"test_accuracy": 0.8},
+                config=f"perturbation: {{preset: {preset}}}\n",
+            )
     write_index(root, "diag", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     table = md.split("### Perturbation size")[1].split("###")[0]
-    assert _md_row(table, "-")[1:] == ["LoRA-MGPO", f"{(0.04 + 0.08) / 2:.4f}", f"{np.median(range(5, 11)):.4f}",
-                                       "10.0000", "1.0000"]
+    assert _md_row(table, "-")[1:] == [
+        "LoRA-MGPO",
+        f"{(0.04 + 0.08) / 2:.4f}",
+        f"{np.median(range(5, 11)):.4f}",
+        "10.0000",
+        "1.0000",
+    ]
     assert "| - | LoRA |" not in table
     assert "radius factor k" in table and "apn=update" in table  # k is the rules' factor too, said so
 
@@ -348,14 +430,22 @@ def test_clean_loss_differences_and_what_the_perturbed_loss_would_have_said(tmp_
     for method, preset in (("LoRA", "lora"), ("LoRA-MGPO", "lora-mgpo")):
         for seed in range(4):
             bump = 0.3 * (seed + 1) if method == "LoRA" else 0.05 * seed
-            clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-((t - 40) / 4) ** 2) + 0.01 * seed
-            as_trained = 1.5 * np.exp(-t / 10) + 0.1 + (0.6 * np.exp(-((t - 20) / 3) ** 2) if seed % 2 else 0)
-            log = [{"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if s % 2 == 0 else {})}
-                   for s, a, c in zip(t, as_trained, clean)]
+            clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-(((t - 40) / 4) ** 2)) + 0.01 * seed
+            as_trained = 1.5 * np.exp(-t / 10) + 0.1 + (0.6 * np.exp(-(((t - 20) / 3) ** 2)) if seed % 2 else 0)
+            log = [
+                {"step": int(s), "loss": float(a), **({"clean_loss": float(c)} if s % 2 == 0 else {})}
+                for s, a, c in zip(t, as_trained, clean)
+            ]
             final[method, seed] = float(clean[-1]) + (0.05 + 0.01 * seed if method == "LoRA" else 0.0)
-            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log,
-                    {"test_accuracy": 0.8, "final_clean_loss": final[method, seed]},
-                    config=f"perturbation: {{preset: {preset}}}\n")
+            add_run(
+                root,
+                rows,
+                f"{method}-{seed}",
+                seeded(method, seed),
+                log,
+                {"test_accuracy": 0.8, "final_clean_loss": final[method, seed]},
+                config=f"perturbation: {{preset: {preset}}}\n",
+            )
             rises[method, seed] = double_descent(t[1::2], clean[1::2])["rise_rel"]
             trained[method, seed] = double_descent(t, as_trained)
     write_index(root, "dd", rows)
@@ -387,7 +477,7 @@ def test_a_lower_double_descent_rise_of_runs_that_never_trained_is_marked_stalle
                 clean = 0.69 - 0.014 * (1 - np.exp(-t / 10)) + 0.001 * np.sin(t + seed)
             else:
                 bump = (0.3 if method == "LoRA" else 0.1) * (seed + 1)
-                clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-((t - 40) / 4) ** 2)
+                clean = 1.5 * np.exp(-t / 10) + 0.4 + bump * np.exp(-(((t - 40) / 4) ** 2))
             log = [{"step": int(s), "loss": float(c), "clean_loss": float(c)} for s, c in zip(t, clean)]
             add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log, {"test_accuracy": 0.8})
     write_index(root, "dd", rows)
@@ -413,16 +503,23 @@ def test_stalled_runs_are_marked_in_the_double_descent_table_and_figure(tmp_path
                 if method == "Stalls" and panel == "b":
                     clean = 0.69 - 0.014 * (1 - np.exp(-t / 10)) + 0.001 * np.sin(t + seed)
                 else:
-                    clean = 1.5 * np.exp(-t / 10) + 0.4 + 0.3 * np.exp(-((t - 40) / 4) ** 2)
+                    clean = 1.5 * np.exp(-t / 10) + 0.4 + 0.3 * np.exp(-(((t - 40) / 4) ** 2))
                 log = [{"step": int(s), "loss": float(c), "clean_loss": float(c)} for s, c in zip(t, clean)]
-                add_run(root, rows, f"{panel}-{method}-{seed}", {"panel": panel, **seeded(method, seed)}, log,
-                        {"test_accuracy": 0.8})
+                add_run(
+                    root,
+                    rows,
+                    f"{panel}-{method}-{seed}",
+                    {"panel": panel, **seeded(method, seed)},
+                    log,
+                    {"test_accuracy": 0.8},
+                )
     write_index(root, "dd2", rows)
     figures = {}
 
     def keep(fig, out_png):
-        figures[out_png.name] = [t.get_text() for ax in fig.axes if ax.get_legend()
-                                 for t in ax.get_legend().get_texts()] + [ax.get_title() for ax in fig.axes]
+        figures[out_png.name] = [
+            t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()
+        ] + [ax.get_title() for ax in fig.axes]
         out_png.parent.mkdir(parents=True, exist_ok=True)
         out_png.write_bytes(b"")
         return out_png
@@ -455,8 +552,14 @@ def test_loss_legend_names_each_method_once_and_the_table_says_its_smoothing_win
         for method in ("LoRA", "Other"):
             for seed in range(3 if (panel, method) != ("b", "LoRA") else 2):
                 log = [{"step": i + 1, "loss": 1 / (i + 1), "clean_loss": 1 / (i + 1)} for i in range(40)]
-                add_run(root, rows, f"{panel}-{method}-{seed}", {"panel": panel, **seeded(method, seed)}, log,
-                        {"test_accuracy": 0.8})
+                add_run(
+                    root,
+                    rows,
+                    f"{panel}-{method}-{seed}",
+                    {"panel": panel, **seeded(method, seed)},
+                    log,
+                    {"test_accuracy": 0.8},
+                )
     write_index(root, "legend", rows)
     legends = {}
 
@@ -477,6 +580,7 @@ def test_a_copied_sweep_folder_is_read_from_the_copy_not_from_where_the_sweep_wr
     """scripts/clean-experiments.sh keeps finished runs under docs/; their index.json still names runs/...: the
     report of the copy must show the copy's runs even while the originals (here: other numbers) still exist."""
     import shutil
+
     root, rows = tmp_path / "runs" / "sweep", []
     for seed in range(2):
         add_run(root, rows, f"LoRA-s{seed}", seeded("LoRA", seed), falling(), {"test_accuracy": 0.5})
@@ -532,10 +636,18 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     baseline per sweep, with the t interval of that sweep's difference table, and the verdict column naming
     the sweeps where the interval excludes 0 on the bad side."""
     values = {  # sweep -> method -> per seed
-        "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79],
-                "Only here": [0.81, 0.82, 0.80, 0.80]},
-        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47], "Other": [0.50, 0.54, 0.49, 0.52],
-                 "Collapsed": [0.5, float("nan"), 0.5, 0.5]},
+        "acc": {
+            "LoRA": [0.80, 0.82, 0.81, 0.79],
+            "Rule": [0.70, 0.71, 0.72, 0.69],
+            "Other": [0.81, 0.80, 0.83, 0.79],
+            "Only here": [0.81, 0.82, 0.80, 0.80],
+        },
+        "loss": {
+            "LoRA": [0.50, 0.52, 0.51, 0.49],
+            "Rule": [0.48, 0.50, 0.48, 0.47],
+            "Other": [0.50, 0.54, 0.49, 0.52],
+            "Collapsed": [0.5, float("nan"), 0.5, 0.5],
+        },
     }
     dirs = metric_sweeps(tmp_path, values)
     md = make_report(dirs, tmp_path / "report")["markdown"].read_text()
@@ -560,12 +672,23 @@ def test_a_method_one_setting_of_a_sweep_did_not_run_is_absent_there_not_pending
     from mgpo.pipelines.report import figures as report_figures
 
     root, rows = tmp_path / "grids", []
-    per_seed = {("LoRA", "8"): [0.80, 0.82, 0.81], ("Rule", "8"): [0.81, 0.82, 0.80], ("Full", "8"): [0.79, 0.83, 0.82],
-                ("LoRA", "128"): [0.60, 0.62, 0.61], ("Rule", "128"): [0.61, 0.63, 0.60]}
+    per_seed = {
+        ("LoRA", "8"): [0.80, 0.82, 0.81],
+        ("Rule", "8"): [0.81, 0.82, 0.80],
+        ("Full", "8"): [0.79, 0.83, 0.82],
+        ("LoRA", "128"): [0.60, 0.62, 0.61],
+        ("Rule", "128"): [0.61, 0.63, 0.60],
+    }
     for (method, rank), values in per_seed.items():
         for seed, v in enumerate(values):
-            add_run(root, rows, f"r{rank}-{method}-s{seed}", {"rank": rank, **seeded(method, seed)}, falling(1),
-                    {"test_accuracy": v})
+            add_run(
+                root,
+                rows,
+                f"r{rank}-{method}-s{seed}",
+                {"rank": rank, **seeded(method, seed)},
+                falling(1),
+                {"test_accuracy": v},
+            )
     write_index(root, "grids", rows)
     (root / "sweep.yaml").write_text("report: {baseline: LoRA}\n")
     other = metric_sweeps(tmp_path, {"acc": {"LoRA": [0.8, 0.81, 0.79], "Rule": [0.8, 0.8, 0.8]}})
@@ -573,15 +696,24 @@ def test_a_method_one_setting_of_a_sweep_did_not_run_is_absent_there_not_pending
 
     def keep(fig, out_png):
         if out_png.name == "across-experiments.png":
-            drawn.update({ax.get_title(): ([t.get_text() for t in ax.get_yticklabels()],
-                                           [t.get_text() for t in ax.texts]) for ax in fig.axes if ax.get_visible()})
+            drawn.update(
+                {
+                    ax.get_title(): ([t.get_text() for t in ax.get_yticklabels()], [t.get_text() for t in ax.texts])
+                    for ax in fig.axes
+                    if ax.get_visible()
+                }
+            )
         out_png.parent.mkdir(parents=True, exist_ok=True)
         out_png.write_bytes(b"")
         return out_png
 
     monkeypatch.setattr(report_figures, "_save", keep)
-    table = make_report([root, *other], tmp_path / "report")["markdown"].read_text().split(
-        "## Across experiments")[1].split("\n## ")[0]
+    table = (
+        make_report([root, *other], tmp_path / "report")["markdown"]
+        .read_text()
+        .split("## Across experiments")[1]
+        .split("\n## ")[0]
+    )
     header = [c.strip() for c in table.splitlines()[4].strip("|").split("|")]
     full = dict(zip(header, _md_row(table, "Full")))
     at8 = next(v for k, v in full.items() if "grids" in k and "8" in k and "128" not in k)
@@ -590,8 +722,8 @@ def test_a_method_one_setting_of_a_sweep_did_not_run_is_absent_there_not_pending
     assert at8 == f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n=3"
     assert at128 == "not in this setting" and full["significantly worse in"] == "nowhere"
     assert next(v for k, v in full.items() if k.startswith("acc")) == "not in this sweep"
-    (rows128, texts128), = [v for k, v in drawn.items() if "grids" in k and "128" in k]
-    (rows8, _), = [v for k, v in drawn.items() if "grids" in k and "128" not in k]
+    ((rows128, texts128),) = [v for k, v in drawn.items() if "grids" in k and "128" in k]
+    ((rows8, _),) = [v for k, v in drawn.items() if "grids" in k and "128" not in k]
     assert rows128 == ["Rule"] and "no pairs yet" not in texts128 and rows8 == ["Rule", "Full"]
 
 
@@ -601,10 +733,11 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
     better), grey otherwise; a panel lists only its sweep's methods (a method it did not run is not drawn at 0)."""
     from mgpo.pipelines.report import figures as report_figures
 
-    values = {"acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69],
-                      "Other": [0.81, 0.80, 0.83, 0.79]},
-              "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47]},
-              "alone": {"LoRA": [0.80, 0.81, 0.79, 0.80]}}  # the baseline alone: nothing to compare, no column
+    values = {
+        "acc": {"LoRA": [0.80, 0.82, 0.81, 0.79], "Rule": [0.70, 0.71, 0.72, 0.69], "Other": [0.81, 0.80, 0.83, 0.79]},
+        "loss": {"LoRA": [0.50, 0.52, 0.51, 0.49], "Rule": [0.48, 0.50, 0.48, 0.47]},
+        "alone": {"LoRA": [0.80, 0.81, 0.79, 0.80]},
+    }  # the baseline alone: nothing to compare, no column
     dirs = metric_sweeps(tmp_path, values)
     drawn = {}
 
@@ -621,8 +754,12 @@ def test_the_across_experiments_figure_draws_each_interval_coloured_by_its_verdi
                     if len(xs) == 1 and line.get_marker() == "o":
                         points[labels[ticks.index(ys[0])]] = (xs[0], line.get_color())
                 caps = sorted(x for c in ax.collections for seg in c.get_segments() for x in (seg[0][0], seg[1][0]))
-                drawn[ax.get_title()] = {"points": points, "whiskers": caps, "rows": labels,
-                                         "texts": [t.get_text() for t in ax.texts]}
+                drawn[ax.get_title()] = {
+                    "points": points,
+                    "whiskers": caps,
+                    "rows": labels,
+                    "texts": [t.get_text() for t in ax.texts],
+                }
         out_png.parent.mkdir(parents=True, exist_ok=True)
         out_png.write_bytes(b"")
         return out_png
@@ -646,9 +783,14 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     root, rows = tmp_path / "load", []
     for method, loads in (("LoRA", [(1.0, 1.2, 1.5), (1.1, 1.4, 1.5)]), ("LoRA-MGPO", [(3.9, 4.1, 3.0), None])):
         for seed, load in enumerate(loads):
-            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), falling(1),
-                    {"test_accuracy": 0.8, "time_per_step_s": 0.5,
-                     **({"load_average": load, "cpus": 2} if load else {})})
+            add_run(
+                root,
+                rows,
+                f"{method}-{seed}",
+                seeded(method, seed),
+                falling(1),
+                {"test_accuracy": 0.8, "time_per_step_s": 0.5, **({"load_average": load, "cpus": 2} if load else {})},
+            )
     write_index(root, "load", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     cost = md.split("### Cost")[1].split("###")[0]
@@ -663,9 +805,19 @@ def test_cost_is_compared_within_each_panel_whatever_runs_have_finished(tmp_path
     root, rows = tmp_path / "panels", []
     for rank, methods in ((8, ("LoRA", "LoRA-MGPO")), (128, ("LoRA",))):
         for method in methods:
-            add_run(root, rows, f"r{rank}-{method}", {"rank": str(rank), **seeded(method, 0)}, falling(1),
-                    {"test_accuracy": 0.8, "trainable_params": 1000 * rank, "time_per_step_s": rank / 100,
-                     "wall_time_s": 600.0 * rank})
+            add_run(
+                root,
+                rows,
+                f"r{rank}-{method}",
+                {"rank": str(rank), **seeded(method, 0)},
+                falling(1),
+                {
+                    "test_accuracy": 0.8,
+                    "trainable_params": 1000 * rank,
+                    "time_per_step_s": rank / 100,
+                    "wall_time_s": 600.0 * rank,
+                },
+            )
     write_index(root, "panels", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     assert f"Wall time of the finished runs: {600 * (8 + 8 + 128) / 3600:.2f} h in all (3 runs;" in md
@@ -739,9 +891,12 @@ def test_figures_join_no_settings_by_a_line_and_each_bar_says_its_seeds(sweep_di
 
     def keep(fig, out_png):
         ax = fig.axes[0]
-        figures[out_png.name] = {"lines": [(line.get_linestyle(), tuple(line.get_xdata())) for line in ax.lines
-                                           if len(line.get_xdata()) > 1],
-                                 "texts": [t.get_text() for t in ax.texts]}
+        figures[out_png.name] = {
+            "lines": [
+                (line.get_linestyle(), tuple(line.get_xdata())) for line in ax.lines if len(line.get_xdata()) > 1
+            ],
+            "texts": [t.get_text() for t in ax.texts],
+        }
         out_png.parent.mkdir(parents=True, exist_ok=True)
         out_png.write_bytes(b"")
         return out_png
@@ -761,10 +916,19 @@ def test_a_radius_rule_has_no_apn_cap_and_the_table_says_so(tmp_path):
     a 0 that reads as 'no layer reached it'."""
     root, rows = tmp_path / "rule", []
     for method, apn in (("LoRA-MGPO", "inverse"), ("MGPO weight-rule", "weight")):
-        log = [{"step": s, "loss": 1.0 / s, "apn_capped": 1.0 if apn == "inverse" else 0.0, "apn_factor_mean": 5.0}
-               for s in range(1, 6)]
-        add_run(root, rows, f"{apn}-0", {"method": method, "training.seed": 0}, log, {"test_accuracy": 0.8},
-                config=f"perturbation: {{method: mgpo, apn: {apn}, max_scale: 10.0}}\n")
+        log = [
+            {"step": s, "loss": 1.0 / s, "apn_capped": 1.0 if apn == "inverse" else 0.0, "apn_factor_mean": 5.0}
+            for s in range(1, 6)
+        ]
+        add_run(
+            root,
+            rows,
+            f"{apn}-0",
+            {"method": method, "training.seed": 0},
+            log,
+            {"test_accuracy": 0.8},
+            config=f"perturbation: {{method: mgpo, apn: {apn}, max_scale: 10.0}}\n",
+        )
     write_index(root, "rule", rows)
     table = make_report([root], tmp_path / "report")["markdown"].read_text().split("### Perturbation size")[1]
     assert _md_row(table, "- | LoRA-MGPO")[-1] == "1.0000"
@@ -778,9 +942,17 @@ def test_a_difference_that_is_the_same_in_every_pair_says_so_instead_of_a_zero_w
     for method in ("LoRA", "LoRA-MGPO"):
         for seed in range(3):
             log = [{"step": i + 1, "loss": 1 / (i + 1), "clean_loss": 1 / (i + 1)} for i in range(20)]
-            add_run(root, rows, f"{method}-{seed}", seeded(method, seed), log,
-                    {"test_accuracy": 0.8 + 0.01 * seed + (0.02 if method == "LoRA" else 0),
-                     "final_clean_loss": 0.05 + 0.01 * seed})
+            add_run(
+                root,
+                rows,
+                f"{method}-{seed}",
+                seeded(method, seed),
+                log,
+                {
+                    "test_accuracy": 0.8 + 0.01 * seed + (0.02 if method == "LoRA" else 0),
+                    "final_clean_loss": 0.05 + 0.01 * seed,
+                },
+            )
     write_index(root, "flat", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
     rise = md.split("in the double-descent rise on the clean loss")[1].split("###")[0]
@@ -800,15 +972,24 @@ def test_accuracy_bars_draw_the_chance_level_the_runs_recorded_and_the_table_sta
         for method, share in zip(("LoRA", "LoRA-MGPO"), shares):
             for seed in (0, 1):
                 metrics = {"test_accuracy": 0.8 + 0.01 * seed} | ({"test_majority": share} if share else {})
-                add_run(root, rows, f"{panel}-{method}-s{seed}", {"setting": panel, **seeded(method, seed)},
-                        falling(), metrics)
+                add_run(
+                    root,
+                    rows,
+                    f"{panel}-{method}-s{seed}",
+                    {"setting": panel, **seeded(method, seed)},
+                    falling(),
+                    metrics,
+                )
     write_index(root, "chance", rows)
     lines = {}
 
     def keep(fig, out_png):
         ax = fig.axes[0]
-        lines[out_png.name] = [(tuple(seg[:, 1]), tuple(seg[:, 0])) for c in ax.collections
-                               for seg in c.get_segments()] if ax.collections else []
+        lines[out_png.name] = (
+            [(tuple(seg[:, 1]), tuple(seg[:, 0])) for c in ax.collections for seg in c.get_segments()]
+            if ax.collections
+            else []
+        )
         lines[out_png.name + ":legend"] = ax.get_legend_handles_labels()[1]
         out_png.parent.mkdir(parents=True, exist_ok=True)
         out_png.write_bytes(b"")
@@ -820,9 +1001,11 @@ def test_accuracy_bars_draw_the_chance_level_the_runs_recorded_and_the_table_sta
     assert len(drawn) == 1 and drawn[0][1][0] < 0 < drawn[0][1][1]  # over panel a's group only
     assert not [seg for seg in lines["sweep-test_accuracy.png"] if seg[0][0] in (0.55, 0.5, 0.7)]
     assert lines["sweep-test_accuracy.png:legend"].count("chance (majority class)") == 1
-    assert ("as each run recorded it): setting=a: 0.6000 (the dashed line in the figure). No chance line for "
-            "setting=b: 2 of its 4 runs did not record it; setting=c: its runs recorded different shares "
-            "(0.5000-0.7000: different splits).") in md
+    assert (
+        "as each run recorded it): setting=a: 0.6000 (the dashed line in the figure). No chance line for "
+        "setting=b: 2 of its 4 runs did not record it; setting=c: its runs recorded different shares "
+        "(0.5000-0.7000: different splits)."
+    ) in md
 
 
 def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_from_the_spec(tmp_path):
@@ -830,25 +1013,51 @@ def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_
     start it with. Labelled from nothing, every pending run read as "LoRA", clashed with the finished LoRA run of
     its seed, and the progress report refused to be made."""
     root, rows = tmp_path / "methods", []
-    for adapter, preset, done in (("lora", "lora", True), ("lora", "lora-mgpo", True), ("dora", "lora", False),
-                                  ("dora", "lora-mgpo", False)):
+    for adapter, preset, done in (
+        ("lora", "lora", True),
+        ("lora", "lora-mgpo", True),
+        ("dora", "lora", False),
+        ("dora", "lora-mgpo", False),
+    ):
         labels = {"training.seed": 0, "adapter.method": adapter, "perturbation.preset": preset}
-        overrides = ["perturbation.profile=nlu", "perturbation.rho=0.005", f"adapter.method={adapter}",
-                     f"perturbation.preset={preset}", "training.seed=0"]
+        overrides = [
+            "perturbation.profile=nlu",
+            "perturbation.rho=0.005",
+            f"adapter.method={adapter}",
+            f"perturbation.preset={preset}",
+            "training.seed=0",
+        ]
         if done:
-            add_run(root, rows, f"{adapter}-{preset}-s0", labels, falling(),
-                    {"test_accuracy": 0.75 if preset == "lora" else 0.74},
-                    config=f"adapter: {{method: {adapter}}}\nperturbation: {{preset: {preset}, profile: nlu, "
-                           "rho: 0.005}\ntraining: {seed: 0}\n")
+            add_run(
+                root,
+                rows,
+                f"{adapter}-{preset}-s0",
+                labels,
+                falling(),
+                {"test_accuracy": 0.75 if preset == "lora" else 0.74},
+                config=f"adapter: {{method: {adapter}}}\nperturbation: {{preset: {preset}, profile: nlu, "
+                "rho: 0.005}\ntraining: {seed: 0}\n",
+            )
             rows[-1]["overrides"] = overrides
         else:
-            rows.append({"index": len(rows), "name": f"{adapter}-{preset}-s0", "status": "pending",
-                         "output_dir": str(root / f"{adapter}-{preset}-s0"), "labels": labels,
-                         "overrides": overrides})
+            rows.append(
+                {
+                    "index": len(rows),
+                    "name": f"{adapter}-{preset}-s0",
+                    "status": "pending",
+                    "output_dir": str(root / f"{adapter}-{preset}-s0"),
+                    "labels": labels,
+                    "overrides": overrides,
+                }
+            )
     write_index(root, "methods", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
-    assert [_md_row(md, m)[1] for m in ("LoRA", "LoRA-MGPO rho/10", "DoRA", "DoRA-MGPO rho/10")] == \
-        ["**0.7500**", "0.7400", "-", "-"]
+    assert [_md_row(md, m)[1] for m in ("LoRA", "LoRA-MGPO rho/10", "DoRA", "DoRA-MGPO rho/10")] == [
+        "**0.7500**",
+        "0.7400",
+        "-",
+        "-",
+    ]
     assert "| DoRA-MGPO_rho_10-s0 |" not in md and "| dora-lora-mgpo-s0 | pending |" in md
     # a spec whose base is a config file: the file's settings are not among the overrides, the index names it
     base = tmp_path / "base.yaml"
@@ -861,5 +1070,7 @@ def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_
     assert "is not on this machine" not in md
     base.unlink()  # the base file missing where the report is made: said, with the runs it touches
     md = make_report([root], tmp_path / "report-3")["markdown"].read_text()
-    assert (f"The sweep's base config {base} is not on this machine, so the 2 runs not started yet are labelled "
-            "from their overrides alone") in md and "(dora-lora-s0, dora-lora-mgpo-s0)" in md
+    assert (
+        f"The sweep's base config {base} is not on this machine, so the 2 runs not started yet are labelled "
+        "from their overrides alone"
+    ) in md and "(dora-lora-s0, dora-lora-mgpo-s0)" in md

@@ -104,21 +104,24 @@ def test_resume_refuses_another_configuration_naming_the_field(finished_run, tin
     (out / "metrics.json").unlink()
     saved = (out / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"training.lr: 0.005 -> 0.1\).*--restart"):  # the length alone may change
-        train(load_config(None, run_args(tiny_model_dir, sentiment_csv, out, "training.lr=0.1",
-                                         "training.max_steps=20")), resume=True)
+        train(
+            load_config(None, run_args(tiny_model_dir, sentiment_csv, out, "training.lr=0.1", "training.max_steps=20")),
+            resume=True,
+        )
     assert (out / "config.yaml").read_text() == saved  # refused before anything was written
     # where the folder is, progress display and diagnostics are not part of the run
     moved = out.rename(tmp_path / "moved")
-    cfg = load_config(None, run_args(tiny_model_dir, sentiment_csv, moved, "training.progress=true",
-                                     "perturbation.diagnostics=true"))
+    cfg = load_config(
+        None, run_args(tiny_model_dir, sentiment_csv, moved, "training.progress=true", "perturbation.diagnostics=true")
+    )
     assert changed_fields(moved / "config.yaml", cfg) == {}
     (moved / "config.yaml").write_text("model: [\n")
     assert "does not read as a configuration" in changed_fields(moved / "config.yaml", cfg)[str(moved / "config.yaml")]
 
 
-def test_a_finished_fsdp_run_is_refused_rather_than_trained_a_step_past_its_end(finished_run, tiny_model_dir,
-                                                                                 sentiment_csv, tmp_path,
-                                                                                 monkeypatch):
+def test_a_finished_fsdp_run_is_refused_rather_than_trained_a_step_past_its_end(
+    finished_run, tiny_model_dir, sentiment_csv, tmp_path, monkeypatch
+):
     """Under FSDP the checkpoint cannot be evaluated without training (GPU only, so the two processes and the GPU
     are stood in for): --resume of a run whose training finished says so instead of training one more step."""
     from mgpo.pipelines import ranks
@@ -144,8 +147,9 @@ def tensorboard_points(folder: Path, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
-def test_resumed_after_a_kill_sequence_matches_the_uninterrupted_run(finished_run, tiny_model_dir, sentiment_csv,
-                                                                     tmp_path):
+def test_resumed_after_a_kill_sequence_matches_the_uninterrupted_run(
+    finished_run, tiny_model_dir, sentiment_csv, tmp_path
+):
     """The state of a run killed during its last checkpoint save, after its log had rows past the checkpoint
     before, a torn last line and a summary row from a session that had finished: --resume falls back to
     checkpoint-8, and the adapter, log and TensorBoard points equal those of the run never interrupted."""
@@ -166,8 +170,9 @@ def test_resumed_after_a_kill_sequence_matches_the_uninterrupted_run(finished_ru
     rows = read_log(out / "log.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == list(range(2, STEPS + 1, 2))  # no gap, no duplicate
     assert sum("train_runtime" in r for r in rows) == 1
-    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in read_log(finished_run / "log.jsonl")
-                                                        if "loss" in r]
+    assert [r["loss"] for r in rows if "loss" in r] == [
+        r["loss"] for r in read_log(finished_run / "log.jsonl") if "loss" in r
+    ]
     csv_steps = [line.split(",")[0] for line in (out / "log.csv").read_text().splitlines()[1:]]
     assert csv_steps == [str(s) for s in range(2, STEPS + 1, 2)]
     assert tensorboard_points(out / "tensorboard", "train/loss") == list(range(2, STEPS + 1, 2))
@@ -201,8 +206,9 @@ def test_an_interrupted_log_rewrite_loses_no_row(tmp_path, monkeypatch):
     assert (out / "log.jsonl").read_text() == rows
 
 
-def test_a_start_that_fails_removes_the_folder_it_created_and_keeps_one_that_existed(tiny_model_dir,
-                                                                                    sentiment_csv, tmp_path):
+def test_a_start_that_fails_removes_the_folder_it_created_and_keeps_one_that_existed(
+    tiny_model_dir, sentiment_csv, tmp_path
+):
     out = tmp_path / "new"
     with pytest.raises(Exception):
         train(load_config(None, overrides(tiny_model_dir, sentiment_csv, out, "model.name=/nonexistent/model")))
@@ -224,14 +230,23 @@ def exploding_csv(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("preset", ["lora-mgpo", "lora"])
-def test_a_diverging_run_exits_3_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, exploding_csv,
-                                                                                    tmp_path, preset):
+def test_a_diverging_run_exits_3_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_model_dir, exploding_csv, tmp_path, preset
+):
     """Every step is non-finite: with max_skipped_steps=2 the run stops at step 3, exit status 3, the step and the
     last good checkpoint named, nothing saved from step 3 (no checkpoint, adapter or metrics)."""
     out = tmp_path / "run"
-    args = overrides(tiny_model_dir, exploding_csv, out, "data.task=regression", "data.label_column=score",
-                     f"perturbation.preset={preset}", "training.max_skipped_steps=2", "training.save_steps=1",
-                     "training.max_steps=20")
+    args = overrides(
+        tiny_model_dir,
+        exploding_csv,
+        out,
+        "data.task=regression",
+        "data.label_column=score",
+        f"perturbation.preset={preset}",
+        "training.max_skipped_steps=2",
+        "training.save_steps=1",
+        "training.max_steps=20",
+    )
     result = CliRunner().invoke(app, ["train", *args], env={"COLUMNS": "400"})
     assert result.exit_code == 3, result.output
     assert "diverged at step 3: 3 steps had a non-finite" in result.output, result.output
@@ -271,12 +286,16 @@ def test_non_finite_weights_stop_at_once_and_every_skip_is_counted():
         opt.step()
         opt.zero_grad()
         stop.on_step_end(None, SimpleNamespace(global_step=step), control, model=model, optimizer=opt)
-    assert opt.skipped_steps == 2 and stop.diverged[0] == 2 and "more than training.max_skipped_steps=1" in \
-        stop.diverged[1]
+    assert (
+        opt.skipped_steps == 2
+        and stop.diverged[0] == 2
+        and "more than training.max_skipped_steps=1" in stop.diverged[1]
+    )
 
 
-def test_resumed_after_its_training_had_finished_trains_no_further_step(finished_run, tiny_model_dir, sentiment_csv,
-                                                                         tmp_path):
+def test_resumed_after_its_training_had_finished_trains_no_further_step(
+    finished_run, tiny_model_dir, sentiment_csv, tmp_path
+):
     """Stopped (Ctrl-C, a kill) in the evaluation after training, with the last checkpoint at max_steps: --resume
     trained a step past it (the Trainer checks the limit after a step), saved checkpoint-13, logged and counted it
     (metrics.json: steps 13), and gave the session's whole time as time_per_step_s of that one step. Now it
@@ -298,15 +317,24 @@ def test_resumed_after_its_training_had_finished_trains_no_further_step(finished
     assert sum("train_runtime" in r for r in rows) == 1 and sum("validation_loss" in r for r in rows) == 1
 
 
-def test_early_stopping_resumed_mid_way_stops_where_the_uninterrupted_run_did(tiny_model_dir, sentiment_csv,
-                                                                             tmp_path):
+def test_early_stopping_resumed_mid_way_stops_where_the_uninterrupted_run_did(tiny_model_dir, sentiment_csv, tmp_path):
     """Killed after an evaluation that did not improve (patience counter 1 of 2), then resumed: the run stops at
     the step the uninterrupted one stopped at, not one patience later."""
+
     def args(out, steps):
-        return overrides(tiny_model_dir, sentiment_csv, out, f"training.max_steps={steps}", "training.lr=5e-2",
-                         "training.lr_scheduler=constant", "training.warmup_ratio=0", "training.eval_steps=2",
-                         "training.save_steps=2", "training.early_stopping_patience=2",
-                         "training.clean_loss_examples=16")
+        return overrides(
+            tiny_model_dir,
+            sentiment_csv,
+            out,
+            f"training.max_steps={steps}",
+            "training.lr=5e-2",
+            "training.lr_scheduler=constant",
+            "training.warmup_ratio=0",
+            "training.eval_steps=2",
+            "training.save_steps=2",
+            "training.early_stopping_patience=2",
+            "training.clean_loss_examples=16",
+        )
 
     out = tmp_path / "run"
     first = train(load_config(None, args(out, 60)))
@@ -329,10 +357,20 @@ def test_resumed_after_early_stopping_had_ended_it_trains_no_further_step(tiny_m
     """Early stopping ended the run at step N (checkpoint-N written), then the evaluation was stopped: --resume
     trained on to the next evaluation (N + eval_steps) and reported that as the run's steps."""
     out = tmp_path / "run"
-    args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=40", "training.lr=5e-2",
-                     "training.lr_scheduler=constant", "training.warmup_ratio=0", "training.eval_steps=2",
-                     "training.save_steps=2", "training.load_best_model=true", "training.early_stopping_patience=1",
-                     "training.clean_loss_examples=16")
+    args = overrides(
+        tiny_model_dir,
+        sentiment_csv,
+        out,
+        "training.max_steps=40",
+        "training.lr=5e-2",
+        "training.lr_scheduler=constant",
+        "training.warmup_ratio=0",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "training.load_best_model=true",
+        "training.early_stopping_patience=1",
+        "training.clean_loss_examples=16",
+    )
     first = train(load_config(None, args))
     assert first["stopped_early"] and first["steps"] < 40
     (out / "metrics.json").unlink()
@@ -347,8 +385,16 @@ def test_resumed_epoch_run_with_grad_accum_trains_its_last_partial_step(tiny_mod
     steps per epoch (the last one over the 1 micro-batch left). mgpo counted 16 // 3 = 5, so --resume from
     checkpoint-5 took the run for finished and evaluated it without its last step."""
     out = tmp_path / "run"
-    args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=-1", "training.epochs=1",
-                     "training.grad_accum=3", "training.save_steps=5", "training.clean_loss_examples=16")
+    args = overrides(
+        tiny_model_dir,
+        sentiment_csv,
+        out,
+        "training.max_steps=-1",
+        "training.epochs=1",
+        "training.grad_accum=3",
+        "training.save_steps=5",
+        "training.clean_loss_examples=16",
+    )
     first = train(load_config(None, args))
     assert first["steps"] == 6
     shutil.rmtree(out / "checkpoints" / "checkpoint-6")

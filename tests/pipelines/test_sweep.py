@@ -28,7 +28,9 @@ def write_spec(tmp_path: Path, text: str) -> Path:
 
 def test_grid_is_the_product_of_its_axes_in_order(tmp_path):
     (tmp_path / "base.yaml").write_text("training: {lr: 1.0e-3}\n")
-    spec = write_spec(tmp_path, """
+    spec = write_spec(
+        tmp_path,
+        """
 title: demo
 base: base.yaml
 set: {training.max_steps: 7}
@@ -39,10 +41,17 @@ grid:
   training.seed: [0, 1, 2]
 name: "{method}-s{training.seed}"
 output_dir: out
-""")
+""",
+    )
     sweep = load_sweep(spec, ["training.batch_size=4"], output_dir=tmp_path / "sweep")
-    assert [r.name for r in sweep.runs] == ["LoRA-s0", "LoRA-s1", "LoRA-s2", "LoRA-MGPO-s0", "LoRA-MGPO-s1",
-                                            "LoRA-MGPO-s2"]
+    assert [r.name for r in sweep.runs] == [
+        "LoRA-s0",
+        "LoRA-s1",
+        "LoRA-s2",
+        "LoRA-MGPO-s0",
+        "LoRA-MGPO-s1",
+        "LoRA-MGPO-s2",
+    ]
     assert sweep.runs[4].labels == {"method": "LoRA-MGPO", "training.seed": 1}
     configs = plan(sweep)
     c = configs[4]
@@ -55,22 +64,28 @@ output_dir: out
 
 
 def test_inline_base_and_default_names(tmp_path):
-    spec = write_spec(tmp_path, "base: {training: {lr: 0.002}, adapter: {method: dora}}\n"
-                                "grid: {adapter.rank: [4, 8]}\n")
+    spec = write_spec(
+        tmp_path, "base: {training: {lr: 0.002}, adapter: {method: dora}}\ngrid: {adapter.rank: [4, 8]}\n"
+    )
     sweep = load_sweep(spec)
     assert [r.name for r in sweep.runs] == ["rank4", "rank8"]
     assert sweep.output_dir == Path("runs/sweeps/spec")
-    assert [(c.adapter.method, c.adapter.rank, c.training.lr) for c in plan(sweep)] == [("dora", 4, 0.002),
-                                                                                        ("dora", 8, 0.002)]
+    assert [(c.adapter.method, c.adapter.rank, c.training.lr) for c in plan(sweep)] == [
+        ("dora", 4, 0.002),
+        ("dora", 8, 0.002),
+    ]
 
 
 def test_a_list_of_grids_joins_their_runs_in_order(tmp_path):
-    spec = write_spec(tmp_path, """
+    spec = write_spec(
+        tmp_path,
+        """
 grid:
   - {training.seed: [0, 1], method: {A: {training.lr: 0.001}, B: {training.lr: 0.002}}}
   - {training.seed: [2], method: {B: {training.lr: 0.002}}}
 name: "{method}-s{training.seed}"
-""")
+""",
+    )
     sweep = load_sweep(spec)
     assert [r.name for r in sweep.runs] == ["A-s0", "B-s0", "A-s1", "B-s1", "B-s2"]
     assert [r.index for r in sweep.runs] == [0, 1, 2, 3, 4]
@@ -79,8 +94,10 @@ name: "{method}-s{training.seed}"
 
 
 def test_a_run_folder_holding_another_configuration_is_refused(tmp_path):
-    spec = write_spec(tmp_path, "grid: {training.lr: [0.001, 0.002]}\nname: 'lr{training.lr}'\n"
-                                f"output_dir: {tmp_path / 'sweep'}\n")
+    spec = write_spec(
+        tmp_path,
+        f"grid: {{training.lr: [0.001, 0.002]}}\nname: 'lr{{training.lr}}'\noutput_dir: {tmp_path / 'sweep'}\n",
+    )
     sweep = load_sweep(spec)
     done, other = sweep.runs
     done.output_dir.mkdir(parents=True)
@@ -88,8 +105,13 @@ def test_a_run_folder_holding_another_configuration_is_refused(tmp_path):
     (done.output_dir / "metrics.json").write_text("{}")
     plan(sweep)  # the same configuration, written by this spec: fine
     # a finished run the spec now describes otherwise: skipping it would report the old run under the new spec
-    changed = load_sweep(write_spec(tmp_path, "grid: {training.lr: [0.001, 0.002]}\nname: 'lr{training.lr}'\n"
-                                              f"output_dir: {tmp_path / 'sweep'}\nset: {{training.seed: 7}}\n"))
+    changed = load_sweep(
+        write_spec(
+            tmp_path,
+            "grid: {training.lr: [0.001, 0.002]}\nname: 'lr{training.lr}'\n"
+            f"output_dir: {tmp_path / 'sweep'}\nset: {{training.seed: 7}}\n",
+        )
+    )
     with pytest.raises(ConfigError, match=r"1 run folder.*lr0.001 \(training.seed: 0 -> 7\).*move those"):
         plan(changed)
     result = CliRunner().invoke(app, ["sweep", str(tmp_path / "spec.yaml"), "--plan"])
@@ -97,17 +119,20 @@ def test_a_run_folder_holding_another_configuration_is_refused(tmp_path):
     assert not other.output_dir.exists()
 
 
-@pytest.mark.parametrize("text,message", [
-    ("grid: {}", "grid:"),
-    ("grid: {training.seed: 3}", "training.seed"),
-    ("grid: {training.seed: [0]}\nbsae: x.yaml", "'bsae'"),
-    ("grid: [{training.seed: [0]}, {training.lr: [0.1]}]", "same axes"),
-    ("grid: [{training.seed: [0]}, {training.seed: [0]}]", "overlapping"),
-    ("base: missing.yaml\ngrid: {training.seed: [0]}", "missing.yaml"),
-    ("grid: {training.seed: [0, 1]}\nname: run", "'run'"),
-    ("grid: {training.seed: [0]}\nname: '{seed}'", "{seed}"),
-    ("grid: {method: {A: adamw}}", "'A'"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("grid: {}", "grid:"),
+        ("grid: {training.seed: 3}", "training.seed"),
+        ("grid: {training.seed: [0]}\nbsae: x.yaml", "'bsae'"),
+        ("grid: [{training.seed: [0]}, {training.lr: [0.1]}]", "same axes"),
+        ("grid: [{training.seed: [0]}, {training.seed: [0]}]", "overlapping"),
+        ("base: missing.yaml\ngrid: {training.seed: [0]}", "missing.yaml"),
+        ("grid: {training.seed: [0, 1]}\nname: run", "'run'"),
+        ("grid: {training.seed: [0]}\nname: '{seed}'", "{seed}"),
+        ("grid: {method: {A: adamw}}", "'A'"),
+    ],
+)
 def test_bad_specs_are_clear_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
         load_sweep(write_spec(tmp_path, text))
@@ -133,15 +158,18 @@ def test_an_output_dir_that_cannot_be_a_folder_is_one_clear_line(tmp_path, where
 
 
 def sweep_spec(tmp_path, model_dir, csv, grid: str) -> Path:
-    return write_spec(tmp_path, f"""
+    return write_spec(
+        tmp_path,
+        f"""
 title: tiny
 base:
   model: {{name: {model_dir}, max_length: 16}}
   data: {{name: {csv}, text_column: review, label_column: stars}}
   training: {{batch_size: 8, lr: 5.0e-3, save_steps: 4, max_steps: 6}}
 grid: {grid}
-output_dir: {tmp_path / 'sweep'}
-""")
+output_dir: {tmp_path / "sweep"}
+""",
+    )
 
 
 def index(tmp_path) -> dict:
@@ -169,8 +197,13 @@ def test_a_killed_sweep_resumes(tmp_path, tiny_model_dir, sentiment_csv):  # noq
     run, resumes the second from its checkpoint and runs the third."""
     spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.max_steps: [6, 40, 5]}")
     second = tmp_path / "sweep" / "max_steps40"
-    proc = subprocess.Popen([sys.executable, "-m", "mgpo", "sweep", str(spec)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mgpo", "sweep", str(spec)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ},
+    )
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and run_state(second) != "partial":
         time.sleep(0.1)
@@ -201,19 +234,26 @@ def _pid_of(fragment: str) -> int | None:
     return None
 
 
-def test_a_run_stopped_by_a_signal_is_interrupted_not_failed_and_the_sweep_stops(tmp_path, tiny_model_dir,
-                                                                                 sentiment_csv):  # noqa: F811
+def test_a_run_stopped_by_a_signal_is_interrupted_not_failed_and_the_sweep_stops(
+    tmp_path, tiny_model_dir, sentiment_csv
+):  # noqa: F811
     """SIGTERM to the run alone (or Ctrl-C to a sweep started in the background, which ignores SIGINT): the run
     writes its checkpoint and exits 143; the sweep records it as interrupted (it used to say failed and start
     the next run) and stops with 130; the rerun resumes it."""
     spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.max_steps: [400, 5]}")
     first = tmp_path / "sweep" / "max_steps400"
-    proc = subprocess.Popen([sys.executable, "-m", "mgpo", "sweep", str(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mgpo", "sweep", str(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     deadline = time.time() + 400
-    while time.time() < deadline and not ((first / "log.jsonl").is_file() and
-                                          len((first / "log.jsonl").read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        (first / "log.jsonl").is_file() and len((first / "log.jsonl").read_text().splitlines()) >= 3
+    ):
         time.sleep(0.2)
     os.kill(_pid_of(f"training.output_dir={first}"), signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
@@ -230,9 +270,14 @@ def test_a_run_stopped_before_it_trains_is_interrupted_too(tmp_path, tiny_model_
     next run."""
     spec = sweep_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.max_steps: [400, 5]}")
     first = tmp_path / "sweep" / "max_steps400"
-    proc = subprocess.Popen([sys.executable, "-m", "mgpo", "sweep", str(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mgpo", "sweep", str(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     deadline, pid = time.time() + 120, None
     while time.time() < deadline and pid is None:
         pid = _pid_of(f"training.output_dir={first}")
@@ -254,10 +299,17 @@ def records(folder: Path) -> dict:
         metrics = json.loads((run / "metrics.json").read_text())
         adapter = sorted((run / "adapter").glob("*.safetensors")) if (run / "adapter").is_dir() else []
         out[run.name] = {
-            "metrics": {k: v for k, v in metrics.items() if not isinstance(v, str) and not any(
-                measured in k for measured in ("time", "wall", "per_second", "memory", "load_average"))},
-            "losses": [(r.get("step"), r.get("loss")) for r in map(json.loads, (run / "log.jsonl").read_text()
-                                                                     .splitlines()) if "loss" in r],
+            "metrics": {
+                k: v
+                for k, v in metrics.items()
+                if not isinstance(v, str)
+                and not any(measured in k for measured in ("time", "wall", "per_second", "memory", "load_average"))
+            },
+            "losses": [
+                (r.get("step"), r.get("loss"))
+                for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if "loss" in r
+            ],
             "adapter": [p.read_bytes() for p in adapter],
         }
     return out
@@ -285,6 +337,7 @@ def test_status_reads_the_run_folders(tmp_path, tiny_model_dir, sentiment_csv): 
     assert "done" in result.output and "failed" in result.output and "1 failed, 1 done" in result.output
     assert "both as text and as label" in " ".join(result.output.split()), result.output
     from mgpo.pipelines.executors import sweep_status, write_record
+
     sweep = load_sweep(spec)
     write_record(sweep.runs[0].output_dir, state="interrupted", error="exit code 143: stopped by SIGTERM")
     rows = {r["name"]: r for r in sweep_status(sweep)}

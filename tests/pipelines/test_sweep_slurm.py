@@ -23,9 +23,12 @@ from tests.slurm import local_slurm, needs_slurm  # noqa: F401 (fixture)
 ENDED = {"done", "failed", "interrupted"}
 
 
-def slurm_spec(tmp_path, model_dir, csv, grid: str, time_min: int = 10, steps: int = 6, name: str = "spec",
-               save_steps: int = 4) -> Path:
-    return write_spec(tmp_path, f"""
+def slurm_spec(
+    tmp_path, model_dir, csv, grid: str, time_min: int = 10, steps: int = 6, name: str = "spec", save_steps: int = 4
+) -> Path:
+    return write_spec(
+        tmp_path,
+        f"""
 title: tiny on slurm
 base:
   model: {{name: {model_dir}, max_length: 16}}
@@ -36,7 +39,8 @@ threads_per_run: 1
 executor: slurm
 slurm: {{partition: debug, time_min: {time_min}, cpus_per_run: 1, parallelism: 2}}
 output_dir: {tmp_path / name}
-""").rename(tmp_path / f"{name}.yaml")
+""",
+    ).rename(tmp_path / f"{name}.yaml")
 
 
 def wait_until(sweep, done, timeout: float = 240) -> dict:
@@ -59,8 +63,7 @@ def local_records(tmp_path, spec: Path, name: str) -> dict:
 
 
 @needs_slurm
-def test_an_array_of_four_runs_two_at_a_time_equals_a_local_run(tmp_path, local_slurm, tiny_model_dir,
-                                                                   sentiment_csv):  # noqa: F811
+def test_an_array_of_four_runs_two_at_a_time_equals_a_local_run(tmp_path, local_slurm, tiny_model_dir, sentiment_csv):  # noqa: F811
     spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0, 1, 2, 3]}")
     sweep = run_sweep(load_sweep(spec), progress=False)
     assert len(sweep.submitted) == 4
@@ -77,10 +80,11 @@ def test_an_array_of_four_runs_two_at_a_time_equals_a_local_run(tmp_path, local_
 
 
 @needs_slurm
-def test_a_failing_run_shows_its_error_and_the_others_finish(tmp_path, local_slurm, tiny_model_dir,
-                                                            sentiment_csv):  # noqa: F811
+def test_a_failing_run_shows_its_error_and_the_others_finish(tmp_path, local_slurm, tiny_model_dir, sentiment_csv):  # noqa: F811
     """A data path that passes the plan (a hub id: checked when the run loads it) and fails in its job."""
-    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, f"{{data.name: [no-such-org/no-such-data, {sentiment_csv}]}}")
+    spec = slurm_spec(
+        tmp_path, tiny_model_dir, sentiment_csv, f"{{data.name: [no-such-org/no-such-data, {sentiment_csv}]}}"
+    )
     sweep = run_sweep(load_sweep(spec), progress=False)
     rows = wait_until(sweep, lambda rows: all(r["state"] in ENDED for r in rows.values()))
     done, failed = rows[sweep.runs[1].name], rows[sweep.runs[0].name]
@@ -92,8 +96,9 @@ def test_a_failing_run_shows_its_error_and_the_others_finish(tmp_path, local_slu
 
 
 @needs_slurm
-def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(tmp_path, local_slurm, tiny_model_dir,
-                                                                         sentiment_csv):  # noqa: F811
+def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(
+    tmp_path, local_slurm, tiny_model_dir, sentiment_csv
+):  # noqa: F811
     spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", steps=300)
     sweep = run_sweep(load_sweep(spec), progress=False)
     out = sweep.runs[0].output_dir
@@ -115,14 +120,14 @@ def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(tmp_pa
 
 
 @needs_slurm
-def test_a_time_limit_checkpoints_requeues_and_finishes(tmp_path, local_slurm, tiny_model_dir,
-                                                       sentiment_csv):  # noqa: F811
+def test_a_time_limit_checkpoints_requeues_and_finishes(tmp_path, local_slurm, tiny_model_dir, sentiment_csv):  # noqa: F811
     """time_min 1: Slurm signals (USR2) before the limit, and up to a minute early: here 12 to 30-odd s after
     the start. The run stops after its checkpoint, is requeued, resumes, and (signalled again while it is still
     short of its steps) finishes on a later start: the adapter equals an uninterrupted run's. 1000 steps are
     about 40 s of training plus the start-up: the first start cannot finish before its signal (at most ~30 s)."""
-    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", time_min=1, steps=1000,
-                      save_steps=400)  # the stop on the signal writes its own checkpoint
+    spec = slurm_spec(
+        tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", time_min=1, steps=1000, save_steps=400
+    )  # the stop on the signal writes its own checkpoint
     sweep = run_sweep(load_sweep(spec), progress=False)
     out = sweep.runs[0].output_dir
     rows = wait_until(sweep, lambda rows: rows["seed0"]["state"] in ENDED, timeout=900)

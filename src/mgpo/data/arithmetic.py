@@ -33,8 +33,30 @@ __all__ = [
 ]
 
 NAMES = (
-    "Ava", "Ben", "Cleo", "Dan", "Emma", "Finn", "Gia", "Hugo", "Ivy", "Jack", "Kim", "Leo",
-    "Mia", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Omar", "Yuki", "Zoe", "Ravi", "Lena",
+    "Ava",
+    "Ben",
+    "Cleo",
+    "Dan",
+    "Emma",
+    "Finn",
+    "Gia",
+    "Hugo",
+    "Ivy",
+    "Jack",
+    "Kim",
+    "Leo",
+    "Mia",
+    "Noah",
+    "Olga",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Omar",
+    "Yuki",
+    "Zoe",
+    "Ravi",
+    "Lena",
 )
 
 SYMBOLS = {"+": "+", "-": "-", "*": "*", "/": "/"}
@@ -86,8 +108,7 @@ TEMPLATES: dict[str, Template] = {
             },
             final_ops={
                 "/": (
-                    ("{name} splits the money equally into {n} envelopes.",
-                     "How many dollars go in each envelope?"),
+                    ("{name} splits the money equally into {n} envelopes.", "How many dollars go in each envelope?"),
                 ),
             },
             words={
@@ -105,8 +126,10 @@ TEMPLATES: dict[str, Template] = {
             },
             final_ops={
                 "/": (
-                    ("{name} shares the cost equally with friends, {n} people in all.",
-                     "How many dollars does each person pay?"),
+                    (
+                        "{name} shares the cost equally with friends, {n} people in all.",
+                        "How many dollars does each person pay?",
+                    ),
                 ),
             },
             words={
@@ -125,10 +148,7 @@ TEMPLATES: dict[str, Template] = {
                 "*": ("{name} fills it up until there are {n} times as many {food}.",),
             },
             final_ops={
-                "/": (
-                    ("The {food} are shared equally among {n} children.",
-                     "How many {food} does each child get?"),
-                ),
+                "/": (("The {food} are shared equally among {n} children.", "How many {food} does each child get?"),),
             },
             words={
                 "box": ("basket", "jar", "box", "bowl"),
@@ -147,9 +167,7 @@ TEMPLATES: dict[str, Template] = {
                 "-": ("{n} {obj} are sold.", "{n} {obj} are broken and thrown away."),
             },
             final_ops={
-                "/": (
-                    ("The {obj} are packed into boxes of {n}.", "How many boxes are filled?"),
-                ),
+                "/": (("The {obj} are packed into boxes of {n}.", "How many boxes are filled?"),),
             },
             words={
                 "place": ("bakery", "factory", "workshop"),
@@ -179,8 +197,10 @@ TEMPLATES: dict[str, Template] = {
             },
             final_ops={
                 "/": (
-                    ("{name} gives all the {plant} equally to {n} neighbors.",
-                     "How many {plant} does each neighbor get?"),
+                    (
+                        "{name} gives all the {plant} equally to {n} neighbors.",
+                        "How many {plant} does each neighbor get?",
+                    ),
                 ),
             },
             words={"plant": ("carrots", "tulips", "beans", "onions", "roses")},
@@ -227,9 +247,7 @@ def _operand_choices(op: str, value: int, max_number: int) -> list[int]:
     raise ValueError(f"unknown op {op!r}")
 
 
-def sample_problem(
-    rng: random.Random, template: Template, n_steps: int, max_number: int
-) -> Problem:
+def sample_problem(rng: random.Random, template: Template, n_steps: int, max_number: int) -> Problem:
     """Draw one problem with exactly ``n_steps`` solution equations from ``template``."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")

@@ -113,13 +113,17 @@ def _load_local(path: Path) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     files = {p.stem: p for p in found}
     twice = sorted({p.stem for p in found if sum(q.stem == p.stem for q in found) > 1})
     if twice:
-        raise ValueError(f"folder {str(path)!r} has several {twice[0]} files "
-                         f"({', '.join(p.name for p in found if p.stem == twice[0])}); keep one")
+        raise ValueError(
+            f"folder {str(path)!r} has several {twice[0]} files "
+            f"({', '.join(p.name for p in found if p.stem == twice[0])}); keep one"
+        )
     unused = [files[s].name for s in SPLIT_FILE_STEMS["validation"] if s in files]
     if unused:  # causal-lm evaluates on test.*; a validation file would be ignored without a word
-        raise ValueError(f"folder {str(path)!r} has {unused[0]}, but causal-lm data uses train.* and test.* only (the "
-                         "test split is also what the validation loss is taken on): rename it to test.<ext>, or "
-                         "move it out of the folder")
+        raise ValueError(
+            f"folder {str(path)!r} has {unused[0]}, but causal-lm data uses train.* and test.* only (the "
+            "test split is also what the validation loss is taken on): rename it to test.<ext>, or "
+            "move it out of the folder"
+        )
     if "train" not in files:
         raise FileNotFoundError(
             f"folder {str(path)!r} has no train file; put train.jsonl (or .json/.csv/.parquet) there, "

@@ -76,8 +76,10 @@ def encoding_error(path: Path, encoding: str) -> DataError | None:
     where = undecodable_line(path, encoding)
     if where is None:
         return None
-    return DataError(f"{path} is not valid {encoding} at {where}; say which encoding the file uses with "
-                     "data.encoding=<name> (e.g. data.encoding=latin-1 or cp1252)")
+    return DataError(
+        f"{path} is not valid {encoding} at {where}; say which encoding the file uses with "
+        "data.encoding=<name> (e.g. data.encoding=latin-1 or cp1252)"
+    )
 
 
 def read_columns(path: Path, wanted: list[str], encoding: str = "utf-8") -> tuple[list[str], dict[str, list]]:
@@ -117,15 +119,22 @@ def check_local_data(name: str, task: str, columns: dict[str, str | None], encod
     Raises DataError naming the file, the column and the config key that fixes it."""
     files = local_split_files(Path(name).expanduser())
     required = {ours: theirs or ours for ours, theirs in columns.items() if theirs or ours != "text_pair"}
-    key = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column",
-           "prompt": "prompt_column", "response": "response_column"}
+    key = {
+        "text": "text_column",
+        "text_pair": "text_pair_column",
+        "label": "label_column",
+        "prompt": "prompt_column",
+        "response": "response_column",
+    }
     labels = {}
     for split, path in files.items():
         names, values = read_columns(path, list(required.values()), encoding)
         for ours, theirs in required.items():
             if theirs not in names:
-                raise DataError(f"{path} has no column {theirs!r} (columns: {', '.join(names) or 'none'}); set "
-                                f"data.{key[ours]}=<name> to the column that holds the {ours}")
+                raise DataError(
+                    f"{path} has no column {theirs!r} (columns: {', '.join(names) or 'none'}); set "
+                    f"data.{key[ours]}=<name> to the column that holds the {ours}"
+                )
         if task == "classification" and "label" in required:
             labels[split] = values.get(required["label"], [])
     check_labels_in_train(labels, files)
@@ -142,7 +151,8 @@ def check_labels_in_train(labels: dict[str, list], sources: dict) -> None:
                 raise DataError(
                     f"{sources.get(split, split)}: row {row} has label {value!r}, which never occurs in the training "
                     f"data ({sources.get('train', 'train')}); a model trained on it cannot predict that class. Add "
-                    "training rows with it, or remove those rows")
+                    "training rows with it, or remove those rows"
+                )
 
 
 def _label_key(value):

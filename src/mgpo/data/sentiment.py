@@ -177,10 +177,7 @@ def _pip_download(dest: Path) -> None:
 
 
 def _manual_hint(cache: Path) -> str:
-    return (
-        f"or download {SDIST_NAME} from https://pypi.org/project/vaderSentiment/3.3.2/#files "
-        f"and place it in {cache}"
-    )
+    return f"or download {SDIST_NAME} from https://pypi.org/project/vaderSentiment/3.3.2/#files and place it in {cache}"
 
 
 def _verify_sha256(path: Path) -> None:

@@ -28,9 +28,14 @@ import numpy as np
 import pyarrow as pa
 
 from mgpo.data.errors import DataError
-from mgpo.data.paths import FILE_BUILDERS, PATH_LIKE_SUFFIXES  # noqa: F401  (re-exported)
-from mgpo.data.paths import SPLIT_FILE_STEMS, local_split_files  # noqa: F401  (re-exported)
-from mgpo.data.paths import check_labels_in_train, encoding_error
+from mgpo.data.paths import (  # noqa: F401  (re-exported)  # noqa: F401  (re-exported)
+    FILE_BUILDERS,
+    PATH_LIKE_SUFFIXES,
+    SPLIT_FILE_STEMS,
+    check_labels_in_train,
+    encoding_error,
+    local_split_files,
+)
 from mgpo.data.paths import is_local_name as _is_local_name
 from mgpo.data.sentiment import CORPORA, load_sentiment_corpus
 from mgpo.hub import PROBE_TIMEOUT_S, offline_reason
@@ -41,8 +46,7 @@ SPLITS = ("train", "validation", "test")
 COLUMN_ARGS = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
 HUB_TIMEOUT_S = PROBE_TIMEOUT_S
 OFFLINE_ALTERNATIVES = (
-    "offline you can use a built-in corpus ('movie-reviews' or 'tweets') "
-    "or a local .csv, .jsonl or .parquet file"
+    "offline you can use a built-in corpus ('movie-reviews' or 'tweets') or a local .csv, .jsonl or .parquet file"
 )
 
 
@@ -60,7 +64,8 @@ class TextData:
     """Class names indexed by label id, when known."""
     sources: dict[str, str] = field(default_factory=dict)
     """Where each split came from: a file path, the hub, a built-in corpus, or "carved from train (10%, seed 0)";
-    a split cut by max_train_examples / max_eval_examples adds "; 60 of its 120 rows (data.max_eval_examples, seed 0)"."""
+    a split cut by max_train_examples / max_eval_examples adds "; 60 of its 120 rows (data.max_eval_examples, seed
+    0)"."""
 
 
 @dataclass(frozen=True)
@@ -146,13 +151,15 @@ def load_text_data(
 
     raw = {split: _select_columns(ds, columns, _where(name, split, raw)) for split, ds in raw.items()}
     if task == "classification":
-        check_labels_in_train({split: ds.with_format("arrow")["label"].to_pylist() for split, ds in raw.items()},
-                              sources)
+        check_labels_in_train(
+            {split: ds.with_format("arrow")["label"].to_pylist() for split, ds in raw.items()}, sources
+        )
     raw, num_labels, label_names = _encode_labels(raw, task, name, columns["label"] or "label")
     splits = _fill_missing_splits(raw, seed, val_fraction, test_fraction, name)
     fractions = {"validation": val_fraction, "test": test_fraction}
-    sources = {split: sources.get(split) or f"carved from train ({fractions[split] * 100:g}%, seed {seed})"
-               for split in SPLITS}
+    sources = {
+        split: sources.get(split) or f"carved from train ({fractions[split] * 100:g}%, seed {seed})" for split in SPLITS
+    }
     limits = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
     for split in SPLITS:
         rows = len(splits[split])
@@ -170,6 +177,7 @@ def load_text_data(
 
 def _warn_seen_in_train(splits: dict, name: str) -> None:
     """Evaluation rows whose text (and text pair) also occurs in train are scored on seen examples: said."""
+
     def keys(ds):
         return list(zip(*(ds[c] for c in ("text", "text_pair") if c in ds.column_names)))
 
@@ -178,14 +186,19 @@ def _warn_seen_in_train(splits: dict, name: str) -> None:
         rows = keys(splits[split])
         twice = sum(key in seen for key in rows)
         if twice:
-            warnings.warn(f"{twice} of the {len(rows)} {split} rows of {name!r} ({100 * twice / len(rows):.1f}%) "
-                          "have the same text as a training row: the "
-                          f"{split} score is partly on seen examples. Remove the duplicates from the data for a "
-                          "clean score.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{twice} of the {len(rows)} {split} rows of {name!r} ({100 * twice / len(rows):.1f}%) "
+                "have the same text as a training row: the "
+                f"{split} score is partly on seen examples. Remove the duplicates from the data for a "
+                "clean score.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
-def _check_classes_left_in_train(splits: dict, label_names: list[str] | None, sources: dict,
-                                 max_train: int | None) -> None:
+def _check_classes_left_in_train(
+    splits: dict, label_names: list[str] | None, sources: dict, max_train: int | None
+) -> None:
     """After carving and max_train_examples: a class in validation or test with no training row left cannot be
     learned (the check before carving saw the whole train file)."""
     seen = set(splits["train"]["label"])
@@ -197,7 +210,8 @@ def _check_classes_left_in_train(splits: dict, label_names: list[str] | None, so
             raise DataError(
                 f"class {label!r} occurs in the {split} split ({sources[split]}) but in none of the "
                 f"{len(splits['train'])} training rows left{cut}: a model trained on them cannot predict it. "
-                "Use more rows of that class, a larger data.max_train_examples, or another data.seed")
+                "Use more rows of that class, a larger data.max_train_examples, or another data.seed"
+            )
 
 
 def split_dataset(
@@ -380,8 +394,10 @@ def _select_columns(ds: datasets.Dataset, columns: dict[str, str | None], where:
             values = ds.with_format("arrow")[column]
             yours = columns[column] or column  # the user's name for it
             if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-                raise DataError(f"{where}: column {yours!r} holds {values.type}, not strings; set "
-                                f"data.{COLUMN_ARGS[column]} to a text column")
+                raise DataError(
+                    f"{where}: column {yours!r} holds {values.type}, not strings; set "
+                    f"data.{COLUMN_ARGS[column]} to a text column"
+                )
             _check_no_nulls(values, yours, where)
     return ds
 
@@ -419,11 +435,15 @@ def _encode_labels(raw: dict, task: str, name: str, label: str = "label") -> tup
         num_labels = max(max(ids) for ids in encoded.values()) + 1
         present = sorted({i for ids in encoded.values() for i in ids})
         if num_labels - len(present) > len(present):  # e.g. years: a head of 2,001 outputs for 2 classes
-            warnings.warn(f"{name!r}: the integer labels ({', '.join(map(str, present[:4]))}"
-                          f"{', ...' if len(present) > 4 else ''}) are taken as class ids 0..{num_labels - 1}, so "
-                          f"the model gets {num_labels} outputs of which {num_labels - len(present)} no row has. "
-                          "Give the labels as strings (numbered 0..K-1 in sorted order), renumber them, or use "
-                          "data.task=regression.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{name!r}: the integer labels ({', '.join(map(str, present[:4]))}"
+                f"{', ...' if len(present) > 4 else ''}) are taken as class ids 0..{num_labels - 1}, so "
+                f"the model gets {num_labels} outputs of which {num_labels - len(present)} no row has. "
+                "Give the labels as strings (numbered 0..K-1 in sorted order), renumber them, or use "
+                "data.task=regression.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     for split, labels in encoded.items():
         bad = [row for row, label in enumerate(labels, start=1) if not 0 <= label < num_labels]
         if task == "classification" and bad:
@@ -446,8 +466,7 @@ def _as_floats(values: pa.ChunkedArray, where: str) -> list[float]:
             number = float(value)
         except (TypeError, ValueError):
             raise DataError(
-                f"{where}: row {row} has label {value!r}, which is not a number; "
-                "task='regression' needs numeric labels"
+                f"{where}: row {row} has label {value!r}, which is not a number; task='regression' needs numeric labels"
             ) from None
         if not np.isfinite(number):
             raise DataError(f"{where}: row {row} has label {value!r}; regression labels must be finite")

@@ -9,8 +9,10 @@ __all__ = ["extract_answer", "is_correct", "normalize_number"]
 
 # "1,234.5" (thousands groups) or "1234.5"; a minus sign only when it does not follow a word
 # character, so "10-3" yields 10 and 3, not -3; "-$5" is -5 (the "$" is dropped by normalize_number).
-_NUMBER = re.compile(r"(?<![\w.])(?:-\$?)?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])(?:-\$?)?\d+(?:\.\d+)?"
-                     r"|(?<=\w)\d+(?:\.\d+)?")
+_NUMBER = re.compile(
+    r"(?<![\w.])(?:-\$?)?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])(?:-\$?)?\d+(?:\.\d+)?"
+    r"|(?<=\w)\d+(?:\.\d+)?"
+)
 
 
 def normalize_number(text: str) -> str | None:

@@ -16,14 +16,24 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from tqdm.auto import tqdm
 
 from .sandbox import RunResult, SandboxLimits, answers_visible, judge, judge_many
 
-__all__ = ["STOP_SEQUENCES", "load_problems", "answer_files", "build_prompt", "extract_completion", "build_program",
-           "build_tests", "check", "pass_at_k", "evaluate"]
+__all__ = [
+    "STOP_SEQUENCES",
+    "load_problems",
+    "answer_files",
+    "build_prompt",
+    "extract_completion",
+    "build_program",
+    "build_tests",
+    "check",
+    "pass_at_k",
+    "evaluate",
+]
 
 # A continuation of the function body ends where top-level code starts again.
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```")
@@ -84,7 +94,7 @@ def extract_completion(problem: dict, generated: str) -> str:
     code = generated
     fence = _FENCE.search(code)
     # A fence opens a code block unless indented code precedes it (then it closes a body continuation).
-    if fence and not re.search(r"^[ \t]+\S", code[:fence.start()], re.MULTILINE):
+    if fence and not re.search(r"^[ \t]+\S", code[: fence.start()], re.MULTILINE):
         code = fence.group(1)
     signature = re.search(rf"^def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE)
     if signature:
@@ -108,8 +118,7 @@ def build_tests(problem: dict) -> str:
     (HumanEval/33).
     """
     entry = problem["entry_point"]
-    return (problem["prompt"] + "\n\n" + problem["test"] + "\n\n"
-            + f"{entry} = candidate\ncheck(candidate)\n")
+    return problem["prompt"] + "\n\n" + problem["test"] + "\n\n" + f"{entry} = candidate\ncheck(candidate)\n"
 
 
 def _job(problem: dict, completion: str) -> tuple[str, str, str]:
@@ -164,8 +173,10 @@ def evaluate(
         raise ValueError("evaluate() got no problems: pass load_problems() or a non-empty subset of it.")
     bad = [x for x in ks if not 1 <= x <= samples_per_problem]
     if bad:
-        raise ValueError(f"k={bad} cannot be estimated from samples_per_problem={samples_per_problem}: "
-                         "use k <= samples_per_problem or draw more samples.")
+        raise ValueError(
+            f"k={bad} cannot be estimated from samples_per_problem={samples_per_problem}: "
+            "use k <= samples_per_problem or draw more samples."
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: use at least 1.")
     limits = limits or SandboxLimits()
@@ -176,30 +187,43 @@ def evaluate(
     outputs: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, total=len(starts), desc="humaneval: generating", disable=not progress):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         got = list(generate(batch))
         if len(got) != len(batch) or not all(isinstance(g, str) for g in got):
-            raise ValueError(f"generate() must return one str per prompt: got {len(got)} items for "
-                             f"{len(batch)} prompts ({sorted({type(g).__name__ for g in got})}).")
+            raise ValueError(
+                f"generate() must return one str per prompt: got {len(got)} items for "
+                f"{len(batch)} prompts ({sorted({type(g).__name__ for g in got})})."
+            )
         outputs.extend(got)
 
     completions = [extract_completion(problem, raw) for (problem, _), raw in zip(jobs, outputs)]
     graded = [_job(problem, comp) for (problem, _), comp in zip(jobs, completions)]
     results: list[RunResult] = []
     chunk = max(1, 4 * workers)
-    for start in tqdm(range(0, len(graded), chunk), total=math.ceil(len(graded) / chunk),
-                      desc="humaneval: running tests", disable=not progress):
-        results.extend(judge_many(graded[start:start + chunk], limits, workers=workers,
-                                  hidden=answer_files()))
+    for start in tqdm(
+        range(0, len(graded), chunk),
+        total=math.ceil(len(graded) / chunk),
+        desc="humaneval: running tests",
+        disable=not progress,
+    ):
+        results.extend(judge_many(graded[start : start + chunk], limits, workers=workers, hidden=answer_files()))
 
     if out_jsonl is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
         with open(out_jsonl, "w", encoding="utf-8") as f:
             for (problem, sample), raw, comp, res in zip(jobs, outputs, completions, results):
-                row = {"task_id": problem["task_id"], "sample": sample, "prompt": build_prompt(problem),
-                       "raw_output": raw, "completion": comp, "status": res.status, "passed": res.passed,
-                       "detail": res.detail[-1000:], "answers_visible": res.answers_visible,
-                       "hit_max_new_tokens": bool(getattr(raw, "hit_max_new_tokens", False))}
+                row = {
+                    "task_id": problem["task_id"],
+                    "sample": sample,
+                    "prompt": build_prompt(problem),
+                    "raw_output": raw,
+                    "completion": comp,
+                    "status": res.status,
+                    "passed": res.passed,
+                    "detail": res.detail[-1000:],
+                    "answers_visible": res.answers_visible,
+                    "hit_max_new_tokens": bool(getattr(raw, "hit_max_new_tokens", False)),
+                }
                 f.write(json.dumps(row) + "\n")
 
     correct = Counter()

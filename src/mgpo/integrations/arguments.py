@@ -9,7 +9,8 @@
 Every field of :class:`~mgpo.optim.configs.PerturbationConfig` is a field here with the prefix ``perturbation_``
 (``perturbation_method``, ``perturbation_rho``, ``perturbation_profile``, ...), plus ``loraplus_lr_ratio`` (PEFT's
 LoRA+ groups), so the settings are saved with the run in ``training_args.bin`` and in ``to_dict()``.
-``args.perturbation_config()`` gives the :class:`PerturbationConfig` back. ``mgpo.integrations.sft.PerturbationSFTConfig`` is the same for TRL.
+``args.perturbation_config()`` gives the :class:`PerturbationConfig` back.
+``mgpo.integrations.sft.PerturbationSFTConfig`` is the same for TRL.
 """
 
 from __future__ import annotations
@@ -26,29 +27,45 @@ PREFIX = "perturbation_"
 
 
 def _fields_of(config_cls) -> list[tuple]:
-    return [(PREFIX + f.name, f.type, dataclasses.field(default=f.default, metadata=dict(f.metadata)))
-            for f in dataclasses.fields(config_cls)]
+    return [
+        (PREFIX + f.name, f.type, dataclasses.field(default=f.default, metadata=dict(f.metadata)))
+        for f in dataclasses.fields(config_cls)
+    ]
 
 
-LORAPLUS = ("loraplus_lr_ratio", "float | None", dataclasses.field(default=None, metadata={
-    "help": "LoRA+: the B matrices learn this many times faster than A, with PEFT's own grouping "
-            "(peft.optimizers.create_loraplus_optimizer); unset: Hugging Face's decay groups."}))
+LORAPLUS = (
+    "loraplus_lr_ratio",
+    "float | None",
+    dataclasses.field(
+        default=None,
+        metadata={
+            "help": "LoRA+: the B matrices learn this many times faster than A, with PEFT's own grouping "
+            "(peft.optimizers.create_loraplus_optimizer); unset: Hugging Face's decay groups."
+        },
+    ),
+)
 
 
 class _PerturbationFieldsBase:
     def perturbation_config(self) -> PerturbationConfig:
         """The method's settings as a :class:`PerturbationConfig` (validated)."""
-        cfg = PerturbationConfig(**{f.name: getattr(self, PREFIX + f.name)
-                                    for f in dataclasses.fields(PerturbationConfig)})
+        cfg = PerturbationConfig(
+            **{f.name: getattr(self, PREFIX + f.name) for f in dataclasses.fields(PerturbationConfig)}
+        )
         cfg.validate()
         return cfg
 
 
 # A dataclass of the perturbation_* fields only, to mix into any TrainingArguments subclass.
 PerturbationArguments = dataclasses.make_dataclass(
-    "PerturbationArguments", [*_fields_of(PerturbationConfig), LORAPLUS], bases=(_PerturbationFieldsBase,),
-    namespace={"__module__": __name__,
-               "__doc__": "The perturbation_* fields (see the module docstring); mixed into the arguments."})
+    "PerturbationArguments",
+    [*_fields_of(PerturbationConfig), LORAPLUS],
+    bases=(_PerturbationFieldsBase,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": "The perturbation_* fields (see the module docstring); mixed into the arguments.",
+    },
+)
 
 
 @dataclasses.dataclass

@@ -29,8 +29,11 @@ PRIVATE_API: dict[str, tuple[str, ...]] = {
 }
 # Private attributes of instances (set in __init__), and names of internal modules that no public module exports.
 PRIVATE_INSTANCE_ATTRIBUTES = {"TensorBoardCallback._SummaryWriter": "the SummaryWriter class it opens"}
-INTERNAL_NAMES = ("transformers.trainer.OPTIMIZER_NAME", "transformers.trainer.SCHEDULER_NAME",
-                  "transformers.distributed.fsdp.get_fsdp_ckpt_kwargs")
+INTERNAL_NAMES = (
+    "transformers.trainer.OPTIMIZER_NAME",
+    "transformers.trainer.SCHEDULER_NAME",
+    "transformers.distributed.fsdp.get_fsdp_ckpt_kwargs",
+)
 
 
 # ------------------------------------------------------------------------------------------- calls

@@ -7,7 +7,8 @@ SEQ_CLS task type keeps the freshly initialised head fully trainable (``modules_
 Methods: ``lora``, ``dora`` (learned magnitudes), ``rslora`` (alpha / sqrt(r) scaling), ``pissa`` (SVD
 initialisation from the weights), ``loraplus`` (B learns ``loraplus_lr_ratio`` times faster than A: PEFT's
 ``create_loraplus_optimizer`` groups, through ``mgpo.create_optimizer(..., loraplus_lr_ratio=...)``),
-``adalora`` (rank re-allocation; call ``adapter_step`` every step), ``lora-ga`` (initialisation from a gradient estimate on a few batches) and ``full`` (no adapter, every
+``adalora`` (rank re-allocation; call ``adapter_step`` every step), ``lora-ga`` (initialisation from a gradient
+estimate on a few batches) and ``full`` (no adapter, every
 weight trains).
 """
 
@@ -56,8 +57,10 @@ def apply_adapter(
     common = dict(task_type=TASK_TYPES[task], target_modules=targets, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
     if cfg.method == "adalora":
         if total_steps is None or total_steps < 1:
-            raise ValueError(f"total_steps={total_steps!r}: method 'adalora' needs the number of training steps "
-                             "(>= 1) to schedule its rank budget; pass total_steps=...")
+            raise ValueError(
+                f"total_steps={total_steps!r}: method 'adalora' needs the number of training steps "
+                "(>= 1) to schedule its rank budget; pass total_steps=..."
+            )
         peft_config = AdaLoraConfig(
             init_r=cfg.adalora_init_rank,
             target_r=cfg.adalora_target_rank,
@@ -85,8 +88,10 @@ def apply_adapter(
 
 def _estimate_loraga_gradients(model, peft_config: LoraConfig, n_batches: int, grad_batches) -> None:
     if grad_batches is None:
-        raise ValueError("grad_batches=None: method 'lora-ga' needs a few training batches to estimate gradients; "
-                         "pass grad_batches=<callable returning an iterable of model-ready batches>.")
+        raise ValueError(
+            "grad_batches=None: method 'lora-ga' needs a few training batches to estimate gradients; "
+            "pass grad_batches=<callable returning an iterable of model-ready batches>."
+        )
     # preprocess_loraga runs before get_peft_model, so resolve 'all-linear' (minus the head) the way PEFT will.
     peft_config = _maybe_include_all_linear_layers(peft_config, model)
     seen = []

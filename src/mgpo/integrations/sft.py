@@ -21,8 +21,10 @@ except ModuleNotFoundError as err:  # name the extra that brings TRL rather than
     if err.name != "trl":
         raise
     raise ModuleNotFoundError(
-        "mgpo.integrations.sft needs TRL, which is not installed. Install it with: pip install -e \".[hf,trl]\" "
-        "(from a clone of mgpo) or pip install \"trl>=1.16,<2\".", name="trl") from None
+        'mgpo.integrations.sft needs TRL, which is not installed. Install it with: pip install -e ".[hf,trl]" '
+        '(from a clone of mgpo) or pip install "trl>=1.16,<2".',
+        name="trl",
+    ) from None
 
 from mgpo.integrations.arguments import PerturbationArguments, check_arguments
 from mgpo.integrations.trainer import perturbed

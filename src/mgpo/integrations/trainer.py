@@ -65,8 +65,8 @@ from mgpo.factory import _method_class, build_optimizer, create_optimizer, decay
 from mgpo.integrations import hf_private
 from mgpo.integrations.hf_private import TrainerOverrides
 from mgpo.integrations.peft_variants import AdapterConfig, adapter_step
-from mgpo.optim._base import NOT_COMPARED, PerturbedOptimizer
 from mgpo.optim import apn as apn_rules
+from mgpo.optim._base import NOT_COMPARED, PerturbedOptimizer
 from mgpo.optim.configs import DEFAULT_RHO, METHODS, PROFILES, PerturbationConfig
 from mgpo.optim.distributed import local_state, sharded_state
 from mgpo.probe import task_loss_only
@@ -74,15 +74,24 @@ from mgpo.probe import task_loss_only
 # The step after which the cap warning reads apn_capped, as the README tells a user to (gbar's EMA settles first)
 CAP_READ_STEPS = 50
 
-__all__ = ["METHODS", "PerturbationConfig", "PerturbationTrainer", "PerturbationTrainerMixin", "build_optimizer",
-           "base_optimizer_from_args", "perturbed", "unwrap_optimizer"]
+__all__ = [
+    "METHODS",
+    "PerturbationConfig",
+    "PerturbationTrainer",
+    "PerturbationTrainerMixin",
+    "build_optimizer",
+    "base_optimizer_from_args",
+    "perturbed",
+    "unwrap_optimizer",
+]
 
 # args.optim values whose class we can wrap (others that name a torch.optim.Optimizer class work as well).
 WRAPPABLE_OPTIM = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
 
 
-def base_optimizer_from_args(args: transformers.TrainingArguments, model: nn.Module | None = None
-                             ) -> tuple[type[torch.optim.Optimizer], dict]:
+def base_optimizer_from_args(
+    args: transformers.TrainingArguments, model: nn.Module | None = None
+) -> tuple[type[torch.optim.Optimizer], dict]:
     """The base optimizer class and its keywords (``lr``, ``betas``, ...) that ``args.optim`` names, through
     ``Trainer.get_optimizer_cls_and_kwargs``. Refuses optimizers that are not a plain optimizer class over
     param groups (GaLore, LOMO, Muon, layer-wise ones), naming the value and the ones we can wrap."""
@@ -91,12 +100,15 @@ def base_optimizer_from_args(args: transformers.TrainingArguments, model: nn.Mod
     try:
         optimizer_cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
     except (ImportError, ValueError) as err:
-        raise ValueError(f"args.optim={optim!r} cannot be used: {err} To train with a perturbation method, "
-                         f"{supported}.") from None
+        raise ValueError(
+            f"args.optim={optim!r} cannot be used: {err} To train with a perturbation method, {supported}."
+        ) from None
     special = {"params", "model", "optimizer_dict"} & set(kwargs)
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or special:
-        raise ValueError(f"args.optim={optim!r} builds its own parameter groups or optimizer, which a perturbation "
-                         f"method cannot wrap; {supported}.")
+        raise ValueError(
+            f"args.optim={optim!r} builds its own parameter groups or optimizer, which a perturbation "
+            f"method cannot wrap; {supported}."
+        )
     return optimizer_cls, dict(kwargs)
 
 
@@ -194,16 +206,25 @@ class PerturbationTrainerMixin(TrainerOverrides):
     wrapped the model with ``peft_config``.
     """
 
-    def __init__(self, *args, perturbation: PerturbationConfig | None = None, adapter: AdapterConfig | None = None,
-                 base_optimizer: type[torch.optim.Optimizer] | None = None, clean_loss_probe: Any = None,
-                 clean_loss_every: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        perturbation: PerturbationConfig | None = None,
+        adapter: AdapterConfig | None = None,
+        base_optimizer: type[torch.optim.Optimizer] | None = None,
+        clean_loss_probe: Any = None,
+        clean_loss_every: int | None = None,
+        **kwargs,
+    ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if hasattr(training_args, "perturbation_config"):
             from_args = training_args.perturbation_config()
             if perturbation is not None and perturbation != from_args:
-                raise ValueError(f"the perturbation method is given twice and the two disagree: perturbation="
-                                 f"{perturbation} and the arguments' perturbation_* fields ({from_args}); set it "
-                                 "in the arguments only.")
+                raise ValueError(
+                    f"the perturbation method is given twice and the two disagree: perturbation="
+                    f"{perturbation} and the arguments' perturbation_* fields ({from_args}); set it "
+                    "in the arguments only."
+                )
             perturbation = from_args
         self._perturbation_given = perturbation is not None  # the method was named: a given optimizer must be it
         self.perturbation = perturbation if perturbation is not None else PerturbationConfig()
@@ -235,13 +256,17 @@ class PerturbationTrainerMixin(TrainerOverrides):
         if every is None:
             return
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"clean_loss_every={every!r} is invalid: use 0 (off), a positive number of steps, or "
-                             "None (every logged step).")
+            raise ValueError(
+                f"clean_loss_every={every!r} is invalid: use 0 (off), a positive number of steps, or "
+                "None (every logged step)."
+            )
         by_steps = getattr(args.logging_strategy, "value", args.logging_strategy) == "steps"
         if every and by_steps and args.logging_steps >= 1 and every % args.logging_steps:
-            raise ValueError(f"clean_loss_every={every} is invalid: the clean loss is logged in the rows of the "
-                             f"training loss, so use a multiple of logging_steps={args.logging_steps:g} (e.g. "
-                             f"{-(-every // args.logging_steps) * int(args.logging_steps)}), 0 or None.")
+            raise ValueError(
+                f"clean_loss_every={every} is invalid: the clean loss is logged in the rows of the "
+                f"training loss, so use a multiple of logging_steps={args.logging_steps:g} (e.g. "
+                f"{-(-every // args.logging_steps) * int(args.logging_steps)}), 0 or None."
+            )
 
     # ------------------------------------------------------------------------------------------- optimizer
     @property
@@ -271,8 +296,13 @@ class PerturbationTrainerMixin(TrainerOverrides):
         else:
             base_cls, base_kwargs = self.base_optimizer, {"lr": args.learning_rate}
             takes = inspect.signature(base_cls).parameters  # Adam-like (NAdam, RAdam, Adamax too): args' betas, eps
-            base_kwargs.update({k: v for k, v in (("betas", (args.adam_beta1, args.adam_beta2)),
-                                                  ("eps", args.adam_epsilon)) if k in takes})
+            base_kwargs.update(
+                {
+                    k: v
+                    for k, v in (("betas", (args.adam_beta1, args.adam_beta2)), ("eps", args.adam_epsilon))
+                    if k in takes
+                }
+            )
         lr = base_kwargs.pop("lr")
         cfg = self.perturbation.resolved()
         ratio = getattr(args, "loraplus_lr_ratio", None)
@@ -285,14 +315,26 @@ class PerturbationTrainerMixin(TrainerOverrides):
             if cfg.method == "random":
                 settings["total_steps"] = self._total_steps
             self.optimizer = create_optimizer(
-                opt_model, base_cls, {"lr": lr, "weight_decay": args.weight_decay, **base_kwargs},
-                method=cfg.method, loraplus_lr_ratio=ratio, **settings)
+                opt_model,
+                base_cls,
+                {"lr": lr, "weight_decay": args.weight_decay, **base_kwargs},
+                method=cfg.method,
+                loraplus_lr_ratio=ratio,
+                **settings,
+            )
             return self.optimizer
         groups = decay_groups(opt_model, args.weight_decay, set(self.get_decay_parameter_names(opt_model)))
         total_steps = self._total_steps or (self.state.max_steps if self.state.max_steps > 0 else None)
-        self.optimizer = build_optimizer(opt_model, self.perturbation, groups, lr=lr,
-                                         weight_decay=args.weight_decay, total_steps=total_steps,
-                                         base_optimizer=base_cls, **base_kwargs)
+        self.optimizer = build_optimizer(
+            opt_model,
+            self.perturbation,
+            groups,
+            lr=lr,
+            weight_decay=args.weight_decay,
+            total_steps=total_steps,
+            base_optimizer=base_cls,
+            **base_kwargs,
+        )
         return self.optimizer
 
     def _check_given_optimizer(self) -> None:
@@ -310,22 +352,25 @@ class PerturbationTrainerMixin(TrainerOverrides):
                 f"perturbation_method={cfg.method!r} is named (arguments or perturbation=), but the optimizer passed "
                 f"to the trainer (optimizers= or optimizer_cls_and_kwargs) is {given}: the run would train as "
                 f"{given} while its saved arguments say {cfg.method!r}. Drop optimizers= / optimizer_cls_and_kwargs "
-                "to let the trainer build the method's optimizer, or pass one of the named method.")
+                "to let the trainer build the method's optimizer, or pass one of the named method."
+            )
         settings = {} if expected is None else cfg.method_config().kwargs()
         for key in sorted(set(settings) & set(getattr(opt, "hparams", {})) - NOT_COMPARED):
             if settings[key] != opt.hparams[key]:
                 raise ValueError(
                     f"perturbation_{key}={settings[key]!r} is named (arguments or perturbation=), but the optimizer "
                     f"passed to the trainer has {key}={opt.hparams[key]!r}. Give the same value to both, or drop "
-                    "optimizers= / optimizer_cls_and_kwargs to let the trainer build it from the arguments.")
+                    "optimizers= / optimizer_cls_and_kwargs to let the trainer build it from the arguments."
+                )
 
     # ------------------------------------------------------------------------------------------- SAM, gbar
     def training_step(self, model, inputs, num_items_in_batch=None):
         opt = self.perturbation_optimizer
         if getattr(opt, "two_pass", False):
             # Kept for the second pass at the optimizer step; a shallow copy, since compute_loss may pop keys.
-            self._steps.sam_window.append((model, dict(inputs) if isinstance(inputs, Mapping) else inputs,
-                                     num_items_in_batch))
+            self._steps.sam_window.append(
+                (model, dict(inputs) if isinstance(inputs, Mapping) else inputs, num_items_in_batch)
+            )
             opt.closure = self._second_pass
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.nonfinite_losses.device != loss.device:
@@ -352,8 +397,10 @@ class PerturbationTrainerMixin(TrainerOverrides):
         """SAM's closure: forward/backward over the stored micro-batches (weights now at W + eps)."""
         window, self._steps.sam_window = self._steps.sam_window, []
         if not window:
-            raise RuntimeError("SAM's second pass found no stored micro-batches: the optimizer was stepped outside "
-                               "PerturbationTrainer.training_step. Train through trainer.train().")
+            raise RuntimeError(
+                "SAM's second pass found no stored micro-batches: the optimizer was stepped outside "
+                "PerturbationTrainer.training_step. Train through trainer.train()."
+            )
         loss = None
         for i, (model, inputs, num_items) in enumerate(window):
             sync = contextlib.nullcontext() if i == len(window) - 1 else self.accelerator.no_sync(model)
@@ -388,8 +435,13 @@ class PerturbationTrainerMixin(TrainerOverrides):
             return False
         from accelerate.utils import save_fsdp_model
 
-        save_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir,
-                        **hf_private.fsdp_checkpoint_kwargs())
+        save_fsdp_model(
+            self.accelerator.state.fsdp_plugin,
+            self.accelerator,
+            self.model,
+            output_dir,
+            **hf_private.fsdp_checkpoint_kwargs(),
+        )
         torch.save(local_state(self.perturbation_optimizer.state_dict()), self._fsdp_optimizer_file(output_dir))
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{hf_private.scheduler_file_name()}")
@@ -408,11 +460,13 @@ class PerturbationTrainerMixin(TrainerOverrides):
             raise ValueError(
                 f"--resume under FSDP: {checkpoint} has no optimizer shard for rank {self.args.process_index} of "
                 f"{self.args.world_size} ({', '.join(found) or 'none'} found). Resume an FSDP run with the number "
-                "of processes it was saved with.")
+                "of processes it was saved with."
+            )
         opt = self.perturbation_optimizer
         opt.load_state_dict(sharded_state(torch.load(mine, map_location=self.args.device, weights_only=False), opt))
-        self.lr_scheduler.load_state_dict(torch.load(f"{checkpoint}/{hf_private.scheduler_file_name()}",
-                                                     weights_only=True))
+        self.lr_scheduler.load_state_dict(
+            torch.load(f"{checkpoint}/{hf_private.scheduler_file_name()}", weights_only=True)
+        )
         return True
 
     def _refuse_other_method(self, checkpoint: str) -> None:
@@ -430,7 +484,8 @@ class PerturbationTrainerMixin(TrainerOverrides):
         raise ValueError(
             f"resume_from_checkpoint={checkpoint!r}: its optimizer state was saved by {by}, but this run trains "
             f"with a plain {mine}. A resume never changes the method: resume with the method that wrote the "
-            "checkpoint (perturbation_method=...), or start a new run without resume_from_checkpoint.") from None
+            "checkpoint (perturbation_method=...), or start a new run without resume_from_checkpoint."
+        ) from None
 
     # ------------------------------------------------------------------------------------------- clean weights
     def _take_off_perturbation(self) -> None:
@@ -459,16 +514,18 @@ class PerturbationTrainerMixin(TrainerOverrides):
         from mgpo.probe import clean_loss
 
         if self.clean_loss_probe is None:
-            raise ValueError("clean_loss() needs a probe: pass clean_loss_probe=<a dataset of training examples> "
-                             "to the trainer.")
+            raise ValueError(
+                "clean_loss() needs a probe: pass clean_loss_probe=<a dataset of training examples> to the trainer."
+            )
         if self._probe_loader is None:  # the probe's batches, kept for the run; no sampler shards them over ranks
             probe, collator = self.clean_loss_probe, self.data_collator
             if isinstance(probe, datasets.Dataset):
                 probe = hf_private.remove_unused_columns(self, probe, "clean-loss probe")
             else:
                 collator = hf_private.collator_with_removed_columns(self, collator, "clean-loss probe")
-            self._probe_loader = torch.utils.data.DataLoader(probe, batch_size=self.args.per_device_eval_batch_size,
-                                                             collate_fn=collator, shuffle=False)
+            self._probe_loader = torch.utils.data.DataLoader(
+                probe, batch_size=self.args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
+            )
         return clean_loss(self.model, self._probe_loader, optimizer=self.optimizer, loss_fn=self._probe_batch_loss)
 
     def _probe_batch_loss(self, model, batch) -> torch.Tensor:
@@ -511,20 +568,30 @@ class PerturbationTrainerMixin(TrainerOverrides):
         self._warned_capped = True
         if not self.is_world_process_zero():
             return  # one warning per run, not one per rank
-        early = f" (early: after {step} of the ~{CAP_READ_STEPS} steps the README reads it after)" \
-            if step < CAP_READ_STEPS else ""
+        early = (
+            f" (early: after {step} of the ~{CAP_READ_STEPS} steps the README reads it after)"
+            if step < CAP_READ_STEPS
+            else ""
+        )
         paper = PROFILES.get(self.perturbation.profile, {}).get("rho", DEFAULT_RHO)
         if hp["rho"] > paper / 10 * (1 + 1e-9):
-            advice = (f"The README's rule: divide rho by ten (rho={hp['rho'] / 10:.3g}) and read apn_capped again; "
-                      "`mgpo tune` searches it on your validation data")
+            advice = (
+                f"The README's rule: divide rho by ten (rho={hp['rho'] / 10:.3g}) and read apn_capped again; "
+                "`mgpo tune` searches it on your validation data"
+            )
         else:
-            advice = (f"rho={hp['rho']:g} is already a tenth of the profile's {paper:g} or less, so the README's rule "
-                      "(divide once) is done: on small models the cap stays (docs/results.md: level with LoRA there). "
-                      "If the loss stalls, `mgpo tune` searches rho on your validation data")
+            advice = (
+                f"rho={hp['rho']:g} is already a tenth of the profile's {paper:g} or less, so the README's rule "
+                "(divide once) is done: on small models the cap stays (docs/results.md: level with LoRA there). "
+                "If the loss stalls, `mgpo tune` searches rho on your validation data"
+            )
         warnings.warn(
             f"MGPO: at step {step}{early}, {logs['apn_capped']:.0%} of the layers are at the APN cap: "
             f"{apn_rules.cap_meaning(hp.get('apn'))} = {hp['max_scale'] * hp['rho']:.3g}. {advice}; docs/method.md, "
-            "'the radius a layer gets'.", RuntimeWarning, stacklevel=2)
+            "'the radius a layer gets'.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _scales_by_items(model: nn.Module) -> bool:
@@ -545,9 +612,13 @@ class PerturbationTrainer(PerturbationTrainerMixin, transformers.Trainer):
 def perturbed(trainer_cls: type) -> type:
     """``trainer_cls`` with :class:`PerturbationTrainerMixin` mixed in, e.g. ``perturbed(trl.SFTTrainer)``."""
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, transformers.Trainer)):
-        raise TypeError(f"perturbed() needs a transformers.Trainer subclass (e.g. trl.SFTTrainer), got "
-                        f"{trainer_cls!r}.")
+        raise TypeError(
+            f"perturbed() needs a transformers.Trainer subclass (e.g. trl.SFTTrainer), got {trainer_cls!r}."
+        )
     if issubclass(trainer_cls, PerturbationTrainerMixin):
         return trainer_cls
-    return type(f"Perturbed{trainer_cls.__name__}", (PerturbationTrainerMixin, trainer_cls),
-                {"__module__": __name__, "__doc__": f"{trainer_cls.__name__} with a perturbation method."})
+    return type(
+        f"Perturbed{trainer_cls.__name__}",
+        (PerturbationTrainerMixin, trainer_cls),
+        {"__module__": __name__, "__doc__": f"{trainer_cls.__name__} with a perturbation method."},
+    )

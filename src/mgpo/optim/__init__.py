@@ -8,9 +8,15 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "MGPO": "mgpo.optim.mgpo", "MSAM": "mgpo.optim.mgpo", "preset": "mgpo.optim.mgpo", "profile": "mgpo.optim.mgpo",
-    "SAM": "mgpo.optim.sam", "RandomPerturbation": "mgpo.optim.random_perturbation", "GGPO": "mgpo.optim.ggpo",
-    "PRESETS": "mgpo.optim.configs", "PROFILES": "mgpo.optim.configs",
+    "MGPO": "mgpo.optim.mgpo",
+    "MSAM": "mgpo.optim.mgpo",
+    "preset": "mgpo.optim.mgpo",
+    "profile": "mgpo.optim.mgpo",
+    "SAM": "mgpo.optim.sam",
+    "RandomPerturbation": "mgpo.optim.random_perturbation",
+    "GGPO": "mgpo.optim.ggpo",
+    "PRESETS": "mgpo.optim.configs",
+    "PROFILES": "mgpo.optim.configs",
 }
 __all__ = ["MGPO", "MSAM", "SAM", "RandomPerturbation", "GGPO", "PRESETS", "PROFILES", "preset", "profile"]
 

@@ -15,10 +15,8 @@ all see the same perturbation, and evaluation, checkpoints and the end of traini
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import inspect
-import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -29,12 +27,21 @@ from torch import nn
 
 from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers import it from here)
 from mgpo.optim.distributed import Exchange, is_sharded, local
-from mgpo.optim.guards import (NOT_COMPARED, check_same_method, moment_key,  # noqa: F401  (re-exported)
-                               refuse_unsupported)
-from mgpo.optim.hooks import (HookState, InstanceOverride, Installed, guard_merges,  # noqa: F401  (re-exported)
-                              install_model_hooks, run_eagerly)
+from mgpo.optim.guards import NOT_COMPARED as NOT_COMPARED  # re-exported: older imports
+from mgpo.optim.guards import (
+    check_same_method,
+    moment_key,  # noqa: F401  (re-exported)
+    refuse_unsupported,
+)
+from mgpo.optim.hooks import (
+    HookState,
+    InstanceOverride,
+    guard_merges,  # noqa: F401  (re-exported)
+    install_model_hooks,
+    run_eagerly,
+)
+from mgpo.optim.hooks import Installed as Installed  # re-exported: older imports
 from mgpo.optim.layers import discover_layers
-
 
 
 def _split_model(params: Any, model: nn.Module | None) -> tuple[Any, nn.Module | None]:
@@ -110,9 +117,11 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     @classmethod
     def settings(cls) -> list[str]:
         """The keywords the method itself takes; every other keyword goes to the base optimizer."""
-        return [name for name, p in inspect.signature(cls.__init__).parameters.items()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                and name not in ("self", "params", "base_optimizer")]
+        return [
+            name
+            for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", "params", "base_optimizer")
+        ]
 
     def _check_base_kwargs(self, base_optimizer: type[torch.optim.Optimizer], base_kwargs: dict) -> None:
         """A keyword neither the method nor the base optimizer takes (a misspelt or another method's setting) is
@@ -133,7 +142,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__} got an unexpected keyword argument {name!r}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
             + f". {type(self).__name__}'s settings: {', '.join(own)}; every other keyword goes to the base optimizer "
-            f"{base_optimizer.__name__}, which takes: {', '.join(base)}.")
+            f"{base_optimizer.__name__}, which takes: {', '.join(base)}."
+        )
 
     # ----------------------------------------------------------------------------------------- the window
     @run_eagerly
@@ -220,7 +230,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         """A method's own hooks (MGPO's weight-space term, the noise methods' forwards), for ``reopen()``."""
 
     def _guard_merges(self, moved: set[int]) -> list[InstanceOverride]:
-        """PEFT's ``merge()`` restores first on every layer owning a tensor in ``moved`` (:func:`hooks.guard_merges`)."""
+        """PEFT's ``merge()`` restores first on every layer owning a tensor in ``moved``
+        (:func:`hooks.guard_merges`)."""
         return guard_merges(self, self.model, moved)
 
     def __del__(self):
@@ -240,7 +251,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}: the parameters were sharded by FSDP after this optimizer was built, so "
                 "its layers and norms refer to the unsharded tensors. Build the optimizer after fully_shard(model) "
-                "(or after accelerator.prepare(model)), from the sharded model.")
+                "(or after accelerator.prepare(model)), from the sharded model."
+            )
 
     @staticmethod
     def _norm_dtype(params: list[torch.Tensor]) -> torch.dtype:
@@ -290,7 +302,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}.step(): {what} received a gradient{seen}, so this step perturbed nothing. Likely "
             "cause: the adapter was switched (model.set_adapter(...)) or other tensors were made trainable after "
             "the optimizer was built; build the optimizer after choosing what to train. Warned once.",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _poll_skips(self) -> None:
         """Warn once about skipped steps, from a host copy made a step earlier (never waits for the device)."""
@@ -317,8 +331,11 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def last_stats(self) -> dict[str, float]:
         """The last step's statistics as floats. Computed on the device during the step; converting them here
         (one transfer for all) is the only host synchronisation, and happens only when you ask."""
-        stats = dict(zip(self._stats, torch.stack([v.float() for v in self._stats.values()]).tolist())) \
-            if self._stats else {}
+        stats = (
+            dict(zip(self._stats, torch.stack([v.float() for v in self._stats.values()]).tolist()))
+            if self._stats
+            else {}
+        )
         stats["skipped_steps"] = float(self.skipped_steps)
         return stats
 
@@ -358,14 +375,22 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         for p in params:  # NaN/Inf -> 0, so the (discarded) update is finite and the blend below is exact
             local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
         state = base.state
-        had = {p: [k for k, v in state[p].items() if torch.is_tensor(v) and v.is_floating_point()]
-               for p in params if p in state}
+        had = {
+            p: [k for k, v in state[p].items() if torch.is_tensor(v) and v.is_floating_point()]
+            for p in params
+            if p in state
+        }
         saved_from = [local(t) for t in list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)]
         saved = torch._foreach_mul(saved_from, 1.0)  # an exact copy (keeps -0.0)
         base.step()
         now = [local(t) for t in list(params) + [state[p][k] for p in had for k in had[p]] + list(extra)]
-        fresh = [local(v) for p in params if p not in had and p in state
-                 for v in state[p].values() if torch.is_tensor(v) and v.is_floating_point()]
+        fresh = [
+            local(v)
+            for p in params
+            if p not in had and p in state
+            for v in state[p].values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        ]
         bad = (~ok).float()
         # Non-capturable optimizers keep step counters on the CPU beside CUDA parameters: reverting those would
         # need the flag on the host, so they are left advanced by one on a skipped step (docs/method.md).
@@ -425,7 +450,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if self.two_pass or self._closed or not self._would_perturb():
             return  # SAM, rho = 0: nothing for the hooks to do
         fresh = len(marks) != len(params) or any(
-            ref() is not p.grad or version != p.grad._version for (ref, version), p in zip(marks, params))
+            ref() is not p.grad or version != p.grad._version for (ref, version), p in zip(marks, params)
+        )
         if not fresh:
             return
         if not self._auto:  # manual perturb(): after a first step, a step whose forward it never preceded
@@ -435,12 +461,17 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}(auto_perturb=False).step(): opt.perturb() was not called since the last "
                     "step, so this step's forward ran at the clean weights and it trained as the plain base "
                     "optimizer. Call opt.perturb() before each training forward (or pass the model with "
-                    "auto_perturb=True). Warned once.", RuntimeWarning, stacklevel=7)
+                    "auto_perturb=True). Warned once.",
+                    RuntimeWarning,
+                    stacklevel=7,
+                )
             return
         name = type(self).__name__
-        fix = (f"Fix: build the optimizer before the first call of anything compiled that runs the model (opt = "
-               f"{name}(model, ...), then torch.compile(model), model.compile() or a compiled loss function; or "
-               f"{name}(torch.compile(model), ...)), or call torch._dynamo.reset() once after building it.")
+        fix = (
+            f"Fix: build the optimizer before the first call of anything compiled that runs the model (opt = "
+            f"{name}(model, ...), then torch.compile(model), model.compile() or a compiled loss function; or "
+            f"{name}(torch.compile(model), ...)), or call torch._dynamo.reset() once after building it."
+        )
         if not saw_forward and not opened:
             raise RuntimeError(
                 f"{name}.step(): there are new gradients, but no training-mode forward of the model given to the "
@@ -448,13 +479,15 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 "train as the plain base optimizer. Under torch.compile: the model was compiled and run before the "
                 f"optimizer was built, and dynamo does not see hooks added after it traced a module. {fix} Without "
                 "compile: run the training forward in train mode (model.train()) through the module given to the "
-                "optimizer, or pass auto_perturb=False and call opt.perturb() before each forward yourself.")
+                "optimizer, or pass auto_perturb=False and call opt.perturb() before each forward yourself."
+            )
         if saw_forward and self._has_layer_hooks() and not saw_layer:
             raise RuntimeError(
                 f"{name}.step(): the training forward reached the model's pre-hook but none of the hooks on its LoRA "
                 "layers, so the perturbation was never added and this step would train as the plain base "
                 "optimizer: torch.compile traced those layers (the model, a region of it or a function calling it, "
-                f"compiled and run) before the optimizer installed its hooks. {fix}")
+                f"compiled and run) before the optimizer installed its hooks. {fix}"
+            )
 
     def _apply(self) -> None:
         raise NotImplementedError
@@ -509,5 +542,3 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, layers={len(self.layers)})"
-
-

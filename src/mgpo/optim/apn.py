@@ -80,15 +80,23 @@ class APNRule:
         return "weight" in self.sizes
 
 
-RULES: dict[str, APNRule] = {rule.name: rule for rule in (
-    APNRule("inverse", _inverse, "APN (the paper)", caps=True,
+RULES: dict[str, APNRule] = {
+    rule.name: rule
+    for rule in (
+        APNRule(
+            "inverse",
+            _inverse,
+            "APN (the paper)",
+            caps=True,
             cap_meaning="k_l = min(1/gbar_l, max_scale) is at max_scale: the layer's gradient norm gbar_l is below "
-                        "1/max_scale, and it is perturbed at radius max_scale x rho"),
-    APNRule("off", _one, "no APN", adaptive=False),
-    APNRule("normalized", _one, "1/gbar re-weighting at total radius rho", reweights=True),
-    APNRule("weight", _size("weight"), "radius rho x ||W_l||", sizes=("weight",), fsdp=False),
-    APNRule("update", _size("update"), "radius rho x ||W_l(t) - W_l(t-1)||", sizes=("update",), fsdp=False),
-)}
+            "1/max_scale, and it is perturbed at radius max_scale x rho",
+        ),
+        APNRule("off", _one, "no APN", adaptive=False),
+        APNRule("normalized", _one, "1/gbar re-weighting at total radius rho", reweights=True),
+        APNRule("weight", _size("weight"), "radius rho x ||W_l||", sizes=("weight",), fsdp=False),
+        APNRule("update", _size("update"), "radius rho x ||W_l(t) - W_l(t-1)||", sizes=("update",), fsdp=False),
+    )
+}
 NAMES: tuple[str, ...] = tuple(RULES)
 
 

@@ -36,48 +36,48 @@ PROFILES: dict[str, dict[str, float]] = {
 
 HELP = {
     "method": f"Perturbation method, one of: {', '.join(METHODS)}. 'adamw' is the plain base optimizer "
-              "(no perturbation).",
+    "(no perturbation).",
     "preset": f"Named arm of the paper's ablation (Figure 4), one of: {', '.join(PRESETS)}. 'lora' = plain "
-              "AdamW, 'mgpo-no-apn' = MGPO with apn=off, 'lora-mgpo' = the paper's MGPO, 'msam' = Momentum-SAM "
-              "(factor space). Sets method, apn, space and norm; unset: use those fields as given.",
+    "AdamW, 'mgpo-no-apn' = MGPO with apn=off, 'lora-mgpo' = the paper's MGPO, 'msam' = Momentum-SAM "
+    "(factor space). Sets method, apn, space and norm; unset: use those fields as given.",
     "profile": f"The paper's hyper-parameter profile, one of: {', '.join(PROFILES)} (nlu: rho 0.05, beta 0.9, "
-               "mu 0.9; nlg: rho 0.01, beta 0.8, mu 0.8). Sets AdamW's beta1 = mu (the authors' momentum is "
-               "AdamW's exp_avg), and rho and beta where they are not given explicitly; unset: rho, beta and the "
-               "training betas as given.",
+    "mu 0.9; nlg: rho 0.01, beta 0.8, mu 0.8). Sets AdamW's beta1 = mu (the authors' momentum is "
+    "AdamW's exp_avg), and rho and beta where they are not given explicitly; unset: rho, beta and the "
+    "training betas as given.",
     "rho": "Perturbation radius (>= 0) of mgpo, msam and sam; noise scale relative to the weight row norm for "
-           "random. 0 gives the plain base optimizer.",
+    "random. 0 gives the plain base optimizer.",
     "beta": "mgpo: EMA factor of the per-layer weight-space gradient norm (APN), in [0, 1).",
     "apn": f"mgpo: adaptive perturbation normalization, one of: {', '.join(APN_MODES)} (inverse: the paper, "
-           "radius scaled by min(1/gbar, max_scale); off: no APN; normalized: 1/gbar re-weighting at total "
-           "radius rho; weight: radius rho x the layer's weight norm ||W0 + s B A||, so rho is relative, e.g. "
-           "1e-3; update: radius rho x the size of the layer's last update, a look-ahead of rho steps). weight "
-           "and update are candidate rules for a radius that transfers across model scale (docs/method.md), "
-           "not the paper's.",
+    "radius scaled by min(1/gbar, max_scale); off: no APN; normalized: 1/gbar re-weighting at total "
+    "radius rho; weight: radius rho x the layer's weight norm ||W0 + s B A||, so rho is relative, e.g. "
+    "1e-3; update: radius rho x the size of the layer's last update, a look-ahead of rho steps). weight "
+    "and update are candidate rules for a radius that transfers across model scale (docs/method.md), "
+    "not the paper's.",
     "space": f"mgpo: where the perturbation lives, one of: {', '.join(SPACES)} (weight: each LoRA layer's weight "
-             "space, the paper; factors: the LoRA factors A, B themselves, Momentum-SAM's way).",
+    "space, the paper; factors: the LoRA factors A, B themselves, Momentum-SAM's way).",
     "norm": f"mgpo: one of: {', '.join(NORMS)} (layer: each layer its own radius, as the authors' code; global: "
-            "total radius rho).",
+    "total radius rho).",
     "max_scale": "mgpo: cap of the APN factor 1/gbar (> 0); null: no cap.",
     "momentum": "mgpo: 'optimizer' to reuse the base optimizer's first moment (AdamW's exp_avg), or a number mu "
-                "in [0, 1) (e.g. 0.9) for mgpo's own momentum buffer.",
+    "in [0, 1) (e.g. 0.9) for mgpo's own momentum buffer.",
     "perturb_non_lora": "mgpo: also perturb trainable tensors that are not LoRA factors (a classification head, "
-                        "lm_head, modules_to_save) when the model has LoRA layers, each with D = its momentum. "
-                        "Default false: the authors' code perturbs LoRA layers only. Full fine-tuning (no LoRA "
-                        "layers) always perturbs every trained tensor.",
+    "lm_head, modules_to_save) when the model has LoRA layers, each with D = its momentum. "
+    "Default false: the authors' code perturbs LoRA layers only. Full fine-tuning (no LoRA "
+    "layers) always perturbs every trained tensor.",
     "gbar_update": f"mgpo: when the APN statistic gbar is updated, one of: {', '.join(GBAR_UPDATES)} (step: once per "
-                   "optimizer step from the accumulated, unclipped gradient; micro_batch: after every "
-                   "micro-batch from the gradient accumulated so far, re-scaling the pending perturbation, as "
-                   "the authors' code does). The two agree without gradient accumulation.",
+    "optimizer step from the accumulated, unclipped gradient; micro_batch: after every "
+    "micro-batch from the gradient accumulated so far, re-scaling the pending perturbation, as "
+    "the authors' code does). The two agree without gradient accumulation.",
     "diagnostics": "mgpo: also compute, every step, each layer's radius relative to its weight norm ||W0 + s B "
-                   "A|| and to the size of its last update, and the APN factor, summarised over layers in the "
-                   "statistics (radius_to_weight_*, radius_to_update_*, apn_factor_*). Costs a copy of the "
-                   "trained tensors and one out x in x r product per layer per step.",
+    "A|| and to the size of its last update, and the APN factor, summarised over layers in the "
+    "statistics (radius_to_weight_*, radius_to_update_*, apn_factor_*). Costs a copy of the "
+    "trained tensors and one out x in x r product per layer per step.",
     "adaptive": "sam: scale the perturbation by |w| (ASAM).",
     "sigma": "ggpo: weight-norm coefficient of the noise standard deviation (>= 0).",
     "beta_g": "ggpo: gradient-norm coefficient of the noise standard deviation (>= 0).",
     "seed": "random, ggpo: seed of the noise generator (the global RNG is left alone).",
     "exact_restore": "mgpo, msam: tensors moved in place are restored from a copy (bit-exact). Unset: on, except "
-                     "full fine-tuning in fp32, where the perturbation is subtracted again (exact to a few ulp).",
+    "full fine-tuning in fp32, where the perturbation is subtracted again (exact to a few ulp).",
 }
 
 
@@ -114,14 +114,22 @@ def momentum_value(value, name: str = "momentum") -> str | float:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
-    check(0.0 <= number < 1.0, name, value, "use 'optimizer' (reuse the base optimizer's momentum) or a number "
-                                             "in [0, 1), e.g. 0.9")
+    check(
+        0.0 <= number < 1.0,
+        name,
+        value,
+        "use 'optimizer' (reuse the base optimizer's momentum) or a number in [0, 1), e.g. 0.9",
+    )
     return number
 
 
 def _check_exact_restore(prefix: str, value) -> None:
-    check(value is None or isinstance(value, bool), f"{prefix}exact_restore", value,
-          "it must be true, false or unset (null)")
+    check(
+        value is None or isinstance(value, bool),
+        f"{prefix}exact_restore",
+        value,
+        "it must be true, false or unset (null)",
+    )
 
 
 def _check_seed(prefix: str, value) -> None:
@@ -153,10 +161,13 @@ class MGPOConfig(_MethodConfig):
 
     def validate(self, prefix: str = "") -> None:
         for name in ("perturb_non_lora", "diagnostics"):
-            check(isinstance(getattr(self, name), bool), f"{prefix}{name}", getattr(self, name),
-                  "it must be true or false")
-        for name, allowed in (("apn", APN_MODES), ("space", SPACES), ("norm", NORMS),
-                              ("gbar_update", GBAR_UPDATES)):
+            check(
+                isinstance(getattr(self, name), bool),
+                f"{prefix}{name}",
+                getattr(self, name),
+                "it must be true or false",
+            )
+        for name, allowed in (("apn", APN_MODES), ("space", SPACES), ("norm", NORMS), ("gbar_update", GBAR_UPDATES)):
             check_choice(f"{prefix}{name}", getattr(self, name), allowed)
         if self.max_scale is not None:
             check_range(f"{prefix}max_scale", self.max_scale, 0.0, math.inf, low_open=True)
@@ -256,8 +267,13 @@ class PerturbationConfig:
     beta_g: float = _f("beta_g", 0.01)
     seed: int = _f("seed", 0)
     exact_restore: bool | None = _f("exact_restore", None)
-    diagnostics: bool = field(default=True, metadata={"help": HELP["diagnostics"] + " On by default here (the CLI, "
-                                                      "the Trainer arguments); mgpo.MGPO's own default is off."})
+    diagnostics: bool = field(
+        default=True,
+        metadata={
+            "help": HELP["diagnostics"] + " On by default here (the CLI, "
+            "the Trainer arguments); mgpo.MGPO's own default is off."
+        },
+    )
 
     def resolved(self) -> PerturbationConfig:
         """A copy with ``preset`` and ``profile`` applied to the fields they set."""
@@ -292,8 +308,11 @@ class PerturbationConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is not allowed, and the allowed values."""
-        for name, allowed in (("method", METHODS), ("preset", tuple(PRESETS) + (None,)),
-                              ("profile", tuple(PROFILES) + (None,))):
+        for name, allowed in (
+            ("method", METHODS),
+            ("preset", tuple(PRESETS) + (None,)),
+            ("profile", tuple(PROFILES) + (None,)),
+        ):
             check_choice(f"perturbation.{name}", getattr(self, name), allowed)
         if self.preset is not None:  # a field the preset sets, given another value too, would be overridden quietly
             arm = PRESETS[self.preset]
@@ -301,10 +320,13 @@ class PerturbationConfig:
             for name, value in sets.items():
                 given, default = getattr(self, name), PerturbationConfig.__dataclass_fields__[name].default
                 if given not in (value, default):
-                    raise ValueError(f"perturbation.preset={self.preset!r} sets {name}={value!r}, but "
-                                     f"perturbation.{name}={given!r} is given too, and would be ignored: drop one "
-                                     "(without a preset, method, apn, space and norm are used as given).")
+                    raise ValueError(
+                        f"perturbation.preset={self.preset!r} sets {name}={value!r}, but "
+                        f"perturbation.{name}={given!r} is given too, and would be ignored: drop one "
+                        "(without a preset, method, apn, space and norm are used as given)."
+                    )
         resolved = self.resolved()
         for config_cls, _ in METHOD_CONFIGS.values():  # every field, whichever method is chosen
             config_cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(config_cls)}).validate(
-                "perturbation.")
+                "perturbation."
+            )

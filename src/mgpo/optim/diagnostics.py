@@ -16,13 +16,22 @@ Snapshot = tuple[list[tuple[Tensor, Tensor]], list[Tensor]]
 
 def snapshot(plan: LayerPlan) -> Snapshot:
     """Copies of every pair's (A, -B) and of the tensors moved in place (the size of the next update needs them)."""
-    return ([(pr.a.detach().clone(), pr.b.detach().neg()) for pr in plan.pairs],
-            [t.detach().clone() for _, t in plan.inplace])
+    return (
+        [(pr.a.detach().clone(), pr.b.detach().neg()) for pr in plan.pairs],
+        [t.detach().clone() for _, t in plan.inplace],
+    )
 
 
 @torch.no_grad()
-def layer_sizes(plan: LayerPlan, before: Snapshot | None, want_weight: bool, n_layers: int, dtype: torch.dtype,
-                constants: DeviceConstants, w0_sq: dict[int, Tensor]) -> dict[str, Tensor]:
+def layer_sizes(
+    plan: LayerPlan,
+    before: Snapshot | None,
+    want_weight: bool,
+    n_layers: int,
+    dtype: torch.dtype,
+    constants: DeviceConstants,
+    w0_sq: dict[int, Tensor],
+) -> dict[str, Tensor]:
     """Per layer, at the clean weights after the update: ``weight`` = ||W_l||_F (``W0 + s B A`` for a pair, the
     tensors themselves for a layer moved in place; with ``want_weight``) and ``update`` = ||W_l - W_l(before)||_F
     (with ``before``). For a pair both come from Gram matrices and one ``W0 A^T`` product (nothing out x in):

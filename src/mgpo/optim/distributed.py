@@ -30,8 +30,10 @@ except ImportError:  # a torch built without distributed support: nothing can be
 # can show that they catch exactly that bug. Never set it outside tests.
 REDUCE = True
 
-_SUPPORTED = ("Supported: PyTorch DDP, or FSDP2 (torch.distributed.fsdp.fully_shard, or the HF Trainer / accelerate "
-              "with fsdp_version 2) on a 1-D mesh.")
+_SUPPORTED = (
+    "Supported: PyTorch DDP, or FSDP2 (torch.distributed.fsdp.fully_shard, or the HF Trainer / accelerate "
+    "with fsdp_version 2) on a 1-D mesh."
+)
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -53,19 +55,23 @@ def check_placements(params: list[torch.Tensor]) -> None:
         raise ValueError(
             f"{len(sharded)} of {len(params)} trainable tensors are FSDP-sharded DTensors and the others are not: "
             "the unsharded ones would be counted once per rank. Apply fully_shard to the root module as well "
-            "(fully_shard(block) for each block, then fully_shard(model)). " + _SUPPORTED)
+            "(fully_shard(block) for each block, then fully_shard(model)). " + _SUPPORTED
+        )
     for p in sharded:
         mesh, placements = p.device_mesh, p.placements
         if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
             raise ValueError(
                 f"A trainable tensor is a DTensor with placements {tuple(placements)} on a {mesh.ndim}-D mesh: tensor "
                 "parallelism (or HSDP's 2-D mesh) is not supported; the perturbation's norms would need reductions "
-                "over other mesh dimensions. " + _SUPPORTED)
+                "over other mesh dimensions. " + _SUPPORTED
+            )
     meshes = {id(p.device_mesh) for p in sharded}
     groups = {p.device_mesh.get_group() for p in sharded}
     if len(meshes) > 1 and len(groups) > 1:
-        raise ValueError("The trainable tensors are sharded over different process groups; use one mesh for the "
-                         "whole model. " + _SUPPORTED)
+        raise ValueError(
+            "The trainable tensors are sharded over different process groups; use one mesh for the "
+            "whole model. " + _SUPPORTED
+        )
 
 
 class Exchange:
@@ -90,8 +96,9 @@ class Exchange:
         ``all_gather_into_tensor``: each rank sends its shards back to back, padded to the longest rank."""
         return self.full_and_sum(tensors, None)[0]
 
-    def full_and_sum(self, tensors: list[torch.Tensor], parts: torch.Tensor | None
-                     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def full_and_sum(
+        self, tensors: list[torch.Tensor], parts: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """:meth:`full`, and ``parts`` (a vector of per-rank partial sums) summed over the ranks, in the same
         collective: each rank appends its parts to what it sends, and every rank adds up the gathered copies in
         rank order. With nothing to gather the parts take one all-reduce (:meth:`all_reduce`) instead."""
@@ -106,9 +113,11 @@ class Exchange:
             size = -(-n // world)
             rows.append([max(0, min(size, n - r * size)) for r in range(world)])
             if local(tensors[i]).shape[0] != rows[-1][self.rank]:
-                raise RuntimeError(f"a sharded tensor of {n} rows has {local(tensors[i]).shape[0]} on rank "
-                                   f"{self.rank}, not the {rows[-1][self.rank]} of FSDP2's even Shard(0) split; "
-                                   "custom shard placements are not supported.")
+                raise RuntimeError(
+                    f"a sharded tensor of {n} rows has {local(tensors[i]).shape[0]} on rank "
+                    f"{self.rank}, not the {rows[-1][self.rank]} of FSDP2's even Shard(0) split; "
+                    "custom shard placements are not supported."
+                )
         widths = [tensors[i].shape[1:].numel() for i in which]  # from the shape: indexing a DTensor communicates
         per_rank = [sum(rw[r] * w for rw, w in zip(rows, widths)) for r in range(world)]
         n_parts = 0 if parts is None else parts.numel()
@@ -118,9 +127,9 @@ class Exchange:
             dtype = torch.promote_types(dtype, tensors[i].dtype)
         send = torch.zeros(longest, dtype=dtype, device=local(tensors[which[0]]).device)
         if per_rank[self.rank]:
-            send[:per_rank[self.rank]] = torch.cat([local(tensors[i]).reshape(-1).to(dtype) for i in which])
+            send[: per_rank[self.rank]] = torch.cat([local(tensors[i]).reshape(-1).to(dtype) for i in which])
         if n_parts:
-            send[longest - n_parts:] = parts
+            send[longest - n_parts :] = parts
         recv = torch.empty(world * longest, dtype=send.dtype, device=send.device)
         dist.all_gather_into_tensor(recv, send, group=self.group)
         recv = recv.view(world, longest)
@@ -129,13 +138,13 @@ class Exchange:
             offset = 0
             for k, i in enumerate(which):
                 n = rows[k][r] * widths[k]
-                pieces[k].append(recv[r, offset:offset + n].view(rows[k][r], *tensors[i].shape[1:]))
+                pieces[k].append(recv[r, offset : offset + n].view(rows[k][r], *tensors[i].shape[1:]))
                 offset += n
         out = list(tensors)
         for k, i in enumerate(which):
             out[i] = torch.cat(pieces[k], 0).to(tensors[i].dtype)
         if n_parts:
-            gathered = recv[:, longest - n_parts:]
+            gathered = recv[:, longest - n_parts :]
             parts = (gathered.sum(0) if REDUCE else gathered[self.rank]).to(parts.dtype)
         return out, parts
 
@@ -166,10 +175,12 @@ def sharded_state(state_dict: dict, optimizer) -> dict:
                 state[index] = entries
                 continue
             shard = p._local_tensor.shape
-            state[index] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                                  run_check=False)
-                            if torch.is_tensor(v) and not is_sharded(v) and v.shape == shard and v.dim() else v
-                            for k, v in entries.items()}
+            state[index] = {
+                k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+                if torch.is_tensor(v) and not is_sharded(v) and v.shape == shard and v.dim()
+                else v
+                for k, v in entries.items()
+            }
         return {**section, "state": state}
 
     return {**state_dict, "base": wrap(state_dict["base"]), "own": wrap(state_dict["own"])}

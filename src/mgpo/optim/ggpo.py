@@ -45,18 +45,31 @@ class GGPO(RandomPerturbation):
         beta_g: gradient-norm coefficient (>= 0, default 0.01).
     """
 
-    def __init__(self, params, base_optimizer=torch.optim.AdamW, *, sigma: float = 0.03, beta_g: float = 0.01,
-                 seed: int = 0, model: nn.Module | None = None, auto_perturb: bool = True, **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer=torch.optim.AdamW,
+        *,
+        sigma: float = 0.03,
+        beta_g: float = 0.01,
+        seed: int = 0,
+        model: nn.Module | None = None,
+        auto_perturb: bool = True,
+        **base_kwargs,
+    ):
         check_range("sigma", sigma, 0.0, float("inf"))
         check_range("beta_g", beta_g, 0.0, float("inf"))
         self.config = GGPOConfig(sigma=sigma, beta_g=beta_g, seed=seed)  # the seed: opt.hparams (restored on load)
-        self._init_noise(params, base_optimizer, dict(sigma=sigma, beta_g=beta_g), None, seed, model,
-                         auto_perturb, base_kwargs)
+        self._init_noise(
+            params, base_optimizer, dict(sigma=sigma, beta_g=beta_g), None, seed, model, auto_perturb, base_kwargs
+        )
         if self.exchange.sharded:
             self.close()
-            raise ValueError("GGPO under FSDP is not supported: its per-row gradient norms of the full weight would "
-                             "need the sharded gradients gathered whole. Use DDP (distributed.strategy=ddp), or "
-                             "RandomPerturbation / MGPO, which support FSDP.")
+            raise ValueError(
+                "GGPO under FSDP is not supported: its per-row gradient norms of the full weight would "
+                "need the sharded gradients gathered whole. Use DDP (distributed.strategy=ddp), or "
+                "RandomPerturbation / MGPO, which support FSDP."
+            )
         self._grad_rows: dict[int, torch.Tensor] = {}
         self._warned_no_grad_term = False
 
@@ -78,12 +91,19 @@ class GGPO(RandomPerturbation):
                     rows = delta_grad_row_norms(module)
                     if rows is None:
                         self._grad_rows.pop(index, None)
-                        plain_pair = all(hasattr(module.lora_A[a], "weight") for a in module.lora_A) \
-                            if is_lora_linear(module) else True
+                        plain_pair = (
+                            all(hasattr(module.lora_A[a], "weight") for a in module.lora_A)
+                            if is_lora_linear(module)
+                            else True
+                        )
                         if not plain_pair and not self._warned_no_grad_term:
                             self._warned_no_grad_term = True
-                            warnings.warn("GGPO: a LoRA layer without a plain A/B pair (e.g. AdaLoRA) gets the "
-                                          "weight-norm term only.", RuntimeWarning, stacklevel=3)
+                            warnings.warn(
+                                "GGPO: a LoRA layer without a plain A/B pair (e.g. AdaLoRA) gets the "
+                                "weight-norm term only.",
+                                RuntimeWarning,
+                                stacklevel=3,
+                            )
                     else:  # a skipped (non-finite) step keeps the previous rows
                         prev = self._grad_rows.get(index)
                         self._grad_rows[index] = torch.where(ok, rows, prev if prev is not None else 0.0)

@@ -25,7 +25,8 @@ def check_same_method(extra: dict[str, Any], name: str, hparams: dict[str, Any])
         raise ValueError(
             f"{name}.load_state_dict: the state was saved by {by}, not by {name}: a resume never changes the "
             f"method. Resume with the method that wrote it{_method_hint(by)}, or start a new run without "
-            "loading this state.")
+            "loading this state."
+        )
     if saved is not None:
         for key in sorted(set(saved) | set(hparams)):
             if key in NOT_COMPARED:
@@ -73,8 +74,10 @@ def refuse_unsupported(param_groups: list[dict[str, Any]], model: nn.Module | No
         )
     params = [p for g in param_groups for p in g["params"]]
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
-        raise ValueError("These parameters are partitioned by DeepSpeed ZeRO, which is not supported; use PyTorch "
-                         "DDP or FSDP (fully_shard) instead.")
+        raise ValueError(
+            "These parameters are partitioned by DeepSpeed ZeRO, which is not supported; use PyTorch "
+            "DDP or FSDP (fully_shard) instead."
+        )
     check_placements(params)  # FSDP2 on a 1-D mesh only; tensor parallelism and mixed layouts are refused
     devices = sorted({str(p.device) for p in params})
     if len(devices) > 1:

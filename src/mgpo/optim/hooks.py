@@ -49,8 +49,13 @@ class Installed:
     restore the clean weights there, as its ``state_dict()`` does, before the copy reaches its layers (a module's
     hooks are copied before its submodules)."""
 
-    def __init__(self, fn: Callable, module: nn.Module | None = None, name: str | None = None,
-                 before_copy: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        fn: Callable,
+        module: nn.Module | None = None,
+        name: str | None = None,
+        before_copy: Callable[[], None] | None = None,
+    ):
         self.fn, self.module, self.name, self.before_copy = fn, module, name, before_copy
 
     def __call__(self, *args, **kwargs):
@@ -128,8 +133,7 @@ def install_model_hooks(opt: Window, model: nn.Module) -> list[RemovableHandle]:
 
     # prepend: before FSDP2's own pre-forward hook, so a perturbation moved in place into a sharded tensor is
     # what FSDP gathers for the forward (docs/distributed.md)
-    handles.append(model.register_forward_pre_hook(Installed(forward_hook, before_copy=restore_hook),
-                                                   prepend=True))
+    handles.append(model.register_forward_pre_hook(Installed(forward_hook, before_copy=restore_hook), prepend=True))
     handles.append(model.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
     if isinstance(inner, nn.Module) and inner is not model:
@@ -140,8 +144,7 @@ def install_model_hooks(opt: Window, model: nn.Module) -> list[RemovableHandle]:
             if not torch.compiler.is_compiling():
                 forward_hook(module, args)
 
-        handles.append(inner.register_forward_pre_hook(Installed(inner_hook, before_copy=restore_hook),
-                                                       prepend=True))
+        handles.append(inner.register_forward_pre_hook(Installed(inner_hook, before_copy=restore_hook), prepend=True))
         handles.append(inner.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
     return handles
 
@@ -159,7 +162,11 @@ def guard_merges(opt: Window, model: nn.Module | None, moved: set[int]) -> list[
             live.restore()
         return type(module).merge(module, *args, **kwargs)
 
-    return [InstanceOverride(module, "merge", types.MethodType(merge, module))
-            for module in (model.modules() if model is not None else ())
-            if callable(getattr(module, "merge", None)) and hasattr(module, "unmerge")
-            and hasattr(module, "get_base_layer") and any(id(p) in moved for p in module.parameters())]
+    return [
+        InstanceOverride(module, "merge", types.MethodType(merge, module))
+        for module in (model.modules() if model is not None else ())
+        if callable(getattr(module, "merge", None))
+        and hasattr(module, "unmerge")
+        and hasattr(module, "get_base_layer")
+        and any(id(p) in moved for p in module.parameters())
+    ]

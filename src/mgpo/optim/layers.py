@@ -11,8 +11,11 @@ import re
 import torch
 from torch import nn
 
-from mgpo.optim.lowrank import (STACK_ELEMENTS, lowrank_row_sq_norms,  # noqa: F401  (re-exported: older imports)
-                                lowrank_sq_norms)
+from mgpo.optim.lowrank import STACK_ELEMENTS as STACK_ELEMENTS  # re-exported: older imports
+from mgpo.optim.lowrank import (
+    lowrank_row_sq_norms,  # noqa: F401  (re-exported: older imports)
+)
+from mgpo.optim.lowrank import lowrank_sq_norms as lowrank_sq_norms  # re-exported: older imports
 
 # ``encoder.layer.0.query.lora_A.default.weight`` -> ("encoder.layer.0.query", "default"). Covers lora_A/lora_B,
 # DoRA's lora_magnitude_vector, AdaLoRA's lora_E (a ParameterDict, so no ".weight") and lora_embedding_A/B.
@@ -66,9 +69,7 @@ def noise_targets(model: nn.Module, trainable: set[int]) -> dict[str, nn.Module]
     }
     if lora:
         return lora
-    return {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in trainable
-    }
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in trainable}
 
 
 def is_plain_lora(module: nn.Module, adapter: str) -> bool:
@@ -84,9 +85,14 @@ def is_plain_lora(module: nn.Module, adapter: str) -> bool:
 
 def is_dora(module: nn.Module, adapter: str) -> bool:
     """``adapter`` of ``module`` is a DoRA adapter on a linear layer (PEFT's ``use_dora=True``)."""
-    return is_lora_linear(module) and adapter in module.lora_A and (
-        getattr(module, "use_dora", {}).get(adapter, False)
-        or type(getattr(module, "lora_variant", {}).get(adapter)).__name__ == "DoraLinearVariant")
+    return (
+        is_lora_linear(module)
+        and adapter in module.lora_A
+        and (
+            getattr(module, "use_dora", {}).get(adapter, False)
+            or type(getattr(module, "lora_variant", {}).get(adapter)).__name__ == "DoraLinearVariant"
+        )
+    )
 
 
 def dora_weight_space_refusal(module: nn.Module, adapter: str) -> str | None:
@@ -111,8 +117,11 @@ def lora_pairs(model: nn.Module, trainable: set[int], dora: bool = False) -> lis
             continue
         for adapter in module.lora_A:
             kind = is_dora(module, adapter) if dora else is_plain_lora(module, adapter)
-            if kind and id(module.lora_A[adapter].weight) in trainable \
-                    and id(module.lora_B[adapter].weight) in trainable:
+            if (
+                kind
+                and id(module.lora_A[adapter].weight) in trainable
+                and id(module.lora_B[adapter].weight) in trainable
+            ):
                 pairs.append((f"{name}[{adapter}]", module, adapter))
     return pairs
 
@@ -122,4 +131,5 @@ def is_quantized(module: nn.Module) -> bool:
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     weight = getattr(base, "weight", None)
     return type(base).__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq") or (
-        weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params")))
+        weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params"))
+    )

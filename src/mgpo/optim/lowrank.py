@@ -8,10 +8,7 @@ applied to a layer's input as ``c_l s U (V x)``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor
 
 # At most this many values are stacked at once by lowrank_sq_norms (16 MiB in float32): it bounds the step's
 # transient memory, whatever the number of layers of one shape.
@@ -40,7 +37,7 @@ def lowrank_sq_norms(items: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]])
         k, chunk = len(key) - 1, max(1, STACK_ELEMENTS // side)
         pairs = [(i, j) for i in range(k) for j in range(i, k)]
         for start in range(0, len(members), chunk):
-            which = members[start:start + chunk]
+            which = members[start : start + chunk]
             xs = [_stacked([items[n][i][0] for n in which], dtype) for i in range(k)]  # (L, out, r)
             grams = [torch.bmm(xs[i].mT, xs[j]) for i, j in pairs]  # X_i^T X_j, r x r
             del xs
@@ -125,6 +122,7 @@ def dora_term(out, x, factors, bias, ratio, inv_norm, magnitude):
     term = WeightSpaceTerm.apply(None, x, *factors)  # eps x = c s (m_B (A x) + B (m_A x)), eq. (6)
     with torch.autocast(x.device.type, enabled=False):
         clean = out if bias is None else out - bias
-        scaled = ratio.to(out.dtype) * clean + ((magnitude * inv_norm.to(magnitude.dtype)) * term).view(
-            out.shape).to(out.dtype)
+        scaled = ratio.to(out.dtype) * clean + ((magnitude * inv_norm.to(magnitude.dtype)) * term).view(out.shape).to(
+            out.dtype
+        )
     return scaled if bias is None else scaled + bias

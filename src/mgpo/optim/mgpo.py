@@ -35,13 +35,21 @@ from torch import Tensor, nn
 from mgpo.optim import apn as rules
 from mgpo.optim import functional as F
 from mgpo.optim._base import Installed, PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.configs import (APN_MODES, GBAR_UPDATES, NORMS, PRESETS, PROFILES,  # noqa: F401  (re-exported)
-                                SPACES, MGPOConfig, preset, profile)
+from mgpo.optim.configs import APN_MODES as APN_MODES  # re-exported: older imports
+from mgpo.optim.configs import (
+    GBAR_UPDATES,
+    NORMS,
+    PROFILES,  # noqa: F401  (re-exported)
+    SPACES,
+    MGPOConfig,
+)
+from mgpo.optim.configs import PRESETS as PRESETS  # re-exported: older imports
+from mgpo.optim.configs import preset as preset  # re-exported: older imports
+from mgpo.optim.configs import profile as profile  # re-exported: older imports
 from mgpo.optim.diagnostics import Snapshot, apn_statistics, layer_sizes, radius_diagnostics, snapshot
 from mgpo.optim.distributed import local
 from mgpo.optim.lowrank import WeightSpaceTerm, dora_term, row_norms  # noqa: F401  (re-exported)
-from mgpo.optim.norms import (GradNorms, add_pair_norms, direction, grad_owners, grad_v, gradient_norms,
-                              pair_grad_sq)
+from mgpo.optim.norms import GradNorms, add_pair_norms, direction, grad_owners, grad_v, gradient_norms, pair_grad_sq
 from mgpo.optim.plan import DeviceConstants, LayerPlan, build_plan
 from mgpo.optim.weight_space import Factors, Terms, build_terms, term_hook
 
@@ -49,16 +57,30 @@ _TINY = F.TINY  # older imports
 _WeightSpaceTerm = WeightSpaceTerm  # older imports (tests, benchmarks)
 
 
-def _check_settings(rho: float, beta: float, apn: str, norm: str, max_scale: float | None, momentum: str | float,
-                    space: str, gbar_update: str, perturb_non_lora: bool, diagnostics: bool,
-                    exact_restore: bool | None) -> None:
+def _check_settings(
+    rho: float,
+    beta: float,
+    apn: str,
+    norm: str,
+    max_scale: float | None,
+    momentum: str | float,
+    space: str,
+    gbar_update: str,
+    perturb_non_lora: bool,
+    diagnostics: bool,
+    exact_restore: bool | None,
+) -> None:
     """ValueError naming the first setting out of its range, and the range."""
     check_range("rho", rho, 0.0, float("inf"))
     check_range("beta", beta, 0.0, 1.0)
     if max_scale is not None:
         check_range("max_scale", max_scale, 0.0, float("inf"), low_open=True)
-    for name, value, allowed in (("apn", apn, rules.NAMES), ("norm", norm, NORMS), ("space", space, SPACES),
-                                 ("gbar_update", gbar_update, GBAR_UPDATES)):
+    for name, value, allowed in (
+        ("apn", apn, rules.NAMES),
+        ("norm", norm, NORMS),
+        ("space", space, SPACES),
+        ("gbar_update", gbar_update, GBAR_UPDATES),
+    ):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is invalid: choose one of {', '.join(map(repr, allowed))}.")
     if momentum != "optimizer":
@@ -137,14 +159,35 @@ class MGPO(PerturbedOptimizer):
         diagnostics: bool = False,
         **base_kwargs: Any,
     ):
-        _check_settings(rho, beta, apn, norm, max_scale, momentum, space, gbar_update, perturb_non_lora, diagnostics,
-                        exact_restore)
-        hparams = dict(rho=rho, beta=beta, apn=apn, norm=norm, max_scale=max_scale, momentum=momentum, space=space,
-                       perturb_non_lora=perturb_non_lora, gbar_update=gbar_update, diagnostics=diagnostics)
+        _check_settings(
+            rho, beta, apn, norm, max_scale, momentum, space, gbar_update, perturb_non_lora, diagnostics, exact_restore
+        )
+        hparams = dict(
+            rho=rho,
+            beta=beta,
+            apn=apn,
+            norm=norm,
+            max_scale=max_scale,
+            momentum=momentum,
+            space=space,
+            perturb_non_lora=perturb_non_lora,
+            gbar_update=gbar_update,
+            diagnostics=diagnostics,
+        )
         super().__init__(params, base_optimizer, hparams, model=model, auto_perturb=auto_perturb, **base_kwargs)
-        self.config = MGPOConfig(rho=rho, beta=beta, apn=apn, space=space, norm=norm, max_scale=max_scale,
-                                 momentum=momentum, perturb_non_lora=perturb_non_lora,  # type: ignore[arg-type]
-                                 gbar_update=gbar_update, exact_restore=exact_restore, diagnostics=diagnostics)
+        self.config = MGPOConfig(
+            rho=rho,
+            beta=beta,
+            apn=apn,
+            space=space,
+            norm=norm,
+            max_scale=max_scale,
+            momentum=momentum,
+            perturb_non_lora=perturb_non_lora,  # type: ignore[arg-type]
+            gbar_update=gbar_update,
+            exact_restore=exact_restore,
+            diagnostics=diagnostics,
+        )
         self.rule = rules.rule(apn)
         # how the radius is shared (functional.radius_coefficient): in factor space without APN (Momentum-SAM) or with
         # norm="global", over all tensors' momenta; else as ``norm`` says
@@ -190,23 +233,41 @@ class MGPO(PerturbedOptimizer):
         cfg, sharded = self.config, self.exchange.sharded
         if sharded and not self.rule.fsdp:
             ok = [name for name, r in rules.RULES.items() if r.fsdp]
-            raise ValueError(f"MGPO: apn={cfg.apn!r} needs each layer's whole weight and last update, which are not "
-                             f"computed under FSDP; use apn={ok[0]!r} (or {', '.join(map(repr, ok[1:]))}).")
+            raise ValueError(
+                f"MGPO: apn={cfg.apn!r} needs each layer's whole weight and last update, which are not "
+                f"computed under FSDP; use apn={ok[0]!r} (or {', '.join(map(repr, ok[1:]))})."
+            )
         if cfg.diagnostics and sharded:  # on by default in the CLI: off here, said once
             self.hparams["diagnostics"] = False
             self.config = dataclasses.replace(cfg, diagnostics=False)
-            warnings.warn("MGPO: diagnostics (radius_to_weight_*, radius_to_update_*, apn_factor_*) are not computed "
-                          "under FSDP and are left out of the statistics.", RuntimeWarning, stacklevel=3)
-        self._plan = build_plan(self.model, self.layers, weight_space=self.model is not None and cfg.space == "weight",
-                                perturb_non_lora=cfg.perturb_non_lora, exact=cfg.exact_restore, sharded=sharded)
+            warnings.warn(
+                "MGPO: diagnostics (radius_to_weight_*, radius_to_update_*, apn_factor_*) are not computed "
+                "under FSDP and are left out of the statistics.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._plan = build_plan(
+            self.model,
+            self.layers,
+            weight_space=self.model is not None and cfg.space == "weight",
+            perturb_non_lora=cfg.perturb_non_lora,
+            exact=cfg.exact_restore,
+            sharded=sharded,
+        )
         quantized = self._plan.quantized
         if self.rule.needs_base_weight and quantized:
-            raise ValueError(f"MGPO(apn={cfg.apn!r}) needs each layer's base weight W0, and {quantized[0]} (and "
-                             f"{len(quantized) - 1} more) is quantized; use apn='inverse' or 'update'.")
+            raise ValueError(
+                f"MGPO(apn={cfg.apn!r}) needs each layer's base weight W0, and {quantized[0]} (and "
+                f"{len(quantized) - 1} more) is quantized; use apn='inverse' or 'update'."
+            )
         if self.config.diagnostics and quantized:
-            warnings.warn(f"MGPO(diagnostics=True): {len(quantized)} layer(s) have a quantized base weight (e.g. "
-                          f"{quantized[0]}); their radius relative to the weight norm is left out of "
-                          "radius_to_weight_*.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MGPO(diagnostics=True): {len(quantized)} layer(s) have a quantized base weight (e.g. "
+                f"{quantized[0]}); their radius relative to the weight norm is left out of "
+                "radius_to_weight_*.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._terms = None
         self._w0_sq: dict[int, Tensor] = {}  # ||W0||^2 of each pair's frozen base weight, computed once
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
@@ -242,15 +303,17 @@ class MGPO(PerturbedOptimizer):
         # is left clean rather than moved by a constant offset every step.
         moments = [owner[p].get(self._moment) if p in owner and p.requires_grad else None for p in tensors]
         if self.config.momentum == "optimizer":
-            stateful = next((p for p, m in zip(tensors, moments) if m is None and p.requires_grad and owner.get(p)),
-                            None)
+            stateful = next(
+                (p for p, m in zip(tensors, moments) if m is None and p.requires_grad and owner.get(p)), None
+            )
             if stateful is not None:  # the base optimizer keeps state, but not its momentum under this name
                 raise TypeError(
                     f"momentum='optimizer' reuses the base optimizer's first moment (state entry {self._moment!r}), "
                     f"but {type(self.base_optimizer).__name__} keeps its state as {sorted(owner[stateful])} (e.g. "
                     "bitsandbytes' 8-bit optimizers: a quantized 'state1'), so nothing would be perturbed and this "
                     "would train as the plain base optimizer. Fix: pass momentum=0.9 so MGPO keeps its own momentum "
-                    "buffer (paper eq. 5), or use torch's AdamW, Adam or SGD with momentum>0.")
+                    "buffer (paper eq. 5), or use torch's AdamW, Adam or SGD with momentum>0."
+                )
         return moments
 
     def _would_perturb(self) -> bool:
@@ -273,8 +336,10 @@ class MGPO(PerturbedOptimizer):
                 flat += [pair.a, m_a, pair.b, m_b]
                 with_m.append(i)
         flat, parts = self.exchange.full_and_sum(flat, parts)
-        factors = [Factors(a.detach(), m_a, b.detach(), m_b)  # detached: the term's node does not reach A, B
-                   for a, m_a, b, m_b in zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4])]
+        factors = [
+            Factors(a.detach(), m_a, b.detach(), m_b)  # detached: the term's node does not reach A, B
+            for a, m_a, b, m_b in zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4])
+        ]
         return factors, with_m, parts
 
     def _build_terms(self, factors: list[Factors] | None = None, with_m: list[int] | None = None) -> None:
@@ -368,12 +433,17 @@ class MGPO(PerturbedOptimizer):
             return
         self._check_layout(params)
         dist = torch.distributed
-        if self.config.gbar_update == "micro_batch" and dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size() > 1:
+        if (
+            self.config.gbar_update == "micro_batch"
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             raise RuntimeError(
                 "MGPO(gbar_update='micro_batch') is not supported on several processes: between synchronisations "
                 "each rank holds only its own partial gradient, so the ranks' gbar (and perturbations) would "
-                "differ. Use gbar_update='step' (the default).")
+                "differ. Use gbar_update='step' (the default)."
+            )
         norms = self._tensor_grad_norms(params)
         dtype = norms.dtype
         self._size_buffers(len(self.layers), norms.device, dtype)
@@ -415,7 +485,10 @@ class MGPO(PerturbedOptimizer):
         if recorded is not None:  # eq. (8) from the gradients before clipping (record_gradients())
             self._ema(recorded[0], recorded[1] & ok)
         elif norms is not None:  # a skipped step: no EMA (micro_batch: updated after each micro-batch already)
-            self._ema(add_pair_norms(self._plan, norms, parts, self._constants).sqrt(), self._constants(norms.has_grad, torch.bool) & ok)
+            self._ema(
+                add_pair_norms(self._plan, norms, parts, self._constants).sqrt(),
+                self._constants(norms.has_grad, torch.bool) & ok,
+            )
         self._sizes = self._layer_sizes(before, dtype)
         self._set_coef()  # eqs. (4), (6)
         zero = torch.zeros((), device=grad_norms.device, dtype=dtype)
@@ -429,10 +502,14 @@ class MGPO(PerturbedOptimizer):
         micro = schedule_micro and self._recorded_micro
         if schedule_micro and not micro and not self._warned_micro:
             self._warned_micro = True  # a host flag: no device read
-            warnings.warn("MGPO(gbar_update='micro_batch'): opt.record_gradients() was not called after the "
-                          "backward passes of this step, so gbar was updated once, from the step's gradient (the "
-                          "'step' schedule). Call it after every backward() (the trainer integrations do). Warned "
-                          "once.", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                "MGPO(gbar_update='micro_batch'): opt.record_gradients() was not called after the "
+                "backward passes of this step, so gbar was updated once, from the step's gradient (the "
+                "'step' schedule). Call it after every backward() (the trainer integrations do). Warned "
+                "once.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         self._recorded_micro = False
         return recorded, micro
 
@@ -451,8 +528,9 @@ class MGPO(PerturbedOptimizer):
                 moments.append(local(self.state[p]["momentum"]))
             F.momentum_(moments, [local(p.grad) for p in params], float(self.config.momentum), ok, dtype)
 
-    def _direction_norms(self, eq8: Tensor | None, dtype: torch.dtype
-                         ) -> tuple[F.Direction, list[Factors], list[int], Tensor | None]:
+    def _direction_norms(
+        self, eq8: Tensor | None, dtype: torch.dtype
+    ) -> tuple[F.Direction, list[Factors], list[int], Tensor | None]:
         """eq. (6)'s direction: ``||D_l||`` for every layer (``s ||m_B A + B m_A||`` from Gram blocks for a pair,
         ``||m||`` for tensors moved in place), the pairs' factors and which pairs have momentum. Under FSDP the
         squared momentum norms and eq. (8)'s parts ``eq8`` ride on the gather of the factors (returned summed)."""
@@ -467,7 +545,7 @@ class MGPO(PerturbedOptimizer):
             both = [t for t in (m_part, eq8) if t is not None]
             factors, with_m, summed = self._direction_factors(torch.cat(both) if both else None)
             if m_part is not None and summed is not None:
-                m_part, summed = summed[:len(m_part)], summed[len(m_part):]
+                m_part, summed = summed[: len(m_part)], summed[len(m_part) :]
             eq8 = summed if eq8 is not None else None
         else:
             factors, with_m, _ = self._direction_factors()
@@ -500,14 +578,21 @@ class MGPO(PerturbedOptimizer):
         capped = torch.zeros_like(self._seen) if capped is None else capped
         self._stats = apn_statistics(self.gbar, self._seen, direction.sq, capped)
         if cfg.diagnostics:
-            self._stats.update(radius_diagnostics(pending.coef.abs() * direction.norm, k, pending.perturbed,
-                                                  self._sizes))
+            self._stats.update(
+                radius_diagnostics(pending.coef.abs() * direction.norm, k, pending.perturbed, self._sizes)
+            )
 
     # ------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict[str, Any]:
         direction = None if self._direction is None else tuple(self._direction)  # a plain tuple, as always saved
-        return {**super()._extra_state(), "gbar": self.gbar, "seen": self._seen, "coef": self._coef,
-                "direction": direction, "sizes": self._sizes}
+        return {
+            **super()._extra_state(),
+            "gbar": self.gbar,
+            "seen": self._seen,
+            "coef": self._coef,
+            "direction": direction,
+            "sizes": self._sizes,
+        }
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
@@ -531,10 +616,13 @@ class MGPO(PerturbedOptimizer):
         self._sizes = self._layer_sizes(None, gbar.dtype)
         self._sizes["update"] = torch.full((n_layers,), float("nan"), device=gbar.device, dtype=gbar.dtype)
         if "update" in self.rule.sizes and self.config.gbar_update == "micro_batch":
-            warnings.warn(f"MGPO(apn={self.config.apn!r}, gbar_update='micro_batch'): this checkpoint does not hold "
-                          "the size of each layer's last update, which re-scaling the pending perturbation after a "
-                          "micro-batch needs; the first step after the resume trains at the clean weights.",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"MGPO(apn={self.config.apn!r}, gbar_update='micro_batch'): this checkpoint does not hold "
+                "the size of each layer's last update, which re-scaling the pending perturbation after a "
+                "micro-batch needs; the first step after the resume trains at the clean weights.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -551,10 +639,17 @@ class MSAM(MGPO):
     def settings(cls) -> list[str]:
         return [name for name in MGPO.settings() if name not in cls.FIXED]
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module,
-                 base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW, *, rho: float = 0.05, **kwargs: Any):
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        *,
+        rho: float = 0.05,
+        **kwargs: Any,
+    ):
         for fixed in self.FIXED:
             if fixed in kwargs:
                 raise ValueError(f"MSAM fixes {fixed}; use mgpo.MGPO to choose {fixed}={kwargs[fixed]!r}.")
-        super().__init__(params, base_optimizer, rho=rho, apn="off", momentum="optimizer", space="factors",
-                         norm="global", **kwargs)
+        super().__init__(
+            params, base_optimizer, rho=rho, apn="off", momentum="optimizer", space="factors", norm="global", **kwargs
+        )

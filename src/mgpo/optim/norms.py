@@ -41,8 +41,13 @@ def grad_v(pairs: tuple[Pair, ...], owners: list[int]) -> list[Tensor]:
     return flat
 
 
-def pair_grad_sq(pairs: tuple[Pair, ...], owners: list[int], whole: list[tuple[Tensor, Tensor]] | None,
-                 constants: DeviceConstants, dtype: torch.dtype) -> Tensor:
+def pair_grad_sq(
+    pairs: tuple[Pair, ...],
+    owners: list[int],
+    whole: list[tuple[Tensor, Tensor]] | None,
+    constants: DeviceConstants,
+    dtype: torch.dtype,
+) -> Tensor:
     """eq. (8) for every pair in ``owners``, in that order: ``||s (g_B A + B g_A)||^2``. ``whole``: the whole
     ``(A, g_A)`` gathered under FSDP (this rank's rows of ``g_B``, ``B`` against them), else None."""
     if whole is None:
@@ -57,8 +62,15 @@ def pair_grad_sq(pairs: tuple[Pair, ...], owners: list[int], whole: list[tuple[T
     return lowrank_sq_norms(items).to(dtype) * scale
 
 
-def gradient_norms(plan: LayerPlan, params: list[Tensor], grad_norms: Tensor, n_layers: int,
-                   constants: DeviceConstants, owners: list[int], parts: Tensor | None) -> GradNorms:
+def gradient_norms(
+    plan: LayerPlan,
+    params: list[Tensor],
+    grad_norms: Tensor,
+    n_layers: int,
+    constants: DeviceConstants,
+    owners: list[int],
+    parts: Tensor | None,
+) -> GradNorms:
     """eq. (8)'s inputs from the per-tensor gradient norms ``grad_norms`` (of ``params``) and the pairs' ``parts``."""
     layer_of = plan.layer_of
     sel = [j for j, p in enumerate(params) if id(p) in layer_of]
@@ -80,15 +92,26 @@ def add_pair_norms(plan: LayerPlan, norms: GradNorms, parts: Tensor | None, cons
     return norms.grad_sq
 
 
-def direction(plan: LayerPlan, factors: list[Factors], with_m: list[int], m_layers: list[int],
-              m_norms: Tensor | None, n_layers: int, constants: DeviceConstants, dtype: torch.dtype) -> F.Direction:
+def direction(
+    plan: LayerPlan,
+    factors: list[Factors],
+    with_m: list[int],
+    m_layers: list[int],
+    m_norms: Tensor | None,
+    n_layers: int,
+    constants: DeviceConstants,
+    dtype: torch.dtype,
+) -> F.Direction:
     """eq. (6)'s direction norms per layer: ``||D_l||^2 = s^2 ||m_B A + B m_A||^2`` for the pairs in ``with_m``
     (``factors``), plus ``sum ||m||^2`` of the tensors moved in place (``m_norms``, their layers ``m_layers``)."""
     d_sq = torch.zeros(n_layers, device=constants.device, dtype=dtype)
     if factors:  # layers of equal shapes batched
         scale = constants(tuple(plan.pairs[i].scaling ** 2 for i in with_m), dtype)
-        d_sq.index_add_(0, constants.index(tuple(plan.pairs[i].layer for i in with_m)),
-                        lowrank_sq_norms([((f.m_b, f.a), (f.b, f.m_a)) for f in factors]).to(dtype) * scale)
+        d_sq.index_add_(
+            0,
+            constants.index(tuple(plan.pairs[i].layer for i in with_m)),
+            lowrank_sq_norms([((f.m_b, f.a), (f.b, f.m_a)) for f in factors]).to(dtype) * scale,
+        )
     has_m = [False] * n_layers
     for i in with_m:
         has_m[plan.pairs[i].layer] = True

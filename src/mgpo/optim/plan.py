@@ -69,8 +69,15 @@ class LayerPlan:
         return {id(t) for pair in self.pairs for t in (pair.a, pair.b)} | set(self.layer_of)
 
 
-def build_plan(model: nn.Module | None, layers: dict[str, list[Tensor]], *, weight_space: bool,
-               perturb_non_lora: bool, exact: bool | None, sharded: bool) -> LayerPlan:
+def build_plan(
+    model: nn.Module | None,
+    layers: dict[str, list[Tensor]],
+    *,
+    weight_space: bool,
+    perturb_non_lora: bool,
+    exact: bool | None,
+    sharded: bool,
+) -> LayerPlan:
     """The plan of an optimizer over ``layers`` (``opt.layers``), warning about layers that cannot get the
     weight-space rule (``weight_space``: ``space="weight"`` with a model)."""
     index = {key: i for i, key in enumerate(layers)}
@@ -81,24 +88,46 @@ def build_plan(model: nn.Module | None, layers: dict[str, list[Tensor]], *, weig
     if weight_space and model is not None:
         _warn_fallbacks(model, trainable, refused)
     if doras and sharded:
-        raise ValueError("MGPO: DoRA layers under FSDP are not supported in weight space (their row norms need "
-                         "the whole base weight); pass space='factors'.")
+        raise ValueError(
+            "MGPO: DoRA layers under FSDP are not supported in weight space (their row norms need "
+            "the whole base weight); pass space='factors'."
+        )
     chosen = [pr for pr in found if pr[0] in index] + [pr for pr in doras if pr[0] in index and pr[0] not in refused]
-    pairs = tuple(Pair(index[key], m, a, m.lora_A[a].weight, m.lora_B[a].weight, float(m.scaling[a]),
-                       m.lora_magnitude_vector[a].weight if is_dora(m, a) else None) for key, m, a in chosen)
-    in_pairs = {id(t) for pr in pairs for t in (pr.a, pr.b)} | {id(pr.magnitude) for pr in pairs if pr.magnitude
-                                                                is not None}
+    pairs = tuple(
+        Pair(
+            index[key],
+            m,
+            a,
+            m.lora_A[a].weight,
+            m.lora_B[a].weight,
+            float(m.scaling[a]),
+            m.lora_magnitude_vector[a].weight if is_dora(m, a) else None,
+        )
+        for key, m, a in chosen
+    )
+    in_pairs = {id(t) for pr in pairs for t in (pr.a, pr.b)} | {
+        id(pr.magnitude) for pr in pairs if pr.magnitude is not None
+    }
     lora = bool(pairs) or any("[" in key for key in layers)  # "module[adapter]": a LoRA layer
     # Next to LoRA layers in weight space, only LoRA tensors (DoRA, AdaLoRA factors) are moved in place, unless
     # perturb_non_lora: the authors perturb nothing else.
     keep_all = not weight_space or perturb_non_lora or not lora
-    inplace = tuple(InPlace(index[key], p) for key, ps in layers.items() for p in ps
-                    if id(p) not in in_pairs and (keep_all or "[" in key))
+    inplace = tuple(
+        InPlace(index[key], p)
+        for key, ps in layers.items()
+        for p in ps
+        if id(p) not in in_pairs and (keep_all or "[" in key)
+    )
     full_ft = model is not None and not lora
     if exact is None:
         exact = not (full_ft and all(t.dtype in (torch.float32, torch.float64) for _, t in inplace))
-    return LayerPlan(pairs, inplace, tuple(key for key in layers if not (keep_all or "[" in key)), exact,
-                     tuple(key for key, m, _ in chosen if is_quantized(m)))
+    return LayerPlan(
+        pairs,
+        inplace,
+        tuple(key for key in layers if not (keep_all or "[" in key)),
+        exact,
+        tuple(key for key, m, _ in chosen if is_quantized(m)),
+    )
 
 
 def _warn_fallbacks(model: nn.Module, trainable: set[int], refused: dict[str, str]) -> None:
@@ -108,17 +137,27 @@ def _warn_fallbacks(model: nn.Module, trainable: set[int], refused: dict[str, st
         warnings.warn(
             f"MGPO: {len(refused)} DoRA layer(s) ({key}: {why}) cannot get the authors' weight-space rule exactly "
             "and are perturbed in factor space instead (A, B and the magnitude moved along their momentum); "
-            "docs/method.md, section 5.", RuntimeWarning, stacklevel=5)
+            "docs/method.md, section 5.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
     # LoRA on a layer that is no nn.Linear (GPT-2's Conv1D, Conv2d): the factor-space rule
-    other = [f"{name} ({type(m.get_base_layer()).__name__})" for name, m in model.named_modules()
-             if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
-             and not isinstance(m.get_base_layer(), (nn.Linear, nn.Embedding))
-             and any(id(p) in trainable for p in m.parameters())]
+    other = [
+        f"{name} ({type(m.get_base_layer()).__name__})"
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A")
+        and hasattr(m, "get_base_layer")
+        and not isinstance(m.get_base_layer(), (nn.Linear, nn.Embedding))
+        and any(id(p) in trainable for p in m.parameters())
+    ]
     if other:
         warnings.warn(
             f"MGPO: {len(other)} LoRA layer(s) wrap a base layer that is not an nn.Linear (e.g. {other[0]}) "
             "and cannot get the weight-space rule; they are perturbed in factor space instead (A and B moved "
-            "along their momentum); docs/method.md, section 5.", RuntimeWarning, stacklevel=5)
+            "along their momentum); docs/method.md, section 5.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
 
 class DeviceConstants:

@@ -91,17 +91,29 @@ class RandomPerturbation(PerturbedOptimizer):
         seed: seed of the private noise generator.
     """
 
-    def __init__(self, params, base_optimizer=torch.optim.AdamW, *, rho: float = 0.05,
-                 total_steps: int | None = None, seed: int = 0, model: nn.Module | None = None,
-                 auto_perturb: bool = True, **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer=torch.optim.AdamW,
+        *,
+        rho: float = 0.05,
+        total_steps: int | None = None,
+        seed: int = 0,
+        model: nn.Module | None = None,
+        auto_perturb: bool = True,
+        **base_kwargs,
+    ):
         check_range("rho", rho, 0.0, float("inf"))
         self._init_noise(params, base_optimizer, dict(rho=rho), total_steps, seed, model, auto_perturb, base_kwargs)
 
     def _init_noise(self, params, base_optimizer, hparams, total_steps, seed, model, auto_perturb, base_kwargs):
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps < 1):
-            raise ValueError(f"total_steps={total_steps!r} is invalid: use a positive int (the run's optimizer "
-                             "steps) or None for no ramp.")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(
+                f"total_steps={total_steps!r} is invalid: use a positive int (the run's optimizer "
+                "steps) or None for no ramp."
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} is invalid: use an int.")
         if not isinstance(params, nn.Module) and model is None:
@@ -109,8 +121,14 @@ class RandomPerturbation(PerturbedOptimizer):
                 f"{type(self).__name__} adds noise inside the model's forward, so it needs the model: pass it "
                 f"as the first argument ({type(self).__name__}(model, ...)) or as model=model."
             )
-        super().__init__(params, base_optimizer, dict(hparams, total_steps=total_steps, seed=seed),
-                         model=model, auto_perturb=auto_perturb, **base_kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            dict(hparams, total_steps=total_steps, seed=seed),
+            model=model,
+            auto_perturb=auto_perturb,
+            **base_kwargs,
+        )
         trainable = {id(p) for g in self.param_groups for p in g["params"]}
         self.targets = noise_targets(self.model, trainable)
         if not self.targets:

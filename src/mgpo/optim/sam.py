@@ -29,8 +29,16 @@ class SAM(PerturbedOptimizer):
 
     two_pass = True
 
-    def __init__(self, params, base_optimizer=torch.optim.AdamW, *, rho: float = 0.05, adaptive: bool = False,
-                 model=None, **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer=torch.optim.AdamW,
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        model=None,
+        **base_kwargs,
+    ):
         check_range("rho", rho, 0.0, float("inf"))
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive={adaptive!r} is invalid: use True (ASAM) or False (SAM).")

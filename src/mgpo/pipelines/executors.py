@@ -33,8 +33,13 @@ EXECUTORS = ("local", "slurm")
 RECORD = "sweep-run.json"  # the executor's record of a run, in its folder
 # Exit codes of a run stopped on request, not failed: mgpo train's own (after its checkpoint), or the signal
 # itself (negative: the signal arrived before training installed its handler).
-STOPPED = {130: "SIGINT", 143: "SIGTERM", -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM",
-           -signal.SIGHUP: "SIGHUP"}
+STOPPED = {
+    130: "SIGINT",
+    143: "SIGTERM",
+    -signal.SIGINT: "SIGINT",
+    -signal.SIGTERM: "SIGTERM",
+    -signal.SIGHUP: "SIGHUP",
+}
 
 
 @dataclass
@@ -44,17 +49,25 @@ class SlurmConfig:
     partition: str | None = _help("Partition (sbatch --partition); unset: the cluster's default.", None)
     account: str | None = _help("Account charged (sbatch --account).", None)
     qos: str | None = _help("Quality of service (sbatch --qos).", None)
-    time_min: int = _help("Time limit of each run in minutes. A run that reaches it is told signal_s before, "
-                          "writes a checkpoint, is requeued and resumes.", 240)
+    time_min: int = _help(
+        "Time limit of each run in minutes. A run that reaches it is told signal_s before, "
+        "writes a checkpoint, is requeued and resumes.",
+        240,
+    )
     gpus_per_run: int = _help("GPUs of each run (sbatch --gpus-per-node): 0 or 1 (a run is one process).", 0)
     cpus_per_run: int = _help("CPU cores of each run (sbatch --cpus-per-task); also its torch threads.", 1)
     mem_gb: float | None = _help("Memory of each run in GB (sbatch --mem); unset: the partition's default.", None)
-    parallelism: int = _help("Runs of the array at once (sbatch --array=...%N); 0: as many as the cluster "
-                             "gives.", 0)
-    signal_s: int = _help("Seconds before the time limit at which a run is signalled to checkpoint and requeue: "
-                          "room for one step and one checkpoint.", 120)
-    max_requeues: int = _help("How often a run may be requeued after its time limit before it is left "
-                              "interrupted (preemptions do not count).", 20)
+    parallelism: int = _help("Runs of the array at once (sbatch --array=...%N); 0: as many as the cluster gives.", 0)
+    signal_s: int = _help(
+        "Seconds before the time limit at which a run is signalled to checkpoint and requeue: "
+        "room for one step and one checkpoint.",
+        120,
+    )
+    max_requeues: int = _help(
+        "How often a run may be requeued after its time limit before it is left "
+        "interrupted (preemptions do not count).",
+        20,
+    )
     setup: list = _help("Shell lines run before each run (module load ..., source venv/bin/activate).", factory=list)
     extra: dict = _help("More sbatch parameters, e.g. {constraint: a100, exclude: node7}.", factory=dict)
 
@@ -67,21 +80,29 @@ class SlurmConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ConfigError(f"sweep {str(spec_path)!r}: unknown slurm setting {unknown[0]!r}; settings: "
-                              f"{', '.join(sorted(known))} (anything else sbatch takes goes in `extra:`).")
+            raise ConfigError(
+                f"sweep {str(spec_path)!r}: unknown slurm setting {unknown[0]!r}; settings: "
+                f"{', '.join(sorted(known))} (anything else sbatch takes goes in `extra:`)."
+            )
         config = cls(**value)
         for name in ("time_min", "cpus_per_run"):
             if not (isinstance(getattr(config, name), int) and getattr(config, name) >= 1):
-                raise ConfigError(f"sweep {str(spec_path)!r}: slurm.{name}={getattr(config, name)!r} must be a "
-                                  "whole number of at least 1.")
+                raise ConfigError(
+                    f"sweep {str(spec_path)!r}: slurm.{name}={getattr(config, name)!r} must be a "
+                    "whole number of at least 1."
+                )
         if isinstance(config.gpus_per_run, int) and config.gpus_per_run > 1:
-            raise ConfigError(f"sweep {str(spec_path)!r}: slurm.gpus_per_run={config.gpus_per_run}: each run trains "
-                              "in one process on one GPU here (a run on several GPUs, e.g. full fine-tuning at 7B, "
-                              "goes through torchrun: docs/distributed.md); use gpus_per_run: 1.")
+            raise ConfigError(
+                f"sweep {str(spec_path)!r}: slurm.gpus_per_run={config.gpus_per_run}: each run trains "
+                "in one process on one GPU here (a run on several GPUs, e.g. full fine-tuning at 7B, "
+                "goes through torchrun: docs/distributed.md); use gpus_per_run: 1."
+            )
         for name in ("gpus_per_run", "parallelism", "signal_s", "max_requeues"):
             if not (isinstance(getattr(config, name), int) and getattr(config, name) >= 0):
-                raise ConfigError(f"sweep {str(spec_path)!r}: slurm.{name}={getattr(config, name)!r} must be a "
-                                  "whole number of at least 0.")
+                raise ConfigError(
+                    f"sweep {str(spec_path)!r}: slurm.{name}={getattr(config, name)!r} must be a "
+                    "whole number of at least 0."
+                )
         return config
 
 
@@ -121,7 +142,7 @@ def error_tail(log: Path, lines: int = 6) -> str:
     # drop progress bars and the command line the log starts each attempt with
     useful = [line for line in text if line.strip() and "%|" not in line and not line.startswith("$ ")][-40:]
     start = next((i for i in range(len(useful) - 1, -1, -1) if _ERROR.match(useful[i].strip())), len(useful))
-    return "\n".join(useful[min(start, max(0, len(useful) - lines)):]) or "no output"
+    return "\n".join(useful[min(start, max(0, len(useful) - lines)) :]) or "no output"
 
 
 # mgpo's own error line, or an exception's (after the "exit code N: " the record puts first)
@@ -135,13 +156,13 @@ def error_line(error: str) -> str:
     for i in range(len(lines) - 1, -1, -1):
         found = _ERROR.match(lines[i])
         if found:
-            return " ".join([found.group(1), *lines[i + 1:]])
+            return " ".join([found.group(1), *lines[i + 1 :]])
     return lines[-1] if lines else ""
 
 
 @dataclass
 class Outcome:
-    status: str                  # done, resumed, failed, interrupted
+    status: str  # done, resumed, failed, interrupted
     error: str | None = None
     wall_s: float | None = None
     code: int | None = None
@@ -150,12 +171,28 @@ class Outcome:
 def train_command(python: str, base: Path | None, overrides: list[str], state: str) -> list[str]:
     # a partial run resumes from its newest complete checkpoint; what a run killed before its first one left is
     # discarded (--restart removes mgpo train's files only, not train.out)
-    return [python, "-m", "mgpo", "train", *([str(base)] if base else []), *overrides, "training.progress=false",
-            "--resume" if state == "partial" else "--restart"]
+    return [
+        python,
+        "-m",
+        "mgpo",
+        "train",
+        *([str(base)] if base else []),
+        *overrides,
+        "training.progress=false",
+        "--resume" if state == "partial" else "--restart",
+    ]
 
 
-def train_run(python: str, base: Path | None, overrides: list[str], out: Path, env: dict | None = None,
-              started_proc=None, ignore=(), **where) -> Outcome:
+def train_run(
+    python: str,
+    base: Path | None,
+    overrides: list[str],
+    out: Path,
+    env: dict | None = None,
+    started_proc=None,
+    ignore=(),
+    **where,
+) -> Outcome:
     """Train one run in its own process, its output appended to ``out/train.out``; record how it ended.
 
     ``started_proc(proc)`` is called with the process once it runs (to signal it); ``ignore``: signals the
@@ -216,8 +253,10 @@ def device_envs(workers: int, threads: int = 0) -> list[dict | None]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
         if workers > len(ids):
-            raise ConfigError(f"--workers {workers}: each run gets a GPU of its own, and {len(ids)} are visible "
-                              f"({', '.join(ids)}); use --workers {len(ids)} or fewer.")
+            raise ConfigError(
+                f"--workers {workers}: each run gets a GPU of its own, and {len(ids)} are visible "
+                f"({', '.join(ids)}); use --workers {len(ids)} or fewer."
+            )
         extra = threads_env(threads) if threads else {}
         return [{**env, **extra, "CUDA_VISIBLE_DEVICES": ids[i]} for i in range(workers)]
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -244,10 +283,19 @@ def run_local(sweep, workers: int, python: str, report, write_index, threads: in
             run.status = "running"
             write_index(sweep)
         try:
-            outcome = train_run(python, sweep.base, run.overrides, run.output_dir, env=envs[slot],
-                                started_proc=lambda proc: running.__setitem__(run.index, proc),
-                                **({"device": envs[slot].get("CUDA_VISIBLE_DEVICES") or
-                                    f"{envs[slot]['OMP_NUM_THREADS']} CPU threads"} if workers > 1 else {}))
+            outcome = train_run(
+                python,
+                sweep.base,
+                run.overrides,
+                run.output_dir,
+                env=envs[slot],
+                started_proc=lambda proc: running.__setitem__(run.index, proc),
+                **(
+                    {"device": envs[slot].get("CUDA_VISIBLE_DEVICES") or f"{envs[slot]['OMP_NUM_THREADS']} CPU threads"}
+                    if workers > 1
+                    else {}
+                ),
+            )
         except KeyboardInterrupt:  # Ctrl-C while this (main) thread waited for the run: it checkpointed and stopped
             with lock:
                 run.status, run.error = "interrupted", "stopped by SIGINT"
@@ -308,8 +356,10 @@ def _submitit():
 def check_slurm() -> None:
     """A one-line error naming the fix where Slurm cannot be used from here."""
     if shutil.which("sbatch") is None:
-        raise ConfigError("--executor slurm needs Slurm's sbatch on PATH: run mgpo sweep on the cluster's login "
-                          "node (or load its slurm module), or use --executor local.")
+        raise ConfigError(
+            "--executor slurm needs Slurm's sbatch on PATH: run mgpo sweep on the cluster's login "
+            "node (or load its slurm module), or use --executor local."
+        )
     _submitit()
 
 
@@ -327,9 +377,15 @@ class SlurmRun:
         job = _submitit().JobEnvironment()
         # Slurm sends the time-limit signal (USR2) to every process of the job: the training process must not
         # die of it; submitit's handler in this one stops it with SIGTERM instead, after its checkpoint
-        outcome = train_run(self.python, self.base, self.overrides, self.out,
-                            started_proc=lambda proc: setattr(self, "_proc", proc), ignore=(signal.SIGUSR2,),
-                            job_id=job.job_id)
+        outcome = train_run(
+            self.python,
+            self.base,
+            self.overrides,
+            self.out,
+            started_proc=lambda proc: setattr(self, "_proc", proc),
+            ignore=(signal.SIGUSR2,),
+            job_id=job.job_id,
+        )
         return outcome.status
 
     def checkpoint(self, *args, **kwargs):
@@ -339,8 +395,11 @@ class SlurmRun:
             # Wait for it to end without reaping it: __call__'s proc.wait(), which this handler interrupted, holds
             # the Popen's lock and reaps it (Popen.wait here would deadlock on that lock).
             os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
-        write_record(self.out, state="requeued", error="signalled before the time limit (or preempted): "
-                                                       "checkpointed and requeued")
+        write_record(
+            self.out,
+            state="requeued",
+            error="signalled before the time limit (or preempted): checkpointed and requeued",
+        )
         return _submitit().helpers.DelayedSubmission(SlurmRun(self.python, self.base, self.overrides, self.out))
 
     def __getstate__(self):
@@ -350,15 +409,18 @@ class SlurmRun:
         self.__dict__.update(state, _proc=None)
 
 
-
 def scheduler_states(job_ids: list[str]) -> dict[str, str] | None:
     """job id -> Slurm state (PENDING, RUNNING, ...) for the jobs the scheduler still knows; None when it does not
     answer (no squeue here, or an error). Needs no accounting database."""
     if not job_ids or shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "--noheader", "--array", "--format=%i %T", "--jobs", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["squeue", "--noheader", "--array", "--format=%i %T", "--jobs", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0 and "Invalid job id" not in out.stderr:
@@ -384,11 +446,15 @@ def submit_slurm(sweep, config: SlurmConfig, python: str, write_index, threads: 
         return []
     folder = sweep.output_dir / "slurm"
     executor = submitit.SlurmExecutor(folder=folder / "%j", python=python, max_num_timeout=config.max_requeues)
-    params = dict(time=config.time_min, cpus_per_task=config.cpus_per_run, signal_delay_s=config.signal_s,
-                  job_name=f"mgpo-{sweep.output_dir.name}", stderr_to_stdout=True,
-                  setup=[*(f"export {k}={v}" for k, v in threads_env(threads or config.cpus_per_run).items()),
-                         *config.setup],
-                  additional_parameters=dict(config.extra))
+    params = dict(
+        time=config.time_min,
+        cpus_per_task=config.cpus_per_run,
+        signal_delay_s=config.signal_s,
+        job_name=f"mgpo-{sweep.output_dir.name}",
+        stderr_to_stdout=True,
+        setup=[*(f"export {k}={v}" for k, v in threads_env(threads or config.cpus_per_run).items()), *config.setup],
+        additional_parameters=dict(config.extra),
+    )
     if config.parallelism:
         params["array_parallelism"] = config.parallelism
     for name, value in (("partition", config.partition), ("account", config.account), ("qos", config.qos)):
@@ -402,8 +468,14 @@ def submit_slurm(sweep, config: SlurmConfig, python: str, write_index, threads: 
     with executor.batch():
         jobs = [executor.submit(SlurmRun(python, sweep.base, run.overrides, run.output_dir)) for run in todo]
     for run, job in zip(todo, jobs):
-        write_record(run.output_dir, state="queued", error=None, job_id=job.job_id,
-                     log=str(job.paths.stdout).replace("%j", job.job_id), submitted=time.time())
+        write_record(
+            run.output_dir,
+            state="queued",
+            error=None,
+            job_id=job.job_id,
+            log=str(job.paths.stdout).replace("%j", job.job_id),
+            submitted=time.time(),
+        )
         run.status = "queued"
     write_index(sweep)
     return todo
@@ -412,9 +484,19 @@ def submit_slurm(sweep, config: SlurmConfig, python: str, write_index, threads: 
 # ----------------------------------------------------------------------------- status
 
 
-SCHEDULED = {"PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
-             "REQUEUE_FED": "queued", "RESV_DEL_HOLD": "queued", "SUSPENDED": "queued",
-             "RUNNING": "running", "COMPLETING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
+SCHEDULED = {
+    "PENDING": "queued",
+    "CONFIGURING": "queued",
+    "REQUEUED": "queued",
+    "REQUEUE_HOLD": "queued",
+    "REQUEUE_FED": "queued",
+    "RESV_DEL_HOLD": "queued",
+    "SUSPENDED": "queued",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "SIGNALING": "running",
+    "STAGE_OUT": "running",
+}
 
 
 def sweep_status(sweep) -> list[dict]:
@@ -451,7 +533,14 @@ def sweep_status(sweep) -> list[dict]:
             shown, detail = "new", ""
         if shown in ("partial", "interrupted", "failed") and step is not None:
             detail = f"partial at step {step}" + (f"; {detail}" if detail else "")
-        rows.append({"name": run.name, "state": shown, "detail": detail, "job_id": job,
-                     "log": rec.get("log") or (str(run.output_dir / "train.out")
-                                               if (run.output_dir / "train.out").is_file() else None)})
+        rows.append(
+            {
+                "name": run.name,
+                "state": shown,
+                "detail": detail,
+                "job_id": job,
+                "log": rec.get("log")
+                or (str(run.output_dir / "train.out") if (run.output_dir / "train.out").is_file() else None),
+            }
+        )
     return rows

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-SMOOTH_FRACTION = 0.05   # default smoothing window: 5% of the logged points (at least 1)
-SPIKE_FACTOR = 1.5       # default instability threshold: loss > 1.5 x the running median
+SMOOTH_FRACTION = 0.05  # default smoothing window: 5% of the logged points (at least 1)
+SPIKE_FACTOR = 1.5  # default instability threshold: loss > 1.5 x the running median
 CONFIDENCE = 0.95
 
 
@@ -40,8 +40,9 @@ def double_descent(steps, losses, window: int | None = None) -> dict:
     """
     steps, losses = np.asarray(steps, dtype=float), np.asarray(losses, dtype=float)
     if len(steps) != len(losses) or len(losses) == 0:
-        raise ValueError(f"double_descent needs equally long, non-empty steps and losses "
-                         f"(got {len(steps)} and {len(losses)}).")
+        raise ValueError(
+            f"double_descent needs equally long, non-empty steps and losses (got {len(steps)} and {len(losses)})."
+        )
     window = window or default_window(len(losses))
     s = smooth(losses, window)
     running_min = np.minimum.accumulate(s)
@@ -49,16 +50,28 @@ def double_descent(steps, losses, window: int | None = None) -> dict:
     p = int(np.argmax(rises))
     start = s[min(window, len(s)) - 1]
     fall_rel = float((start - running_min[-1]) / start) if start > 0 else 0.0
-    result = {"window": window, "rise": float(rises[p]), "rise_rel": 0.0, "peak_step": None, "onset_step": None,
-              "recover_steps": None, "recovered": True, "fall_rel": fall_rel}
+    result = {
+        "window": window,
+        "rise": float(rises[p]),
+        "rise_rel": 0.0,
+        "peak_step": None,
+        "onset_step": None,
+        "recover_steps": None,
+        "recovered": True,
+        "fall_rel": fall_rel,
+    }
     if rises[p] <= 0:
         return result
     floor = running_min[p]
     onset = int(np.flatnonzero(s[: p + 1] == floor)[-1])
-    back = np.flatnonzero(s[p + 1:] <= floor)
-    result.update(rise_rel=float(rises[p] / floor) if floor > 0 else float("inf"), peak_step=int(steps[p]),
-                  onset_step=int(steps[onset]), recovered=bool(len(back)),
-                  recover_steps=int(steps[p + 1 + back[0]] - steps[p]) if len(back) else None)
+    back = np.flatnonzero(s[p + 1 :] <= floor)
+    result.update(
+        rise_rel=float(rises[p] / floor) if floor > 0 else float("inf"),
+        peak_step=int(steps[p]),
+        onset_step=int(steps[onset]),
+        recovered=bool(len(back)),
+        recover_steps=int(steps[p + 1 + back[0]] - steps[p]) if len(back) else None,
+    )
     return result
 
 
@@ -68,7 +81,7 @@ def instability_count(losses, window: int | None = None, factor: float = SPIKE_F
     window = window or default_window(len(v))
     if factor <= 0:
         raise ValueError(f"instability factor={factor!r} is invalid: use a positive multiple of the median.")
-    return int(sum(v[i] > factor * np.median(v[max(0, i - window):i]) for i in range(1, len(v))))
+    return int(sum(v[i] > factor * np.median(v[max(0, i - window) : i]) for i in range(1, len(v))))
 
 
 def majority_share(gold, num_labels: int) -> float:
@@ -92,14 +105,24 @@ def paired_t(a, b, *, confidence: float = CONFIDENCE) -> dict:
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     nonfinite = int((~np.isfinite(d)).sum())
-    out = {"n": int(len(d)), "mean": float(d.mean()) if len(d) else float("nan"), "low": None, "high": None,
-           "significant": False, "nonfinite": nonfinite, "no_spread": False}
+    out = {
+        "n": int(len(d)),
+        "mean": float(d.mean()) if len(d) else float("nan"),
+        "low": None,
+        "high": None,
+        "significant": False,
+        "nonfinite": nonfinite,
+        "no_spread": False,
+    }
     if len(d) < 2 or nonfinite:
         return out
     if d.std(ddof=1) == 0:  # the same difference in every pair (0 where neither arm's loss ever rose): t is undefined
         out.update(low=out["mean"], high=out["mean"], no_spread=True)
         return out
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
-    out.update(low=out["mean"] - half, high=out["mean"] + half,
-               significant=bool(out["mean"] - half > 0 or out["mean"] + half < 0))
+    out.update(
+        low=out["mean"] - half,
+        high=out["mean"] + half,
+        significant=bool(out["mean"] - half > 0 or out["mean"] + half < 0),
+    )
     return out

@@ -48,8 +48,14 @@ def _read_clean(path: Path) -> tuple[list[int], list[float]]:
 CLEAN_LABEL = "clean training loss (probe)"
 
 
-def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "training loss",
-                     smooth: int | None = None, as_trained: str = "training loss as trained") -> Path:
+def plot_loss_curves(
+    runs: dict[str, Path],
+    out_png: Path,
+    *,
+    title: str = "training loss",
+    smooth: int | None = None,
+    as_trained: str = "training loss as trained",
+) -> Path:
     """One colour per run (label -> log.jsonl). Runs with the clean-loss probe: the clean loss solid, the loss as
     trained (``as_trained`` says what it is, e.g. "training loss at the perturbed weights") as a dashed moving
     average. Runs without it: the loss as trained, raw faint and moving average bold. The title says which is
@@ -66,22 +72,39 @@ def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "trai
         window = smooth or max(1, len(steps) // 20)
         if clean:
             with_clean += 1
-            ax.plot(clean_steps, clean, color=color, linewidth=2, marker="o" if len(clean) < 20 else None,
-                    markersize=3, label=f"{label}: clean (probe)")
+            ax.plot(
+                clean_steps,
+                clean,
+                color=color,
+                linewidth=2,
+                marker="o" if len(clean) < 20 else None,
+                markersize=3,
+                label=f"{label}: clean (probe)",
+            )
             if steps:
-                ax.plot(steps, _smooth(losses, window), color=color, linewidth=1, linestyle="--", alpha=0.7,
-                        label=f"{label}: as trained (moving avg {window})")
+                ax.plot(
+                    steps,
+                    _smooth(losses, window),
+                    color=color,
+                    linewidth=1,
+                    linestyle="--",
+                    alpha=0.7,
+                    label=f"{label}: as trained (moving avg {window})",
+                )
             continue
         ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8, marker="o" if len(steps) == 1 else None)
-        ax.plot(steps, _smooth(losses, window), color=color, linewidth=2,
-                label=f"{label}: as trained (moving avg {window})")
+        ax.plot(
+            steps, _smooth(losses, window), color=color, linewidth=2, label=f"{label}: as trained (moving avg {window})"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     if not plotted:
         note = ""
     elif with_clean:
-        note = (f"clean (probe): the {CLEAN_LABEL}, a fixed set of training examples at the clean weights in "
-                f"eval mode; as trained: {as_trained}")
+        note = (
+            f"clean (probe): the {CLEAN_LABEL}, a fixed set of training examples at the clean weights in "
+            f"eval mode; as trained: {as_trained}"
+        )
     else:
         note = f"as trained: {as_trained} (no clean-loss probe was logged)"
     ax.set_title("\n".join([title, *textwrap.wrap(note, 90)]), fontsize=9)
@@ -89,8 +112,14 @@ def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "trai
     if plotted:
         ax.legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, "no training loss was logged\n(fewer steps than training.logging_steps?)",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no training loss was logged\n(fewer steps than training.logging_steps?)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +131,9 @@ def plot_loss_curves(runs: dict[str, Path], out_png: Path, *, title: str = "trai
 def plot_demo(runs: dict[str, Path], out_png: Path, *, title: str, as_trained: str) -> Path:
     """The demo's figure, read at a glance: the clean losses in one panel, the losses as trained (moving averages)
     in a second, fainter one below, one colour per arm, the legend beside the panels, a one-line title."""
-    fig, (clean_ax, trained_ax) = plt.subplots(2, 1, figsize=(8, 5.6), dpi=120, sharex=True,
-                                               gridspec_kw={"height_ratios": [3, 2]})
+    fig, (clean_ax, trained_ax) = plt.subplots(
+        2, 1, figsize=(8, 5.6), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
     for i, (label, path) in enumerate(runs.items()):
         color = f"C{i % 10}"
         clean_steps, clean = _read_clean(path)
@@ -113,11 +143,23 @@ def plot_demo(runs: dict[str, Path], out_png: Path, *, title: str, as_trained: s
         trained_ax.plot(steps, _smooth(losses, window), color=color, linewidth=1, alpha=0.6)
     clean_ax.set_ylabel("clean loss")
     clean_ax.set_title(title, fontsize=10)
-    clean_ax.text(0.01, 0.02, f"{CLEAN_LABEL}: fixed training examples at the clean weights, eval mode",
-                  transform=clean_ax.transAxes, fontsize=7, color="0.4")
+    clean_ax.text(
+        0.01,
+        0.02,
+        f"{CLEAN_LABEL}: fixed training examples at the clean weights, eval mode",
+        transform=clean_ax.transAxes,
+        fontsize=7,
+        color="0.4",
+    )
     trained_ax.set_ylabel("loss as trained", color="0.4")
-    trained_ax.text(0.01, 0.04, textwrap.shorten(f"{as_trained} (moving average)", 110),
-                    transform=trained_ax.transAxes, fontsize=7, color="0.4")
+    trained_ax.text(
+        0.01,
+        0.04,
+        textwrap.shorten(f"{as_trained} (moving average)", 110),
+        transform=trained_ax.transAxes,
+        fontsize=7,
+        color="0.4",
+    )
     trained_ax.set_xlabel("optimizer step")
     for ax in (clean_ax, trained_ax):
         ax.grid(alpha=0.3)

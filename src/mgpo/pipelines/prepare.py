@@ -4,9 +4,10 @@ data. After training, the task's own evaluations (generation, exact match)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -64,26 +65,30 @@ def _prepare_classification(cfg: TrainConfig, main: bool) -> PreparedTask:
 
     task = cfg.data.task
     data = _load_classification(cfg)  # first, so the model is built with the right head size
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels,
-                                                dtype=cfg.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, task, num_labels=data.num_labels, dtype=cfg.model.dtype)
     splits, truncated = _encode_classification(cfg, data, tokenizer)
     if main:
         _describe_data(data, truncated, cfg.model.max_length)
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
-    info = {"data_splits": dict(data.sources), "data_rows": {split: len(ds) for split, ds in splits.items()},
-            "truncated_examples": truncated["train"],
-            "truncated_eval_examples": sum(n for split, n in truncated.items() if split != "train")}
+    info = {
+        "data_splits": dict(data.sources),
+        "data_rows": {split: len(ds) for split, ds in splits.items()},
+        "truncated_examples": truncated["train"],
+        "truncated_eval_examples": sum(n for split, n in truncated.items() if split != "train"),
+    }
     if task == "classification":  # the saved model config (and metrics.json) say what each class id means
         model.config.id2label = dict(enumerate(_label_names(data)))
         model.config.label2id = {name: i for i, name in enumerate(_label_names(data))}
         info["id2label"] = {str(i): name for i, name in enumerate(_label_names(data))}
         info["label2id"] = dict(model.config.label2id)
-    return PreparedTask(model, tokenizer, data, splits, collator, classification_metrics(task, data.num_labels),
-                        None, info)
+    return PreparedTask(
+        model, tokenizer, data, splits, collator, classification_metrics(task, data.num_labels), None, info
+    )
 
 
-def task_metrics_after(cfg: TrainConfig, prepared: PreparedTask, model: Any, out: Path, *, main: bool,
-                       fsdp: bool) -> dict:
+def task_metrics_after(
+    cfg: TrainConfig, prepared: PreparedTask, model: Any, out: Path, *, main: bool, fsdp: bool
+) -> dict:
     """The task's own evaluations of the trained model: generation (causal-lm), exact match (text-to-text).
     Rank 0 writes; under FSDP every rank takes part in the forwards."""
     task, metrics = cfg.data.task, {}
@@ -97,8 +102,9 @@ def task_metrics_after(cfg: TrainConfig, prepared: PreparedTask, model: Any, out
     if task == "text-to-text" and prepared.splits.get("test") is not None and (main or fsdp):
         from mgpo.pipelines.text_to_text import exact_match
 
-        found = exact_match(model, prepared.tokenizer, prepared.splits["test"], prepared.label_words,
-                            cfg.training.eval_batch_size)
+        found = exact_match(
+            model, prepared.tokenizer, prepared.splits["test"], prepared.label_words, cfg.training.eval_batch_size
+        )
         metrics.update({f"test_{k}": v for k, v in found.items()})
     return metrics
 
@@ -120,8 +126,9 @@ def classification_metrics(task: str, num_labels: int) -> Callable:
         out = {"accuracy": float(accuracy_score(labels, guess)), "majority": majority_share(labels, num_labels)}
         if num_labels == 2:  # "f1": the positive class (id 1); "macro_f1": the mean over both classes
             out["f1"] = float(f1_score(labels, guess, average="binary", zero_division=0))
-        out["macro_f1"] = float(f1_score(labels, guess, average="macro", labels=list(range(num_labels)),
-                                         zero_division=0))
+        out["macro_f1"] = float(
+            f1_score(labels, guess, average="macro", labels=list(range(num_labels)), zero_division=0)
+        )
         out["matthews"] = float(matthews_corrcoef(labels, guess))
         return out
 
@@ -132,10 +139,19 @@ def _load_classification(cfg: TrainConfig) -> Any:
     from mgpo.data.text import load_text_data
 
     d = cfg.data
-    return load_text_data(d.name, task=d.task, text_column=d.text_column, text_pair_column=d.text_pair_column,
-                          label_column=d.label_column, encoding=d.encoding, seed=d.seed,
-                          val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                          max_train_examples=d.max_train_examples, max_eval_examples=d.max_eval_examples)
+    return load_text_data(
+        d.name,
+        task=d.task,
+        text_column=d.text_column,
+        text_pair_column=d.text_pair_column,
+        label_column=d.label_column,
+        encoding=d.encoding,
+        seed=d.seed,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        max_train_examples=d.max_train_examples,
+        max_eval_examples=d.max_eval_examples,
+    )
 
 
 def _encode_classification(cfg: TrainConfig, data: Any, tokenizer: Any) -> tuple[Any, dict[str, int]]:
@@ -157,8 +173,11 @@ def _encode_classification(cfg: TrainConfig, data: Any, tokenizer: Any) -> tuple
 
 def _describe_data(data: Any, truncated: dict[str, int], max_length: int) -> None:
     """Say which file became which split, how labels map to ids, and how many inputs were cut."""
-    print("mgpo: data: " + "; ".join(f"{split} <- {data.sources.get(split, '?')} ({len(ds)} rows)"
-                                     for split, ds in data.splits.items()), flush=True)
+    print(
+        "mgpo: data: "
+        + "; ".join(f"{split} <- {data.sources.get(split, '?')} ({len(ds)} rows)" for split, ds in data.splits.items()),
+        flush=True,
+    )
     if data.task == "classification":
         names = ", ".join(f"{i} = {name!r}" for i, name in enumerate(_label_names(data)))
         f1 = f"f1 is for class 1 ({_label_names(data)[1]!r}), " if data.num_labels == 2 else ""
@@ -196,7 +215,15 @@ def grad_batches(train_split: Any, collator: Any, batch_size: int) -> Callable:
     def batches() -> Any:
         for start in range(0, len(train_split), batch_size):
             rows = [train_split[i] for i in range(start, min(start + batch_size, len(train_split)))]
-            yield collator([{k: v for k, v in r.items() if k in ("input_ids", "attention_mask", "token_type_ids",
-                                                                      "labels", "label")} for r in rows])
+            yield collator(
+                [
+                    {
+                        k: v
+                        for k, v in r.items()
+                        if k in ("input_ids", "attention_mask", "token_type_ids", "labels", "label")
+                    }
+                    for r in rows
+                ]
+            )
 
     return batches

@@ -21,8 +21,10 @@ def start_checkpoint(out: Path, *, resume: bool, restart: bool, main: bool) -> s
     aside with one line each. ``--restart`` removes what an earlier run wrote into ``out`` and starts afresh."""
     folder = out / "checkpoints"
     if resume and restart:
-        raise ConfigError("--resume and --restart contradict each other: --resume continues the run in "
-                          f"{out}, --restart discards it. Pass one.")
+        raise ConfigError(
+            "--resume and --restart contradict each other: --resume continues the run in "
+            f"{out}, --restart discards it. Pass one."
+        )
     if restart:
         removed = remove_run(out) if main and out.is_dir() else []
         if removed:
@@ -30,20 +32,27 @@ def start_checkpoint(out: Path, *, resume: bool, restart: bool, main: bool) -> s
         return None
     if not resume:
         if folder.is_dir() and any(folder.iterdir()):
-            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --restart to discard "
-                                  "it and start over, or choose another training.output_dir.")
+            raise FileExistsError(
+                f"{out} already holds a run: pass --resume to continue it, --restart to discard "
+                "it and start over, or choose another training.output_dir."
+            )
         return None
     found, bad = newest_complete(folder)
     if found is None:
         listed = "; ".join(f"{c.name}: {problem}" for c, problem in bad) or "none was written"
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {folder} ({listed}). Start over with "
-                                "--restart (removes this run's files), or run without --resume in another "
-                                "training.output_dir (checkpoints are written every training.save_steps steps).")
+        raise FileNotFoundError(
+            f"--resume: no complete checkpoint under {folder} ({listed}). Start over with "
+            "--restart (removes this run's files), or run without --resume in another "
+            "training.output_dir (checkpoints are written every training.save_steps steps)."
+        )
     for c, problem in bad:
         if main:  # one process moves them; every rank has already chosen the same complete checkpoint
             moved = set_aside(c)
-            print(f"mgpo: skipping {c.name}: {problem}; moved to {moved.relative_to(out)} (delete it when you no "
-                  "longer need it)", flush=True)
+            print(
+                f"mgpo: skipping {c.name}: {problem}; moved to {moved.relative_to(out)} (delete it when you no "
+                "longer need it)",
+                flush=True,
+            )
     if main:
         print(f"mgpo: resuming from {found.name} in {folder}", flush=True)
         mismatch = rng_mismatch(found, ranks.world_size())
@@ -58,13 +67,18 @@ def check_resumed_config(cfg: TrainConfig, out: Path, checkpoint: str | None, *,
     changes = changed_fields(out / "config.yaml", cfg) if checkpoint and (out / "config.yaml").is_file() else {}
     length = {k: v for k, v in changes.items() if k in ("training.max_steps", "training.epochs")}
     if len(changes) > len(length):
-        raise ConfigError(f"--resume: {out} holds a run with another configuration "
-                          f"({said({k: v for k, v in changes.items() if k not in length})}). Resume it with the "
-                          "configuration it started with (only its length, training.max_steps or training.epochs, "
-                          "may change), or start over with --restart.")
+        raise ConfigError(
+            f"--resume: {out} holds a run with another configuration "
+            f"({said({k: v for k, v in changes.items() if k not in length})}). Resume it with the "
+            "configuration it started with (only its length, training.max_steps or training.epochs, "
+            "may change), or start over with --restart."
+        )
     if length and main:  # training longer (or shorter) than planned: said, and recorded in config.yaml
-        print(f"mgpo: --resume with a new length ({said(length)}): the learning-rate schedule follows the "
-              "new length from the checkpoint on.", flush=True)
+        print(
+            f"mgpo: --resume with a new length ({said(length)}): the learning-rate schedule follows the "
+            "new length from the checkpoint on.",
+            flush=True,
+        )
 
 
 def trained_to_the_end(checkpoint: str | None, total_steps: int) -> bool:
@@ -81,10 +95,12 @@ def refuse_finished_under_fsdp(checkpoint: str | None, total_steps: int, fsdp: b
     """evaluate_from() loads the checkpoint into a model the Trainer has not sharded yet; train() would run one
     step past the end (its loop checks the limit after a step) and log, save and count it."""
     if fsdp and trained_to_the_end(checkpoint, total_steps):
-        raise ConfigError(f"--resume: {checkpoint} holds the whole training of this run (the session that wrote it "
-                          "stopped in the evaluation after it). Evaluating a finished run from its checkpoint is not "
-                          "supported under distributed.strategy=fsdp: resuming would train a step past the end. Start "
-                          "over with --restart.")
+        raise ConfigError(
+            f"--resume: {checkpoint} holds the whole training of this run (the session that wrote it "
+            "stopped in the evaluation after it). Evaluating a finished run from its checkpoint is not "
+            "supported under distributed.strategy=fsdp: resuming would train a step past the end. Start "
+            "over with --restart."
+        )
 
 
 def _saved_patience(state: Any) -> tuple[int, float]:
@@ -92,8 +108,10 @@ def _saved_patience(state: Any) -> tuple[int, float]:
     saved = (state.get("stateful_callbacks") if isinstance(state, dict) else state.stateful_callbacks) or {}
     early = saved.get("EarlyStoppingCallback")
     early = early if isinstance(early, dict) else {}
-    return (early.get("attributes", {}).get("early_stopping_patience_counter", 0),
-            early.get("args", {}).get("early_stopping_patience", math.inf))
+    return (
+        early.get("attributes", {}).get("early_stopping_patience_counter", 0),
+        early.get("args", {}).get("early_stopping_patience", math.inf),
+    )
 
 
 def evaluate_from(trainer: Any, checkpoint: str) -> None:

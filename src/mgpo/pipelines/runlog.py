@@ -15,8 +15,19 @@ from typing import Any
 
 from mgpo.pipelines.checkpoints import write_atomic
 
-LOG_FIELDS = ("step", "epoch", "loss", "clean_loss", "learning_rate", "grad_norm", "perturbation_norm", "momentum_norm",
-              "gbar_mean", "skipped_steps", "eval_loss")
+LOG_FIELDS = (
+    "step",
+    "epoch",
+    "loss",
+    "clean_loss",
+    "learning_rate",
+    "grad_norm",
+    "perturbation_norm",
+    "momentum_norm",
+    "gbar_mean",
+    "skipped_steps",
+    "eval_loss",
+)
 
 # Keys of the rows logged once training is over (the Trainer's summary, the final evaluations): a resumed run
 # logs them again, so a rewrite of the log drops them.
@@ -49,11 +60,16 @@ def read_log(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             if number == len(lines):
-                warnings.warn(f"{path}: its last line is incomplete (a write was interrupted) and is ignored: "
-                              f"{line[:80]!r}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{path}: its last line is incomplete (a write was interrupted) and is ignored: {line[:80]!r}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 continue
-            raise ValueError(f"{path}, line {number}, is not a JSON row ({err.msg}): {line[:80]!r}. Delete that "
-                             "line (or the file) to go on.") from None
+            raise ValueError(
+                f"{path}, line {number}, is not a JSON row ({err.msg}): {line[:80]!r}. Delete that "
+                "line (or the file) to go on."
+            ) from None
     return rows
 
 

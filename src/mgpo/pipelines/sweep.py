@@ -44,8 +44,19 @@ from mgpo.pipelines.checkpoints import write_json
 from mgpo.pipelines.config import ConfigError, changed_fields, load_config, read_yaml, said, unusable_folder
 from mgpo.pipelines.executors import EXECUTORS, SlurmConfig, error_line, run_local, run_state, submit_slurm
 
-SPEC_KEYS = ("title", "base", "set", "grid", "name", "output_dir", "report", "executor", "workers", "threads_per_run",
-             "slurm")
+SPEC_KEYS = (
+    "title",
+    "base",
+    "set",
+    "grid",
+    "name",
+    "output_dir",
+    "report",
+    "executor",
+    "workers",
+    "threads_per_run",
+    "slurm",
+)
 SEED_FIELD = "training.seed"
 
 
@@ -53,8 +64,8 @@ SEED_FIELD = "training.seed"
 class Run:
     index: int
     name: str
-    labels: dict            # axis -> label (named axes) or value (field axes)
-    overrides: list[str]    # section.field=value, output_dir last
+    labels: dict  # axis -> label (named axes) or value (field axes)
+    overrides: list[str]  # section.field=value, output_dir last
     output_dir: Path
     status: str = "pending"
     error: str | None = None
@@ -64,7 +75,7 @@ class Run:
 @dataclass
 class Sweep:
     title: str
-    base: Path | None        # config file the runs start from (None: defaults only)
+    base: Path | None  # config file the runs start from (None: defaults only)
     base_overrides: list[str]
     output_dir: Path
     runs: list[Run]
@@ -92,8 +103,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_") or "run"
 
 
-def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | Path | None = None,
-               executor: str | None = None, workers: int | None = None) -> Sweep:
+def load_sweep(
+    spec_path: str | Path,
+    extra: list[str] = (),
+    output_dir: str | Path | None = None,
+    executor: str | None = None,
+    workers: int | None = None,
+) -> Sweep:
     """Read a sweep spec and expand its grid into runs (nothing is trained or downloaded). ``executor`` and
     ``workers`` (the command line's) override the spec's."""
     spec_path = Path(spec_path)
@@ -108,11 +124,18 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
     grids = spec.get("grid") or {}
     grids = grids if isinstance(grids, list) else [grids]
     if not grids or not all(isinstance(g, dict) and g for g in grids):
-        _fail(spec_path, "`grid:` must map axes to values, e.g. `grid: {training.seed: [0, 1, 2]}` (or be a list "
-                         "of such mappings, whose runs are joined in order).")
+        _fail(
+            spec_path,
+            "`grid:` must map axes to values, e.g. `grid: {training.seed: [0, 1, 2]}` (or be a list "
+            "of such mappings, whose runs are joined in order).",
+        )
     if any(list(g) != list(grids[0]) for g in grids):
-        _fail(spec_path, "every mapping in the `grid:` list must have the same axes, in the same order; got "
-                         + " and ".join(str(list(g)) for g in grids) + ".")
+        _fail(
+            spec_path,
+            "every mapping in the `grid:` list must have the same axes, in the same order; got "
+            + " and ".join(str(list(g)) for g in grids)
+            + ".",
+        )
 
     base, base_overrides = spec.get("base"), []
     if isinstance(base, str):
@@ -139,18 +162,21 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
         for _, _, fs in combo:
             fields.update(fs)
         if template:
-            name = re.sub(r"\{([^}]+)\}", lambda m: _label_for(spec_path, labels, m.group(1)), template)
+            name = re.sub(r"\{([^}]+)\}", lambda m, labels=labels: _label_for(spec_path, labels, m.group(1)), template)
         else:
-            name = "-".join(f"{axis.rsplit('.', 1)[-1]}{label}" if "." in axis else str(label)
-                            for axis, label in labels.items())
+            name = "-".join(
+                f"{axis.rsplit('.', 1)[-1]}{label}" if "." in axis else str(label) for axis, label in labels.items()
+            )
         name = _slug(name)
         if name in names:
-            _fail(spec_path, f"two runs are both named {name!r}: include every axis in `name:` (and, with a list of "
-                             "grids, keep them from overlapping).")
+            _fail(
+                spec_path,
+                f"two runs are both named {name!r}: include every axis in `name:` (and, with a list of "
+                "grids, keep them from overlapping).",
+            )
         names.add(name)
         out = out_root / name
-        overrides = [*base_overrides, *(_as_override(k, v) for k, v in fields.items()),
-                     f"training.output_dir={out}"]
+        overrides = [*base_overrides, *(_as_override(k, v) for k, v in fields.items()), f"training.output_dir={out}"]
         runs.append(Run(i, name, labels, overrides, out))
     executor = executor or spec.get("executor") or "local"
     if executor not in EXECUTORS:
@@ -159,14 +185,26 @@ def load_sweep(spec_path: str | Path, extra: list[str] = (), output_dir: str | P
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         _fail(spec_path, f"workers={workers!r}: use a whole number of runs at once, at least 1.")
     if workers > 1 and executor != "local":
-        _fail(spec_path, f"workers={workers} is for --executor local; on Slurm, slurm.parallelism sets how many "
-                         "runs of the array run at once.")
+        _fail(
+            spec_path,
+            f"workers={workers} is for --executor local; on Slurm, slurm.parallelism sets how many "
+            "runs of the array run at once.",
+        )
     threads = spec.get("threads_per_run", 0)
     if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0):
         _fail(spec_path, f"threads_per_run={threads!r}: use a whole number of threads (0: the executor's share).")
-    return Sweep(title=str(spec.get("title") or spec_path.stem), base=base, base_overrides=base_overrides,
-                 output_dir=out_root, runs=runs, spec=spec, executor=executor, workers=workers, threads_per_run=threads,
-                 slurm=SlurmConfig.from_spec(spec_path, spec.get("slurm")))
+    return Sweep(
+        title=str(spec.get("title") or spec_path.stem),
+        base=base,
+        base_overrides=base_overrides,
+        output_dir=out_root,
+        runs=runs,
+        spec=spec,
+        executor=executor,
+        workers=workers,
+        threads_per_run=threads,
+        slurm=SlurmConfig.from_spec(spec_path, spec.get("slurm")),
+    )
 
 
 def _combinations(spec_path, grid: dict) -> list[tuple]:
@@ -177,14 +215,20 @@ def _combinations(spec_path, grid: dict) -> list[tuple]:
             choices = []
             for label, fields in values.items():
                 if not isinstance(fields, dict):
-                    _fail(spec_path, f"grid axis {axis!r}, choice {label!r}: give a mapping of fields, e.g. "
-                                     "{perturbation.method: mgpo}.")
+                    _fail(
+                        spec_path,
+                        f"grid axis {axis!r}, choice {label!r}: give a mapping of fields, e.g. "
+                        "{perturbation.method: mgpo}.",
+                    )
                 choices.append((str(label), _flatten(fields)))
         elif isinstance(values, list) and "." in axis and values:
             choices = [(v, {axis: v}) for v in values]
         else:
-            _fail(spec_path, f"grid axis {axis!r}: use `section.field: [values...]` or a named axis "
-                             "`name: {label: {section.field: value}}`.")
+            _fail(
+                spec_path,
+                f"grid axis {axis!r}: use `section.field: [values...]` or a named axis "
+                "`name: {label: {section.field: value}}`.",
+            )
         axes.append([(axis, label, fields) for label, fields in choices])
     return list(itertools.product(*axes))
 
@@ -225,29 +269,53 @@ def plan(sweep: Sweep) -> list:
                 shown = dict(list(changes.items())[:3])
                 stale.append(f"{run.name} ({said(shown)}{'; ...' if len(changes) > 3 else ''})")
     if stale:
-        raise ConfigError(f"{len(stale)} run folder(s) under {sweep.output_dir} hold a run with another "
-                          f"configuration than the spec gives them: {', '.join(stale[:5])}"
-                          f"{', ...' if len(stale) > 5 else ''}. Put the spec back as it was, or move those "
-                          "folders away (or choose another output_dir) to run them anew.")
+        raise ConfigError(
+            f"{len(stale)} run folder(s) under {sweep.output_dir} hold a run with another "
+            f"configuration than the spec gives them: {', '.join(stale[:5])}"
+            f"{', ...' if len(stale) > 5 else ''}. Put the spec back as it was, or move those "
+            "folders away (or choose another output_dir) to run them anew."
+        )
     return configs
 
 
 def write_index(sweep: Sweep) -> None:
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"index": r.index, "name": r.name, "status": r.status, "output_dir": str(r.output_dir),
-             "labels": r.labels, "overrides": r.overrides, "error": r.error, "wall_s": r.wall_s} for r in sweep.runs]
+    rows = [
+        {
+            "index": r.index,
+            "name": r.name,
+            "status": r.status,
+            "output_dir": str(r.output_dir),
+            "labels": r.labels,
+            "overrides": r.overrides,
+            "error": r.error,
+            "wall_s": r.wall_s,
+        }
+        for r in sweep.runs
+    ]
     # the base config file (if the spec names one) and each run's overrides are its whole configuration: enough
     # for a report to name the method of a run that has not started
-    write_json(sweep.output_dir / "index.json", {"title": sweep.title, "runs": rows,
-                                                 **({"base": str(sweep.base)} if sweep.base else {})})
+    write_json(
+        sweep.output_dir / "index.json",
+        {"title": sweep.title, "runs": rows, **({"base": str(sweep.base)} if sweep.base else {})},
+    )
     axes = list(sweep.runs[0].labels) if sweep.runs else []
     tmp = sweep.output_dir / "index.csv.tmp"
     with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "name", *axes, "status", "wall_s", "error", "output_dir"])
         for r in sweep.runs:
-            writer.writerow([r.index, r.name, *(r.labels[a] for a in axes), r.status, r.wall_s,
-                             (r.error or "").replace("\n", " "), r.output_dir])
+            writer.writerow(
+                [
+                    r.index,
+                    r.name,
+                    *(r.labels[a] for a in axes),
+                    r.status,
+                    r.wall_s,
+                    (r.error or "").replace("\n", " "),
+                    r.output_dir,
+                ]
+            )
     tmp.replace(sweep.output_dir / "index.csv")
 
 
@@ -278,8 +346,9 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, python: str = sys.executab
             elif outcome.status == "interrupted":
                 bar.console.print(f"[yellow]interrupted[/] {run.name}: rerun the same command to resume it")
             else:
-                bar.console.print(f"[red]failed[/] {run.name}: {error_line(outcome.error)} "
-                                  f"(see {run.output_dir / 'train.out'})")
+                bar.console.print(
+                    f"[red]failed[/] {run.name}: {error_line(outcome.error)} (see {run.output_dir / 'train.out'})"
+                )
             if outcome is None or outcome.status != "interrupted":
                 bar.advance(task)
 

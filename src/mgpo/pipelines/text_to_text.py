@@ -22,8 +22,10 @@ def label_words(cfg: TrainConfig, label_names: list[str] | None, num_labels: int
     if words is None:
         words = [str(n).replace("_", " ") for n in (label_names or range(num_labels))]
     if len(words) != num_labels:
-        raise ValueError(f"data.label_words={words!r} has {len(words)} words for {num_labels} classes; give one "
-                         "word per class, in the order of the class ids.")
+        raise ValueError(
+            f"data.label_words={words!r} has {len(words)} words for {num_labels} classes; give one "
+            "word per class, in the order of the class ids."
+        )
     return words
 
 
@@ -32,8 +34,10 @@ def first_token_ids(tokenizer, words: list[str]) -> list[int]:
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
     if len(set(ids)) != len(ids):
         clash = [w for w, i in zip(words, ids) if ids.count(i) > 1]
-        raise ValueError(f"the label words {clash} start with the same token, so the first decoder token cannot "
-                         "tell them apart; set data.label_words to words that start differently.")
+        raise ValueError(
+            f"the label words {clash} start with the same token, so the first decoder token cannot "
+            "tell them apart; set data.label_words to words that start differently."
+        )
     return ids
 
 
@@ -80,10 +84,12 @@ class FirstTokenMetrics:
         index = {token: i for i, token in enumerate(self.first_ids)}
         gold = np.array([index.get(int(row[0]), -1) for row in np.asarray(pred.label_ids)])
         n = len(self.first_ids)
-        return {"accuracy": float((guess == gold).mean()),
-                "majority": majority_share(gold, n),  # chance: always the most frequent label word
-                "macro_f1": float(f1_score(gold, guess, average="macro", labels=list(range(n)), zero_division=0)),
-                "matthews": float(matthews_corrcoef(gold, guess))}
+        return {
+            "accuracy": float((guess == gold).mean()),
+            "majority": majority_share(gold, n),  # chance: always the most frequent label word
+            "macro_f1": float(f1_score(gold, guess, average="macro", labels=list(range(n)), zero_division=0)),
+            "matthews": float(matthews_corrcoef(gold, guess)),
+        }
 
 
 def exact_match(model, tokenizer, split, words: list[str], batch_size: int, max_examples: int | None = None) -> dict:
@@ -101,8 +107,9 @@ def exact_match(model, tokenizer, split, words: list[str], batch_size: int, max_
     try:
         for start in range(0, len(rows), batch_size):
             batch = rows.select(range(start, min(start + batch_size, len(rows))))
-            inputs = tokenizer.pad({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-                                   return_tensors="pt").to(device)
+            inputs = tokenizer.pad(
+                {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, return_tensors="pt"
+            ).to(device)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=longest, do_sample=False)
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -121,17 +128,33 @@ def prepare_text_to_text(cfg: TrainConfig, tokenizer):
     from mgpo.data.text import load_text_data
 
     d = cfg.data
-    data = load_text_data(d.name, task="classification", text_column=d.text_column,
-                          text_pair_column=d.text_pair_column, label_column=d.label_column, encoding=d.encoding,
-                          seed=d.seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                          max_train_examples=d.max_train_examples, max_eval_examples=d.max_eval_examples)
+    data = load_text_data(
+        d.name,
+        task="classification",
+        text_column=d.text_column,
+        text_pair_column=d.text_pair_column,
+        label_column=d.label_column,
+        encoding=d.encoding,
+        seed=d.seed,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        max_train_examples=d.max_train_examples,
+        max_eval_examples=d.max_eval_examples,
+    )
     words = label_words(cfg, data.label_names, data.num_labels)
     metrics = FirstTokenMetrics(first_token_ids(tokenizer, words))
     splits, truncated = encode(data, tokenizer, words, cfg.model.max_length)
-    print(f"mgpo: label words: {', '.join(f'{i} = {w!r}' for i, w in enumerate(words))} (accuracy from the "
-          "first decoder token over these words; exact_match from generation)", flush=True)
+    print(
+        f"mgpo: label words: {', '.join(f'{i} = {w!r}' for i, w in enumerate(words))} (accuracy from the "
+        "first decoder token over these words; exact_match from generation)",
+        flush=True,
+    )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
-    info = {"data_splits": dict(data.sources), "data_rows": {split: len(ds) for split, ds in splits.items()},
-            "label_words": words, "truncated_examples": truncated["train"],
-            "truncated_eval_examples": sum(n for split, n in truncated.items() if split != "train")}
+    info = {
+        "data_splits": dict(data.sources),
+        "data_rows": {split: len(ds) for split, ds in splits.items()},
+        "label_words": words,
+        "truncated_examples": truncated["train"],
+        "truncated_eval_examples": sum(n for split, n in truncated.items() if split != "train"),
+    }
     return data, splits, collator, metrics, words, info

@@ -38,30 +38,100 @@ from typing import Any
 from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
 from mgpo.pipelines import ranks
-from mgpo.pipelines.callbacks import (DivergenceStop, GracefulStop, PlainProgress, QuietProgress, RunTensorBoard,
-                                      StepLog, WallClock, _agree_max, _cpu_group)
+from mgpo.pipelines.callbacks import (
+    DivergenceStop,
+    GracefulStop,
+    PlainProgress,
+    QuietProgress,
+    RunTensorBoard,
+    StepLog,
+    WallClock,
+    _agree_max,
+    _cpu_group,
+)
 from mgpo.pipelines.checkpoints import write_json
 from mgpo.pipelines.config import TrainConfig, to_yaml, unusable_folder
-from mgpo.pipelines.prepare import (PreparedTask, _describe_data, _encode_classification, _label_names,
-                                    _load_classification, classification_metrics, clean_loss_every,
-                                    clean_loss_probe, grad_batches, prepare_task, task_metrics_after)
+from mgpo.pipelines.prepare import (
+    PreparedTask,
+    _describe_data,
+    _encode_classification,
+    _label_names,
+    _load_classification,
+    classification_metrics,
+    clean_loss_every,
+    clean_loss_probe,
+    grad_batches,
+    prepare_task,
+    task_metrics_after,
+)
 from mgpo.pipelines.ranks import process_rank, world_size
-from mgpo.pipelines.resume import (_saved_patience, check_resumed_config, evaluate_from, refuse_finished_under_fsdp,
-                                   start_checkpoint, trained_to_the_end)
-from mgpo.pipelines.runlog import (END_OF_RUN_KEYS, LOG_FIELDS, PERTURBED_FORWARD, _end_of_run, as_trained_label,
-                                   final_losses, read_log)
-from mgpo.pipelines.training_args import (_checkpointing_arguments, check_evaluations, check_strategy,
-                                          fsdp_arguments, total_optimizer_steps, training_arguments)
+from mgpo.pipelines.resume import (
+    _saved_patience,
+    check_resumed_config,
+    evaluate_from,
+    refuse_finished_under_fsdp,
+    start_checkpoint,
+    trained_to_the_end,
+)
+from mgpo.pipelines.runlog import (
+    END_OF_RUN_KEYS,
+    LOG_FIELDS,
+    PERTURBED_FORWARD,
+    _end_of_run,
+    as_trained_label,
+    final_losses,
+    read_log,
+)
+from mgpo.pipelines.training_args import (
+    _checkpointing_arguments,
+    check_evaluations,
+    check_strategy,
+    fsdp_arguments,
+    total_optimizer_steps,
+    training_arguments,
+)
 
 # Names this module held before it was split by concern, kept importable from here.
 _grad_batches, _check_evaluations = grad_batches, check_evaluations
-__all__ = ["DivergenceStop", "END_OF_RUN_KEYS", "GracefulStop", "LOG_FIELDS", "PERTURBED_FORWARD", "PlainProgress",
-           "PreparedTask", "QuietProgress", "RunTensorBoard", "StepLog", "TrainingDiverged", "WallClock",
-           "_agree_max", "_checkpointing_arguments", "_cpu_group", "_describe_data", "_encode_classification",
-           "_end_of_run", "_label_names", "_load_classification", "_saved_patience", "as_trained_label",
-           "best_model_metrics", "classification_metrics", "clean_loss_every", "clean_loss_probe", "cost_metrics",
-           "evaluate_from", "fsdp_arguments", "process_rank", "read_log", "start_checkpoint",
-           "total_optimizer_steps", "train", "trained_to_the_end", "training_arguments", "world_size"]
+__all__ = [
+    "DivergenceStop",
+    "END_OF_RUN_KEYS",
+    "GracefulStop",
+    "LOG_FIELDS",
+    "PERTURBED_FORWARD",
+    "PlainProgress",
+    "PreparedTask",
+    "QuietProgress",
+    "RunTensorBoard",
+    "StepLog",
+    "TrainingDiverged",
+    "WallClock",
+    "_agree_max",
+    "_checkpointing_arguments",
+    "_cpu_group",
+    "_describe_data",
+    "_encode_classification",
+    "_end_of_run",
+    "_label_names",
+    "_load_classification",
+    "_saved_patience",
+    "as_trained_label",
+    "best_model_metrics",
+    "classification_metrics",
+    "clean_loss_every",
+    "clean_loss_probe",
+    "cost_metrics",
+    "evaluate_from",
+    "fsdp_arguments",
+    "process_rank",
+    "read_log",
+    "start_checkpoint",
+    "total_optimizer_steps",
+    "train",
+    "trained_to_the_end",
+    "training_arguments",
+    "world_size",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,15 +196,17 @@ def _write_config(cfg: TrainConfig, out: Path, main: bool) -> None:
         raise unusable_folder(out, "training.output_dir", err) from None
 
 
-def _build_trainer(cfg: TrainConfig, out: Path, prepared: PreparedTask, total_steps: int, probe: Any,
-                   clock: WallClock, main: bool) -> Any:
+def _build_trainer(
+    cfg: TrainConfig, out: Path, prepared: PreparedTask, total_steps: int, probe: Any, clock: WallClock, main: bool
+) -> Any:
     """The adapter on the model, and the PerturbationTrainer with the pipeline's callbacks."""
     from mgpo.integrations.peft_variants import apply_adapter
     from mgpo.integrations.trainer import PerturbationTrainer
 
     batches = grad_batches(prepared.splits["train"], prepared.collator, cfg.training.batch_size)
-    model = apply_adapter(prepared.model, cfg.adapter, task=cfg.data.task, total_steps=total_steps,
-                          grad_batches=batches)
+    model = apply_adapter(
+        prepared.model, cfg.adapter, task=cfg.data.task, total_steps=total_steps, grad_batches=batches
+    )
     eval_split = prepared.splits.get("validation")
     metrics = prepared.compute_metrics
     trainer = PerturbationTrainer(
@@ -147,8 +219,13 @@ def _build_trainer(cfg: TrainConfig, out: Path, prepared: PreparedTask, total_st
         data_collator=prepared.collator,
         compute_metrics=metrics,
         preprocess_logits_for_metrics=getattr(metrics, "preprocess", None),
-        callbacks=[StepLog(out), GracefulStop(), clock, RunTensorBoard(out / "tensorboard", out / "log.jsonl"),
-                   DivergenceStop(cfg.training.max_skipped_steps)],
+        callbacks=[
+            StepLog(out),
+            GracefulStop(),
+            clock,
+            RunTensorBoard(out / "tensorboard", out / "log.jsonl"),
+            DivergenceStop(cfg.training.max_skipped_steps),
+        ],
         clean_loss_probe=probe,
         clean_loss_every=clean_loss_every(cfg),
     )
@@ -173,8 +250,11 @@ def _run(trainer: Any, checkpoint: str | None, total_steps: int, stopper: Gracef
         else:
             trainer.train(resume_from_checkpoint=checkpoint)
         if stopper.stopped and main:  # before the barrier: once a rank exits 130, torchrun stops the others
-            print(f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
-                  f"the same command and --resume.", flush=True)
+            print(
+                f"mgpo: interrupted at step {trainer.state.global_step}; checkpoint written. Continue with "
+                f"the same command and --resume.",
+                flush=True,
+            )
         # every rank waits until rank 0 has finished writing the last checkpoint: a rank that exited first
         # would have torchrun kill rank 0 in the middle of it
         trainer.accelerator.wait_for_everyone()
@@ -182,14 +262,19 @@ def _run(trainer: Any, checkpoint: str | None, total_steps: int, stopper: Gracef
         stopper.restore()
 
 
-def _finish(cfg: TrainConfig, out: Path, trainer: Any, prepared: PreparedTask, cost: dict, clock: WallClock,
-            main: bool) -> dict:
+def _finish(
+    cfg: TrainConfig, out: Path, trainer: Any, prepared: PreparedTask, cost: dict, clock: WallClock, main: bool
+) -> dict:
     """Evaluations, the adapter, metrics.json and loss.png (rank 0 writes them)."""
     from mgpo.pipelines.plots import plot_loss_curves
 
     early = trainer.pop_callback(EarlyStoppingCallback)  # None when off; it would warn at every evaluate() below
-    metrics: dict = {"steps": trainer.state.global_step, **prepared.info, **cost,
-                     **best_model_metrics(cfg, trainer, early, out)}
+    metrics: dict = {
+        "steps": trainer.state.global_step,
+        **prepared.info,
+        **cost,
+        **best_model_metrics(cfg, trainer, early, out),
+    }
     for split in ("validation", "test"):
         if prepared.splits.get(split) is not None:
             metrics.update(trainer.evaluate(prepared.splits[split], metric_key_prefix=split))
@@ -207,8 +292,12 @@ def _finish(cfg: TrainConfig, out: Path, trainer: Any, prepared: PreparedTask, c
     metrics["wall_time_s"] = round(clock.elapsed(), 1)  # all sessions of the run, resumed ones included
     write_json(out / "metrics.json", metrics)
     method = cfg.perturbation.resolved().method  # a preset names its method (perturbation.preset=lora: adamw)
-    plot_loss_curves({method: out / "log.jsonl"}, out / "loss.png", title=f"{cfg.model.name} on {cfg.data.name}",
-                     as_trained=as_trained_label(method))
+    plot_loss_curves(
+        {method: out / "log.jsonl"},
+        out / "loss.png",
+        title=f"{cfg.model.name} on {cfg.data.name}",
+        as_trained=as_trained_label(method),
+    )
     return metrics
 
 
@@ -222,11 +311,15 @@ def best_model_metrics(cfg: TrainConfig, trainer, early: EarlyStoppingCallback |
         found["stopped_early"] = early.early_stopping_patience_counter >= early.early_stopping_patience
     if state.is_world_process_zero:
         if found.get("stopped_early"):
-            print(f"mgpo: stopped early at step {state.global_step} of {state.max_steps}: no lower validation "
-                  f"loss in {t.early_stopping_patience} evaluation(s)", flush=True)
+            print(
+                f"mgpo: stopped early at step {state.global_step} of {state.max_steps}: no lower validation "
+                f"loss in {t.early_stopping_patience} evaluation(s)",
+                flush=True,
+            )
         if found.get("best_checkpoint"):
-            print(f"mgpo: loaded the checkpoint with the lowest validation loss, {found['best_checkpoint']}",
-                  flush=True)
+            print(
+                f"mgpo: loaded the checkpoint with the lowest validation loss, {found['best_checkpoint']}", flush=True
+            )
     return found
 
 

@@ -30,36 +30,56 @@ def fsdp_arguments(cfg: TrainConfig) -> dict:
     or a single process."""
     if cfg.distributed.strategy != "fsdp" or ranks.world_size() == 1:
         return {}
-    return {"fsdp": True, "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                          "reshard_after_forward": cfg.distributed.reshard_after_forward,
-                                          "state_dict_type": "FULL_STATE_DICT"}}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": cfg.distributed.reshard_after_forward,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
 
 
 def check_strategy(cfg: TrainConfig) -> None:
     """FSDP needs GPUs; asked for in a single process it is ignored, and said."""
     if fsdp_arguments(cfg) and not ranks.cuda_available():
-        raise ConfigError("distributed.strategy=fsdp needs GPUs: accelerate (which the Trainer uses) applies FSDP on "
-                          "accelerators only, and on CPU would silently fall back to DDP. Use distributed.strategy="
-                          "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
-                          "docs/distributed.md).")
+        raise ConfigError(
+            "distributed.strategy=fsdp needs GPUs: accelerate (which the Trainer uses) applies FSDP on "
+            "accelerators only, and on CPU would silently fall back to DDP. Use distributed.strategy="
+            "ddp on CPU (the mgpo optimizers themselves also run under FSDP on CPU, see "
+            "docs/distributed.md)."
+        )
     if cfg.distributed.strategy == "fsdp" and ranks.world_size() == 1:  # fsdp_arguments is empty: said
-        print("mgpo: distributed.strategy=fsdp is ignored in a single process: this run "
-              "trains the whole model in one process. Launch it with torchrun --nproc_per_node N (docs/"
-              "distributed.md) to shard.", flush=True)
+        print(
+            "mgpo: distributed.strategy=fsdp is ignored in a single process: this run "
+            "trains the whole model in one process. Launch it with torchrun --nproc_per_node N (docs/"
+            "distributed.md) to shard.",
+            flush=True,
+        )
 
 
 def check_evaluations(cfg: TrainConfig, total_steps: int) -> None:
     """A best checkpoint or early stop needs an evaluation (and, for the checkpoint, a save) before the end."""
     t = cfg.training
     if t.load_best_model:
-        check(t.save_steps <= total_steps, "training.save_steps", t.save_steps,
-              f"training.load_best_model=true picks among checkpoints saved during training, and this run has "
-              f"{total_steps} optimizer steps; use training.eval_steps and training.save_steps <= {total_steps}",
-              ConfigError)
+        check(
+            t.save_steps <= total_steps,
+            "training.save_steps",
+            t.save_steps,
+            f"training.load_best_model=true picks among checkpoints saved during training, and this run has "
+            f"{total_steps} optimizer steps; use training.eval_steps and training.save_steps <= {total_steps}",
+            ConfigError,
+        )
     if t.early_stopping_patience:
-        check(t.eval_steps <= total_steps, "training.eval_steps", t.eval_steps,
-              f"early stopping needs evaluations during training, and this run has {total_steps} optimizer "
-              f"steps; use training.eval_steps <= {total_steps}", ConfigError)
+        check(
+            t.eval_steps <= total_steps,
+            "training.eval_steps",
+            t.eval_steps,
+            f"early stopping needs evaluations during training, and this run has {total_steps} optimizer "
+            f"steps; use training.eval_steps <= {total_steps}",
+            ConfigError,
+        )
 
 
 def _check_arguments(cfg: TrainConfig, has_eval: bool) -> None:
@@ -67,12 +87,16 @@ def _check_arguments(cfg: TrainConfig, has_eval: bool) -> None:
     best = t.load_best_model or t.early_stopping_patience > 0
     if best and not has_eval:
         name = "load_best_model" if t.load_best_model else "early_stopping_patience"
-        raise ConfigError(f"training.{name} needs a validation split, and data {cfg.data.name!r} has none: set "
-                          "data.max_eval_examples (causal-lm: that many rows are held out of the training data), "
-                          "or give data with a test split.")
+        raise ConfigError(
+            f"training.{name} needs a validation split, and data {cfg.data.name!r} has none: set "
+            "data.max_eval_examples (causal-lm: that many rows are held out of the training data), "
+            "or give data with a test split."
+        )
     if t.mixed_precision == "fp16" and not ranks.cuda_available():
-        raise ValueError("training.mixed_precision='fp16' needs a GPU (its loss scaling is CUDA's); on CPU use "
-                         "training.mixed_precision=bf16 or no.")
+        raise ValueError(
+            "training.mixed_precision='fp16' needs a GPU (its loss scaling is CUDA's); on CPU use "
+            "training.mixed_precision=bf16 or no."
+        )
 
 
 def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingArguments:
@@ -84,7 +108,8 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> TrainingA
     eval_every = t.eval_steps > 0 and has_eval
     best = t.load_best_model or t.early_stopping_patience > 0
     return arguments_from_config(
-        PerturbationTrainingArguments, cfg.perturbation,
+        PerturbationTrainingArguments,
+        cfg.perturbation,
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,

@@ -15,8 +15,27 @@ Standard library only: the package can be copied and used on its own.
 """
 
 from .limits import ISOLATIONS, RunResult, SandboxLimits
-from .run import (answers_visible, describe_isolation, judge, judge_many, run_program, run_programs, switches_user,
-                  uses_namespaces)
+from .run import (
+    answers_visible,
+    describe_isolation,
+    judge,
+    judge_many,
+    run_program,
+    run_programs,
+    switches_user,
+    uses_namespaces,
+)
 
-__all__ = ["SandboxLimits", "RunResult", "run_program", "run_programs", "judge", "judge_many", "describe_isolation",
-           "switches_user", "uses_namespaces", "answers_visible", "ISOLATIONS"]
+__all__ = [
+    "SandboxLimits",
+    "RunResult",
+    "run_program",
+    "run_programs",
+    "judge",
+    "judge_many",
+    "describe_isolation",
+    "switches_user",
+    "uses_namespaces",
+    "answers_visible",
+    "ISOLATIONS",
+]

@@ -8,7 +8,8 @@ import os
 import secrets
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from .limits import SandboxLimits
 
@@ -20,7 +21,7 @@ T = TypeVar("T")
 _CGROUP_ROOT = "/sys/fs/cgroup"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cgroup_homes() -> tuple[tuple[str, str] | None, str]:
     """((memory dir, pids dir) of this process, "") when runs can get their own cgroup v1 there, else (None, why)."""
     homes: dict[str, str] = {}

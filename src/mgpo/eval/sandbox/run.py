@@ -10,16 +10,16 @@ import subprocess
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Iterable
+from typing import IO
 
 from .cgroup import Cgroup, cgroup_homes
 from .isolation import SCRATCH, Runner, bwrap_argv, minimal_env, runner
 from .limits import RunResult, SandboxLimits
 from .programs import HARNESS, LAUNCHER
-from .programs.codec import (EXIT_ASSERT, EXIT_ERROR, EXIT_EXIT, EXIT_GONE, EXIT_JUDGE_MEMORY, EXIT_MEMORY,
-                             EXIT_REPLY)
+from .programs.codec import EXIT_ASSERT, EXIT_ERROR, EXIT_EXIT, EXIT_GONE, EXIT_JUDGE_MEMORY, EXIT_MEMORY, EXIT_REPLY
 
 _MAX_OPEN_FILES = 64  # RLIMIT_NOFILE: also bounds memfd/pipe memory outside the address space (docs/sandbox.md)
 _MAX_REQUEST = 64 * 2**20  # the largest argument list (bytes of JSON) the harness sends: the tests are trusted
@@ -59,7 +59,9 @@ def _size(f: IO[bytes]) -> int:
     return os.fstat(f.fileno()).st_size
 
 
-def _classify(rc: int | None, token_seen: bool, stderr: str, limits: SandboxLimits, output_full: bool) -> tuple[str, str]:
+def _classify(
+    rc: int | None, token_seen: bool, stderr: str, limits: SandboxLimits, output_full: bool
+) -> tuple[str, str]:
     """Status and reason from how the program's process ended (rc None: the wall-clock limit)."""
     if rc is None:
         return "timeout", f"wall-clock limit of {limits.timeout_s}s reached; process group killed"
@@ -107,7 +109,8 @@ def answers_visible(limits: SandboxLimits, hidden: Iterable[str | os.PathLike[st
             f"sandbox: this dataset's answers are on disk ({', '.join(on_disk)}) and the sandbox runs without "
             f"bubblewrap ({chosen.description}), which cannot hide files: a completion could read them and pass. "
             "Install bubblewrap (apt-get install bubblewrap) so that they are hidden, or pass "
-            "SandboxLimits(allow_visible_answers=True) to grade anyway with every result marked answers_visible.")
+            "SandboxLimits(allow_visible_answers=True) to grade anyway with every result marked answers_visible."
+        )
     return True
 
 
@@ -127,31 +130,68 @@ class _Ended:
     duration_s: float
 
 
-def _launcher_args(python: str, limits: SandboxLimits, program_fd: int, req_r: int, rep_w: int,
-                   entry: str) -> list[str]:
+def _launcher_args(
+    python: str, limits: SandboxLimits, program_fd: int, req_r: int, rep_w: int, entry: str
+) -> list[str]:
     """The sandboxed process's command (programs/launcher.py's main reads these arguments in this order)."""
-    return [python, "-I", "-B", "-c", LAUNCHER, str(limits.cpu_s), str(limits.memory_mb * 2**20),
-            str(limits.max_processes), str(limits.max_file_mb * 2**20), str(_MAX_OPEN_FILES),
-            str(int(limits.guard)), str(program_fd), str(req_r), str(rep_w), str(_MAX_REQUEST), entry]
+    return [
+        python,
+        "-I",
+        "-B",
+        "-c",
+        LAUNCHER,
+        str(limits.cpu_s),
+        str(limits.memory_mb * 2**20),
+        str(limits.max_processes),
+        str(limits.max_file_mb * 2**20),
+        str(_MAX_OPEN_FILES),
+        str(int(limits.guard)),
+        str(program_fd),
+        str(req_r),
+        str(rep_w),
+        str(_MAX_REQUEST),
+        entry,
+    ]
 
 
-def _start_harness(python: str, limits: SandboxLimits, tests: str, req_w: int, rep_r: int,
-                   log: IO[bytes]) -> subprocess.Popen[bytes]:
+def _start_harness(
+    python: str, limits: SandboxLimits, tests: str, req_w: int, rep_r: int, log: IO[bytes]
+) -> subprocess.Popen[bytes]:
     """The judge's harness (programs/harness.py), reading ``tests`` on stdin. ``python``: the programs' interpreter
     (a system one starts in a quarter of a pyenv one's time); -S: the tests need only the standard library."""
     with tempfile.TemporaryFile() as test_source:
         test_source.write(tests.encode("utf-8"))
         test_source.seek(0)
         return subprocess.Popen(
-            [python, "-I", "-S", "-B", "-c", HARNESS, str(limits.harness_memory_mb * 2**20),
-             str(limits.harness_cpu_s), str(req_w), str(rep_r), str(limits.reply_mb * 2**20),
-             str(limits.reply_depth), str(limits.reply_items), str(limits.decode_s)],
-            cwd="/", env=minimal_env("/"), stdin=test_source, stdout=log, stderr=log, close_fds=True,
-            pass_fds=(req_w, rep_r))
+            [
+                python,
+                "-I",
+                "-S",
+                "-B",
+                "-c",
+                HARNESS,
+                str(limits.harness_memory_mb * 2**20),
+                str(limits.harness_cpu_s),
+                str(req_w),
+                str(rep_r),
+                str(limits.reply_mb * 2**20),
+                str(limits.reply_depth),
+                str(limits.reply_items),
+                str(limits.decode_s),
+            ],
+            cwd="/",
+            env=minimal_env("/"),
+            stdin=test_source,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+            pass_fds=(req_w, rep_r),
+        )
 
 
-def _wait(proc: subprocess.Popen[bytes], harness: subprocess.Popen[bytes] | None, limits: SandboxLimits,
-          start: float) -> tuple[bool, int | None]:
+def _wait(
+    proc: subprocess.Popen[bytes], harness: subprocess.Popen[bytes] | None, limits: SandboxLimits, start: float
+) -> tuple[bool, int | None]:
     """(timed out, the harness's verdict) once the run is over: the program ended (run_program) or the tests did
     (judge), or the wall-clock limit passed."""
     try:
@@ -171,15 +211,27 @@ def _wait(proc: subprocess.Popen[bytes], harness: subprocess.Popen[bytes] | None
     return timed_out, verdict
 
 
-def _execute(chosen: Runner, source: str, token: bytes, limits: SandboxLimits, entry: str, tests: str | None,
-             hidden: tuple[str, ...], work: str | None) -> _Ended:
+def _execute(
+    chosen: Runner,
+    source: str,
+    token: bytes,
+    limits: SandboxLimits,
+    entry: str,
+    tests: str | None,
+    hidden: tuple[str, ...],
+    work: str | None,
+) -> _Ended:
     """Start the program (and, for a judge, the harness), wait for the run's end, kill what is left, read back."""
     opened: list[int] = []
     cgroup = None
     start = time.monotonic()
     try:
-        with tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as out, \
-                tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as verdict_log:
+        with (
+            tempfile.TemporaryFile() as program,
+            tempfile.TemporaryFile() as out,
+            tempfile.TemporaryFile() as err,
+            tempfile.TemporaryFile() as verdict_log,
+        ):
             # The program travels as an inherited descriptor of an unlinked file: no path to find it by.
             program.write(token + b"\n" + source.encode("utf-8"))
             program.seek(0)
@@ -200,10 +252,21 @@ def _execute(chosen: Runner, source: str, token: bytes, limits: SandboxLimits, e
             cgroup = Cgroup(homes, limits) if homes else None
 
             def popen() -> subprocess.Popen[bytes]:
-                return subprocess.Popen(args, cwd=work or "/", env=minimal_env(work or SCRATCH),
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                        close_fds=True, pass_fds=child_fds, user=chosen.uid, group=chosen.gid,
-                                        extra_groups=None if chosen.uid is None else [])
+                return subprocess.Popen(
+                    args,
+                    cwd=work or "/",
+                    env=minimal_env(work or SCRATCH),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=child_fds,
+                    user=chosen.uid,
+                    group=chosen.gid,
+                    extra_groups=None if chosen.uid is None else [],
+                )
+
             proc = cgroup.start(popen) if cgroup else popen()
             harness = None
             if tests is not None:
@@ -221,11 +284,18 @@ def _execute(chosen: Runner, source: str, token: bytes, limits: SandboxLimits, e
             if chosen.bwrap and rc > 128:  # bwrap reports a program killed by signal N as 128 + N
                 rc = 128 - rc
             limit = limits.max_output_chars
-            return _Ended(rc=rc, running=running, timed_out=timed_out, verdict=verdict,
-                          over_budget=cgroup is not None and cgroup.oom_killed(),
-                          output_full=max(_size(out), _size(err)) >= limits.max_file_mb * 2**20,
-                          stdout=_read(out, limit), stderr=_tail(_read(err, limit), limit),
-                          judge_text=_tail(_read(verdict_log, limit), limit), duration_s=time.monotonic() - start)
+            return _Ended(
+                rc=rc,
+                running=running,
+                timed_out=timed_out,
+                verdict=verdict,
+                over_budget=cgroup is not None and cgroup.oom_killed(),
+                output_full=max(_size(out), _size(err)) >= limits.max_file_mb * 2**20,
+                stdout=_read(out, limit),
+                stderr=_tail(_read(err, limit), limit),
+                judge_text=_tail(_read(verdict_log, limit), limit),
+                duration_s=time.monotonic() - start,
+            )
     finally:
         for fd in opened:
             os.close(fd)
@@ -233,8 +303,9 @@ def _execute(chosen: Runner, source: str, token: bytes, limits: SandboxLimits, e
             cgroup.remove()
 
 
-def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None = None,
-         hidden: tuple[str, ...] = ()) -> RunResult:
+def _run(
+    source: str, limits: SandboxLimits, entry: str = "", tests: str | None = None, hidden: tuple[str, ...] = ()
+) -> RunResult:
     """Run ``source`` in the sandbox: as a whole program (``tests`` None) or judged by ``tests`` (see judge)."""
     chosen = runner(limits.python, limits.user, limits.isolation)
     visible = answers_visible(limits, hidden)
@@ -251,33 +322,48 @@ def _run(source: str, limits: SandboxLimits, entry: str = "", tests: str | None 
             shutil.rmtree(work, ignore_errors=True)
     stdout = ended.stdout
     if judged:
-        status, reason = _judge_status(ended.verdict, ended.timed_out, None if ended.running else ended.rc,
-                                       ended.stderr, limits, ended.output_full)
+        status, reason = _judge_status(
+            ended.verdict, ended.timed_out, None if ended.running else ended.rc, ended.stderr, limits, ended.output_full
+        )
     else:
         stripped = stdout.rstrip(b"\n")
         token_seen = stripped.endswith(b"\n" + token) or stripped == token
         if token_seen:
             stdout = stripped[: -len(token) - 1]
-        status, reason = _classify(None if ended.timed_out else ended.rc, token_seen, ended.stderr, limits,
-                                   ended.output_full)
+        status, reason = _classify(
+            None if ended.timed_out else ended.rc, token_seen, ended.stderr, limits, ended.output_full
+        )
     if ended.over_budget and status != "passed":  # the kernel killed a process of the group for the budget
-        status, reason = "memory", (f"memory budget of {limits.memory_budget_mb} MiB reached (all of the program's "
-                                    f"processes, /tmp and /dev/shm together)")
+        status, reason = (
+            "memory",
+            (
+                f"memory budget of {limits.memory_budget_mb} MiB reached (all of the program's "
+                f"processes, /tmp and /dev/shm together)"
+            ),
+        )
     # The harness's text is the judge's (the program's words in it are quoted); the program's stderr is its own
     # text, marked line by line so that it cannot pass for the sandbox's reason.
     detail = [reason]
     if judged and ended.judge_text.strip():
         detail.append(ended.judge_text.strip())
     if ended.stderr.strip():
-        detail.append("the program's stderr (its own text, not the sandbox's):\n"
-                      + textwrap.indent(ended.stderr.strip(), "| ", lambda line: True))
-    return RunResult(passed=status == "passed", status=status, detail="\n".join(detail),
-                     duration_s=ended.duration_s, output=_tail(stdout, limits.max_output_chars),
-                     answers_visible=visible)
+        detail.append(
+            "the program's stderr (its own text, not the sandbox's):\n"
+            + textwrap.indent(ended.stderr.strip(), "| ", lambda line: True)
+        )
+    return RunResult(
+        passed=status == "passed",
+        status=status,
+        detail="\n".join(detail),
+        duration_s=ended.duration_s,
+        output=_tail(stdout, limits.max_output_chars),
+        answers_visible=visible,
+    )
 
 
-def _judge_status(verdict: int | None, timed_out: bool, rc: int | None, stderr: str, limits: SandboxLimits,
-                  output_full: bool) -> tuple[str, str]:
+def _judge_status(
+    verdict: int | None, timed_out: bool, rc: int | None, stderr: str, limits: SandboxLimits, output_full: bool
+) -> tuple[str, str]:
     """Status from the harness's exit status (the verdict) and, when the program's process ended by itself
     (rc not None), from how it ended. Only the harness's 0 is a pass."""
     if timed_out:
@@ -299,8 +385,9 @@ def _judge_status(verdict: int | None, timed_out: bool, rc: int | None, stderr: 
     if verdict == EXIT_MEMORY:
         return "memory", f"memory limit of {limits.memory_mb} MiB reached"
     if verdict == EXIT_JUDGE_MEMORY:
-        return "memory", (f"the judge's harness ran out of memory (SandboxLimits.harness_memory_mb="
-                          f"{limits.harness_memory_mb})")
+        return "memory", (
+            f"the judge's harness ran out of memory (SandboxLimits.harness_memory_mb={limits.harness_memory_mb})"
+        )
     if verdict == EXIT_REPLY:
         return "reply_limit", "a reply of the program's function went over the judge's own bounds"
     if verdict == EXIT_ERROR:
@@ -322,8 +409,13 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> RunResult:
     return _run(source, limits or SandboxLimits())
 
 
-def judge(program: str, entry_point: str, tests: str, limits: SandboxLimits | None = None,
-          hidden: Iterable[str | os.PathLike[str]] = ()) -> RunResult:
+def judge(
+    program: str,
+    entry_point: str,
+    tests: str,
+    limits: SandboxLimits | None = None,
+    hidden: Iterable[str | os.PathLike[str]] = (),
+) -> RunResult:
     """Run the untrusted ``program`` in the sandbox and grade its function ``entry_point`` with ``tests``.
 
     ``tests`` is trusted code. It runs in a separate harness process outside the sandbox (as this process's
@@ -356,8 +448,12 @@ def run_programs(sources: list[str], limits: SandboxLimits | None = None, worker
         return list(pool.map(lambda s: run_program(s, limits), sources))
 
 
-def judge_many(jobs: list[tuple[str, str, str]], limits: SandboxLimits | None = None,
-               workers: int = 2, hidden: Iterable[str | os.PathLike[str]] = ()) -> list[RunResult]:
+def judge_many(
+    jobs: list[tuple[str, str, str]],
+    limits: SandboxLimits | None = None,
+    workers: int = 2,
+    hidden: Iterable[str | os.PathLike[str]] = (),
+) -> list[RunResult]:
     """:func:`judge` for many (program, entry_point, tests) triples, a few at a time; results keep the order."""
     if workers < 1:
         raise ValueError(f"workers={workers} is invalid: use at least 1 worker.")

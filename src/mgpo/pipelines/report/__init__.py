@@ -23,22 +23,78 @@ no machine-learning library (transformers, torch, PEFT).
 from __future__ import annotations
 
 from mgpo.pipelines.report.analysis import Analysis, analyse
-from mgpo.pipelines.report.collect import (STATUS_SAID, Experiment, RunResult, collect, loose_differences,
-                                           loss_description)
+from mgpo.pipelines.report.collect import (
+    STATUS_SAID,
+    Experiment,
+    RunResult,
+    collect,
+    loose_differences,
+    loss_description,
+)
 from mgpo.pipelines.report.figures import plot_curves, plot_dd, plot_metric_bars, plot_verdicts
-from mgpo.pipelines.report.labels import (ADAPTER_NAMES, CLEAN_LOSS_DIFFS, DASH_SUFFIXES, DIAGNOSTICS, LOSS_KINDS,
-                                          LOWER_IS_BETTER, MEAN_OF_PANELS, METHOD_FIELDS, METHOD_SUFFIX, NO_CAP,
-                                          POOLED, PRESET_SUFFIX, PRIMARY_METRICS, STALLED_FALL, higher_is_better,
-                                          mean_std_cell, method_label, trains_at_perturbed_weights)
+from mgpo.pipelines.report.labels import (
+    ADAPTER_NAMES,
+    CLEAN_LOSS_DIFFS,
+    DASH_SUFFIXES,
+    DIAGNOSTICS,
+    LOSS_KINDS,
+    LOWER_IS_BETTER,
+    MEAN_OF_PANELS,
+    METHOD_FIELDS,
+    METHOD_SUFFIX,
+    NO_CAP,
+    POOLED,
+    PRESET_SUFFIX,
+    PRIMARY_METRICS,
+    STALLED_FALL,
+    higher_is_better,
+    mean_std_cell,
+    method_label,
+    trains_at_perturbed_weights,
+)
 from mgpo.pipelines.report.make import make_report
 from mgpo.pipelines.report.render import CSS, write_html, write_markdown, write_runs_csv
 from mgpo.pipelines.report.tables import Differences, MethodTable, Table
 from mgpo.pipelines.report.verdicts import verdict_table
 
-__all__ = ["ADAPTER_NAMES", "Analysis", "CLEAN_LOSS_DIFFS", "CSS", "DASH_SUFFIXES", "DIAGNOSTICS", "Differences",
-           "Experiment", "LOSS_KINDS", "LOWER_IS_BETTER", "MEAN_OF_PANELS", "METHOD_FIELDS", "METHOD_SUFFIX",
-           "MethodTable", "NO_CAP", "POOLED", "PRESET_SUFFIX", "PRIMARY_METRICS", "RunResult", "STALLED_FALL",
-           "STATUS_SAID", "Table", "analyse", "collect", "higher_is_better", "loose_differences", "loss_description",
-           "make_report", "mean_std_cell", "method_label", "plot_curves", "plot_dd", "plot_metric_bars",
-           "plot_verdicts", "trains_at_perturbed_weights", "verdict_table", "write_html", "write_markdown",
-           "write_runs_csv"]
+__all__ = [
+    "ADAPTER_NAMES",
+    "Analysis",
+    "CLEAN_LOSS_DIFFS",
+    "CSS",
+    "DASH_SUFFIXES",
+    "DIAGNOSTICS",
+    "Differences",
+    "Experiment",
+    "LOSS_KINDS",
+    "LOWER_IS_BETTER",
+    "MEAN_OF_PANELS",
+    "METHOD_FIELDS",
+    "METHOD_SUFFIX",
+    "MethodTable",
+    "NO_CAP",
+    "POOLED",
+    "PRESET_SUFFIX",
+    "PRIMARY_METRICS",
+    "RunResult",
+    "STALLED_FALL",
+    "STATUS_SAID",
+    "Table",
+    "analyse",
+    "collect",
+    "higher_is_better",
+    "loose_differences",
+    "loss_description",
+    "make_report",
+    "mean_std_cell",
+    "method_label",
+    "plot_curves",
+    "plot_dd",
+    "plot_metric_bars",
+    "plot_verdicts",
+    "trains_at_perturbed_weights",
+    "verdict_table",
+    "write_html",
+    "write_markdown",
+    "write_runs_csv",
+]

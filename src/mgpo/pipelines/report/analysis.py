@@ -9,8 +9,16 @@ from typing import Any
 from mgpo.pipelines import measures
 from mgpo.pipelines.report.collect import Experiment, RunResult, loss_description
 from mgpo.pipelines.report.labels import LOSS_KINDS, PRIMARY_METRICS, _order, higher_is_better
-from mgpo.pipelines.report.tables import (Differences, MethodTable, Table, cost_table, diagnostics_table,
-                                          difference_tables, double_descent_table, method_table)
+from mgpo.pipelines.report.tables import (
+    Differences,
+    MethodTable,
+    Table,
+    cost_table,
+    diagnostics_table,
+    difference_tables,
+    double_descent_table,
+    method_table,
+)
 
 
 @dataclass
@@ -46,8 +54,14 @@ class Analysis:
         return self.differences.diffs
 
 
-def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None = None,
-            smooth: int | None = None, spike_factor: float | None = None) -> Analysis:
+def analyse(
+    exp: Experiment,
+    *,
+    metric: str | None = None,
+    baseline: str | None = None,
+    smooth: int | None = None,
+    spike_factor: float | None = None,
+) -> Analysis:
     """Every number the report shows for one experiment (tables as header + rows of (text, bold) cells)."""
     opts = exp.options
     smooth = smooth or opts.get("smooth")
@@ -61,17 +75,25 @@ def analyse(exp: Experiment, *, metric: str | None = None, baseline: str | None 
     better = higher_is_better(metric)
     fallback = [r.path.name for r in exp.runs if r.losses and r.loss_kind != "clean"]  # runs without the probe
     return Analysis(
-        metric=metric, better=better, baseline=baseline, series=series, panels=panels, per_run=per_run,
-        loss=loss_description(exp.runs), no_clean_loss=fallback,
+        metric=metric,
+        better=better,
+        baseline=baseline,
+        series=series,
+        panels=panels,
+        per_run=per_run,
+        loss=loss_description(exp.runs),
+        no_clean_loss=fallback,
         mixed_losses=bool(fallback) and any(r.loss_kind == "clean" for r in exp.runs if r.losses),
-        smooth=smooth, spike_factor=spike_factor,
+        smooth=smooth,
+        spike_factor=spike_factor,
         method_table=method_table(per_run, series, panels, metric, better),
         differences=difference_tables(per_run, series, panels, metric, baseline),
         dd_table=double_descent_table(per_run, series, panels, spike_factor),
         cost_table=cost_table(per_run, series, panels, baseline),
         diag_table=diagnostics_table(exp.runs, series, panels),
         failed=[(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics],
-        no_loss=[r.path.name for r in exp.runs if r.metrics and not r.losses])
+        no_loss=[r.path.name for r in exp.runs if r.metrics and not r.losses],
+    )
 
 
 def _refuse_duplicates(exp: Experiment) -> None:
@@ -87,7 +109,8 @@ def _refuse_duplicates(exp: Experiment) -> None:
                 f"{exp.title!r}: {first.path} and {r.path} are both {r.series}, seed {r.seed}"
                 f"{f' in panel {r.panel}' if r.panel else ''}. Runs that differ in another setting (training.lr, "
                 "adapter.rank, the data) are not seeds of one method: run them as a sweep with that axis (mgpo "
-                "sweep), or report them separately.")
+                "sweep), or report them separately."
+            )
 
 
 def _primary_metric(exp: Experiment, metric: str | None) -> str:
@@ -96,8 +119,10 @@ def _primary_metric(exp: Experiment, metric: str | None) -> str:
     finished = [r for r in exp.runs if r.metrics]
     if metric is not None and finished and not any(metric in r.metrics for r in finished):
         held = sorted({k for r in finished for k, v in r.metrics.items() if isinstance(v, (int, float))})
-        raise ValueError(f"metric {metric!r}: no finished run of {exp.title!r} has it in metrics.json; pass "
-                         f"--metric with one they have: {', '.join(held)}.")
+        raise ValueError(
+            f"metric {metric!r}: no finished run of {exp.title!r} has it in metrics.json; pass "
+            f"--metric with one they have: {', '.join(held)}."
+        )
     if metric is None:
         present = [m for m in PRIMARY_METRICS if finished and all(m in r.metrics for r in finished)]
         metric = present[0] if present else "final_loss"
@@ -107,19 +132,28 @@ def _primary_metric(exp: Experiment, metric: str | None) -> str:
 def _baseline(exp: Experiment, series: list[str], baseline: str | None) -> str:
     baseline = baseline or ("LoRA" if "LoRA" in series else series[0])
     if baseline not in series:
-        raise ValueError(f"baseline {baseline!r} is not one of the methods in {exp.title!r}: "
-                         f"{', '.join(series)}; pass --baseline with one of them.")
+        raise ValueError(
+            f"baseline {baseline!r} is not one of the methods in {exp.title!r}: "
+            f"{', '.join(series)}; pass --baseline with one of them."
+        )
     return baseline
 
 
 def _run_row(title: str, r: RunResult, metric: str, smooth: int | None, spike_factor: float) -> dict[str, Any]:
     """A run's row of runs.csv: its metric, its double-descent measure and its cost."""
-    row = {"experiment": title, "series": r.series, "panel": r.panel, "seed": r.seed, "status": r.status,
-           "path": str(r.path), "metric": metric, "value": r.metrics.get(metric),
-           "loss_curve": LOSS_KINDS[r.loss_kind] if r.losses else None,
-           # chance of an accuracy: the split's majority-class share (runs from before it was recorded: None)
-           "chance": r.metrics.get(metric[:-len("accuracy")] + "majority") if metric.endswith("accuracy")
-           else None}
+    row = {
+        "experiment": title,
+        "series": r.series,
+        "panel": r.panel,
+        "seed": r.seed,
+        "status": r.status,
+        "path": str(r.path),
+        "metric": metric,
+        "value": r.metrics.get(metric),
+        "loss_curve": LOSS_KINDS[r.loss_kind] if r.losses else None,
+        # chance of an accuracy: the split's majority-class share (runs from before it was recorded: None)
+        "chance": r.metrics.get(metric[: -len("accuracy")] + "majority") if metric.endswith("accuracy") else None,
+    }
     if r.losses:
         window = smooth or measures.default_window(len(r.losses))
         row.update({f"dd_{k}": v for k, v in measures.double_descent(r.steps, r.losses, window).items()})
@@ -129,10 +163,22 @@ def _run_row(title: str, r: RunResult, metric: str, smooth: int | None, spike_fa
     if r.trained_losses:  # the same measure on the logged minibatch loss (at the perturbed weights for MGPO)
         window = smooth or measures.default_window(len(r.trained_losses))
         dd = measures.double_descent(r.trained_steps, r.trained_losses, window)
-        row.update(trained_dd_window=window, trained_dd_rise_rel=dd["rise_rel"],
-                   trained_dd_recovered=dd["recovered"],
-                   trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor))
-    for k in ("trainable_params", "peak_memory_mb", "time_per_step_s", "load_average", "cpus",
-              "final_clean_loss", "best_clean_loss", "final_loss", "best_loss"):
+        row.update(
+            trained_dd_window=window,
+            trained_dd_rise_rel=dd["rise_rel"],
+            trained_dd_recovered=dd["recovered"],
+            trained_spikes=measures.instability_count(r.trained_losses, window, spike_factor),
+        )
+    for k in (
+        "trainable_params",
+        "peak_memory_mb",
+        "time_per_step_s",
+        "load_average",
+        "cpus",
+        "final_clean_loss",
+        "best_clean_loss",
+        "final_loss",
+        "best_loss",
+    ):
         row[k] = r.metrics.get(k)
     return row

@@ -14,8 +14,16 @@ from omegaconf import OmegaConf
 
 from mgpo.pipelines.checkpoints import read_json
 from mgpo.pipelines.config import read_yaml
-from mgpo.pipelines.report.labels import (DIAGNOSTICS, METHOD_FIELDS, NO_CAP, _apn_caps, _order, _panel_label,
-                                          method_label, trains_at_perturbed_weights)
+from mgpo.pipelines.report.labels import (
+    DIAGNOSTICS,
+    METHOD_FIELDS,
+    NO_CAP,
+    _apn_caps,
+    _order,
+    _panel_label,
+    method_label,
+    trains_at_perturbed_weights,
+)
 from mgpo.pipelines.runlog import read_log
 from mgpo.pipelines.sweep import SEED_FIELD
 
@@ -53,8 +61,14 @@ class Experiment:
 STATUS_SAID = {"skipped": "done before"}
 
 
-def _load_run(path: Path, labels: dict[str, Any] | None, status: str, error: str | None,
-              overrides: list[str] | None = None, base: str | None = None) -> RunResult:
+def _load_run(
+    path: Path,
+    labels: dict[str, Any] | None,
+    status: str,
+    error: str | None,
+    overrides: list[str] | None = None,
+    base: str | None = None,
+) -> RunResult:
     status = STATUS_SAID.get(status, status)
     if (path / "config.yaml").is_file():
         cfg = OmegaConf.to_container(read_yaml(path / "config.yaml"))
@@ -83,10 +97,22 @@ def _load_run(path: Path, labels: dict[str, Any] | None, status: str, error: str
     pert = cfg.get("perturbation") or {}
     if "apn_capped" in diagnostics and not _apn_caps(pert):
         diagnostics["apn_capped"] = NO_CAP  # a rule (or APN off / uncapped) has no cap: 0 "at the cap" misleads
-    return RunResult(path, series, panel, int(seed), status if metrics else (status or "unfinished"), metrics,
-                     [r["step"] for r in rows], [r[key] for r in rows], error, kind, diagnostics,
-                     [r["step"] for r in trained], [r["loss"] for r in trained], cfg)
-
+    return RunResult(
+        path,
+        series,
+        panel,
+        int(seed),
+        status if metrics else (status or "unfinished"),
+        metrics,
+        [r["step"] for r in rows],
+        [r[key] for r in rows],
+        error,
+        kind,
+        diagnostics,
+        [r["step"] for r in trained],
+        [r["loss"] for r in trained],
+        cfg,
+    )
 
 
 def loss_description(runs: list[RunResult]) -> str:
@@ -95,8 +121,9 @@ def loss_description(runs: list[RunResult]) -> str:
     if kinds == {"clean"}:
         return "clean training loss (probe)"
     if "clean" not in kinds:
-        return ("training loss as trained" + (" (at the perturbed weights for MGPO, MSAM and the noise methods)"
-                                              if "perturbed" in kinds else ""))
+        return "training loss as trained" + (
+            " (at the perturbed weights for MGPO, MSAM and the noise methods)" if "perturbed" in kinds else ""
+        )
     return "training loss: clean (probe) where logged, else as trained"
 
 
@@ -107,29 +134,44 @@ def collect(dirs: list[str | Path]) -> list[Experiment]:
         if (d / "index.json").is_file():
             index = read_json(d / "index.json")
             spec = OmegaConf.to_container(read_yaml(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
-            varying = {a for a in index["runs"][0]["labels"]
-                       if len({json.dumps(r["labels"][a]) for r in index["runs"]}) > 1} if index["runs"] else set()
+            varying = (
+                {a for a in index["runs"][0]["labels"] if len({json.dumps(r["labels"][a]) for r in index["runs"]}) > 1}
+                if index["runs"]
+                else set()
+            )
             # the run folder inside this sweep folder (it may be a copy, e.g. the records kept under docs/), else
             # where the sweep wrote it
-            runs = [_load_run(d / r["name"] if (d / r["name"]).is_dir() else Path(r["output_dir"]),
-                              {a: v for a, v in r["labels"].items() if a in varying or a in ("method", SEED_FIELD)},
-                              r["status"], r.get("error"), r.get("overrides"), index.get("base"))
-                    for r in index["runs"]]
+            runs = [
+                _load_run(
+                    d / r["name"] if (d / r["name"]).is_dir() else Path(r["output_dir"]),
+                    {a: v for a, v in r["labels"].items() if a in varying or a in ("method", SEED_FIELD)},
+                    r["status"],
+                    r.get("error"),
+                    r.get("overrides"),
+                    index.get("base"),
+                )
+                for r in index["runs"]
+            ]
             notes = []
             unstarted = [r.path.name for r in runs if not (r.path / "config.yaml").is_file()]  # as _load_run read them
             if index.get("base") and not Path(index["base"]).is_file() and unstarted:
-                notes.append(f"The sweep's base config {index['base']} is not on this machine, so the "
-                             f"{len(unstarted)} runs not started yet are labelled from their overrides alone: a "
-                             f"method set in the base file may be named wrongly there ({', '.join(unstarted[:5])}"
-                             f"{', ...' if len(unstarted) > 5 else ''}). Report from the machine that ran the sweep, "
-                             "or from a checkout with that file.")
-            experiments.append(Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {},
-                                          notes=notes))
+                notes.append(
+                    f"The sweep's base config {index['base']} is not on this machine, so the "
+                    f"{len(unstarted)} runs not started yet are labelled from their overrides alone: a "
+                    f"method set in the base file may be named wrongly there ({', '.join(unstarted[:5])}"
+                    f"{', ...' if len(unstarted) > 5 else ''}). Report from the machine that ran the sweep, "
+                    "or from a checkout with that file."
+                )
+            experiments.append(
+                Experiment(index.get("title", d.name), d.name, runs, spec.get("report") or {}, notes=notes)
+            )
         elif (d / "config.yaml").is_file():
             loose.append(_load_run(d, None, "done", None))
         else:
-            raise FileNotFoundError(f"{d} is neither a sweep folder (index.json) nor a run folder (config.yaml): "
-                                    "pass folders written by `mgpo sweep` or `mgpo train`.")
+            raise FileNotFoundError(
+                f"{d} is neither a sweep folder (index.json) nor a run folder (config.yaml): "
+                "pass folders written by `mgpo sweep` or `mgpo train`."
+            )
     if loose:
         experiments.append(Experiment("runs", "runs", loose, {}, loose_differences(loose)))
     return experiments

@@ -12,9 +12,16 @@ from mgpo.pipelines.report.render import _blocks, write_html, write_markdown, wr
 from mgpo.pipelines.report.verdicts import verdict_table
 
 
-def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title: str = "mgpo experiments",
-                metric: str | None = None, baseline: str | None = None, smooth: int | None = None,
-                spike_factor: float | None = None) -> dict:
+def make_report(
+    dirs: list[str | Path],
+    out_dir: str | Path = "report",
+    *,
+    title: str = "mgpo experiments",
+    metric: str | None = None,
+    baseline: str | None = None,
+    smooth: int | None = None,
+    spike_factor: float | None = None,
+) -> dict:
     """Write report.md, report.html, runs.csv and figures/ under ``out_dir``; returns their paths, and under
     ``results`` each reported experiment's :class:`~mgpo.pipelines.report.analysis.Analysis`."""
     out_dir = Path(out_dir)
@@ -28,27 +35,43 @@ def make_report(dirs: list[str | Path], out_dir: str | Path = "report", *, title
         result = analyse(exp, metric=metric, baseline=baseline, smooth=smooth, spike_factor=spike_factor)
         results.append(result)
         logged = any(r.losses for r in exp.runs)  # else no curve and no double descent to draw (result.no_loss)
-        figs = [(plot_curves(exp, result, out_dir / "figures" / f"{exp.slug}-loss.png"),
-                 f"{exp.title}: {result.loss}, per {'panel' if any(result.panels) else 'method'}")
-                ] if logged else []
+        figs = (
+            [
+                (
+                    plot_curves(exp, result, out_dir / "figures" / f"{exp.slug}-loss.png"),
+                    f"{exp.title}: {result.loss}, per {'panel' if any(result.panels) else 'method'}",
+                )
+            ]
+            if logged
+            else []
+        )
         if any(r["value"] is not None for r in result.per_run):
             bars = out_dir / "figures" / f"{exp.slug}-{_file(result.metric)}.png"
             figs.append((plot_metric_bars(exp, result, bars), f"{exp.title}: {result.metric} per method"))
         if len(result.panels) > 1 and logged:
-            figs.append((plot_dd(exp, result, out_dir / "figures" / f"{exp.slug}-double-descent.png"),
-                         f"{exp.title}: double-descent measure per panel"))
+            figs.append(
+                (
+                    plot_dd(exp, result, out_dir / "figures" / f"{exp.slug}-double-descent.png"),
+                    f"{exp.title}: double-descent measure per panel",
+                )
+            )
         figures_all += [p for p, _ in figs]
         blocks += _blocks(exp, result, figs)
     titles = [e.slug for e in experiments if any(r.metrics or r.losses for r in e.runs)]
     verdicts = verdict_table(results, titles)
     if verdicts:
-        blocks = [("h2", "Across experiments: each method minus the baseline"),
-                  ("p", "The primary metric of each experiment and panel, the method minus that experiment's "
-                        "baseline (columns: sweep folder and panel), paired by seed: mean [95% t interval] and the "
-                        "number of pairs. `better *` / `worse *`: the interval excludes 0 on that side. A radius "
-                        "rule is shipped only if it is significantly worse nowhere; that is not evidence of no "
-                        "harm: the lower end of each interval is the largest loss the seeds cannot rule out."),
-                  ("table", verdicts)] + blocks
+        blocks = [
+            ("h2", "Across experiments: each method minus the baseline"),
+            (
+                "p",
+                "The primary metric of each experiment and panel, the method minus that experiment's "
+                "baseline (columns: sweep folder and panel), paired by seed: mean [95% t interval] and the "
+                "number of pairs. `better *` / `worse *`: the interval excludes 0 on that side. A radius "
+                "rule is shipped only if it is significantly worse nowhere; that is not evidence of no "
+                "harm: the lower end of each interval is the largest loss the seeds cannot rule out.",
+            ),
+            ("table", verdicts),
+        ] + blocks
         across = plot_verdicts(results, titles, out_dir / "figures" / "across-experiments.png")
         if across:
             figures_all.append(across)

@@ -23,6 +23,7 @@ def _md_table(table: Table) -> str:
 
 def _html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+
     def cell(text: str, bold: bool) -> str:
         numeric = text[:1].isdigit() or text[:2].lstrip("+-−")[:1].isdigit() or text == "-"
         inner = f"<strong>{html.escape(text)}</strong>" if bold else html.escape(text)
@@ -41,119 +42,187 @@ def _summary_blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path,
     n_done = sum(1 for r in exp.runs if r.metrics)
     m, base = result.metric, result.baseline
     walls = [r.metrics["wall_time_s"] for r in exp.runs if r.metrics.get("wall_time_s") is not None]
-    wall = (f" Wall time of the finished runs: {sum(walls) / 3600:.2f} h in all ({len(walls)} runs; each run's "
-            "`wall_time_s`: model loading, training and evaluation over all its sessions, less the work an "
-            "interrupted session did after its last checkpoint)." if walls else "")
-    blocks = [("h2", exp.title),
-              ("p", f"{n_done} of {len(exp.runs)} runs finished; methods: {', '.join(result.series)}; "
-                    f"primary metric `{m}` ({'higher' if result.better else 'lower'} is better); baseline: "
-                    f"{base}.{wall}")]
+    wall = (
+        f" Wall time of the finished runs: {sum(walls) / 3600:.2f} h in all ({len(walls)} runs; each run's "
+        "`wall_time_s`: model loading, training and evaluation over all its sessions, less the work an "
+        "interrupted session did after its last checkpoint)."
+        if walls
+        else ""
+    )
+    blocks = [
+        ("h2", exp.title),
+        (
+            "p",
+            f"{n_done} of {len(exp.runs)} runs finished; methods: {', '.join(result.series)}; "
+            f"primary metric `{m}` ({'higher' if result.better else 'lower'} is better); baseline: "
+            f"{base}.{wall}",
+        ),
+    ]
     blocks += [("p", note) for note in exp.notes]
     if exp.differences:
-        blocks.append(("p", "These run folders are not a sweep, so all runs of one method are taken as its seeds; "
-                            "but they differ in more than the seed: " + " | ".join(exp.differences) + ". Their "
-                            "means and paired differences mix those settings: run them as a sweep with that axis."))
+        blocks.append(
+            (
+                "p",
+                "These run folders are not a sweep, so all runs of one method are taken as its seeds; "
+                "but they differ in more than the seed: " + " | ".join(exp.differences) + ". Their "
+                "means and paired differences mix those settings: run them as a sweep with that axis.",
+            )
+        )
     for png, caption in figures:
         blocks.append(("img", png, caption))
     blocks.append(("h3", f"{m}: mean ± std over seeds (best in bold)"))
     if result.method_table.uneven:
-        blocks.append(("p", "Not all methods have the same finished seeds in "
-                            f"{', '.join(c or m for c in result.method_table.uneven)}: there each cell says "
-                            "its number of seeds n, and no best is marked, as means over different seeds do not "
-                            "rank the methods. The paired differences below compare only the seeds both have."))
+        blocks.append(
+            (
+                "p",
+                "Not all methods have the same finished seeds in "
+                f"{', '.join(c or m for c in result.method_table.uneven)}: there each cell says "
+                "its number of seeds n, and no best is marked, as means over different seeds do not "
+                "rank the methods. The paired differences below compare only the seeds both have.",
+            )
+        )
     blocks.append(("table", result.method_table))
     chance = {p: _panel_chance(result, p) for p in result.panels}
     said = [f"{p + ': ' if p else ''}{c:.4f}" for p, (c, _) in chance.items() if c is not None]
     gaps = [f"{p or m}: {why}" for p, (_, why) in chance.items() if why]
     if said or gaps:
-        blocks.append(("p", "Chance (always guessing the most frequent label of the split the metric is taken on, "
-                            "as each run recorded it): " + ("; ".join(said) + " (the dashed line in the figure)"
-                                                            if said else "none common to a panel")
-                       + (". No chance line for " + "; ".join(gaps) if gaps else "") + "."))
+        blocks.append(
+            (
+                "p",
+                "Chance (always guessing the most frequent label of the split the metric is taken on, "
+                "as each run recorded it): "
+                + ("; ".join(said) + " (the dashed line in the figure)" if said else "none common to a panel")
+                + (". No chance line for " + "; ".join(gaps) if gaps else "")
+                + ".",
+            )
+        )
     return blocks
 
 
 def _difference_blocks(result: Analysis) -> list[tuple]:
     base, blocks = result.baseline, []
     if result.differences.table.rows:
-        blocks += [("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
-                   ("p", "Bold and * : the interval excludes 0. Student t interval of the n paired differences "
-                         "(n-1 degrees of freedom); n=1: no interval."),
-                   ("table", result.differences.table)]
+        blocks += [
+            ("h3", f"Difference to {base}, paired by seed: mean [95% t interval]"),
+            (
+                "p",
+                "Bold and * : the interval excludes 0. Student t interval of the n paired differences "
+                "(n-1 degrees of freedom); n=1: no interval.",
+            ),
+            ("table", result.differences.table),
+        ]
     else:  # one method: an empty table of differences would look like a failure
         blocks.append(("p", f"Only one method ({base}): nothing to compare it with, so no differences."))
     if result.differences.own:
-        blocks += [("h3", "Each variant with the perturbation minus the same variant without, paired by seed"),
-                   ("table", result.differences.own)]
+        blocks += [
+            ("h3", "Each variant with the perturbation minus the same variant without, paired by seed"),
+            ("table", result.differences.own),
+        ]
     for what, table in result.differences.loss_tables:
         note = "Lower is better. Bold and * : the interval excludes 0."
         if what == CLEAN_LOSS_DIFFS["clean_dd_rise_rel"]:
-            note += (f" ‡ k stalled: in k of the n pairs the method's clean loss fell by less than "
-                     f"{100 * STALLED_FALL:g}% of its start, so it had no descent to rise from; a lower rise there "
-                     f"means it did not train, not that it trained more smoothly. ‡ {base}: k stalled: the same "
-                     f"for {base}'s runs, whose missing rise makes the method's look larger.")
-        blocks += [("h3", f"Difference to {base} in the {what}, paired by seed: mean [95% t interval]"),
-                   ("p", note), ("table", table)]
+            note += (
+                f" ‡ k stalled: in k of the n pairs the method's clean loss fell by less than "
+                f"{100 * STALLED_FALL:g}% of its start, so it had no descent to rise from; a lower rise there "
+                f"means it did not train, not that it trained more smoothly. ‡ {base}: k stalled: the same "
+                f"for {base}'s runs, whose missing rise makes the method's look larger."
+            )
+        blocks += [
+            ("h3", f"Difference to {base} in the {what}, paired by seed: mean [95% t interval]"),
+            ("p", note),
+            ("table", table),
+        ]
     return blocks
 
 
 def _measure_blocks(result: Analysis) -> list[tuple]:
     base, blocks = result.baseline, []
-    blocks += [("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
-               ("p", _loss_note(result))]
+    blocks += [
+        ("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
+        ("p", _loss_note(result)),
+    ]
     if result.no_loss:
-        blocks.append(("p", f"No logged training loss (training.max_steps below training.logging_steps?), so not "
-                            f"in the curves or this table: {', '.join(result.no_loss)}."))
-    blocks += [("table", result.dd_table),
-               ("h3", f"Cost relative to {base}"),
-               ("p", "Time per step is wall time: it also counts the time other processes held the cores. Where the "
-                     "load column is above the number of CPUs, the runs shared the machine and their times are not "
-                     "a measure of cost (the cpu-cost sweep and benchmarks/ measure cost alone)."),
-               ("table", result.cost_table)]
+        blocks.append(
+            (
+                "p",
+                f"No logged training loss (training.max_steps below training.logging_steps?), so not "
+                f"in the curves or this table: {', '.join(result.no_loss)}.",
+            )
+        )
+    blocks += [
+        ("table", result.dd_table),
+        ("h3", f"Cost relative to {base}"),
+        (
+            "p",
+            "Time per step is wall time: it also counts the time other processes held the cores. Where the "
+            "load column is above the number of CPUs, the runs shared the machine and their times are not "
+            "a measure of cost (the cpu-cost sweep and benchmarks/ measure cost alone).",
+        ),
+        ("table", result.cost_table),
+    ]
     if result.diag_table.rows:
-        blocks += [("h3", "Perturbation size (median over logged steps, mean over seeds)"),
-                   ("p", "radius / ‖W‖: each layer's perturbation radius ‖eps_l‖ over its weight norm ‖W0 + s B A‖; "
-                         "radius / last update: over the size of the layer's last update (a look-ahead of that many "
-                         "steps); radius factor k: what rho is multiplied by, the APN factor min(1/gbar, max_scale) "
-                         "(1 without APN), or for the radius rules ‖W_l‖ (apn=weight) and ‖W_l(t) − W_l(t−1)‖ "
-                         "(apn=update); share of layers at the APN cap. Means over the perturbed layers at each "
-                         "step (docs/method.md, section 13). A layer perturbed in factor space (AdaLoRA; full "
-                         "fine-tuning's tensors) has its radius and sizes taken over the tensors it moves: ‖W‖ is "
-                         "their norm, a bias's or a LayerNorm's included."),
-                   ("table", result.diag_table)]
+        blocks += [
+            ("h3", "Perturbation size (median over logged steps, mean over seeds)"),
+            (
+                "p",
+                "radius / ‖W‖: each layer's perturbation radius ‖eps_l‖ over its weight norm ‖W0 + s B A‖; "
+                "radius / last update: over the size of the layer's last update (a look-ahead of that many "
+                "steps); radius factor k: what rho is multiplied by, the APN factor min(1/gbar, max_scale) "
+                "(1 without APN), or for the radius rules ‖W_l‖ (apn=weight) and ‖W_l(t) − W_l(t−1)‖ "
+                "(apn=update); share of layers at the APN cap. Means over the perturbed layers at each "
+                "step (docs/method.md, section 13). A layer perturbed in factor space (AdaLoRA; full "
+                "fine-tuning's tensors) has its radius and sizes taken over the tensors it moves: ‖W‖ is "
+                "their norm, a bias's or a LayerNorm's included.",
+            ),
+            ("table", result.diag_table),
+        ]
     if result.failed:
-        blocks += [("h3", "Runs without results"),
-                   ("table", Table(["run", "status", "error"],
-                                   [[(a, False), (b, False), (c.splitlines()[-1][:200], False)]
-                                    for a, b, c in result.failed]))]
-
+        blocks += [
+            ("h3", "Runs without results"),
+            (
+                "table",
+                Table(
+                    ["run", "status", "error"],
+                    [[(a, False), (b, False), (c.splitlines()[-1][:200], False)] for a, b, c in result.failed],
+                ),
+            ),
+        ]
 
     return blocks
 
 
 def _loss_note(result: Analysis) -> str:
     """Which loss the curves and the double-descent measure use, and a warning when runs differ in it."""
-    note = (f"Loss used for the curves and this table: {result.loss} (column `loss`). `clean (probe)` is "
-            "`clean_loss`, the mean loss of a fixed set of training examples at the clean weights, the same "
-            "measurement for every method; `as trained` is the logged `loss`, which for MGPO, MSAM and the noise "
-            "methods is the loss at the perturbed weights.")
+    note = (
+        f"Loss used for the curves and this table: {result.loss} (column `loss`). `clean (probe)` is "
+        "`clean_loss`, the mean loss of a fixed set of training examples at the clean weights, the same "
+        "measurement for every method; `as trained` is the logged `loss`, which for MGPO, MSAM and the noise "
+        "methods is the loss at the perturbed weights."
+    )
     windows = _order(x["dd_window"] for x in result.per_run if "dd_window" in x)
     if windows:
         trained = _order(x["trained_dd_window"] for x in result.per_run if "trained_dd_window" in x)
-        note += (f" Smoothed: trailing moving average over {' / '.join(map(str, windows))} logged points"
-                 + (f" (the logged-loss columns: {' / '.join(map(str, trained))})" if trained else "") + ". Rise: "
-                 "the largest amount the smoothed loss climbs above its running minimum. `peak step`: mean over "
-                 "the seeds with a rise; `steps to recover`: mean over the seeds that got back to that minimum "
-                 "(`not recovered` counts the others); spikes: logged losses above the factor times the median of "
-                 "the window before them.")
+        note += (
+            f" Smoothed: trailing moving average over {' / '.join(map(str, windows))} logged points"
+            + (f" (the logged-loss columns: {' / '.join(map(str, trained))})" if trained else "")
+            + ". Rise: "
+            "the largest amount the smoothed loss climbs above its running minimum. `peak step`: mean over "
+            "the seeds with a rise; `steps to recover`: mean over the seeds that got back to that minimum "
+            "(`not recovered` counts the others); spikes: logged losses above the factor times the median of "
+            "the window before them."
+        )
     if result.no_clean_loss and result.mixed_losses:
-        note += (f" Runs without `clean_loss` (logged before the probe existed, or with "
-                 f"`training.clean_loss_every=0`) fall back to the loss as trained, so they are not measured like "
-                 f"the others: {', '.join(result.no_clean_loss)}.")
+        note += (
+            f" Runs without `clean_loss` (logged before the probe existed, or with "
+            f"`training.clean_loss_every=0`) fall back to the loss as trained, so they are not measured like "
+            f"the others: {', '.join(result.no_clean_loss)}."
+        )
     elif result.no_clean_loss:
-        note += (" No run here logged `clean_loss` (runs from before the probe, or `training.clean_loss_every=0`): "
-                 "the loss as trained is used, so an MGPO run's look-ahead loss is compared with a plain run's "
-                 "clean one.")
+        note += (
+            " No run here logged `clean_loss` (runs from before the probe, or `training.clean_loss_every=0`): "
+            "the loss as trained is used, so an MGPO run's look-ahead loss is compared with a plain run's "
+            "clean one."
+        )
     return note
 
 
@@ -186,8 +255,10 @@ h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}code{backgrou
 
 
 def write_html(blocks: list[tuple], out: Path, title: str) -> Path:
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<link rel='icon' href='data:,'><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<link rel='icon' href='data:,'><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     for b in blocks:
         if b[0] in ("h2", "h3"):
             parts.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
@@ -195,8 +266,10 @@ def write_html(blocks: list[tuple], out: Path, title: str) -> Path:
             parts.append(f"<p>{_inline(b[1])}</p>")
         elif b[0] == "img":
             data = base64.b64encode(b[1].read_bytes()).decode()
-            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
-                         f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+            parts.append(
+                f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
+                f"<figcaption>{html.escape(b[2])}</figcaption></figure>"
+            )
         else:
             parts.append(_html_table(b[1]))
     parts.append("</body></html>")

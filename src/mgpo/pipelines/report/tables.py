@@ -12,8 +12,18 @@ import numpy as np
 
 from mgpo.pipelines import measures
 from mgpo.pipelines.report.collect import RunResult
-from mgpo.pipelines.report.labels import (CLEAN_LOSS_DIFFS, DASH_SUFFIXES, DIAGNOSTICS, MEAN_OF_PANELS, NO_CAP,
-                                          POOLED, STALLED_FALL, _fmt, _order, mean_std_cell)
+from mgpo.pipelines.report.labels import (
+    CLEAN_LOSS_DIFFS,
+    DASH_SUFFIXES,
+    DIAGNOSTICS,
+    MEAN_OF_PANELS,
+    NO_CAP,
+    POOLED,
+    STALLED_FALL,
+    _fmt,
+    _order,
+    mean_std_cell,
+)
 
 Cell = tuple[str, bool]  # (text, bold)
 
@@ -46,12 +56,10 @@ class Differences:
 
 
 def _values(per_run: list[dict], s: str, p: str | None, key: str) -> list:
-    return [x[key] for x in per_run if x["series"] == s and (p is None or x["panel"] == p)
-            and x.get(key) is not None]
+    return [x[key] for x in per_run if x["series"] == s and (p is None or x["panel"] == p) and x.get(key) is not None]
 
 
-def method_table(per_run: list[dict], series: list[str], panels: list[str], metric: str,
-                 better: bool) -> MethodTable:
+def method_table(per_run: list[dict], series: list[str], panels: list[str], metric: str, better: bool) -> MethodTable:
     """Mean ± std per panel, plus the average over panels; the best of a column in bold."""
     cols = panels + ([MEAN_OF_PANELS] if len(panels) > 1 else [])
     means: dict[tuple[str, str], float | None] = {}
@@ -82,16 +90,26 @@ def method_table(per_run: list[dict], series: list[str], panels: list[str], metr
 def _uneven_columns(per_run: list[dict], series: list[str], panels: list[str], cols: list[str]) -> set[str]:
     """A partial sweep has more seeds of some methods than of others: their means are over different seeds (a
     lucky or unlucky extra seed can reorder them), so such a column shows each cell's n and marks no best."""
-    uneven = {p for p in panels
-              if len({frozenset(x["seed"] for x in per_run if x["series"] == s and x["panel"] == p
-                                and x["value"] is not None) for s in series} - {frozenset()}) > 1}
+    uneven = {
+        p
+        for p in panels
+        if len(
+            {
+                frozenset(x["seed"] for x in per_run if x["series"] == s and x["panel"] == p and x["value"] is not None)
+                for s in series
+            }
+            - {frozenset()}
+        )
+        > 1
+    }
     if uneven and MEAN_OF_PANELS in cols:
         uneven.add(MEAN_OF_PANELS)
     return uneven
 
 
-def difference_tables(per_run: list[dict], series: list[str], panels: list[str], metric: str,
-                      baseline: str) -> Differences:
+def difference_tables(
+    per_run: list[dict], series: list[str], panels: list[str], metric: str, baseline: str
+) -> Differences:
     """Paired differences vs the baseline, paired by (panel, seed)."""
     diff_cols = panels + ([POOLED] if len(panels) > 1 else [])
     diffs: dict[tuple[str, str], dict] = {}
@@ -100,8 +118,14 @@ def difference_tables(per_run: list[dict], series: list[str], panels: list[str],
     table = Table(diff_header, [row(s, baseline, "value") for s in series if s != baseline])
     # each "X-MGPO" ("X-GGPO", ...) against its own "X": what adding the perturbation did to that adapter; not
     # "LoRA-GA" against "LoRA", which is another adapter
-    own = [(s, ref) for s in series if "-" in s and s.rsplit("-", 1)[1].split(" ")[0] in DASH_SUFFIXES
-           and (ref := s.rsplit("-", 1)[0]) in series and ref != baseline]
+    own = [
+        (s, ref)
+        for s in series
+        if "-" in s
+        and s.rsplit("-", 1)[1].split(" ")[0] in DASH_SUFFIXES
+        and (ref := s.rsplit("-", 1)[0]) in series
+        and ref != baseline
+    ]
     own_table = Table(diff_header, [row(s, ref, "value") for s, ref in own]) if own else None
     # the clean training loss against the baseline's, where the baseline's runs have it
     loss_tables = []
@@ -113,8 +137,9 @@ def difference_tables(per_run: list[dict], series: list[str], panels: list[str],
     return Differences(table, own_table, loss_tables, diffs)
 
 
-def _difference_row(per_run: list[dict], panels: list[str], diff_cols: list[str], baseline: str,
-                    diffs: dict[tuple[str, str], dict]) -> Callable[[str, str, str], list[Cell]]:
+def _difference_row(
+    per_run: list[dict], panels: list[str], diff_cols: list[str], baseline: str, diffs: dict[tuple[str, str], dict]
+) -> Callable[[str, str, str], list[Cell]]:
     """A function of (method, reference, key) giving that row; the metric's differences to the baseline are
     kept in ``diffs`` as they are computed."""
 
@@ -122,9 +147,14 @@ def _difference_row(per_run: list[dict], panels: list[str], diff_cols: list[str]
         cells = [(f"{s} − {ref}", False)]
         for c in diff_cols:
             keys = panels if c == POOLED else [c]
-            mine, base = ({(x["panel"], x["seed"]): x[key] for x in per_run
-                           if x["series"] == name and x.get(key) is not None and x["panel"] in keys}
-                          for name in (s, ref))
+            mine, base = (
+                {
+                    (x["panel"], x["seed"]): x[key]
+                    for x in per_run
+                    if x["series"] == name and x.get(key) is not None and x["panel"] in keys
+                }
+                for name in (s, ref)
+            )
             pairs = sorted(set(mine) & set(base))
             d = measures.paired_t([mine[k] for k in pairs], [base[k] for k in pairs])
             stalled = _stalled(per_run, (s, ref), pairs) if key == "clean_dd_rise_rel" else {}
@@ -175,9 +205,19 @@ def double_descent_table(per_run: list[dict], series: list[str], panels: list[st
             rows = [x for x in per_run if x["series"] == s and x["panel"] == p and "dd_rise" in x]
             if rows:
                 dd_rows.append(_double_descent_row(p, s, rows, with_trained))
-    header = ["panel", "method", "loss", "fell (% of start)", f"stalled (fell < {100 * STALLED_FALL:g}%)",
-              "rise (loss)", "rise (% of min)", "peak step", "steps to recover", "not recovered",
-              f"spikes (> {spike_factor:g}× median)"]
+    header = [
+        "panel",
+        "method",
+        "loss",
+        "fell (% of start)",
+        f"stalled (fell < {100 * STALLED_FALL:g}%)",
+        "rise (loss)",
+        "rise (% of min)",
+        "peak step",
+        "steps to recover",
+        "not recovered",
+        f"spikes (> {spike_factor:g}× median)",
+    ]
     if with_trained:
         header += ["logged loss: rise (% of min)", "logged loss: not recovered", "logged loss: spikes"]
     return Table(header, dd_rows)
@@ -186,21 +226,35 @@ def double_descent_table(per_run: list[dict], series: list[str], panels: list[st
 def _double_descent_row(p: str, s: str, rows: list[dict], with_trained: bool) -> list[Cell]:
     rec = [x["dd_recover_steps"] for x in rows if x["dd_recover_steps"] is not None]
     curves = sorted({x["loss_curve"] for x in rows})
-    cells = [(p or "-", False), (s, False), (" / ".join(curves), False),
-             (mean_std_cell([100 * x["dd_fall_rel"] for x in rows], 1), False),
-             (f"{sum(x['dd_fall_rel'] < STALLED_FALL for x in rows)}/{len(rows)}", False),
-             (mean_std_cell([x["dd_rise"] for x in rows]), False),
-             (mean_std_cell([100 * x["dd_rise_rel"] for x in rows], 1), False),
-             (_fmt(np.mean([x["dd_peak_step"] for x in rows if x["dd_peak_step"] is not None]), 0)
-              if any(x["dd_peak_step"] is not None for x in rows) else "-", False),
-             (_fmt(np.mean(rec), 0) if rec else "-", False),
-             (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
-             (mean_std_cell([x["spikes"] for x in rows], 1), False)]
+    cells = [
+        (p or "-", False),
+        (s, False),
+        (" / ".join(curves), False),
+        (mean_std_cell([100 * x["dd_fall_rel"] for x in rows], 1), False),
+        (f"{sum(x['dd_fall_rel'] < STALLED_FALL for x in rows)}/{len(rows)}", False),
+        (mean_std_cell([x["dd_rise"] for x in rows]), False),
+        (mean_std_cell([100 * x["dd_rise_rel"] for x in rows], 1), False),
+        (
+            _fmt(np.mean([x["dd_peak_step"] for x in rows if x["dd_peak_step"] is not None]), 0)
+            if any(x["dd_peak_step"] is not None for x in rows)
+            else "-",
+            False,
+        ),
+        (_fmt(np.mean(rec), 0) if rec else "-", False),
+        (f"{sum(not x['dd_recovered'] for x in rows)}/{len(rows)}", False),
+        (mean_std_cell([x["spikes"] for x in rows], 1), False),
+    ]
     if with_trained:  # what the logged minibatch loss (perturbed weights for MGPO) would have said
         got = [x for x in rows if "trained_spikes" in x]
-        more = [mean_std_cell([100 * x["trained_dd_rise_rel"] for x in got], 1),
+        more = (
+            [
+                mean_std_cell([100 * x["trained_dd_rise_rel"] for x in got], 1),
                 f"{sum(not x['trained_dd_recovered'] for x in got)}/{len(got)}",
-                mean_std_cell([x["trained_spikes"] for x in got], 1)] if got else ["-"] * 3
+                mean_std_cell([x["trained_spikes"] for x in got], 1),
+            ]
+            if got
+            else ["-"] * 3
+        )
         cells += [(c, False) for c in more]
     return cells
 
@@ -219,13 +273,22 @@ def cost_table(per_run: list[dict], series: list[str], panels: list[str], baseli
                 v, b = _values(per_run, s, p, k), _values(per_run, baseline, p, k)
                 mean = float(np.mean(v)) if v else None
                 ratio = mean / float(np.mean(b)) if v and b and np.mean(b) > 0 else None
-                cells += [(f"{mean:,.{digits}f}" if mean is not None else "-", False),
-                          (f"{ratio:.2f}×" if ratio is not None else "-", False)]
+                cells += [
+                    (f"{mean:,.{digits}f}" if mean is not None else "-", False),
+                    (f"{ratio:.2f}×" if ratio is not None else "-", False),
+                ]
             if with_load:  # wall time also counts waiting for cores other processes held
                 cells.append((_load_cell(per_run, s, p), False))
             cost_rows.append(cells)
-    header = (["panel"] if by_panel else []) + ["method", "trainable params", "× " + baseline, "peak memory (MB)",
-                                                "× " + baseline, "time / step (s)", "× " + baseline]
+    header = (["panel"] if by_panel else []) + [
+        "method",
+        "trainable params",
+        "× " + baseline,
+        "peak memory (MB)",
+        "× " + baseline,
+        "time / step (s)",
+        "× " + baseline,
+    ]
     return Table(header + (["load (5-min avg at end) / CPUs"] if with_load else []), cost_rows)
 
 
@@ -242,9 +305,10 @@ def diagnostics_table(runs: list[RunResult], series: list[str], panels: list[str
         for s in series:
             got = [r for r in runs if r.series == s and r.panel == p and r.diagnostics]
             if got:
-                diag_rows.append([(p or "-", False), (s, False)] + [
-                    (_diag_cell([r.diagnostics[k] for r in got if k in r.diagnostics]), False)
-                    for k in DIAGNOSTICS])
+                diag_rows.append(
+                    [(p or "-", False), (s, False)]
+                    + [(_diag_cell([r.diagnostics[k] for r in got if k in r.diagnostics]), False) for k in DIAGNOSTICS]
+                )
     return Table(["panel", "method", *DIAGNOSTICS.values()], diag_rows)
 
 

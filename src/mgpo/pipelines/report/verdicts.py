@@ -11,15 +11,13 @@ from mgpo.pipelines.report.tables import Table, _diff_text, _judged
 def _compared_columns(results: list[Analysis]) -> list[tuple[int, str]]:
     """(experiment index, panel) of every panel with a method besides the baseline: a sweep of the baseline alone
     (full fine-tuning at its own rates) has nothing to compare and gets no column in the table or the figure."""
-    return [(i, p) for i, res in enumerate(results) for p in res.panels
-            if any(s != res.baseline for s in res.series)]
+    return [(i, p) for i, res in enumerate(results) for p in res.panels if any(s != res.baseline for s in res.series)]
 
 
 def _in_panel(res: Analysis, series: str, panel: str) -> bool:
     """Whether a sweep ran a method in a panel at all (finished or not): a sweep built from a list of grids can run
     a method in one setting only, and elsewhere it is absent, not pending."""
     return any(r["series"] == series and r["panel"] == panel for r in res.per_run)
-
 
 
 def verdict_table(results: list[Analysis], titles: list[str]) -> Table | None:
@@ -32,8 +30,11 @@ def verdict_table(results: list[Analysis], titles: list[str]) -> Table | None:
     if len(results) < 2 or not series:  # one experiment: its own difference table says it all
         return None
     name = {(i, p): f"{titles[i]}{f' ({p})' if p else ''}" for i, p in cols}
-    header = ["method"] + [f"{name[c]}: {results[c[0]].metric} − {results[c[0]].baseline}" for c in cols] + [
-        "significantly worse in"]
+    header = (
+        ["method"]
+        + [f"{name[c]}: {results[c[0]].metric} − {results[c[0]].baseline}" for c in cols]
+        + ["significantly worse in"]
+    )
     rows = []
     for s in series:
         cells, worse, pending, judged = [(s, False)], [], 0, 0

@@ -23,5 +23,19 @@ from mgpo.pipelines.tune.config import BASELINE, PARAMS, SEARCH, SEEDS, Space, T
 from mgpo.pipelines.tune.study import counts, open_study, queue_seeds, recover
 from mgpo.pipelines.tune.workers import TrialFailed, run_tune
 
-__all__ = ["BASELINE", "PARAMS", "SEARCH", "SEEDS", "Space", "Tune", "TuneConfig", "TrialFailed", "counts",
-           "load_tune", "open_study", "queue_seeds", "recover", "run_tune"]
+__all__ = [
+    "BASELINE",
+    "PARAMS",
+    "SEARCH",
+    "SEEDS",
+    "Space",
+    "Tune",
+    "TuneConfig",
+    "TrialFailed",
+    "counts",
+    "load_tune",
+    "open_study",
+    "queue_seeds",
+    "recover",
+    "run_tune",
+]

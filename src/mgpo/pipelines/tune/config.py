@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -18,8 +19,12 @@ BASE = "train.yaml"  # the training config every trial starts from: the given co
 TRIALS = "trials"
 STUDY = "mgpo-tune"
 # Tunable settings: name -> (the config field it sets, how it is searched). The checks, trials and report read it.
-PARAMS = {"rho": ("perturbation.rho", "log"), "lr": ("training.lr", "log"),
-          "max_scale": ("perturbation.max_scale", "log"), "apn": ("perturbation.apn", "choice")}
+PARAMS = {
+    "rho": ("perturbation.rho", "log"),
+    "lr": ("training.lr", "log"),
+    "max_scale": ("perturbation.max_scale", "log"),
+    "apn": ("perturbation.apn", "choice"),
+}
 METRICS = ("task", "loss")
 PRUNERS = ("median", "hyperband", "none")
 # The validation metric of each task's runs (validation_<name> in metrics.json); higher is better but for the loss.
@@ -36,15 +41,19 @@ class TuneConfig:
     trials: int = _help("Search trials to finish (completed or pruned); LoRA's trial 0 is not counted.", 12)
     max_steps: int = _help("Optimizer steps of each trial (its run's training.max_steps).", 100)
     evals: int = _help("Validation evaluations per trial; the pruner decides at each.", 4)
-    metric: str = _help(f"What a trial is scored by, on the validation split: {' or '.join(METRICS)} (task: "
-                        "accuracy for classification and text-to-text, Pearson r for regression).", "task")
+    metric: str = _help(
+        f"What a trial is scored by, on the validation split: {' or '.join(METRICS)} (task: "
+        "accuracy for classification and text-to-text, Pearson r for regression).",
+        "task",
+    )
     pruner: str = _help(f"Optuna's pruner: {', '.join(PRUNERS)}.", "median")
-    sampler_seed: int = _help("Seed of Optuna's TPE sampler: with one worker the same seed gives the same trials.",
-                              0)
+    sampler_seed: int = _help("Seed of Optuna's TPE sampler: with one worker the same seed gives the same trials.", 0)
     top: int = _help("With --seeds S: how many of the best settings are re-run with S seeds each, beside LoRA.", 2)
-    search: dict = _help("The settings searched: rho always (default: the profile's rho / 100 to x 10), and "
-                         "optionally lr and max_scale as {low: ..., high: ...} (log-uniform) and apn as a list.",
-                         factory=dict)
+    search: dict = _help(
+        "The settings searched: rho always (default: the profile's rho / 100 to x 10), and "
+        "optionally lr and max_scale as {low: ..., high: ...} (log-uniform) and apn as a list.",
+        factory=dict,
+    )
     slurm: dict = _help("--executor slurm: each worker's resources, as in a sweep's slurm: section.", factory=dict)
 
 
@@ -113,12 +122,14 @@ def _tune_config(path, section) -> TuneConfig:
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise _error(path, f"tune.{name}={value!r} must be a whole number of at least 1.")
     if config.evals > config.max_steps:
-        raise _error(path, f"tune.evals={config.evals} exceeds tune.max_steps={config.max_steps}: a trial "
-                           "evaluates at most once a step.")
+        raise _error(
+            path,
+            f"tune.evals={config.evals} exceeds tune.max_steps={config.max_steps}: a trial "
+            "evaluates at most once a step.",
+        )
     for name, allowed in (("metric", METRICS), ("pruner", PRUNERS)):
         if getattr(config, name) not in allowed:
-            raise _error(path, f"tune.{name}={getattr(config, name)!r} is unknown: choose one of "
-                               f"{', '.join(allowed)}.")
+            raise _error(path, f"tune.{name}={getattr(config, name)!r} is unknown: choose one of {', '.join(allowed)}.")
     if not isinstance(config.search, dict):
         raise _error(path, f"tune.search must map settings to ranges, not {config.search!r}.")
     return config
@@ -128,10 +139,14 @@ def _range(path, name: str, value) -> Space:
     if not (isinstance(value, dict) and set(value) == {"low", "high"}):
         raise _error(path, f"tune.search.{name} must be {{low: ..., high: ...}}, not {value!r}.")
     low, high = value["low"], value["high"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-               for v in (low, high)):
-        raise _error(path, f"tune.search.{name}: low={low!r} and high={high!r} must be numbers above 0 (the range "
-                           "is searched on a log scale).")
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (low, high)
+    ):
+        raise _error(
+            path,
+            f"tune.search.{name}: low={low!r} and high={high!r} must be numbers above 0 (the range "
+            "is searched on a log scale).",
+        )
     if low >= high:
         raise _error(path, f"tune.search.{name}: low={low!r} must be below high={high!r}.")
     return Space(name, float(low), float(high))
@@ -158,8 +173,9 @@ def _spaces(path, search: dict, default_rho: float, check: Callable[[list[str]],
     return spaces
 
 
-def load_tune(config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
-              storage: str | None = None) -> Tune:
+def load_tune(
+    config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None, storage: str | None = None
+) -> Tune:
     """Read and check a tune config (a training config with a ``tune:`` section); writes nothing."""
     path = Path(config_path)
     if not path.is_file():
@@ -176,9 +192,12 @@ def load_tune(config_path: str | Path, overrides: list[str] = (), output_dir: st
 
     cfg = check([])
     if cfg.data.task == "causal-lm":
-        raise _error(path, "it has no validation split of its own: causal-lm runs take their validation loss on "
-                           "the test split (docs/tasks.md), and trials are never scored on test data. mgpo tune "
-                           "tunes classification, regression and text-to-text tasks.")
+        raise _error(
+            path,
+            "it has no validation split of its own: causal-lm runs take their validation loss on "
+            "the test split (docs/tasks.md), and trials are never scored on test data. mgpo tune "
+            "tunes classification, regression and text-to-text tasks.",
+        )
     metric = TASK_METRIC[cfg.data.task] if config.metric == "task" else "loss"
     default_rho = cfg.perturbation.resolved().rho
     spaces = _spaces(path, config.search, default_rho, check)
@@ -202,8 +221,17 @@ def base_config(base_text: str, overrides: list[str], output_dir: Path):
 def trial_overrides(tune: Tune, params: dict, arm: str, seed: int, out: Path) -> list[str]:
     """The ``mgpo train`` overrides of one trial."""
     c = tune.config
-    settings = ["perturbation.preset=lora"] if arm == BASELINE else \
-        [f"{PARAMS[name][0]}={value}" for name, value in params.items()]
-    return [*tune.overrides, *settings, f"training.max_steps={c.max_steps}",
-            f"training.eval_steps={max(1, c.max_steps // c.evals)}", f"training.save_steps={c.max_steps}",
-            f"training.seed={seed}", f"training.output_dir={out}"]
+    settings = (
+        ["perturbation.preset=lora"]
+        if arm == BASELINE
+        else [f"{PARAMS[name][0]}={value}" for name, value in params.items()]
+    )
+    return [
+        *tune.overrides,
+        *settings,
+        f"training.max_steps={c.max_steps}",
+        f"training.eval_steps={max(1, c.max_steps // c.evals)}",
+        f"training.save_steps={c.max_steps}",
+        f"training.seed={seed}",
+        f"training.output_dir={out}",
+    ]

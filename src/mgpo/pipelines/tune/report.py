@@ -14,8 +14,22 @@ from omegaconf import OmegaConf
 
 from mgpo.pipelines.tune.config import BASELINE, PARAMS, SEARCH, SEEDS, Tune
 
-COLUMNS = ("trial", "arm", "phase", "seed", "of", "state", "score", "pruned_at", *PARAMS, "apn_capped",
-           "radius_to_weight", "wall_s", "run", "error")
+COLUMNS = (
+    "trial",
+    "arm",
+    "phase",
+    "seed",
+    "of",
+    "state",
+    "score",
+    "pruned_at",
+    *PARAMS,
+    "apn_capped",
+    "radius_to_weight",
+    "wall_s",
+    "run",
+    "error",
+)
 
 
 def trial_rows(study) -> list[dict]:
@@ -24,12 +38,24 @@ def trial_rows(study) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         attrs, diag = t.user_attrs, t.user_attrs.get("diagnostics") or {}
         arm = attrs.get("arm", "mgpo")
-        rows.append({"trial": t.number, "arm": arm, "phase": attrs.get("phase", SEARCH), "seed": attrs.get("seed"),
-                     "of": attrs.get("of", t.number), "state": t.state.name.lower(), "score": t.value,
-                     "pruned_at": attrs.get("pruned_at"), **{name: t.params.get(name) for name in PARAMS},
-                     "apn_capped": None if arm == BASELINE else diag.get("apn_capped"),
-                     "radius_to_weight": None if arm == BASELINE else diag.get("radius_to_weight_mean"),
-                     "wall_s": attrs.get("wall_s"), "run": attrs.get("run"), "error": attrs.get("error")})
+        rows.append(
+            {
+                "trial": t.number,
+                "arm": arm,
+                "phase": attrs.get("phase", SEARCH),
+                "seed": attrs.get("seed"),
+                "of": attrs.get("of", t.number),
+                "state": t.state.name.lower(),
+                "score": t.value,
+                "pruned_at": attrs.get("pruned_at"),
+                **{name: t.params.get(name) for name in PARAMS},
+                "apn_capped": None if arm == BASELINE else diag.get("apn_capped"),
+                "radius_to_weight": None if arm == BASELINE else diag.get("radius_to_weight_mean"),
+                "wall_s": attrs.get("wall_s"),
+                "run": attrs.get("run"),
+                "error": attrs.get("error"),
+            }
+        )
     return rows
 
 
@@ -57,8 +83,9 @@ def settings(rows: list[dict], maximize: bool) -> tuple[Setting | None, list[Set
         if row["state"] != "complete":
             continue
         if row["phase"] == SEARCH:
-            by_trial.setdefault(row["trial"], Setting(row["trial"], row["arm"], {k: row[k] for k in PARAMS
-                                                                                if row[k] is not None}, {}))
+            by_trial.setdefault(
+                row["trial"], Setting(row["trial"], row["arm"], {k: row[k] for k in PARAMS if row[k] is not None}, {})
+            )
     for row in rows:
         if row["state"] == "complete" and row["of"] in by_trial:
             by_trial[row["of"]].scores[row["seed"]] = row["score"]
@@ -102,14 +129,18 @@ def verdict(tune: Tune, lora: Setting | None, found: list[Setting]) -> str:
     better = "higher" if tune.direction == "maximize" else "lower"
     if seeds < 2:
         if best.diff is not None and best.diff > 0:
-            return (f"{_shown(best.params)} scored {abs(best.diff):.4g} {better} than LoRA on one seed: not a test; "
-                    "rerun with --seeds 3 (or more) before relying on it.")
+            return (
+                f"{_shown(best.params)} scored {abs(best.diff):.4g} {better} than LoRA on one seed: not a test; "
+                "rerun with --seeds 3 (or more) before relying on it."
+            )
         return f"no radius helps on this task {length}: LoRA is as good (one seed; --seeds 3 to check)."
     interval = f"{best.diff:+.4g} [{best.low:+.4g}, {best.high:+.4g}] over {seeds} seeds"
     if best.low is not None and best.low > 0:
         return f"{_shown(best.params)} beats LoRA on the validation {tune.metric}: {interval} ({better} is better)."
-    return (f"no radius helps on this task {length}; LoRA is as good (the best, {_shown(best.params)}: {interval}, "
-            f"{better} is better).")
+    return (
+        f"no radius helps on this task {length}; LoRA is as good (the best, {_shown(best.params)}: {interval}, "
+        f"{better} is better)."
+    )
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -133,15 +164,33 @@ def plot(tune: Tune, rows: list[dict], lora: Setting | None, path: Path) -> None
     ax.scatter([r["rho"] for r in first], [r["score"] for r in first], color="C0", label="search trial", zorder=3)
     again = [r for r in done if r["phase"] == SEEDS]
     if again:
-        ax.scatter([r["rho"] for r in again], [r["score"] for r in again], color="C0", marker="s", alpha=0.5,
-                   label="seed re-run", zorder=3)
+        ax.scatter(
+            [r["rho"] for r in again],
+            [r["score"] for r in again],
+            color="C0",
+            marker="s",
+            alpha=0.5,
+            label="seed re-run",
+            zorder=3,
+        )
     pruned = [r for r in rows if r["state"] == "pruned" and r["rho"] is not None]
     if pruned:
-        ax.scatter([r["rho"] for r in pruned], [0] * len(pruned), marker="|", color="0.5", s=200,
-                   transform=ax.get_xaxis_transform(), label="pruned (rho only)")
+        ax.scatter(
+            [r["rho"] for r in pruned],
+            [0] * len(pruned),
+            marker="|",
+            color="0.5",
+            s=200,
+            transform=ax.get_xaxis_transform(),
+            label="pruned (rho only)",
+        )
     if lora is not None:
-        ax.axhline(lora.mean, color="C3", linestyle="--", label=f"LoRA ({len(lora.scores)} seed"
-                                                                f"{'s' if len(lora.scores) > 1 else ''})")
+        ax.axhline(
+            lora.mean,
+            color="C3",
+            linestyle="--",
+            label=f"LoRA ({len(lora.scores)} seed{'s' if len(lora.scores) > 1 else ''})",
+        )
     ax.axvline(tune.default_rho, color="0.6", linestyle=":", label=f"profile's rho {tune.default_rho:g}")
     ax.set_xscale("log")
     ax.set_xlabel("rho")
@@ -156,10 +205,13 @@ def best_config(tune: Tune, best: Setting | None, note: str) -> str:
     """A config for ``mgpo train``: the tuned config with the command's overrides and the best settings."""
     cfg = OmegaConf.create(yaml.safe_load(tune.base_text) or {})
     chosen = [f"{PARAMS[k][0]}={v}" for k, v in (best.params if best else {}).items()]
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*tune.overrides, *chosen,
-                                                       f"training.output_dir=runs/{tune.output_dir.name}-best"]))
-    header = (f"# mgpo tune's best setting (trial {best.trial if best else '-'}), from {tune.output_dir}.\n"
-              f"# Verdict: {note}\n#   mgpo train {tune.output_dir / 'best.yaml'}\n")
+    cfg = OmegaConf.merge(
+        cfg, OmegaConf.from_dotlist([*tune.overrides, *chosen, f"training.output_dir=runs/{tune.output_dir.name}-best"])
+    )
+    header = (
+        f"# mgpo tune's best setting (trial {best.trial if best else '-'}), from {tune.output_dir}.\n"
+        f"# Verdict: {note}\n#   mgpo train {tune.output_dir / 'best.yaml'}\n"
+    )
     return header + OmegaConf.to_yaml(cfg)
 
 
@@ -182,31 +234,52 @@ def markdown(tune: Tune, rows: list[dict], lora: Setting | None, found: list[Set
     for row in rows:
         states[row["state"]] = states.get(row["state"], 0) + 1
     wall = sum(r["wall_s"] or 0 for r in rows)
-    lines = [f"# mgpo tune: {tune.output_dir.name}", "",
-             f"Searched: {'; '.join(s.describe() for s in tune.space)}. Scored by the validation {tune.metric} "
-             f"({'higher' if tune.direction == 'maximize' else 'lower'} is better) after {c.max_steps} steps, "
-             f"{c.evals} evaluations a trial, pruner {c.pruner}, TPE seed {c.sampler_seed}.",
-             f"Trials: {', '.join(f'{n} {s}' for s, n in sorted(states.items()))}; {wall / 60:.1f} min of training "
-             "in all.", "", f"**Verdict**: {note}", ""]
+    lines = [
+        f"# mgpo tune: {tune.output_dir.name}",
+        "",
+        f"Searched: {'; '.join(s.describe() for s in tune.space)}. Scored by the validation {tune.metric} "
+        f"({'higher' if tune.direction == 'maximize' else 'lower'} is better) after {c.max_steps} steps, "
+        f"{c.evals} evaluations a trial, pruner {c.pruner}, TPE seed {c.sampler_seed}.",
+        f"Trials: {', '.join(f'{n} {s}' for s, n in sorted(states.items()))}; {wall / 60:.1f} min of training in all.",
+        "",
+        f"**Verdict**: {note}",
+        "",
+    ]
     if found or lora:
         lines += ["| setting | trial | seeds | mean | minus LoRA, paired (95% t interval) |", "|---|---|---|---|---|"]
         for s in ([lora] if lora else []) + found:
-            paired = "" if s.diff is None else f"{s.diff:+.4g}" + (
-                f" [{s.low:+.4g}, {s.high:+.4g}]" if s.low is not None else "")
-            lines.append(f"| {'LoRA' if s.arm == BASELINE else _shown(s.params)} | {s.trial} | {len(s.scores)} | "
-                         f"{s.mean:.4g} | {paired} |")
+            paired = (
+                ""
+                if s.diff is None
+                else f"{s.diff:+.4g}" + (f" [{s.low:+.4g}, {s.high:+.4g}]" if s.low is not None else "")
+            )
+            lines.append(
+                f"| {'LoRA' if s.arm == BASELINE else _shown(s.params)} | {s.trial} | {len(s.scores)} | "
+                f"{s.mean:.4g} | {paired} |"
+            )
         lines.append("")
-    lines += ["Each trial (apn_capped: share of layers whose APN factor sat at its cap; radius / ‖W‖: the "
-              "perturbation's size relative to the weight's, means over the logged steps):", "",
-              "| trial | arm | seed | state | score | rho | apn_capped | radius / ‖W‖ |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "Each trial (apn_capped: share of layers whose APN factor sat at its cap; radius / ‖W‖: the "
+        "perturbation's size relative to the weight's, means over the logged steps):",
+        "",
+        "| trial | arm | seed | state | score | rho | apn_capped | radius / ‖W‖ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def num(v, fmt=".4g"):
         return "" if v is None else format(v, fmt)
 
     for r in rows:
         state = r["state"] if r["pruned_at"] is None else f"{r['state']} at step {r['pruned_at']}"
-        lines.append(f"| {r['trial']} | {r['arm']} | {r['seed']} | {state} | {num(r['score'])} | "
-                     f"{num(r['rho'], '.3g')} | {num(r['apn_capped'], '.0%')} | {num(r['radius_to_weight'], '.3g')} |")
-    lines += ["", "![validation score against rho](score-vs-rho.png)", "",
-              f"`best.yaml` trains the best setting: `mgpo train {tune.output_dir / 'best.yaml'}`.", ""]
+        lines.append(
+            f"| {r['trial']} | {r['arm']} | {r['seed']} | {state} | {num(r['score'])} | "
+            f"{num(r['rho'], '.3g')} | {num(r['apn_capped'], '.0%')} | {num(r['radius_to_weight'], '.3g')} |"
+        )
+    lines += [
+        "",
+        "![validation score against rho](score-vs-rho.png)",
+        "",
+        f"`best.yaml` trains the best setting: `mgpo train {tune.output_dir / 'best.yaml'}`.",
+        "",
+    ]
     return "\n".join(lines)

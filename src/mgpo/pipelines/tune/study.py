@@ -24,18 +24,24 @@ def open_study(tune: Tune):
     with warnings.catch_warnings():  # Optuna marks the heartbeat "experimental" (since 2.8): said once, in the docs
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
-            tune.storage, heartbeat_interval=10, grace_period=60,
+            tune.storage,
+            heartbeat_interval=10,
+            grace_period=60,
             # a worker that died (killed, node lost) leaves its trial running: once its heartbeat is 60 s old the
             # trial is failed and queued again with the same settings
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
     c = tune.config
     sampler = optuna.samplers.TPESampler(seed=c.sampler_seed, n_startup_trials=max(3, c.trials // 3))
     eval_every = max(1, c.max_steps // c.evals)
-    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
-              "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=eval_every, max_resource=c.max_steps),
-              "none": optuna.pruners.NopPruner}[c.pruner]()
-    study = optuna.create_study(storage=storage, study_name=STUDY, sampler=sampler, pruner=pruner,
-                                direction=tune.direction, load_if_exists=True)
+    pruner = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=eval_every, max_resource=c.max_steps),
+        "none": optuna.pruners.NopPruner,
+    }[c.pruner]()
+    study = optuna.create_study(
+        storage=storage, study_name=STUDY, sampler=sampler, pruner=pruner, direction=tune.direction, load_if_exists=True
+    )
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial({}, user_attrs={"arm": BASELINE, "phase": SEARCH, "seed": tune.seed})
     return study
@@ -89,20 +95,23 @@ def queue_seeds(study, tune: Tune, seeds: int) -> int:
     search = [t for t in trials if t.user_attrs.get("phase", SEARCH) == SEARCH and t.state == TrialState.COMPLETE]
     baseline = [t for t in search if t.user_attrs.get("arm") == BASELINE]
     best, seen = [], set()
-    for t in sorted((t for t in search if t.user_attrs.get("arm") != BASELINE), key=lambda t: t.value,
-                    reverse=tune.direction == "maximize"):
+    for t in sorted(
+        (t for t in search if t.user_attrs.get("arm") != BASELINE),
+        key=lambda t: t.value,
+        reverse=tune.direction == "maximize",
+    ):
         key = tuple(sorted(t.params.items()))
         if key not in seen and len(best) < tune.config.top:
             seen.add(key)
             best.append(t)
-    queued = {(t.user_attrs.get("of"), t.user_attrs.get("seed")) for t in trials
-              if t.user_attrs.get("phase") == SEEDS}
+    queued = {(t.user_attrs.get("of"), t.user_attrs.get("seed")) for t in trials if t.user_attrs.get("phase") == SEEDS}
     n = 0
     for t in baseline[:1] + best:
         for seed in range(tune.seed + 1, tune.seed + seeds):
             if (t.number, seed) not in queued:
-                study.enqueue_trial({} if t.user_attrs.get("arm") == BASELINE else t.params,
-                                    user_attrs={"arm": t.user_attrs.get("arm"), "phase": SEEDS, "seed": seed,
-                                                "of": t.number})
+                study.enqueue_trial(
+                    {} if t.user_attrs.get("arm") == BASELINE else t.params,
+                    user_attrs={"arm": t.user_attrs.get("arm"), "phase": SEEDS, "seed": seed, "of": t.number},
+                )
                 n += 1
     return n

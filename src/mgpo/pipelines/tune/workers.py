@@ -12,8 +12,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mgpo.pipelines.config import ConfigError
 from mgpo.pipelines.executors import check_slurm, device_envs, train_run
@@ -65,7 +65,7 @@ def _diagnostics(run: Path) -> dict[str, float]:
     """Means over a trial's logged steps of the optimizer's diagnostics: why a radius won or lost."""
     sums: dict[str, list[float]] = {}
     log = run / "log.jsonl"
-    for line in (log.read_text().splitlines() if log.is_file() else []):
+    for line in log.read_text().splitlines() if log.is_file() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -98,8 +98,15 @@ def objective_for(tune: Tune, python: str, env: dict | None, running: set | None
             watch.start(proc)
 
         try:
-            outcome = train_run(python, tune.base, trial_overrides(tune, params, arm, seed, out), out, env=env,
-                                started_proc=started, **where)
+            outcome = train_run(
+                python,
+                tune.base,
+                trial_overrides(tune, params, arm, seed, out),
+                out,
+                env=env,
+                started_proc=started,
+                **where,
+            )
         finally:
             watch.done.set()
             procs.difference_update([p for p in list(procs) if p.poll() is not None])
@@ -117,15 +124,23 @@ def objective_for(tune: Tune, python: str, env: dict | None, running: set | None
         metrics = json.loads((out / "metrics.json").read_text())
         if not isinstance(metrics.get(tune.key), (int, float)):
             trial.set_user_attr("error", f"its metrics.json has no {tune.key}")
-            raise TrialFailed(f"trial {trial.number}'s run has no {tune.key} in {out / 'metrics.json'}: mgpo "
-                              "tune scores on the validation split only.")
+            raise TrialFailed(
+                f"trial {trial.number}'s run has no {tune.key} in {out / 'metrics.json'}: mgpo "
+                "tune scores on the validation split only."
+            )
         return float(metrics[tune.key])
 
     return objective
 
 
-def work(study, tune: Tune, objective: Callable, gate: threading.Lock, stop: threading.Event,
-         on_trial: Callable | None = None) -> None:
+def work(
+    study,
+    tune: Tune,
+    objective: Callable,
+    gate: threading.Lock,
+    stop: threading.Event,
+    on_trial: Callable | None = None,
+) -> None:
     """One worker: take trials (queued ones first, then new search trials while the budget allows) until none is
     left. ``gate`` makes deciding and creating a trial one step among this process's workers; ``on_trial(trial)``
     hears of each finished one."""
@@ -158,16 +173,22 @@ def work(study, tune: Tune, objective: Callable, gate: threading.Lock, stop: thr
         failures = failures + 1 if trial.state == TrialState.FAIL else 0
         if trial.state == TrialState.FAIL and (failures >= MAX_FAILURES or trial.user_attrs.get("arm") == BASELINE):
             stop.set()
-            raise TrialFailed(f"trial {trial.number} failed: {trial.user_attrs.get('error', '?')}. The study "
-                              f"stopped; the run's log: {trial.user_attrs.get('run')}/train.out")
+            raise TrialFailed(
+                f"trial {trial.number} failed: {trial.user_attrs.get('error', '?')}. The study "
+                f"stopped; the run's log: {trial.user_attrs.get('run')}/train.out"
+            )
 
 
 # ----------------------------------------------------------------------------- running it
 
 
 def _plan(tune: Tune) -> dict:
-    return {"base": tune.base_text, "overrides": tune.overrides, "tune": dataclasses.asdict(tune.config),
-            "storage": tune.storage}
+    return {
+        "base": tune.base_text,
+        "overrides": tune.overrides,
+        "tune": dataclasses.asdict(tune.config),
+        "storage": tune.storage,
+    }
 
 
 def prepare(tune: Tune):
@@ -183,8 +204,10 @@ def prepare(tune: Tune):
         before = json.loads(plan_file.read_text())
         changed = [k for k in _plan(tune) if before.get(k) != _plan(tune)[k]]
         if changed:
-            raise ConfigError(f"{tune.output_dir} holds a study of another plan ({', '.join(changed)} differ): "
-                              "resume it with the same config and overrides, or choose another --output-dir.")
+            raise ConfigError(
+                f"{tune.output_dir} holds a study of another plan ({', '.join(changed)} differ): "
+                "resume it with the same config and overrides, or choose another --output-dir."
+            )
     else:
         plan_file.write_text(json.dumps(_plan(tune), indent=2))
     tune.base.write_text(tune.base_text)
@@ -193,13 +216,13 @@ def prepare(tune: Tune):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise ConfigError(f"another mgpo tune is working on {tune.output_dir}; wait for it, or stop it "
-                          "first.") from None
+        raise ConfigError(
+            f"another mgpo tune is working on {tune.output_dir}; wait for it, or stop it first."
+        ) from None
     return lock
 
 
-def run_local(study, tune: Tune, workers: int, python: str, threads: int = 0,
-              on_trial: Callable | None = None) -> None:
+def run_local(study, tune: Tune, workers: int, python: str, threads: int = 0, on_trial: Callable | None = None) -> None:
     """Run the study's trials here, ``workers`` at a time (threads, each starting its trials' processes on its
     own device). Ctrl-C stops the running trials (each writes a checkpoint; a rerun queues them again)."""
     envs = device_envs(workers, threads)
@@ -255,21 +278,29 @@ def _submitit():
     return load()
 
 
-def run_slurm(study, tune: Tune, workers: int, python: str, threads: int = 0,
-              on_progress: Callable | None = None) -> None:
+def run_slurm(
+    study, tune: Tune, workers: int, python: str, threads: int = 0, on_progress: Callable | None = None
+) -> None:
     """Run the study's trials on Slurm: ``workers`` array tasks share the study; this process waits for them.
     Ctrl-C cancels them (their trials stop with a checkpoint and are queued again by the next run)."""
     from mgpo.pipelines.executors import threads_env
 
     check_slurm()
     if tune.storage.startswith("sqlite") and workers > 1:
-        on_progress and on_progress("note: several workers on one SQLite file need a shared file system that "
-                                    "locks correctly (NFS often does not); prefer --storage postgresql://...")
+        on_progress and on_progress(
+            "note: several workers on one SQLite file need a shared file system that "
+            "locks correctly (NFS often does not); prefer --storage postgresql://..."
+        )
     c = tune.slurm
     executor = _submitit().SlurmExecutor(folder=tune.output_dir / "slurm" / "%j", python=python)
-    params = dict(time=c.time_min, cpus_per_task=c.cpus_per_run, job_name=f"mgpo-tune-{tune.output_dir.name}",
-                  stderr_to_stdout=True, additional_parameters=dict(c.extra),
-                  setup=[*(f"export {k}={v}" for k, v in threads_env(threads or c.cpus_per_run).items()), *c.setup])
+    params = dict(
+        time=c.time_min,
+        cpus_per_task=c.cpus_per_run,
+        job_name=f"mgpo-tune-{tune.output_dir.name}",
+        stderr_to_stdout=True,
+        additional_parameters=dict(c.extra),
+        setup=[*(f"export {k}={v}" for k, v in threads_env(threads or c.cpus_per_run).items()), *c.setup],
+    )
     for name, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos)):
         if value:
             params[name] = value
@@ -294,8 +325,16 @@ def run_slurm(study, tune: Tune, workers: int, python: str, threads: int = 0,
             raise TrialFailed(f"Slurm worker {job.job_id} failed: {job.exception()}; its log: {job.paths.stdout}")
 
 
-def run_tune(tune: Tune, *, executor: str = "local", workers: int = 1, threads: int = 0, seeds: int = 1,
-             python: str = sys.executable, on_trial: Callable | None = None):
+def run_tune(
+    tune: Tune,
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    threads: int = 0,
+    seeds: int = 1,
+    python: str = sys.executable,
+    on_trial: Callable | None = None,
+):
     """Run (or resume) the whole study: the search, then with ``seeds`` > 1 the re-runs. Returns the study."""
     if executor not in ("local", "slurm"):
         raise ConfigError(f"--executor {executor!r} is unknown: choose local or slurm.")

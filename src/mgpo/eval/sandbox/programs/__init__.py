@@ -21,8 +21,10 @@ def source(name: str) -> str:
     program = (_HERE / f"{name}.py").read_text()
     body, found = _CODEC_IMPORT.subn("", program)
     if found != 1:
-        raise RuntimeError(f"sandbox: {name}.py must import the codec in exactly one `from .codec import` "
-                           f"statement (found {found}); it is replaced by the codec's text when sent.")
+        raise RuntimeError(
+            f"sandbox: {name}.py must import the codec in exactly one `from .codec import` "
+            f"statement (found {found}); it is replaced by the codec's text when sent."
+        )
     codec = (_HERE / "codec.py").read_text()
     # `from __future__` must open the text: drop the program's, the codec's comes first
     body = body.replace("from __future__ import annotations\n", "", 1)

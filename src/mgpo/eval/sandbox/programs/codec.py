@@ -18,9 +18,10 @@ import enum
 import json
 import os
 import time
+
 TYPE_CHECKING = False  # typing costs ~13 ms at each start of a sandboxed process: for checkers only
 if TYPE_CHECKING:
-    from typing import Any, Optional
+    from typing import Any
 
 # Exit statuses of the launcher and the harness, read by the parent (mgpo.eval.sandbox.run)
 EXIT_ERROR, EXIT_ASSERT, EXIT_MEMORY, EXIT_GONE, EXIT_EXIT, EXIT_REPLY, EXIT_JUDGE_MEMORY = 92, 93, 94, 95, 96, 97, 98
@@ -32,13 +33,40 @@ class ReplyLimit(BaseException):
 
 
 # Standard-library subclasses whose comparisons with plain values are their base type's.
-_STDLIB = (collections.Counter, collections.OrderedDict, collections.defaultdict, enum.Enum, enum.IntEnum, enum.Flag,
-           enum.IntFlag)
+_STDLIB = (
+    collections.Counter,
+    collections.OrderedDict,
+    collections.defaultdict,
+    enum.Enum,
+    enum.IntEnum,
+    enum.Flag,
+    enum.IntFlag,
+)
 # What a subclass may define and still cross as its base value: construction, pickling, repr, a default.
-_SAFE = {"__new__", "__init__", "__repr__", "__getnewargs__", "__getnewargs_ex__", "__reduce__", "__reduce_ex__",
-         "__init_subclass__", "__class_getitem__", "__match_args__", "__slots__", "__module__", "__qualname__",
-         "__doc__", "__dict__", "__weakref__", "__annotations__", "__orig_bases__", "__parameters__", "__missing__",
-         "__firstlineno__", "__static_attributes__"}
+_SAFE = {
+    "__new__",
+    "__init__",
+    "__repr__",
+    "__getnewargs__",
+    "__getnewargs_ex__",
+    "__reduce__",
+    "__reduce_ex__",
+    "__init_subclass__",
+    "__class_getitem__",
+    "__match_args__",
+    "__slots__",
+    "__module__",
+    "__qualname__",
+    "__doc__",
+    "__dict__",
+    "__weakref__",
+    "__annotations__",
+    "__orig_bases__",
+    "__parameters__",
+    "__missing__",
+    "__firstlineno__",
+    "__static_attributes__",
+}
 
 
 # The concrete view types of dict (a view of another mapping class does not cross)
@@ -58,10 +86,15 @@ def plain(value: Any, base: type) -> Any:
         if cls in _STDLIB:
             continue
         for name, attr in vars(cls).items():
-            if name[:2] == name[-2:] == "__" and name not in _SAFE and \
-                    not any(getattr(t, name, None) is attr for t in trusted):
-                raise TypeError(f"a {kind.__name__} defines its own {name}, which would decide what the tests "
-                                f"see of it in-process, so it cannot cross the sandbox boundary as a {base.__name__}")
+            if (
+                name[:2] == name[-2:] == "__"
+                and name not in _SAFE
+                and not any(getattr(t, name, None) is attr for t in trusted)
+            ):
+                raise TypeError(
+                    f"a {kind.__name__} defines its own {name}, which would decide what the tests "
+                    f"see of it in-process, so it cannot cross the sandbox boundary as a {base.__name__}"
+                )
     return value
 
 
@@ -95,8 +128,10 @@ def encode(value: Any) -> Any:
             return {view.__name__: [encode(v) for v in value]}
     if isinstance(value, collections.abc.Iterator):  # a generator, map, zip, reversed ...: what it yields,
         return {"iterator": [encode(v) for v in list(value)]}  # all of it first, as tuple(result) sees it
-    raise TypeError(f"a {kind.__name__} cannot cross the sandbox boundary (only plain data: numbers, str, bool, "
-                    "None, list, tuple, dict, set, frozenset and their subclasses, dict views, range, iterators)")
+    raise TypeError(
+        f"a {kind.__name__} cannot cross the sandbox boundary (only plain data: numbers, str, bool, "
+        "None, list, tuple, dict, set, frozenset and their subclasses, dict views, range, iterators)"
+    )
 
 
 def spread(keys: list[Any]) -> list[Any]:
@@ -110,8 +145,10 @@ def spread(keys: list[Any]) -> list[Any]:
         counts[h] = counts.get(h, 0) + 1
     probes = sum(c * c for c in counts.values())
     if probes > 8 * len(keys) + 4096:
-        raise ReplyLimit(f"a set or dict of {len(keys)} keys whose hash values collide ({probes} probes to build "
-                         "it): refused unbuilt")
+        raise ReplyLimit(
+            f"a set or dict of {len(keys)} keys whose hash values collide ({probes} probes to build "
+            "it): refused unbuilt"
+        )
     return keys
 
 
@@ -137,7 +174,7 @@ def _tagged(tag: str, items: list[Any], walk: Any, depth: int) -> Any:
     raise ValueError(f"malformed value in the sandbox protocol: {json.dumps({tag: items})[:200]!r}")
 
 
-def decode(data: Any, max_depth: int = 1000, max_items: int = 1 << 62, deadline: Optional[float] = None) -> Any:
+def decode(data: Any, max_depth: int = 1000, max_items: int = 1 << 62, deadline: float | None = None) -> Any:
     """Builtin values from JSON-ready ``data``, within the bounds; ``deadline``: the time.process_time() by which
     decoding must be done (None: no bound)."""
     count = 0
@@ -157,7 +194,7 @@ def decode(data: Any, max_depth: int = 1000, max_items: int = 1 << 62, deadline:
         if kind is list:
             return [walk(v, depth + 1) for v in data]
         if kind is dict and len(data) == 1:
-            (tag, items), = data.items()
+            ((tag, items),) = data.items()
             if type(items) is list:
                 return _tagged(tag, items, walk, depth)
         raise ValueError(f"malformed value in the sandbox protocol: {json.dumps(data)[:200]!r}")
@@ -165,7 +202,7 @@ def decode(data: Any, max_depth: int = 1000, max_items: int = 1 << 62, deadline:
     return walk(data, 0)
 
 
-def read_exact(fd: int, n: int, deadline: Optional[float] = None) -> Optional[bytes]:
+def read_exact(fd: int, n: int, deadline: float | None = None) -> bytes | None:
     """``n`` bytes from ``fd``, or None at end-of-file."""
     chunks = []
     while n:
@@ -179,7 +216,7 @@ def read_exact(fd: int, n: int, deadline: Optional[float] = None) -> Optional[by
     return b"".join(chunks)
 
 
-def read_frame(fd: int, limit: int, deadline: Optional[float] = None) -> Any:
+def read_frame(fd: int, limit: int, deadline: float | None = None) -> Any:
     """The next message, or None when the other side closed the channel. A message over the limit is not read."""
     head = read_exact(fd, 4, deadline)
     if head is None:
@@ -195,4 +232,4 @@ def write_frame(fd: int, message: Any) -> None:
     body = json.dumps(message).encode()
     data = len(body).to_bytes(4, "big") + body
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]

@@ -15,12 +15,25 @@ import resource
 import sys
 import time
 import traceback
+
+from .codec import (
+    EXIT_ASSERT,
+    EXIT_ERROR,
+    EXIT_EXIT,
+    EXIT_GONE,
+    EXIT_JUDGE_MEMORY,
+    EXIT_MEMORY,
+    EXIT_REPLY,
+    ReplyLimit,
+    decode,
+    encode,
+    read_frame,
+    write_frame,
+)
+
 TYPE_CHECKING = False  # typing costs ~13 ms at each start of a sandboxed process: for checkers only
 if TYPE_CHECKING:
     from typing import Any, NoReturn
-
-from .codec import (EXIT_ASSERT, EXIT_ERROR, EXIT_EXIT, EXIT_GONE, EXIT_JUDGE_MEMORY, EXIT_MEMORY, EXIT_REPLY,
-                    ReplyLimit, decode, encode, read_frame, write_frame)
 
 
 class CandidateError(Exception):
@@ -47,8 +60,9 @@ class OutOfMemory(BaseException):
 class Channel:
     """The two pipes to the program, with the bounds on what its replies may cost."""
 
-    def __init__(self, req_fd: int, rep_fd: int, max_reply: int, max_depth: int, max_items: int,
-                 decode_s: float) -> None:
+    def __init__(
+        self, req_fd: int, rep_fd: int, max_reply: int, max_depth: int, max_items: int, decode_s: float
+    ) -> None:
         self.req_fd, self.rep_fd = req_fd, rep_fd
         self.max_reply, self.max_depth, self.max_items, self.decode_s = max_reply, max_depth, max_items, decode_s
         self.spent = 0.0  # CPU seconds spent reading and decoding replies, over the whole run
@@ -62,8 +76,9 @@ class Channel:
 
     def receive(self) -> Any:
         if self.spent > self.decode_s:
-            raise ReplyLimit(f"decoding the replies took more than {self.decode_s} s of CPU time "
-                             "(SandboxLimits.decode_s)")
+            raise ReplyLimit(
+                f"decoding the replies took more than {self.decode_s} s of CPU time (SandboxLimits.decode_s)"
+            )
         start = time.process_time()
         deadline = start + self.decode_s - self.spent
         try:
@@ -73,8 +88,12 @@ class Channel:
             if type(reply) is dict and len(reply) == 1 and "return" in reply:
                 return decode(reply["return"], self.max_depth, self.max_items, deadline)
             raised = reply.get("raise") if type(reply) is dict and len(reply) == 1 else None
-            if type(raised) is list and len(raised) == 2 and all(type(x) is str for x in raised) \
-                    and raised[0].isidentifier():
+            if (
+                type(raised) is list
+                and len(raised) == 2
+                and all(type(x) is str for x in raised)
+                and raised[0].isidentifier()
+            ):
                 raise CandidateError(raised[0][:100], raised[1][:1000])
             raise Malformed(f"unexpected reply: {json.dumps(reply)[:200]!r}")
         except CandidateError:
@@ -116,13 +135,26 @@ def main() -> NoReturn:
         # The message last, quoted: the tests' own messages can hold the program's text (str(candidate(x)))
         sys.stdout.flush()
         message = str(err) if isinstance(err, CandidateError) else repr(str(err))
-        text = ("Traceback (most recent call last):\n" + "".join(traceback.format_tb(err.__traceback__))
-                + f"{type(err).__name__}: {message}\n")
+        text = (
+            "Traceback (most recent call last):\n"
+            + "".join(traceback.format_tb(err.__traceback__))
+            + f"{type(err).__name__}: {message}\n"
+        )
         if isinstance(err, CandidateError):  # the program's function raised it
-            _fail({"AssertionError": EXIT_ASSERT, "MemoryError": EXIT_MEMORY, "SystemExit": EXIT_EXIT}.get(
-                err.type_name, EXIT_ERROR), text)
-        _fail(EXIT_JUDGE_MEMORY if isinstance(err, MemoryError) else EXIT_ASSERT if isinstance(err, AssertionError)
-              else EXIT_ERROR, text)
+            _fail(
+                {"AssertionError": EXIT_ASSERT, "MemoryError": EXIT_MEMORY, "SystemExit": EXIT_EXIT}.get(
+                    err.type_name, EXIT_ERROR
+                ),
+                text,
+            )
+        _fail(
+            EXIT_JUDGE_MEMORY
+            if isinstance(err, MemoryError)
+            else EXIT_ASSERT
+            if isinstance(err, AssertionError)
+            else EXIT_ERROR,
+            text,
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -14,31 +14,82 @@ from __future__ import annotations
 import os
 import resource
 import sys
-TYPE_CHECKING = False  # typing costs ~13 ms at each start of a sandboxed process: for checkers only
-if TYPE_CHECKING:
-    from typing import Any, Callable, NoReturn
 
 from .codec import EXIT_ASSERT, EXIT_ERROR, EXIT_MEMORY, decode, encode, read_frame, write_frame
 
+TYPE_CHECKING = False  # typing costs ~13 ms at each start of a sandboxed process: for checkers only
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+
 _PROCESS_FUNCTIONS = (
-    "fork", "forkpty", "vfork", "system", "popen", "kill", "killpg", "setsid", "setpgid", "setpgrp",
-    "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid",
-    "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
-    "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe",
-    "posix_spawn", "posix_spawnp", "symlink", "link", "chown", "lchown", "fchown", "chroot",
-    "chdir", "fchdir", "fchmod", "pidfd_open", "memfd_create")
+    "fork",
+    "forkpty",
+    "vfork",
+    "system",
+    "popen",
+    "kill",
+    "killpg",
+    "setsid",
+    "setpgid",
+    "setpgrp",
+    "setuid",
+    "setgid",
+    "seteuid",
+    "setegid",
+    "setreuid",
+    "setregid",
+    "setresuid",
+    "setresgid",
+    "execv",
+    "execve",
+    "execl",
+    "execle",
+    "execlp",
+    "execlpe",
+    "execvp",
+    "execvpe",
+    "spawnv",
+    "spawnve",
+    "spawnl",
+    "spawnle",
+    "spawnlp",
+    "spawnlpe",
+    "spawnvp",
+    "spawnvpe",
+    "posix_spawn",
+    "posix_spawnp",
+    "symlink",
+    "link",
+    "chown",
+    "lchown",
+    "fchown",
+    "chroot",
+    "chdir",
+    "fchdir",
+    "fchmod",
+    "pidfd_open",
+    "memfd_create",
+)
 
 
 def set_limits(cpu_s: int, mem_b: int, nproc: int, fsize_b: int, nofile: int) -> None:
-    for lim, val in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)), (resource.RLIMIT_AS, (mem_b, mem_b)),
-                     (resource.RLIMIT_NPROC, (nproc, nproc)), (resource.RLIMIT_FSIZE, (fsize_b, fsize_b)),
-                     (resource.RLIMIT_NOFILE, (nofile, nofile)), (resource.RLIMIT_CORE, (0, 0))):
+    for lim, val in (
+        (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),
+        (resource.RLIMIT_AS, (mem_b, mem_b)),
+        (resource.RLIMIT_NPROC, (nproc, nproc)),
+        (resource.RLIMIT_FSIZE, (fsize_b, fsize_b)),
+        (resource.RLIMIT_NOFILE, (nofile, nofile)),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ):
         resource.setrlimit(lim, val)
 
 
 def _deny(name: str) -> Callable[..., NoReturn]:
     def blocked(*args: Any, **kwargs: Any) -> NoReturn:
         raise PermissionError(f"sandbox: {name} is disabled")
+
     return blocked
 
 
@@ -96,6 +147,7 @@ def _guard_paths(check: Callable[[Any, str], None], name: str, npaths: int) -> N
         for path in args[:npaths]:
             check(path, f"os.{name}")
         return real(*args, **kwargs)
+
     setattr(os, name, guarded)
 
 
@@ -127,12 +179,20 @@ def run(source: str, namespace: dict[str, Any]) -> None:
         exec(compile(source, "<program>", "exec"), namespace)
     except AssertionError:
         import traceback
-        traceback.print_exc(); sys.stderr.flush(); os._exit(EXIT_ASSERT)
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(EXIT_ASSERT)
     except MemoryError:
-        sys.stderr.write("MemoryError: memory limit reached\n"); sys.stderr.flush(); os._exit(EXIT_MEMORY)
+        sys.stderr.write("MemoryError: memory limit reached\n")
+        sys.stderr.flush()
+        os._exit(EXIT_MEMORY)
     except Exception:
         import traceback
-        traceback.print_exc(); sys.stderr.flush(); os._exit(EXIT_ERROR)
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(EXIT_ERROR)
 
 
 def serve(namespace: dict[str, Any], entry: str, req_fd: int, rep_fd: int, max_msg: int) -> NoReturn:
@@ -141,7 +201,9 @@ def serve(namespace: dict[str, Any], entry: str, req_fd: int, rep_fd: int, max_m
     while True:
         request = read_frame(req_fd, max_msg)
         if request is None:
-            sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         try:
             value = namespace[entry](*decode(request["args"]), **decode(request["kwargs"]))
             reply = {"return": encode(value)}
