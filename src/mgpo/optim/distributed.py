@@ -7,7 +7,7 @@
   ``DTensor`` shards along dim 0 of a 1-D device mesh. Every norm, Gram entry and finiteness flag of a step is
   then a sum of per-rank parts, collected in one vector per phase of the step. LoRA factors and momenta that the
   weight-space term needs whole are gathered with :meth:`Exchange.full_and_sum`, one flattened
-  ``all_gather_into_tensor`` per call (LoRA-sized; base weights never), which carries the phase's per-rank parts
+  ``all_gather_single`` per call (LoRA-sized; base weights never), which carries the phase's per-rank parts
   as well; :meth:`Exchange.all_reduce` sums them when there is nothing to gather.
 
 Anything else (DeepSpeed ZeRO, tensor parallelism, HSDP's 2-D meshes, some tensors sharded and others not) is
@@ -93,7 +93,7 @@ class Exchange:
 
     def full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole tensors (plain ones as they are). All sharded ones travel in one flattened
-        ``all_gather_into_tensor``: each rank sends its shards back to back, padded to the longest rank."""
+        ``all_gather_single``: each rank sends its shards back to back, padded to the longest rank."""
         return self.full_and_sum(tensors, None)[0]
 
     def full_and_sum(
@@ -131,7 +131,7 @@ class Exchange:
         if n_parts:
             send[longest - n_parts :] = parts
         recv = torch.empty(world * longest, dtype=send.dtype, device=send.device)
-        dist.all_gather_into_tensor(recv, send, group=self.group)
+        dist.all_gather_single(recv, send, group=self.group)  # all_gather_into_tensor's successor
         recv = recv.view(world, longest)
         pieces: list[list[torch.Tensor]] = [[] for _ in which]
         for r in range(world):
