@@ -122,6 +122,18 @@ def _not_bnb_cpu_kernel_line(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(BNB_CPU_KERNEL_LINE)
 
 
+# Warnings the libraries raise on every run for calls that are not mgpo's to change, dropped in quiet mode by name
+# (--verbose shows them); any other warning still shows, as one plain line.
+KNOWN_LIBRARY_WARNINGS = [
+    # transformers 5 renamed it; PEFT's get_peft_model still reads the old property on every model it wraps
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # transformers 5 renamed the argument; TRL's SFTConfig still sets the old name
+    (FutureWarning, r"`gradient_checkpointing` is deprecated"),
+    # the Trainer pins DataLoader memory by default, which torch says is pointless on a machine without a GPU
+    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+]
+
+
 def _library_output(verbose: bool, *, ml_libraries: bool = True) -> None:
     """Quiet by default: no load reports, dataset progress bars or deprecation warnings from the libraries.
     Called before the pipelines are imported: importing them imports peft, and peft imports bitsandbytes.
@@ -141,11 +153,14 @@ def _library_output(verbose: bool, *, ml_libraries: bool = True) -> None:
         transformers.logging.disable_progress_bar()  # "Loading weights" bars
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
+    for category, message in KNOWN_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
     def show(message, category, filename, lineno, file=None, line=None):
-        # Ours (e.g. the APN-cap advice) are for the user, not a traceback: one plain line, no source excerpt.
+        # Ours (e.g. the APN-cap advice) are for the user, not a traceback: one plain line, no source excerpt;
+        # under torchrun once, from the first process, not once per rank.
+        if os.environ.get("RANK", "0") != "0":
+            return
         err_console.print(f"[yellow]mgpo: warning:[/] {message}", highlight=False, soft_wrap=True)
 
     warnings.showwarning = show

@@ -502,21 +502,32 @@ def test_cli_on_a_data_folder_says_what_it_did_quietly(tiny_model_dir, data_fold
     assert metrics["data_rows"] == {"train": 60, "validation": 20, "test": 20}  # what was used of each split
 
 
-def test_quiet_cli_shows_our_warnings_as_one_plain_line(capsys):
+def test_quiet_cli_shows_our_warnings_as_one_plain_line(capsys, monkeypatch):
     """The quiet CLI keeps the library's own advice (e.g. the APN cap) but prints it without file, line number
-    or source excerpt; the libraries' deprecation chatter stays hidden."""
+    or source excerpt; the libraries' known deprecation chatter is dropped by name, anything else still shows;
+    under torchrun only the first process prints."""
     import warnings
 
     from mgpo.cli import _library_output
 
+    known = "`is_gradient_checkpointing` is deprecated and will be removed in v6."
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         _library_output(verbose=False)
         warnings.warn("lower rho", RuntimeWarning)
-        warnings.warn("old API", FutureWarning)
+        warnings.warn(known, FutureWarning)
+        warnings.warn("an API nobody listed", FutureWarning)
+        monkeypatch.setenv("RANK", "1")
+        warnings.warn("said by the second process", RuntimeWarning)
     err = capsys.readouterr().err
-    assert "mgpo: warning: lower rho" in err
-    assert "RuntimeWarning" not in err and ".py" not in err and "old API" not in err
+    assert "mgpo: warning: lower rho" in err and "mgpo: warning: an API nobody listed" in err
+    assert "RuntimeWarning" not in err and ".py" not in err and "is_gradient_checkpointing" not in err
+    assert "second process" not in err
+    with warnings.catch_warnings(record=True) as shown:  # --verbose: nothing dropped
+        warnings.simplefilter("always")
+        _library_output(verbose=True)
+        warnings.warn(known, FutureWarning)
+    assert [str(w.message) for w in shown] == [known]
 
 
 def test_cli_stops_on_a_judge_outage_with_the_judges_message(monkeypatch):
