@@ -105,6 +105,7 @@ def test_cli_config_says_what_the_profile_and_the_preset_resolve_to():
     assert "  rho: null  # resolves to 0.01 (profile nlg)" in lines
     assert "  beta: null  # resolves to 0.8 (profile nlg)" in lines
     assert "  apn: inverse  # resolves to off (preset msam)" in lines
+    assert "  profile: nlg  # also sets the base optimizer's beta1 (the paper's mu) to 0.8" in lines
     assert "  max_scale: 10.0" in lines  # a field neither sets is shown as it is
     assert OmegaConf.create(result.output).perturbation.rho is None
 

@@ -572,6 +572,8 @@ def to_shown_yaml(cfg: TrainConfig) -> str:
                 else "no profile: the default"
             )
             line += f"  # resolves to {getattr(resolved, name)} ({source})"
+        if section == "perturbation" and name == "profile" and given.adam_beta1 is not None:
+            line += f"  # also sets the base optimizer's beta1 (the paper's mu) to {given.adam_beta1}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
