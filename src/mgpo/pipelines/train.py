@@ -37,7 +37,7 @@ from typing import Any
 
 from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
-from mgpo.pipelines import ranks
+from mgpo.pipelines import predictions, ranks
 from mgpo.pipelines.callbacks import (
     DivergenceStop,
     GracefulStop,
@@ -275,9 +275,12 @@ def _finish(
         **cost,
         **best_model_metrics(cfg, trainer, early, out),
     }
+    recorder = trainer.compute_metrics = predictions.PredictionRecorder(trainer.compute_metrics)
     for split in ("validation", "test"):
         if prepared.splits.get(split) is not None:
             metrics.update(trainer.evaluate(prepared.splits[split], metric_key_prefix=split))
+            if split == "test" and main and recorder.last is not None:  # per-example, for verdicts over examples
+                predictions.write(out, cfg.data.task, *recorder.last)
     fsdp = bool(fsdp_arguments(cfg))
     metrics.update(task_metrics_after(cfg, prepared, trainer.model, out, main=main, fsdp=fsdp))
     # FSDP: the sharded weights are gathered whole (every rank takes part); DDP: trainer.model is the plain model
