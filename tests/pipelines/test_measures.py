@@ -99,3 +99,49 @@ def test_paired_t_interval_covers_the_true_difference_95_percent_of_the_time_at_
         got = paired_t(d, np.zeros(5))
         covered += got["low"] <= 0.3 <= got["high"]
     assert 0.935 < covered / trials < 0.965
+
+
+def test_holm_adjusts_within_a_family_in_step_down_order():
+    from mgpo.pipelines.measures import holm
+
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "untested": None})
+    assert adjusted["untested"] is None
+    assert adjusted["a"] == pytest.approx(0.03) and adjusted["b"] == adjusted["c"] == pytest.approx(0.06)
+    assert holm({"x": 0.6, "y": 0.9}) == {"x": 1.0, "y": 1.0}
+
+
+def test_second_descent_needs_a_rise_and_then_a_fall():
+    from mgpo.pipelines.measures import second_descent
+
+    steps = list(range(12))
+    falls = [10, 8, 6, 5, 4, 3.5, 3, 2.8, 2.6, 2.5, 2.4, 2.3]
+    rise_fall = [10, 8, 6, 5, 4, 6, 8, 6, 4, 3, 2.5, 2]  # down to 4, up to 8, down to 2: a second descent
+    diverges = [10, 8, 6, 5, 4, 6, 8, 10, 12, 14, 16, 18]  # up and never down again
+    assert second_descent(steps, falls, 1)["second_descent_rel"] == 0
+    dd = second_descent(steps, rise_fall, 1)
+    assert dd["second_descent_rel"] == pytest.approx(1.0) and dd["second_peak_step"] == 6  # min(8-4, 8-2) / 4
+    assert second_descent(steps, diverges, 1)["second_descent_rel"] == 0
+    from mgpo.pipelines.measures import double_descent
+
+    assert double_descent(steps, diverges, 1)["rise_rel"] > 3  # the bump measure counts a divergence in full
+
+
+def test_an_interval_over_examples_and_seeds_is_wider_than_over_seeds_and_sees_a_real_difference():
+    from mgpo.pipelines.measures import accuracy, paired_over_examples_and_seeds
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, 300)
+
+    def arm(p_right, seed):
+        right = np.random.default_rng(seed).random(300) < p_right
+        return np.where(right, target, 1 - target)
+
+    same = paired_over_examples_and_seeds(
+        {s: arm(0.8, s) for s in range(5)}, {s: arm(0.8, 10 + s) for s in range(5)}, target, accuracy, boots=300
+    )
+    assert same["low"] < 0 < same["high"] and not same["significant"]
+    assert same["high"] - same["low"] > same["seeds_high"] - same["seeds_low"]  # the examples add variance
+    better = paired_over_examples_and_seeds(
+        {s: arm(0.9, s) for s in range(5)}, {s: arm(0.7, 10 + s) for s in range(5)}, target, accuracy, boots=300
+    )
+    assert better["significant"] and better["low"] > 0 and better["p"] < 0.01 and better["examples"] == 300

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1074,3 +1075,39 @@ def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_
         f"The sweep's base config {base} is not on this machine, so the 2 runs not started yet are labelled "
         "from their overrides alone"
     ) in md and "(dora-lora-s0, dora-lora-mgpo-s0)" in md
+
+
+def test_declared_families_are_holm_corrected_and_the_rest_called_post_hoc(sweep_dir, tmp_path):
+    (sweep_dir / "sweep.yaml").write_text("report: {baseline: LoRA, families: {main: [[LoRA-MGPO, LoRA]]}}\n")
+    md = make_report([sweep_dir], tmp_path / "out")["markdown"].read_text()
+    block = md.split("### Declared comparisons, Holm's correction within each family")[1].split("###")[0]
+    row = _md_row(block, "main")
+    assert row[1] == "LoRA-MGPO − LoRA" and row[2].endswith("n=6")  # pooled over both ranks' 3 seeds
+    assert float(row[3]) == pytest.approx(float(row[4].strip("* ")))  # one comparison: Holm leaves p as it is
+    assert "Every other difference in this report is post hoc" in md
+    (sweep_dir / "sweep.yaml").write_text("report: {baseline: LoRA, families: {main: [[LoRA-MGPO, DoRA]]}}\n")
+    with pytest.raises(ValueError, match="report.families.main: .* is not a pair of this report's methods"):
+        make_report([sweep_dir], tmp_path / "bad")
+
+
+def test_runs_with_predictions_get_an_interval_over_examples_and_seeds(sweep_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, 200)
+    for run in sweep_dir.iterdir():
+        if run.is_dir() and (run / "metrics.json").is_file():
+            right = np.random.default_rng(zlib.crc32(run.name.encode())).random(200) < (
+                0.9 if "MGPO" in run.name else 0.8
+            )
+            guess = np.where(right, target, 1 - target)
+            rows = [
+                {"id": i, "target": int(t), "prediction": int(g), "correct": bool(t == g)}
+                for i, (t, g) in enumerate(zip(target, guess))
+            ]
+            (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = make_report([sweep_dir], tmp_path / "out")["markdown"].read_text()
+    block = md.split("over test examples and seeds")[1].split("###")[0]
+    row = _md_row(block, "LoRA-MGPO − LoRA")
+    assert "n=3x200" in row[1] and "seeds only [" in row[1] and row[1].endswith("*")  # ~ +0.10 of accuracy
+    low, high = (float(x) for x in row[1].split("[")[1].split("]")[0].split(", "))
+    seeds_low, seeds_high = (float(x) for x in row[1].split("seeds only [")[1].split("]")[0].split(", "))
+    assert high - low > seeds_high - seeds_low

@@ -1,5 +1,6 @@
-"""Numbers for the report: the double-descent measure of a loss curve, an instability count, and paired
-t intervals. Plain numpy/scipy; the exact definitions are in docs/experiments.md.
+"""Numbers for the report: the double-descent measures of a loss curve, an instability count, paired t intervals,
+intervals over test examples and seeds together, and Holm's correction. Plain numpy/scipy; the exact definitions
+are in docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -113,16 +114,106 @@ def paired_t(a, b, *, confidence: float = CONFIDENCE) -> dict:
         "significant": False,
         "nonfinite": nonfinite,
         "no_spread": False,
+        "p": None,
     }
     if len(d) < 2 or nonfinite:
         return out
     if d.std(ddof=1) == 0:  # the same difference in every pair (0 where neither arm's loss ever rose): t is undefined
         out.update(low=out["mean"], high=out["mean"], no_spread=True)
         return out
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * se)
     out.update(
         low=out["mean"] - half,
         high=out["mean"] + half,
         significant=bool(out["mean"] - half > 0 or out["mean"] + half < 0),
+        p=float(2 * stats.t.sf(abs(out["mean"]) / se, len(d) - 1)),
     )
+    return out
+
+
+def second_descent(steps, losses, window: int) -> dict:
+    """A rise and then a fall: the largest ``min(S_i - m_i, S_i - f_i) / m_i`` over the smoothed loss S, with m_i the
+    running minimum up to i and f_i the lowest point after i. It is large only where the loss climbed above its
+    best so far *and* came down again by as much: a second descent. A curve that only falls scores 0, and so does
+    one that rises and stays up (a divergence, which :func:`double_descent`'s rise counts in full)."""
+    s = smooth(np.asarray(losses, dtype=float), window)
+    if len(s) < 3:
+        return {"window": window, "second_descent_rel": 0.0, "second_peak_step": None}
+    running_min = np.minimum.accumulate(s)
+    after = np.concatenate([np.minimum.accumulate(s[::-1])[::-1][1:], [np.inf]])  # min of S_(i+1..)
+    size = np.minimum(s - running_min, s - after)
+    size = np.where(np.isfinite(size) & (running_min > 0), size / np.where(running_min > 0, running_min, 1), 0.0)
+    i = int(np.argmax(size))
+    if size[i] <= 0:
+        return {"window": window, "second_descent_rel": 0.0, "second_peak_step": None}
+    return {"window": window, "second_descent_rel": float(size[i]), "second_peak_step": int(np.asarray(steps)[i])}
+
+
+def paired_over_examples_and_seeds(
+    a: dict, b: dict, target, stat, *, boots: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+) -> dict:
+    """The difference of a metric between two arms over seeds *and* test examples, with an interval for both.
+
+    ``a`` and ``b`` map seed -> per-example predictions (aligned with ``target``: every run scored the same test
+    rows); ``stat(predictions, target)`` is the metric (accuracy, Pearson r). The two sources of variation are
+    independent: training noise, which differs between seeds (the paired t of :func:`paired_t`, variance
+    ``s^2 / n``), and which test examples were drawn, which is shared by every seed and both arms (the variance of
+    the seed-mean difference under a bootstrap of the examples: one resample of the example indices per replicate,
+    applied to every seed and both arms, so the pairing is kept). The interval is ``mean +- t_(n-1) sqrt(s^2 / n +
+    v_examples)``; with one seed, ``v_examples`` alone with a normal quantile. Why not a two-stage bootstrap over
+    seeds as well: with 5-10 seeds its seed stage has too few distinct resamples (see :func:`paired_t`).
+    Returns paired_t's keys (``low``/``high`` the combined interval) plus ``seeds_low``/``seeds_high`` (seeds
+    only), ``se_examples`` and ``examples``."""
+    seeds = sorted(set(a) & set(b))
+    target = np.asarray(target, dtype=float)
+    per_seed = {s: (np.asarray(a[s], dtype=float), np.asarray(b[s], dtype=float)) for s in seeds}
+    diffs = [stat(x, target) - stat(y, target) for x, y in per_seed.values()]
+    seed_only = paired_t(diffs, np.zeros(len(diffs)), confidence=confidence)
+    rng = np.random.default_rng(seed)
+    n = len(target)
+    replicate = np.empty(boots)
+    for k in range(boots):
+        idx = rng.integers(0, n, n)
+        t = target[idx]
+        replicate[k] = np.mean([stat(x[idx], t) - stat(y[idx], t) for x, y in per_seed.values()])
+    v_examples = float(np.nanvar(replicate, ddof=1))
+    out = {**seed_only, "seeds_low": seed_only["low"], "seeds_high": seed_only["high"], "examples": n}
+    out["se_examples"] = float(np.sqrt(v_examples))
+    if not seeds or seed_only["nonfinite"]:
+        return out
+    v_seeds = float(np.var(diffs, ddof=1) / len(diffs)) if len(diffs) > 1 else 0.0
+    q = stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) if len(diffs) > 1 else stats.norm.ppf(0.5 + confidence / 2)
+    se = float(np.sqrt(v_seeds + v_examples))
+    half = float(q * se)
+    tail = stats.t(len(diffs) - 1) if len(diffs) > 1 else stats.norm()
+    out.update(
+        low=out["mean"] - half,
+        high=out["mean"] + half,
+        significant=bool(half > 0 and (out["mean"] - half > 0 or out["mean"] + half < 0)),
+        no_spread=False,
+        p=float(2 * tail.sf(abs(out["mean"]) / se)) if se > 0 else None,
+    )
+    return out
+
+
+def accuracy(predictions, target) -> float:
+    return float(np.mean(np.asarray(predictions) == np.asarray(target)))
+
+
+def pearson(predictions, target) -> float:
+    p, t = np.asarray(predictions, dtype=float), np.asarray(target, dtype=float)
+    if p.std() == 0 or t.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(p, t)[0, 1])
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm's step-down adjustment within one family: name -> adjusted p (each at most 1, never below an earlier
+    one in the ordering). None stays None (no test)."""
+    tested = sorted(((p, name) for name, p in pvalues.items() if p is not None), key=lambda x: x[0])
+    m, running, out = len(tested), 0.0, dict.fromkeys(pvalues)
+    for rank, (p, name) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[name] = running
     return out

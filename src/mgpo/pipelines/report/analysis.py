@@ -9,6 +9,7 @@ from typing import Any
 from mgpo.pipelines import measures
 from mgpo.pipelines.report.collect import Experiment, RunResult, loss_description
 from mgpo.pipelines.report.labels import LOSS_KINDS, PRIMARY_METRICS, _order, higher_is_better
+from mgpo.pipelines.report.robustness import Robustness, robustness, window_columns
 from mgpo.pipelines.report.tables import (
     Differences,
     MethodTable,
@@ -42,6 +43,7 @@ class Analysis:
     dd_table: Table
     cost_table: Table
     diag_table: Table
+    robustness: Robustness | None = None  # over examples, declared families, the windows (issue 33)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (run, status, error) of runs without results
     no_loss: list[str] = field(default_factory=list)  # finished runs that never logged a loss
 
@@ -91,6 +93,7 @@ def analyse(
         dd_table=double_descent_table(per_run, series, panels, spike_factor),
         cost_table=cost_table(per_run, series, panels, baseline),
         diag_table=diagnostics_table(exp.runs, series, panels),
+        robustness=robustness(per_run, series, panels, metric, baseline, opts),
         failed=[(r.path.name, r.status, r.error or "no metrics.json") for r in exp.runs if not r.metrics],
         no_loss=[r.path.name for r in exp.runs if r.metrics and not r.losses],
     )
@@ -160,6 +163,7 @@ def _run_row(title: str, r: RunResult, metric: str, smooth: int | None, spike_fa
         if r.loss_kind == "clean":
             row["clean_dd_rise_rel"] = row["dd_rise_rel"]
         row["spikes"] = measures.instability_count(r.losses, window, spike_factor)
+        row.update(window_columns(r.steps, r.losses))
     if r.trained_losses:  # the same measure on the logged minibatch loss (at the perturbed weights for MGPO)
         window = smooth or measures.default_window(len(r.trained_losses))
         dd = measures.double_descent(r.trained_steps, r.trained_losses, window)

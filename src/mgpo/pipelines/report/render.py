@@ -35,7 +35,53 @@ def _html_table(table: Table) -> str:
 
 def _blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) -> list[tuple]:
     """One experiment's section: its summary and method table, its differences, its measures."""
-    return _summary_blocks(exp, result, figures) + _difference_blocks(result) + _measure_blocks(result)
+    return (
+        _summary_blocks(exp, result, figures)
+        + _difference_blocks(result)
+        + _robustness_blocks(result)
+        + _measure_blocks(result)
+    )
+
+
+def _robustness_blocks(result: Analysis) -> list[tuple]:
+    """Over examples as well as seeds, the declared families, the double-descent measures by window."""
+    rob, base, blocks = result.robustness, result.baseline, []
+    if rob is None:
+        return blocks
+    if rob.examples is not None:
+        blocks += [
+            ("h3", f"Difference to {base} over test examples and seeds: mean [95% interval]"),
+            (
+                "p",
+                "Every run scored the same test rows, so the seed-only interval above measures training noise on "
+                "that one test set. This one adds which rows were drawn: t interval with the seed variance plus "
+                "the variance of the seed-mean difference under a bootstrap of the test rows (one resample per "
+                "replicate, shared by every seed and both arms; 1000 replicates). n = seeds x rows. A verdict "
+                "uses this, the wider, interval. Bold and * : it excludes 0.",
+            ),
+            ("table", rob.examples),
+        ]
+    if rob.families is not None:
+        blocks += [
+            ("h3", "Declared comparisons, Holm's correction within each family"),
+            ("p", "Bold and * : Holm's adjusted p below 0.05 (paired t over the pooled panels and seeds)."),
+            ("table", rob.families),
+        ]
+    blocks.append(("p", rob.post_hoc))
+    if rob.windows is not None:
+        blocks += [
+            ("h3", "Smoothing window and second descent: how firm the double-descent verdict is"),
+            (
+                "p",
+                "Mean over seeds (and panels) of the bump measure (the largest rise above the running minimum, "
+                "relative; the primary measure) and of the second-descent measure (min(rise, fall after the "
+                "peak) / running minimum: large only where the loss rose and came down again), at smoothing "
+                f"windows 1-5 logged points. In brackets: the paired difference to {base}; * : its t interval "
+                "excludes 0. A verdict that flips across windows is not one.",
+            ),
+            ("table", rob.windows),
+        ]
+    return blocks
 
 
 def _summary_blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) -> list[tuple]:

@@ -1,0 +1,178 @@
+"""How far a verdict holds (issue 33): differences over test examples as well as seeds (where runs saved their
+per-example predictions), declared families of comparisons with Holm's correction (the rest marked post hoc), and
+the double-descent measures across smoothing windows beside a measure that needs a second descent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mgpo.pipelines import measures, predictions
+from mgpo.pipelines.config import ConfigError
+from mgpo.pipelines.report.tables import Cell, Table
+
+WINDOWS = (1, 2, 3, 4, 5)  # smoothing windows (logged points) the double-descent measures are shown at
+PRIMARY_DD = "dd_rise_rel"  # the primary double-descent measure, fixed before the reruns (docs/experiments.md)
+STATS = {"accuracy": (measures.accuracy, "prediction"), "pearson": (measures.pearson, "prediction")}
+
+
+@dataclass
+class Robustness:
+    examples: Table | None  # differences to the baseline over examples and seeds (runs with predictions.jsonl)
+    families: Table | None  # the declared comparisons, Holm within each family
+    post_hoc: str  # which comparisons are post hoc
+    windows: Table | None  # the bump measure and the second-descent measure at each window
+
+
+def window_columns(steps: list, losses: list) -> dict[str, Any]:
+    """runs.csv columns: the bump measure (``dd_rise_rel``) and the second-descent measure at each window."""
+    out: dict[str, Any] = {}
+    for w in WINDOWS:
+        out[f"dd_rise_rel_w{w}"] = measures.double_descent(steps, losses, w)["rise_rel"]
+        out[f"second_descent_rel_w{w}"] = measures.second_descent(steps, losses, w)["second_descent_rel"]
+    return out
+
+
+def robustness(
+    per_run: list[dict], series: list[str], panels: list[str], metric: str, baseline: str, options: dict
+) -> Robustness:
+    return Robustness(
+        examples=_examples_table(per_run, series, panels, metric, baseline),
+        families=_families_table(per_run, series, metric, options.get("families")),
+        post_hoc=_post_hoc(options.get("families")),
+        windows=_windows_table(per_run, series, baseline),
+    )
+
+
+def _examples_table(
+    per_run: list[dict], series: list[str], panels: list[str], metric: str, baseline: str
+) -> Table | None:
+    name = metric.split("_", 1)[-1]
+    if name not in STATS or not metric.startswith("test_"):
+        return None
+    stat, _ = STATS[name]
+    saved = {(x["series"], x["panel"], x["seed"]): predictions.read(Path(x["path"])) for x in per_run}
+    if not any(saved.values()):
+        return None
+    rows = []
+    for s in series:
+        if s == baseline:
+            continue
+        cells: list[Cell] = [(f"{s} − {baseline}", False)]
+        for p in panels:
+            mine = {k[2]: v for k, v in saved.items() if k[:2] == (s, p) and v}
+            base = {k[2]: v for k, v in saved.items() if k[:2] == (baseline, p) and v}
+            seeds = sorted(set(mine) & set(base))
+            if not seeds:
+                cells.append(("-", False))
+                continue
+            target = [r["target"] for r in base[seeds[0]]]
+            d = measures.paired_over_examples_and_seeds(
+                {k: [r["prediction"] for r in mine[k]] for k in seeds},
+                {k: [r["prediction"] for r in base[k]] for k in seeds},
+                target,
+                stat,
+                boots=1000,
+            )
+            cells.append((_both(d), d["significant"]))
+        rows.append(cells)
+    return Table(["difference", *[p or metric for p in panels]], rows)
+
+
+def _both(d: dict) -> str:
+    if d["low"] is None:
+        return f"{d['mean']:+.4f}"
+    seeds = "" if d["seeds_low"] is None else f"; seeds only [{d['seeds_low']:+.4f}, {d['seeds_high']:+.4f}]"
+    mark = " *" if d["significant"] else ""
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}x{d['examples']}{seeds}{mark}"
+
+
+def _families_table(per_run: list[dict], series: list[str], metric: str, families: Any) -> Table | None:
+    if not families:
+        return None
+    if not isinstance(families, dict):
+        raise ConfigError(f"report.families must map a family's name to its comparisons, not {families!r}.")
+    rows = []
+    for family, comparisons in families.items():
+        tests = {}
+        for pair in comparisons or []:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(m in series for m in pair)):
+                raise ConfigError(
+                    f"report.families.{family}: {pair!r} is not a pair of this report's methods "
+                    f"({', '.join(series)}): write [method, reference]."
+                )
+            a, b = pair
+            mine, base = (
+                {
+                    (x["panel"], x["seed"]): x["value"]
+                    for x in per_run
+                    if x["series"] == m and x.get("value") is not None
+                }
+                for m in (a, b)
+            )
+            keys = sorted(set(mine) & set(base))
+            tests[f"{a} − {b}"] = measures.paired_t([mine[k] for k in keys], [base[k] for k in keys])
+        adjusted = measures.holm({k: d["p"] for k, d in tests.items()})
+        for name, d in tests.items():
+            holm_p = adjusted[name]
+            kept = holm_p is not None and holm_p < 1 - measures.CONFIDENCE
+            p = "-" if d["p"] is None else f"{d['p']:.3g}"
+            rows.append(
+                [
+                    (family, False),
+                    (name, False),
+                    (_interval(d), False),
+                    (p, False),
+                    ("-" if holm_p is None else f"{holm_p:.3g}" + (" *" if kept else ""), kept),
+                ]
+            )
+    return Table(["family", "comparison", f"{metric}: mean [95% t interval]", "p", "Holm p"], rows)
+
+
+def _interval(d: dict) -> str:
+    if d["low"] is None:
+        return f"{d['mean']:+.4f} (n={d['n']})"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
+
+
+def _post_hoc(families: Any) -> str:
+    if families:
+        return (
+            "Only the comparisons in the families above were declared before the runs (report.families in the "
+            "sweep file); Holm's correction holds within each family. Every other difference in this report is "
+            "post hoc: read its interval as exploratory."
+        )
+    return (
+        "No families of comparisons were declared before the runs (report.families in the sweep file): every "
+        "difference in this report is post hoc, with no correction for how many were looked at."
+    )
+
+
+def _windows_table(per_run: list[dict], series: list[str], baseline: str) -> Table | None:
+    if not any(x.get("dd_rise_rel_w1") is not None for x in per_run):
+        return None
+    header = ["method", *[f"bump w={w}" for w in WINDOWS], *[f"second descent w={w}" for w in WINDOWS]]
+    rows = []
+    for s in series:
+        cells: list[Cell] = [(s, False)]
+        for key in ("dd_rise_rel", "second_descent_rel"):
+            for w in WINDOWS:
+                cells.append(_window_cell(per_run, s, baseline, f"{key}_w{w}"))
+        rows.append(cells)
+    return Table(header, rows)
+
+
+def _window_cell(per_run: list[dict], s: str, baseline: str, key: str) -> Cell:
+    mine = {(x["panel"], x["seed"]): x[key] for x in per_run if x["series"] == s and x.get(key) is not None}
+    if not mine:
+        return ("-", False)
+    mean = sum(mine.values()) / len(mine)
+    if s == baseline:
+        return (f"{mean:.3f}", False)
+    base = {(x["panel"], x["seed"]): x[key] for x in per_run if x["series"] == baseline and x.get(key) is not None}
+    keys = sorted(set(mine) & set(base))
+    d = measures.paired_t([mine[k] for k in keys], [base[k] for k in keys])
+    if d["low"] is None:
+        return (f"{mean:.3f}", False)
+    return (f"{mean:.3f} ({d['mean']:+.3f}{' *' if d['significant'] else ''})", d["significant"])
