@@ -4,7 +4,7 @@
 # what docs/experiments-clean is built from. A run kept there but missing under runs/ (a fresh checkout) is put
 # back first, so the sweep skips it instead of training it again. Checkpoints and adapters are not kept.
 #
-#   bash scripts/clean-experiments.sh            # run (or resume) all seven sweeps; Ctrl-C stops after a checkpoint
+#   bash scripts/clean-experiments.sh            # run (or resume) all ten sweeps; Ctrl-C stops after a checkpoint
 #   bash scripts/clean-experiments.sh --commit   # ... and git-commit each newly kept run record
 #   MGPO_SRC=/path/to/frozen/src bash scripts/clean-experiments.sh   # train with a frozen copy of the code
 #   MGPO_ROOT=/path/to/checkout bash /tmp/copy-of-this-script.sh   # run a copy (bash reads a script as it runs it:
@@ -13,8 +13,9 @@ set -uo pipefail
 cd "${MGPO_ROOT:-$(dirname "$0")/..}" || exit 1
 # the sweeps that decide whether a radius rule is shipped (every task it must not lose on) before the method
 # table, which would take a shipped rule as a third arm (none passed: docs/results.md)
+# then issue 33's reruns: the verdicts over every test row with per-example predictions and declared families
 sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean cpu-methods-clean
-        cpu-methods-uncapped)
+        cpu-methods-uncapped cpu-verdicts-tweets cpu-verdicts-methods cpu-verdicts-dd)
 keep=docs/experiments-clean/runs
 every=${MGPO_KEEP_EVERY:-60}  # seconds between looks for newly finished runs
 commit=false; [[ "${1:-}" == "--commit" ]] && commit=true
@@ -27,6 +28,7 @@ restore() {  # kept, finished runs -> runs/experiments/<sweep>/<run>
     n=$(basename "$a")
     [[ -f "runs/experiments/$s/$n/metrics.json" ]] && continue
     mkdir -p "runs/experiments/$s/$n" && cp "$a"/config.yaml "$a"/log.jsonl "runs/experiments/$s/$n/" \
+      && { [[ ! -f "$a/predictions.jsonl" ]] || cp "$a/predictions.jsonl" "runs/experiments/$s/$n/"; } \
       && cp "$a"/metrics.json "runs/experiments/$s/$n/" && echo "restored $s/$n from $keep"
   done
 }
@@ -37,7 +39,9 @@ save() {  # finished runs under runs/experiments/<sweep> -> $keep/<sweep>; metri
     [[ -f "$d/metrics.json" ]] || continue
     n=$(basename "$d")
     [[ -f "$keep/$s/$n/metrics.json" ]] && continue
-    mkdir -p "$keep/$s/$n" && cp "$d"/config.yaml "$d"/log.jsonl "$keep/$s/$n/" && cp "$d"/metrics.json "$keep/$s/$n/" \
+    mkdir -p "$keep/$s/$n" && cp "$d"/config.yaml "$d"/log.jsonl "$keep/$s/$n/" \
+      && { [[ ! -f "$d/predictions.jsonl" ]] || cp "$d/predictions.jsonl" "$keep/$s/$n/"; } \
+      && cp "$d"/metrics.json "$keep/$s/$n/" \
       && new=$((new + 1))
   done
   [[ $new != 0 ]] && cp "runs/experiments/$s"/sweep.yaml "runs/experiments/$s"/index.json "$keep/$s/" 2>/dev/null

@@ -15,6 +15,9 @@ SWEEPS = [
     "cpu-ablation-clean",
     "cpu-methods-clean",
     "cpu-methods-uncapped",
+    "cpu-verdicts-tweets",
+    "cpu-verdicts-methods",
+    "cpu-verdicts-dd",
 ]
 # `mgpo sweep configs/experiments/NAME.yaml`: logs whether run-a was already done, then writes one finished run
 # (with a checkpoint that must not be kept) and one half-finished run; exits $STOP_AT's code on that sweep
