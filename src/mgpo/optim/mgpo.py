@@ -34,19 +34,16 @@ from torch import Tensor, nn
 from mgpo.optim import apn as rules
 from mgpo.optim import functional as F
 from mgpo.optim._base import Installed, Params, PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.configs import (
-    GBAR_UPDATES,
-    NORMS,
-    PROFILES,  # noqa: F401  (re-exported)
-    SPACES,
-    MGPOConfig,
-)
+from mgpo.optim.configs import GBAR_UPDATES, NORMS, SPACES, MGPOConfig
 from mgpo.optim.configs import PRESETS as PRESETS  # re-exported: older imports
+from mgpo.optim.configs import PROFILES as PROFILES  # re-exported: older imports
 from mgpo.optim.configs import preset as preset  # re-exported: older imports
 from mgpo.optim.configs import profile as profile  # re-exported: older imports
 from mgpo.optim.diagnostics import Snapshot, apn_statistics, layer_sizes, radius_diagnostics, snapshot
 from mgpo.optim.distributed import local, local_grad
-from mgpo.optim.lowrank import WeightSpaceTerm, dora_term, row_norms  # noqa: F401  (re-exported)
+from mgpo.optim.lowrank import WeightSpaceTerm
+from mgpo.optim.lowrank import dora_term as dora_term  # re-exported: older imports
+from mgpo.optim.lowrank import row_norms as row_norms  # re-exported: older imports
 from mgpo.optim.norms import GradNorms, add_pair_norms, direction, grad_owners, grad_v, gradient_norms, pair_grad_sq
 from mgpo.optim.plan import DeviceConstants, LayerPlan, build_plan
 from mgpo.optim.weight_space import Factors, Terms, build_terms, term_hook
