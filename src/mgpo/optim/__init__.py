@@ -6,6 +6,7 @@ Imported lazily: ``mgpo.optim.configs`` (the settings, pure Python) loads withou
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 _WHERE = {
     "MGPO": "mgpo.optim.mgpo",
@@ -21,11 +22,11 @@ _WHERE = {
 __all__ = ["MGPO", "MSAM", "SAM", "RandomPerturbation", "GGPO", "PRESETS", "PROFILES", "preset", "profile"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'mgpo.optim' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))

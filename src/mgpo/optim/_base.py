@@ -19,32 +19,45 @@ import difflib
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from torch import nn
 
-from mgpo.checks import check_range  # noqa: F401  (re-exported: the optimizers import it from here)
-from mgpo.optim.distributed import Exchange, is_sharded, local
+from mgpo.checks import check_range as check_range  # re-exported: the optimizers import it from here
+from mgpo.optim.distributed import Exchange, is_sharded, local, local_grad
 from mgpo.optim.guards import NOT_COMPARED as NOT_COMPARED  # re-exported: older imports
-from mgpo.optim.guards import (
-    check_same_method,
-    moment_key,  # noqa: F401  (re-exported)
-    refuse_unsupported,
-)
-from mgpo.optim.hooks import (
-    HookState,
-    InstanceOverride,
-    guard_merges,  # noqa: F401  (re-exported)
-    install_model_hooks,
-    run_eagerly,
-)
+from mgpo.optim.guards import check_same_method, refuse_unsupported
+from mgpo.optim.guards import moment_key as moment_key  # re-exported
+from mgpo.optim.hooks import Handle, HookState, install_model_hooks
 from mgpo.optim.hooks import Installed as Installed  # re-exported: older imports
+from mgpo.optim.hooks import InstanceOverride as InstanceOverride  # re-exported
+from mgpo.optim.hooks import guard_merges as guard_merges  # re-exported
+from mgpo.optim.hooks import run_eagerly as run_eagerly  # re-exported
 from mgpo.optim.layers import discover_layers
 
+# What an optimizer is built on: the model, or its tensors or param groups (with ``model=``)
+Params: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | nn.Module
+# A gradient as the hook guard saw it: a weak reference and its version counter
+GradMark: TypeAlias = tuple["weakref.ref[torch.Tensor]", int]
 
-def _split_model(params: Any, model: nn.Module | None) -> tuple[Any, nn.Module | None]:
+
+class _Event(Protocol):
+    """A recorded CUDA event (``torch.cuda.Event``): has the device reached it?"""
+
+    def query(self) -> bool: ...
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad`` of a tensor that has a gradient (``_params_with_grad()``)."""
+    assert p.grad is not None
+    return p.grad
+
+
+def _split_model(
+    params: Params, model: nn.Module | None
+) -> tuple[Iterable[torch.Tensor] | Iterable[dict[str, Any]], nn.Module | None]:
     if isinstance(params, nn.Module):
         if model is not None and model is not params:
             raise ValueError("Pass the model either as the first argument or as model=..., not two different ones.")
@@ -59,15 +72,15 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict] | nn.Module,
+        params: Params,
         base_optimizer: type[torch.optim.Optimizer],
-        hparams: dict,
+        hparams: dict[str, Any],
         *,
         model: nn.Module | None = None,
         auto_perturb: bool = True,
-        base_kwargs: dict | None = None,
-        **more_base_kwargs,
-    ):
+        base_kwargs: dict[str, Any] | None = None,
+        **more_base_kwargs: Any,
+    ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
                 f"base_optimizer={base_optimizer!r} is not a torch.optim.Optimizer class; pass the class itself, "
@@ -78,7 +91,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{sorted(clash)} given both as keywords and in base_kwargs; give each once.")
         base_kwargs = {**(base_kwargs or {}), **more_base_kwargs}
         self._check_base_kwargs(base_optimizer, base_kwargs)
-        params, model = _split_model(params, model)
+        groups, model = _split_model(params, model)
         if auto_perturb and not self.two_pass and model is None:
             name = type(self).__name__
             raise TypeError(
@@ -86,10 +99,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 f"the first argument ({name}(model, lr=...)) or as model=model next to param groups. Without a "
                 "model, pass auto_perturb=False and call opt.perturb() yourself before each training forward."
             )
-        self._hooks: list = []
+        self._hooks: list[Handle] = []
         self._closed = False
         self._shared = HookState()
-        super().__init__(params, {})
+        super().__init__(groups, {})
         refuse_unsupported(self.param_groups, model)
         # Share param_groups with the base optimizer (as davda54/sam does), so schedulers act on both. The
         # method's own hyper-parameters live in self.hparams, not in the groups, where names like "eps",
@@ -103,7 +116,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])  # inert unless FSDP-sharded
         self._held = False
         self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
-        self._skip_seen: tuple | None = None  # (host copy of the counter, CUDA event or None), read a step later
+        # (host copy of the counter, CUDA event or None), read a step later
+        self._skip_seen: tuple[torch.Tensor, _Event | None] | None = None
         self._warned = False
         self._stats: dict[str, torch.Tensor] = {}  # device scalars of the last step; floats on request
         # Host-side flags of the hook guard (_check_hooks_ran), reset at every step(): did a training forward reach
@@ -112,6 +126,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._saw_forward = self._opened = self._window_was_open = False
         self._grad_marks = self._mark_grads(self._params_with_grad())  # gradients already there are not this step's
         if self._auto:
+            assert model is not None  # refused above
             self._hooks += install_model_hooks(self, model)
 
     @classmethod
@@ -123,7 +138,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", "params", "base_optimizer")
         ]
 
-    def _check_base_kwargs(self, base_optimizer: type[torch.optim.Optimizer], base_kwargs: dict) -> None:
+    def _check_base_kwargs(self, base_optimizer: type[torch.optim.Optimizer], base_kwargs: dict[str, Any]) -> None:
         """A keyword neither the method nor the base optimizer takes (a misspelt or another method's setting) is
         refused here, naming the method and both lists, rather than as the base optimizer's bare TypeError."""
         try:
@@ -166,7 +181,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             self._applied = False
 
     @contextlib.contextmanager
-    def unperturbed(self):
+    def unperturbed(self) -> Iterator[None]:
         """``with opt.unperturbed():`` clean weights inside the block; the perturbation comes back after it."""
         was_applied, was_held = self._applied, self._held
         self.restore()
@@ -219,6 +234,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             return
         self._closed = False
         if self._auto and not self.two_pass:
+            assert self.model is not None  # _auto: built with the model
             self._hooks += install_model_hooks(self, self.model)
         self._install_method_hooks()
 
@@ -234,7 +250,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         (:func:`hooks.guard_merges`)."""
         return guard_merges(self, self.model, moved)
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:  # interpreter shutdown: modules may already be gone
@@ -265,7 +281,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     def _tensor_grad_norms(self, params: list[torch.Tensor]) -> torch.Tensor:
         """Per-tensor gradient norms, float32 at least, as one device vector; whole-tensor norms under FSDP."""
-        norms = torch.stack(torch._foreach_norm([local(p.grad) for p in params], dtype=self._norm_dtype(params)))
+        norms = torch.stack(torch._foreach_norm([local_grad(p) for p in params], dtype=self._norm_dtype(params)))
         if self.exchange.sharded:  # sums of squares add up over the ranks; NaN/Inf on any rank reaches all
             norms = self._sum_over_ranks(norms.square()).sqrt()
         return norms
@@ -281,7 +297,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if not self._warned:  # copy the counter to the host without waiting; read it at the next step
             if self._skipped.is_cuda:
                 host = torch.empty((), dtype=torch.int64, pin_memory=True).copy_(self._skipped, non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
                 event.record()
                 self._skip_seen = (host, event)
             else:
@@ -350,7 +366,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         asynchronous device to stall. Accelerators take the device-side path below."""
         return ok.device.type == "cpu"
 
-    def _base_step(self, params: list[torch.Tensor], ok: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
+    def _base_step(self, params: list[torch.Tensor], ok: torch.Tensor, extra: Sequence[torch.Tensor] = ()) -> None:
         """The base optimizer's step, skipped when ``ok`` is False (a non-finite gradient).
 
         On an accelerator the decision stays on the device:
@@ -366,14 +382,15 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 base.step()
             return
         if getattr(base, "_step_supports_amp_scaling", False) and not extra:
-            base.grad_scale, base.found_inf = None, (~ok).float()
+            # the attributes a fused step reads, set as torch's GradScaler sets them (Optimizer does not declare them)
+            base.__dict__.update(grad_scale=None, found_inf=(~ok).float())
             try:
                 base.step()
             finally:
-                del base.grad_scale, base.found_inf
+                del base.__dict__["grad_scale"], base.__dict__["found_inf"]
             return
         for p in params:  # NaN/Inf -> 0, so the (discarded) update is finite and the blend below is exact
-            local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
+            local_grad(p).nan_to_num_(0.0, 0.0, 0.0)
         state = base.state
         had = {
             p: [k for k, v in state[p].items() if torch.is_tensor(v) and v.is_floating_point()]
@@ -395,14 +412,15 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         # Non-capturable optimizers keep step counters on the CPU beside CUDA parameters: reverting those would
         # need the flag on the host, so they are left advanced by one on a skipped step (docs/method.md).
         keep = [i for i, t in enumerate(now) if t.device == bad.device]
-        torch._foreach_lerp_([now[i] for i in keep], [saved[i] for i in keep], bad)
+        # (a 0-dim tensor weight, which torch takes as a Scalar; its stubs list Python numbers only)
+        torch._foreach_lerp_([now[i] for i in keep], [saved[i] for i in keep], bad)  # type: ignore[call-overload]
         fresh = [t for t in fresh if t.device == bad.device]
         if fresh:  # state created by this step: back to the zeros a first step starts from
             torch._foreach_mul_(fresh, ok.float())
 
     @run_eagerly  # also inside a compiled training step: host-side decisions and state, never traced
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Restore clean weights, update them with the gradients, and prepare the next perturbation."""
         loss = None
         if closure is not None:
@@ -434,9 +452,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         return False
 
     @staticmethod
-    def _mark_grads(params: list[torch.Tensor]) -> list[tuple]:
+    def _mark_grads(params: list[torch.Tensor]) -> list[GradMark]:
         # weak references and version counters: host-side, and no gradient kept alive
-        return [(weakref.ref(p.grad), p.grad._version) for p in params]
+        return [(weakref.ref(grad), grad._version) for grad in map(_grad, params)]
 
     def _check_hooks_ran(self, params: list[torch.Tensor]) -> None:
         """Refuse a step whose gradients come from a forward our hooks never saw: it would train as the plain base
@@ -450,7 +468,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if self.two_pass or self._closed or not self._would_perturb():
             return  # SAM, rho = 0: nothing for the hooks to do
         fresh = len(marks) != len(params) or any(
-            ref() is not p.grad or version != p.grad._version for (ref, version), p in zip(marks, params)
+            ref() is not grad or version != grad._version for (ref, version), grad in zip(marks, map(_grad, params))
         )
         if not fresh:
             return
@@ -501,7 +519,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none)
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             return super().add_param_group(param_group)
         self.base_optimizer.add_param_group(param_group)
@@ -510,7 +528,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.exchange = Exchange([p for g in self.param_groups for p in g["params"]])
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def _extra_state(self) -> dict:
+    def _extra_state(self) -> dict[str, Any]:
         """Method-specific scalars/tensors not kept per parameter in ``self.state`` (override to add)."""
         return {"method": type(self).__name__, "skipped_steps": self._skipped, "hparams": dict(self.hparams)}
 
@@ -519,14 +537,14 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         skipped = extra["skipped_steps"]
         self._skipped = torch.as_tensor(skipped) if skipped is not None and not torch.is_tensor(skipped) else skipped
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "base": self.base_optimizer.state_dict(),
             "own": super().state_dict(),
             "extra": self._extra_state(),
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not {"base", "own", "extra"} <= set(state_dict):
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict got a state dict with keys {sorted(state_dict)}: a plain "

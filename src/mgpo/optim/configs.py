@@ -22,7 +22,7 @@ NORMS = ("layer", "global")
 GBAR_UPDATES = ("step", "micro_batch")
 
 # The paper's ablation arms (Figure 4) and Momentum-SAM, by name; None means the plain base optimizer.
-PRESETS: dict[str, dict | None] = {
+PRESETS: dict[str, dict[str, str] | None] = {
     "lora": None,
     "mgpo-no-apn": {"apn": "off"},
     "lora-mgpo": {},
@@ -100,11 +100,11 @@ def preset(name: str) -> dict[str, Any] | None:
     return None if arm is None else dict(arm)
 
 
-def _f(name: str, default):
+def _f(name: str, default: Any) -> Any:
     return field(default=default, metadata={"help": HELP[name]})
 
 
-def momentum_value(value, name: str = "momentum") -> str | float:
+def momentum_value(value: Any, name: str = "momentum") -> str | float:
     """``momentum`` as the optimizer takes it: the string 'optimizer' or a float in [0, 1)."""
     if isinstance(value, str) and value.strip().lower() == "optimizer":
         return "optimizer"
@@ -123,7 +123,7 @@ def momentum_value(value, name: str = "momentum") -> str | float:
     return number
 
 
-def _check_exact_restore(prefix: str, value) -> None:
+def _check_exact_restore(prefix: str, value: object) -> None:
     check(
         value is None or isinstance(value, bool),
         f"{prefix}exact_restore",
@@ -132,15 +132,20 @@ def _check_exact_restore(prefix: str, value) -> None:
     )
 
 
-def _check_seed(prefix: str, value) -> None:
+def _check_seed(prefix: str, value: object) -> None:
     check(isinstance(value, int) and not isinstance(value, bool), f"{prefix}seed", value, "it must be an integer")
 
 
+@dataclass
 class _MethodConfig:
     """What every method's config shares: its fields are the optimizer's keywords."""
 
-    def kwargs(self) -> dict:
+    def kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ValueError naming the first field (after ``prefix``) whose value is not allowed."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -153,7 +158,7 @@ class MGPOConfig(_MethodConfig):
     space: str = _f("space", "weight")
     norm: str = _f("norm", "layer")
     max_scale: float | None = _f("max_scale", 10.0)
-    momentum: str = _f("momentum", "optimizer")
+    momentum: str | float = _f("momentum", "optimizer")
     perturb_non_lora: bool = _f("perturb_non_lora", False)
     gbar_update: str = _f("gbar_update", "step")
     exact_restore: bool | None = _f("exact_restore", None)
@@ -176,7 +181,7 @@ class MGPOConfig(_MethodConfig):
         check_range(f"{prefix}beta", self.beta, 0.0, 1.0)
         _check_exact_restore(prefix, self.exact_restore)
 
-    def kwargs(self) -> dict:
+    def kwargs(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["momentum"] = momentum_value(self.momentum)
         return out
@@ -233,7 +238,7 @@ class GGPOConfig(_MethodConfig):
 
 
 # method name -> (its config class, the name of its optimizer class in mgpo)
-METHOD_CONFIGS: dict[str, tuple[type, str]] = {
+METHOD_CONFIGS: dict[str, tuple[type[_MethodConfig], str]] = {
     "mgpo": (MGPOConfig, "MGPO"),
     "msam": (MSAMConfig, "MSAM"),
     "sam": (SAMConfig, "SAM"),
@@ -284,7 +289,8 @@ class PerturbationConfig:
             for key, value in (arm or {}).items():
                 setattr(out, key, value)
         # rho and beta given explicitly win over the profile; unset, they take its values (else the defaults)
-        profile = PROFILES.get(out.profile, {"rho": DEFAULT_RHO, "beta": DEFAULT_BETA})
+        default = {"rho": DEFAULT_RHO, "beta": DEFAULT_BETA}
+        profile = default if out.profile is None else PROFILES.get(out.profile, default)
         out.rho = profile["rho"] if out.rho is None else out.rho
         out.beta = profile["beta"] if out.beta is None else out.beta
         return out
@@ -298,7 +304,7 @@ class PerturbationConfig:
         """``momentum`` as the optimizer takes it: the string 'optimizer' or a float."""
         return momentum_value(self.momentum, "perturbation.momentum")
 
-    def method_config(self):
+    def method_config(self) -> _MethodConfig | None:
         """The per-method config (:class:`MGPOConfig`, ...) of the resolved method; None for 'adamw'."""
         cfg = self.resolved()
         if cfg.method == "adamw":

@@ -18,13 +18,18 @@ Pure PyTorch; nothing here reads a device value back to the host.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, TypeGuard
+
 import torch
 import torch.distributed as dist
 
-try:
+if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # a torch built without distributed support: nothing can be sharded
-    DTensor, Shard = (), ()
+else:
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # a torch built without distributed support: nothing can be sharded
+        DTensor, Shard = (), ()
 
 # Test-only switch: False turns the reductions off (each rank then uses its own shard's norms), so the FSDP tests
 # can show that they catch exactly that bug. Never set it outside tests.
@@ -36,14 +41,21 @@ _SUPPORTED = (
 )
 
 
-def is_sharded(t: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> TypeGuard[DTensor]:
     return isinstance(t, DTensor)
 
 
-def local(t: torch.Tensor | None) -> torch.Tensor | None:
+def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``t`` (the tensor itself when it is not sharded). Shares storage: in-place writes to
     it change ``t``."""
-    return t._local_tensor if t is not None and is_sharded(t) else t
+    return t._local_tensor if is_sharded(t) else t
+
+
+def local_grad(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``p.grad``, for a tensor that has a gradient (the optimizers' ``_params_with_grad()``)."""
+    grad = p.grad
+    assert grad is not None
+    return grad._local_tensor if is_sharded(grad) else grad
 
 
 def check_placements(params: list[torch.Tensor]) -> None:
@@ -128,7 +140,7 @@ class Exchange:
         send = torch.zeros(longest, dtype=dtype, device=local(tensors[which[0]]).device)
         if per_rank[self.rank]:
             send[: per_rank[self.rank]] = torch.cat([local(tensors[i]).reshape(-1).to(dtype) for i in which])
-        if n_parts:
+        if parts is not None and n_parts:
             send[longest - n_parts :] = parts
         recv = torch.empty(world * longest, dtype=send.dtype, device=send.device)
         dist.all_gather_single(recv, send, group=self.group)  # all_gather_into_tensor's successor
@@ -143,13 +155,13 @@ class Exchange:
         out = list(tensors)
         for k, i in enumerate(which):
             out[i] = torch.cat(pieces[k], 0).to(tensors[i].dtype)
-        if n_parts:
+        if parts is not None and n_parts:
             gathered = recv[:, longest - n_parts :]
             parts = (gathered.sum(0) if REDUCE else gathered[self.rank]).to(parts.dtype)
         return out, parts
 
 
-def local_state(obj):
+def local_state(obj: Any) -> Any:
     """``obj`` (an optimizer ``state_dict()``) with every DTensor replaced by this rank's shard: what a per-rank
     checkpoint file holds under FSDP. Resume with the same number of processes (:func:`sharded_state`)."""
     if is_sharded(obj):
@@ -161,14 +173,14 @@ def local_state(obj):
     return obj
 
 
-def sharded_state(state_dict: dict, optimizer) -> dict:
+def sharded_state(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The inverse of :func:`local_state` for a mgpo optimizer's state dict: every per-parameter state tensor
     that has the shape of its FSDP-sharded parameter's local shard becomes a DTensor laid out like it again
     (``load_state_dict`` would otherwise keep plain tensors beside DTensor parameters)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def wrap(section: dict) -> dict:
-        state = {}
+    def wrap(section: dict[str, Any]) -> dict[str, Any]:
+        state: dict[Any, Any] = {}
         for index, entries in section.get("state", {}).items():
             p = params[index] if isinstance(index, int) and index < len(params) else None
             if p is None or not is_sharded(p):

@@ -14,22 +14,28 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from mgpo.optim._base import check_range
+from mgpo.optim._base import Params, check_range
 from mgpo.optim.configs import GGPOConfig
-from mgpo.optim.layers import is_lora_linear, lowrank_row_sq_norms
+from mgpo.optim.layers import is_lora_linear
+from mgpo.optim.lowrank import lowrank_row_sq_norms
 from mgpo.optim.random_perturbation import RandomPerturbation, _lowrank_delta
 
+if TYPE_CHECKING:
+    from mgpo.optim.layers import LoraLinear
 
-def delta_grad_row_norms(module: nn.Module) -> torch.Tensor | None:
+
+def delta_grad_row_norms(module: LoraLinear | nn.Linear) -> torch.Tensor | None:
     """Row norms of ``s (B grad_A + grad_B A)`` summed over active adapters (or of ``weight.grad``), from
     ``rowsum((U (V V^T)) * U)`` with ``U = [sB, s gB]``, ``V = [gA; A]``: no out x in matrix."""
     if not is_lora_linear(module):
         grad = module.weight.grad
-        return None if grad is None else grad.float().norm(dim=1)
+        rows: torch.Tensor | None = None if grad is None else grad.float().norm(dim=1)  # (Tensor.norm: unannotated)
+        return rows
     delta = _lowrank_delta(module, grads=True)
     if delta is None or delta == "empty":
         return None  # not a plain A/B pair (e.g. AdaLoRA), or no gradient: no gradient term for this layer
@@ -47,16 +53,16 @@ class GGPO(RandomPerturbation):
 
     def __init__(
         self,
-        params,
-        base_optimizer=torch.optim.AdamW,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
         *,
         sigma: float = 0.03,
         beta_g: float = 0.01,
         seed: int = 0,
         model: nn.Module | None = None,
         auto_perturb: bool = True,
-        **base_kwargs,
-    ):
+        **base_kwargs: Any,
+    ) -> None:
         check_range("sigma", sigma, 0.0, float("inf"))
         check_range("beta_g", beta_g, 0.0, float("inf"))
         self.config = GGPOConfig(sigma=sigma, beta_g=beta_g, seed=seed)  # the seed: opt.hparams (restored on load)
@@ -76,7 +82,7 @@ class GGPO(RandomPerturbation):
     def _would_perturb(self) -> bool:
         return self.config.sigma > 0 or self.config.beta_g > 0
 
-    def _row_sigma(self, index: int, module: nn.Module) -> torch.Tensor:
+    def _row_sigma(self, index: int, module: LoraLinear | nn.Linear) -> torch.Tensor:
         sigma = self.config.sigma * self._merged_row_norms(index, module)
         grad_rows = self._grad_rows.get(index)
         if grad_rows is not None and self.config.beta_g != 0:
@@ -109,9 +115,9 @@ class GGPO(RandomPerturbation):
                         self._grad_rows[index] = torch.where(ok, rows, prev if prev is not None else 0.0)
         super()._update(params, grad_norms, ok)
 
-    def _extra_state(self) -> dict:
+    def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "grad_rows": dict(self._grad_rows)}
 
-    def _load_extra_state(self, extra: dict) -> None:
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         self._grad_rows = dict(extra["grad_rows"])

@@ -12,11 +12,19 @@ import copy
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch._compile import _disable_dynamo
 from torch.utils.hooks import RemovableHandle
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+# MGPO's pending weight-space terms: module id -> [(adapter, (A, m_A, B, m_B, c_l s), DoRA's (n / n~, 1 / n~,
+# magnitude) or None)] (:mod:`mgpo.optim.weight_space`)
+Terms: TypeAlias = dict[int, list[tuple[str, tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor] | None]]]
 
 
 class Window(Protocol):
@@ -27,16 +35,16 @@ class Window(Protocol):
     def _on_forward(self, module: nn.Module) -> None: ...
 
 
-def _no_hook(*_args, **_kwargs) -> None:
+def _no_hook(*_args: Any, **_kwargs: Any) -> None:
     """What an optimizer's hook becomes in a copy of the model: nothing."""
     return None
 
 
-def _inert() -> Callable:
+def _inert() -> Callable[..., None]:
     return _no_hook
 
 
-def _own_method(module: nn.Module, name: str) -> Callable:
+def _own_method(module: nn.Module, name: str) -> Callable[..., Any]:
     """What an optimizer's override of ``module.name`` becomes in a copy of the model: the class's own method."""
     return types.MethodType(getattr(type(module), name), module)
 
@@ -51,25 +59,26 @@ class Installed:
 
     def __init__(
         self,
-        fn: Callable,
+        fn: Callable[..., Any],
         module: nn.Module | None = None,
         name: str | None = None,
         before_copy: Callable[[], None] | None = None,
-    ):
+    ) -> None:
         self.fn, self.module, self.name, self.before_copy = fn, module, name, before_copy
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
-    def __deepcopy__(self, memo: dict) -> Callable:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., Any]:
         if self.before_copy is not None:
             self.before_copy()
         if self.module is None:
             return _no_hook
+        assert self.name is not None  # given with the module (InstanceOverride)
         twin = memo.get(id(self.module))
         return _own_method(twin if twin is not None else copy.deepcopy(self.module, memo), self.name)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         if self.before_copy is not None:
             self.before_copy()
         return (_inert, ()) if self.module is None else (_own_method, (self.module, self.name))
@@ -79,7 +88,7 @@ class InstanceOverride:
     """Handle of an instance-level replacement of a module's method (``forward``, ``merge``); ``remove()`` puts the
     class's method back, unless something replaced it again since."""
 
-    def __init__(self, module: nn.Module, name: str, fn: Callable):
+    def __init__(self, module: nn.Module, name: str, fn: Callable[..., Any]) -> None:
         self.module, self.name, self.fn = module, name, Installed(fn, module, name)
         setattr(module, name, self.fn)
 
@@ -88,7 +97,11 @@ class InstanceOverride:
             delattr(self.module, self.name)
 
 
-def run_eagerly(fn: Callable) -> Callable:
+# What an optimizer keeps of what it installed (``remove()`` takes each away)
+Handle: TypeAlias = RemovableHandle | InstanceOverride
+
+
+def run_eagerly(fn: Callable[_P, _T]) -> Callable[_P, _T]:
     """``fn`` opaque to ``torch.compile``: it runs in Python at every call, a graph break around it.
 
     The model's pre-hook, the noise forwards and ``step()`` decide from the optimizer's Python state (is a
@@ -96,7 +109,7 @@ def run_eagerly(fn: Callable) -> Callable:
     the first trace, and their writes to the optimizer were dropped: a model compiled after the optimizer was built
     trained as the plain base optimizer without a word. This is ``torch.compiler.disable``, imported at the first
     call (as torch.optim does for its own methods), so importing mgpo does not import dynamo."""
-    return torch._disable_dynamo(fn)
+    return _disable_dynamo(fn)
 
 
 class HookState:
@@ -107,9 +120,9 @@ class HookState:
     optimizer object it drops such writes. A hook holding this object does not keep the optimizer alive.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.applied = False  # the perturbation is on (the window is open)
-        self.terms: dict | None = None  # MGPO's pending weight-space terms, by module
+        self.terms: Terms | None = None  # MGPO's pending weight-space terms, by module
         self.saw_layer = False  # a layer's hook ran in training mode since the last step (the hook guard)
 
 
@@ -134,8 +147,9 @@ def install_model_hooks(opt: Window, model: nn.Module) -> list[RemovableHandle]:
     # prepend: before FSDP2's own pre-forward hook, so a perturbation moved in place into a sharded tensor is
     # what FSDP gathers for the forward (docs/distributed.md)
     handles.append(model.register_forward_pre_hook(Installed(forward_hook, before_copy=restore_hook), prepend=True))
-    handles.append(model.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+    handles.append(_state_dict_pre_hook(model, Installed(restore_hook, before_copy=restore_hook)))
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else None
     if isinstance(inner, nn.Module) and inner is not model:
         # PEFT's generate() and get_base_model() reach the wrapped model without the PeftModel's forward or
         # state_dict(): an eval-mode generation (or a save) inside the window restores there too. Skipped
@@ -145,8 +159,20 @@ def install_model_hooks(opt: Window, model: nn.Module) -> list[RemovableHandle]:
                 forward_hook(module, args)
 
         handles.append(inner.register_forward_pre_hook(Installed(inner_hook, before_copy=restore_hook), prepend=True))
-        handles.append(inner.register_state_dict_pre_hook(Installed(restore_hook, before_copy=restore_hook)))
+        handles.append(_state_dict_pre_hook(inner, Installed(restore_hook, before_copy=restore_hook)))
     return handles
+
+
+def _state_dict_pre_hook(module: nn.Module, hook: Installed) -> RemovableHandle:
+    """``module.register_state_dict_pre_hook(hook)``, which torch leaves unannotated."""
+    handle: RemovableHandle = module.register_state_dict_pre_hook(hook)  # type: ignore[no-untyped-call]
+    return handle
+
+
+class _Mergeable(Protocol):
+    """A PEFT layer, which merges its adapters into its base layer."""
+
+    def merge(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def guard_merges(opt: Window, model: nn.Module | None, moved: set[int]) -> list[InstanceOverride]:
@@ -156,7 +182,7 @@ def guard_merges(opt: Window, model: nn.Module | None, moved: set[int]) -> list[
     ``merge`` that restores first (a copy of the model gets the class's own); returns the handles."""
     ref = weakref.ref(opt)
 
-    def merge(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def merge(module: _Mergeable, *args: Any, **kwargs: Any) -> Any:
         live = ref()
         if live is not None:
             live.restore()

@@ -7,15 +7,34 @@ nothing here imports PEFT.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mgpo.optim.lowrank import STACK_ELEMENTS as STACK_ELEMENTS  # re-exported: older imports
-from mgpo.optim.lowrank import (
-    lowrank_row_sq_norms,  # noqa: F401  (re-exported: older imports)
-)
+from mgpo.optim.lowrank import lowrank_row_sq_norms as lowrank_row_sq_norms  # re-exported: older imports
 from mgpo.optim.lowrank import lowrank_sq_norms as lowrank_sq_norms  # re-exported: older imports
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    class LoraLinear(nn.Module):
+        """A PEFT LoRA layer wrapping an ``nn.Linear`` (``peft.tuners.lora.Linear`` and its kin), as the type checker
+        sees it: the attributes mgpo reads. PEFT's modules are untyped ``nn.Module``s and PEFT is never imported
+        here, so this class exists for the type checker only; :func:`is_lora_linear` narrows a module to it."""
+
+        lora_A: nn.ModuleDict
+        lora_B: nn.ModuleDict
+        lora_dropout: nn.ModuleDict
+        lora_magnitude_vector: nn.ModuleDict
+        scaling: dict[str, float]
+        active_adapters: list[str]
+        disable_adapters: bool
+        get_base_layer: Callable[[], nn.Linear]
+        get_delta_weight: Callable[[str], torch.Tensor]
+
 
 # ``encoder.layer.0.query.lora_A.default.weight`` -> ("encoder.layer.0.query", "default"). Covers lora_A/lora_B,
 # DoRA's lora_magnitude_vector, AdaLoRA's lora_E (a ParameterDict, so no ".weight") and lora_embedding_A/B.
@@ -28,7 +47,9 @@ def lora_layer_key(param_name: str) -> str | None:
     return f"{match['module']}[{match['adapter']}]" if match else None
 
 
-def discover_layers(param_groups: list[dict], model: nn.Module | None = None) -> dict[str, list[torch.Tensor]]:
+def discover_layers(
+    param_groups: list[dict[str, Any]], model: nn.Module | None = None
+) -> dict[str, list[torch.Tensor]]:
     """Group the optimizer's tensors into layers, in param-group order.
 
     With a model, the tensors of one LoRA module and adapter (A, B, DoRA magnitude, AdaLoRA E) form one layer
@@ -46,23 +67,36 @@ def discover_layers(param_groups: list[dict], model: nn.Module | None = None) ->
     return layers
 
 
-def is_lora_linear(module: nn.Module) -> bool:
+def is_lora_linear(module: nn.Module) -> TypeIs[LoraLinear]:
     """A PEFT LoRA layer wrapping an ``nn.Linear`` (LoRA, DoRA, rsLoRA, PiSSA, AdaLoRA's SVDLinear...)."""
     return (
-        hasattr(module, "lora_A")
-        and hasattr(module, "get_base_layer")
-        and hasattr(module, "get_delta_weight")
-        and isinstance(module.get_base_layer(), nn.Linear)
+        hasattr(module, "lora_A") and hasattr(module, "get_delta_weight") and isinstance(base_layer(module), nn.Linear)
     )
 
 
-def noise_targets(model: nn.Module, trainable: set[int]) -> dict[str, nn.Module]:
+def base_layer(module: nn.Module) -> nn.Module | None:
+    """The layer a PEFT layer wraps (``module.get_base_layer()``); None for a module that is no PEFT layer."""
+    get = getattr(module, "get_base_layer", None)
+    if get is None:
+        return None
+    base: nn.Module = get()
+    return base
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` of a layer that has one (a LoRA factor, DoRA's magnitude vector), as a tensor."""
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def noise_targets(model: nn.Module, trainable: set[int]) -> dict[str, LoraLinear | nn.Linear]:
     """Modules whose full weight ``W'`` receives random noise (RandomPerturbation, GGPO).
 
     Every PEFT LoRA linear layer with a trainable adapter tensor if the model has any; otherwise (full
     fine-tuning) every ``nn.Linear`` whose weight the optimizer trains.
     """
-    lora = {
+    lora: dict[str, LoraLinear | nn.Linear] = {
         name: m
         for name, m in model.named_modules()
         if is_lora_linear(m) and any(id(p) in trainable for p in m.parameters())
@@ -95,7 +129,7 @@ def is_dora(module: nn.Module, adapter: str) -> bool:
     )
 
 
-def dora_weight_space_refusal(module: nn.Module, adapter: str) -> str | None:
+def dora_weight_space_refusal(module: LoraLinear, adapter: str) -> str | None:
     """Why the authors' weight-space rule cannot be applied exactly to this DoRA adapter (None: it can)."""
     if not isinstance(module.lora_dropout[adapter], nn.Identity):
         return "lora_dropout > 0 (the rule needs the undropped base output)"
@@ -108,7 +142,7 @@ def dora_weight_space_refusal(module: nn.Module, adapter: str) -> str | None:
     return None
 
 
-def lora_pairs(model: nn.Module, trainable: set[int], dora: bool = False) -> list[tuple[str, nn.Module, str]]:
+def lora_pairs(model: nn.Module, trainable: set[int], dora: bool = False) -> list[tuple[str, LoraLinear, str]]:
     """``(layer key, module, adapter)`` of every vanilla LoRA adapter whose A and B are both trained; with ``dora``
     the DoRA adapters whose A and B are both trained instead."""
     pairs = []
@@ -128,7 +162,8 @@ def lora_pairs(model: nn.Module, trainable: set[int], dora: bool = False) -> lis
 
 def is_quantized(module: nn.Module) -> bool:
     """A bitsandbytes (or other packed) base layer whose weight is not a plain floating tensor."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = base_layer(module)
+    base = module if base is None else base
     weight = getattr(base, "weight", None)
     return type(base).__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq") or (
         weight is not None and (not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params"))

@@ -8,14 +8,21 @@ applied to a layer's input as ``c_l s U (V x)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
 import torch
+from torch import Tensor
 
 # At most this many values are stacked at once by lowrank_sq_norms (16 MiB in float32): it bounds the step's
 # transient memory, whatever the number of layers of one shape.
 STACK_ELEMENTS = 1 << 22
 
+# The shapes and dtypes of an item's ``(X_i, Y_i)``: items with equal ones are stacked together
+_Shapes: TypeAlias = tuple[tuple[torch.Size, torch.dtype, torch.Size, torch.dtype], ...]
 
-def lowrank_sq_norms(items: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> torch.Tensor:
+
+def lowrank_sq_norms(items: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> torch.Tensor:
     """``||X_1 Y_1 + ... + X_k Y_k||_F^2`` of every item ``((X_1, Y_1), ..., (X_k, Y_k))`` (X: out x r, Y: r x in),
     in item order, float32 at least (float64 when a tensor is), from r x r Gram blocks:
     ``sum_i <X_i^T X_i, Y_i Y_i^T> + 2 sum_{i<j} <X_i^T X_j, Y_i Y_j^T>``; nothing out x in is formed.
@@ -25,16 +32,16 @@ def lowrank_sq_norms(items: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]])
     multiply-adds than one 2r x 2r Gram matrix per side (``X_2^T X_1`` is the transpose of ``X_1^T X_2``). One
     side is stacked at a time, at most ``max(STACK_ELEMENTS, one item's side)`` values (a chunk holds one item at
     least), in the tensors' own dtype before the conversion to float32."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[_Shapes, torch.device], list[int]] = {}
     for n, item in enumerate(items):
-        key = tuple((x.shape, x.dtype, y.shape, y.dtype) for x, y in item) + (item[0][0].device,)
-        groups.setdefault(key, []).append(n)
+        shapes = tuple((x.shape, x.dtype, y.shape, y.dtype) for x, y in item)
+        groups.setdefault((shapes, item[0][0].device), []).append(n)
     wide = any(t.dtype == torch.float64 for item in items for pr in item for t in pr)
-    values: list[torch.Tensor | None] = [None] * len(items)
-    for key, members in groups.items():
-        dtype = torch.float64 if any(torch.float64 in (xd, yd) for _, xd, _, yd in key[:-1]) else torch.float32
-        side = max(sum(x.numel() for x, *_ in key[:-1]), sum(y.numel() for _, _, y, _ in key[:-1]), 1)
-        k, chunk = len(key) - 1, max(1, STACK_ELEMENTS // side)
+    values: dict[int, torch.Tensor] = {}  # by item
+    for (shapes, _), members in groups.items():
+        dtype = torch.float64 if any(torch.float64 in (xd, yd) for _, xd, _, yd in shapes) else torch.float32
+        side = max(sum(x.numel() for x, *_ in shapes), sum(y.numel() for _, _, y, _ in shapes), 1)
+        k, chunk = len(shapes), max(1, STACK_ELEMENTS // side)
         pairs = [(i, j) for i in range(k) for j in range(i, k)]
         for start in range(0, len(members), chunk):
             which = members[start : start + chunk]
@@ -42,15 +49,16 @@ def lowrank_sq_norms(items: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]])
             grams = [torch.bmm(xs[i].mT, xs[j]) for i, j in pairs]  # X_i^T X_j, r x r
             del xs
             ys = [_stacked([items[n][i][1] for n in which], dtype) for i in range(k)]  # (L, r, in)
-            acc = None  # sum over the blocks of (X_i^T X_j) * (Y_i Y_j^T), elementwise, per item
+            acc: Tensor | None = None  # sum over the blocks of (X_i^T X_j) * (Y_i Y_j^T), elementwise, per item
             for (i, j), g in zip(pairs, grams):
                 h = torch.bmm(ys[i], ys[j].mT)  # Y_i Y_j^T, r x r
                 acc = g.mul_(h) if acc is None else acc.addcmul_(g, h, value=1 if i == j else 2)
             del ys, grams
+            assert acc is not None  # k >= 1: one block at least
             total = acc.sum((1, 2))
             for n, v in zip(which, (total.double() if wide and dtype != torch.float64 else total).unbind()):
                 values[n] = v
-    return torch.stack(values) if values else torch.zeros(0)
+    return torch.stack([values[n] for n in range(len(items))]) if items else torch.zeros(0)
 
 
 def _stacked(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +84,9 @@ class WeightSpaceTerm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out, x, a, m_a, b, m_b, cs):
+    def forward(
+        ctx: Any, out: Tensor | None, x: Tensor, a: Tensor, m_a: Tensor, b: Tensor, m_b: Tensor, cs: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(a, m_a, b, m_b, cs)  # references: an in-place change before backward raises
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -92,7 +102,7 @@ class WeightSpaceTerm(torch.autograd.Function):
             return (flat + (h @ u.T).to(flat.dtype)).view(out.shape)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         a, m_a, b, m_b, cs = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[1]:  # eps_l^T grad = c_l s [A; m_A]^T ([m_B, B]^T grad)
@@ -114,15 +124,29 @@ def row_norms(w0: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tenso
     return sq.clamp_min(0).sqrt()
 
 
-def dora_term(out, x, factors, bias, ratio, inv_norm, magnitude):
+def dora_term(
+    out: Tensor,
+    x: Tensor,
+    factors: tuple[Tensor, ...],
+    bias: Tensor | None,
+    ratio: Tensor,
+    inv_norm: Tensor,
+    magnitude: Tensor,
+) -> Tensor:
     """A DoRA layer's output at base weight ``W0 + eps`` (the authors' rule), from PEFT's output at ``W0``:
     ``b + (m / n~) (W' x + eps x) = b + (n / n~) (y - b) + (m / n~) (eps x)``, with ``y - b = (m / n) W' x`` and
     the row norms ``n``, ``n~`` constants (DoRA detaches them), so the gradients of m, A and B are DoRA's at the
     perturbed base weight. Valid for one active adapter without LoRA dropout (checked at construction)."""
-    term = WeightSpaceTerm.apply(None, x, *factors)  # eps x = c s (m_B (A x) + B (m_A x)), eq. (6)
+    term = apply_function(WeightSpaceTerm, None, x, *factors)  # eps x = c s (m_B (A x) + B (m_A x)), eq. (6)
     with torch.autocast(x.device.type, enabled=False):
         clean = out if bias is None else out - bias
         scaled = ratio.to(out.dtype) * clean + ((magnitude * inv_norm.to(magnitude.dtype)) * term).view(out.shape).to(
             out.dtype
         )
     return scaled if bias is None else scaled + bias
+
+
+def apply_function(function: type[torch.autograd.Function], *args: Tensor | None) -> Tensor:
+    """``function.apply(*args)``: the output of a custom autograd function of ours (one tensor)."""
+    out: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]  # torch leaves Function.apply unannotated
+    return out

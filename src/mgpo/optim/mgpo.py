@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,26 +33,23 @@ from torch import Tensor, nn
 
 from mgpo.optim import apn as rules
 from mgpo.optim import functional as F
-from mgpo.optim._base import Installed, PerturbedOptimizer, check_range, moment_key
-from mgpo.optim.configs import APN_MODES as APN_MODES  # re-exported: older imports
-from mgpo.optim.configs import (
-    GBAR_UPDATES,
-    NORMS,
-    PROFILES,  # noqa: F401  (re-exported)
-    SPACES,
-    MGPOConfig,
-)
+from mgpo.optim._base import Installed, Params, PerturbedOptimizer, check_range, moment_key
+from mgpo.optim.configs import GBAR_UPDATES, NORMS, SPACES, MGPOConfig
 from mgpo.optim.configs import PRESETS as PRESETS  # re-exported: older imports
+from mgpo.optim.configs import PROFILES as PROFILES  # re-exported: older imports
 from mgpo.optim.configs import preset as preset  # re-exported: older imports
 from mgpo.optim.configs import profile as profile  # re-exported: older imports
 from mgpo.optim.diagnostics import Snapshot, apn_statistics, layer_sizes, radius_diagnostics, snapshot
-from mgpo.optim.distributed import local
-from mgpo.optim.lowrank import WeightSpaceTerm, dora_term, row_norms  # noqa: F401  (re-exported)
+from mgpo.optim.distributed import local, local_grad
+from mgpo.optim.lowrank import WeightSpaceTerm
+from mgpo.optim.lowrank import dora_term as dora_term  # re-exported: older imports
+from mgpo.optim.lowrank import row_norms as row_norms  # re-exported: older imports
 from mgpo.optim.norms import GradNorms, add_pair_norms, direction, grad_owners, grad_v, gradient_norms, pair_grad_sq
 from mgpo.optim.plan import DeviceConstants, LayerPlan, build_plan
 from mgpo.optim.weight_space import Factors, Terms, build_terms, term_hook
 
 _TINY = F.TINY  # older imports
+APN_MODES = rules.NAMES  # older imports
 _WeightSpaceTerm = WeightSpaceTerm  # older imports (tests, benchmarks)
 
 
@@ -90,9 +86,9 @@ def _check_settings(
                 "or a float mu in [0, 1)."
             )
         check_range("momentum", momentum, 0.0, 1.0)
-    for name, value in (("perturb_non_lora", perturb_non_lora), ("diagnostics", diagnostics)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} is invalid: use True or False.")
+    for name, flag in (("perturb_non_lora", perturb_non_lora), ("diagnostics", diagnostics)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}={flag!r} is invalid: use True or False.")
     if exact_restore is not None and not isinstance(exact_restore, bool):
         raise ValueError(f"exact_restore={exact_restore!r} is invalid: use True, False or None (automatic).")
 
@@ -141,7 +137,7 @@ class MGPO(PerturbedOptimizer):
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict] | nn.Module,
+        params: Params,
         base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
         *,
         rho: float = 0.05,
@@ -183,7 +179,7 @@ class MGPO(PerturbedOptimizer):
             norm=norm,
             max_scale=max_scale,
             momentum=momentum,
-            perturb_non_lora=perturb_non_lora,  # type: ignore[arg-type]
+            perturb_non_lora=perturb_non_lora,
             gbar_update=gbar_update,
             exact_restore=exact_restore,
             diagnostics=diagnostics,
@@ -197,7 +193,7 @@ class MGPO(PerturbedOptimizer):
         self.gbar: Tensor | None = None  # per-layer EMA of weight-space gradient norms (eq. 8)
         self._seen: Tensor | None = None  # which layers have had a first gradient
         self._coef: Tensor | None = None  # c_l of the pending perturbation (eps_l = c_l D_l)
-        self._clean: list[Tensor] | None = None
+        self._clean: tuple[Tensor, ...] | None = None  # exact copies of the tensors moved in place
         self._gathered: list[tuple[Tensor, Tensor]] | None = None  # FSDP: whole (A, g_A) of every pair with a gradient
         self._recorded: tuple[Tensor, Tensor] | None = None  # (n_l, has_grad) from record_gradients()
         self._direction: F.Direction | None = None  # ||D_l||, ||D_l||^2, has_m
@@ -358,10 +354,10 @@ class MGPO(PerturbedOptimizer):
         assert self._coef is not None
         ts = [t for _, t in self._plan.inplace]
         moments = self._moments(ts)
-        keep = [j for j, m in enumerate(moments) if m is not None]
-        layer = self._constants.index(tuple(self._plan.inplace[j].layer for j in keep))
+        keep = [(j, m) for j, m in enumerate(moments) if m is not None]
+        layer = self._constants.index(tuple(self._plan.inplace[j].layer for j, _ in keep))
         coefs = list(self._coef[layer].unbind()) if keep else []
-        return [local(ts[j]) for j in keep], [local(moments[j]) for j in keep], coefs
+        return [local(ts[j]) for j, _ in keep], [local(m) for _, m in keep], coefs
 
     def _apply(self) -> None:
         if self._coef is None:  # first step: no momentum yet, no perturbation
@@ -518,7 +514,7 @@ class MGPO(PerturbedOptimizer):
         own = self.config.momentum != "optimizer"
         if own:  # a skipped step must leave the own buffer as it was: blend with a finite gradient
             for p in params:
-                local(p.grad).nan_to_num_(0.0, 0.0, 0.0)
+                local_grad(p).nan_to_num_(0.0, 0.0, 0.0)
         self._base_step(params, ok)
         if own:  # eq. (5): v_t = mu v_{t-1} + g_t (unchanged on a skipped step)
             moments = []
@@ -526,7 +522,7 @@ class MGPO(PerturbedOptimizer):
                 if "momentum" not in self.state[p]:
                     self.state[p]["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 moments.append(local(self.state[p]["momentum"]))
-            F.momentum_(moments, [local(p.grad) for p in params], float(self.config.momentum), ok, dtype)
+            F.momentum_(moments, [local_grad(p) for p in params], float(self.config.momentum), ok, dtype)
 
     def _direction_norms(
         self, eq8: Tensor | None, dtype: torch.dtype
@@ -599,8 +595,9 @@ class MGPO(PerturbedOptimizer):
         self.gbar, self._seen, self._coef = extra["gbar"], extra["seen"], extra.get("coef")
         direction = extra.get("direction")
         self._direction = None if direction is None else F.Direction(*direction)
-        ready = self._coef is not None and self._direction is not None and self._coef.shape == direction[0].shape
-        self._pending_norm = F.pending_norm(self._coef, self._direction.norm) if ready else None  # type: ignore
+        self._pending_norm = None
+        if self._coef is not None and self._direction is not None and self._coef.shape == self._direction.norm.shape:
+            self._pending_norm = F.pending_norm(self._coef, self._direction.norm)
         self._sizes = extra.get("sizes") or {}
         self._terms = None  # rebuilt at the next perturb() from the loaded factors and momenta
         self._constants.clear()
@@ -641,7 +638,7 @@ class MSAM(MGPO):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module,
+        params: Params,
         base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
         *,
         rho: float = 0.05,

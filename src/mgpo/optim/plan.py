@@ -9,19 +9,22 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from mgpo.optim.layers import dora_weight_space_refusal, is_dora, is_quantized, lora_pairs
+from mgpo.optim.layers import dora_weight_space_refusal, is_dora, is_quantized, lora_pairs, weight_of
+
+if TYPE_CHECKING:
+    from mgpo.optim.layers import LoraLinear
 
 
 class Pair(NamedTuple):
     """A LoRA layer perturbed in weight space: ``W0 + s B A`` (one module and adapter)."""
 
     layer: int  # index into ``opt.layers``
-    module: nn.Module
+    module: LoraLinear
     adapter: str
     a: Tensor  # r x in
     b: Tensor  # out x r
@@ -98,10 +101,10 @@ def build_plan(
             index[key],
             m,
             a,
-            m.lora_A[a].weight,
-            m.lora_B[a].weight,
+            weight_of(m.lora_A[a]),
+            weight_of(m.lora_B[a]),
             float(m.scaling[a]),
-            m.lora_magnitude_vector[a].weight if is_dora(m, a) else None,
+            weight_of(m.lora_magnitude_vector[a]) if is_dora(m, a) else None,
         )
         for key, m, a in chosen
     )

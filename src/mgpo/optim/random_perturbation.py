@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from mgpo.optim._base import InstanceOverride, PerturbedOptimizer, check_range, run_eagerly
-from mgpo.optim.layers import is_lora_linear, is_plain_lora, is_quantized, lowrank_row_sq_norms, noise_targets
+from mgpo.optim._base import InstanceOverride, Params, PerturbedOptimizer, check_range, run_eagerly
+from mgpo.optim.layers import is_lora_linear, is_plain_lora, is_quantized, noise_targets, weight_of
+from mgpo.optim.lowrank import apply_function, lowrank_row_sq_norms
+
+if TYPE_CHECKING:
+    from mgpo.optim.layers import LoraLinear
 
 
 class _NoisyLinear(torch.autograd.Function):
@@ -33,19 +39,19 @@ class _NoisyLinear(torch.autograd.Function):
     full-size tensor per layer for the whole forward; here the backward casts it again, as the clean layer's does."""
 
     @staticmethod
-    def forward(ctx, x, noisy_weight, bias):
+    def forward(ctx: Any, x: Tensor, noisy_weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(noisy_weight, bias)
         return F.linear(x, noisy_weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         noisy_weight, bias = ctx.saved_tensors
         grad_x = grad_out @ noisy_weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b
 
 
-def merged_weight(module: nn.Module) -> torch.Tensor:
+def merged_weight(module: LoraLinear | nn.Linear) -> torch.Tensor:
     """``W' = W0 + sum of the active adapters' delta weights`` (dense; used by tests and for non-plain adapters)."""
     if not is_lora_linear(module):
         return module.weight
@@ -56,7 +62,7 @@ def merged_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def _lowrank_delta(module: nn.Module, grads: bool = False):
+def _lowrank_delta(module: LoraLinear, grads: bool = False) -> tuple[Tensor, Tensor] | Literal["empty"] | None:
     """``(U, V)`` with ``U V = sum_k s_k B_k A_k`` over the active plain adapters (or, with ``grads``, the
     weight-space gradient ``sum_k s_k (B_k gA_k + gB_k A_k)``). None if an adapter is not plain LoRA."""
     us, vs = [], []
@@ -65,7 +71,7 @@ def _lowrank_delta(module: nn.Module, grads: bool = False):
             continue
         if not is_plain_lora(module, adapter):
             return None
-        a, b, s = module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
+        a, b, s = weight_of(module.lora_A[adapter]), weight_of(module.lora_B[adapter]), float(module.scaling[adapter])
         if not grads:
             us.append(s * b)
             vs.append(a)
@@ -93,20 +99,30 @@ class RandomPerturbation(PerturbedOptimizer):
 
     def __init__(
         self,
-        params,
-        base_optimizer=torch.optim.AdamW,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
         *,
         rho: float = 0.05,
         total_steps: int | None = None,
         seed: int = 0,
         model: nn.Module | None = None,
         auto_perturb: bool = True,
-        **base_kwargs,
-    ):
+        **base_kwargs: Any,
+    ) -> None:
         check_range("rho", rho, 0.0, float("inf"))
         self._init_noise(params, base_optimizer, dict(rho=rho), total_steps, seed, model, auto_perturb, base_kwargs)
 
-    def _init_noise(self, params, base_optimizer, hparams, total_steps, seed, model, auto_perturb, base_kwargs):
+    def _init_noise(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer],
+        hparams: dict[str, Any],
+        total_steps: int | None,
+        seed: int,
+        model: nn.Module | None,
+        auto_perturb: bool,
+        base_kwargs: dict[str, Any],
+    ) -> None:
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
@@ -130,6 +146,7 @@ class RandomPerturbation(PerturbedOptimizer):
             **base_kwargs,
         )
         trainable = {id(p) for g in self.param_groups for p in g["params"]}
+        assert self.model is not None  # refused above without one
         self.targets = noise_targets(self.model, trainable)
         if not self.targets:
             raise ValueError(
@@ -157,11 +174,13 @@ class RandomPerturbation(PerturbedOptimizer):
             self._hooks.append(InstanceOverride(linear, "forward", self._make_forward(ref, index, linear, owner)))
 
     @staticmethod
-    def _make_forward(ref, index: int, linear: nn.Linear, owner: nn.Module | None):
+    def _make_forward(
+        ref: weakref.ref[RandomPerturbation], index: int, linear: nn.Linear, owner: LoraLinear | None
+    ) -> Callable[..., Tensor]:
         linear_forward = type(linear).forward
 
         @run_eagerly  # the noise is drawn per step from the optimizer's state: never baked into a compiled graph
-        def forward(x, *args, **kwargs):
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             opt = ref()
             if opt is not None and linear.training:
                 opt._shared.saw_layer = True  # the hook guard (PerturbedOptimizer._check_hooks_ran): this does run
@@ -170,12 +189,12 @@ class RandomPerturbation(PerturbedOptimizer):
             held = opt._noise_for(index, owner or linear, linear.weight)
             if linear.weight.requires_grad:  # full fine-tuning: W's own gradient is needed, so W + noise in the graph
                 return F.linear(x, linear.weight + held, linear.bias)
-            return _NoisyLinear.apply(x, held, linear.bias)  # held is W0 + noise
+            return apply_function(_NoisyLinear, x, held, linear.bias)  # held is W0 + noise
 
         return forward
 
     @torch.no_grad()
-    def _noise_for(self, index: int, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    def _noise_for(self, index: int, module: LoraLinear | nn.Linear, weight: torch.Tensor) -> torch.Tensor:
         """This step's noise of the layer whose (base) weight is ``weight``, drawn at the first call of the step:
         ``W0 + noise`` when ``W0`` is frozen (formed once here instead of in every forward and backward), the
         noise alone when ``weight`` is trained (its gradient must flow through the add)."""
@@ -191,16 +210,19 @@ class RandomPerturbation(PerturbedOptimizer):
             self._noise_sq[index] = sigma.square().sum() * weight.shape[1]  # E||noise||^2
         return self._noise[index]
 
-    def _merged_row_norms(self, index: int, module: nn.Module) -> torch.Tensor:
+    def _merged_row_norms(self, index: int, module: LoraLinear | nn.Linear) -> torch.Tensor:
         """``||W'_i,:||`` without a dense ``W'``: ``||W0_i||^2 + 2 <W0_i, (U V)_i> + ||(U V)_i||^2``."""
+        rows: Tensor  # (Tensor.norm is unannotated)
         if not is_lora_linear(module):
-            return module.weight.float().norm(dim=1)
+            rows = module.weight.float().norm(dim=1)
+            return rows
         w0 = module.get_base_layer().weight
         if index not in self._w0_rows:
             self._w0_rows[index] = w0.float().square().sum(1)
         delta = _lowrank_delta(module)
         if delta is None:  # DoRA / AdaLoRA: their delta is not U V; form W' densely
-            return merged_weight(module).float().norm(dim=1)
+            rows = merged_weight(module).float().norm(dim=1)
+            return rows
         if delta == "empty":
             return self._w0_rows[index].sqrt()
         u, v = delta[0].float(), delta[1].float()
@@ -208,19 +230,21 @@ class RandomPerturbation(PerturbedOptimizer):
         return (self._w0_rows[index] + 2 * cross + lowrank_row_sq_norms(u, v)).clamp_min(0).sqrt()
 
     def _ramp(self) -> float:
-        total = self.hparams["total_steps"]
+        total: int | None = self.hparams["total_steps"]
         if total is None:
             return 1.0
         return (1 - math.cos(math.pi * min(self._t + 1, total) / total)) / 2
 
-    def _row_sigma(self, index: int, module: nn.Module) -> torch.Tensor:
+    def _row_sigma(self, index: int, module: LoraLinear | nn.Linear) -> torch.Tensor:
         # sigma_i = ramp_t * rho / sqrt(in) * ||W'_i,:||
         rows = self._merged_row_norms(index, module)
         in_features = (module.get_base_layer() if is_lora_linear(module) else module).weight.shape[1]
-        return self._ramp() * self.hparams["rho"] / math.sqrt(in_features) * rows
+        rho: float = self.hparams["rho"]
+        return self._ramp() * rho / math.sqrt(in_features) * rows
 
     def _would_perturb(self) -> bool:
-        return self.hparams["rho"] > 0
+        rho: float = self.hparams["rho"]
+        return rho > 0
 
     def _has_layer_hooks(self) -> bool:
         return True
@@ -239,10 +263,10 @@ class RandomPerturbation(PerturbedOptimizer):
         self._noise.clear()
         self._noise_sq.clear()
 
-    def _extra_state(self) -> dict:
+    def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "t": self._t, "seed": self.hparams["seed"]}
 
-    def _load_extra_state(self, extra: dict) -> None:
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         self._t, self.hparams["seed"] = extra["t"], extra["seed"]
         self._noise.clear()

@@ -14,12 +14,14 @@ Or explicitly: ``first_step()``, second forward/backward, ``second_step()``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
-from mgpo.optim._base import PerturbedOptimizer, check_range, run_eagerly
+from mgpo.optim._base import Params, PerturbedOptimizer, check_range, run_eagerly
 from mgpo.optim.configs import SAMConfig
-from mgpo.optim.distributed import local
+from mgpo.optim.distributed import local, local_grad
 
 _TINY = 1e-12
 
@@ -31,19 +33,19 @@ class SAM(PerturbedOptimizer):
 
     def __init__(
         self,
-        params,
-        base_optimizer=torch.optim.AdamW,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
         *,
         rho: float = 0.05,
         adaptive: bool = False,
-        model=None,
-        **base_kwargs,
-    ):
+        model: nn.Module | None = None,
+        **base_kwargs: Any,
+    ) -> None:
         check_range("rho", rho, 0.0, float("inf"))
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive={adaptive!r} is invalid: use True (ASAM) or False (SAM).")
-        self.closure: Callable | None = None  # default second pass, for trainers that call step() bare
-        self._clean = None
+        self.closure: Callable[[], Any] | None = None  # default second pass, for trainers that call step() bare
+        self._clean: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None  # (tensors at W + eps, W)
         self.config = SAMConfig(rho=rho, adaptive=adaptive)
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), model=model, **base_kwargs)
 
@@ -57,7 +59,7 @@ class SAM(PerturbedOptimizer):
             return False
         self._check_layout(params)
         # Under FSDP: this rank's shards; the squared norms are summed over the ranks in one all-reduce
-        grads = [local(p.grad) for p in params]
+        grads = [local_grad(p) for p in params]
         params = [local(p) for p in params]
         # SAM: eps = rho g / ||g||;  ASAM: eps = rho w^2 g / ||w g||
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if self.config.adaptive else grads
@@ -107,7 +109,7 @@ class SAM(PerturbedOptimizer):
 
     @run_eagerly
     @torch.no_grad()
-    def step(self, closure: Callable | None = None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SAM step. The closure recomputes the loss and calls ``backward()``. If no gradient is present
         yet (no first backward was done), the closure is run first for it, so the torch convention
         ``opt.step(closure)`` alone trains as expected."""

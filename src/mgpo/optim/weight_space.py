@@ -9,14 +9,18 @@ gets the same ``eps_l`` in its base weight through its row norms (:func:`dora_sc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mgpo.optim.hooks import HookState
-from mgpo.optim.lowrank import WeightSpaceTerm, dora_term, row_norms
+from mgpo.optim.hooks import Terms as Terms  # re-exported: defined with the hooks' state, which holds them
+from mgpo.optim.lowrank import WeightSpaceTerm, apply_function, dora_term, row_norms
 from mgpo.optim.plan import DeviceConstants, Pair
+
+if TYPE_CHECKING:
+    from mgpo.optim.layers import LoraLinear
 
 
 class Factors(NamedTuple):
@@ -26,10 +30,6 @@ class Factors(NamedTuple):
     m_a: Tensor
     b: Tensor
     m_b: Tensor
-
-
-# module id -> [(adapter, (A, m_A, B, m_B, c_l s), DoRA's (n / n~, 1 / n~, magnitude) or None)]
-Terms = dict[int, list[tuple[str, tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor] | None]]]
 
 
 def build_terms(
@@ -70,7 +70,7 @@ def term_hook(shared: HookState, key: int) -> Callable[..., Any]:
     by torch.compile (one graph for the whole model): it only reads ``shared``, on whose attributes dynamo guards, and
     the term's U, V are graph inputs, new every step. It holds ``shared``, never the optimizer."""
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
+    def hook(module: LoraLinear, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
         if module.training:
             shared.saw_layer = True  # the hook guard (PerturbedOptimizer._check_hooks_ran): this hook does run
         terms = shared.terms.get(key) if shared.applied and shared.terms else None
@@ -82,7 +82,7 @@ def term_hook(shared: HookState, key: int) -> Callable[..., Any]:
             if adapter not in active:
                 continue
             if dora is None:  # eq. (6): eps_l x = c_l s (m_B (A x) + B (m_A x)), before LoRA dropout
-                output = WeightSpaceTerm.apply(output, x, *factors)
+                output = apply_function(WeightSpaceTerm, output, x, *factors)
             else:
                 if len(active) > 1:
                     raise RuntimeError(
