@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mgpo.checks import check_choice
+from mgpo.optim._base import PerturbedOptimizer
 from mgpo.optim.configs import METHOD_CONFIGS, METHODS, PROFILES, PerturbationConfig
 
 # Trainer.get_decay_parameter_names (transformers 5): names matching these get no weight decay, nor does any
@@ -59,7 +60,7 @@ def decay_groups(model: nn.Module, weight_decay: float, decay_names: set[str] | 
     return [g for g in groups if g["params"]]
 
 
-def _method_class(method: str) -> type[torch.optim.Optimizer]:
+def _method_class(method: str) -> type[PerturbedOptimizer]:
     import mgpo
 
     return getattr(mgpo, METHOD_CONFIGS[method][1])
@@ -112,7 +113,12 @@ def create_optimizer(
         lr = kwargs.pop("lr")
         weight_decay = kwargs.pop("weight_decay", 0.0)
         return create_loraplus_optimizer(
-            model, build, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=weight_decay, **kwargs
+            model,  # type: ignore[arg-type]  # PEFT annotates PeftModel: any model with LoRA layers does
+            build,  # type: ignore[arg-type]  # PEFT annotates an optimizer class: it calls build(groups, **kwargs)
+            lr=lr,
+            loraplus_lr_ratio=loraplus_lr_ratio,
+            loraplus_weight_decay=weight_decay,
+            **kwargs,
         )
     groups = decay_groups(model, kwargs.pop("weight_decay", 0.0), decay_names)
     return build(groups, **kwargs)
@@ -125,6 +131,7 @@ def profile_betas(cfg: PerturbationConfig, base_optimizer: type[torch.optim.Opti
     mu = cfg.adam_beta1
     if mu is None:
         return dict(base_kwargs)
+    assert cfg.profile is not None  # mu is the profile's
     if "betas" in base_kwargs:
         return {**base_kwargs, "betas": (mu, base_kwargs["betas"][1])}
     default = inspect.signature(base_optimizer).parameters.get("betas")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 from transformers import TrainingArguments
 
@@ -57,15 +58,18 @@ class _PerturbationFieldsBase:
 
 
 # A dataclass of the perturbation_* fields only, to mix into any TrainingArguments subclass.
-PerturbationArguments = dataclasses.make_dataclass(
-    "PerturbationArguments",
-    [*_fields_of(PerturbationConfig), LORAPLUS],
-    bases=(_PerturbationFieldsBase,),
-    namespace={
-        "__module__": __name__,
-        "__doc__": "The perturbation_* fields (see the module docstring); mixed into the arguments.",
-    },
-)
+if TYPE_CHECKING:  # its fields are made at run time: the type checker sees the methods
+    PerturbationArguments = _PerturbationFieldsBase
+else:
+    PerturbationArguments = dataclasses.make_dataclass(
+        "PerturbationArguments",
+        [*_fields_of(PerturbationConfig), LORAPLUS],
+        bases=(_PerturbationFieldsBase,),
+        namespace={
+            "__module__": __name__,
+            "__doc__": "The perturbation_* fields (see the module docstring); mixed into the arguments.",
+        },
+    )
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ What the public API covers is used instead: ``TrainerCallback`` events, ``create
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import transformers
 from torch import nn
@@ -109,11 +109,24 @@ def fsdp_checkpoint_kwargs() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- overrides
-class TrainerOverrides:
+if TYPE_CHECKING:
+    _Trainer = transformers.Trainer
+else:
+    _Trainer = object  # a mixin: the Trainer class comes after it in the MRO
+
+
+class TrainerOverrides(_Trainer):
     """The Trainer's private methods mgpo overrides, each forwarding to a hook of the class it is mixed into
     (:class:`mgpo.integrations.trainer.PerturbationTrainerMixin`): ``_gradients_before_clipping()``,
     ``_save_method_state(dir) -> bool`` and ``_load_method_state(checkpoint) -> bool`` (True: done, the Trainer's
     own saving or loading is skipped) and ``_refuse_other_method(checkpoint)``."""
+
+    if TYPE_CHECKING:  # the hooks, defined by the class mixed in
+
+        def _gradients_before_clipping(self) -> None: ...
+        def _save_method_state(self, output_dir: str) -> bool: ...
+        def _load_method_state(self, checkpoint: str | None) -> bool: ...
+        def _refuse_other_method(self, checkpoint: str) -> None: ...
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         # Why private: MGPO's gbar is taken from the gradients before clipping (the authors' code), and the
@@ -136,5 +149,6 @@ class TrainerOverrides:
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except KeyError:  # torch's bare KeyError('param_groups'): a plain optimizer given a method's state
+            assert checkpoint is not None  # the Trainer loads nothing without one
             self._refuse_other_method(checkpoint)
             raise

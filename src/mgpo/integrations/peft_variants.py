@@ -17,9 +17,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import islice
+from typing import Any, cast
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, LoraGAConfig, TaskType, get_peft_model, preprocess_loraga
+from peft import AdaLoraConfig, AdaLoraModel, LoraConfig, LoraGAConfig, TaskType, get_peft_model, preprocess_loraga
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
 from mgpo.integrations.adapter_config import METHODS, AdapterConfig  # noqa: F401  (METHODS re-exported)
@@ -54,14 +55,17 @@ def apply_adapter(
             param.requires_grad_(True)
         return model
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
-    common = dict(task_type=TASK_TYPES[task], target_modules=targets, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
+    # PEFT annotates lora_alpha as int; it takes a float (the scale is alpha / r)
+    common: dict[str, Any] = dict(
+        task_type=TASK_TYPES[task], target_modules=targets, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout
+    )
     if cfg.method == "adalora":
         if total_steps is None or total_steps < 1:
             raise ValueError(
                 f"total_steps={total_steps!r}: method 'adalora' needs the number of training steps "
                 "(>= 1) to schedule its rank budget; pass total_steps=..."
             )
-        peft_config = AdaLoraConfig(
+        peft_config: LoraConfig = AdaLoraConfig(
             init_r=cfg.adalora_init_rank,
             target_r=cfg.adalora_target_rank,
             total_step=total_steps,
@@ -77,7 +81,8 @@ def apply_adapter(
         r=cfg.rank,
         use_dora=cfg.method == "dora",
         use_rslora=cfg.method == "rslora",
-        init_lora_weights=init.get(cfg.method, True),
+        # PEFT's Literal lists neither "lora_ga" nor "pissa_niter_<n>", both of which it takes
+        init_lora_weights=init.get(cfg.method, True),  # type: ignore[arg-type]
         lora_ga_config=LoraGAConfig() if cfg.method == "lora-ga" else None,
         **common,
     )
@@ -93,7 +98,8 @@ def _estimate_loraga_gradients(model, peft_config: LoraConfig, n_batches: int, g
             "pass grad_batches=<callable returning an iterable of model-ready batches>."
         )
     # preprocess_loraga runs before get_peft_model, so resolve 'all-linear' (minus the head) the way PEFT will.
-    peft_config = _maybe_include_all_linear_layers(peft_config, model)
+    resolved = _maybe_include_all_linear_layers(peft_config, model)
+    assert isinstance(resolved, LoraConfig)  # the same config object, its 'all-linear' resolved
     seen = []
 
     def train_step() -> None:
@@ -106,7 +112,7 @@ def _estimate_loraga_gradients(model, peft_config: LoraConfig, n_batches: int, g
 
     with warnings.catch_warnings():  # PEFT's counting hooks fire on outputs only, as intended
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        preprocess_loraga(model, peft_config, train_step)
+        preprocess_loraga(model, resolved, train_step)
     if not seen:
         raise ValueError("lora-ga: grad_batches yielded no batches; it must give at least one training batch.")
 
@@ -117,7 +123,7 @@ def adapter_step(model: torch.nn.Module, cfg: AdapterConfig | None, global_step:
     ``cfg=None``: the model's own PEFT config decides (a model wrapped with ``AdaLoraConfig``, e.g. by
     ``trl.SFTTrainer(peft_config=...)``)."""
     if cfg.method == "adalora" if cfg is not None else is_adalora(model):
-        model.base_model.update_and_allocate(global_step)
+        cast(AdaLoraModel, model.base_model).update_and_allocate(global_step)
 
 
 def is_adalora(model: torch.nn.Module) -> bool:

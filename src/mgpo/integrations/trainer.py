@@ -53,7 +53,7 @@ import inspect
 import warnings
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -69,6 +69,7 @@ from mgpo.optim import apn as apn_rules
 from mgpo.optim._base import NOT_COMPARED, PerturbedOptimizer
 from mgpo.optim.configs import DEFAULT_RHO, METHODS, PROFILES, PerturbationConfig
 from mgpo.optim.distributed import local_state, sharded_state
+from mgpo.optim.mgpo import MGPO
 from mgpo.probe import task_loss_only
 
 # The step after which the cap warning reads apn_capped, as the README tells a user to (gbar's EMA settles first)
@@ -98,7 +99,8 @@ def base_optimizer_from_args(
     optim = getattr(args.optim, "value", args.optim)
     supported = f"use one of {', '.join(WRAPPABLE_OPTIM)} (or another that names a torch.optim.Optimizer class)"
     try:
-        optimizer_cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+        # transformers annotates model as PreTrainedModel; any module does (it reads the modules' names)
+        optimizer_cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)  # type: ignore[arg-type]
     except (ImportError, ValueError) as err:
         raise ValueError(
             f"args.optim={optim!r} cannot be used: {err} To train with a perturbation method, {supported}."
@@ -115,8 +117,8 @@ def base_optimizer_from_args(
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
     """The optimizer inside the Trainer's wrappers (accelerate's ``AcceleratedOptimizer`` keeps it in
     ``.optimizer``): the mgpo optimizer itself, or the plain base optimizer for ``adamw``."""
-    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
+    while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = inner
     return optimizer
 
 
@@ -216,7 +218,7 @@ class PerturbationTrainerMixin(TrainerOverrides):
         clean_loss_every: int | None = None,
         **kwargs,
     ):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        training_args: Any = kwargs.get("args", args[1] if len(args) > 1 else None)
         if hasattr(training_args, "perturbation_config"):
             from_args = training_args.perturbation_config()
             if perturbation is not None and perturbation != from_args:
@@ -237,7 +239,7 @@ class PerturbationTrainerMixin(TrainerOverrides):
         self._total_steps: int | None = None
         self.clean_loss_probe = clean_loss_probe
         self.clean_loss_every = clean_loss_every
-        self._probe_loader = None
+        self._probe_loader: torch.utils.data.DataLoader[Any] | None = None
         # micro-batches whose training loss was NaN/Inf: a device counter, never read during a step
         self.nonfinite_losses = torch.zeros((), dtype=torch.int64)
         super().__init__(*args, **kwargs)
@@ -355,11 +357,12 @@ class PerturbationTrainerMixin(TrainerOverrides):
                 "to let the trainer build the method's optimizer, or pass one of the named method."
             )
         settings = {} if expected is None else cfg.method_config().kwargs()
-        for key in sorted(set(settings) & set(getattr(opt, "hparams", {})) - NOT_COMPARED):
-            if settings[key] != opt.hparams[key]:
+        hparams = getattr(opt, "hparams", {})
+        for key in sorted(set(settings) & set(hparams) - NOT_COMPARED):
+            if settings[key] != hparams[key]:
                 raise ValueError(
                     f"perturbation_{key}={settings[key]!r} is named (arguments or perturbation=), but the optimizer "
-                    f"passed to the trainer has {key}={opt.hparams[key]!r}. Give the same value to both, or drop "
+                    f"passed to the trainer has {key}={hparams[key]!r}. Give the same value to both, or drop "
                     "optimizers= / optimizer_cls_and_kwargs to let the trainer build it from the arguments."
                 )
 
@@ -385,7 +388,7 @@ class PerturbationTrainerMixin(TrainerOverrides):
         gradients before clipping, as in the authors' code (their EMA is updated in ``training_step``); the base
         update then uses the clipped ones."""
         opt = self.perturbation_optimizer
-        if getattr(opt, "hparams", {}).get("gbar_update") == "step":
+        if isinstance(opt, MGPO) and opt.hparams.get("gbar_update") == "step":  # gbar is MGPO's alone
             opt.record_gradients(self._grad_unscale())
 
     def _grad_unscale(self) -> float:
@@ -419,6 +422,7 @@ class PerturbationTrainerMixin(TrainerOverrides):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         elif self.args.max_grad_norm and self.args.max_grad_norm > 0:
             hf_private.clip_grad_norm(self, model)
+        assert loss is not None  # the window is not empty
         return loss
 
     # ------------------------------------------------------------------------------------------- FSDP checkpoints
@@ -442,9 +446,11 @@ class PerturbationTrainerMixin(TrainerOverrides):
             output_dir,
             **hf_private.fsdp_checkpoint_kwargs(),
         )
-        torch.save(local_state(self.perturbation_optimizer.state_dict()), self._fsdp_optimizer_file(output_dir))
+        opt, scheduler = self.perturbation_optimizer, self.lr_scheduler
+        assert isinstance(opt, PerturbedOptimizer) and scheduler is not None  # ours, and training has begun
+        torch.save(local_state(opt.state_dict()), self._fsdp_optimizer_file(output_dir))
         if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{hf_private.scheduler_file_name()}")
+            torch.save(scheduler.state_dict(), f"{output_dir}/{hf_private.scheduler_file_name()}")
         return True
 
     def _load_method_state(self, checkpoint: str | None) -> bool:
@@ -462,11 +468,10 @@ class PerturbationTrainerMixin(TrainerOverrides):
                 f"{self.args.world_size} ({', '.join(found) or 'none'} found). Resume an FSDP run with the number "
                 "of processes it was saved with."
             )
-        opt = self.perturbation_optimizer
+        opt, scheduler = self.perturbation_optimizer, self.lr_scheduler
+        assert isinstance(opt, PerturbedOptimizer) and scheduler is not None  # ours, and training has begun
         opt.load_state_dict(sharded_state(torch.load(mine, map_location=self.args.device, weights_only=False), opt))
-        self.lr_scheduler.load_state_dict(
-            torch.load(f"{checkpoint}/{hf_private.scheduler_file_name()}", weights_only=True)
-        )
+        scheduler.load_state_dict(torch.load(f"{checkpoint}/{hf_private.scheduler_file_name()}", weights_only=True))
         return True
 
     def _refuse_other_method(self, checkpoint: str) -> None:
@@ -526,12 +531,14 @@ class PerturbationTrainerMixin(TrainerOverrides):
             self._probe_loader = torch.utils.data.DataLoader(
                 probe, batch_size=self.args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
             )
+        assert self.model is not None  # the Trainer has built it
         return clean_loss(self.model, self._probe_loader, optimizer=self.optimizer, loss_fn=self._probe_batch_loss)
 
     def _probe_batch_loss(self, model, batch) -> torch.Tensor:
         inputs = hf_private.prepare_inputs(self, dict(batch))
         with self.compute_loss_context_manager():  # autocast as in training (bf16 / fp16)
-            return self.compute_loss(model, inputs)  # the model's own mean over the batch (no num_items_in_batch)
+            # the model's own mean over the batch (no num_items_in_batch); a tensor, as return_outputs=False
+            return cast(torch.Tensor, self.compute_loss(model, inputs))
 
     def _clean_loss_due(self) -> bool:
         every = self.clean_loss_every
@@ -560,7 +567,9 @@ class PerturbationTrainerMixin(TrainerOverrides):
         Read as the README says: after the first CAP_READ_STEPS steps (a shorter run is told it is early)."""
         if logs.get("apn_capped", 0.0) < 0.5 or getattr(self, "_warned_capped", False):
             return
-        hp, step = self.perturbation_optimizer.hparams, self.state.global_step
+        opt = self.perturbation_optimizer
+        assert isinstance(opt, PerturbedOptimizer)  # apn_capped is MGPO's statistic
+        hp, step = opt.hparams, self.state.global_step
         if not hp.get("rho") or not apn_rules.caps(hp.get("apn"), hp.get("max_scale")):
             return  # rho = 0 perturbs nothing; a rule without a cap has no apn_capped to read
         if step < CAP_READ_STEPS and step < self.state.max_steps:
@@ -573,7 +582,7 @@ class PerturbationTrainerMixin(TrainerOverrides):
             if step < CAP_READ_STEPS
             else ""
         )
-        paper = PROFILES.get(self.perturbation.profile, {}).get("rho", DEFAULT_RHO)
+        paper = PROFILES.get(self.perturbation.profile or "", {}).get("rho", DEFAULT_RHO)  # none: the default
         if hp["rho"] > paper / 10 * (1 + 1e-9):
             advice = (
                 f"The README's rule: divide rho by ten (rho={hp['rho'] / 10:.3g}) and read apn_capped again; "
