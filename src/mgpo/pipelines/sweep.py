@@ -35,8 +35,10 @@ import itertools
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from omegaconf import OmegaConf
 
@@ -87,7 +89,7 @@ class Sweep:
     submitted: list | None = None  # the runs a submission to a scheduler sent (None: they trained here)
 
 
-def _fail(spec_path, message: str):
+def _fail(spec_path, message: str) -> NoReturn:
     raise ConfigError(f"sweep {str(spec_path)!r}: {message}")
 
 
@@ -105,7 +107,7 @@ def _slug(text: str) -> str:
 
 def load_sweep(
     spec_path: str | Path,
-    extra: list[str] = (),
+    extra: Sequence[str] = (),
     output_dir: str | Path | None = None,
     executor: str | None = None,
     workers: int | None = None,
@@ -162,7 +164,7 @@ def load_sweep(
         for _, _, fs in combo:
             fields.update(fs)
         if template:
-            name = re.sub(r"\{([^}]+)\}", lambda m, labels=labels: _label_for(spec_path, labels, m.group(1)), template)
+            name = _name_from(spec_path, template, labels)
         else:
             name = "-".join(
                 f"{axis.rsplit('.', 1)[-1]}{label}" if "." in axis else str(label) for axis, label in labels.items()
@@ -231,6 +233,11 @@ def _combinations(spec_path, grid: dict) -> list[tuple]:
             )
         axes.append([(axis, label, fields) for label, fields in choices])
     return list(itertools.product(*axes))
+
+
+def _name_from(spec_path, template: str, labels: dict) -> str:
+    """``template`` with each ``{axis}`` replaced by the run's label on that axis."""
+    return re.sub(r"\{([^}]+)\}", lambda m: _label_for(spec_path, labels, m.group(1)), template)
 
 
 def _label_for(spec_path, labels: dict, key: str) -> str:

@@ -306,7 +306,8 @@ def _finish(
 
 def best_model_metrics(cfg: TrainConfig, trainer, early: EarlyStoppingCallback | None, out: Path) -> dict:
     """Which checkpoint was loaded as the best (load_best_model), and whether early stopping ended the run."""
-    t, state, found = cfg.training, trainer.state, {}
+    t, state = cfg.training, trainer.state
+    found: dict[str, Any] = {}
     if t.load_best_model:
         best = state.best_model_checkpoint  # None: no checkpoint was saved at an evaluation
         found["best_checkpoint"] = os.path.relpath(best, out) if best else None

@@ -5,12 +5,13 @@ folders are gathered into one, and each run's ``config.yaml``, ``metrics.json`` 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import Container, OmegaConf
 
 from mgpo.pipelines.checkpoints import read_json
 from mgpo.pipelines.config import read_yaml
@@ -57,6 +58,13 @@ class Experiment:
     notes: list[str] = field(default_factory=list)  # what the reader must know about how runs were read
 
 
+def _mapping(cfg: Container) -> dict[Any, Any]:
+    """A config mgpo wrote (a run's config.yaml, a sweep's spec: mappings) as plain Python."""
+    out = OmegaConf.to_container(cfg)
+    assert isinstance(out, dict)
+    return out
+
+
 # A sweep's "skipped" is a run it found finished by an earlier session, not one it left out: said as that.
 STATUS_SAID = {"skipped": "done before"}
 
@@ -71,10 +79,10 @@ def _load_run(
 ) -> RunResult:
     status = STATUS_SAID.get(status, status)
     if (path / "config.yaml").is_file():
-        cfg = OmegaConf.to_container(read_yaml(path / "config.yaml"))
+        cfg = _mapping(read_yaml(path / "config.yaml"))
     else:  # a run the sweep has not started: its settings are its base config and the overrides it will start with
         start = read_yaml(base) if base and Path(base).is_file() else OmegaConf.create()
-        cfg = OmegaConf.to_container(OmegaConf.merge(start, OmegaConf.from_dotlist(list(overrides or []))))
+        cfg = _mapping(OmegaConf.merge(start, OmegaConf.from_dotlist(list(overrides or []))))
     labels = labels or {}
     if "method" in labels:
         series = str(labels["method"])
@@ -89,7 +97,7 @@ def _load_run(
     kind = "clean" if key == "clean_loss" else "perturbed" if trains_at_perturbed_weights(cfg) else "trained"
     rows = [r for r in log if key in r]
     trained = [r for r in log if "loss" in r] if key == "clean_loss" else []
-    diagnostics = {}
+    diagnostics: dict[str, float | str] = {}
     for name in DIAGNOSTICS:
         got = [r[name] for r in log if isinstance(r.get(name), (int, float)) and np.isfinite(r[name])]
         if got:
@@ -127,13 +135,13 @@ def loss_description(runs: list[RunResult]) -> str:
     return "training loss: clean (probe) where logged, else as trained"
 
 
-def collect(dirs: list[str | Path]) -> list[Experiment]:
+def collect(dirs: Sequence[str | Path]) -> list[Experiment]:
     """Sweep folders (with index.json) become one experiment each; loose run folders are gathered into one."""
     experiments, loose = [], []
     for d in map(Path, dirs):
         if (d / "index.json").is_file():
             index = read_json(d / "index.json")
-            spec = OmegaConf.to_container(read_yaml(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
+            spec = _mapping(read_yaml(d / "sweep.yaml")) if (d / "sweep.yaml").is_file() else {}
             varying = (
                 {a for a in index["runs"][0]["labels"] if len({json.dumps(r["labels"][a]) for r in index["runs"]}) > 1}
                 if index["runs"]

@@ -34,7 +34,7 @@ def plot_curves(exp: Experiment, result: Analysis, out_png: Path) -> Path:
         nrows, ncols, figsize=(width, 3.4 * nrows + 1.2), dpi=110, sharex=True, sharey=True, squeeze=False
     )
     colors = _colors(len(series))
-    counts = {s: [] for s in series}  # seeds in each panel's mean, per method
+    counts: dict[str, list[int]] = {s: [] for s in series}  # seeds in each panel's mean, per method
     for ax, panel in zip(axes.flat, panels):
         for i, s in enumerate(series):
             runs = [r for r in exp.runs if r.series == s and r.panel == panel and r.losses]
@@ -90,7 +90,7 @@ def plot_curves(exp: Experiment, result: Analysis, out_png: Path) -> Path:
 
 
 def _legend_entries(axes: Any) -> tuple[list, list[str]]:
-    seen = {}
+    seen: dict[str, Any] = {}  # label -> handle
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, h)
@@ -147,6 +147,7 @@ def plot_metric_bars(exp: Experiment, result: Analysis, out_png: Path) -> Path:
     for j, p in enumerate(panels):
         chance, _ = _panel_chance(result, p)
         if chance is not None:  # without it, a bar at 0.5 of a balanced split reads as half-way to perfect
+            legend: dict[str, Any] = {} if labelled else {"label": "chance (majority class)"}
             ax.hlines(
                 chance,
                 x[j] - 0.45,
@@ -154,7 +155,7 @@ def plot_metric_bars(exp: Experiment, result: Analysis, out_png: Path) -> Path:
                 colors="black",
                 linestyles="--",
                 linewidth=1,
-                **({} if labelled else {"label": "chance (majority class)"}),
+                **legend,
             )
             labelled = True
             extents.append(chance)

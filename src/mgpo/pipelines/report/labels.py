@@ -104,7 +104,7 @@ def method_label(cfg: dict) -> str:
         label = adapter + METHOD_SUFFIX.get(method, f" + {method}")
         mgpo = method in ("mgpo", "msam")
     if mgpo:
-        if _apn_label(p.get("apn")) and (not p.get("preset") or PRESETS[p["preset"]].get("apn") is None):
+        if _apn_label(p.get("apn")) and (not p.get("preset") or (PRESETS[p["preset"]] or {}).get("apn") is None):
             label += _apn_label(p.get("apn"))
         paper = PROFILES.get(p.get("profile"), {}).get("rho", DEFAULT_RHO)
         rho = p.get("rho")

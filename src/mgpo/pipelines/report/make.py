@@ -3,6 +3,7 @@ the documents."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mgpo.pipelines.report.analysis import analyse
@@ -13,7 +14,7 @@ from mgpo.pipelines.report.verdicts import verdict_table
 
 
 def make_report(
-    dirs: list[str | Path],
+    dirs: Sequence[str | Path],
     out_dir: str | Path = "report",
     *,
     title: str = "mgpo experiments",
@@ -27,7 +28,8 @@ def make_report(
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     experiments = collect(dirs)
-    blocks, results, figures_all = [], [], []
+    blocks: list[tuple] = []
+    results, figures_all = [], []
     for exp in experiments:
         if not any(r.metrics or r.losses for r in exp.runs):
             blocks += [("h2", exp.title), ("p", "No run of this experiment has produced a log yet.")]

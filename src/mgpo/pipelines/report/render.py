@@ -95,7 +95,7 @@ def _summary_blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path,
         if walls
         else ""
     )
-    blocks = [
+    blocks: list[tuple] = [
         ("h2", exp.title),
         (
             "p",
@@ -182,7 +182,8 @@ def _difference_blocks(result: Analysis) -> list[tuple]:
 
 
 def _measure_blocks(result: Analysis) -> list[tuple]:
-    base, blocks = result.baseline, []
+    base = result.baseline
+    blocks: list[tuple] = []
     blocks += [
         ("h3", "Double descent (smoothed training loss above its running minimum; means over seeds)"),
         ("p", _loss_note(result)),

@@ -68,12 +68,12 @@ def method_table(per_run: list[dict], series: list[str], panels: list[str], metr
             v = _values(per_run, s, p, "value")
             means[s, p] = float(np.mean(v)) if v else None
         if len(panels) > 1:
-            got = [means[s, p] for p in panels]
-            means[s, MEAN_OF_PANELS] = float(np.mean(got)) if None not in got else None
+            got = [m for p in panels if (m := means[s, p]) is not None]
+            means[s, MEAN_OF_PANELS] = float(np.mean(got)) if len(got) == len(panels) else None
     uneven = _uneven_columns(per_run, series, panels, cols)
     best = {}
     for c in cols:
-        got = [means[s, c] for s in series if means[s, c] is not None and np.isfinite(means[s, c])]
+        got = [m for s in series if (m := means[s, c]) is not None and np.isfinite(m)]
         best[c] = (max(got) if better else min(got)) if got and c not in uneven else None
     rows = []
     for s in series:
@@ -176,7 +176,7 @@ def _stalled(per_run: list[dict], sides: tuple[str, str], pairs: list) -> dict[s
     stalled = {}
     for side in sides:
         fell = {(x["panel"], x["seed"]): x.get("dd_fall_rel") for x in per_run if x["series"] == side}
-        stalled[side] = sum(fell.get(k) is not None and fell[k] < STALLED_FALL for k in pairs)
+        stalled[side] = sum((f := fell.get(k)) is not None and f < STALLED_FALL for k in pairs)
     return stalled
 
 
@@ -272,7 +272,7 @@ def cost_table(per_run: list[dict], series: list[str], panels: list[str], baseli
             for k, digits in (("trainable_params", 0), ("peak_memory_mb", 0), ("time_per_step_s", 3)):
                 v, b = _values(per_run, s, p, k), _values(per_run, baseline, p, k)
                 mean = float(np.mean(v)) if v else None
-                ratio = mean / float(np.mean(b)) if v and b and np.mean(b) > 0 else None
+                ratio = mean / float(np.mean(b)) if mean is not None and b and np.mean(b) > 0 else None
                 cells += [
                     (f"{mean:,.{digits}f}" if mean is not None else "-", False),
                     (f"{ratio:.2f}×" if ratio is not None else "-", False),

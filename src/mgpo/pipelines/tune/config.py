@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,7 +174,10 @@ def _spaces(path, search: dict, default_rho: float, check: Callable[[list[str]],
 
 
 def load_tune(
-    config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None, storage: str | None = None
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    output_dir: str | Path | None = None,
+    storage: str | None = None,
 ) -> Tune:
     """Read and check a tune config (a training config with a ``tune:`` section); writes nothing."""
     path = Path(config_path)

@@ -203,10 +203,11 @@ def plot(tune: Tune, rows: list[dict], lora: Setting | None, path: Path) -> None
 
 def best_config(tune: Tune, best: Setting | None, note: str) -> str:
     """A config for ``mgpo train``: the tuned config with the command's overrides and the best settings."""
-    cfg = OmegaConf.create(yaml.safe_load(tune.base_text) or {})
+    base = OmegaConf.create(yaml.safe_load(tune.base_text) or {})
     chosen = [f"{PARAMS[k][0]}={v}" for k, v in (best.params if best else {}).items()]
     cfg = OmegaConf.merge(
-        cfg, OmegaConf.from_dotlist([*tune.overrides, *chosen, f"training.output_dir=runs/{tune.output_dir.name}-best"])
+        base,
+        OmegaConf.from_dotlist([*tune.overrides, *chosen, f"training.output_dir=runs/{tune.output_dir.name}-best"]),
     )
     header = (
         f"# mgpo tune's best setting (trial {best.trial if best else '-'}), from {tune.output_dir}.\n"

@@ -94,7 +94,8 @@ def queue_seeds(study, tune: Tune, seeds: int) -> int:
     trials = study.get_trials(deepcopy=False)
     search = [t for t in trials if t.user_attrs.get("phase", SEARCH) == SEARCH and t.state == TrialState.COMPLETE]
     baseline = [t for t in search if t.user_attrs.get("arm") == BASELINE]
-    best, seen = [], set()
+    best: list = []  # optuna's FrozenTrials
+    seen = set()
     for t in sorted(
         (t for t in search if t.user_attrs.get("arm") != BASELINE),
         key=lambda t: t.value,

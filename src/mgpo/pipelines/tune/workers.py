@@ -226,7 +226,8 @@ def run_local(study, tune: Tune, workers: int, python: str, threads: int = 0, on
     """Run the study's trials here, ``workers`` at a time (threads, each starting its trials' processes on its
     own device). Ctrl-C stops the running trials (each writes a checkpoint; a rerun queues them again)."""
     envs = device_envs(workers, threads)
-    gate, stop, running = threading.Lock(), threading.Event(), set()
+    gate, stop = threading.Lock(), threading.Event()
+    running: set = set()  # the training processes
     errors: list[BaseException] = []
 
     def one(env):
