@@ -132,7 +132,7 @@ def wait_for(job_id: str, states=FINISHED, timeout: float = 60) -> str:
     deadline, state = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         state = job_state(job_id)
-        if state in states:
+        if state is not None and state in states:
             return state
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} still {state} after {timeout}s (waiting for {sorted(states)})")

@@ -23,7 +23,7 @@ def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in (SRC / "mgpo").rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        found = set()
+        found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mgpo"):
                 candidates = [f"{node.module}.{a.name}" for a in node.names] + [node.module]

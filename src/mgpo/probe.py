@@ -48,9 +48,10 @@ def clean_loss(
     is the mean over the tokens of each batch. Weights and optimizer state are left as they were.
     """
     opt = optimizer
-    while opt is not None and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
-        opt = opt.optimizer  # accelerate's AcceleratedOptimizer and similar wrappers
-    window = opt.unperturbed() if callable(getattr(opt, "unperturbed", None)) else contextlib.nullcontext()
+    while isinstance(inner := getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = inner  # accelerate's AcceleratedOptimizer and similar wrappers
+    unperturbed = getattr(opt, "unperturbed", None)
+    window = unperturbed() if callable(unperturbed) else contextlib.nullcontext()
     was_training = model.training
     total, count = None, 0
     try:
@@ -68,6 +69,7 @@ def clean_loss(
         raise ValueError(
             "clean_loss: `batches` held no examples; pass a non-empty list of batches (the same ones at every call)."
         )
+    assert total is not None  # a batch with examples was summed
     return float(total) / count
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from typing import Any
 
 import datasets
 import pandas as pd
@@ -195,7 +196,7 @@ def glue_like(columns: dict[str, list], splits: dict[str, int], names=("negative
     label = datasets.ClassLabel(names=list(names))
     out = {}
     for split, n in splits.items():
-        data = {col: [f"{split}-{col}-{i}" for i in range(n)] for col in columns}
+        data: dict[str, list[Any]] = {col: [f"{split}-{col}-{i}" for i in range(n)] for col in columns}
         data["label"] = [-1 if split.startswith("test") else i % len(names) for i in range(n)]
         data["idx"] = list(range(n))
         features = datasets.Features({**{c: datasets.Value("string") for c in columns},

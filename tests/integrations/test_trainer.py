@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+from typing import Any
 
 import datasets
 import pytest
@@ -43,7 +44,7 @@ def _fast_gc():
 
 def tiny_bert(adapter: AdapterConfig | None = None, total_steps: int | None = None, seed: int = 0):
     torch.manual_seed(seed)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]  # num_labels: a PretrainedConfig keyword its signature leaves out
         vocab_size=100,
         hidden_size=32,
         num_hidden_layers=2,
@@ -54,7 +55,7 @@ def tiny_bert(adapter: AdapterConfig | None = None, total_steps: int | None = No
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    model = BertForSequenceClassification(config)
+    model: torch.nn.Module = BertForSequenceClassification(config)
     adapter = adapter or AdapterConfig(rank=4, alpha=8)
     model = apply_adapter(model, adapter, task="classification", total_steps=total_steps)
     with torch.no_grad():  # B != 0 from the start, so every LoRA tensor has a gradient at step 1
@@ -76,7 +77,7 @@ def cls_data(n: int = 32, seed: int = 0) -> datasets.Dataset:
 
 
 def make_args(out, **overrides) -> TrainingArguments:
-    settings = dict(
+    settings: dict[str, Any] = dict(
         max_steps=4,
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=2,
@@ -635,7 +636,8 @@ class CleanLossCheck(TrainerCallback):
     """At each logged row: the probe's loss recomputed by hand at the clean weights, and at the perturbed ones."""
 
     def __init__(self, probe: datasets.Dataset):
-        self.probe, self.rows = probe, []
+        self.probe = probe
+        self.rows: list[tuple] = []  # (step, logged clean_loss, clean, perturbed)
 
     def _loss(self, model) -> float:
         with torch.no_grad():

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 import mgpo
 from mgpo.optim import distributed
+from mgpo.optim._base import PerturbedOptimizer
 
 STEPS, BATCH, D_IN, D_HID, D_OUT, RANK = 5, 8, 6, 9, 3, 4  # D_HID=9: uneven shards (5 + 4 rows)
 
-METHODS = {  # name -> (class, kwargs)
+METHODS: dict[str, tuple[Callable[..., PerturbedOptimizer], dict[str, Any]]] = {  # name -> (class, kwargs)
     "mgpo": (mgpo.MGPO, dict(rho=0.05)),
     "mgpo-factors": (mgpo.MGPO, dict(rho=0.05, space="factors")),
     "mgpo-mu": (mgpo.MGPO, dict(rho=0.05, momentum=0.9, norm="global")),
@@ -153,7 +156,9 @@ def _resume(model, opt, method: str, strategy: str, head: bool):
     new_model, new_opt = _build(method, strategy, head)
     with torch.no_grad():
         for old, new in zip(model.parameters(), new_model.parameters()):
-            distributed.local(new).copy_(distributed.local(old))
+            dst, src = distributed.local(new), distributed.local(old)
+            assert dst is not None and src is not None  # local() of a tensor
+            dst.copy_(src)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=False)
     new_opt.load_state_dict(distributed.sharded_state(saved, new_opt))
@@ -234,7 +239,7 @@ def refusals(rank: int, world: int) -> dict[str, str]:
             out[name] = "accepted"
         except ValueError as err:
             out[name] = str(err)
-    model = make_model()
+    model: Any = make_model()  # a PeftModel: its module tree is read by attribute
     from torch.distributed.fsdp import fully_shard
 
     for block in model.base_model.model.blocks:  # the root is left unsharded: mixed layouts

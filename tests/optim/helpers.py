@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 import mgpo
+from mgpo.optim._base import PerturbedOptimizer
 
 # name -> (class, kwargs giving a real perturbation, kwargs giving none at all)
-METHODS = {
+# name -> (class, keywords with rho on, keywords with rho off)
+METHODS: dict[str, tuple[Callable[..., PerturbedOptimizer], dict[str, Any], dict[str, Any]]] = {
     "mgpo": (mgpo.MGPO, dict(rho=0.05), dict(rho=0.0)),  # the paper: weight space, apn inverse, per layer
     "mgpo-global": (mgpo.MGPO, dict(rho=0.05, norm="global", apn="normalized"), dict(rho=0.0, norm="global")),
     "mgpo-mu": (mgpo.MGPO, dict(rho=0.05, momentum=0.9), dict(rho=0.0, momentum=0.9)),

@@ -7,6 +7,8 @@ so a perturbation compiled away fails the test. docs/huggingface.md, section "to
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -52,8 +54,9 @@ def build(method: str, idiom: str | None, rho_on: bool = True, backend=None, war
     kwargs = {**(on if rho_on else off), **extra}
     model = make_model()
     compile_ = functools.partial(torch.compile, backend=backend)
-    target = model
+    target: Callable[..., Any] = model  # the module, or the compiled one
     opt = None if warm or idiom == "optimizer on the compiled model" else cls(model, lr=1e-2, **kwargs)
+    loss: Callable[..., Any]
     if idiom is None:
         loss = functools.partial(loss_fn, model)
     elif idiom == "optimizer on the compiled model":

@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import torch
@@ -222,7 +223,7 @@ def test_sgd_with_momentum_as_base(name):
     assert all(torch.isfinite(p).all() for p in on.parameters())
 
 
-INVALID = {
+INVALID: dict[str, list[tuple[str, Any]]] = {
     "mgpo": [
         ("rho", -0.1),
         ("rho", float("nan")),

@@ -138,7 +138,7 @@ def test_no_target_layer_is_a_clear_error():
 
 
 class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
 

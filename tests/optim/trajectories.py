@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import mgpo
+from mgpo.optim._base import PerturbedOptimizer
 from tests.optim.helpers import Net, batches, loss_fn, make_model
 
 DATA = Path(__file__).parent / "data"
@@ -108,14 +109,14 @@ def build_model(kind: str, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def build(name: str, dtype: torch.dtype) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
+def build(name: str, dtype: torch.dtype) -> tuple[nn.Module, PerturbedOptimizer, dict]:
     cls, kwargs, how = CONFIGS[name]
     model = build_model(how.get("model", "lora"), dtype)
     opt = cls(model, how.get("base", torch.optim.AdamW), lr=1e-2, **kwargs)
     return model, opt, how
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, how: dict, steps: range, dtype: torch.dtype) -> list:
+def train(model: nn.Module, opt: PerturbedOptimizer, how: dict, steps: range, dtype: torch.dtype) -> list:
     """Train ``steps`` (indices into one fixed stream of batches); returns each step's statistics."""
     accum, clip, record = how.get("accum", 1), how.get("clip"), how.get("record", False)
     data = [(x.to(dtype), y) for x, y in batches(STEPS * accum, seed=3)]
@@ -129,8 +130,10 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, how: dict, steps: range,
             for mb in group:
                 (loss_fn(model, mb) / accum).backward()
                 if record and micro:
+                    assert isinstance(opt, mgpo.MGPO)  # recording is MGPO's
                     opt.record_gradients()
             if record and not micro:
+                assert isinstance(opt, mgpo.MGPO)
                 opt.record_gradients()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -70,7 +70,7 @@ def falling(steps: int = 20) -> list[dict]:
 @pytest.fixture
 def sweep_dir(tmp_path) -> Path:
     root = tmp_path / "rank-sweep"
-    rows = []
+    rows: list[dict] = []
     for rank in RANKS:
         for method in ("LoRA", "LoRA-MGPO"):
             for seed in SEEDS:
@@ -621,7 +621,8 @@ def metric_sweeps(tmp_path: Path, values: dict) -> list[Path]:
     "acc" scores test_accuracy (higher is better), every other test_loss (lower is better)."""
     dirs = []
     for sweep, methods in values.items():
-        root, rows = tmp_path / sweep, []
+        root = tmp_path / sweep
+        rows: list[dict] = []
         metric = "test_accuracy" if sweep == "acc" else "test_loss"
         for method, per_seed in methods.items():
             for seed, v in enumerate(per_seed):

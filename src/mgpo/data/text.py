@@ -272,7 +272,7 @@ def read_data_file(path: Path, hf_cache: str | None = None, encoding: str = "utf
     return ds
 
 
-def _read_failure(path: Path, builder: str, err: Exception, encoding: str = "utf-8") -> str:
+def _read_failure(path: Path, builder: str, err: BaseException, encoding: str = "utf-8") -> str:
     """Say why datasets could not read ``path``, as precisely as we can."""
     if builder != "parquet":
         lines = [line for line in path.read_text(encoding=encoding, errors="replace").splitlines() if line.strip()]
@@ -323,7 +323,7 @@ def _load_hub(name: str, hf_cache: str | None) -> tuple[dict[str, datasets.Datas
         raise DataError(
             f"could not load hub dataset {name!r} ({type(err).__name__}: {err}); {OFFLINE_ALTERNATIVES}"
         ) from err
-    glue = GLUE_TASKS.get(config) if repo in GLUE_REPOS else None
+    glue = GLUE_TASKS.get(config) if repo in GLUE_REPOS and config is not None else None
     if glue is not None:
         raw = {"train": loaded["train"], "validation": loaded[glue.validation]}
     else:
@@ -372,7 +372,7 @@ def _where(name: str, split: str, raw: dict) -> str:
 
 def _select_columns(ds: datasets.Dataset, columns: dict[str, str | None], where: str) -> datasets.Dataset:
     """Keep the text/text_pair/label columns, renamed to those standard names."""
-    chosen = {}
+    chosen: dict[str, str] = {}
     for target, source in columns.items():
         column = source or target
         if column in ds.column_names:
@@ -419,7 +419,9 @@ def _encode_labels(raw: dict, task: str, name: str, label: str = "label") -> tup
         _check_no_nulls(values, label, _where(name, split, raw))
         columns[split] = values
     if task == "regression":
-        encoded = {split: _as_floats(values, _where(name, split, raw)) for split, values in columns.items()}
+        encoded: dict[str, list[float]] | dict[str, list[int]] = {
+            split: _as_floats(values, _where(name, split, raw)) for split, values in columns.items()
+        }
         num_labels = 1
     elif isinstance(feature, datasets.ClassLabel):
         label_names = list(feature.names)

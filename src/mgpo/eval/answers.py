@@ -50,6 +50,7 @@ def extract_answer(text: str | None) -> str | None:
 def _as_number(value: object) -> Decimal | None:
     if value is None:
         return None
+    text: str | None
     if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
         text = str(value)
     else:

@@ -226,7 +226,7 @@ def evaluate(
                 }
                 f.write(json.dumps(row) + "\n")
 
-    correct = Counter()
+    correct: Counter[str] = Counter()
     for (problem, _), res in zip(jobs, results):
         correct[problem["task_id"]] += int(res.passed)
     metrics: dict = {}
