@@ -169,9 +169,10 @@ def build_optimizer(
     cfg = cfg.resolved()
     groups = [dict(group) for group in param_groups]  # the optimizers add keys; leave the caller's dicts alone
     base = dict(lr=lr, weight_decay=weight_decay, **profile_betas(cfg, base_optimizer, base_kwargs))
-    if cfg.method == "adamw":
+    method = cfg.method_config()
+    if method is None:  # adamw
         return base_optimizer(groups, **base)
-    settings = cfg.method_config().kwargs()
+    settings = method.kwargs()
     if cfg.method == "random":
         settings["total_steps"] = total_steps
     return _method_class(cfg.method)(groups, base_optimizer, model=model, base_kwargs=base, **settings)

@@ -156,9 +156,7 @@ def _resume(model, opt, method: str, strategy: str, head: bool):
     new_model, new_opt = _build(method, strategy, head)
     with torch.no_grad():
         for old, new in zip(model.parameters(), new_model.parameters()):
-            dst, src = distributed.local(new), distributed.local(old)
-            assert dst is not None and src is not None  # local() of a tensor
-            dst.copy_(src)
+            distributed.local(new).copy_(distributed.local(old))
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=False)
     new_opt.load_state_dict(distributed.sharded_state(saved, new_opt))
@@ -277,7 +275,7 @@ def main(out_file: str) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {}
+    results: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught:  # what mgpo's own calls make torch warn about
         warnings.simplefilter("always")
         for name, method, strategy, head, count in CASES + NEGATIVE:

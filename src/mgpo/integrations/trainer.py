@@ -356,7 +356,8 @@ class PerturbationTrainerMixin(TrainerOverrides):
                 f"{given} while its saved arguments say {cfg.method!r}. Drop optimizers= / optimizer_cls_and_kwargs "
                 "to let the trainer build the method's optimizer, or pass one of the named method."
             )
-        settings = {} if expected is None else cfg.method_config().kwargs()
+        method = cfg.method_config()  # None for adamw, as expected
+        settings = {} if method is None else method.kwargs()
         hparams = getattr(opt, "hparams", {})
         for key in sorted(set(settings) & set(hparams) - NOT_COMPARED):
             if settings[key] != hparams[key]:

@@ -248,8 +248,7 @@ def _weights_bad(model: Any) -> int:
 
     from mgpo.optim.distributed import local
 
-    params = model.parameters() if model is not None else []
-    trainable = [t.detach() for p in params if p.requires_grad and (t := local(p)) is not None]
+    trainable = [local(p).detach() for p in model.parameters() if p.requires_grad] if model is not None else []
     return int(not torch.stack(torch._foreach_norm(trainable)).isfinite().all()) if trainable else 0
 
 

@@ -45,7 +45,8 @@ def _blocks(exp: Experiment, result: Analysis, figures: list[tuple[Path, str]]) 
 
 def _robustness_blocks(result: Analysis) -> list[tuple]:
     """Over examples as well as seeds, the declared families, the double-descent measures by window."""
-    rob, base, blocks = result.robustness, result.baseline, []
+    rob, base = result.robustness, result.baseline
+    blocks: list[tuple] = []
     if rob is None:
         return blocks
     if rob.examples is not None:
