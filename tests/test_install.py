@@ -46,7 +46,7 @@ def test_assets_are_installed_last_so_pip_raises_no_resolver_error_block(tmp_pat
     assert all("--no-deps" not in c for c in pip[:-1])
     assert not any("bubblewrap" in c for c in calls)  # bwrap is already there
     assert "apt-get install -y -qq chromium" in calls  # --test: the report test's headless browser
-    assert "python -m pip install -q -e .[hf,trl,test,cluster] torch==2.13.0" in calls  # --test: submitit too
+    assert "python -m pip install -q -e .[hf,trl,test,cluster,tune] torch==2.13.0" in calls  # --test: submitit, Optuna
 
 
 def test_chromium_is_left_alone_when_present(tmp_path):

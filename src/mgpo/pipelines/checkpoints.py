@@ -23,6 +23,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from mgpo.pipelines.predictions import FILE as PREDICTIONS
+
 WALL_TIME_FILE = "mgpo_wall_time.json"
 WEIGHT_FILES = (
     "adapter_model.safetensors",
@@ -40,6 +42,7 @@ RUN_FILES = (
     "tensorboard",
     "adapter",
     "metrics.json",
+    PREDICTIONS,
     "loss.png",
     "config.yaml",
     "before_*.jsonl",
