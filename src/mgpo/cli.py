@@ -457,7 +457,14 @@ def tune(
             f"tuning {'; '.join(s.describe() for s in plan.space)}: {plan.config.trials} trials of "
             f"{plan.config.max_steps} steps, scored by the validation {plan.metric}; study in {plan.storage}"
         )
-        study = run_tune(plan, executor=executor, workers=workers, seeds=seeds, on_trial=said)
+        study = run_tune(
+            plan,
+            executor=executor,
+            workers=workers,
+            seeds=seeds,
+            on_trial=said,
+            say=lambda text: console.print(text, highlight=False),
+        )
         summary = write_report(plan, study)
     except TrialFailed as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)

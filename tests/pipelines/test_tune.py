@@ -249,3 +249,19 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, sentiment_csv, tune,
     result = CliRunner().invoke(app, ["tune", str(config), "--output-dir", str(tmp_path / "t")])
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "t").exists()  # nothing written before the config is known to be good
+
+
+def test_slurm_workers_get_the_sweeps_resources_but_no_time_limit_signal():
+    """Sweeps and tune build their sbatch parameters in one place (executors.slurm_parameters); a tune worker has no
+    checkpoint handler, so it is not signalled before its limit (its trial goes back to the queue by heartbeat)."""
+    from mgpo.pipelines.executors import SlurmConfig, slurm_parameters
+
+    config = SlurmConfig(partition="gpu", time_min=30, cpus_per_run=4, gpus_per_run=1, mem_gb=8, extra={"qos": "x"})
+    sweep = slurm_parameters(config, "mgpo-sweep")
+    worker = slurm_parameters(config, "mgpo-tune", signal=False)
+    assert sweep["signal_delay_s"] == config.signal_s and "signal_delay_s" not in worker
+    assert {k: v for k, v in sweep.items() if k != "signal_delay_s" and k != "job_name"} == {
+        k: v for k, v in worker.items() if k != "job_name"
+    }
+    assert worker["gpus_per_node"] == 1 and worker["mem"] == "8192M" and worker["partition"] == "gpu"
+    assert "export OMP_NUM_THREADS=4" in worker["setup"] and worker["additional_parameters"] == {"qos": "x"}

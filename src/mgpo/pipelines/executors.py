@@ -433,6 +433,31 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str] | None:
     return states
 
 
+def slurm_parameters(config: SlurmConfig, job_name: str, threads: int = 0, *, signal: bool = True) -> dict:
+    """submitit's parameters for one array job of ``config``'s resources (sweeps' runs, tune's workers); ``signal``:
+    signal each task ``signal_s`` before its time limit (a run checkpoints and requeues on it)."""
+    params: dict = dict(
+        time=config.time_min,
+        cpus_per_task=config.cpus_per_run,
+        job_name=job_name,
+        stderr_to_stdout=True,
+        setup=[*(f"export {k}={v}" for k, v in threads_env(threads or config.cpus_per_run).items()), *config.setup],
+        additional_parameters=dict(config.extra),
+    )
+    if signal:
+        params["signal_delay_s"] = config.signal_s
+    if config.parallelism:
+        params["array_parallelism"] = config.parallelism
+    for name, value in (("partition", config.partition), ("account", config.account), ("qos", config.qos)):
+        if value:
+            params[name] = value
+    if config.gpus_per_run:
+        params["gpus_per_node"] = config.gpus_per_run
+    if config.mem_gb:
+        params["mem"] = f"{int(config.mem_gb * 1024)}M"
+    return params
+
+
 def submit_slurm(sweep, config: SlurmConfig, python: str, write_index, threads: int = 0) -> list:
     """Submit the sweep's runs that are not done, queued or running as one array job; returns those runs."""
     check_slurm()
@@ -446,25 +471,7 @@ def submit_slurm(sweep, config: SlurmConfig, python: str, write_index, threads: 
         return []
     folder = sweep.output_dir / "slurm"
     executor = submitit.SlurmExecutor(folder=folder / "%j", python=python, max_num_timeout=config.max_requeues)
-    params = dict(
-        time=config.time_min,
-        cpus_per_task=config.cpus_per_run,
-        signal_delay_s=config.signal_s,
-        job_name=f"mgpo-{sweep.output_dir.name}",
-        stderr_to_stdout=True,
-        setup=[*(f"export {k}={v}" for k, v in threads_env(threads or config.cpus_per_run).items()), *config.setup],
-        additional_parameters=dict(config.extra),
-    )
-    if config.parallelism:
-        params["array_parallelism"] = config.parallelism
-    for name, value in (("partition", config.partition), ("account", config.account), ("qos", config.qos)):
-        if value:
-            params[name] = value
-    if config.gpus_per_run:
-        params["gpus_per_node"] = config.gpus_per_run
-    if config.mem_gb:
-        params["mem"] = f"{int(config.mem_gb * 1024)}M"
-    executor.update_parameters(**params)
+    executor.update_parameters(**slurm_parameters(config, f"mgpo-{sweep.output_dir.name}", threads))
     with executor.batch():
         jobs = [executor.submit(SlurmRun(python, sweep.base, run.overrides, run.output_dir)) for run in todo]
     for run, job in zip(todo, jobs):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mgpo.pipelines.config import ConfigError
-from mgpo.pipelines.executors import check_slurm, device_envs, train_run
+from mgpo.pipelines.executors import check_slurm, device_envs, slurm_parameters, train_run
 from mgpo.pipelines.tune.config import BASELINE, MAX_FAILURES, SEARCH, SEEDS, TRIALS, Tune, trial_overrides
 from mgpo.pipelines.tune.study import _next, _optuna, counts, open_study, queue_seeds, recover
 
@@ -280,43 +280,32 @@ def _submitit():
 
 
 def run_slurm(
-    study, tune: Tune, workers: int, python: str, threads: int = 0, on_progress: Callable | None = None
+    study, tune: Tune, workers: int, python: str, threads: int = 0, say: Callable[[str], None] = print
 ) -> None:
-    """Run the study's trials on Slurm: ``workers`` array tasks share the study; this process waits for them.
-    Ctrl-C cancels them (their trials stop with a checkpoint and are queued again by the next run)."""
-    from mgpo.pipelines.executors import threads_env
-
+    """Run the study's trials on Slurm: ``workers`` array tasks share the study; this process waits for them and
+    ``say``s the search's counts when they change. Ctrl-C cancels them (their trials stop with a checkpoint and
+    are queued again by the next run)."""
     check_slurm()
     if tune.storage.startswith("sqlite") and workers > 1:
-        on_progress and on_progress(
-            "note: several workers on one SQLite file need a shared file system that "
-            "locks correctly (NFS often does not); prefer --storage postgresql://..."
+        say(
+            "note: several workers on one SQLite file need a shared file system that locks correctly (NFS often "
+            "does not); prefer --storage postgresql://..."
         )
-    c = tune.slurm
     executor = _submitit().SlurmExecutor(folder=tune.output_dir / "slurm" / "%j", python=python)
-    params = dict(
-        time=c.time_min,
-        cpus_per_task=c.cpus_per_run,
-        job_name=f"mgpo-tune-{tune.output_dir.name}",
-        stderr_to_stdout=True,
-        additional_parameters=dict(c.extra),
-        setup=[*(f"export {k}={v}" for k, v in threads_env(threads or c.cpus_per_run).items()), *c.setup],
+    # workers take no time-limit signal: one killed at its limit leaves its trial to the heartbeat (failed, requeued)
+    executor.update_parameters(
+        **slurm_parameters(tune.slurm, f"mgpo-tune-{tune.output_dir.name}", threads, signal=False)
     )
-    for name, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos)):
-        if value:
-            params[name] = value
-    if c.gpus_per_run:
-        params["gpus_per_node"] = c.gpus_per_run
-    if c.mem_gb:
-        params["mem"] = f"{int(c.mem_gb * 1024)}M"
-    executor.update_parameters(**params)
     with executor.batch():
         jobs = [executor.submit(SlurmWorker(tune, python)) for _ in range(workers)]
+    said = ""
     try:
         while not all(job.done() for job in jobs):
             time.sleep(5)
-            if on_progress is not None:
-                on_progress(counts(study))
+            now = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts(study).items()))
+            if now and now != said:
+                say(f"search trials: {now}")
+                said = now
     except KeyboardInterrupt:
         for job in jobs:
             job.cancel(check=False)
@@ -335,8 +324,10 @@ def run_tune(
     seeds: int = 1,
     python: str = sys.executable,
     on_trial: Callable | None = None,
+    say: Callable[[str], None] = print,
 ):
-    """Run (or resume) the whole study: the search, then with ``seeds`` > 1 the re-runs. Returns the study."""
+    """Run (or resume) the whole study: the search, then with ``seeds`` > 1 the re-runs. Returns the study.
+    ``on_trial(trial)`` hears of each trial finished here; on Slurm, ``say`` gets the counts as they change."""
     if executor not in ("local", "slurm"):
         raise ConfigError(f"--executor {executor!r} is unknown: choose local or slurm.")
     for name, value in (("--workers", workers), ("--seeds", seeds)):
@@ -352,7 +343,7 @@ def run_tune(
             if executor == "local":
                 run_local(study, tune, workers, python, threads, on_trial)
             else:
-                run_slurm(study, tune, workers, python, threads, on_trial)
+                run_slurm(study, tune, workers, python, threads, say)
         return study
     finally:
         lock.close()
