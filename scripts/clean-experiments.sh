@@ -6,6 +6,7 @@
 #
 #   bash scripts/clean-experiments.sh            # run (or resume) all ten sweeps; Ctrl-C stops after a checkpoint
 #   bash scripts/clean-experiments.sh --commit   # ... and git-commit each newly kept run record
+#   bash scripts/clean-experiments.sh --commit cpu-verdicts-tweets cpu-verdicts-dd   # only these sweeps, in this order
 #   MGPO_SRC=/path/to/frozen/src bash scripts/clean-experiments.sh   # train with a frozen copy of the code
 #   MGPO_ROOT=/path/to/checkout bash /tmp/copy-of-this-script.sh   # run a copy (bash reads a script as it runs it:
 #                                                                  # editing the running file would break it)
@@ -18,7 +19,13 @@ sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-a
         cpu-methods-uncapped cpu-verdicts-tweets cpu-verdicts-methods cpu-verdicts-dd)
 keep=docs/experiments-clean/runs
 every=${MGPO_KEEP_EVERY:-60}  # seconds between looks for newly finished runs
-commit=false; [[ "${1:-}" == "--commit" ]] && commit=true
+commit=false; [[ "${1:-}" == "--commit" ]] && { commit=true; shift; }
+if (($#)); then  # sweeps named on the command line: each must be a config under configs/experiments/
+  for s in "$@"; do
+    [[ -f "configs/experiments/$s.yaml" ]] || { echo "no sweep named '$s': expected configs/experiments/$s.yaml" >&2; exit 2; }
+  done
+  sweeps=("$@")
+fi
 [[ -n "${MGPO_SRC:-}" ]] && export PYTHONPATH="$MGPO_SRC${PYTHONPATH:+:$PYTHONPATH}"
 
 restore() {  # kept, finished runs -> runs/experiments/<sweep>/<run>

@@ -103,3 +103,15 @@ def test_commit_takes_the_kept_records_only(tmp_path):
     assert "docs/experiments-clean/runs/cpu-dd-clean/run-a/metrics.json" in log
     assert "experiments: cpu-dd-clean, 1 runs kept" in log
     assert git("status", "--porcelain").stdout.splitlines()[0] == "A  work.py"
+
+
+def test_named_sweeps_run_alone_in_the_order_given(tmp_path):
+    (tmp_path / "configs" / "experiments").mkdir(parents=True)
+    for name in ("cpu-verdicts-dd", "cpu-verdicts-tweets"):
+        (tmp_path / "configs" / "experiments" / f"{name}.yaml").write_text("title: x\n")
+    result = queue(tmp_path, "", "cpu-verdicts-dd", "cpu-verdicts-tweets")
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls == ["cpu-verdicts-dd run-a trained", "cpu-verdicts-tweets run-a trained"]
+    result = queue(tmp_path, "", "cpu-verdicts-typo")
+    assert result.returncode == 2 and "no sweep named 'cpu-verdicts-typo'" in result.stderr
