@@ -412,8 +412,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         # Non-capturable optimizers keep step counters on the CPU beside CUDA parameters: reverting those would
         # need the flag on the host, so they are left advanced by one on a skipped step (docs/method.md).
         keep = [i for i, t in enumerate(now) if t.device == bad.device]
-        # (a 0-dim tensor weight, which torch takes as a Scalar; its stubs list Python numbers only)
-        torch._foreach_lerp_([now[i] for i in keep], [saved[i] for i in keep], bad)  # type: ignore[call-overload]
+        # one 0-dim weight tensor per tensor (the List overload): passed alone, torch would take it as a Scalar and
+        # read it back to the host (a sync on every skip-guarded step)
+        torch._foreach_lerp_([now[i] for i in keep], [saved[i] for i in keep], [bad] * len(keep))
         fresh = [t for t in fresh if t.device == bad.device]
         if fresh:  # state created by this step: back to the zeros a first step starts from
             torch._foreach_mul_(fresh, ok.float())
