@@ -19,9 +19,11 @@ from typer.testing import CliRunner
 
 from mgpo.cli import app
 from mgpo.pipelines.config import ConfigError
+from mgpo.pipelines.executors import record
 from mgpo.pipelines.tune import BASELINE, SEARCH, SEEDS, counts, load_tune, run_tune
 from mgpo.pipelines.tune.report import Setting, settings, verdict, write_report
 from tests.pipelines.test_train import sentiment_csv, tiny_model_dir  # noqa: F401 (fixtures)
+from tests.slurm import local_slurm, needs_slurm  # noqa: F401 (fixture)
 
 HERE = Path(__file__).parent
 
@@ -265,3 +267,26 @@ def test_slurm_workers_get_the_sweeps_resources_but_no_time_limit_signal():
     }
     assert worker["gpus_per_node"] == 1 and worker["mem"] == "8192M" and worker["partition"] == "gpu"
     assert "export OMP_NUM_THREADS=4" in worker["setup"] and worker["additional_parameters"] == {"qos": "x"}
+
+
+@needs_slurm
+def test_two_slurm_workers_share_the_study_and_report_its_counts(tmp_path, local_slurm, sentiment_csv, fake_python):  # noqa: F811
+    """The Slurm path end to end on the one-node cluster: two array tasks pull trials from one SQLite study, every
+    trial is counted once, and the submitting process reports the search's counts as they change."""
+    slurm = "slurm: {partition: debug, time_min: 10, cpus_per_run: 1}"
+    config = write_config(tmp_path, sentiment_csv, f"{{trials: 6, max_steps: 6, evals: 2, pruner: none, {slurm}}}")
+    said: list[str] = []
+    os.environ["FAKE_STEP_S"] = "0.2"  # long enough for the two workers to overlap
+    try:
+        plan = load_tune(config, output_dir=tmp_path / "t")
+        study = run_tune(plan, executor="slurm", workers=2, python=fake_python, say=said.append)
+    finally:
+        del os.environ["FAKE_STEP_S"]
+    assert counts(study) == {"COMPLETE": 6}
+    runs = [t.user_attrs["run"] for t in study.get_trials()]
+    assert len(runs) == len(set(runs)) == 7  # LoRA and 6 search trials, one folder each
+    assert said and said[-1] == "search trials: 6 complete", said
+    jobs = {record(Path(run))["job_id"] for run in runs}  # the array task each trial trained in
+    assert len(jobs) == 2 and {job.split("_")[1] for job in jobs} == {"0", "1"}, jobs
+    # a rerun of the finished study submits workers that find nothing to do
+    assert counts(run_tune(plan, executor="slurm", workers=1, python=fake_python, say=said.append)) == {"COMPLETE": 6}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mgpo.pipelines.config import ConfigError
-from mgpo.pipelines.executors import check_slurm, device_envs, slurm_parameters, train_run
+from mgpo.pipelines.executors import check_slurm, device_envs, scheduler_states, slurm_parameters, train_run
 from mgpo.pipelines.tune.config import BASELINE, MAX_FAILURES, SEARCH, SEEDS, TRIALS, Tune, trial_overrides
 from mgpo.pipelines.tune.study import _next, _optuna, counts, open_study, queue_seeds, recover
 
@@ -291,7 +291,8 @@ def run_slurm(
             "note: several workers on one SQLite file need a shared file system that locks correctly (NFS often "
             "does not); prefer --storage postgresql://..."
         )
-    executor = _submitit().SlurmExecutor(folder=tune.output_dir / "slurm" / "%j", python=python)
+    # the worker is this interpreter's code (mgpo, Optuna); ``python`` is what it starts each trial's training with
+    executor = _submitit().SlurmExecutor(folder=tune.output_dir / "slurm" / "%j", python=sys.executable)
     # workers take no time-limit signal: one killed at its limit leaves its trial to the heartbeat (failed, requeued)
     executor.update_parameters(
         **slurm_parameters(tune.slurm, f"mgpo-tune-{tune.output_dir.name}", threads, signal=False)
@@ -300,7 +301,7 @@ def run_slurm(
         jobs = [executor.submit(SlurmWorker(tune, python)) for _ in range(workers)]
     said = ""
     try:
-        while not all(job.done() for job in jobs):
+        while not _ended(jobs):
             time.sleep(5)
             now = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts(study).items()))
             if now and now != said:
@@ -311,8 +312,22 @@ def run_slurm(
             job.cancel(check=False)
         raise
     for job in jobs:
+        if not job.done():  # gone from the queue without a result: it died before it could write one
+            raise TrialFailed(
+                f"Slurm worker {job.job_id} ended without a result (killed, or its Python could not start); "
+                f"its log: {job.paths.stderr}"
+            )
         if job.exception() is not None:
             raise TrialFailed(f"Slurm worker {job.job_id} failed: {job.exception()}; its log: {job.paths.stdout}")
+
+
+def _ended(jobs: list) -> bool:
+    """Whether every worker has ended: with its result (submitit knows), or gone from the scheduler's queue without
+    one (submitit, which asks sacct, would wait for it forever on a cluster without accounting)."""
+    if all(job.done() for job in jobs):
+        return True
+    queued = scheduler_states([job.job_id for job in jobs])
+    return queued is not None and all(job.done() or job.job_id not in queued for job in jobs)
 
 
 def run_tune(
