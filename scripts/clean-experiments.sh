@@ -16,7 +16,7 @@ cd "${MGPO_ROOT:-$(dirname "$0")/..}" || exit 1
 # table, which would take a shipped rule as a third arm (none passed: docs/results.md)
 # then issue 33's reruns: the verdicts over every test row with per-example predictions and declared families
 sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean cpu-methods-clean
-        cpu-methods-uncapped cpu-verdicts-tweets cpu-verdicts-methods cpu-verdicts-dd)
+        cpu-methods-uncapped cpu-verdicts-tweets cpu-verdicts-methods cpu-verdicts-dd cpu-verdicts-arithmetic)
 keep=docs/experiments-clean/runs
 every=${MGPO_KEEP_EVERY:-60}  # seconds between looks for newly finished runs
 commit=false; [[ "${1:-}" == "--commit" ]] && { commit=true; shift; }

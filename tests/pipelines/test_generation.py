@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mgpo.data.arithmetic import make_arithmetic
+from mgpo.pipelines import predictions
 from mgpo.pipelines.config import ConfigError, load_config
 from mgpo.pipelines.train import train
 from tests.tiny import bpe_tokenizer
@@ -69,6 +70,13 @@ def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_d
         assert 0.0 <= metrics[f"{prefix}_accuracy"] <= 1.0
         rows = [json.loads(line) for line in (out / f"{prefix}_math.jsonl").read_text().splitlines()]
         assert len(rows) == 8 and {"prompt", "output", "extracted", "gold", "correct"} <= set(rows[0])
+    # the trained model's answers as per-example predictions (the report's interval over examples and seeds)
+    kept = predictions.read(out)
+    assert kept is not None and [r["id"] for r in kept] == list(range(8))
+    assert [(r["target"], r["prediction"], r["correct"]) for r in kept] == [
+        (r["gold"], r["extracted"], r["correct"]) for r in rows
+    ]
+    assert sum(r["correct"] for r in kept) / 8 == pytest.approx(metrics["after_accuracy"])
     assert metrics["train_examples"] + metrics["dropped_examples"] == 64 and "truncated_examples" in metrics
     assert (out / "adapter").is_dir() and (out / "loss.png").is_file()
     assert metrics["final_clean_loss"] > 0 and metrics["best_clean_loss"] <= metrics["final_clean_loss"]

@@ -1112,3 +1112,26 @@ def test_runs_with_predictions_get_an_interval_over_examples_and_seeds(sweep_dir
     low, high = (float(x) for x in row[1].split("[")[1].split("]")[0].split(", "))
     seeds_low, seeds_high = (float(x) for x in row[1].split("seeds only [")[1].split("]")[0].split(", "))
     assert high - low > seeds_high - seeds_low
+
+
+def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tmp_path):
+    """A math run's predictions.jsonl holds extracted answers that may be right without equalling the gold string
+    ("12.0" for 12): the interval reads each row's ``correct``, the benchmark's verdict."""
+    from mgpo.pipelines.report import robustness
+
+    per_run = []
+    for arm, share in (("LoRA", 0.3), ("LoRA-MGPO", 0.6)):
+        for seed in range(3):
+            run = tmp_path / f"{arm}-s{seed}"
+            run.mkdir()
+            right = np.random.default_rng(seed + 10 * len(arm)).random(100) < share
+            rows = [
+                {"id": i, "target": "12", "prediction": "12.0" if ok else "7", "correct": bool(ok)}
+                for i, ok in enumerate(right)
+            ]
+            (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            per_run.append({"series": arm, "panel": "", "seed": seed, "path": str(run)})
+    table = robustness._examples_table(per_run, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", "LoRA")
+    assert table is not None
+    cell = table.rows[0][1][0]
+    assert cell.startswith("+0.") and "n=3x100" in cell and cell.endswith("*"), cell  # ~ +0.3, not 0 - 0

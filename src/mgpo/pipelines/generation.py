@@ -121,6 +121,10 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
             raise ValueError("math evaluation needs a test split: set data.max_eval_examples to carve one out")
         rows = list(data.test)[: g.max_examples] if g.max_examples else list(data.test)
         result = evaluate_math(functools.partial(gen, stop=MATH_STOP), rows, data.template, samples, progress=bars)
+        if prefix == "after":  # the trained model's answers, one row per problem: the report's examples-and-seeds
+            from mgpo.pipelines import predictions  # interval reads them
+
+            predictions.write_math(Path(out), samples)
     elif bench == "humaneval":
         from mgpo.eval import humaneval
 

@@ -1,7 +1,10 @@
 """Per-example test predictions of a run (``predictions.jsonl`` in its folder): what a verdict over examples as well
 as seeds needs (issue 33). One row per test example, in the test split's order (the same rows for every run that
 shares ``data.name``, ``data.seed`` and ``data.max_eval_examples``): ``id`` (its index in that split), ``target``,
-``prediction`` and, for classification, ``correct``; for regression, ``error`` (prediction - target).
+``prediction`` and, for classification, ``correct``; for regression, ``error`` (prediction - target). A causal-lm
+run scored on math problems writes the same file after training from its scored samples (:func:`write_math`):
+``target`` the gold answer, ``prediction`` the answer extracted from the output (None for none), ``correct`` as the
+benchmark scored it.
 
 No ML library is imported here: the report reads these files too.
 """
@@ -60,6 +63,17 @@ def write(out: Path, task: str, logits: Any, labels: Any) -> bool:
         return False
     (out / FILE).write_text("".join(json.dumps(r) + "\n" for r in found))
     return True
+
+
+def write_math(out: Path, samples: Path) -> None:
+    """``out/predictions.jsonl`` from the math benchmark's per-sample file (prompts and outputs stay in that file)."""
+    with samples.open(encoding="utf-8") as f:
+        scored = [json.loads(line) for line in f if line.strip()]
+    found = [
+        {"id": i, "target": r["gold"], "prediction": r["extracted"], "correct": bool(r["correct"])}
+        for i, r in enumerate(scored)
+    ]
+    (out / FILE).write_text("".join(json.dumps(r) + "\n" for r in found))
 
 
 def read(run: Path) -> list[dict] | None:

@@ -14,7 +14,13 @@ from mgpo.pipelines.report.tables import Cell, Table
 
 WINDOWS = (1, 2, 3, 4, 5)  # smoothing windows (logged points) the double-descent measures are shown at
 PRIMARY_DD = "dd_rise_rel"  # the primary double-descent measure, fixed before the reruns (docs/experiments.md)
-STATS = {"accuracy": (measures.accuracy, "prediction"), "pearson": (measures.pearson, "prediction")}
+# the metric's statistic over one run's rows, and what it reads from each row and its target; accuracy reads the
+# correctness each row records (a math answer is scored by the benchmark's rule, not by equality with its gold)
+STATS = {
+    "accuracy": (measures.accuracy, lambda r: r["correct"], lambda r: True),
+    "pearson": (measures.pearson, lambda r: r["prediction"], lambda r: r["target"]),
+}
+SPLITS = ("test_", "after_")  # the held-out split's metrics: a test evaluation, or generation after training
 
 
 @dataclass
@@ -49,9 +55,9 @@ def _examples_table(
     per_run: list[dict], series: list[str], panels: list[str], metric: str, baseline: str
 ) -> Table | None:
     name = metric.split("_", 1)[-1]
-    if name not in STATS or not metric.startswith("test_"):
+    if name not in STATS or not metric.startswith(SPLITS):
         return None
-    stat, _ = STATS[name]
+    stat, value, truth = STATS[name]
     saved = {(x["series"], x["panel"], x["seed"]): predictions.read(Path(x["path"])) for x in per_run}
     if not any(saved.values()):
         return None
@@ -67,10 +73,10 @@ def _examples_table(
             if not seeds:
                 cells.append(("-", False))
                 continue
-            target = [r["target"] for r in base[seeds[0]]]
+            target = [truth(r) for r in base[seeds[0]]]
             d = measures.paired_over_examples_and_seeds(
-                {k: [r["prediction"] for r in mine[k]] for k in seeds},
-                {k: [r["prediction"] for r in base[k]] for k in seeds},
+                {k: [value(r) for r in mine[k]] for k in seeds},
+                {k: [value(r) for r in base[k]] for k in seeds},
                 target,
                 stat,
                 boots=1000,
