@@ -92,6 +92,24 @@ class DataConfig:
     seed: int = _help("Seed of the split and of the generated data.", 0)
     encoding: str = _help("Text encoding of local CSV/JSON files (utf-8, latin-1, cp1252, ...).", "utf-8")
 
+    def load_text(self, task: str | None = None) -> Any:
+        """The labelled corpus this section names, split and capped as it says (``task``: instead of its own)."""
+        from mgpo.data.text import load_text_data
+
+        return load_text_data(
+            self.name,
+            task=task or self.task,
+            text_column=self.text_column,
+            text_pair_column=self.text_pair_column,
+            label_column=self.label_column,
+            encoding=self.encoding,
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            max_train_examples=self.max_train_examples,
+            max_eval_examples=self.max_eval_examples,
+        )
+
 
 @dataclass
 class TrainingConfig:

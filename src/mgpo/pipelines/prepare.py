@@ -136,22 +136,7 @@ def classification_metrics(task: str, num_labels: int) -> Callable:
 
 
 def _load_classification(cfg: TrainConfig) -> Any:
-    from mgpo.data.text import load_text_data
-
-    d = cfg.data
-    return load_text_data(
-        d.name,
-        task=d.task,
-        text_column=d.text_column,
-        text_pair_column=d.text_pair_column,
-        label_column=d.label_column,
-        encoding=d.encoding,
-        seed=d.seed,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        max_train_examples=d.max_train_examples,
-        max_eval_examples=d.max_eval_examples,
-    )
+    return cfg.data.load_text()
 
 
 def _encode_classification(cfg: TrainConfig, data: Any, tokenizer: Any) -> tuple[Any, dict[str, int]]:

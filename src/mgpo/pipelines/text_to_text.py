@@ -125,22 +125,7 @@ def prepare_text_to_text(cfg: TrainConfig, tokenizer):
     """Data, tokenized splits, collator, metrics and the label words of a text-to-text run."""
     from transformers import DataCollatorForSeq2Seq
 
-    from mgpo.data.text import load_text_data
-
-    d = cfg.data
-    data = load_text_data(
-        d.name,
-        task="classification",
-        text_column=d.text_column,
-        text_pair_column=d.text_pair_column,
-        label_column=d.label_column,
-        encoding=d.encoding,
-        seed=d.seed,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        max_train_examples=d.max_train_examples,
-        max_eval_examples=d.max_eval_examples,
-    )
+    data = cfg.data.load_text(task="classification")  # the label words replace the class ids
     words = label_words(cfg, data.label_names, data.num_labels)
     metrics = FirstTokenMetrics(first_token_ids(tokenizer, words))
     splits, truncated = encode(data, tokenizer, words, cfg.model.max_length)
