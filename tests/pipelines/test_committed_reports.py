@@ -41,12 +41,25 @@ def uncapped_dirs() -> list[Path]:
     return [p.relative_to(ROOT) for p in dirs]
 
 
+def verdicts(sweep: str):
+    """Issue 33's reruns: one report per sweep (its families are in its sweep.yaml)."""
+    return lambda: [RUNS / sweep]
+
+
+VERDICTS = {
+    "tweets": (
+        "cpu-verdicts-tweets",
+        "Verdicts on tweets over examples and seeds (MiniLM, regression, all 420 test rows, 5 seeds)",
+    ),
+}
+
 REPORTS = {
     "experiments-clean": (clean_dirs, "Does MGPO help? Clean-loss experiments, 5 seeds"),
     "experiments-clean/uncapped": (
         uncapped_dirs,
         "Uncapped adapters: without MGPO, MGPO at rho / 10 and at the paper's rho (MiniLM, movie reviews)",
     ),
+    **{f"experiments-clean/verdicts/{k}": (verdicts(sweep), title) for k, (sweep, title) in VERDICTS.items()},
 }
 
 
