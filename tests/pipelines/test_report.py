@@ -1135,3 +1135,26 @@ def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tm
     assert table is not None
     cell = table.rows[0][1][0]
     assert cell.startswith("+0.") and "n=3x100" in cell and cell.endswith("*"), cell  # ~ +0.3, not 0 - 0
+
+
+def test_the_window_table_has_a_row_per_panel_and_method_from_runs_csv(sweep_dir, tmp_path):
+    """Pooling panels (r 8 with r 128) hid a setting's own verdict (issue 33): each panel has its rows, and each
+    cell is that panel's mean over seeds with the paired difference to the baseline in brackets."""
+    out = make_report([sweep_dir], tmp_path / "out")
+    md = out["markdown"].read_text()
+    block = md.split("### Smoothing window and second descent")[1].split("\n### ")[0]
+    lines = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    table = [[c.strip(" *") for c in line.strip("|").split("|")] for line in lines]
+    with open(tmp_path / "out" / "runs.csv") as f:
+        runs = [r for r in csv.DictReader(f) if r["dd_rise_rel_w1"]]
+    panels = sorted({r["panel"] for r in runs})
+    assert len(panels) > 1 and [(row[0], row[1]) for row in table] == [
+        (p, m) for p in panels for m in ("LoRA", "LoRA-MGPO")
+    ]
+    for panel, method, first, *_ in table:
+        mine = {r["seed"]: float(r["dd_rise_rel_w1"]) for r in runs if (r["panel"], r["series"]) == (panel, method)}
+        base = {r["seed"]: float(r["dd_rise_rel_w1"]) for r in runs if (r["panel"], r["series"]) == (panel, "LoRA")}
+        assert float(first.split(" ")[0]) == pytest.approx(sum(mine.values()) / len(mine), abs=5e-4)
+        if method != "LoRA":
+            diff = sum(mine[k] - base[k] for k in set(mine) & set(base)) / len(set(mine) & set(base))
+            assert float(first.split("(")[1].rstrip(")* ")) == pytest.approx(diff, abs=5e-4)

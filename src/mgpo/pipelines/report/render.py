@@ -74,11 +74,12 @@ def _robustness_blocks(result: Analysis) -> list[tuple]:
             ("h3", "Smoothing window and second descent: how firm the double-descent verdict is"),
             (
                 "p",
-                "Mean over seeds (and panels) of the bump measure (the largest rise above the running minimum, "
-                "relative; the primary measure) and of the second-descent measure (min(rise, fall after the "
-                "peak) / running minimum: large only where the loss rose and came down again), at smoothing "
-                f"windows 1-5 logged points. In brackets: the paired difference to {base}; * : its t interval "
-                "excludes 0. A verdict that flips across windows is not one.",
+                "Mean over seeds, per panel, of the bump measure (the largest rise of the smoothed loss above its "
+                "running minimum, over that minimum; the primary measure) and of the second-descent measure (the "
+                "largest min(rise above the running minimum, fall to the lowest later point), over the running "
+                "minimum: large only where the loss rose and came down again; each measure picks its own point), "
+                f"at smoothing windows 1-5 logged points. In brackets: the paired difference to {base}; * : its t "
+                "interval excludes 0. A verdict that flips across windows is not one.",
             ),
             ("table", rob.windows),
         ]

@@ -47,7 +47,7 @@ def robustness(
         examples=_examples_table(per_run, series, panels, metric, baseline),
         families=_families_table(per_run, series, metric, options.get("families")),
         post_hoc=_post_hoc(options.get("families")),
-        windows=_windows_table(per_run, series, baseline),
+        windows=_windows_table(per_run, series, panels, baseline),
     )
 
 
@@ -155,28 +155,33 @@ def _post_hoc(families: Any) -> str:
     )
 
 
-def _windows_table(per_run: list[dict], series: list[str], baseline: str) -> Table | None:
+def _windows_table(per_run: list[dict], series: list[str], panels: list[str], baseline: str) -> Table | None:
+    """One row per panel and method: pooling panels (r 8 with r 128) would hide a setting's own verdict."""
     if not any(x.get("dd_rise_rel_w1") is not None for x in per_run):
         return None
-    header = ["method", *[f"bump w={w}" for w in WINDOWS], *[f"second descent w={w}" for w in WINDOWS]]
+    header = ["panel", "method", *[f"bump w={w}" for w in WINDOWS], *[f"second descent w={w}" for w in WINDOWS]]
     rows = []
-    for s in series:
-        cells: list[Cell] = [(s, False)]
-        for key in ("dd_rise_rel", "second_descent_rel"):
-            for w in WINDOWS:
-                cells.append(_window_cell(per_run, s, baseline, f"{key}_w{w}"))
-        rows.append(cells)
+    for p in panels:
+        here = [x for x in per_run if x["panel"] == p]
+        for s in series:
+            if not any(x["series"] == s for x in here):
+                continue
+            cells: list[Cell] = [(p or "-", False), (s, False)]
+            for key in ("dd_rise_rel", "second_descent_rel"):
+                for w in WINDOWS:
+                    cells.append(_window_cell(here, s, baseline, f"{key}_w{w}"))
+            rows.append(cells)
     return Table(header, rows)
 
 
 def _window_cell(per_run: list[dict], s: str, baseline: str, key: str) -> Cell:
-    mine = {(x["panel"], x["seed"]): x[key] for x in per_run if x["series"] == s and x.get(key) is not None}
+    mine = {x["seed"]: x[key] for x in per_run if x["series"] == s and x.get(key) is not None}
     if not mine:
         return ("-", False)
     mean = sum(mine.values()) / len(mine)
     if s == baseline:
         return (f"{mean:.3f}", False)
-    base = {(x["panel"], x["seed"]): x[key] for x in per_run if x["series"] == baseline and x.get(key) is not None}
+    base = {x["seed"]: x[key] for x in per_run if x["series"] == baseline and x.get(key) is not None}
     keys = sorted(set(mine) & set(base))
     d = measures.paired_t([mine[k] for k in keys], [base[k] for k in keys])
     if d["low"] is None:
