@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mgpo.cli import app
+from mgpo.pipelines import predictions
 from mgpo.pipelines.measures import double_descent, instability_count, paired_t
 from mgpo.pipelines.report import STALLED_FALL, make_report, mean_std_cell
 
@@ -1084,7 +1085,8 @@ def test_declared_families_are_holm_corrected_and_the_rest_called_post_hoc(sweep
     block = md.split("### Declared comparisons, Holm's correction within each family")[1].split("###")[0]
     row = _md_row(block, "main")
     assert row[1] == "LoRA-MGPO − LoRA" and row[2].endswith("n=6")  # pooled over both ranks' 3 seeds
-    assert float(row[3]) == pytest.approx(float(row[4].strip("* ")))  # one comparison: Holm leaves p as it is
+    assert row[3] == "seeds"  # no predictions saved: the seed-only test
+    assert float(row[4]) == pytest.approx(float(row[5].strip("* ")))  # one comparison: Holm leaves p as it is
     assert "Every other difference in this report is post hoc" in md
     (sweep_dir / "sweep.yaml").write_text("report: {baseline: LoRA, families: {main: [[LoRA-MGPO, DoRA]]}}\n")
     with pytest.raises(ValueError, match="report.families.main: .* is not a pair of this report's methods"):
@@ -1131,10 +1133,21 @@ def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tm
             ]
             (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             per_run.append({"series": arm, "panel": "", "seed": seed, "path": str(run)})
-    table = robustness._examples_table(per_run, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", "LoRA")
+    saved = robustness._Saved(per_run, "after_accuracy")
+    table = robustness._examples_table(saved, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", "LoRA")
     assert table is not None
     cell = table.rows[0][1][0]
     assert cell.startswith("+0.") and "n=3x100" in cell and cell.endswith("*"), cell  # ~ +0.3, not 0 - 0
+    # a declared family is tested over examples and seeds too, with that test's p (larger than the seeds-only one)
+    for arm in per_run:
+        arm["value"] = float(np.mean([r["correct"] for r in predictions.read(Path(arm["path"]))]))
+    families = robustness._families_table(
+        per_run, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", {"radius": [["LoRA-MGPO", "LoRA"]]}, saved
+    )
+    assert families is not None
+    row = [c[0] for c in families.rows[0]]
+    d = paired_t(*([x["value"] for x in per_run if x["series"] == m] for m in ("LoRA-MGPO", "LoRA")))  # by seed
+    assert row[3] == "examples and seeds" and "n=3x100" in row[2] and float(row[4]) >= d["p"] * 0.999
 
 
 def test_the_window_table_has_a_row_per_panel_and_method_from_runs_csv(sweep_dir, tmp_path):

@@ -65,7 +65,13 @@ def _robustness_blocks(result: Analysis) -> list[tuple]:
     if rob.families is not None:
         blocks += [
             ("h3", "Declared comparisons, Holm's correction within each family"),
-            ("p", "Bold and * : Holm's adjusted p below 0.05 (paired t over the pooled panels and seeds)."),
+            (
+                "p",
+                "Bold and * : Holm's adjusted p below 0.05. Each p is that of the test a verdict uses (column "
+                "`over`): over test examples and seeds where both methods saved per-example predictions and the "
+                "report has one panel (the wider interval of the table above), else the paired t over the pooled "
+                "panels and seeds.",
+            ),
             ("table", rob.families),
         ]
     blocks.append(("p", rob.post_hoc))

@@ -43,23 +43,50 @@ def window_columns(steps: list, losses: list) -> dict[str, Any]:
 def robustness(
     per_run: list[dict], series: list[str], panels: list[str], metric: str, baseline: str, options: dict
 ) -> Robustness:
+    saved = _Saved(per_run, metric)
     return Robustness(
-        examples=_examples_table(per_run, series, panels, metric, baseline),
-        families=_families_table(per_run, series, metric, options.get("families")),
+        examples=_examples_table(saved, series, panels, metric, baseline),
+        families=_families_table(per_run, series, panels, metric, options.get("families"), saved),
         post_hoc=_post_hoc(options.get("families")),
         windows=_windows_table(per_run, series, panels, baseline),
     )
 
 
-def _examples_table(
-    per_run: list[dict], series: list[str], panels: list[str], metric: str, baseline: str
-) -> Table | None:
-    name = metric.split("_", 1)[-1]
-    if name not in STATS or not metric.startswith(SPLITS):
-        return None
-    stat, value, truth = STATS[name]
-    saved = {(x["series"], x["panel"], x["seed"]): predictions.read(Path(x["path"])) for x in per_run}
-    if not any(saved.values()):
+class _Saved:
+    """The runs' per-example predictions, read once: the difference of two methods in one panel over examples and
+    seeds (:func:`measures.paired_over_examples_and_seeds`), where both have them for common seeds."""
+
+    def __init__(self, per_run: list[dict], metric: str):
+        name = metric.split("_", 1)[-1]
+        self.usable = name in STATS and metric.startswith(SPLITS)
+        self.stat = STATS.get(name)
+        self.rows = (
+            {(x["series"], x["panel"], x["seed"]): predictions.read(Path(x["path"])) for x in per_run}
+            if self.usable
+            else {}
+        )
+        self.any = any(self.rows.values())
+
+    def difference(self, a: str, b: str, panel: str) -> dict | None:
+        if not self.any or self.stat is None:
+            return None
+        stat, value, truth = self.stat
+        mine = {k[2]: v for k, v in self.rows.items() if k[:2] == (a, panel) and v}
+        base = {k[2]: v for k, v in self.rows.items() if k[:2] == (b, panel) and v}
+        seeds = sorted(set(mine) & set(base))
+        if not seeds:
+            return None
+        return measures.paired_over_examples_and_seeds(
+            {k: [value(r) for r in mine[k]] for k in seeds},
+            {k: [value(r) for r in base[k]] for k in seeds},
+            [truth(r) for r in base[seeds[0]]],
+            stat,
+            boots=1000,
+        )
+
+
+def _examples_table(saved: _Saved, series: list[str], panels: list[str], metric: str, baseline: str) -> Table | None:
+    if not saved.any:
         return None
     rows = []
     for s in series:
@@ -67,21 +94,8 @@ def _examples_table(
             continue
         cells: list[Cell] = [(f"{s} − {baseline}", False)]
         for p in panels:
-            mine = {k[2]: v for k, v in saved.items() if k[:2] == (s, p) and v}
-            base = {k[2]: v for k, v in saved.items() if k[:2] == (baseline, p) and v}
-            seeds = sorted(set(mine) & set(base))
-            if not seeds:
-                cells.append(("-", False))
-                continue
-            target = [truth(r) for r in base[seeds[0]]]
-            d = measures.paired_over_examples_and_seeds(
-                {k: [value(r) for r in mine[k]] for k in seeds},
-                {k: [value(r) for r in base[k]] for k in seeds},
-                target,
-                stat,
-                boots=1000,
-            )
-            cells.append((_both(d), d["significant"]))
+            d = saved.difference(s, baseline, p)
+            cells.append(("-", False) if d is None else (_both(d), d["significant"]))
         rows.append(cells)
     return Table(["difference", *[p or metric for p in panels]], rows)
 
@@ -94,7 +108,11 @@ def _both(d: dict) -> str:
     return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}x{d['examples']}{seeds}{mark}"
 
 
-def _families_table(per_run: list[dict], series: list[str], metric: str, families: Any) -> Table | None:
+def _families_table(
+    per_run: list[dict], series: list[str], panels: list[str], metric: str, families: Any, saved: _Saved
+) -> Table | None:
+    """Holm within each declared family, on the test a verdict uses: over examples and seeds where both methods
+    saved predictions (one panel: the test rows are shared), over seeds alone otherwise (the table says which)."""
     if not families:
         return None
     if not isinstance(families, dict):
@@ -118,9 +136,14 @@ def _families_table(per_run: list[dict], series: list[str], metric: str, familie
                 for m in (a, b)
             )
             keys = sorted(set(mine) & set(base))
-            tests[f"{a} − {b}"] = measures.paired_t([mine[k] for k in keys], [base[k] for k in keys])
-        adjusted = measures.holm({k: d["p"] for k, d in tests.items()})
-        for name, d in tests.items():
+            both = saved.difference(a, b, panels[0]) if len(panels) == 1 else None
+            tests[f"{a} − {b}"] = (
+                (both, "examples and seeds")
+                if both is not None and both["p"] is not None
+                else (measures.paired_t([mine[k] for k in keys], [base[k] for k in keys]), "seeds")
+            )
+        adjusted = measures.holm({k: d["p"] for k, (d, _) in tests.items()})
+        for name, (d, over) in tests.items():
             holm_p = adjusted[name]
             kept = holm_p is not None and holm_p < 1 - measures.CONFIDENCE
             p = "-" if d["p"] is None else f"{d['p']:.3g}"
@@ -128,12 +151,13 @@ def _families_table(per_run: list[dict], series: list[str], metric: str, familie
                 [
                     (family, False),
                     (name, False),
-                    (_interval(d), False),
+                    (_both(d) if over != "seeds" else _interval(d), False),
+                    (over, False),
                     (p, False),
                     ("-" if holm_p is None else f"{holm_p:.3g}" + (" *" if kept else ""), kept),
                 ]
             )
-    return Table(["family", "comparison", f"{metric}: mean [95% t interval]", "p", "Holm p"], rows)
+    return Table(["family", "comparison", f"{metric}: mean [95% interval]", "over", "p", "Holm p"], rows)
 
 
 def _interval(d: dict) -> str:
