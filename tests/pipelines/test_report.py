@@ -1088,6 +1088,10 @@ def test_declared_families_are_holm_corrected_and_the_rest_called_post_hoc(sweep
     assert row[3] == "seeds"  # no predictions saved: the seed-only test
     assert float(row[4]) == pytest.approx(float(row[5].strip("* ")))  # one comparison: Holm leaves p as it is
     assert "Every other difference in this report is post hoc" in md
+    with open(tmp_path / "out" / "comparisons.csv") as f:
+        (declared,) = list(csv.DictReader(f))
+    assert declared["family"] == "main" and declared["over"] == "seeds"
+    assert float(declared["holm_p"]) == pytest.approx(float(row[5].strip("* ")), rel=1e-2)
     (sweep_dir / "sweep.yaml").write_text("report: {baseline: LoRA, families: {main: [[LoRA-MGPO, DoRA]]}}\n")
     with pytest.raises(ValueError, match="report.families.main: .* is not a pair of this report's methods"):
         make_report([sweep_dir], tmp_path / "bad")
@@ -1114,6 +1118,13 @@ def test_runs_with_predictions_get_an_interval_over_examples_and_seeds(sweep_dir
     low, high = (float(x) for x in row[1].split("[")[1].split("]")[0].split(", "))
     seeds_low, seeds_high = (float(x) for x in row[1].split("seeds only [")[1].split("]")[0].split(", "))
     assert high - low > seeds_high - seeds_low
+    # the same numbers in comparisons.csv, one row per panel
+    with open(tmp_path / "out" / "comparisons.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["comparison"] == "LoRA-MGPO − LoRA"]
+    assert len(rows) == len(RANKS) and {r["family"] for r in rows} == {"vs baseline"}
+    first = rows[0]
+    assert (round(float(first["low"]), 4), round(float(first["high"]), 4)) == (low, high)
+    assert first["examples"] == "200" and first["seeds"] == "3" and first["holm_p"] == ""
 
 
 def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tmp_path):

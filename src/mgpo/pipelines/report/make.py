@@ -9,7 +9,7 @@ from pathlib import Path
 from mgpo.pipelines.report.analysis import analyse
 from mgpo.pipelines.report.collect import collect
 from mgpo.pipelines.report.figures import plot_curves, plot_dd, plot_metric_bars, plot_verdicts
-from mgpo.pipelines.report.render import _blocks, write_html, write_markdown, write_runs_csv
+from mgpo.pipelines.report.render import _blocks, write_comparisons_csv, write_html, write_markdown, write_runs_csv
 from mgpo.pipelines.report.verdicts import verdict_table
 
 
@@ -23,7 +23,8 @@ def make_report(
     smooth: int | None = None,
     spike_factor: float | None = None,
 ) -> dict:
-    """Write report.md, report.html, runs.csv and figures/ under ``out_dir``; returns their paths, and under
+    """Write report.md, report.html, runs.csv, comparisons.csv (where there are intervals over examples and seeds
+    or declared families) and figures/ under ``out_dir``; returns their paths, and under
     ``results`` each reported experiment's :class:`~mgpo.pipelines.report.analysis.Analysis`."""
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,15 @@ def make_report(
     md = write_markdown(blocks, out_dir / "report.md", title)
     page = write_html(blocks, out_dir / "report.html", title)
     csv_path = write_runs_csv(results, out_dir / "runs.csv")
-    return {"markdown": md, "html": page, "csv": csv_path, "figures": figures_all, "results": results}
+    comparisons = write_comparisons_csv(results, out_dir / "comparisons.csv")
+    return {
+        "markdown": md,
+        "html": page,
+        "csv": csv_path,
+        "comparisons": comparisons,
+        "figures": figures_all,
+        "results": results,
+    }
 
 
 def _file(name: str) -> str:

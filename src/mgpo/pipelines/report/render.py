@@ -332,6 +332,25 @@ def write_html(blocks: list[tuple], out: Path, title: str) -> Path:
     return out
 
 
+def write_comparisons_csv(results: list[Analysis], out: Path) -> Path | None:
+    """comparisons.csv: the intervals over examples and seeds and the declared families' Holm p-values as
+    numbers, one row per comparison (None, and no file, where a report has neither)."""
+    rows = [
+        {"experiment": res.per_run[0]["experiment"] if res.per_run else "", "metric": res.metric, **c}
+        for res in results
+        if res.robustness is not None
+        for c in res.robustness.comparisons
+    ]
+    if not rows:
+        out.unlink(missing_ok=True)
+        return None
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
 def write_runs_csv(results: list[Analysis], out: Path) -> Path:
     rows = [r for res in results for r in res.per_run]
     keys = _order(k for r in rows for k in r)

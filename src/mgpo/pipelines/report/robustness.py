@@ -29,6 +29,27 @@ class Robustness:
     families: Table | None  # the declared comparisons, Holm within each family
     post_hoc: str  # which comparisons are post hoc
     windows: Table | None  # the bump measure and the second-descent measure at each window
+    comparisons: list[dict]  # comparisons.csv: every difference above as numbers (interval, test, p, Holm p)
+
+
+def _record(family: str, name: str, panel: str, over: str, d: dict, holm_p: float | None = None) -> dict:
+    """One row of comparisons.csv. ``family``: the declared family (its Holm p in ``holm_p``), or ``vs baseline``
+    for the table of every method against the baseline over examples and seeds."""
+    return {
+        "family": family,
+        "comparison": name,
+        "panel": panel,
+        "over": over,
+        "seeds": d["n"],
+        "examples": d.get("examples"),
+        "mean": d["mean"],
+        "low": d["low"],
+        "high": d["high"],
+        "seeds_low": d.get("seeds_low", d["low"]),
+        "seeds_high": d.get("seeds_high", d["high"]),
+        "p": d["p"],
+        "holm_p": holm_p,
+    }
 
 
 def window_columns(steps: list, losses: list) -> dict[str, Any]:
@@ -44,11 +65,13 @@ def robustness(
     per_run: list[dict], series: list[str], panels: list[str], metric: str, baseline: str, options: dict
 ) -> Robustness:
     saved = _Saved(per_run, metric)
+    comparisons: list[dict] = []
     return Robustness(
-        examples=_examples_table(saved, series, panels, metric, baseline),
-        families=_families_table(per_run, series, panels, metric, options.get("families"), saved),
+        examples=_examples_table(saved, series, panels, metric, baseline, comparisons),
+        families=_families_table(per_run, series, panels, metric, options.get("families"), saved, comparisons),
         post_hoc=_post_hoc(options.get("families")),
         windows=_windows_table(per_run, series, panels, baseline),
+        comparisons=comparisons,
     )
 
 
@@ -85,7 +108,9 @@ class _Saved:
         )
 
 
-def _examples_table(saved: _Saved, series: list[str], panels: list[str], metric: str, baseline: str) -> Table | None:
+def _examples_table(
+    saved: _Saved, series: list[str], panels: list[str], metric: str, baseline: str, found: list[dict]
+) -> Table | None:
     if not saved.any:
         return None
     rows = []
@@ -96,6 +121,8 @@ def _examples_table(saved: _Saved, series: list[str], panels: list[str], metric:
         for p in panels:
             d = saved.difference(s, baseline, p)
             cells.append(("-", False) if d is None else (_both(d), d["significant"]))
+            if d is not None:
+                found.append(_record("vs baseline", f"{s} − {baseline}", p, "examples and seeds", d))
         rows.append(cells)
     return Table(["difference", *[p or metric for p in panels]], rows)
 
@@ -109,7 +136,13 @@ def _both(d: dict) -> str:
 
 
 def _families_table(
-    per_run: list[dict], series: list[str], panels: list[str], metric: str, families: Any, saved: _Saved
+    per_run: list[dict],
+    series: list[str],
+    panels: list[str],
+    metric: str,
+    families: Any,
+    saved: _Saved,
+    found: list[dict],
 ) -> Table | None:
     """Holm within each declared family, on the test a verdict uses: over examples and seeds where both methods
     saved predictions (one panel: the test rows are shared), over seeds alone otherwise (the table says which)."""
@@ -146,6 +179,7 @@ def _families_table(
         for name, (d, over) in tests.items():
             holm_p = adjusted[name]
             kept = holm_p is not None and holm_p < 1 - measures.CONFIDENCE
+            found.append(_record(family, name, panels[0] if len(panels) == 1 else "(pooled)", over, d, holm_p))
             p = "-" if d["p"] is None else f"{d['p']:.3g}"
             rows.append(
                 [
