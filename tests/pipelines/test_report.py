@@ -1145,7 +1145,7 @@ def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tm
             (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             per_run.append({"series": arm, "panel": "", "seed": seed, "path": str(run)})
     saved = robustness._Saved(per_run, "after_accuracy")
-    table = robustness._examples_table(saved, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", "LoRA")
+    table = robustness._examples_table(saved, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", "LoRA", [])
     assert table is not None
     cell = table.rows[0][1][0]
     assert cell.startswith("+0.") and "n=3x100" in cell and cell.endswith("*"), cell  # ~ +0.3, not 0 - 0
@@ -1153,7 +1153,7 @@ def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tm
     for arm in per_run:
         arm["value"] = float(np.mean([r["correct"] for r in predictions.read(Path(arm["path"]))]))
     families = robustness._families_table(
-        per_run, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", {"radius": [["LoRA-MGPO", "LoRA"]]}, saved
+        per_run, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", {"radius": [["LoRA-MGPO", "LoRA"]]}, saved, []
     )
     assert families is not None
     row = [c[0] for c in families.rows[0]]
