@@ -51,6 +51,10 @@ VERDICTS = {
         "cpu-verdicts-tweets",
         "Verdicts on tweets over examples and seeds (MiniLM, regression, all 420 test rows, 5 seeds)",
     ),
+    "methods": (
+        "cpu-verdicts-methods",
+        "Method verdicts over examples and seeds (MiniLM, movie reviews, all 1057 test rows, 5 seeds)",
+    ),
 }
 
 REPORTS = {
