@@ -1,6 +1,7 @@
-"""A stand-in for ``python -m mgpo train`` in the tuner's tests: it writes what a run writes (log.jsonl with
-validation rows at each evaluation, metrics.json at the end) for a score that is a known function of rho and the
-seed, so the study's bookkeeping (budget, pruning, resume, determinism) can be checked in seconds.
+"""A stand-in for ``python -m mgpo train`` in the tuner's tests: it writes what a run writes (log.jsonl with an
+``eval_*`` row at each evaluation during training and the final ``validation_*`` row, metrics.json at the end) for
+a score that is a known function of rho and the seed, so the study's bookkeeping (budget, pruning, resume,
+determinism) can be checked in seconds.
 
 Called as ``fake_train.py -m mgpo train BASE k=v ... --restart``; FAKE_STEP_S sets the seconds per step."""
 
@@ -37,9 +38,10 @@ def main() -> None:
             if not lora:
                 row.update(apn_capped=0.5, radius_to_weight_mean=rho * 10)
             log.write(json.dumps(row) + "\n")
-            if step % every == 0:
-                log.write(json.dumps({"step": step, "validation_accuracy": final * (0.5 + 0.5 * step / steps)}) + "\n")
+            if step % every == 0:  # as the Trainer logs its evaluations during training
+                log.write(json.dumps({"step": step, "eval_accuracy": final * (0.5 + 0.5 * step / steps)}) + "\n")
             log.flush()
+        log.write(json.dumps({"step": steps, "validation_accuracy": final}) + "\n")  # mgpo train's final evaluation
     (out / "metrics.json").write_text(json.dumps({"steps": steps, "validation_accuracy": final}))
 
 

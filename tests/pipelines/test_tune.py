@@ -224,6 +224,10 @@ tune: {{trials: 2, max_steps: 6, evals: 2, top: 1}}
     assert cfg.model.name == str(tiny_model_dir) and cfg.perturbation.rho is not None
     report = (out / "tune.md").read_text()
     assert "apn_capped" in report and "| 0 | lora | 0 | complete |" in report
+    # the pruner saw each evaluation during training, not only the final one (eval_* rows, then validation_*)
+    study = run_tune(load_tune(config, output_dir=out), seeds=2)
+    for trial in study.get_trials():
+        assert sorted(trial.intermediate_values) == [3, 6], (trial.number, trial.intermediate_values)
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,14 @@ class Tune:
 
     @property
     def key(self) -> str:
+        """The trial's score in its metrics.json: ``mgpo train``'s final evaluation of the validation split."""
         return f"validation_{self.metric}"
+
+    @property
+    def progress_keys(self) -> tuple[str, str]:
+        """The score as log.jsonl has it while the trial trains: the Trainer logs its evaluations during training
+        as ``eval_*``, and ``mgpo train`` its final one as ``validation_*``."""
+        return (f"eval_{self.metric}", self.key)
 
     @property
     def direction(self) -> str:

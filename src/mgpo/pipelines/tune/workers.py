@@ -29,9 +29,10 @@ class _Watch:
     """Follows a trial's log.jsonl while it trains: reports each validation score to the trial and, where the
     pruner says so, stops the run with SIGTERM (it ends its step and stops)."""
 
-    def __init__(self, trial, log: Path, key: str, prunable: bool):
-        self.trial, self.log, self.key, self.prunable = trial, log, key, prunable
+    def __init__(self, trial, log: Path, keys: tuple[str, ...], prunable: bool):
+        self.trial, self.log, self.keys, self.prunable = trial, log, keys, prunable
         self.pruned_at: int | None = None
+        self.reported: set[int] = set()  # the last evaluation is logged twice (eval_* and validation_*)
         self.done = threading.Event()
         self._offset = 0
 
@@ -51,10 +52,12 @@ class _Watch:
     def _follow(self, proc) -> None:
         while proc.poll() is None and not self.done.is_set():
             for row in self._rows():
-                value = row.get(self.key)
-                if value is None or not math.isfinite(value) or self.pruned_at is not None:
+                value = next((row[k] for k in self.keys if isinstance(row.get(k), (int, float))), None)
+                step = int(row.get("step", -1))
+                if value is None or not math.isfinite(value) or self.pruned_at is not None or step in self.reported:
                     continue
-                self.trial.report(float(value), int(row["step"]))
+                self.reported.add(step)
+                self.trial.report(float(value), step)
                 if self.prunable and self.trial.should_prune():
                     self.pruned_at = int(row["step"])
                     proc.send_signal(signal.SIGTERM)
@@ -90,7 +93,7 @@ def objective_for(tune: Tune, python: str, env: dict | None, running: set | None
         params = {} if arm == BASELINE else {space.name: space.suggest(trial) for space in tune.space}
         out = tune.output_dir / TRIALS / f"trial-{trial.number:04d}"
         trial.set_user_attr("run", str(out))
-        watch = _Watch(trial, out / "log.jsonl", tune.key, prunable=arm != BASELINE and phase == SEARCH)
+        watch = _Watch(trial, out / "log.jsonl", tune.progress_keys, prunable=arm != BASELINE and phase == SEARCH)
         procs = running if running is not None else set()
 
         def started(proc):
