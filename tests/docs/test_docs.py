@@ -42,4 +42,5 @@ def test_pages_without_python_blocks_are_known():
         "sandbox.md",
         "tasks.md",
         "tune-movie-reviews.md",
+        "tune-tweets.md",
     }
