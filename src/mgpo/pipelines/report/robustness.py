@@ -89,8 +89,14 @@ class _Saved:
             else {}
         )
         self.any = any(self.rows.values())
+        self._done: dict[tuple[str, str, str], dict | None] = {}  # a declared pair is often in the baseline table
 
     def difference(self, a: str, b: str, panel: str) -> dict | None:
+        if (a, b, panel) not in self._done:
+            self._done[a, b, panel] = self._difference(a, b, panel)
+        return self._done[a, b, panel]
+
+    def _difference(self, a: str, b: str, panel: str) -> dict | None:
         if not self.any or self.stat is None:
             return None
         stat, value, truth = self.stat
