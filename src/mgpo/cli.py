@@ -412,7 +412,9 @@ def tune(
         None, help="Overrides applied to every trial: section.field=value ..."
     ),
     output_dir: str | None = typer.Option(
-        None, "--output-dir", help="Tune folder (default: runs/tune-<config name>); rerun to resume its study."
+        None,
+        "--output-dir",
+        help="Tune folder (default: runs/tune-NAME for NAME.yaml or tune-NAME.yaml); rerun to resume its study.",
     ),
     executor: str = typer.Option(
         "local", "--executor", help="local (here) or slurm (array tasks sharing the study; resources from tune.slurm)."

@@ -3,7 +3,8 @@
 a score that is a known function of rho and the seed, so the study's bookkeeping (budget, pruning, resume,
 determinism) can be checked in seconds.
 
-Called as ``fake_train.py -m mgpo train BASE k=v ... --restart``; FAKE_STEP_S sets the seconds per step."""
+Called as ``fake_train.py -m mgpo train BASE k=v ... --restart``; FAKE_STEP_S sets the seconds per step, and
+FAKE_EVAL_PREFIX the prefix of the evaluations during training (``eval_``, as the Trainer's)."""
 
 import json
 import math
@@ -39,7 +40,8 @@ def main() -> None:
                 row.update(apn_capped=0.5, radius_to_weight_mean=rho * 10)
             log.write(json.dumps(row) + "\n")
             if step % every == 0:  # as the Trainer logs its evaluations during training
-                log.write(json.dumps({"step": step, "eval_accuracy": final * (0.5 + 0.5 * step / steps)}) + "\n")
+                prefix = os.environ.get("FAKE_EVAL_PREFIX", "eval_")
+                log.write(json.dumps({"step": step, f"{prefix}accuracy": final * (0.5 + 0.5 * step / steps)}) + "\n")
             log.flush()
         log.write(json.dumps({"step": steps, "validation_accuracy": final}) + "\n")  # mgpo train's final evaluation
     (out / "metrics.json").write_text(json.dumps({"steps": steps, "validation_accuracy": final}))

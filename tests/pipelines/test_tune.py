@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from mgpo.cli import app
 from mgpo.pipelines.config import ConfigError
 from mgpo.pipelines.executors import record
-from mgpo.pipelines.tune import BASELINE, SEARCH, SEEDS, counts, load_tune, run_tune
+from mgpo.pipelines.tune import BASELINE, SEARCH, SEEDS, TrialFailed, counts, load_tune, open_study, run_tune
 from mgpo.pipelines.tune.report import Setting, settings, verdict, write_report
 from tests.pipelines.test_train import sentiment_csv, tiny_model_dir  # noqa: F401 (fixtures)
 from tests.slurm import local_slurm, needs_slurm  # noqa: F401 (fixture)
@@ -105,10 +105,10 @@ def test_a_kill_mid_study_then_a_resume_finishes_with_the_right_number_of_trials
         [sys.executable, "-c", KILLED, str(config), str(out), fake_python], env=env, start_new_session=True
     )
     deadline = time.monotonic() + 120
-    while len(list((out / "trials").glob("*/metrics.json"))) < 2:  # LoRA and one search trial done
+    # LoRA and one search trial done, and the third training (its log begun)
+    while len(list((out / "trials").glob("*/metrics.json"))) < 2 or not (out / "trials/trial-0002/log.jsonl").exists():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.2)
-    time.sleep(0.5)  # the third is running now
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     plan = load_tune(config, output_dir=out)
@@ -136,6 +136,29 @@ def test_the_pruner_stops_poor_trials_at_a_validation_evaluation(tmp_path, senti
         assert not (Path(t.user_attrs["run"]) / "metrics.json").exists()
     assert counts(study).get("COMPLETE", 0) + len(pruned) == 10
     assert study.get_trials()[0].state.name == "COMPLETE"  # LoRA is never pruned
+
+
+def test_a_study_whose_pruner_cannot_see_the_evaluations_stops_after_its_first_trial(
+    tmp_path, sentiment_csv, fake_python, monkeypatch
+):
+    """How the pruner defect of issue 36 stayed hidden: the evaluations during training were logged under keys
+    the watcher did not read, so nothing was pruned and nothing said so. Now a finished trial whose evaluations
+    did not all reach the pruner stops the study, naming the steps and the keys it read."""
+    config = write_config(tmp_path, sentiment_csv, "{trials: 3, max_steps: 8, evals: 4}")
+    monkeypatch.setenv("FAKE_EVAL_PREFIX", "val_")  # not a key mgpo tune reads
+    monkeypatch.setenv("FAKE_STEP_S", "0")
+    plan = load_tune(config, output_dir=tmp_path / "t")
+    with pytest.raises(TrialFailed) as stopped:
+        run_tune(plan, python=fake_python)
+    said = str(stopped.value)
+    assert said.startswith("trial 0: the pruner saw no validation score at step(s) 2, 4, 6 of "), said
+    assert "eval_accuracy or validation_accuracy" in said and "tune.pruner=none" in said, said
+    # LoRA's trial 0 finished (its score stands); no search trial was started
+    assert [(t.user_attrs["arm"], t.state.name) for t in open_study(plan).get_trials()] == [(BASELINE, "COMPLETE")]
+
+    # with the pruner off there is nothing to see, and the same runs finish the study
+    off = write_config(tmp_path, sentiment_csv, "{trials: 3, max_steps: 8, evals: 4, pruner: none}", "off.yaml")
+    assert counts(run_tune(load_tune(off, output_dir=tmp_path / "off"), python=fake_python)) == {"COMPLETE": 3}
 
 
 def test_seed_reruns_pair_the_best_settings_with_lora_and_the_verdict_reads_them(tmp_path, sentiment_csv, fake_python):
@@ -294,3 +317,9 @@ def test_two_slurm_workers_share_the_study_and_report_its_counts(tmp_path, local
     assert len(jobs) == 2 and {job.split("_")[1] for job in jobs} == {"0", "1"}, jobs
     # a rerun of the finished study submits workers that find nothing to do
     assert counts(run_tune(plan, executor="slurm", workers=1, python=fake_python, say=said.append)) == {"COMPLETE": 6}
+
+
+@pytest.mark.parametrize(("name", "folder"), [("tune-tweets.yaml", "tune-tweets"), ("mine.yaml", "tune-mine")])
+def test_the_default_tune_folder_is_named_after_the_config(tmp_path, sentiment_csv, name, folder):
+    config = write_config(tmp_path, sentiment_csv, "{trials: 2}", name=name)
+    assert load_tune(config).output_dir == Path("runs") / folder

@@ -56,6 +56,17 @@ class TuneConfig:
     )
     slurm: dict = _help("--executor slurm: each worker's resources, as in a sweep's slurm: section.", factory=dict)
 
+    @property
+    def eval_steps(self) -> int:
+        """Steps between a trial's validation evaluations (its run's training.eval_steps)."""
+        return max(1, self.max_steps // self.evals)
+
+    @property
+    def evaluated_steps(self) -> set[int]:
+        """The steps at which a finished trial has logged a validation score: each evaluation during training, and
+        ``mgpo train``'s final one at max_steps."""
+        return {*range(self.eval_steps, self.max_steps + 1, self.eval_steps), self.max_steps}
+
 
 @dataclass(frozen=True)
 class Space:
@@ -194,7 +205,7 @@ def load_tune(
     raw = raw if isinstance(raw, dict) else {}
     config = _tune_config(path, raw.pop("tune", None) or {})
     base_text = yaml.safe_dump(raw, sort_keys=False)
-    out = Path(output_dir) if output_dir else Path("runs") / f"tune-{path.stem}"
+    out = Path(output_dir) if output_dir else Path("runs") / f"tune-{path.stem.removeprefix('tune-')}"
     overrides = list(overrides)
 
     def check(extra: list[str]):
@@ -240,7 +251,7 @@ def trial_overrides(tune: Tune, params: dict, arm: str, seed: int, out: Path) ->
         *tune.overrides,
         *settings,
         f"training.max_steps={c.max_steps}",
-        f"training.eval_steps={max(1, c.max_steps // c.evals)}",
+        f"training.eval_steps={c.eval_steps}",
         f"training.save_steps={c.max_steps}",
         f"training.seed={seed}",
         f"training.output_dir={out}",

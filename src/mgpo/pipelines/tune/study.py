@@ -33,12 +33,11 @@ def open_study(tune: Tune):
         )
     c = tune.config
     sampler = optuna.samplers.TPESampler(seed=c.sampler_seed, n_startup_trials=max(3, c.trials // 3))
-    eval_every = max(1, c.max_steps // c.evals)
     pruner = {
         # never at a trial's first evaluation: there a small radius has not had its effect yet, and on tweets
         # every rho below 0.007 was pruned at step 25 of 100 for trailing the larger ones (docs/tune-tweets.md)
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=eval_every + 1),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=eval_every, max_resource=c.max_steps),
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=c.eval_steps + 1),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=c.eval_steps, max_resource=c.max_steps),
         "none": optuna.pruners.NopPruner,
     }[c.pruner]()
     study = optuna.create_study(

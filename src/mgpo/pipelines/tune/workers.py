@@ -35,9 +35,19 @@ class _Watch:
         self.reported: set[int] = set()  # the last evaluation is logged twice (eval_* and validation_*)
         self.done = threading.Event()
         self._offset = 0
+        self._thread: threading.Thread | None = None
 
     def start(self, proc) -> None:
-        threading.Thread(target=self._follow, args=(proc,), daemon=True).start()
+        self._thread = threading.Thread(target=self._follow, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        """Stop following, then report what the log gained since the last look (the run may end between two)."""
+        self.done.set()
+        if self._thread is not None:
+            self._thread.join()
+        for row in self._rows():
+            self._report(row)
 
     def _rows(self) -> list[dict]:
         if not self.log.is_file():
@@ -49,19 +59,34 @@ class _Watch:
         self._offset += len(complete.encode())
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
+    def _report(self, row: dict) -> bool:
+        """Reports the row's score, if it has one not reported yet; returns whether it did."""
+        value = next((row[k] for k in self.keys if isinstance(row.get(k), (int, float))), None)
+        step = int(row.get("step", -1))
+        if value is None or not math.isfinite(value) or self.pruned_at is not None or step in self.reported:
+            return False
+        self.reported.add(step)
+        self.trial.report(float(value), step)
+        return True
+
     def _follow(self, proc) -> None:
         while proc.poll() is None and not self.done.is_set():
             for row in self._rows():
-                value = next((row[k] for k in self.keys if isinstance(row.get(k), (int, float))), None)
-                step = int(row.get("step", -1))
-                if value is None or not math.isfinite(value) or self.pruned_at is not None or step in self.reported:
-                    continue
-                self.reported.add(step)
-                self.trial.report(float(value), step)
-                if self.prunable and self.trial.should_prune():
+                if self._report(row) and self.prunable and self.trial.should_prune():
                     self.pruned_at = int(row["step"])
                     proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            self.done.wait(0.5)
+
+    def unseen(self, expected: set[int]) -> str | None:
+        """Why the pruner did not see every evaluation of a finished trial, or None when it did."""
+        missing = sorted(expected - self.reported)
+        if not missing:
+            return None
+        return (
+            f"the pruner saw no validation score at step(s) {', '.join(map(str, missing))} of {self.log} (it reads "
+            f"{' or '.join(self.keys)}), so it could not stop any trial there. This is a defect in mgpo tune: "
+            "please report it with that log. The override tune.pruner=none runs the study without pruning."
+        )
 
 
 def _diagnostics(run: Path) -> dict[str, float]:
@@ -111,7 +136,7 @@ def objective_for(tune: Tune, python: str, env: dict | None, running: set | None
                 **where,
             )
         finally:
-            watch.done.set()
+            watch.finish()
             procs.difference_update([p for p in list(procs) if p.poll() is not None])
         trial.set_user_attr("wall_s", outcome.wall_s)
         trial.set_user_attr("diagnostics", _diagnostics(out))
@@ -124,6 +149,9 @@ def objective_for(tune: Tune, python: str, env: dict | None, running: set | None
         if outcome.status == "failed":
             trial.set_user_attr("error", outcome.error)
             raise TrialFailed(outcome.error)
+        blind = None if tune.config.pruner == "none" else watch.unseen(tune.config.evaluated_steps)
+        if blind:  # the trial's score stands; the study stops (work()), as pruning does not do what it says
+            trial.set_user_attr("pruner_blind", blind)
         metrics = json.loads((out / "metrics.json").read_text())
         if not isinstance(metrics.get(tune.key), (int, float)):
             trial.set_user_attr("error", f"its metrics.json has no {tune.key}")
@@ -173,6 +201,9 @@ def work(
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == taken[1])
         if on_trial is not None:
             on_trial(trial)
+        if trial.user_attrs.get("pruner_blind"):
+            stop.set()
+            raise TrialFailed(f"trial {trial.number}: {trial.user_attrs['pruner_blind']} The study stopped.")
         failures = failures + 1 if trial.state == TrialState.FAIL else 0
         if trial.state == TrialState.FAIL and (failures >= MAX_FAILURES or trial.user_attrs.get("arm") == BASELINE):
             stop.set()
