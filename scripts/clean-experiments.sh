@@ -4,7 +4,7 @@
 # what docs/experiments-clean is built from. A run kept there but missing under runs/ (a fresh checkout) is put
 # back first, so the sweep skips it instead of training it again. Checkpoints and adapters are not kept.
 #
-#   bash scripts/clean-experiments.sh            # run (or resume) all ten sweeps; Ctrl-C stops after a checkpoint
+#   bash scripts/clean-experiments.sh            # run (or resume) every sweep listed below; Ctrl-C stops after a checkpoint
 #   bash scripts/clean-experiments.sh --commit   # ... and git-commit each newly kept run record
 #   bash scripts/clean-experiments.sh --commit cpu-verdicts-tweets cpu-verdicts-dd   # only these sweeps, in this order
 #   MGPO_SRC=/path/to/frozen/src bash scripts/clean-experiments.sh   # train with a frozen copy of the code
@@ -16,7 +16,8 @@ cd "${MGPO_ROOT:-$(dirname "$0")/..}" || exit 1
 # table, which would take a shipped rule as a third arm (none passed: docs/results.md)
 # then issue 33's reruns: the verdicts over every test row with per-example predictions and declared families
 sweeps=(cpu-dd-clean cpu-dd-clean-full cpu-core-tweets cpu-arithmetic-core cpu-ablation-clean cpu-methods-clean
-        cpu-methods-uncapped cpu-verdicts-tweets cpu-verdicts-methods cpu-verdicts-dd cpu-verdicts-arithmetic)
+        cpu-methods-uncapped cpu-verdicts-tweets cpu-verdicts-methods cpu-verdicts-dd cpu-verdicts-paper-rho
+        cpu-verdicts-arithmetic)
 keep=docs/experiments-clean/runs
 every=${MGPO_KEEP_EVERY:-60}  # seconds between looks for newly finished runs
 commit=false; [[ "${1:-}" == "--commit" ]] && { commit=true; shift; }

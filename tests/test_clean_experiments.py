@@ -18,6 +18,7 @@ SWEEPS = [
     "cpu-verdicts-tweets",
     "cpu-verdicts-methods",
     "cpu-verdicts-dd",
+    "cpu-verdicts-paper-rho",
     "cpu-verdicts-arithmetic",
 ]
 # `mgpo sweep configs/experiments/NAME.yaml`: logs whether run-a was already done, then writes one finished run
