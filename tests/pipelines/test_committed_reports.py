@@ -55,6 +55,10 @@ VERDICTS = {
         "cpu-verdicts-methods",
         "Method verdicts over examples and seeds (MiniLM, movie reviews, all 1057 test rows, 5 seeds)",
     ),
+    "dd": (
+        "cpu-verdicts-dd",
+        "Double descent at r 8 over windows and seeds (MiniLM, movie reviews, 300 steps, all 1057 test rows, 10 seeds)",
+    ),
 }
 
 REPORTS = {
