@@ -59,6 +59,10 @@ VERDICTS = {
         "cpu-verdicts-dd",
         "Double descent at r 8 over windows and seeds (MiniLM, movie reviews, 300 steps, all 1057 test rows, 10 seeds)",
     ),
+    "paper-rho": (
+        "cpu-verdicts-paper-rho",
+        "The paper's rho on movie reviews over examples and seeds (MiniLM, r 8, 300 steps, all 1057 test rows, 5 seeds)",
+    ),
 }
 
 REPORTS = {
