@@ -61,7 +61,8 @@ VERDICTS = {
     ),
     "paper-rho": (
         "cpu-verdicts-paper-rho",
-        "The paper's rho on movie reviews over examples and seeds (MiniLM, r 8, 300 steps, all 1057 test rows, 5 seeds)",
+        "The paper's rho on movie reviews over examples and seeds "
+        "(MiniLM, r 8, 300 steps, all 1057 test rows, 5 seeds)",
     ),
 }
 
