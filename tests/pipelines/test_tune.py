@@ -123,7 +123,7 @@ def test_a_kill_mid_study_then_a_resume_finishes_with_the_right_number_of_trials
 
 def test_the_pruner_stops_poor_trials_at_a_validation_evaluation(tmp_path, sentiment_csv, fake_python):
     config = write_config(tmp_path, sentiment_csv, "{trials: 10, max_steps: 40, evals: 4, sampler_seed: 0}")
-    os.environ["FAKE_STEP_S"] = "0.02"
+    os.environ["FAKE_STEP_S"] = "0.05"  # a trial of 2 s: the watcher (0.5 s a look) can stop it under load
     try:
         study = run_tune(load_tune(config, output_dir=tmp_path / "t"), python=fake_python)
     finally:

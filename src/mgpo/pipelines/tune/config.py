@@ -62,6 +62,11 @@ class TuneConfig:
         return max(1, self.max_steps // self.evals)
 
     @property
+    def prunes(self) -> bool:
+        """Whether a pruner may stop trials (any but ``none``)."""
+        return self.pruner != "none"
+
+    @property
     def evaluated_steps(self) -> set[int]:
         """The steps at which a finished trial has logged a validation score: each evaluation during training, and
         ``mgpo train``'s final one at max_steps."""

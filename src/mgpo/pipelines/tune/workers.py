@@ -149,7 +149,7 @@ def objective_for(tune: Tune, python: str, env: dict | None, running: set | None
         if outcome.status == "failed":
             trial.set_user_attr("error", outcome.error)
             raise TrialFailed(outcome.error)
-        blind = None if tune.config.pruner == "none" else watch.unseen(tune.config.evaluated_steps)
+        blind = watch.unseen(tune.config.evaluated_steps) if tune.config.prunes else None
         if blind:  # the trial's score stands; the study stops (work()), as pruning does not do what it says
             trial.set_user_attr("pruner_blind", blind)
         metrics = json.loads((out / "metrics.json").read_text())
