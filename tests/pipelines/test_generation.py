@@ -44,7 +44,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["mgpo", "sam"])
-def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_dir, tmp_path, method):
+def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_dir, tmp_path, method, monkeypatch):
+    import transformers
+
+    loops = []  # how each evaluation ran: a causal LM's keeps no logits (every token's: 25 GB for 1000 problems)
+    loop = transformers.Trainer.evaluation_loop
+
+    def spied(self, *args, **kwargs):
+        loops.append((kwargs.get("metric_key_prefix"), kwargs.get("prediction_loss_only")))
+        return loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluation_loop", spied)
     out = tmp_path / "run"
     cfg = load_config(
         None,
@@ -66,6 +76,7 @@ def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_d
         ],
     )
     metrics = train(cfg)
+    assert loops and all(loss_only is True for _, loss_only in loops), loops
     for prefix in ("before", "after"):
         assert 0.0 <= metrics[f"{prefix}_accuracy"] <= 1.0
         rows = [json.loads(line) for line in (out / f"{prefix}_math.jsonl").read_text().splitlines()]

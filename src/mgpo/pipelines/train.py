@@ -275,11 +275,15 @@ def _finish(
         **cost,
         **best_model_metrics(cfg, trainer, early, out),
     }
-    recorder = trainer.compute_metrics = predictions.PredictionRecorder(trainer.compute_metrics)
+    # only where there are metrics to compute: a causal LM has none, and with any compute_metrics the Trainer keeps
+    # every token's logits of the split (1000 arithmetic problems x 128 tokens x SmolLM2's 49152: 25 GB, OOM)
+    recorder = None
+    if trainer.compute_metrics is not None:
+        recorder = trainer.compute_metrics = predictions.PredictionRecorder(trainer.compute_metrics)
     for split in ("validation", "test"):
         if prepared.splits.get(split) is not None:
             metrics.update(trainer.evaluate(prepared.splits[split], metric_key_prefix=split))
-            if split == "test" and main and recorder.last is not None:  # per-example, for verdicts over examples
+            if split == "test" and main and recorder is not None and recorder.last is not None:  # per example
                 predictions.write(out, cfg.data.task, *recorder.last)
     fsdp = bool(fsdp_arguments(cfg))
     metrics.update(task_metrics_after(cfg, prepared, trainer.model, out, main=main, fsdp=fsdp))
