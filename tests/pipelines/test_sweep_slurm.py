@@ -99,7 +99,7 @@ def test_a_failing_run_shows_its_error_and_the_others_finish(tmp_path, local_slu
 def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(
     tmp_path, local_slurm, tiny_model_dir, sentiment_csv
 ):  # noqa: F811
-    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", steps=300)
+    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", steps=150, save_steps=50)
     sweep = run_sweep(load_sweep(spec), progress=False)
     out = sweep.runs[0].output_dir
     job = record(out)["job_id"]
@@ -109,7 +109,7 @@ def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(
     assert rows["seed0"]["state"] == "interrupted", rows
     assert "partial at step" in rows["seed0"]["detail"] and record(out)["state"] == "interrupted"
     step = int(rows["seed0"]["detail"].split("partial at step ")[1].split(";")[0])
-    assert 0 < step < 300
+    assert 50 <= step < 150
 
     resubmitted = run_sweep(load_sweep(spec), progress=False)
     assert [r.name for r in resubmitted.submitted] == ["seed0"]
@@ -120,20 +120,28 @@ def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(
 
 
 @needs_slurm
-def test_a_time_limit_checkpoints_requeues_and_finishes(tmp_path, local_slurm, tiny_model_dir, sentiment_csv):  # noqa: F811
-    """time_min 1: Slurm signals (USR2) before the limit, and up to a minute early: here 12 to 30-odd s after
-    the start. The run stops after its checkpoint, is requeued, resumes, and (signalled again while it is still
-    short of its steps) finishes on a later start: the adapter equals an uninterrupted run's. 1000 steps are
-    about 40 s of training plus the start-up: the first start cannot finish before its signal (at most ~30 s)."""
-    spec = slurm_spec(
-        tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", time_min=1, steps=1000, save_steps=400
-    )  # the stop on the signal writes its own checkpoint
+def test_the_time_limit_signal_checkpoints_requeues_and_finishes(tmp_path, local_slurm, tiny_model_dir, sentiment_csv):  # noqa: F811
+    """The job is submitted to be signalled (USR2) signal_s before its time limit; the test sends that signal itself
+    once the run has a checkpoint, so the run is signalled at a known point: Slurm's own timer fires on a 30-second
+    sweep of its jobs, up to a minute early, and a test waiting for it took minutes (signalled six times over 1000
+    steps). submitit takes a USR2 this far into a 10-minute limit for the time limit (it counts toward
+    max_requeues). The run stops after its checkpoint, is requeued, resumes, and finishes: the adapter equals an
+    uninterrupted run's."""
+    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", steps=150, save_steps=50)
     sweep = run_sweep(load_sweep(spec), progress=False)
     out = sweep.runs[0].output_dir
-    rows = wait_until(sweep, lambda rows: rows["seed0"]["state"] in ENDED, timeout=900)
+    job = record(out)["job_id"]
+    script = next((tmp_path / "spec").rglob(f"{job.split('_')[0]}_submission.sh")).read_text()
+    assert "#SBATCH --signal=USR2@120" in script, script  # signal_s before the limit: Slurm's own signal
+    wait_until(sweep, lambda rows: run_state(out) == "partial" and rows["seed0"]["state"] == "running")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    rows = wait_until(sweep, lambda rows: rows["seed0"]["state"] in ENDED, timeout=300)
     assert rows["seed0"]["state"] == "done", (rows, (out / "train.out").read_text()[-3000:])
     log = (out / "train.out").read_text()
-    assert log.count("$ ") >= 2 and "--resume" in log, log[-3000:]  # it was stopped and resumed
+    # stopped once (at the first step after the signal; the checkpoint at step 50 shows it trained before it),
+    # requeued by submitit, resumed once from the checkpoint the stop wrote
+    assert log.count("$ ") == 2 and "--resume" in log, log[-3000:]
+    assert "interrupted at step" in log and "resuming from checkpoint-" in log, log[-3000:]
     assert records(tmp_path / "spec") == local_records(tmp_path, spec, "local")
 
 
