@@ -62,6 +62,16 @@ def local_records(tmp_path, spec: Path, name: str) -> dict:
     return records(tmp_path / name)
 
 
+def a_run_past_its_checkpoint(tmp_path, model_dir, csv) -> tuple[Path, object, Path, str]:
+    """One 150-step run submitted with a 10-minute limit, returned once it runs past its first checkpoint (step 50):
+    a signal sent now stops it between steps 50 and 150. Returns the spec, the sweep, the run folder, the job id."""
+    spec = slurm_spec(tmp_path, model_dir, csv, "{training.seed: [0]}", time_min=10, steps=150, save_steps=50)
+    sweep = run_sweep(load_sweep(spec), progress=False)
+    out = sweep.runs[0].output_dir
+    wait_until(sweep, lambda rows: run_state(out) == "partial" and rows["seed0"]["state"] == "running")
+    return spec, sweep, out, record(out)["job_id"]
+
+
 @needs_slurm
 def test_an_array_of_three_runs_two_at_a_time_equals_a_local_run(tmp_path, local_slurm, tiny_model_dir, sentiment_csv):  # noqa: F811
     spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0, 1, 2]}")
@@ -99,11 +109,7 @@ def test_a_failing_run_shows_its_error_and_the_others_finish(tmp_path, local_slu
 def test_scancel_leaves_the_run_interrupted_and_a_resubmission_resumes_it(
     tmp_path, local_slurm, tiny_model_dir, sentiment_csv
 ):  # noqa: F811
-    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", steps=150, save_steps=50)
-    sweep = run_sweep(load_sweep(spec), progress=False)
-    out = sweep.runs[0].output_dir
-    job = record(out)["job_id"]
-    wait_until(sweep, lambda rows: run_state(out) == "partial" and rows["seed0"]["state"] == "running")
+    spec, sweep, out, job = a_run_past_its_checkpoint(tmp_path, tiny_model_dir, sentiment_csv)
     subprocess.run(["scancel", job], check=True)
     rows = wait_until(sweep, lambda rows: rows["seed0"]["state"] in ENDED, timeout=120)
     assert rows["seed0"]["state"] == "interrupted", rows
@@ -127,19 +133,14 @@ def test_the_time_limit_signal_checkpoints_requeues_and_finishes(tmp_path, local
     steps). submitit takes a USR2 this far into a 10-minute limit for the time limit (it counts toward
     max_requeues). The run stops after its checkpoint, is requeued, resumes, and finishes: the adapter equals an
     uninterrupted run's."""
-    spec = slurm_spec(tmp_path, tiny_model_dir, sentiment_csv, "{training.seed: [0]}", steps=150, save_steps=50)
-    sweep = run_sweep(load_sweep(spec), progress=False)
-    out = sweep.runs[0].output_dir
-    job = record(out)["job_id"]
-    script = next((tmp_path / "spec").rglob(f"{job.split('_')[0]}_submission.sh")).read_text()
-    assert "#SBATCH --signal=USR2@120" in script, script  # signal_s before the limit: Slurm's own signal
-    wait_until(sweep, lambda rows: run_state(out) == "partial" and rows["seed0"]["state"] == "running")
+    spec, sweep, out, job = a_run_past_its_checkpoint(tmp_path, tiny_model_dir, sentiment_csv)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     rows = wait_until(sweep, lambda rows: rows["seed0"]["state"] in ENDED, timeout=300)
     assert rows["seed0"]["state"] == "done", (rows, (out / "train.out").read_text()[-3000:])
     log = (out / "train.out").read_text()
-    # stopped once (at the first step after the signal; the checkpoint at step 50 shows it trained before it),
-    # requeued by submitit, resumed once from the checkpoint the stop wrote
+    script = next((tmp_path / "spec").rglob(f"{job.split('_')[0]}_submission.sh")).read_text()
+    assert "#SBATCH --signal=USR2@120" in script, script  # signal_s before the limit: Slurm's own signal
+    # stopped once, requeued by submitit, resumed once from the checkpoint the stop wrote
     assert log.count("$ ") == 2 and "--resume" in log, log[-3000:]
     assert "interrupted at step" in log and "resuming from checkpoint-" in log, log[-3000:]
     assert records(tmp_path / "spec") == local_records(tmp_path, spec, "local")
