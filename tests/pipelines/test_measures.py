@@ -145,3 +145,8 @@ def test_an_interval_over_examples_and_seeds_is_wider_than_over_seeds_and_sees_a
         {s: arm(0.9, s) for s in range(5)}, {s: arm(0.7, 10 + s) for s in range(5)}, target, accuracy, boots=300
     )
     assert better["significant"] and better["low"] > 0 and better["p"] < 0.01 and better["examples"] == 300
+    # one seed (a partial sweep): a clear difference over the examples, but the training noise is unmeasured, so
+    # there is no interval and no p; the examples-only interval is kept apart, and is as narrow as it looks
+    one = paired_over_examples_and_seeds({0: arm(0.9, 0)}, {0: arm(0.7, 10)}, target, accuracy, boots=300)
+    assert (one["low"], one["high"], one["p"], one["significant"]) == (None, None, None, False)
+    assert 0 < one["examples_low"] < one["mean"] < one["examples_high"] and one["n"] == 1

@@ -1159,6 +1159,17 @@ def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tm
     row = [c[0] for c in families.rows[0]]
     d = paired_t(*([x["value"] for x in per_run if x["series"] == m] for m in ("LoRA-MGPO", "LoRA")))  # by seed
     assert row[3] == "examples and seeds" and "n=3x100" in row[2] and float(row[4]) >= d["p"] * 0.999
+    # with one seed of each (a sweep that has just begun) neither table gives a verdict: no interval, no p, no Holm p
+    first = [x for x in per_run if x["seed"] == 0]
+    saved = robustness._Saved(first, "after_accuracy")
+    cell = robustness._examples_table(saved, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", "LoRA", []).rows[0][1]
+    assert "n=1x100: one seed, no interval (training noise unmeasured; over examples alone [" in cell[0], cell
+    assert cell[1] is False  # not bold: however far from 0 the examples-only interval is
+    families = robustness._families_table(
+        first, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", {"radius": [["LoRA-MGPO", "LoRA"]]}, saved, []
+    )
+    row = [c[0] for c in families.rows[0]]
+    assert row[3] == "examples and seeds" and "one seed, no interval" in row[2] and row[4:] == ["-", "-"]
 
 
 def test_the_window_table_has_a_row_per_panel_and_method_from_runs_csv(sweep_dir, tmp_path):

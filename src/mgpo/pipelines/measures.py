@@ -162,10 +162,12 @@ def paired_over_examples_and_seeds(
     ``s^2 / n``), and which test examples were drawn, which is shared by every seed and both arms (the variance of
     the seed-mean difference under a bootstrap of the examples: one resample of the example indices per replicate,
     applied to every seed and both arms, so the pairing is kept). The interval is ``mean +- t_(n-1) sqrt(s^2 / n +
-    v_examples)``; with one seed, ``v_examples`` alone with a normal quantile. Why not a two-stage bootstrap over
-    seeds as well: with 5-10 seeds its seed stage has too few distinct resamples (see :func:`paired_t`).
+    v_examples)``. With one seed there is none (``low``/``high``/``p`` None, as in :func:`paired_t`): the training
+    noise is unmeasured, and the interval over examples alone, which a partial sweep would otherwise print as a
+    verdict, is kept apart in ``examples_low``/``examples_high`` (normal quantile). Why not a two-stage bootstrap
+    over seeds as well: with 5-10 seeds its seed stage has too few distinct resamples (see :func:`paired_t`).
     Returns paired_t's keys (``low``/``high`` the combined interval) plus ``seeds_low``/``seeds_high`` (seeds
-    only), ``se_examples`` and ``examples``."""
+    only), ``examples_low``/``examples_high`` (examples only), ``se_examples`` and ``examples``."""
     seeds = sorted(set(a) & set(b))
     target = np.asarray(target, dtype=float)
     per_seed = {s: (np.asarray(a[s], dtype=float), np.asarray(b[s], dtype=float)) for s in seeds}
@@ -183,11 +185,14 @@ def paired_over_examples_and_seeds(
     out["se_examples"] = float(np.sqrt(v_examples))
     if not seeds or seed_only["nonfinite"]:
         return out
-    v_seeds = float(np.var(diffs, ddof=1) / len(diffs)) if len(diffs) > 1 else 0.0
-    q = stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) if len(diffs) > 1 else stats.norm.ppf(0.5 + confidence / 2)
+    z = float(stats.norm.ppf(0.5 + confidence / 2) * out["se_examples"])
+    out.update(examples_low=out["mean"] - z, examples_high=out["mean"] + z)
+    if len(diffs) < 2:
+        return out
+    v_seeds = float(np.var(diffs, ddof=1) / len(diffs))
     se = float(np.sqrt(v_seeds + v_examples))
-    half = float(q * se)
-    tail = stats.t(len(diffs) - 1) if len(diffs) > 1 else stats.norm()
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * se)
+    tail = stats.t(len(diffs) - 1)
     out.update(
         low=out["mean"] - half,
         high=out["mean"] + half,

@@ -58,7 +58,9 @@ def _robustness_blocks(result: Analysis) -> list[tuple]:
                 "that one test set. This one adds which rows were drawn: t interval with the seed variance plus "
                 "the variance of the seed-mean difference under a bootstrap of the test rows (one resample per "
                 "replicate, shared by every seed and both arms; 1000 replicates). n = seeds x rows. A verdict "
-                "uses this, the wider, interval. Bold and * : it excludes 0.",
+                "uses this, the wider, interval. Bold and * : it excludes 0. With one seed there is no interval "
+                "(the training noise is unmeasured): the interval over examples alone is shown beside it, not as a "
+                "verdict.",
             ),
             ("table", rob.examples),
         ]

@@ -47,6 +47,8 @@ def _record(family: str, name: str, panel: str, over: str, d: dict, holm_p: floa
         "high": d["high"],
         "seeds_low": d.get("seeds_low", d["low"]),
         "seeds_high": d.get("seeds_high", d["high"]),
+        "examples_low": d.get("examples_low"),  # over examples alone (the only interval a one-seed pair has)
+        "examples_high": d.get("examples_high"),
         "p": d["p"],
         "holm_p": holm_p,
     }
@@ -134,6 +136,11 @@ def _examples_table(
 
 
 def _both(d: dict) -> str:
+    if d["low"] is None and d.get("examples_low") is not None:  # one seed: no verdict, however many examples
+        return (
+            f"{d['mean']:+.4f} n={d['n']}x{d['examples']}: one seed, no interval (training noise unmeasured; over "
+            f"examples alone [{d['examples_low']:+.4f}, {d['examples_high']:+.4f}])"
+        )
     if d["low"] is None:
         return f"{d['mean']:+.4f}"
     seeds = "" if d["seeds_low"] is None else f"; seeds only [{d['seeds_low']:+.4f}, {d['seeds_high']:+.4f}]"
@@ -178,7 +185,7 @@ def _families_table(
             both = saved.difference(a, b, panels[0]) if len(panels) == 1 else None
             tests[f"{a} − {b}"] = (
                 (both, "examples and seeds")
-                if both is not None and both["p"] is not None
+                if both is not None and (both["p"] is not None or both["n"] == 1)  # one seed: _both says why no p
                 else (measures.paired_t([mine[k] for k in keys], [base[k] for k in keys]), "seeds")
             )
         adjusted = measures.holm({k: d["p"] for k, (d, _) in tests.items()})
