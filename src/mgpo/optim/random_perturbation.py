@@ -7,7 +7,7 @@ sees ``W' + noise`` with ``noise_ij ~ N(0, sigma_i^2)``, ``sigma_i = ramp_t * rh
 Cost, as the Flat-LoRA authors' code: the noise is drawn once per optimizer step (at the layer's first forward of
 the step, from a private generator seeded by ``(seed, step, layer)``), held across the step's micro-batches and
 dropped by ``step()``. It is never written into a weight: for a frozen base weight the held tensor is ``W0 + noise``
-itself (the noise is added to ``W0`` in place once, at the draw), and the base layer's own matmul uses it in every
+itself (``W0`` is added into the noise buffer once, at the draw), and the base layer's own matmul uses it in every
 forward and backward of the step, so there is no extra matmul and no full-size add per micro-batch, ``W0`` stays
 bit-identical and the global RNG (dropout, data order) is untouched. The row norms of ``W'`` come from low-rank
 products (``W0`` row norms are cached), never from a dense ``W'``.
