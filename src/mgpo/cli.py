@@ -402,6 +402,29 @@ def report(
 
 
 @app.command()
+def rescore(
+    runs: list[str] = typer.Argument(..., help="Run folders of mgpo train (or of a sweep) with a math benchmark."),
+    verbose: bool = VERBOSE,
+):
+    """Score math answers again with today's rule, from the answers a run kept (nothing is generated again)."""
+    _library_output(verbose, ml_libraries=False)
+    from mgpo.pipelines.generation import rescore_run
+
+    for run in runs:
+        try:
+            done = rescore_run(run)
+        except _user_errors() as err:
+            _fail(err)
+        for prefix, r in done.items():
+            was = "-" if r["was"] is None else f"{r['was']:.4f}"
+            console.print(
+                f"{run}: {prefix} accuracy {was} -> {r['accuracy']:.4f} ({r['correct']} of {r['total']}, "
+                f"{r['no_answer']} without an answer, {r['hit_max_new_tokens']} cut off; {r['scorer']})",
+                highlight=False,
+            )
+
+
+@app.command()
 def tune(
     config: str = typer.Argument(
         ...,

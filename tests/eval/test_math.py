@@ -25,10 +25,25 @@ from mgpo.eval.math import evaluate_math, extract_answer, is_correct, normalize_
         ("", None),
         (None, None),
         ("#### \nso 42", "42"),  # empty #### line: fall back to the last number
+        ("#### 12\n\nQuestion: Tom has 40. #### 40", "12"),  # was 40: the last ####, from a problem it made up
+        ("The answer is 12.\nQuestion: Tom has 40 pears.", "12"),  # was 40: the marked answer, not the last number
+        ("#### 7/2", "3.5"),  # was 7 (a pass for a gold 7): a fraction is one number
+        ("#### 1/3", "1/3"),
+        ("so 1e3 of them", "1000"),  # was 3
+        ("#### \u22125", "-5"),  # was 5: the Unicode minus
+        ("The answer is: \\frac{1}{2}", None),  # was 2: a marked answer that is not a number is none we can read
+        ("The answer is **42**", "42"),
     ],
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_an_output_cut_off_by_max_new_tokens_counts_only_with_a_marked_answer():
+    """Its last number is a half-written step: "44 + 4 = 4" (48 cut to 4) was a pass for a gold 4."""
+    assert extract_answer("40 + 4 = 44\n44 + 4 = 4", complete=False) is None
+    assert extract_answer("40 + 4 = 44\n44 + 4 = 4") == "4"  # the same text, ended by the model itself
+    assert extract_answer("4 + 4 = 8\n#### 8\nQ: Sam has 3 and", complete=False) == "8"
 
 
 def test_normalize_number():
@@ -49,6 +64,9 @@ def test_normalize_number():
         (None, "5", False),
         ("5", None, False),
         ("x", "5", False),
+        ("1000001", "1000000", False),  # was True: within a relative tolerance of 1e-6
+        ("7/2", "3.5", True),
+        (True, "1", False),
     ],
 )
 def test_is_correct(pred, gold, ok):
@@ -76,7 +94,14 @@ def test_evaluate_math_scores_and_writes_jsonl(tmp_path):
 
     out = tmp_path / "sub" / "preds.jsonl"
     result = evaluate_math(fake_generate, examples, "math", out, progress=False, chunk_size=3)
-    assert result == {"accuracy": 0.5, "correct": 2, "total": 4, "no_answer": 1, "hit_max_new_tokens": 0}
+    assert result == {
+        "accuracy": 0.5,
+        "correct": 2,
+        "total": 4,
+        "no_answer": 1,
+        "hit_max_new_tokens": 0,
+        "scorer": "math-v2",
+    }
     assert [len(c) for c in calls] == [3, 1]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, False, True]
@@ -91,14 +116,39 @@ def test_evaluate_math_counts_outputs_that_max_new_tokens_ended(tmp_path):
     from mgpo.eval.generate import Completion
 
     def cut_short(prompts):
-        return [Completion.of("3 + 4 = 7, then 7 * 2", True), Completion.of("#### 14", False)]
+        return [
+            Completion.of("3 + 4 = 7, then 7 * 2", True),
+            Completion.of("#### 14", False),
+            Completion.of("7 * 2 = 14, 14 + 1", True),  # ends on "1": no answer, not a pass for the gold 1
+            Completion.of("#### 1\nQ: Ann has 5 and gives", True),  # answered, then cut while rambling on
+        ]
 
     out = tmp_path / "preds.jsonl"
-    examples = [{"prompt": "a", "answer": "14"}, {"prompt": "b", "answer": "14"}]
+    examples = [{"prompt": p, "answer": a} for p, a in (("a", "14"), ("b", "14"), ("c", "1"), ("d", "1"))]
     result = evaluate_math(cut_short, examples, "math", out, progress=False)
-    assert result["hit_max_new_tokens"] == 1 and result["correct"] == 1
+    assert (result["hit_max_new_tokens"], result["correct"], result["no_answer"]) == (3, 2, 2)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["hit_max_new_tokens"] for r in rows] == [True, False]
+    assert [r["hit_max_new_tokens"] for r in rows] == [True, False, True, True]
+    assert [r["extracted"] for r in rows] == [None, "14", None, "1"]
+
+
+def test_rescore_gives_what_evaluate_math_gives_from_the_kept_answers(tmp_path):
+    """A file scored by the earlier rule (the last number of a cut-off output) is scored again without generating."""
+    from mgpo.eval.generate import Completion
+    from mgpo.eval.math import rescore
+
+    outputs = [Completion.of("44 + 4 = 4", True), Completion.of("#### 5", False), Completion.of("no idea", False)]
+    examples = [{"prompt": p, "answer": a} for p, a in (("a", "4"), ("b", "5"), ("c", "2"))]
+    out = tmp_path / "after_math.jsonl"
+    fresh = evaluate_math(lambda prompts: outputs, examples, "math", out, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows[0].update(extracted="4", correct=True)  # as the earlier rule scored it
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rescore(out) == fresh and fresh["correct"] == 1
+    assert [json.loads(line)["correct"] for line in out.read_text().splitlines()] == [False, True, False]
+    (tmp_path / "other.jsonl").write_text(json.dumps({"task_id": "x", "passed": True}) + "\n")
+    with pytest.raises(ValueError, match="not a math per-sample file"):
+        rescore(tmp_path / "other.jsonl")
 
 
 def test_evaluate_math_custom_template_and_no_file():

@@ -260,3 +260,78 @@ def test_code_and_dialogue_benchmarks_run_end_to_end(tiny_llama_dir, tmp_path, b
         assert metrics["after_judged"] is False and "not judged" in metrics["after_message"]
     else:
         assert metrics["after_answers_visible"] is False and json.loads(rows[0])["answers_visible"] is False
+
+
+def test_mgpo_rescore_rewrites_a_runs_math_scores_from_its_kept_answers(tmp_path):
+    """A run scored by the earlier rule (a cut-off output's last number counted): `mgpo rescore` rewrites its
+    per-sample file, the after_* metrics (keeping the samples' path) and predictions.jsonl; it refuses a folder
+    without kept answers by name, with exit code 2."""
+    from typer.testing import CliRunner
+
+    from mgpo.cli import app
+
+    run = tmp_path / "LoRA-s0"
+    run.mkdir()
+    rows = [
+        {
+            "prompt": "a",
+            "output": "44 + 4 = 4",
+            "extracted": "4",
+            "gold": "4",
+            "correct": True,
+            "hit_max_new_tokens": True,
+        },
+        {
+            "prompt": "b",
+            "output": "#### 5",
+            "extracted": "5",
+            "gold": "5",
+            "correct": True,
+            "hit_max_new_tokens": False,
+        },
+    ]
+    (run / "after_math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = {"after_accuracy": 1.0, "after_correct": 2, "after_samples": "runs/x/LoRA-s0/after_math.jsonl", "steps": 30}
+    (run / "metrics.json").write_text(json.dumps(kept))
+    result = CliRunner().invoke(app, ["rescore", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "after accuracy 1.0000 -> 0.5000 (1 of 2, 1 without an answer, 1 cut off; math-v2)" in " ".join(
+        result.output.split()
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["after_accuracy"], metrics["after_correct"], metrics["after_no_answer"]) == (0.5, 1, 1)
+    assert metrics["after_scorer"] == "math-v2" and metrics["after_samples"] == kept["after_samples"]
+    assert metrics["steps"] == 30
+    assert [r["correct"] for r in predictions.read(run)] == [False, True]
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "metrics.json").write_text("{}")
+    result = CliRunner().invoke(app, ["rescore", str(tmp_path / "bare")])
+    assert result.exit_code == 2 and "kept no before_math.jsonl or after_math.jsonl" in " ".join(result.output.split())
+
+
+def test_math_rows_without_a_numeric_gold_are_left_out_of_the_score_and_said_before_training(tmp_path, capsys):
+    """MetaMathQA's MATH problems end "The answer is: \\frac{1}{2}": read as a number that gold was 2 (a prediction
+    of 3/2 passed). Such rows are left out of the math score, counted, and said before training; a test split with
+    none left is refused."""
+    from mgpo.data.instruct import load_instruct_data
+    from mgpo.pipelines.generation import _scorable, check_benchmark
+
+    lines = [
+        {"prompt": f"Q{i}", "response": f"2 + {i} = {2 + i}. The answer is: {2 + i}"}
+        if i % 2
+        else {"prompt": f"Q{i}", "response": "Halve it. The answer is: \\frac{1}{2}"}
+        for i in range(12)
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = load_instruct_data(str(path), n_test=6, seed=0)
+    cfg = load_config(None, ["model.name=smollm2-135m", "data.task=causal-lm", "generation.benchmark=math"])
+    check_benchmark(cfg, data)
+    kept, unread = _scorable(data.test)
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"mgpo: math: {len(unread)} of 6 test rows" in said and "\\\\frac{1}{2}" in said and "after_no_gold" in said
+    assert len(unread) > 0 and len(kept) > 0 and all("frac" in r["response"] for r in unread)
+    latex = [r for r in lines if "frac" in r["response"]]
+    (tmp_path / "latex.jsonl").write_text("".join(json.dumps(r) + "\n" for r in latex))
+    with pytest.raises(ValueError, match="none of the 3 test rows .* has a gold answer that is a number"):
+        check_benchmark(cfg, load_instruct_data(str(tmp_path / "latex.jsonl"), n_test=3, seed=0))

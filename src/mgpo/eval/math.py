@@ -9,9 +9,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mgpo.data.instruct import format_prompt
-from mgpo.eval.answers import extract_answer, is_correct, normalize_number
+from mgpo.eval.answers import SCORER, extract_answer, is_correct, normalize_number
 
-__all__ = ["extract_answer", "evaluate_math", "is_correct", "normalize_number"]
+__all__ = ["SCORER", "extract_answer", "evaluate_math", "is_correct", "has_gold", "normalize_number", "rescore"]
+
+
+def has_gold(example: Mapping) -> bool:
+    """Whether ``example`` has a gold answer this rule can read: MetaMathQA's MATH problems end "The answer is:
+    \\frac{1}{2}", which is none (read as a number it was 2, and a prediction of 3/2 passed)."""
+    try:
+        _gold(example)
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def _gold(example: Mapping) -> str:
@@ -45,9 +55,10 @@ def evaluate_math(
         progress: show a progress bar over chunks of prompts.
         chunk_size: prompts handed to ``generate`` at once (rows are written after each chunk).
 
-    Returns: ``{"accuracy", "correct", "total", "no_answer", "hit_max_new_tokens"}``; the last counts the outputs
-    that generation's ``max_new_tokens`` ended (a :class:`mgpo.eval.generate.Completion` says so), whose answer
-    may be cut short.
+    Returns: ``{"accuracy", "correct", "total", "no_answer", "hit_max_new_tokens", "scorer"}``;
+    ``hit_max_new_tokens`` counts the outputs that generation's ``max_new_tokens`` ended (a
+    :class:`mgpo.eval.generate.Completion` says so), which count only with a marked answer (``####``, "the answer
+    is"); ``scorer`` names the rule (:data:`mgpo.eval.answers.SCORER`).
     """
     rows = list(examples)
     if not rows:
@@ -78,11 +89,11 @@ def evaluate_math(
                 )
             for offset, (prompt, output) in enumerate(zip(chunk, outputs)):
                 gold = golds[start + offset]
-                extracted = extract_answer(output)
+                hit = bool(getattr(output, "hit_max_new_tokens", False))
+                extracted = extract_answer(output, complete=not hit)
                 ok = is_correct(extracted, gold)
                 correct += ok
                 no_answer += extracted is None
-                hit = bool(getattr(output, "hit_max_new_tokens", False))
                 cut += hit
                 if handle is not None:
                     record = {
@@ -97,11 +108,39 @@ def evaluate_math(
     finally:
         if handle is not None:
             handle.close()
-    total = len(rows)
+    return _summary(correct, len(rows), no_answer, cut)
+
+
+def _summary(correct: int, total: int, no_answer: int, cut: int) -> dict:
     return {
         "accuracy": correct / total,
         "correct": correct,
         "total": total,
         "no_answer": no_answer,
         "hit_max_new_tokens": cut,
+        "scorer": SCORER,
     }
+
+
+def rescore(samples: str | Path) -> dict:
+    """Score a per-sample file of :func:`evaluate_math` again with today's rule, without generating again: each
+    row's ``extracted`` and ``correct`` are rewritten from its ``output``, ``gold`` and ``hit_max_new_tokens``
+    (the file is replaced only once every row is read). Returns what :func:`evaluate_math` returns."""
+    path = Path(samples)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} has no scored samples to score again")
+    missing = [k for k in ("output", "gold", "hit_max_new_tokens") if k not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} is not a math per-sample file of evaluate_math: its rows lack {missing}")
+    correct = no_answer = cut = 0
+    for row in rows:
+        row["extracted"] = extract_answer(row["output"], complete=not row["hit_max_new_tokens"])
+        row["correct"] = is_correct(row["extracted"], row["gold"])
+        correct += row["correct"]
+        no_answer += row["extracted"] is None
+        cut += bool(row["hit_max_new_tokens"])
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    partial.replace(path)
+    return _summary(correct, len(rows), no_answer, cut)

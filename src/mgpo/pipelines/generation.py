@@ -65,6 +65,14 @@ def _sandbox_limits(cfg: TrainConfig):
     return SandboxLimits(allow_visible_answers=cfg.generation.allow_visible_answers)
 
 
+def _scorable(test) -> tuple[list, list]:
+    """The test rows a math score can take (a gold answer that is a number), and the others."""
+    from mgpo.eval.math import has_gold
+
+    rows = list(test)
+    return [r for r in rows if has_gold(r)], [r for r in rows if not has_gold(r)]
+
+
 def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
     """Before training: a math benchmark without a test split is refused, and ``auto`` says when data with final
     answers gets no score for want of one (it would otherwise train and end with no benchmark, without a word)."""
@@ -78,6 +86,21 @@ def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
             RuntimeWarning,
             stacklevel=2,
         )
+    if data.test is not None and pick_benchmark(cfg, data) == "math":
+        rows, unread = _scorable(data.test)
+        if not rows:
+            raise ValueError(
+                f"generation.benchmark='math': none of the {len(unread)} test rows of {cfg.data.name!r} has a gold "
+                "answer that is a number (after '####' or 'The answer is', else the last number of the response)."
+            )
+        if unread and say:
+            example = str(unread[0].get("response") or unread[0].get("answer") or "")[-60:]
+            print(
+                f"mgpo: math: {len(unread)} of {len(rows) + len(unread)} test rows of {cfg.data.name!r} have no gold "
+                f"answer that is a number (e.g. ...{example!r}); the math score leaves them out (after_no_gold), "
+                "the validation loss keeps them.",
+                flush=True,
+            )
     if pick_benchmark(cfg, data) == "humaneval":
         from mgpo.eval.humaneval import answer_files
         from mgpo.eval.sandbox import answers_visible
@@ -119,8 +142,10 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
 
         if data.test is None:
             raise ValueError("math evaluation needs a test split: set data.max_eval_examples to carve one out")
-        rows = list(data.test)[: g.max_examples] if g.max_examples else list(data.test)
+        rows, unread = _scorable(data.test)  # check_benchmark said before training how many are left out
+        rows = rows[: g.max_examples] if g.max_examples else rows
         result = evaluate_math(functools.partial(gen, stop=MATH_STOP), rows, data.template, samples, progress=bars)
+        result["no_gold"] = len(unread)
         if prefix == "after":  # the trained model's answers, one row per problem: the report's examples-and-seeds
             from mgpo.pipelines import predictions  # interval reads them
 
@@ -162,10 +187,48 @@ def evaluate_generation(cfg: TrainConfig, model, tokenizer, data, out: Path, *, 
     cut = result.get("hit_max_new_tokens", result.get("num_hit_max_new_tokens", 0))
     if cut:
         total = result.get("total", result.get("num_samples"))
+        scored = (
+            "they count only where '####' or 'the answer is' came before the cut"
+            if bench == "math"
+            else "scored as written, maybe cut short"
+        )
         print(
             f"mgpo: {bench} ({prefix}): {cut} of {total} outputs ran into generation.max_new_tokens="
-            f"{g.max_new_tokens} before they ended (scored as written, maybe cut short; see "
-            f"hit_max_new_tokens in {samples}); raise generation.max_new_tokens if that is too few",
+            f"{g.max_new_tokens} before they ended ({scored}; see hit_max_new_tokens in {samples}); raise "
+            "generation.max_new_tokens if that is too few",
             flush=True,
         )
     return {f"{prefix}_{k}": v for k, v in result.items() if not isinstance(v, (list, dict))}
+
+
+def rescore_run(run: str | Path) -> dict[str, dict]:
+    """Score a finished run's math answers again with today's rule (:func:`mgpo.eval.math.rescore`), from the
+    per-sample files it kept (``before_math.jsonl``, ``after_math.jsonl``): their rows, the ``before_*`` /
+    ``after_*`` keys of ``metrics.json`` and, after training, ``predictions.jsonl``. Returns each prefix's new
+    result with the old accuracy (``was``). Refuses a run that kept no per-sample math file."""
+    from mgpo.eval.math import rescore
+    from mgpo.pipelines.checkpoints import read_json, write_json
+
+    folder = Path(run)
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{folder} has no metrics.json: pass the folder of a finished mgpo train run")
+    found = {prefix: folder / f"{prefix}_math.jsonl" for prefix in ("before", "after")}
+    found = {k: v for k, v in found.items() if v.is_file()}
+    if not found:
+        raise FileNotFoundError(
+            f"{folder} kept no before_math.jsonl or after_math.jsonl: only a math benchmark's per-sample answers can "
+            "be scored again (run folders copied without them, like docs/experiments-clean/runs, cannot)"
+        )
+    metrics = read_json(metrics_path)
+    done: dict[str, dict] = {}
+    for prefix, samples in found.items():
+        result = rescore(samples)  # metrics keep the samples' path as the run wrote it
+        done[prefix] = {**result, "was": metrics.get(f"{prefix}_accuracy")}
+        metrics.update({f"{prefix}_{k}": v for k, v in result.items()})
+        if prefix == "after":
+            from mgpo.pipelines import predictions
+
+            predictions.write_math(folder, samples)
+    write_json(metrics_path, metrics)
+    return done
