@@ -27,25 +27,27 @@ METHODS: dict[str, tuple[Callable[..., PerturbedOptimizer], dict[str, Any], dict
 
 
 class Net(nn.Module):
-    def __init__(self, d_in=6, d_hidden=16, d_out=3):
+    def __init__(self, d_in=6, d_hidden=16, d_out=3, dropout=0.0):
         super().__init__()
         self.fc1 = nn.Linear(d_in, d_hidden)
         self.fc2 = nn.Linear(d_hidden, d_hidden)
         self.head = nn.Linear(d_hidden, d_out)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()  # dropout draws from the global RNG
 
     def forward(self, x):
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        return self.head(self.drop(torch.tanh(self.fc2(torch.tanh(self.fc1(x))))))
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    """Net with LoRA (rank 4) on fc1 and fc2, B initialised non-zero so every tensor gets a gradient; head trained."""
+def make_model(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    """Net with LoRA (rank 4) on fc1 and fc2, B initialised non-zero so every tensor gets a gradient; head trained;
+    ``dropout`` before the head (a model whose forward draws random numbers)."""
     import peft
 
     torch.manual_seed(seed)
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"], init_lora_weights="gaussian"
     )
-    model = peft.get_peft_model(Net(), config)
+    model = peft.get_peft_model(Net(dropout=dropout), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -112,7 +112,8 @@ class SAM(PerturbedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SAM step. The closure recomputes the loss and calls ``backward()``. If no gradient is present
         yet (no first backward was done), the closure is run first for it, so the torch convention
-        ``opt.step(closure)`` alone trains as expected."""
+        ``opt.step(closure)`` alone trains as expected. At ``rho = 0`` it is the base optimizer: the base step on
+        the first pass's gradients, no second pass (returns the first pass's loss; None if the caller made it)."""
         closure = closure or self.closure
         if closure is None:
             raise RuntimeError(
@@ -124,6 +125,9 @@ class SAM(PerturbedOptimizer):
         if not self._params_with_grad():  # no first pass yet: the closure gives it
             with torch.enable_grad():
                 first_loss = closure()
+        if self.config.rho == 0:  # the base optimizer (spec): no second pass, whose dropout mask would differ
+            self.second_step()
+            return first_loss
         if not self.first_step(zero_grad=True):
             return first_loss
         with torch.enable_grad():
