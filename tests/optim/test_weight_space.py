@@ -373,6 +373,45 @@ def test_dora_gets_the_authors_weight_space_rule():
     assert max_relative_error(factors, ref) > 1e-4
 
 
+def test_a_dora_step_forms_no_out_by_in_tensor():
+    """W0's row norms are computed once, not in every step (the spec: extra memory never O(in * out)): after the
+    first step, no operation of ``step()`` returns a tensor a quarter as large as the layer's weight (128 x 96)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((func.__name__, t.numel()))
+            return out
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.Tanh(), torch.nn.Linear(128, 2))
+    model = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.normal_(0, 0.05)
+    opt = mgpo.MGPO(model, lr=1e-2)
+    assert len(opt.plan.dora) == 1
+    x, y = torch.randn(4, 96), torch.randint(0, 2, (4,))
+    for step in range(3):
+        model.train()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if step == 0:
+            opt.step()  # W0's row norms are computed here, once
+        else:
+            with Sizes() as sizes:
+                opt.step()
+            large = [(f, n) for f, n in sizes.seen if n >= 96 * 128 // 4]
+            assert not large, large
+        opt.zero_grad()
+    assert opt.coef is not None and bool((opt.coef != 0).any())
+
+
 def test_dora_with_dropout_says_it_falls_back_to_factor_space():
     with pytest.warns(RuntimeWarning, match=r"DoRA layer.*lora_dropout > 0.*factor space"):
         opt = mgpo.MGPO(tiny_llama(dora=True, dropout=0.1), lr=1e-2)

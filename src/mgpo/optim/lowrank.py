@@ -8,6 +8,7 @@ applied to a layer's input as ``c_l s U (V x)``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -115,12 +116,34 @@ class WeightSpaceTerm(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), grad_x, None, None, None, None, None
 
 
-def row_norms(w0: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+# id(W0) -> (a weak reference to it, what it was when computed, ||W0_i||^2); by id, as a tensor's == is elementwise
+_ROW_SQ: dict[int, tuple[weakref.ref, tuple[Any, ...], torch.Tensor]] = {}
+
+
+def frozen_row_sq_norms(w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``||W0_i||^2`` of a base weight, kept while the weight is frozen and unchanged (same storage, no in-place write:
+    the version counter autograd keeps, as ``_base`` reads for gradients), so a step forms no out x in temporary."""
+    key = (w0.data_ptr(), w0._version, w0.device, dtype)
+    hit = _ROW_SQ.get(id(w0))
+    if not w0.requires_grad and hit is not None and hit[0]() is w0 and hit[1] == key:
+        return hit[2]
+    sq = w0.to(dtype).square().sum(1)
+    if not w0.requires_grad:
+        for k in [k for k, (ref, _, _) in _ROW_SQ.items() if ref() is None]:  # weights since freed
+            del _ROW_SQ[k]
+        _ROW_SQ[id(w0)] = (weakref.ref(w0), key, sq)
+    return sq
+
+
+def row_norms(w0: torch.Tensor, p: torch.Tensor, q: torch.Tensor, w0_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Row norms of ``W0 + P Q`` (float32 at least) without forming it:
-    ``||W0_i||^2 + 2 <W0_i, (P Q)_i> + ||(P Q)_i||^2``, the cross term from ``W0 Q^T`` (out x k)."""
+    ``||W0_i||^2 + 2 <W0_i, (P Q)_i> + ||(P Q)_i||^2``, the cross term from ``W0 Q^T`` (out x k). ``w0_sq``:
+    ``||W0_i||^2`` computed before (:func:`frozen_row_sq_norms`); without it, it costs an out x in temporary. A
+    low-precision ``W0`` is cast for the cross term, which is another."""
     dtype = torch.float64 if torch.float64 in (w0.dtype, p.dtype) else torch.float32
     w0, p, q = w0.to(dtype), p.to(dtype), q.to(dtype)
-    sq = w0.square().sum(1) + 2 * ((w0 @ q.T) * p).sum(1) + lowrank_row_sq_norms(p, q)
+    w0_sq = w0.square().sum(1) if w0_sq is None else w0_sq.to(dtype)
+    sq = w0_sq + 2 * ((w0 @ q.T) * p).sum(1) + lowrank_row_sq_norms(p, q)
     return sq.clamp_min(0).sqrt()
 
 

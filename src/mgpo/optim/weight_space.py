@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mgpo.optim.hooks import HookState
 from mgpo.optim.hooks import Terms as Terms  # re-exported: defined with the hooks' state, which holds them
-from mgpo.optim.lowrank import WeightSpaceTerm, apply_function, dora_term, row_norms
+from mgpo.optim.lowrank import WeightSpaceTerm, apply_function, dora_term, frozen_row_sq_norms, row_norms
 from mgpo.optim.plan import DeviceConstants, Pair
 
 if TYPE_CHECKING:
@@ -58,8 +58,9 @@ def dora_scales(pair: Pair, factors: Factors, c: Tensor) -> tuple[Tensor, Tensor
     s = pair.scaling
     w0 = pair.module.get_base_layer().weight
     cs = c.to(b.dtype)
-    n = row_norms(w0, s * b, a)
-    n_t = row_norms(w0, torch.cat([s * b + m_b * cs, b * cs], 1), torch.cat([a, m_a]))
+    w0_sq = frozen_row_sq_norms(w0, torch.float64 if torch.float64 in (w0.dtype, b.dtype) else torch.float32)
+    n = row_norms(w0, s * b, a, w0_sq)
+    n_t = row_norms(w0, torch.cat([s * b + m_b * cs, b * cs], 1), torch.cat([a, m_a]), w0_sq)
     ratio = torch.where(c == 0, torch.ones_like(n), n / n_t)  # unperturbed: exactly DoRA's own output
     assert pair.magnitude is not None
     return ratio, 1.0 / n_t, pair.magnitude
