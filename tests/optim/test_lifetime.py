@@ -359,6 +359,9 @@ def test_state_dict_holds_the_hyper_parameters_and_a_mismatch_is_refused():
     space = mgpo.MGPO(make_model(), lr=1e-2, space="factors")
     with pytest.raises(ValueError, match="space"):
         space.load_state_dict(state)
+    subtract = mgpo.MGPO(make_model(), lr=1e-2, rho=0.05, exact_restore=False)
+    with pytest.raises(ValueError, match="exact_restore"):
+        subtract.load_state_dict(state)
 
 
 def test_sam_step_with_a_closure_and_no_prior_backward_trains():

@@ -187,6 +187,30 @@ def test_nan_gradient_is_skipped_and_every_weight_stays_finite():
     assert all(bool(torch.isfinite(s["exp_avg"]).all()) for s in opt.base_optimizer.state.values())
 
 
+def test_a_skipped_step_leaves_gbar_and_the_next_perturbation_as_they_were_with_micro_batch_gbar():
+    """gbar_update="micro_batch" updates gbar after each micro-batch; when a later one brings a NaN, the step is
+    skipped and must leave gbar (and so the next perturbation) as they were before its first micro-batch (the spec:
+    no EMA update on a skipped step). It kept the earlier micro-batches' updates."""
+    from tests.optim.helpers import batches, loss_fn, make_model
+
+    model = make_model()
+    opt = mgpo.MGPO(model, lr=1e-2, gbar_update="micro_batch")
+    data = batches(6)
+    for step in range(3):
+        for micro, mb in enumerate(data[2 * step : 2 * step + 2]):
+            loss_fn(model, mb).backward()
+            if step == 2 and micro == 1:
+                next(p for p in model.parameters() if p.requires_grad).grad.view(-1)[0] = float("nan")
+            opt.record_gradients()
+        if step == 2:
+            gbar, coef = before
+        opt.step()
+        opt.zero_grad()
+        before = (opt.gbar.clone(), opt.coef.clone())
+    assert opt.skipped_steps == 1
+    assert torch.equal(opt.gbar, gbar) and torch.equal(opt.coef, coef)
+
+
 def test_bf16_weights_are_restored_exactly():
     torch.manual_seed(0)
     w = torch.randn(64, 64, dtype=torch.bfloat16, requires_grad=True)

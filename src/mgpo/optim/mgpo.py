@@ -169,6 +169,7 @@ class MGPO(PerturbedOptimizer):
             perturb_non_lora=perturb_non_lora,
             gbar_update=gbar_update,
             diagnostics=diagnostics,
+            exact_restore=exact_restore,  # changes the trajectory (a subtractive restore's rounding): compared on load
         )
         super().__init__(params, base_optimizer, hparams, model=model, auto_perturb=auto_perturb, **base_kwargs)
         self.config = MGPOConfig(
@@ -199,6 +200,7 @@ class MGPO(PerturbedOptimizer):
         self._direction: F.Direction | None = None  # ||D_l||, ||D_l||^2, has_m
         self._pending_norm: Tensor | None = None  # ||eps|| of the pending perturbation
         self._recorded_micro = False  # record_gradients() updated gbar in this step (gbar_update="micro_batch")
+        self._ema_at_step_start: tuple[Tensor, Tensor] | None = None  # gbar, seen before this step's micro EMAs
         self._warned_micro = False
         self._sizes: dict[str, Tensor] = {}  # per-layer ||W_l||, ||last update of W_l|| (rule.sizes, diagnostics)
         self._setup_layers()
@@ -452,6 +454,9 @@ class MGPO(PerturbedOptimizer):
         if self.config.gbar_update == "step":
             self._recorded = (n, has)
             return
+        if not self._recorded_micro:  # kept for a skipped step, which must leave gbar as it was (spec)
+            assert self.gbar is not None and self._seen is not None
+            self._ema_at_step_start = (self.gbar.clone(), self._seen.clone())
         self._ema(n, has)  # the authors' schedule: after every micro-batch, then re-scale the pending perturbation
         self._recorded_micro = True
         if self._direction is not None and self._coef is not None:
@@ -471,6 +476,9 @@ class MGPO(PerturbedOptimizer):
             self._warn_no_gradient("no layer it perturbs")
         self._size_buffers(len(self.layers), grad_norms.device, dtype)
         recorded, micro = self._take_recorded()
+        start, self._ema_at_step_start = self._ema_at_step_start, None
+        if micro and start is not None and start[0].shape == self.gbar.shape:  # a skipped step undoes its micro EMAs
+            self.gbar, self._seen = torch.where(ok, self.gbar, start[0]), torch.where(ok, self._seen, start[1])
         norms = None if recorded is not None or micro else self._gradient_norms(params, grad_norms, dtype)
         if norms is None:
             self._gathered = None
