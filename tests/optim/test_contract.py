@@ -143,6 +143,19 @@ def test_state_dict_round_trip_resumes_bit_identically(name):
     assert_same(snapshot(fresh), snapshot(full))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_state_saved_with_other_settings_is_refused_by_name(name):
+    """A resume never changes the method's settings silently: loading a state saved with another radius (GGPO:
+    another sigma) is a ValueError naming the setting, for every method."""
+    model, opt = run(name, steps=1)
+    cls, on_kwargs, _ = METHODS[name]
+    key = "sigma" if cls is mgpo.GGPO else "rho"
+    other = {**on_kwargs, key: 2 * on_kwargs.get(key, 0.03)}
+    fresh = cls(make_model(), torch.optim.AdamW, lr=1e-2, **other)
+    with pytest.raises(ValueError, match=f"saved with {key}="):
+        fresh.load_state_dict(opt.state_dict())
+
+
 def test_resume_in_a_fresh_process(tmp_path):
     full, _ = run("mgpo", steps=6)
     model, opt = run("mgpo", steps=3)
