@@ -1,4 +1,4 @@
-"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``tune``, ``report`` and ``config``."""
+"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``tune``, ``report``, ``rescore`` and ``config``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -403,14 +404,21 @@ def report(
 
 @app.command()
 def rescore(
-    runs: list[str] = typer.Argument(..., help="Run folders of mgpo train (or of a sweep) with a math benchmark."),
+    runs: list[str] = typer.Argument(..., help="Run folders of mgpo train, or a sweep folder (its finished runs)."),
     verbose: bool = VERBOSE,
 ):
     """Score math answers again with today's rule, from the answers a run kept (nothing is generated again)."""
     _library_output(verbose, ml_libraries=False)
     from mgpo.pipelines.generation import rescore_run
 
-    for run in runs:
+    folders = []
+    for given in map(Path, runs):
+        finished = sorted(d for d in given.iterdir() if (d / "metrics.json").is_file()) if given.is_dir() else []
+        if (given / "metrics.json").is_file() or not finished:
+            folders.append(given)
+        else:  # a sweep folder: its finished runs (one still running has no metrics.json yet)
+            folders += finished
+    for run in folders:
         try:
             done = rescore_run(run)
         except _user_errors() as err:

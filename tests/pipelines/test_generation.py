@@ -303,6 +303,12 @@ def test_mgpo_rescore_rewrites_a_runs_math_scores_from_its_kept_answers(tmp_path
     assert metrics["after_scorer"] == "math-v2" and metrics["after_samples"] == kept["after_samples"]
     assert metrics["steps"] == 30
     assert [r["correct"] for r in predictions.read(run)] == [False, True]
+    sweep = tmp_path / "sweep"  # a sweep folder: its finished runs, one still running (no metrics.json) left alone
+    (sweep / "running").mkdir(parents=True)
+    (run / "after_math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # scored as before
+    run.rename(sweep / "LoRA-s0")
+    result = CliRunner().invoke(app, ["rescore", str(sweep)])
+    assert result.exit_code == 0 and "LoRA-s0: after accuracy 0.5000 -> 0.5000" in " ".join(result.output.split())
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "metrics.json").write_text("{}")
     result = CliRunner().invoke(app, ["rescore", str(tmp_path / "bare")])
