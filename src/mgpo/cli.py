@@ -1,4 +1,5 @@
-"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``tune``, ``report``, ``rescore`` and ``config``."""
+"""The ``mgpo`` command line (typer): ``mgpo train``, ``demo``, ``sweep``, ``tune``, ``report``, ``rescore`` and
+``config``."""
 
 from __future__ import annotations
 
