@@ -182,7 +182,7 @@ def test_choosing_the_checkpoint_on_the_scored_rows_is_said():
     from mgpo.pipelines.generation import check_benchmark
 
     rows = datasets.Dataset.from_dict({"prompt": ["1 + 1?"], "response": ["2"], "answer": ["2"]})
-    data = SimpleNamespace(train=rows, test=rows)
+    data = SimpleNamespace(train=rows, test=rows, validation=rows)
     with pytest.warns(RuntimeWarning, match="optimistic"):
         check_benchmark(
             load_config(
@@ -341,3 +341,71 @@ def test_math_rows_without_a_numeric_gold_are_left_out_of_the_score_and_said_bef
     (tmp_path / "latex.jsonl").write_text("".join(json.dumps(r) + "\n" for r in latex))
     with pytest.raises(ValueError, match="none of the 3 test rows .* has a gold answer that is a number"):
         check_benchmark(cfg, load_instruct_data(str(tmp_path / "latex.jsonl"), n_test=3, seed=0))
+
+
+def test_eval_name_scores_another_datasets_rows_and_keeps_the_held_out_rows_for_validation(tmp_path, capsys):
+    """As the paper: train on MetaMathQA-like data, score on GSM8K-like problems (data.eval_name); the rows held out
+    of the training data are the validation split only, so choosing the checkpoint by them is not an optimistic
+    score and is not warned about."""
+    import datasets
+
+    from mgpo.data.instruct import load_instruct_data, with_eval_data
+    from mgpo.pipelines.generation import check_benchmark
+
+    train = tmp_path / "metamath.jsonl"
+    train.write_text(
+        "".join(json.dumps({"prompt": f"T{i}", "response": f"So {i}. The answer is: {i}"}) + "\n" for i in range(20))
+    )
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text(
+        "".join(
+            json.dumps({"prompt": f"G{i}", "response": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n" for i in range(7)
+        )
+    )
+    data = with_eval_data(load_instruct_data(str(train), n_test=5, seed=0), str(gsm))
+    assert len(data.train) == 15 and len(data.validation) == 5 and len(data.test) == 7
+    assert data.test["prompt"][0] == "G0" and data.test["answer"][0] == "1"  # GSM8K's gold after ####
+    assert set(data.validation["prompt"]) <= {f"T{i}" for i in range(20)}
+    base = ["model.name=smollm2-135m", "data.task=causal-lm", f"data.name={train}", f"data.eval_name={gsm}"]
+    chooses = ["training.eval_steps=2", "training.save_steps=2", "training.load_best_model=true"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "optimistic score" warning: the checkpoint is chosen on other rows
+        check_benchmark(load_config(None, [*base, *chooses]), data)
+    folder = tmp_path / "no-test"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(gsm.read_text())
+    with pytest.raises(ValueError, match="has no test split to score on"):
+        with_eval_data(data, str(folder))
+    with pytest.raises(ConfigError, match="data.eval_name.*causal-lm"):
+        load_config(None, [f"data.eval_name={gsm}"])
+    with pytest.raises(ConfigError, match="data.eval_name.*humaneval"):
+        load_config(None, [*base, "generation.benchmark=humaneval"])
+    assert isinstance(data.test, datasets.Dataset)
+
+
+def test_a_run_with_eval_name_scores_those_rows_and_validates_on_the_held_out_ones(tiny_llama_dir, tmp_path):
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text("".join(json.dumps({"prompt": f"Ann has {i}.", "response": f"#### {i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_llama_dir}",
+            "model.max_length=96",
+            "data.name=arithmetic",
+            "data.task=causal-lm",
+            "data.max_train_examples=32",
+            "data.max_eval_examples=8",
+            f"data.eval_name={gsm}",
+            f"training.output_dir={out}",
+            "training.max_steps=2",
+            "training.batch_size=8",
+            "training.progress=false",
+            "generation.max_new_tokens=8",
+        ],
+    )
+    metrics = train(cfg)
+    rows = [json.loads(line) for line in (out / "after_math.jsonl").read_text().splitlines()]
+    assert metrics["after_total"] == 5 and [r["gold"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[0]["prompt"] == "Q: Ann has 0.\nA: "  # the training data's template
+    assert metrics["validation_loss"] > 0  # on the 8 arithmetic problems held out

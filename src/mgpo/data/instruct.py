@@ -82,6 +82,9 @@ class InstructData:
     template: str  # the prompt template string (contains "{query}")
     train: datasets.Dataset
     test: datasets.Dataset | None  # None when the source has no test split and n_test was not given
+    # the rows the validation loss is taken on: the test split itself, unless the benchmark scores another
+    # dataset's rows (:func:`with_eval_data`), when it is the rows held out of the training data (or None)
+    validation: datasets.Dataset | None = None
 
 
 def format_prompt(template: str, query: str) -> str:
@@ -225,7 +228,7 @@ def load_instruct_data(
         from mgpo.data.arithmetic import make_arithmetic
 
         splits = make_arithmetic(seed=seed, **kwargs)
-        return InstructData(name, resolve_template(template or "math"), splits["train"], splits["test"])
+        return InstructData(name, resolve_template(template or "math"), splits["train"], splits["test"], splits["test"])
 
     path = Path(name).expanduser()
     if path.exists():
@@ -262,7 +265,22 @@ def load_instruct_data(
     train = _subsample(train, n_train, seed, "n_train")
     if test is not None:
         test = _subsample(test, n_test, seed, "n_test")
-    return InstructData(name, template_text, train, test)
+    return InstructData(name, template_text, train, test, test)
+
+
+def with_eval_data(data: InstructData, eval_name: str, *, seed: int = 0, cache_dir: str | None = None) -> InstructData:
+    """``data`` with its benchmark rows from ``eval_name`` (its test split; a local file: all its rows), prompted
+    with ``data``'s template; the rows held out of ``data`` become the validation split only."""
+    other = load_instruct_data(eval_name, template=data.template, seed=seed, cache_dir=cache_dir)
+    rows = other.test
+    if rows is None and Path(eval_name).expanduser().is_file():
+        rows = other.train  # a single file: every row is an evaluation row
+    if rows is None:
+        raise ValueError(
+            f"data.eval_name={eval_name!r} has no test split to score on; name a dataset with one (openai/gsm8k), "
+            "a local file (all its rows) or a folder with test.<ext>"
+        )
+    return InstructData(data.name, data.template, data.train, rows, data.test)
 
 
 @dataclass

@@ -85,6 +85,12 @@ class DataConfig:
     template: str | None = _help(
         "causal-lm prompt template: math, alpaca, or a string with {query}. Default: the dataset's own.", None
     )
+    eval_name: str | None = _help(
+        "causal-lm, math: score on this dataset's test split (a local file: all its rows) instead of on rows held "
+        "out of data.name, as the paper trains on MetaMathQA and scores on GSM8K (openai/gsm8k). The held-out "
+        "rows (data.max_eval_examples) stay the validation split; without them there is no validation loss.",
+        None,
+    )
     val_fraction: float = _help("Share of rows carved out for validation when the data has no such split.", 0.1)
     test_fraction: float = _help("Share of rows carved out for test when the data has no such split.", 0.1)
     max_train_examples: int | None = _help("Use at most this many training rows (seeded sample).", None)
@@ -565,6 +571,16 @@ def validate(cfg: TrainConfig) -> None:
             "data.task=text-to-text needs a sequence-to-sequence model such as google-t5/t5-base (or a local "
             "T5 folder); use data.task=classification for an encoder with a classification head",
         )
+    if d.eval_name is not None:
+        _check(d.task == "causal-lm", "data.eval_name", d.eval_name, "it is for data.task=causal-lm (math) only")
+        _check(
+            cfg.generation.benchmark in ("auto", "math"),
+            "data.eval_name",
+            d.eval_name,
+            f"it gives the math benchmark its rows; generation.benchmark={cfg.generation.benchmark!r} loads its own",
+        )
+        if is_local_name(d.eval_name):
+            _check(Path(d.eval_name).expanduser().exists(), "data.eval_name", d.eval_name, "no such file or folder")
     if d.name == "arithmetic" and d.task != "causal-lm":
         _check(False, "data.task", d.task, "the arithmetic dataset is for data.task=causal-lm")
 

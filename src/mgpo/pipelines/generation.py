@@ -19,7 +19,7 @@ MATH_STOP = ["\nQ:", "\n\n\n"]
 
 
 def prepare_causal_lm(cfg: TrainConfig, tokenizer):
-    from mgpo.data.instruct import CausalLMCollator, load_instruct_data, tokenize_for_causal_lm
+    from mgpo.data.instruct import CausalLMCollator, load_instruct_data, tokenize_for_causal_lm, with_eval_data
 
     d = cfg.data
     data = load_instruct_data(
@@ -31,11 +31,13 @@ def prepare_causal_lm(cfg: TrainConfig, tokenizer):
         n_train=d.max_train_examples,
         n_test=d.max_eval_examples,
     )
+    if d.eval_name is not None:
+        data = with_eval_data(data, d.eval_name, seed=d.seed)
     train_ids, stats = tokenize_for_causal_lm(data.train, tokenizer, data.template, max_length=cfg.model.max_length)
     splits = {"train": train_ids}
-    if data.test is not None and len(data.test):
+    if data.validation is not None and len(data.validation):
         splits["validation"], _ = tokenize_for_causal_lm(
-            data.test, tokenizer, data.template, max_length=cfg.model.max_length
+            data.validation, tokenizer, data.template, max_length=cfg.model.max_length
         )
     if stats.n_truncated or stats.n_dropped:
         print(
@@ -78,7 +80,7 @@ def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
     answers gets no score for want of one (it would otherwise train and end with no benchmark, without a word)."""
     t = cfg.training
     chooses = t.load_best_model or t.early_stopping_patience
-    if data.test is not None and chooses and pick_benchmark(cfg, data) != "none":
+    if data.test is not None and data.validation is data.test and chooses and pick_benchmark(cfg, data) != "none":
         warnings.warn(
             "causal-lm: the validation loss that training.load_best_model / early_stopping_patience choose by is "
             "taken on the test split, the rows the benchmark then scores, so its after_* score is an optimistic "
