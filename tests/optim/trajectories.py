@@ -2,7 +2,9 @@
 
 The fixtures under tests/optim/data/ were written by ``python -m tests.optim.trajectories`` on the code before the
 optimizers were refactored (issue 32); tests/optim/test_trajectories.py recomputes them with the current code and
-requires identical bytes: the refactor changed no bit of any trajectory, statistic or saved state.
+requires identical bytes: the refactor changed no bit of any trajectory, statistic or saved state. The optimizer
+hashes were rewritten once since (2026-12-07, ``--optimizer-only``: ``exact_restore`` joined the saved
+hyper-parameters), with every model and statistics hash checked unchanged; the saved states are the old code's.
 """
 
 from __future__ import annotations
@@ -215,5 +217,23 @@ def main() -> None:
     print(f"{len(hashes)} trajectories, {len(states)} state dicts ({len(buffer.getvalue()) // 1024} KiB)")
 
 
+def refresh_optimizer_hashes() -> None:
+    """Rewrite only the optimizer-state hashes, from the saved states as they are, after a change that adds to what
+    a state dict holds (a new saved hyper-parameter) and nothing else: every model and statistics hash must come out
+    as before, or nothing is written. ``python -m tests.optim.trajectories --optimizer-only``."""
+    hashes = json.loads(HASHES.read_text())
+    saved = torch.load(STATES, weights_only=True)
+    new = {f"{name}/{d}": run(name, dtype) for name in CONFIGS for d, dtype in DTYPES.items()}
+    new.update({f"resumed/{name}": resumed(name, saved[name]) for name in SAVED})
+    moved = [k for k in hashes if (new[k]["model"], new[k]["stats"]) != (hashes[k]["model"], hashes[k]["stats"])]
+    if moved or set(new) != set(hashes):
+        raise SystemExit(f"not written: a trajectory moved ({', '.join(moved) or 'the set of runs changed'})")
+    changed = sum(new[k]["optimizer"] != hashes[k]["optimizer"] for k in hashes)
+    HASHES.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n")
+    print(f"{changed} of {len(hashes)} optimizer hashes rewritten; every model and statistics hash as before")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    refresh_optimizer_hashes() if "--optimizer-only" in sys.argv[1:] else main()

@@ -117,7 +117,7 @@ class WeightSpaceTerm(torch.autograd.Function):
 
 
 # id(W0) -> (a weak reference to it, what it was when computed, ||W0_i||^2); by id, as a tensor's == is elementwise
-_ROW_SQ: dict[int, tuple[weakref.ref, tuple[Any, ...], torch.Tensor]] = {}
+_ROW_SQ: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...], torch.Tensor]] = {}
 
 
 def frozen_row_sq_norms(w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -477,8 +477,10 @@ class MGPO(PerturbedOptimizer):
         self._size_buffers(len(self.layers), grad_norms.device, dtype)
         recorded, micro = self._take_recorded()
         start, self._ema_at_step_start = self._ema_at_step_start, None
-        if micro and start is not None and start[0].shape == self.gbar.shape:  # a skipped step undoes its micro EMAs
-            self.gbar, self._seen = torch.where(ok, self.gbar, start[0]), torch.where(ok, self._seen, start[1])
+        if micro and start is not None:  # a skipped step undoes its micro-batches' EMA updates
+            assert self.gbar is not None and self._seen is not None
+            if start[0].shape == self.gbar.shape:
+                self.gbar, self._seen = torch.where(ok, self.gbar, start[0]), torch.where(ok, self._seen, start[1])
         norms = None if recorded is not None or micro else self._gradient_norms(params, grad_norms, dtype)
         if norms is None:
             self._gathered = None
