@@ -71,8 +71,11 @@ def _scorable(test) -> tuple[list, list]:
     """The test rows a math score can take (a gold answer that is a number), and the others."""
     from mgpo.eval.math import has_gold
 
-    rows = list(test)
-    return [r for r in rows if has_gold(r)], [r for r in rows if not has_gold(r)]
+    kept: list = []
+    unread: list = []
+    for row in test:  # one read of each row's gold
+        (kept if has_gold(row) else unread).append(row)
+    return kept, unread
 
 
 def check_benchmark(cfg: TrainConfig, data, *, say: bool = True) -> None:
