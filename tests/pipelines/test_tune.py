@@ -90,6 +90,37 @@ def test_two_workers_share_one_sqlite_study_without_a_trial_counted_twice(tmp_pa
     assert counts(run_tune(plan, workers=2, python=fake_python)) == {"COMPLETE": 8}
 
 
+TAKER = """
+import sys, threading
+from mgpo.pipelines.tune import load_tune, open_study
+from mgpo.pipelines.tune.workers import Gate, work
+tune = load_tune(sys.argv[1], output_dir=sys.argv[2])
+def objective(trial):
+    with open(sys.argv[3], "a") as f:
+        f.write(f"{trial.number}\\n")
+    return 0.0
+work(open_study(tune), tune, objective, Gate(tune), threading.Event())
+"""
+
+
+def test_worker_processes_on_one_sqlite_study_never_take_the_same_queued_trial(tmp_path, sentiment_csv):
+    """SQLite has no row locks, so Optuna alone lets two processes pop one queued trial (optuna/optuna#4621; it
+    made trial 0 train twice on Slurm): mgpo's gate makes taking a trial one step across processes."""
+    config = write_config(tmp_path, sentiment_csv, "{trials: 1, pruner: none}")
+    tune = load_tune(config, output_dir=tmp_path / "t")
+    tune.output_dir.mkdir()
+    study = open_study(tune)
+    for _ in range(47):  # 48 queued trials with trial 0, then 1 search trial: taken by 4 processes at once
+        study.enqueue_trial({}, user_attrs={"arm": BASELINE, "phase": SEEDS})
+    taken = tmp_path / "taken.txt"
+    script = [sys.executable, "-c", TAKER, str(config), str(tune.output_dir), str(taken)]
+    procs = [subprocess.Popen(script, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate()[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    numbers = taken.read_text().split()
+    assert sorted(numbers, key=int) == [str(n) for n in range(49)], "a trial was taken twice, or never"
+
+
 KILLED = """
 import sys
 from mgpo.pipelines.tune import load_tune, run_tune

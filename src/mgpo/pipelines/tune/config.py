@@ -113,6 +113,12 @@ class Tune:
         return self.output_dir / BASE
 
     @property
+    def sqlite(self) -> bool:
+        """Whether the study is a SQLite file (no row locks: workers in several processes need a lock of their own,
+        and a shared file system that locks correctly)."""
+        return self.storage.startswith("sqlite")
+
+    @property
     def key(self) -> str:
         """The trial's score in its metrics.json: ``mgpo train``'s final evaluation of the validation split."""
         return f"validation_{self.metric}"

@@ -164,16 +164,40 @@ def objective_for(tune: Tune, python: str, env: dict | None, running: set | None
     return objective
 
 
+class Gate:
+    """Makes taking a trial (deciding whether to, then popping a queued one or creating one) one step among all of a
+    study's workers: this process's threads (a lock) and, on SQLite, other processes too (``take.lock`` beside the
+    trials). Optuna pops a queued trial with SELECT ... FOR UPDATE, which SQLite ignores, so without it two Slurm
+    workers could both take one (optuna/optuna#4621): trial 0 trained twice, and the later worker failed."""
+
+    def __init__(self, tune: Tune):
+        self._threads = threading.Lock()
+        self._path = tune.output_dir / "take.lock" if tune.sqlite else None
+        self._file = None
+
+    def acquire(self) -> None:
+        self._threads.acquire()
+        if self._path is not None:
+            self._file = self._path.open("a")
+            fcntl.flock(self._file, fcntl.LOCK_EX)  # waits while another process takes its trial
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases its lock
+            self._file = None
+        self._threads.release()
+
+
 def work(
     study,
     tune: Tune,
     objective: Callable,
-    gate: threading.Lock,
+    gate: Gate,
     stop: threading.Event,
     on_trial: Callable | None = None,
 ) -> None:
     """One worker: take trials (queued ones first, then new search trials while the budget allows) until none is
-    left. ``gate`` makes deciding and creating a trial one step among this process's workers; ``on_trial(trial)``
+    left. ``gate`` makes deciding and taking a trial one step among the study's workers; ``on_trial(trial)``
     hears of each finished one."""
     from optuna.trial import TrialState
 
@@ -260,7 +284,7 @@ def run_local(study, tune: Tune, workers: int, python: str, threads: int = 0, on
     """Run the study's trials here, ``workers`` at a time (threads, each starting its trials' processes on its
     own device). Ctrl-C stops the running trials (each writes a checkpoint; a rerun queues them again)."""
     envs = device_envs(workers, threads)
-    gate, stop = threading.Lock(), threading.Event()
+    gate, stop = Gate(tune), threading.Event()
     running: set = set()  # the training processes
     errors: list[BaseException] = []
 
@@ -303,7 +327,7 @@ class SlurmWorker:
         study = open_study(self.tune)
         # Slurm's time-limit signal (USR2) reaches every process of the job: the training process ignores it
         objective = objective_for(self.tune, self.python, None, ignore=(signal.SIGUSR2,), job_id=job.job_id)
-        work(study, self.tune, objective, threading.Lock(), threading.Event())
+        work(study, self.tune, objective, Gate(self.tune), threading.Event())
         return "done"
 
 
@@ -320,7 +344,7 @@ def run_slurm(
     ``say``s the search's counts when they change. Ctrl-C cancels them (their trials stop with a checkpoint and
     are queued again by the next run)."""
     check_slurm()
-    if tune.storage.startswith("sqlite") and workers > 1:
+    if tune.sqlite and workers > 1:
         say(
             "note: several workers on one SQLite file need a shared file system that locks correctly (NFS often "
             "does not); prefer --storage postgresql://..."
@@ -335,12 +359,15 @@ def run_slurm(
         jobs = [executor.submit(SlurmWorker(tune, python)) for _ in range(workers)]
     said = ""
     try:
-        while not _ended(jobs):
-            time.sleep(5)
+        while True:
+            ended = _ended(jobs)  # asked first: the counts read after it are final once it is True
             now = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts(study).items()))
             if now and now != said:
                 say(f"search trials: {now}")
                 said = now
+            if ended:
+                break
+            time.sleep(5)
     except KeyboardInterrupt:
         for job in jobs:
             job.cancel(check=False)
