@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from mgpo.pipelines.config import ConfigError
 from mgpo.pipelines.executors import check_slurm, device_envs, scheduler_states, slurm_parameters, train_run
@@ -173,13 +174,13 @@ class Gate:
     def __init__(self, tune: Tune):
         self._threads = threading.Lock()
         self._path = tune.output_dir / "take.lock" if tune.sqlite else None
-        self._file = None
+        self._file: IO[str] | None = None
 
     def acquire(self) -> None:
         self._threads.acquire()
         if self._path is not None:
-            self._file = self._path.open("a")
-            fcntl.flock(self._file, fcntl.LOCK_EX)  # waits while another process takes its trial
+            self._file = file = self._path.open("a")
+            fcntl.flock(file, fcntl.LOCK_EX)  # waits while another process takes its trial
 
     def release(self) -> None:
         if self._file is not None:
