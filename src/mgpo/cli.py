@@ -431,6 +431,17 @@ def rescore(
                 f"{r['no_answer']} without an answer, {r['hit_max_new_tokens']} cut off; {r['scorer']})",
                 highlight=False,
             )
+            if r["golds_kept"]:
+                console.print(
+                    f"  {r['golds_kept']} of its golds were kept as the run first read them (the file predates "
+                    "gold_text, so they could not be read again with today's rule)",
+                    highlight=False,
+                )
+            if r["no_gold"]:
+                console.print(
+                    f"  {r['no_gold']} rows left out: today's rule reads no number in their gold answer",
+                    highlight=False,
+                )
 
 
 @app.command()

@@ -24,13 +24,16 @@ def has_gold(example: Mapping) -> bool:
     return True
 
 
+def _gold_text(example: Mapping) -> str:
+    """The text the gold answer is read from: ``answer``, else ``response``."""
+    for key in ("answer", "response"):
+        if example.get(key) not in (None, ""):
+            return str(example[key])
+    raise KeyError(f"example has no 'answer' or 'response' to take the gold answer from: keys {sorted(example)}")
+
+
 def _gold(example: Mapping) -> str:
-    if example.get("answer") not in (None, ""):
-        gold = extract_answer(str(example["answer"]))
-    elif example.get("response") not in (None, ""):
-        gold = extract_answer(str(example["response"]))
-    else:
-        raise KeyError(f"example has no 'answer' or 'response' to take the gold answer from: keys {sorted(example)}")
+    gold = extract_answer(_gold_text(example))
     if gold is None:
         raise ValueError(f"no number in the gold answer of example {dict(example)!r}; fix the data")
     return gold
@@ -69,6 +72,7 @@ def evaluate_math(
                 f"example {i} has no 'prompt' key (keys: {sorted(row)}); rename the question column to 'prompt'"
             )
     golds = [_gold(row) for row in rows]
+    texts = [_gold_text(row) for row in rows]
     prompts = [format_prompt(template, str(row["prompt"])) for row in rows]
 
     handle = None
@@ -101,6 +105,7 @@ def evaluate_math(
                         "output": output,
                         "extracted": extracted,
                         "gold": gold,
+                        "gold_text": texts[start + offset],  # what the gold was read from: rescore reads it again
                         "correct": ok,
                         "hit_max_new_tokens": hit,
                     }
@@ -124,8 +129,11 @@ def _summary(correct: int, total: int, no_answer: int, cut: int) -> dict:
 
 def rescore(samples: str | Path) -> dict:
     """Score a per-sample file of :func:`evaluate_math` again with today's rule, without generating again: each
-    row's ``extracted`` and ``correct`` are rewritten from its ``output``, ``gold`` and ``hit_max_new_tokens``
-    (the file is replaced only once every row is read). Returns what :func:`evaluate_math` returns."""
+    row's ``extracted`` and ``correct`` are rewritten from its ``output`` and ``hit_max_new_tokens``, and its
+    ``gold`` is read again from ``gold_text`` (files written before it was kept keep their golds as first read);
+    the file is replaced only once every row is read. Returns what :func:`evaluate_math` returns, with
+    ``golds_kept`` (rows whose gold could not be read again) and ``no_gold`` (rows whose gold text today's rule
+    reads no number in: left out of the score, as :func:`has_gold` leaves them out of a run's)."""
     path = Path(samples)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
@@ -133,14 +141,24 @@ def rescore(samples: str | Path) -> dict:
     missing = [k for k in ("output", "gold", "hit_max_new_tokens") if k not in rows[0]]
     if missing:
         raise ValueError(f"{path} is not a math per-sample file of evaluate_math: its rows lack {missing}")
-    correct = no_answer = cut = 0
+    correct = no_answer = cut = kept = no_gold = 0
     for row in rows:
         row["extracted"] = extract_answer(row["output"], complete=not row["hit_max_new_tokens"])
+        if "gold_text" in row:
+            row["gold"] = extract_answer(row["gold_text"])
+        else:
+            kept += 1
+        if row["gold"] is None:
+            row["correct"] = None
+            no_gold += 1
+            continue
         row["correct"] = is_correct(row["extracted"], row["gold"])
         correct += row["correct"]
         no_answer += row["extracted"] is None
         cut += bool(row["hit_max_new_tokens"])
+    if no_gold == len(rows):
+        raise ValueError(f"{path}: today's rule reads no number in any row's gold_text, so nothing is left to score")
     partial = path.with_suffix(path.suffix + ".partial")
     partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     partial.replace(path)
-    return _summary(correct, len(rows), no_answer, cut)
+    return {**_summary(correct, len(rows) - no_gold, no_answer, cut), "golds_kept": kept, "no_gold": no_gold}

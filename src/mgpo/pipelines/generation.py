@@ -230,7 +230,8 @@ def rescore_run(run: str | Path) -> dict[str, dict]:
     for prefix, samples in found.items():
         result = rescore(samples)  # metrics keep the samples' path as the run wrote it
         done[prefix] = {**result, "was": metrics.get(f"{prefix}_accuracy")}
-        metrics.update({f"{prefix}_{k}": v for k, v in result.items()})
+        # what rescore says of the golds (kept as first read, or unreadable now) is for the caller to say, not a metric
+        metrics.update({f"{prefix}_{k}": v for k, v in result.items() if k not in ("golds_kept", "no_gold")})
         if prefix == "after":
             from mgpo.pipelines import predictions
 
