@@ -194,6 +194,9 @@ class TrainingConfig:
     )
 
 
+BENCHMARKS = ("auto", "none", "math", "humaneval", "mtbench")  # generation.benchmark
+
+
 @dataclass
 class GenerationEvalConfig:
     max_new_tokens: int = _help(
@@ -205,8 +208,7 @@ class GenerationEvalConfig:
     max_examples: int | None = _help("causal-lm evaluation: evaluate at most this many test examples.", None)
     before_training: bool = _help("causal-lm: also evaluate the model before fine-tuning.", False)
     benchmark: str = _help(
-        "causal-lm evaluation: auto, none, math, humaneval or mtbench (auto: math for data "
-        "with final answers, else none).",
+        f"causal-lm evaluation: {', '.join(BENCHMARKS)} (auto: math for data with final answers, else none).",
         "auto",
     )
     num_samples: int = _help(
@@ -512,8 +514,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(g.batch_size >= 1, "generation.batch_size", g.batch_size, "use an integer >= 1")
     _check(g.num_samples >= 1, "generation.num_samples", g.num_samples, "use an integer >= 1")
     _check(g.temperature > 0, "generation.temperature", g.temperature, "use a positive temperature")
-    benchmarks = ("auto", "none", "math", "humaneval", "mtbench")
-    _check(g.benchmark in benchmarks, "generation.benchmark", g.benchmark, f"choose one of {', '.join(benchmarks)}")
+    _check(g.benchmark in BENCHMARKS, "generation.benchmark", g.benchmark, f"choose one of {', '.join(BENCHMARKS)}")
     for section, obj in (("adapter", cfg.adapter), ("perturbation", cfg.perturbation)):
         try:
             obj.validate()

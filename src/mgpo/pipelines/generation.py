@@ -14,7 +14,6 @@ from pathlib import Path
 
 from mgpo.pipelines.config import TrainConfig
 
-BENCHMARKS = ("auto", "none", "math", "humaneval", "mtbench")
 MATH_STOP = ["\nQ:", "\n\n\n"]
 
 
