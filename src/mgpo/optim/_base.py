@@ -36,6 +36,7 @@ from mgpo.optim.hooks import InstanceOverride as InstanceOverride  # re-exported
 from mgpo.optim.hooks import guard_merges as guard_merges  # re-exported
 from mgpo.optim.hooks import run_eagerly as run_eagerly  # re-exported
 from mgpo.optim.layers import discover_layers
+from mgpo.optim.torch_private import version
 
 # What an optimizer is built on: the model, or its tensors or param groups (with ``model=``)
 Params: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | nn.Module
@@ -455,7 +456,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _mark_grads(params: list[torch.Tensor]) -> list[GradMark]:
         # weak references and version counters: host-side, and no gradient kept alive
-        return [(weakref.ref(grad), grad._version) for grad in map(_grad, params)]
+        return [(weakref.ref(grad), version(grad)) for grad in map(_grad, params)]
 
     def _check_hooks_ran(self, params: list[torch.Tensor]) -> None:
         """Refuse a step whose gradients come from a forward our hooks never saw: it would train as the plain base
@@ -469,7 +470,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if self.two_pass or self._closed or not self._would_perturb():
             return  # SAM, rho = 0: nothing for the hooks to do
         fresh = len(marks) != len(params) or any(
-            ref() is not grad or version != grad._version for (ref, version), grad in zip(marks, map(_grad, params))
+            ref() is not grad or seen != version(grad) for (ref, seen), grad in zip(marks, map(_grad, params))
         )
         if not fresh:
             return

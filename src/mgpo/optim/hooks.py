@@ -16,8 +16,9 @@ from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch._compile import _disable_dynamo
 from torch.utils.hooks import RemovableHandle
+
+from mgpo.optim.torch_private import disable_dynamo
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -109,7 +110,7 @@ def run_eagerly(fn: Callable[_P, _T]) -> Callable[_P, _T]:
     the first trace, and their writes to the optimizer were dropped: a model compiled after the optimizer was built
     trained as the plain base optimizer without a word. This is ``torch.compiler.disable``, imported at the first
     call (as torch.optim does for its own methods), so importing mgpo does not import dynamo."""
-    return _disable_dynamo(fn)
+    return disable_dynamo(fn)
 
 
 class HookState:

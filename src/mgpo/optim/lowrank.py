@@ -15,6 +15,8 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
+from mgpo.optim.torch_private import version
+
 # At most this many values are stacked at once by lowrank_sq_norms (16 MiB in float32): it bounds the step's
 # transient memory, whatever the number of layers of one shape.
 STACK_ELEMENTS = 1 << 22
@@ -122,8 +124,8 @@ _ROW_SQ: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...], torch.Tenso
 
 def frozen_row_sq_norms(w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``||W0_i||^2`` of a base weight, kept while the weight is frozen and unchanged (same storage, no in-place write:
-    the version counter autograd keeps, as ``_base`` reads for gradients), so a step forms no out x in temporary."""
-    key = (w0.data_ptr(), w0._version, w0.device, dtype)
+    its version counter, as ``_base`` reads for gradients), so a step forms no out x in temporary."""
+    key = (w0.data_ptr(), version(w0), w0.device, dtype)
     hit = _ROW_SQ.get(id(w0))
     if not w0.requires_grad and hit is not None and hit[0]() is w0 and hit[1] == key:
         return hit[2]
