@@ -43,6 +43,20 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def tiny_config(model_dir: Path, out: Path, *settings: str):
+    """A causal-lm run of the tiny Llama into ``out``, without progress bars, with ``settings``."""
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            "data.task=causal-lm",
+            f"training.output_dir={out}",
+            "training.progress=false",
+            *settings,
+        ],
+    )
+
+
 @pytest.mark.parametrize("method", ["mgpo", "sam"])
 def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_dir, tmp_path, method, monkeypatch):
     import transformers
@@ -56,24 +70,19 @@ def test_causal_lm_run_on_arithmetic_with_before_and_after_accuracy(tiny_llama_d
 
     monkeypatch.setattr(transformers.Trainer, "evaluation_loop", spied)
     out = tmp_path / "run"
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_llama_dir}",
-            "model.max_length=96",
-            "data.name=arithmetic",
-            "data.task=causal-lm",
-            "data.max_train_examples=64",
-            "data.max_eval_examples=8",
-            f"perturbation.method={method}",
-            f"training.output_dir={out}",
-            "training.max_steps=4",
-            "training.batch_size=8",
-            "training.lr=3e-3",
-            "training.progress=false",
-            "generation.max_new_tokens=12",
-            "generation.before_training=true",
-        ],
+    cfg = tiny_config(
+        tiny_llama_dir,
+        out,
+        "model.max_length=96",
+        "data.name=arithmetic",
+        "data.max_train_examples=64",
+        "data.max_eval_examples=8",
+        f"perturbation.method={method}",
+        "training.max_steps=4",
+        "training.batch_size=8",
+        "training.lr=3e-3",
+        "generation.max_new_tokens=12",
+        "generation.before_training=true",
     )
     metrics = train(cfg)
     assert loops and all(loss_only is True for _, loss_only in loops), loops
@@ -100,20 +109,15 @@ def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):
             json.dumps({"prompt": f"Q{i}", "response": "1 + 1 = 2. " * (40 if i % 2 else 1)}) + "\n" for i in range(16)
         )
     )
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_llama_dir}",
-            "model.max_length=32",
-            f"data.name={data}",
-            "data.task=causal-lm",
-            "data.template=math",
-            f"training.output_dir={tmp_path / 'run'}",
-            "training.max_steps=2",
-            "training.batch_size=4",
-            "training.progress=false",
-            "generation.benchmark=none",
-        ],
+    cfg = tiny_config(
+        tiny_llama_dir,
+        tmp_path / "run",
+        "model.max_length=32",
+        f"data.name={data}",
+        "data.template=math",
+        "training.max_steps=2",
+        "training.batch_size=4",
+        "generation.benchmark=none",
     )
     metrics = train(cfg)
     assert metrics["truncated_examples"] == 8
@@ -122,22 +126,17 @@ def test_long_examples_are_truncated_and_counted(tiny_llama_dir, tmp_path):
 def test_best_checkpoint_needs_a_validation_split_and_says_how_to_get_one(tiny_llama_dir, tmp_path):
     data = tmp_path / "instruct.jsonl"  # no test rows, none held out: causal-lm data without a validation split
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}"}) + "\n" for i in range(16)))
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_llama_dir}",
-            f"data.name={data}",
-            "data.task=causal-lm",
-            "data.template=alpaca",
-            f"training.output_dir={tmp_path / 'run'}",
-            "training.max_steps=4",
-            "training.batch_size=4",
-            "training.eval_steps=2",
-            "training.save_steps=2",
-            "training.load_best_model=true",
-            "training.progress=false",
-            "generation.benchmark=none",
-        ],
+    cfg = tiny_config(
+        tiny_llama_dir,
+        tmp_path / "run",
+        f"data.name={data}",
+        "data.template=alpaca",
+        "training.max_steps=4",
+        "training.batch_size=4",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "training.load_best_model=true",
+        "generation.benchmark=none",
     )
     with pytest.raises(ConfigError, match="data.max_eval_examples"):
         train(cfg)
@@ -153,19 +152,14 @@ def test_a_math_benchmark_without_a_test_split_is_named_before_training(tiny_lla
     )
 
     def cfg(bench, out):
-        return load_config(
-            None,
-            [
-                f"model.name={tiny_llama_dir}",
-                f"data.name={data}",
-                "data.task=causal-lm",
-                "data.template=math",
-                f"training.output_dir={out}",
-                "training.max_steps=2",
-                "training.batch_size=4",
-                "training.progress=false",
-                f"generation.benchmark={bench}",
-            ],
+        return tiny_config(
+            tiny_llama_dir,
+            out,
+            f"data.name={data}",
+            "data.template=math",
+            "training.max_steps=2",
+            "training.batch_size=4",
+            f"generation.benchmark={bench}",
         )
 
     with pytest.raises(ValueError, match="benchmark='math' needs a test split.*data.max_eval_examples"):
@@ -234,23 +228,18 @@ def test_code_and_dialogue_benchmarks_run_end_to_end(tiny_llama_dir, tmp_path, b
     data = tmp_path / "instruct.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}"}) + "\n" for i in range(16)))
     out = tmp_path / "run"
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_llama_dir}",
-            "model.max_length=200",
-            f"data.name={data}",
-            "data.task=causal-lm",
-            "data.template=alpaca",
-            f"training.output_dir={out}",
-            "training.max_steps=2",
-            "training.batch_size=4",
-            "training.progress=false",
-            f"generation.benchmark={bench}",
-            "generation.max_examples=2",
-            "generation.max_new_tokens=8",
-            *extra,
-        ],
+    cfg = tiny_config(
+        tiny_llama_dir,
+        out,
+        "model.max_length=200",
+        f"data.name={data}",
+        "data.template=alpaca",
+        "training.max_steps=2",
+        "training.batch_size=4",
+        f"generation.benchmark={bench}",
+        "generation.max_examples=2",
+        "generation.max_new_tokens=8",
+        *extra,
     )
     metrics = train(cfg)
     assert expected <= set(metrics), sorted(metrics)
@@ -389,22 +378,17 @@ def test_a_run_with_eval_name_scores_those_rows_and_validates_on_the_held_out_on
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text("".join(json.dumps({"prompt": f"Ann has {i}.", "response": f"#### {i}"}) + "\n" for i in range(5)))
     out = tmp_path / "run"
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_llama_dir}",
-            "model.max_length=96",
-            "data.name=arithmetic",
-            "data.task=causal-lm",
-            "data.max_train_examples=32",
-            "data.max_eval_examples=8",
-            f"data.eval_name={gsm}",
-            f"training.output_dir={out}",
-            "training.max_steps=2",
-            "training.batch_size=8",
-            "training.progress=false",
-            "generation.max_new_tokens=8",
-        ],
+    cfg = tiny_config(
+        tiny_llama_dir,
+        out,
+        "model.max_length=96",
+        "data.name=arithmetic",
+        "data.max_train_examples=32",
+        "data.max_eval_examples=8",
+        f"data.eval_name={gsm}",
+        "training.max_steps=2",
+        "training.batch_size=8",
+        "generation.max_new_tokens=8",
     )
     metrics = train(cfg)
     rows = [json.loads(line) for line in (out / "after_math.jsonl").read_text().splitlines()]
