@@ -433,13 +433,9 @@ def rescore(
             )
             if r["golds_kept"]:
                 console.print(
-                    f"  {r['golds_kept']} of its golds were kept as the run first read them (the file predates "
-                    "gold_text, so they could not be read again with today's rule)",
-                    highlight=False,
-                )
-            if r["no_gold"]:
-                console.print(
-                    f"  {r['no_gold']} rows left out: today's rule reads no number in their gold answer",
+                    f"  its {r['golds_kept']} golds are as the run first read them (its answers file predates "
+                    "gold_text): a gold the earlier rule misread stays misread; evaluate the run again to read them "
+                    "with today's rule",
                     highlight=False,
                 )
 

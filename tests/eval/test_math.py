@@ -144,7 +144,7 @@ def test_rescore_gives_what_evaluate_math_gives_from_the_kept_answers(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     rows[0].update(extracted="4", correct=True)  # as the earlier rule scored it
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert rescore(out) == {**fresh, "golds_kept": 0, "no_gold": 0} and fresh["correct"] == 1
+    assert rescore(out) == {**fresh, "golds_kept": 0} and fresh["correct"] == 1
     assert [json.loads(line)["correct"] for line in out.read_text().splitlines()] == [False, True, False]
     assert rescore(out)["golds_kept"] == 0
     (tmp_path / "other.jsonl").write_text(json.dumps({"task_id": "x", "passed": True}) + "\n")
@@ -152,25 +152,31 @@ def test_rescore_gives_what_evaluate_math_gives_from_the_kept_answers(tmp_path):
         rescore(tmp_path / "other.jsonl")
 
 
-def test_rescore_reads_each_gold_again_from_its_text_and_says_which_it_could_not(tmp_path):
-    """A gold the earlier rule misread (MetaMathQA's "The answer is: \\frac{1}{2}" was read as 2) is read again from
-    the kept gold_text: here it has no number, so its row leaves the score; a file without gold_text keeps its golds
-    and says how many."""
+def test_rescore_reads_each_gold_again_from_its_text_and_refuses_rows_it_cannot_read(tmp_path):
+    """Each gold is read again from the kept gold_text (a gold misread as 4 is 3 again); a file without gold_text
+    keeps its golds and says how many; a gold text today's rule reads no number in refuses the file, unchanged."""
     from mgpo.eval.math import rescore
 
     out = tmp_path / "after_math.jsonl"
     rows = [
-        {"output": "#### 2", "gold": "2", "gold_text": "The answer is: \\frac{1}{2}", "hit_max_new_tokens": False},
         {"output": "#### 7", "gold": "7", "gold_text": "so #### 7", "hit_max_new_tokens": False},
         {"output": "#### 3", "gold": "4", "gold_text": "so #### 3", "hit_max_new_tokens": False},
     ]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = rescore(out)
-    assert (result["correct"], result["total"], result["no_gold"], result["golds_kept"]) == (2, 2, 1, 0)
-    assert [json.loads(line)["gold"] for line in out.read_text().splitlines()] == [None, "7", "3"]
+    assert (result["correct"], result["total"], result["golds_kept"]) == (2, 2, 0)
+    assert [json.loads(line)["gold"] for line in out.read_text().splitlines()] == ["7", "3"]
     out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gold_text"}) + "\n" for r in rows))
     result = rescore(out)
-    assert (result["correct"], result["total"], result["no_gold"], result["golds_kept"]) == (2, 3, 0, 3)
+    assert (result["correct"], result["total"], result["golds_kept"]) == (1, 2, 2)
+    rows[0]["gold_text"] = "The answer is: \\frac{1}{2}"  # a marked answer that is no number: no gold today
+    before = "".join(json.dumps(r) + "\n" for r in rows)
+    out.write_text(before)
+    with pytest.raises(
+        ValueError, match="reads no number in the gold answer of 1 rows \\(rows 0\\).*evaluate it again"
+    ):
+        rescore(out)
+    assert out.read_text() == before
 
 
 def test_evaluate_math_custom_template_and_no_file():

@@ -121,6 +121,33 @@ def test_worker_processes_on_one_sqlite_study_never_take_the_same_queued_trial(t
     assert sorted(numbers, key=int) == [str(n) for n in range(49)], "a trial was taken twice, or never"
 
 
+def test_a_gate_whose_lock_file_cannot_be_locked_raises_and_leaves_no_thread_waiting(
+    tmp_path, sentiment_csv, monkeypatch
+):
+    """On a file system without flock the error reaches the worker, and the other workers of the process are not
+    left waiting forever on the threads' lock."""
+    import errno
+    import threading
+
+    from mgpo.pipelines.tune import workers
+
+    tune = load_tune(write_config(tmp_path, sentiment_csv, "{trials: 1}"), output_dir=tmp_path / "t")
+    tune.output_dir.mkdir()
+    gate = workers.Gate(tune)
+
+    def refuse(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(workers.fcntl, "flock", refuse)
+    with pytest.raises(OSError, match="No locks available"):
+        gate.acquire()
+    monkeypatch.undo()
+    other = threading.Thread(target=lambda: (gate.acquire(), gate.release()), daemon=True)
+    other.start()
+    other.join(10)
+    assert not other.is_alive(), "the failed acquire left the threads' lock held"
+
+
 KILLED = """
 import sys
 from mgpo.pipelines.tune import load_tune, run_tune

@@ -127,13 +127,14 @@ def _summary(correct: int, total: int, no_answer: int, cut: int) -> dict:
     }
 
 
-def rescore(samples: str | Path) -> dict:
+def rescore(samples: str | Path, write: bool = True) -> dict:
     """Score a per-sample file of :func:`evaluate_math` again with today's rule, without generating again: each
     row's ``extracted`` and ``correct`` are rewritten from its ``output`` and ``hit_max_new_tokens``, and its
     ``gold`` is read again from ``gold_text`` (files written before it was kept keep their golds as first read);
     the file is replaced only once every row is read. Returns what :func:`evaluate_math` returns, with
-    ``golds_kept`` (rows whose gold could not be read again) and ``no_gold`` (rows whose gold text today's rule
-    reads no number in: left out of the score, as :func:`has_gold` leaves them out of a run's)."""
+    ``golds_kept``: the rows whose gold could not be read again. Refuses a file where today's rule reads no number
+    in some row's gold text: those rows would leave the score, and a run's score is over the rows it was given.
+    ``write=False`` scores without replacing the file."""
     path = Path(samples)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
@@ -141,24 +142,29 @@ def rescore(samples: str | Path) -> dict:
     missing = [k for k in ("output", "gold", "hit_max_new_tokens") if k not in rows[0]]
     if missing:
         raise ValueError(f"{path} is not a math per-sample file of evaluate_math: its rows lack {missing}")
-    correct = no_answer = cut = kept = no_gold = 0
-    for row in rows:
+    correct = no_answer = cut = kept = 0
+    unread = []
+    for i, row in enumerate(rows):
         row["extracted"] = extract_answer(row["output"], complete=not row["hit_max_new_tokens"])
         if "gold_text" in row:
             row["gold"] = extract_answer(row["gold_text"])
+            if row["gold"] is None:
+                unread.append(i)
         else:
             kept += 1
-        if row["gold"] is None:
-            row["correct"] = None
-            no_gold += 1
-            continue
         row["correct"] = is_correct(row["extracted"], row["gold"])
         correct += row["correct"]
         no_answer += row["extracted"] is None
         cut += bool(row["hit_max_new_tokens"])
-    if no_gold == len(rows):
-        raise ValueError(f"{path}: today's rule reads no number in any row's gold_text, so nothing is left to score")
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    partial.replace(path)
-    return {**_summary(correct, len(rows) - no_gold, no_answer, cut), "golds_kept": kept, "no_gold": no_gold}
+    if unread:
+        raise ValueError(
+            f"{path}: today's rule ({SCORER}) reads no number in the gold answer of {len(unread)} rows (rows "
+            f"{', '.join(map(str, unread[:5]))}{', ...' if len(unread) > 5 else ''}); a run is scored over every row "
+            "it was given, so it cannot be scored again: evaluate it again (its rows without a gold are then left out "
+            "and counted)"
+        )
+    if write:
+        partial = path.with_suffix(path.suffix + ".partial")
+        partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        partial.replace(path)
+    return {**_summary(correct, len(rows), no_answer, cut), "golds_kept": kept}

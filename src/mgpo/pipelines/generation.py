@@ -225,12 +225,14 @@ def rescore_run(run: str | Path) -> dict[str, dict]:
             "be scored again (run folders copied without them, like docs/experiments-clean/runs, cannot)"
         )
     metrics = read_json(metrics_path)
+    for samples in found.values():
+        rescore(samples, write=False)  # every file scores (or is refused) before any is rewritten
     done: dict[str, dict] = {}
     for prefix, samples in found.items():
         result = rescore(samples)  # metrics keep the samples' path as the run wrote it
         done[prefix] = {**result, "was": metrics.get(f"{prefix}_accuracy")}
-        # what rescore says of the golds (kept as first read, or unreadable now) is for the caller to say, not a metric
-        metrics.update({f"{prefix}_{k}": v for k, v in result.items() if k not in ("golds_kept", "no_gold")})
+        # golds_kept (golds that could not be read again) is for the caller to say, not a metric
+        metrics.update({f"{prefix}_{k}": v for k, v in result.items() if k != "golds_kept"})
         if prefix == "after":
             from mgpo.pipelines import predictions
 

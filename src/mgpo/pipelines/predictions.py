@@ -72,7 +72,6 @@ def write_math(out: Path, samples: Path) -> None:
     found = [
         {"id": i, "target": r["gold"], "prediction": r["extracted"], "correct": bool(r["correct"])}
         for i, r in enumerate(scored)
-        if r["correct"] is not None  # a row rescore found no gold in is not scored (the same rows in every arm)
     ]
     (out / FILE).write_text("".join(json.dumps(r) + "\n" for r in found))
 

@@ -178,15 +178,27 @@ class Gate:
 
     def acquire(self) -> None:
         self._threads.acquire()
-        if self._path is not None:
-            self._file = file = self._path.open("a")
-            fcntl.flock(file, fcntl.LOCK_EX)  # waits while another process takes its trial
+        if self._path is None:
+            return
+        try:  # a folder that cannot be locked (no flock on this file system) must not leave the threads' lock held
+            file = self._path.open("a")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX)  # waits while another process takes its trial
+            except BaseException:
+                file.close()
+                raise
+        except BaseException:
+            self._threads.release()
+            raise
+        self._file = file
 
     def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the file releases its lock
-            self._file = None
-        self._threads.release()
+        file, self._file = self._file, None
+        try:
+            if file is not None:
+                file.close()  # closing the file releases its lock
+        finally:
+            self._threads.release()
 
 
 def work(
