@@ -1079,6 +1079,22 @@ def test_a_partial_sweep_whose_methods_are_config_fields_names_its_pending_runs_
     ) in md and "(dora-lora-s0, dora-lora-mgpo-s0)" in md
 
 
+def test_a_run_still_training_adds_nothing_to_the_double_descent_comparisons(sweep_dir, tmp_path):
+    """Mid-sweep a running run has logged part of its curve but has no metrics.json: measured, its partial curve was
+    paired with LoRA's finished one (4 pairs of rise where accuracy had 3)."""
+    rows = json.loads((sweep_dir / "index.json").read_text())["runs"]
+    running = next(r for r in rows if r["name"] == "r16-LoRA-MGPO-s2")
+    (Path(running["output_dir"]) / "metrics.json").unlink()
+    running["status"] = "running"
+    write_index(sweep_dir, "rank sweep", rows)
+    csv = (make_report([sweep_dir], tmp_path / "r")["markdown"].parent / "runs.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    row = next(dict(zip(header, line.split(","))) for line in csv[1:] if "r16-LoRA-MGPO-s2" in line)
+    assert row["status"] == "running" and row["dd_rise_rel"] == "" and row["dd_rise_rel_w1"] == ""
+    finished = next(dict(zip(header, line.split(","))) for line in csv[1:] if "r16-LoRA-MGPO-s1" in line)
+    assert finished["dd_rise_rel"] != ""
+
+
 def test_declared_families_are_holm_corrected_and_the_rest_called_post_hoc(sweep_dir, tmp_path):
     (sweep_dir / "sweep.yaml").write_text("report: {baseline: LoRA, families: {main: [[LoRA-MGPO, LoRA]]}}\n")
     md = make_report([sweep_dir], tmp_path / "out")["markdown"].read_text()

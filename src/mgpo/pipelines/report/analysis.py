@@ -157,14 +157,16 @@ def _run_row(title: str, r: RunResult, metric: str, smooth: int | None, spike_fa
         # chance of an accuracy: the split's majority-class share (runs from before it was recorded: None)
         "chance": r.metrics.get(metric[: -len("accuracy")] + "majority") if metric.endswith("accuracy") else None,
     }
-    if r.losses:
+    # a run still training (or one that failed) has no metrics.json: its curve so far is not the run's, and a measure
+    # of it would be paired with finished runs as if it were
+    if r.losses and r.metrics:
         window = smooth or measures.default_window(len(r.losses))
         row.update({f"dd_{k}": v for k, v in measures.double_descent(r.steps, r.losses, window).items()})
         if r.loss_kind == "clean":
             row["clean_dd_rise_rel"] = row["dd_rise_rel"]
         row["spikes"] = measures.instability_count(r.losses, window, spike_factor)
         row.update(window_columns(r.steps, r.losses))
-    if r.trained_losses:  # the same measure on the logged minibatch loss (at the perturbed weights for MGPO)
+    if r.trained_losses and r.metrics:  # the same measure on the logged minibatch loss (perturbed weights for MGPO)
         window = smooth or measures.default_window(len(r.trained_losses))
         dd = measures.double_descent(r.trained_steps, r.trained_losses, window)
         row.update(

@@ -37,7 +37,8 @@ def plot_curves(exp: Experiment, result: Analysis, out_png: Path) -> Path:
     counts: dict[str, list[int]] = {s: [] for s in series}  # seeds in each panel's mean, per method
     for ax, panel in zip(axes.flat, panels):
         for i, s in enumerate(series):
-            runs = [r for r in exp.runs if r.series == s and r.panel == panel and r.losses]
+            # finished runs only: a running one's curve so far would pull the mean (and the seed count) with it
+            runs = [r for r in exp.runs if r.series == s and r.panel == panel and r.losses and r.metrics]
             if not runs:
                 continue
             color = colors[i % len(colors)]

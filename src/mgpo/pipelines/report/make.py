@@ -32,12 +32,18 @@ def make_report(
     blocks: list[tuple] = []
     results, figures_all = [], []
     for exp in experiments:
-        if not any(r.metrics or r.losses for r in exp.runs):
-            blocks += [("h2", exp.title), ("p", "No run of this experiment has produced a log yet.")]
+        if not any(r.metrics for r in exp.runs):
+            said = (
+                "Its runs are still training: none has finished yet."
+                if any(r.losses for r in exp.runs)
+                else ("No run of this experiment has produced a log yet.")
+            )
+            blocks += [("h2", exp.title), ("p", said)]
             continue
         result = analyse(exp, metric=metric, baseline=baseline, smooth=smooth, spike_factor=spike_factor)
         results.append(result)
-        logged = any(r.losses for r in exp.runs)  # else no curve and no double descent to draw (result.no_loss)
+        # finished runs with a logged loss, else no curve and no double descent to draw (result.no_loss)
+        logged = any(r.losses and r.metrics for r in exp.runs)
         figs = (
             [
                 (
@@ -60,7 +66,7 @@ def make_report(
             )
         figures_all += [p for p, _ in figs]
         blocks += _blocks(exp, result, figs)
-    titles = [e.slug for e in experiments if any(r.metrics or r.losses for r in e.runs)]
+    titles = [e.slug for e in experiments if any(r.metrics for r in e.runs)]
     verdicts = verdict_table(results, titles)
     if verdicts:
         blocks = [
