@@ -1141,6 +1141,11 @@ def test_runs_with_predictions_get_an_interval_over_examples_and_seeds(sweep_dir
     first = rows[0]
     assert (round(float(first["low"]), 4), round(float(first["high"]), 4)) == (low, high)
     assert first["examples"] == "200" and first["seeds"] == "3" and first["holm_p"] == ""
+    # a run that scored other rows (here one fewer) cannot be paired example by example: refused, by name
+    short = sweep_dir / "r16-LoRA-s1" / "predictions.jsonl"
+    short.write_text("".join(short.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(ValueError, match="r16-LoRA-s1 and .* did not score the same test rows \\(199 and 200 rows\\)"):
+        make_report([sweep_dir], tmp_path / "out-2")
 
 
 def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tmp_path):

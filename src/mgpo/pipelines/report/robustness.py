@@ -90,6 +90,7 @@ class _Saved:
             if self.usable
             else {}
         )
+        self.paths = {(x["series"], x["panel"], x["seed"]): x["path"] for x in per_run}
         self.any = any(self.rows.values())
         self._done: dict[tuple[str, str, str], dict | None] = {}  # a declared pair is often in the baseline table
 
@@ -107,6 +108,7 @@ class _Saved:
         seeds = sorted(set(mine) & set(base))
         if not seeds:
             return None
+        self._check_same_rows([(a, panel, k) for k in seeds] + [(b, panel, k) for k in seeds])
         return measures.paired_over_examples_and_seeds(
             {k: [value(r) for r in mine[k]] for k in seeds},
             {k: [value(r) for r in base[k]] for k in seeds},
@@ -114,6 +116,20 @@ class _Saved:
             stat,
             boots=1000,
         )
+
+    def _check_same_rows(self, keys: list[tuple[str, str, int]]) -> None:
+        """The pairing over examples is by position: every run compared must have scored the same test rows."""
+        first = keys[0]
+        want = [(r.get("id"), r.get("target")) for r in self.rows[first] or []]
+        for key in keys[1:]:
+            got = [(r.get("id"), r.get("target")) for r in self.rows[key] or []]
+            if got != want:
+                raise ValueError(
+                    f"{self.paths[key]} and {self.paths[first]} did not score the same test rows ({len(got)} and "
+                    f"{len(want)} rows{', different ids or targets' if len(got) == len(want) else ''}), so their "
+                    "predictions cannot be paired example by example: report runs of the same data.name, data.seed "
+                    "and data.max_eval_examples together, or score them again on the same rows."
+                )
 
 
 def _examples_table(
