@@ -25,6 +25,9 @@ def open_study(tune: Tune):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
             tune.storage,
+            # SQLite's writers wait for each other's lock: 5 s by default, which workers under load (and each one's
+            # heartbeat) can exceed, failing a trial with "database is locked"
+            engine_kwargs={"connect_args": {"timeout": 60}} if tune.sqlite else None,
             heartbeat_interval=10,
             grace_period=60,
             # a worker that died (killed, node lost) leaves its trial running: once its heartbeat is 60 s old the
