@@ -222,6 +222,9 @@ def test_a_killed_sweep_resumes(tmp_path, tiny_model_dir, sentiment_csv):  # noq
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert run_state(second) == "partial", "the second run did not reach a checkpoint in time"
+    # --status: its record still says running, but its process is gone (it used to show "running" for ever)
+    shown = {r["name"]: r for r in sweep_status(load_sweep(spec))}["max_steps40"]
+    assert shown["state"] == "interrupted" and "ended without a word (killed?)" in shown["detail"], shown
     first_metrics = tmp_path / "sweep" / "max_steps6" / "metrics.json"
     written = first_metrics.stat().st_mtime_ns
 

@@ -8,7 +8,8 @@ one source of truth: ``mgpo sweep SPEC --status`` reads them (and the scheduler,
 resubmitting a sweep submits only the runs that are not complete.
 
 States: ``done``, ``running``, ``queued`` (submitted, not started), ``partial`` (a checkpoint to resume from),
-``interrupted`` (stopped by a signal, Ctrl-C, ``scancel``, preemption or a time limit: never failed), ``failed``
+``interrupted`` (stopped by a signal, Ctrl-C, ``scancel``, preemption or a time limit, or killed outright: never
+failed), ``failed``
 (with the last line of its error and its log), ``new``.
 """
 
@@ -208,6 +209,7 @@ def train_run(
         f.flush()
         ignoring = (lambda: [signal.signal(sig, signal.SIG_IGN) for sig in ignore]) if ignore else None
         proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=ignoring)
+        write_record(out, pid=proc.pid)  # --status tells a run still training from one killed outright
         if started_proc is not None:
             started_proc(proc)
         try:
@@ -506,6 +508,22 @@ SCHEDULED = {
 }
 
 
+def _process_gone(rec: dict) -> bool:
+    """Whether a run recorded as running on this machine has no training process any more (its pid gone, or
+    reused by a process that is not ``mgpo train``). False where that cannot be told (another host, no pid)."""
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or rec.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process: not ours, so ours is gone
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return cmdline.is_file() and b"mgpo" not in cmdline.read_bytes()
+
+
 def sweep_status(sweep) -> list[dict]:
     """Each run's state from its folder, its record and the scheduler (where it answers)."""
     records = {run.name: record(run.output_dir) for run in sweep.runs}
@@ -532,6 +550,9 @@ def sweep_status(sweep) -> list[dict]:
             # the scheduler no longer knows the job and the run never said how it ended: killed outright
             # (scancel past its grace time, node failure). Not failed: resubmitting resumes it.
             shown, detail = "interrupted", f"job {job} ended without a word (killed?)"
+        elif said == "running" and not job and _process_gone(rec):
+            # a run of this machine whose process is gone, and which never said how it ended: killed outright
+            shown, detail = "interrupted", f"its process {rec['pid']} ended without a word (killed?)"
         elif said in ("queued", "running", "requeued"):
             shown, detail = said, "(the scheduler did not answer)" if job else ""
         elif state == "partial":
