@@ -17,7 +17,6 @@ import pytest
 from typer.testing import CliRunner
 
 from mgpo.cli import app
-from mgpo.pipelines import predictions
 from mgpo.pipelines.measures import double_descent, instability_count, paired_t
 from mgpo.pipelines.report import STALLED_FALL, make_report, mean_std_cell
 
@@ -667,6 +666,13 @@ def test_across_experiments_table_names_where_a_method_is_significantly_worse(tm
     assert "test_accuracy − LoRA" in table.splitlines()[4]  # each column names its baseline
     # one sweep alone: no cross table
     assert "Across experiments" not in make_report(dirs[:1], tmp_path / "one")["markdown"].read_text()
+    # mid-sweep, "nowhere" is not said of a method with runs still to finish (here Other's seed 3 in "loss")
+    (tmp_path / "loss" / "Other-s3" / "metrics.json").unlink()
+    rows = json.loads((tmp_path / "loss" / "index.json").read_text())["runs"]
+    next(r for r in rows if r["name"] == "Other-s3")["status"] = "running"
+    write_index(tmp_path / "loss", "loss", rows)
+    table = make_report(dirs, tmp_path / "mid")["markdown"].read_text().split("## Across experiments")[1]
+    assert _md_row(table, "Other")[3] == "nowhere so far (1 of its and the baseline's runs without a result yet)"
 
 
 def test_a_method_one_setting_of_a_sweep_did_not_run_is_absent_there_not_pending(tmp_path, monkeypatch):
@@ -1093,6 +1099,35 @@ def test_a_run_still_training_adds_nothing_to_the_double_descent_comparisons(swe
     assert row["status"] == "running" and row["dd_rise_rel"] == "" and row["dd_rise_rel_w1"] == ""
     finished = next(dict(zip(header, line.split(","))) for line in csv[1:] if "r16-LoRA-MGPO-s1" in line)
     assert finished["dd_rise_rel"] != ""
+    # nor to the perturbation-size table, nor (predictions.jsonl is written before metrics.json) to the interval
+    # over examples and seeds
+    for run in sweep_dir.iterdir():
+        if run.is_dir():
+            rows = [{"id": i, "target": 1, "prediction": 1, "correct": bool(i % 3)} for i in range(30)]
+            (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (run / "log.jsonl").write_text(
+                "".join(json.dumps({"step": i + 1, "loss": 1 / (i + 1), "apn_capped": 0.5}) + "\n" for i in range(20))
+            )
+    (sweep_dir / "r16-LoRA-MGPO-s2" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1, "apn_capped": 1.0}))
+    md = make_report([sweep_dir], tmp_path / "r2")["markdown"].read_text()
+    assert "| rank=16 | LoRA-MGPO | - | - | - | 0.5000 |" in md  # the running run's 100% is not averaged in
+    examples = md.split("over test examples and seeds")[1].split("###")[0]
+    assert "n=2x30" in _md_row(examples, "LoRA-MGPO − LoRA")[1]  # r16: seeds 0 and 1 only
+
+
+def test_math_scores_of_two_scoring_rules_are_refused_together(tmp_path):
+    """Runs scored before the math rule was recorded (math-v1) beside math-v2 runs: not compared, named."""
+    root, rows = tmp_path / "arith", []
+    for method in ("LoRA", "LoRA-MGPO"):
+        for seed in (0, 1):
+            scorer = {} if (method, seed) == ("LoRA", 1) else {"after_scorer": "math-v2"}
+            add_run(root, rows, f"{method}-s{seed}", seeded(method, seed), falling(), {"after_accuracy": 0.3, **scorer})
+    write_index(root, "arith", rows)
+    with pytest.raises(ValueError, match=r"scored by different rules \(math-v2: .*; math-v1 .*: LoRA-s1\).*rescore"):
+        make_report([root], tmp_path / "r")
+    scored = json.loads((root / "LoRA-s1" / "metrics.json").read_text())
+    (root / "LoRA-s1" / "metrics.json").write_text(json.dumps({**scored, "after_scorer": "math-v2"}))
+    assert make_report([root], tmp_path / "r")["markdown"].is_file()
 
 
 def test_declared_families_are_holm_corrected_and_the_rest_called_post_hoc(sweep_dir, tmp_path):
@@ -1164,15 +1199,13 @@ def test_math_runs_get_the_interval_from_the_correctness_the_benchmark_scored(tm
                 for i, ok in enumerate(right)
             ]
             (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            per_run.append({"series": arm, "panel": "", "seed": seed, "path": str(run)})
+            per_run.append({"series": arm, "panel": "", "seed": seed, "path": str(run), "value": float(right.mean())})
     saved = robustness._Saved(per_run, "after_accuracy")
     table = robustness._examples_table(saved, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", "LoRA", [])
     assert table is not None
     cell = table.rows[0][1][0]
     assert cell.startswith("+0.") and "n=3x100" in cell and cell.endswith("*"), cell  # ~ +0.3, not 0 - 0
     # a declared family is tested over examples and seeds too, with that test's p (larger than the seeds-only one)
-    for arm in per_run:
-        arm["value"] = float(np.mean([r["correct"] for r in predictions.read(Path(arm["path"]))]))
     families = robustness._families_table(
         per_run, ["LoRA", "LoRA-MGPO"], [""], "after_accuracy", {"radius": [["LoRA-MGPO", "LoRA"]]}, saved, []
     )

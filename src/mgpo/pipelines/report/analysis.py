@@ -70,12 +70,14 @@ def analyse(
     spike_factor = spike_factor or opts.get("spike_factor") or measures.SPIKE_FACTOR
     _refuse_duplicates(exp)
     metric = _primary_metric(exp, metric or opts.get("metric"))
+    _refuse_mixed_scorers(exp, metric)
     series = _order(r.series for r in exp.runs)
     panels = _order(r.panel for r in exp.runs)
     baseline = _baseline(exp, series, baseline or opts.get("baseline"))
     per_run = [_run_row(exp.title, r, metric, smooth, spike_factor) for r in exp.runs]
     better = higher_is_better(metric)
-    fallback = [r.path.name for r in exp.runs if r.losses and r.loss_kind != "clean"]  # runs without the probe
+    finished = [r for r in exp.runs if r.metrics]  # the loss a running run has logged so far is not its curve
+    fallback = [r.path.name for r in finished if r.losses and r.loss_kind != "clean"]  # runs without the probe
     return Analysis(
         metric=metric,
         better=better,
@@ -83,9 +85,9 @@ def analyse(
         series=series,
         panels=panels,
         per_run=per_run,
-        loss=loss_description(exp.runs),
+        loss=loss_description(finished),
         no_clean_loss=fallback,
-        mixed_losses=bool(fallback) and any(r.loss_kind == "clean" for r in exp.runs if r.losses),
+        mixed_losses=bool(fallback) and any(r.loss_kind == "clean" for r in finished if r.losses),
         smooth=smooth,
         spike_factor=spike_factor,
         method_table=method_table(per_run, series, panels, metric, better),
@@ -130,6 +132,27 @@ def _primary_metric(exp: Experiment, metric: str | None) -> str:
         present = [m for m in PRIMARY_METRICS if finished and all(m in r.metrics for r in finished)]
         metric = present[0] if present else "final_loss"
     return metric
+
+
+def _refuse_mixed_scorers(exp: Experiment, metric: str) -> None:
+    """Scores of one benchmark by two scoring rules are not comparable: math runs from before the rule was recorded
+    (no ``<prefix>_scorer`` in metrics.json: math-v1) beside runs scored by math-v2 are refused, by name."""
+    key = f"{metric.split('_', 1)[0]}_scorer"
+    scored = [r for r in exp.runs if r.metrics and metric in r.metrics]
+    if not any(key in r.metrics for r in scored):
+        return
+    by_rule: dict[str, list[str]] = {}
+    for r in scored:
+        by_rule.setdefault(str(r.metrics.get(key, "math-v1 (before the rule was recorded)")), []).append(r.path.name)
+    if len(by_rule) > 1:
+        said = "; ".join(
+            f"{rule}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}" for rule, names in by_rule.items()
+        )
+        raise ValueError(
+            f"{exp.title!r}: its runs' {metric} were scored by different rules ({said}), so they cannot be compared: "
+            "score them again with today's rule (mgpo rescore RUN-or-SWEEP; runs that kept their answers), or "
+            "report them apart."
+        )
 
 
 def _baseline(exp: Experiment, series: list[str], baseline: str | None) -> str:

@@ -86,7 +86,13 @@ class _Saved:
         self.usable = name in STATS and metric.startswith(SPLITS)
         self.stat = STATS.get(name)
         self.rows = (
-            {(x["series"], x["panel"], x["seed"]): predictions.read(Path(x["path"])) for x in per_run}
+            # runs with a result only: predictions.jsonl is written before metrics.json, so a run that died between
+            # the two has predictions but is no finished run
+            {
+                (x["series"], x["panel"], x["seed"]): predictions.read(Path(x["path"]))
+                for x in per_run
+                if x["value"] is not None
+            }
             if self.usable
             else {}
         )

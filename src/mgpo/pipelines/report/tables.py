@@ -303,7 +303,8 @@ def diagnostics_table(runs: list[RunResult], series: list[str], panels: list[str
     diag_rows = []
     for p in panels:
         for s in series:
-            got = [r for r in runs if r.series == s and r.panel == p and r.diagnostics]
+            # finished runs only: a running one's medians are over the steps it has logged so far
+            got = [r for r in runs if r.series == s and r.panel == p and r.diagnostics and r.metrics]
             if got:
                 diag_rows.append(
                     [(p or "-", False), (s, False)]

@@ -37,7 +37,7 @@ def verdict_table(results: list[Analysis], titles: list[str]) -> Table | None:
     )
     rows = []
     for s in series:
-        cells, worse, pending, judged = [(s, False)], [], 0, 0
+        cells, worse, pending, judged, missing = [(s, False)], [], 0, 0, 0
         for i, p in cols:
             d = results[i].diffs.get((s, p))
             if s not in results[i].series:
@@ -47,6 +47,12 @@ def verdict_table(results: list[Analysis], titles: list[str]) -> Table | None:
                 cells.append(("not in this setting", False))
                 continue
             judged += 1
+            # runs of the pair without a result (still to run, running, failed): "nowhere" must not be said of them
+            missing += sum(
+                1
+                for r in results[i].per_run
+                if r["series"] in (s, results[i].baseline) and r["panel"] == p and r["value"] is None
+            )
             if d is None or not d["n"]:
                 cells.append(("no pairs yet", False))
                 pending += 1
@@ -64,8 +70,10 @@ def verdict_table(results: list[Analysis], titles: list[str]) -> Table | None:
                 cells.append((_diff_text(d, tag), good is not None))
         if worse:
             verdict = ", ".join(worse)
-        elif not pending:
+        elif not pending and not missing:
             verdict = "nowhere"
+        elif not pending:
+            verdict = f"nowhere so far ({missing} of its and the baseline's runs without a result yet)"
         elif pending < judged:
             verdict = f"nowhere yet ({pending} of {judged} without an interval)"
         else:
