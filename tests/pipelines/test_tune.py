@@ -194,6 +194,12 @@ def test_the_pruner_stops_poor_trials_at_a_validation_evaluation(tmp_path, senti
         assert not (Path(t.user_attrs["run"]) / "metrics.json").exists()
     assert counts(study).get("COMPLETE", 0) + len(pruned) == 10
     assert study.get_trials()[0].state.name == "COMPLETE"  # LoRA is never pruned
+    # a pruned trial has no final score: the one it was stopped at is its own column, not a trial's score
+    from mgpo.pipelines.tune.report import trial_rows
+
+    rows = {r["trial"]: r for r in trial_rows(study)}
+    for t in pruned:
+        assert rows[t.number]["score"] is None and rows[t.number]["pruned_score"] == t.value
 
 
 def test_a_study_whose_pruner_cannot_see_the_evaluations_stops_after_its_first_trial(
@@ -281,6 +287,10 @@ def test_the_verdict_says_when_no_radius_beats_lora(tmp_path, sentiment_csv):
             row["score"] = clear[row["seed"]]
     lora_setting, found = settings(rows, maximize=True)
     assert "beats LoRA" in verdict(plan, lora_setting, found)
+    # a setting scored on one seed only, however high, does not outrank the one its re-runs tested
+    lucky = {**rows[-1], "trial": 2, "of": 2, "phase": SEARCH, "seed": 0, "score": 0.95, "rho": 0.03}
+    _, found = settings([*rows, lucky], maximize=True)
+    assert [s.trial for s in found] == [1, 2]
 
 
 def test_a_real_study_of_a_tiny_model_through_the_cli(tmp_path, tiny_model_dir, sentiment_csv):

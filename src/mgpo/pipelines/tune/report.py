@@ -23,6 +23,7 @@ COLUMNS = (
     "state",
     "score",
     "pruned_at",
+    "pruned_score",
     *PARAMS,
     "apn_capped",
     "radius_to_weight",
@@ -46,8 +47,11 @@ def trial_rows(study) -> list[dict]:
                 "seed": attrs.get("seed"),
                 "of": attrs.get("of", t.number),
                 "state": t.state.name.lower(),
-                "score": t.value,
+                # a trial's score is its final validation score: Optuna gives a pruned trial the last score it
+                # reported as its value, which is kept apart (the score at the step it was stopped)
+                "score": t.value if t.state.name == "COMPLETE" else None,
                 "pruned_at": attrs.get("pruned_at"),
+                "pruned_score": t.value if t.state.name == "PRUNED" else None,
                 **{name: t.params.get(name) for name in PARAMS},
                 "apn_capped": None if arm == BASELINE else diag.get("apn_capped"),
                 "radius_to_weight": None if arm == BASELINE else diag.get("radius_to_weight_mean"),
@@ -77,7 +81,8 @@ class Setting:
 
 
 def settings(rows: list[dict], maximize: bool) -> tuple[Setting | None, list[Setting]]:
-    """LoRA's setting and the searched ones that completed, best first, each with all its seeds' scores."""
+    """LoRA's setting and the searched ones that completed, best first (among those with the most seeds), each with
+    all its seeds' scores."""
     by_trial: dict[int, Setting] = {}
     for row in rows:
         if row["state"] != "complete":
@@ -94,7 +99,9 @@ def settings(rows: list[dict], maximize: bool) -> tuple[Setting | None, list[Set
     if lora is not None:
         for s in found:
             _paired(s, lora, maximize)
-    found.sort(key=lambda s: s.mean, reverse=maximize)
+    # the most-tested settings first (those --seeds re-ran), best mean among them: a setting whose re-runs pulled its
+    # mean down must not lose to one scored on a single lucky seed, which best.yaml would then train untested
+    found.sort(key=lambda s: (len(s.scores), s.mean if maximize else -s.mean), reverse=True)
     return lora, found
 
 
@@ -159,7 +166,7 @@ def plot(tune: Tune, rows: list[dict], lora: Setting | None, path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    done = [r for r in rows if r["arm"] != BASELINE and r["rho"] is not None and r["score"] is not None]
+    done = [r for r in rows if r["arm"] != BASELINE and r["rho"] is not None and r["state"] == "complete"]
     first = [r for r in done if r["phase"] == SEARCH]
     ax.scatter([r["rho"] for r in first], [r["score"] for r in first], color="C0", label="search trial", zorder=3)
     again = [r for r in done if r["phase"] == SEEDS]
@@ -272,6 +279,8 @@ def markdown(tune: Tune, rows: list[dict], lora: Setting | None, found: list[Set
 
     for r in rows:
         state = r["state"] if r["pruned_at"] is None else f"{r['state']} at step {r['pruned_at']}"
+        if r["pruned_score"] is not None:
+            state += f" (scored {num(r['pruned_score'])} there)"
         lines.append(
             f"| {r['trial']} | {r['arm']} | {r['seed']} | {state} | {num(r['score'])} | "
             f"{num(r['rho'], '.3g')} | {num(r['apn_capped'], '.0%')} | {num(r['radius_to_weight'], '.3g')} |"
