@@ -1115,6 +1115,29 @@ def test_a_run_still_training_adds_nothing_to_the_double_descent_comparisons(swe
     assert "n=2x30" in _md_row(examples, "LoRA-MGPO − LoRA")[1]  # r16: seeds 0 and 1 only
 
 
+def test_a_runs_status_comes_from_its_own_record_and_a_loose_folder_without_metrics_is_unfinished(sweep_dir, tmp_path):
+    """On Slurm the index keeps what the sweep submitted ("queued"): the run's record says how it went. A loose run
+    folder still training was said "done"; a sweep with no finished run says what its runs are doing."""
+    from mgpo.pipelines.executors import write_record
+
+    rows = json.loads((sweep_dir / "index.json").read_text())["runs"]
+    for r in rows:
+        r["status"] = "queued"
+    write_index(sweep_dir, "rank sweep", rows)
+    write_record(sweep_dir / "r16-LoRA-s0", state="done")
+    loose = add_run(tmp_path, [], "loose", {}, falling(), {}, config="adapter: {method: lora}\n")
+    (loose / "metrics.json").unlink()
+    made = make_report([sweep_dir, loose], tmp_path / "r")["markdown"]
+    with open(made.parent / "runs.csv") as f:
+        status = {Path(r["path"]).name: r["status"] for r in csv.DictReader(f)}
+    assert status["r16-LoRA-s0"] == "done" and status["r16-LoRA-s1"] == "queued"
+    assert "None of its runs has finished yet (1 unfinished)." in made.read_text()  # the loose folder
+    for name in [r["name"] for r in rows]:
+        (sweep_dir / name / "metrics.json").unlink(missing_ok=True)
+    md = make_report([sweep_dir], tmp_path / "r2")["markdown"].read_text()
+    assert "None of its runs has finished yet (12 queued, 1 unfinished)." in md
+
+
 def test_math_scores_of_two_scoring_rules_are_refused_together(tmp_path):
     """Runs scored before the math rule was recorded (math-v1) beside math-v2 runs: not compared, named."""
     root, rows = tmp_path / "arith", []

@@ -15,6 +15,7 @@ from omegaconf import Container, OmegaConf
 
 from mgpo.pipelines.checkpoints import read_json
 from mgpo.pipelines.config import read_yaml
+from mgpo.pipelines.executors import record
 from mgpo.pipelines.report.labels import (
     DIAGNOSTICS,
     METHOD_FIELDS,
@@ -78,6 +79,9 @@ def _load_run(
     base: str | None = None,
 ) -> RunResult:
     status = STATUS_SAID.get(status, status)
+    if status in ("queued", "running", "requeued"):
+        # the index says what the sweep last knew (on Slurm, what it submitted); the run's own record says how it went
+        status = record(path).get("state") or status
     if (path / "config.yaml").is_file():
         cfg = _mapping(read_yaml(path / "config.yaml"))
     else:  # a run the sweep has not started: its settings are its base config and the overrides it will start with
@@ -110,7 +114,8 @@ def _load_run(
         series,
         panel,
         int(seed),
-        status if metrics else (status or "unfinished"),
+        # a folder said to be done without metrics.json (a loose run folder still training) is not finished
+        status if metrics else ("unfinished" if status in ("", "done", "done before") else status),
         metrics,
         [r["step"] for r in rows],
         [r[key] for r in rows],

@@ -33,12 +33,11 @@ def make_report(
     results, figures_all = [], []
     for exp in experiments:
         if not any(r.metrics for r in exp.runs):
-            said = (
-                "Its runs are still training: none has finished yet."
-                if any(r.losses for r in exp.runs)
-                else ("No run of this experiment has produced a log yet.")
-            )
-            blocks += [("h2", exp.title), ("p", said)]
+            states: dict[str, int] = {}
+            for r in exp.runs:
+                states[r.status] = states.get(r.status, 0) + 1
+            said = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+            blocks += [("h2", exp.title), ("p", f"None of its runs has finished yet ({said}).")]
             continue
         result = analyse(exp, metric=metric, baseline=baseline, smooth=smooth, spike_factor=spike_factor)
         results.append(result)
