@@ -317,6 +317,29 @@ def test_resumed_after_its_training_had_finished_trains_no_further_step(
     assert sum("train_runtime" in r for r in rows) == 1 and sum("validation_loss" in r for r in rows) == 1
 
 
+def test_a_finished_run_resumed_to_train_longer_is_unfinished_until_it_writes_new_results(
+    finished_run, tiny_model_dir, sentiment_csv, tmp_path, monkeypatch, capsys
+):
+    """--resume with a longer training.max_steps on a finished run: its old metrics.json said "done" (to sweeps
+    and reports, beside the new, longer curve) for as long as the session ran, and for good if it failed. It is
+    moved aside first."""
+    from mgpo.pipelines import train as train_module
+
+    out = copy_run(finished_run, tmp_path / "run")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the session failed after training")
+
+    monkeypatch.setattr(train_module, "_finish", fail)
+    with pytest.raises(RuntimeError, match="failed after training"):
+        train(
+            load_config(None, run_args(tiny_model_dir, sentiment_csv, out, f"training.max_steps={STEPS + 2}")),
+            resume=True,
+        )
+    assert not (out / "metrics.json").exists() and (out / "metrics.superseded.json").is_file()
+    assert "counts as unfinished until this session writes its results" in capsys.readouterr().out
+
+
 def test_early_stopping_resumed_mid_way_stops_where_the_uninterrupted_run_did(tiny_model_dir, sentiment_csv, tmp_path):
     """Killed after an evaluation that did not improve (patience counter 1 of 2), then resumed: the run stops at
     the step the uninterrupted one stopped at, not one patience later."""

@@ -42,6 +42,7 @@ RUN_FILES = (
     "tensorboard",
     "adapter",
     "metrics.json",
+    "metrics.superseded.json",
     PREDICTIONS,
     "loss.png",
     "config.yaml",

@@ -173,6 +173,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     probe = clean_loss_probe(cfg, prepared.splits["train"])
     check_evaluations(cfg, total_steps)
     refuse_finished_under_fsdp(checkpoint, total_steps, bool(fsdp_arguments(cfg)))
+    if checkpoint and main and not trained_to_the_end(checkpoint, total_steps):
+        _supersede_results(out)
     trainer = _build_trainer(cfg, out, prepared, total_steps, probe, clock, main)
     train_started = time.time()
     started.append(True)
@@ -184,6 +186,20 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, restart: bool, started:
     if stopper.stopped:
         return {"interrupted": True, "step": trainer.state.global_step, "signal": stopper.signal}
     return _finish(cfg, out, trainer, prepared, cost, clock, main)
+
+
+def _supersede_results(out: Path) -> None:
+    """A finished run resumed to train further (a longer training.max_steps) is no finished run until this session
+    ends: its earlier metrics.json, which sweeps and reports read as "done", is moved aside (the new one replaces
+    its predictions and answers files when it is written)."""
+    old = out / "metrics.json"
+    if old.is_file():
+        old.replace(out / "metrics.superseded.json")
+        print(
+            "mgpo: this run had finished, and trains further now: its earlier metrics.json is moved to "
+            "metrics.superseded.json, and the run counts as unfinished until this session writes its results",
+            flush=True,
+        )
 
 
 def _write_config(cfg: TrainConfig, out: Path, main: bool) -> None:
