@@ -798,7 +798,13 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
                 f"{method}-{seed}",
                 seeded(method, seed),
                 falling(1),
-                {"test_accuracy": 0.8, "time_per_step_s": 0.5, **({"load_average": load, "cpus": 2} if load else {})},
+                {
+                    "test_accuracy": 0.8,
+                    "time_per_step_s": 0.5,
+                    "steps": 30,
+                    "steps_timed": 15 if (method, seed) == ("LoRA-MGPO", 1) else 30,  # resumed at step 15
+                    **({"load_average": load, "cpus": 2} if load else {}),
+                },
             )
     write_index(root, "load", rows)
     md = make_report([root], tmp_path / "report")["markdown"].read_text()
@@ -806,6 +812,8 @@ def test_cost_table_shows_the_load_the_times_were_taken_at(tmp_path):
     assert "load (5-min avg at end) / CPUs" in cost and "not a measure of cost" in cost
     assert "Wall time of the finished runs" not in md  # no run has wall_time_s: nothing claimed
     assert _md_row(cost, "LoRA")[-1] == "1.3 / 2" and _md_row(cost, "LoRA-MGPO")[-1] == "4.1 / 2"
+    assert _md_row(cost, "LoRA")[5] == "0.500"  # timed over every step
+    assert _md_row(cost, "LoRA-MGPO")[5] == "0.500 (1 of 2 resumed: timed over their last session)"
 
 
 def test_cost_is_compared_within_each_panel_whatever_runs_have_finished(tmp_path):

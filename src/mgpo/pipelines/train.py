@@ -375,6 +375,7 @@ def cost_metrics(trainer, checkpoint: str | None, train_seconds: float) -> dict:
         "peak_memory_mb": round(peak_mb, 1) if steps_run > 0 else None,
         "peak_memory_source": source if steps_run > 0 else None,
         "time_per_step_s": round(train_seconds / steps_run, 4) if steps_run > 0 else None,
+        "steps_timed": steps_run,  # fewer than the run's steps after a --resume: timed over its last session only
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "cpus": os.cpu_count(),
     }

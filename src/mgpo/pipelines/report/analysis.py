@@ -202,6 +202,8 @@ def _run_row(title: str, r: RunResult, metric: str, smooth: int | None, spike_fa
         "trainable_params",
         "peak_memory_mb",
         "time_per_step_s",
+        "steps_timed",
+        "steps",
         "load_average",
         "cpus",
         "final_clean_loss",

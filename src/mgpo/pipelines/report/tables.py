@@ -273,10 +273,10 @@ def cost_table(per_run: list[dict], series: list[str], panels: list[str], baseli
                 v, b = _values(per_run, s, p, k), _values(per_run, baseline, p, k)
                 mean = float(np.mean(v)) if v else None
                 ratio = mean / float(np.mean(b)) if mean is not None and b and np.mean(b) > 0 else None
-                cells += [
-                    (f"{mean:,.{digits}f}" if mean is not None else "-", False),
-                    (f"{ratio:.2f}×" if ratio is not None else "-", False),
-                ]
+                text = f"{mean:,.{digits}f}" if mean is not None else "-"
+                if k == "time_per_step_s" and mean is not None:
+                    text += _resumed_note(per_run, s, p)
+                cells += [(text, False), (f"{ratio:.2f}×" if ratio is not None else "-", False)]
             if with_load:  # wall time also counts waiting for cores other processes held
                 cells.append((_load_cell(per_run, s, p), False))
             cost_rows.append(cells)
@@ -290,6 +290,16 @@ def cost_table(per_run: list[dict], series: list[str], panels: list[str], baseli
         "× " + baseline,
     ]
     return Table(header + (["load (5-min avg at end) / CPUs"] if with_load else []), cost_rows)
+
+
+def _resumed_note(per_run: list[dict], s: str, p: str | None) -> str:
+    """Says how many of the mean's runs were timed over their last session only (resumed: its checkpoint loading
+    and evaluations over fewer steps)."""
+    mine = [x for x in per_run if x["series"] == s and (p is None or x["panel"] == p) and x.get("time_per_step_s")]
+    resumed = sum(
+        1 for x in mine if x.get("steps_timed") is not None and x.get("steps") and x["steps_timed"] < x["steps"]
+    )
+    return f" ({resumed} of {len(mine)} resumed: timed over their last session)" if resumed else ""
 
 
 def _load_cell(per_run: list[dict], s: str, p: str | None) -> str:
