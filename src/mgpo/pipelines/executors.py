@@ -508,6 +508,10 @@ SCHEDULED = {
 }
 
 
+# a run's recorded states while it is submitted or training: its record says how it ended once it has
+IN_FLIGHT = ("queued", "running", "requeued")
+
+
 def _process_gone(rec: dict) -> bool:
     """Whether a run recorded as running on this machine has no training process any more (its pid gone, or
     reused by a process that is not ``mgpo train``). False where that cannot be told (another host, no pid)."""
@@ -546,14 +550,14 @@ def sweep_status(sweep) -> list[dict]:
             detail = "" if step is None else f"at step {step}" if shown == "running" else f"resumes from step {step}"
         elif said in ("failed", "interrupted"):
             shown, detail = said, error_line(rec.get("error") or "")
-        elif said in ("queued", "running", "requeued") and job and scheduler is not None:
+        elif said in IN_FLIGHT and job and scheduler is not None:
             # the scheduler no longer knows the job and the run never said how it ended: killed outright
             # (scancel past its grace time, node failure). Not failed: resubmitting resumes it.
             shown, detail = "interrupted", f"job {job} ended without a word (killed?)"
         elif said == "running" and not job and _process_gone(rec):
             # a run of this machine whose process is gone, and which never said how it ended: killed outright
             shown, detail = "interrupted", f"its process {rec['pid']} ended without a word (killed?)"
-        elif said in ("queued", "running", "requeued"):
+        elif said in IN_FLIGHT:
             shown, detail = said, "(the scheduler did not answer)" if job else ""
         elif state == "partial":
             shown, detail = "partial", ""

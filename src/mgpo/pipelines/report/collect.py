@@ -15,7 +15,7 @@ from omegaconf import Container, OmegaConf
 
 from mgpo.pipelines.checkpoints import read_json
 from mgpo.pipelines.config import read_yaml
-from mgpo.pipelines.executors import record
+from mgpo.pipelines.executors import IN_FLIGHT, record
 from mgpo.pipelines.report.labels import (
     DIAGNOSTICS,
     METHOD_FIELDS,
@@ -79,7 +79,7 @@ def _load_run(
     base: str | None = None,
 ) -> RunResult:
     status = STATUS_SAID.get(status, status)
-    if status in ("queued", "running", "requeued"):
+    if status in IN_FLIGHT:
         # the index says what the sweep last knew (on Slurm, what it submitted); the run's own record says how it went
         status = record(path).get("state") or status
     if (path / "config.yaml").is_file():
